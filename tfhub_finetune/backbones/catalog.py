@@ -105,7 +105,7 @@ CATALOG: dict[str, BackboneSpec] = {
             architecture="efficientnet",
             description="EfficientNet-B0 (RandAugment), ImageNet-1k, keras-hub preset.",
             image_size=224,
-            pixel_convention="unit",
+            pixel_convention="torchvision",
             params=4_010_000,
         ),
         BackboneSpec(
@@ -116,7 +116,7 @@ CATALOG: dict[str, BackboneSpec] = {
             architecture="mobilenet_v3",
             description="MobileNetV3 small 1.0, ImageNet-1k, keras-hub preset.",
             image_size=224,
-            pixel_convention="unit",
+            pixel_convention="torchvision",
             params=940_000,
         ),
         BackboneSpec(
@@ -127,7 +127,7 @@ CATALOG: dict[str, BackboneSpec] = {
             architecture="resnet",
             description="ResNet-50, ImageNet-1k, keras-hub preset.",
             image_size=224,
-            pixel_convention="unit",
+            pixel_convention="torchvision",
             params=23_560_000,
         ),
         # --- Images: TF Hub (downloaded; need internet) ---
