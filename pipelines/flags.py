@@ -1,0 +1,161 @@
+"""Flags shared by the pipelines, and the one place flags become an `ExperimentConfig`.
+
+All flags are optional here (Model Garden's habit: tests set only what they
+need); each pipeline's `main` checks what it requires through
+`ExperimentConfig.validate()`, which names the flag at fault.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from tfhub_finetune.config import (
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    RuntimeConfig,
+    TrainConfig,
+)
+from tfhub_finetune.errors import InputError
+
+FLAGS = flags.FLAGS
+
+
+def define_common_flags(default_monitor: str = "val_accuracy") -> None:
+    """Defines the flags every training pipeline takes."""
+    flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"],
+                      "train: fit and save; eval: evaluate the saved best model; train_and_eval: both.")
+    flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, metrics and the model go.")
+    flags.DEFINE_string("backbone", None, "Catalog name (e.g. minilm_l6_h384, minilm_l6_h384@layers=2, "
+                        "scratch_text_encoder), local directory, or TF Hub handle.")
+    flags.DEFINE_string("train_data", None, "Training data: file, folder, or tfds:<name>[/<config>].")
+    flags.DEFINE_string("eval_data", None, "Evaluation data, same forms; empty: hold out "
+                        "--validation_split of the training data.")
+    flags.DEFINE_string("tfds_fallback", None, "TFDS name used when --train_data/--eval_data "
+                        "files do not exist (e.g. glue/sst2).")
+    flags.DEFINE_float("validation_split", 0.1, "Fraction of training data held out when "
+                       "--eval_data is empty.")
+    flags.DEFINE_integer("max_train_examples", 0, "Use only the first N training examples (0: all).")
+    flags.DEFINE_string("train_split", "train", "TFDS split for training.")
+    flags.DEFINE_string("eval_split", "validation", "TFDS split for evaluation.")
+    flags.DEFINE_list("label_names", [], "Names for integer label ids, in id order.")
+    flags.DEFINE_enum("label_type", "auto", ["auto", "id", "name"],
+                      "Whether labels are integer ids or class names.")
+    flags.DEFINE_enum("task", "single_label", ["single_label", "multi_label", "regression"],
+                      "Head: softmax, per-label sigmoid, or linear regression.")
+    flags.DEFINE_float("dropout", 0.1, "Dropout before the head.")
+    flags.DEFINE_bool("freeze_backbone", False, "Train the head only.")
+    flags.DEFINE_integer("epochs", 3, "Training epochs.")
+    flags.DEFINE_integer("batch_size", 32, "Global batch size (split across replicas).")
+    flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate (AdamW, linear warm-up and decay).")
+    flags.DEFINE_float("warmup_ratio", 0.1, "Fraction of training steps spent warming up.")
+    flags.DEFINE_float("weight_decay", 0.01, "AdamW decoupled weight decay.")
+    flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clip (0 disables).")
+    flags.DEFINE_integer("seed", 42, "Random seed (initialisation, shuffling, dropout).")
+    flags.DEFINE_string("monitor", default_monitor, "Validation metric that picks the best checkpoint.")
+    flags.DEFINE_integer("early_stopping_patience", 0, "Stop after N epochs without improvement (0: off).")
+    flags.DEFINE_integer("backup_every_steps", 200, "Back up weights+optimizer every N steps "
+                         "(and at epoch ends) so a killed run resumes.")
+    flags.DEFINE_string("encoding", "utf-8", "Encoding of text data files.")
+    flags.DEFINE_string("export_dir", None, "Also export a TF Serving SavedModel under "
+                        "<export_dir>/<model_name>/<version>.")
+    flags.DEFINE_string("model_name", None, "Model name in the export path (default: from model_dir).")
+    # Runtime.
+    flags.DEFINE_string("distribution", "auto", "auto|cpu|gpu|mirrored|multi_worker|parameter_server|tpu.")
+    flags.DEFINE_integer("num_gpus", -1, "GPUs to use (-1: all visible).")
+    flags.DEFINE_string("all_reduce", "auto", "nccl|ring|hierarchical_copy|auto, where the strategy takes one.")
+    flags.DEFINE_string("tpu", "", "TPU address for --distribution=tpu.")
+    flags.DEFINE_string("precision", "float32", "float32|mixed_bfloat16|mixed_float16|auto.")
+    flags.DEFINE_string("jit_compile", "false", "XLA: true|false|auto.")
+    flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+
+def define_text_flags() -> None:
+    flags.DEFINE_string("text_column", "0", "Text column: name (needs a header) or 0-based index.")
+    flags.DEFINE_string("label_column", "1", "Label column: name or 0-based index.")
+    flags.DEFINE_enum("has_header", "auto", ["auto", "true", "false"], "Whether files have a header row.")
+    flags.DEFINE_integer("sequence_length", 128, "Max word pieces per text, [CLS]/[SEP] included.")
+    flags.DEFINE_enum("pooling", "auto", ["auto", "cls", "pooler", "mean"], "Sentence pooling.")
+    flags.DEFINE_bool("bucketing", True, "Bucket training batches by length (much faster on CPU).")
+
+
+def config_from_flags() -> ExperimentConfig:
+    """Builds the validated config from parsed flags."""
+    f = FLAGS
+    has = lambda name: name in f  # noqa: E731
+    data = DataConfig(
+        train_data=f.train_data or "",
+        eval_data=f.eval_data or "",
+        text_column=f.text_column if has("text_column") else "0",
+        label_column=f.label_column if has("label_column") else "1",
+        has_header=f.has_header if has("has_header") else "auto",
+        label_type=f.label_type,
+        label_names=tuple(f.label_names),
+        validation_split=f.validation_split,
+        encoding=f.encoding,
+        max_train_examples=f.max_train_examples,
+        train_split=f.train_split,
+        eval_split=f.eval_split,
+    )
+    model = ModelConfig(
+        backbone=f.backbone or "",
+        task=f.task,
+        pooling=f.pooling if has("pooling") else "auto",
+        dropout=f.dropout,
+        freeze_backbone=f.freeze_backbone,
+        sequence_length=f.sequence_length if has("sequence_length") else 128,
+        image_size=f.image_size if has("image_size") else 0,
+    )
+    train = TrainConfig(
+        epochs=f.epochs,
+        batch_size=f.batch_size,
+        learning_rate=f.learning_rate,
+        warmup_ratio=f.warmup_ratio,
+        weight_decay=f.weight_decay,
+        clip_norm=f.clip_norm,
+        seed=f.seed,
+        monitor=f.monitor,
+        early_stopping_patience=f.early_stopping_patience,
+        backup_every_steps=f.backup_every_steps,
+        bucketing=f.bucketing if has("bucketing") else True,
+    )
+    runtime = RuntimeConfig(
+        distribution=f.distribution,
+        num_gpus=f.num_gpus,
+        all_reduce=f.all_reduce,
+        tpu=f.tpu,
+        precision=f.precision,
+        jit_compile=str(f.jit_compile).lower(),
+    )
+    config = ExperimentConfig(
+        mode=f.mode, model_dir=f.model_dir or "", data=data, model=model, train=train, runtime=runtime
+    )
+    if config.mode != "eval" and not config.model.backbone:
+        raise InputError("A backbone is required.", received={"backbone": ""},
+                         fix="Set --backbone (e.g. minilm_l6_h384).")
+    return config.validate()
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """absl flag parsing that reports bad flags in one line with exit code 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_main(main_fn) -> None:
+    """Runs `main_fn(argv)`; an `InputError` becomes one line on stderr and exit code 2."""
+    from absl import app
+
+    def wrapped(argv):
+        try:
+            return main_fn(argv)
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(wrapped, flags_parser=parse_flags_or_exit)

@@ -1,0 +1,224 @@
+"""Experiment configuration as plain frozen dataclasses, validated and saved beside the model.
+
+The flow follows TF Model Garden without its registries: flags (or code)
+build an `ExperimentConfig`, `validate()` checks every value and names the
+flag at fault, and the pipeline writes it to `<model_dir>/params.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.io_utils import atomic_write_text
+
+MODES = ("train", "eval", "train_and_eval")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from.
+
+    Attributes:
+        train_data: str. Training file / folder / `tfds:<name>[/<config>]`.
+        eval_data: str. Evaluation source; empty means split `validation_split`
+            off the training data.
+        text_column: str. Column name or 0-based index (text data).
+        label_column: str. Column name or 0-based index.
+        has_header: str. `auto`, `true` or `false`.
+        label_type: str. `auto`, `id` or `name`.
+        label_names: tuple of str. Names for integer ids, in id order.
+        validation_split: float. Fraction held out when `eval_data` is empty.
+        encoding: str. Text file encoding.
+        max_train_examples: int. Use only the first N training examples (0: all).
+        train_split: str. TFDS split for training.
+        eval_split: str. TFDS split for evaluation.
+    """
+
+    train_data: str = ""
+    eval_data: str = ""
+    text_column: str = "0"
+    label_column: str = "1"
+    has_header: str = "auto"
+    label_type: str = "auto"
+    label_names: tuple[str, ...] = ()
+    validation_split: float = 0.1
+    encoding: str = "utf-8"
+    max_train_examples: int = 0
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The network: backbone, head and input size.
+
+    Attributes:
+        backbone: str. Catalog name, path or TF Hub handle.
+        task: str. `single_label`, `multi_label` or `regression`.
+        pooling: str. Text pooling: `auto`, `cls`, `pooler` or `mean`.
+        dropout: float. Dropout before the head.
+        freeze_backbone: bool. Train the head only.
+        sequence_length: int. Max word pieces per text (text models).
+        image_size: int. Input side (image models; 0 = the backbone's own).
+    """
+
+    backbone: str = "minilm_l6_h384"
+    task: str = "single_label"
+    pooling: str = "auto"
+    dropout: float = 0.1
+    freeze_backbone: bool = False
+    sequence_length: int = 128
+    image_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        epochs: int. Passes over the training data.
+        batch_size: int. Global batch size (split across replicas).
+        learning_rate: float. Peak learning rate after warm-up.
+        warmup_ratio: float. Fraction of steps with linear warm-up.
+        weight_decay: float. AdamW decoupled weight decay.
+        clip_norm: float. Global gradient-norm clip (0 disables).
+        seed: int. Seeds initialisation, shuffling and dropout.
+        monitor: str. Validation metric for the best checkpoint and early stop.
+        early_stopping_patience: int. Epochs without improvement before
+            stopping (0 disables).
+        backup_every_steps: int. Also back up every N steps, not only at
+            epoch ends (0: epoch ends only).
+        bucketing: bool. Bucket training batches by length (text).
+    """
+
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    seed: int = 42
+    monitor: str = "val_accuracy"
+    early_stopping_patience: int = 0
+    backup_every_steps: int = 200
+    bucketing: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how fast: strategy, precision, XLA.
+
+    Attributes:
+        distribution: str. Passed to `distribute.get_distribution_strategy`.
+        num_gpus: int. GPUs to use (-1: all visible).
+        all_reduce: str. Cross-device reduction for strategies that take one.
+        tpu: str. TPU address for `distribution=tpu`.
+        precision: str. `auto`, `float32`, `mixed_bfloat16` or `mixed_float16`.
+        jit_compile: str. `auto`, `true` or `false` (XLA).
+    """
+
+    distribution: str = "auto"
+    num_gpus: int = -1
+    all_reduce: str = "auto"
+    tpu: str = ""
+    precision: str = "float32"
+    jit_compile: str = "false"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One fine-tuning run. Saved as `<model_dir>/params.json`.
+
+    Example:
+
+    ```python
+    config = ExperimentConfig(model_dir="runs/x", data=DataConfig(train_data="train.tsv"))
+    config.validate()
+    ```
+    """
+
+    mode: str = "train_and_eval"
+    model_dir: str = ""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    def validate(self) -> ExperimentConfig:
+        """Checks every value; raises InputError naming the flag at fault."""
+        _one_of("mode", self.mode, MODES)
+        if not self.model_dir:
+            _bad("model_dir", self.model_dir, "A model directory is required.", "Set --model_dir.")
+        if self.mode != "eval" and not self.data.train_data:
+            _bad("train_data", "", "Training needs data.", "Set --train_data.")
+        if self.mode == "eval" and not self.data.eval_data:
+            _bad("eval_data", "", "Evaluation needs data.", "Set --eval_data.")
+        t = self.train
+        _positive("epochs", t.epochs)
+        _positive("batch_size", t.batch_size)
+        if not t.learning_rate > 0:
+            _bad("learning_rate", t.learning_rate, "Learning rate must be positive.")
+        _in_range("warmup_ratio", t.warmup_ratio, 0.0, 1.0)
+        _in_range("weight_decay", t.weight_decay, 0.0, 1.0)
+        _in_range("dropout", self.model.dropout, 0.0, 0.99)
+        _in_range("validation_split", self.data.validation_split, 0.0, 0.9)
+        if t.clip_norm < 0:
+            _bad("clip_norm", t.clip_norm, "Clip norm must be >= 0.")
+        if t.backup_every_steps < 0:
+            _bad("backup_every_steps", t.backup_every_steps, "Must be >= 0.")
+        if t.early_stopping_patience < 0:
+            _bad("early_stopping_patience", t.early_stopping_patience, "Must be >= 0.")
+        if self.model.sequence_length < 8:
+            _bad("sequence_length", self.model.sequence_length, "Sequence length must be >= 8.")
+        if self.model.image_size < 0:
+            _bad("image_size", self.model.image_size, "Image size must be >= 0.")
+        _one_of("precision", self.runtime.precision, PRECISIONS)
+        _one_of("jit_compile", self.runtime.jit_compile, ("auto", "true", "false"))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        data = dict(data)
+        dc = dict(data.pop("data", {}))
+        dc["label_names"] = tuple(dc.get("label_names", ()))
+        return cls(
+            data=DataConfig(**dc),
+            model=ModelConfig(**data.pop("model", {})),
+            train=TrainConfig(**data.pop("train", {})),
+            runtime=RuntimeConfig(**data.pop("runtime", {})),
+            **data,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _bad(flag: str, value: Any, problem: str, fix: str | None = None) -> None:
+    raise InputError(problem, received={flag: value}, fix=fix)
+
+
+def _one_of(flag: str, value: Any, choices) -> None:
+    if value not in choices:
+        _bad(flag, value, f"Invalid value for --{flag}.", f"Expected one of: {', '.join(choices)}.")
+
+
+def _positive(flag: str, value: int) -> None:
+    if value <= 0:
+        _bad(flag, value, f"--{flag} must be a positive integer.")
+
+
+def _in_range(flag: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        _bad(flag, value, f"--{flag} must be in [{low}, {high}].")

@@ -1,0 +1,293 @@
+"""Text data sources: CSV, TSV, JSONL files and TFDS names -> texts and labels.
+
+Policy for malformed input (documented in the README):
+
+* Blank lines are skipped and counted; the count is logged and written to
+  `metrics.json`. Nothing else is dropped silently.
+* A row with a missing column, an empty text, a label that is not a number
+  where ids are expected, or bytes that are not valid UTF-8 (in the chosen
+  `encoding`) stops the run with one line naming the file and row.
+* A label in eval data that training never saw stops the run the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tfhub_finetune.errors import InputError
+
+TFDS_PREFIX = "tfds:"
+_TEXT_KEYS = ("sentence", "text", "review", "content", "document", "question")
+_HEADER_WORDS = {"label", "labels", "sentence", "text", "target", "class", "review", "category"}
+
+
+@dataclasses.dataclass
+class TextExamples:
+    """Texts and raw labels read from one source.
+
+    Attributes:
+        texts: list of str. One per example.
+        labels: list of str. Raw label cells (mapped to ids by `LabelVocabulary`).
+        source: str. Where they came from (file path or TFDS name).
+        rows: list of int. 1-based row number of each example in the file
+            (for error messages).
+        skipped_blank: int. Blank lines skipped.
+    """
+
+    texts: list[str]
+    labels: list[str]
+    source: str
+    rows: list[int]
+    skipped_blank: int = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, indices: Sequence[int]) -> TextExamples:
+        return TextExamples(
+            texts=[self.texts[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            source=self.source,
+            rows=[self.rows[i] for i in indices],
+        )
+
+
+def read_text_examples(
+    source: str,
+    *,
+    text_column: str | int = 0,
+    label_column: str | int = 1,
+    has_header: str | bool = "auto",
+    split: str = "train",
+    encoding: str = "utf-8",
+) -> TextExamples:
+    """Reads a labelled text data set.
+
+    Args:
+        source: str. A `.csv`, `.tsv`/`.txt` or `.jsonl` file, or
+            `tfds:<name>[/<config>]` (the `split` argument picks the split).
+        text_column: str or int. Column name (needs a header, or the JSONL
+            key) or 0-based index of the text.
+        label_column: str or int. Column name or index of the label.
+        has_header: "auto", True or False. `auto` treats the first row as a
+            header when it contains a column name or a typical header word.
+        split: str. TFDS split name.
+        encoding: str. File encoding.
+
+    Returns:
+        TextExamples.
+
+    Raises:
+        InputError: missing or unreadable file, malformed row, undecodable bytes.
+
+    Example:
+
+    ```python
+    train = read_text_examples("../shared/data/sst2/train.tsv")
+    ```
+    """
+    if source.startswith(TFDS_PREFIX):
+        return _read_tfds(source[len(TFDS_PREFIX):], text_column, label_column, split)
+    path = Path(source)
+    if not path.exists():
+        raise InputError(
+            "Data file not found.", received={"file": source},
+            fix="Check the path, or use tfds:<name> for a TFDS data set.",
+        )
+    if path.is_dir():
+        raise InputError(
+            "Text data must be a file, not a directory.", received={"file": source},
+            fix="Give a .csv, .tsv or .jsonl file.",
+        )
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, text_column, label_column, encoding)
+    delimiter = "," if suffix == ".csv" else "\t"
+    return _read_delimited(path, delimiter, text_column, label_column, has_header, encoding)
+
+
+def _decoded_lines(path: Path, encoding: str):
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise InputError(
+            "Data file is unreadable.", received={"file": str(path)},
+            fix=f"({err.strerror or err})",
+        ) from None
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            yield number, line.decode(encoding)
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"Row {number} of {path} is not valid {encoding} (byte {err.start}: "
+                f"{line[err.start:err.start + 1]!r}).",
+                received={"file": str(path), "row": number},
+                fix="Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) "
+                "or pass --encoding.",
+            ) from None
+
+
+def _column_index(column: str | int, header: list[str] | None, path: Path, what: str) -> int:
+    if isinstance(column, int) or (isinstance(column, str) and column.lstrip("-").isdigit()):
+        return int(column)
+    if header is None:
+        raise InputError(
+            f"The {what} column is given by name but the file has no header.",
+            received={"file": str(path), f"{what}_column": column},
+            fix="Give the column as a 0-based index, or add a header row.",
+        )
+    if column not in header:
+        raise InputError(
+            f"The {what} column is not in the header.",
+            received={"file": str(path), f"{what}_column": column},
+            fix=f"Header columns: {', '.join(header)}.",
+        )
+    return header.index(column)
+
+
+def _read_delimited(path, delimiter, text_column, label_column, has_header, encoding):
+    lines = list(_decoded_lines(path, encoding))
+    blank = sum(1 for _, line in lines if not line.strip())
+    lines = [(n, line) for n, line in lines if line.strip()]
+    if not lines:
+        raise InputError("Data file has no rows.", received={"file": str(path)})
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    rows = list(csv.reader((line for _, line in lines), delimiter=delimiter, quoting=quoting))
+    numbers = [n for n, _ in lines]
+    header = None
+    first = [cell.strip() for cell in rows[0]]
+    named = {c for c in (text_column, label_column) if isinstance(c, str) and not c.isdigit()}
+    if has_header is True or (
+        has_header == "auto"
+        and (named & set(first) or {c.lower() for c in first} & _HEADER_WORDS)
+    ):
+        header = first
+        rows, numbers = rows[1:], numbers[1:]
+    t_idx = _column_index(text_column, header, path, "text")
+    l_idx = _column_index(label_column, header, path, "label")
+    texts, labels = [], []
+    for number, row in zip(numbers, rows, strict=True):
+        if max(t_idx, l_idx) >= len(row):
+            raise InputError(
+                f"Row {number} of {path} has {len(row)} column(s); expected at least "
+                f"{max(t_idx, l_idx) + 1}.",
+                received={"file": str(path), "row": number},
+                fix="Check the delimiter (tab for .tsv, comma for .csv) and the column flags.",
+            )
+        text, label = row[t_idx].strip(), row[l_idx].strip()
+        _check_cells(path, number, text, label)
+        texts.append(text)
+        labels.append(label)
+    if blank:
+        logging.warning("%s: skipped %d blank line(s).", path, blank)
+    return TextExamples(texts, labels, str(path), numbers, skipped_blank=blank)
+
+
+def _check_cells(path, number, text, label):
+    if not text:
+        raise InputError(
+            f"Row {number} of {path} has an empty text.",
+            received={"file": str(path), "row": number},
+            fix="Remove the row or fill in its text.",
+        )
+    if label == "":
+        raise InputError(
+            f"Row {number} of {path} has an empty label.",
+            received={"file": str(path), "row": number},
+            fix="Remove the row or fill in its label.",
+        )
+
+
+def _read_jsonl(path, text_column, label_column, encoding):
+    text_key = text_column if isinstance(text_column, str) and not text_column.isdigit() else "text"
+    label_key = (
+        label_column if isinstance(label_column, str) and not label_column.isdigit() else "label"
+    )
+    texts, labels, numbers, blank = [], [], [], 0
+    for number, line in _decoded_lines(path, encoding):
+        if not line.strip():
+            blank += 1
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise InputError(
+                f"Row {number} of {path} is not valid JSON ({err.msg}).",
+                received={"file": str(path), "row": number},
+            ) from None
+        if not isinstance(record, dict) or text_key not in record or label_key not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise InputError(
+                f"Row {number} of {path} lacks the `{text_key}` or `{label_key}` key.",
+                received={"file": str(path), "row": number},
+                fix=f"Keys found: {keys}. Set --text_column/--label_column.",
+            )
+        text = str(record[text_key]).strip()
+        label = record[label_key]
+        label = ",".join(map(str, label)) if isinstance(label, list) else str(label).strip()
+        _check_cells(path, number, text, label)
+        texts.append(text)
+        labels.append(label)
+        numbers.append(number)
+    if not texts:
+        raise InputError("Data file has no rows.", received={"file": str(path)})
+    if blank:
+        logging.warning("%s: skipped %d blank line(s).", path, blank)
+    return TextExamples(texts, labels, str(path), numbers, skipped_blank=blank)
+
+
+def _read_tfds(name, text_column, label_column, split):
+    import tensorflow_datasets as tfds
+
+    data_dir = os.environ.get("TFDS_DATA_DIR")
+    try:
+        dataset, info = tfds.load(name, split=split, with_info=True, data_dir=data_dir)
+    except Exception as err:  # TFDS raises many types; all mean "could not get it".
+        raise InputError(
+            "Could not load the TFDS data set.",
+            received={"data": f"{TFDS_PREFIX}{name}", "split": split},
+            fix=f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})",
+        ) from None
+    features = info.features
+    text_key = text_column if isinstance(text_column, str) and not text_column.isdigit() else next(
+        (k for k in _TEXT_KEYS if k in features), None
+    )
+    label_key = (
+        label_column if isinstance(label_column, str) and not label_column.isdigit() else "label"
+    )
+    if text_key not in features or label_key not in features:
+        raise InputError(
+            "TFDS data set lacks the text or label feature.",
+            received={"data": name, "text_column": text_key, "label_column": label_key},
+            fix=f"Features: {', '.join(features)}.",
+        )
+    label_feature = features[label_key]
+    names = getattr(label_feature, "names", None)
+    texts, labels = [], []
+    for example in tfds.as_numpy(dataset):
+        text = example[text_key]
+        texts.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+        value = int(example[label_key])
+        labels.append(names[value] if names and value >= 0 else str(value))
+    return TextExamples(texts, labels, f"{TFDS_PREFIX}{name}[{split}]", list(range(1, len(texts) + 1)))
+
+
+def split_examples(
+    examples: TextExamples, fraction: float, seed: int
+) -> tuple[TextExamples, TextExamples]:
+    """Splits off a shuffled validation fraction (when no dev file is given)."""
+    import numpy as np
+
+    if not 0.0 < fraction < 1.0:
+        raise InputError(
+            "Validation fraction must be in (0, 1).", received={"validation_split": fraction}
+        )
+    order = np.random.default_rng(seed).permutation(len(examples))
+    cut = max(1, int(round(len(examples) * fraction)))
+    return examples.take(order[cut:].tolist()), examples.take(order[:cut].tolist())

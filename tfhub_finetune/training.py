@@ -1,0 +1,368 @@
+"""Training: AdamW with warm-up/decay, callbacks, and fit that survives being killed.
+
+`fit_resumable` is the one training loop the pipelines use. It differs from a
+bare `model.fit` in the ways fine-tuning on shared machines needs:
+
+* **Resume where it stopped.** `ResumableBackup` writes weights *and*
+  optimizer state (so `iterations`, hence the learning-rate schedule,
+  continue) every N steps and at epoch ends. Each epoch's data order is a
+  pure function of `(seed, epoch)`, so a resumed run skips the batches it
+  already saw and sees exactly the batches the uninterrupted run would have.
+  (Keras' own `BackupAndRestore` restarts the interrupted epoch from its first
+  batch.)
+* **Atomic writes.** Backups are written under a new name and committed by
+  atomically replacing a small JSON pointer; a kill at any moment leaves the
+  previous complete backup in place. The best checkpoint is written the same
+  way, and its score is persisted, so a restarted run never overwrites a
+  better checkpoint with a worse one.
+* **SIGTERM** (what cluster schedulers send) saves a backup at the next step
+  boundary and stops cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from tfhub_finetune.io_utils import atomic_path, atomic_write_text
+
+BACKUP_STATE = "backup_state.json"
+BEST_WEIGHTS = "best.weights.h5"
+BEST_STATE = "best.json"
+
+
+@keras.saving.register_keras_serializable(package="tfhub_finetune")
+class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """BERT's schedule: linear warm-up to `peak_learning_rate`, then linear decay to 0.
+
+    Example:
+
+    ```python
+    schedule = WarmupLinearDecay(5e-5, total_steps=1000, warmup_steps=100)
+    float(schedule(100))  # 5e-05
+    ```
+    """
+
+    def __init__(self, peak_learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                 end_learning_rate: float = 0.0):
+        self.peak_learning_rate = float(peak_learning_rate)
+        self.total_steps = int(max(total_steps, 1))
+        self.warmup_steps = int(warmup_steps)
+        self.end_learning_rate = float(end_learning_rate)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        peak = self.peak_learning_rate
+        warm = keras.ops.cast(max(self.warmup_steps, 1), "float32")
+        warmup_lr = peak * step / warm
+        decay_steps = float(max(self.total_steps - self.warmup_steps, 1))
+        progress = keras.ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+        decay_lr = peak + (self.end_learning_rate - peak) * progress
+        if self.warmup_steps <= 0:
+            return decay_lr
+        return keras.ops.where(step < self.warmup_steps, warmup_lr, decay_lr)
+
+    def get_config(self):
+        return {
+            "peak_learning_rate": self.peak_learning_rate,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "end_learning_rate": self.end_learning_rate,
+        }
+
+
+def make_optimizer(
+    learning_rate: float,
+    total_steps: int,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.01,
+    clip_norm: float = 1.0,
+) -> keras.optimizers.AdamW:
+    """AdamW with BERT defaults: warm-up + linear decay, no decay on biases/LayerNorm.
+
+    Example:
+
+    ```python
+    model.compile(optimizer=make_optimizer(5e-5, total_steps=600), loss=...)
+    ```
+    """
+    schedule = WarmupLinearDecay(learning_rate, total_steps, int(round(total_steps * warmup_ratio)))
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule,
+        weight_decay=weight_decay,
+        epsilon=1e-6,
+        global_clipnorm=clip_norm or None,
+    )
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "layer_norm", "LayerNorm"])
+    return optimizer
+
+
+def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    """The learning rate the optimizer applies at its current step."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    lr = inner.learning_rate
+    if isinstance(inner._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        lr = inner._learning_rate(inner.iterations)
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+def optimizer_step(optimizer: keras.optimizers.Optimizer) -> int:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return int(keras.ops.convert_to_numpy(inner.iterations))
+
+
+# --------------------------------------------------------------------------- #
+# Backups (resume) and best checkpoint
+# --------------------------------------------------------------------------- #
+
+
+def read_backup_state(backup_dir: str | Path) -> dict | None:
+    """The committed backup's `{"epoch", "step_in_epoch", "global_step", "weights"}`, or None."""
+    path = Path(backup_dir) / BACKUP_STATE
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if not (Path(backup_dir) / state["weights"]).exists():
+        logging.warning("Backup state points at a missing file; starting fresh.")
+        return None
+    return state
+
+
+class ResumableBackup(keras.callbacks.Callback):
+    """Backs up weights + optimizer every `save_every_steps` and at epoch ends, atomically.
+
+    The pipeline restores with `restore_backup` before `fit` (to know how many
+    batches to skip); this callback only writes. On SIGTERM it saves at the
+    next batch boundary and stops training.
+
+    Args:
+        backup_dir: str. Folder for backups (the chief's model_dir/backup).
+        steps_per_epoch: int. Batches per epoch, to record the position.
+        save_every_steps: int. Also save every N steps (0: epoch ends only).
+        initial_epoch: int. Epoch the current `fit` starts in.
+        initial_step_in_epoch: int. Batches of that epoch already done.
+    """
+
+    def __init__(self, backup_dir: str | Path, steps_per_epoch: int, save_every_steps: int = 0,
+                 initial_epoch: int = 0, initial_step_in_epoch: int = 0):
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.save_every_steps = int(save_every_steps)
+        self._epoch = initial_epoch
+        self._offset = initial_step_in_epoch
+        self._step_in_epoch = initial_step_in_epoch
+        self.terminated = False
+        self._previous_handler = None
+
+    def on_train_begin(self, logs=None):
+        def handler(signum, frame):
+            logging.warning("SIGTERM received: saving a backup at the next step and stopping.")
+            self.terminated = True
+
+        try:
+            self._previous_handler = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # Not the main thread.
+            self._previous_handler = None
+
+    def on_train_end(self, logs=None):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self._epoch:
+            self._offset = 0
+        self._epoch = epoch
+        self._step_in_epoch = self._offset
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step_in_epoch = self._offset + batch + 1
+        due = self.save_every_steps and optimizer_step(self.model.optimizer) % self.save_every_steps == 0
+        if self.terminated or (due and self._step_in_epoch < self.steps_per_epoch):
+            self.save(self._epoch, self._step_in_epoch)
+        if self.terminated:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.terminated:
+            self.save(epoch + 1, 0)
+        self._offset = 0
+
+    def save(self, epoch: int, step_in_epoch: int) -> None:
+        if step_in_epoch >= self.steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        global_step = optimizer_step(self.model.optimizer)
+        name = f"backup-{global_step}.weights.h5"
+        with atomic_path(self.backup_dir / name) as tmp:
+            self.model.save_weights(str(tmp))
+        state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                 "weights": name}
+        # The pointer is the commit: until it is replaced, the old backup stays valid.
+        atomic_write_text(self.backup_dir / BACKUP_STATE, json.dumps(state))
+        for old in self.backup_dir.glob("backup-*.weights.h5"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+
+def restore_backup(model: keras.Model, backup_dir: str | Path) -> dict | None:
+    """Loads the committed backup (weights + optimizer state) into a compiled model."""
+    state = read_backup_state(backup_dir)
+    if state is None:
+        return None
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(str(Path(backup_dir) / state["weights"]))
+    return state
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keeps the weights with the best `monitor` value, atomically, across restarts.
+
+    Unlike `keras.callbacks.ModelCheckpoint(save_best_only=True)`, the best
+    score is stored beside the weights (`best.json`) and read back at start,
+    so a resumed run cannot overwrite a better checkpoint with a worse one.
+
+    Example:
+
+    ```python
+    model.fit(..., callbacks=[BestCheckpoint("runs/x", monitor="val_accuracy")])
+    ```
+    """
+
+    def __init__(self, directory: str | Path, monitor: str = "val_accuracy", mode: str = "auto"):
+        super().__init__()
+        self.directory = Path(directory)
+        self.monitor = monitor
+        if mode == "auto":
+            mode = "min" if "loss" in monitor or "error" in monitor or monitor.endswith(("mae", "rmse")) else "max"
+        self.mode = mode
+        self.best = self._load_best()
+
+    def _load_best(self) -> float | None:
+        path = self.directory / BEST_STATE
+        if path.exists() and (self.directory / BEST_WEIGHTS).exists():
+            return json.loads(path.read_text(encoding="utf-8")).get("value")
+        return None
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            logging.warning("BestCheckpoint: `%s` not in logs (%s).", self.monitor, sorted(logs or {}))
+            return
+        value = float(value)
+        if not self._better(value):
+            return
+        with atomic_path(self.directory / BEST_WEIGHTS) as tmp:
+            self.model.save_weights(str(tmp))
+        atomic_write_text(
+            self.directory / BEST_STATE,
+            json.dumps({"monitor": self.monitor, "value": value, "epoch": epoch + 1}),
+        )
+        logging.info("New best %s=%.4f at epoch %d.", self.monitor, value, epoch + 1)
+        self.best = value
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the current learning rate to the epoch logs (TensorBoard, CSV)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = current_learning_rate(self.model.optimizer)
+
+
+def fit_resumable(
+    model: keras.Model,
+    epoch_dataset: Callable[[int], tf.data.Dataset],
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    model_dir: str | Path,
+    validation_data: tf.data.Dataset | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    backup_every_steps: int = 0,
+    verbose: int | str = "auto",
+) -> dict:
+    """Fits `model` for `epochs`, resuming from `<model_dir>/backup` if present.
+
+    Args:
+        model: keras.Model. Compiled.
+        epoch_dataset: callable. `epoch_dataset(k)` returns epoch k's batches
+            in a deterministic order (a pure function of k and the seed).
+        epochs: int. Total epochs.
+        steps_per_epoch: int. Batches per epoch.
+        model_dir: str. Where backups go (`backup/`).
+        validation_data: Dataset evaluated at each epoch end.
+        callbacks: extra callbacks (best checkpoint, early stop, logs...).
+        backup_every_steps: int. Back up every N steps as well as at epoch ends.
+        verbose: Keras verbosity (progress bars).
+
+    Returns:
+        `{"resumed_from": state or None, "history": {...}, "terminated": bool}`.
+    """
+    backup_dir = Path(model_dir) / "backup"
+    state = restore_backup(model, backup_dir)
+    start_epoch, skip = 0, 0
+    if state is not None:
+        start_epoch, skip = int(state["epoch"]), int(state["step_in_epoch"])
+        print(
+            f"Resuming from backup: epoch {start_epoch + 1}, step {skip} of the epoch, "
+            f"global step {state['global_step']}, learning rate "
+            f"{current_learning_rate(model.optimizer):.6g}.",
+            flush=True,
+        )
+    history: dict[str, list] = {}
+    if start_epoch >= epochs:
+        return {"resumed_from": state, "history": history, "terminated": False}
+
+    backup = ResumableBackup(backup_dir, steps_per_epoch, backup_every_steps, start_epoch, skip)
+    all_callbacks = [*(callbacks or []), LearningRateLogger(), backup]
+
+    def run(first_epoch: int, last_epoch: int, dataset, steps):
+        result = model.fit(
+            dataset,
+            epochs=last_epoch,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps,
+            validation_data=validation_data,
+            callbacks=all_callbacks,
+            verbose=verbose,
+        )
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(values)
+
+    if skip:
+        # Finish the interrupted epoch on exactly the batches it had left.
+        run(start_epoch, start_epoch + 1, epoch_dataset(start_epoch).skip(skip), steps_per_epoch - skip)
+        start_epoch += 1
+    if start_epoch < epochs and not backup.terminated and not model.stop_training:
+        stream = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_dataset)
+        run(start_epoch, epochs, stream.prefetch(tf.data.AUTOTUNE), steps_per_epoch)
+    return {"resumed_from": state, "history": history, "terminated": backup.terminated}
+
+
+def total_train_steps(steps_per_epoch: int, epochs: int) -> int:
+    return int(steps_per_epoch) * int(epochs)
+
+
+def set_seed(seed: int) -> None:
+    """Seeds Python, NumPy and TF (and makes TF ops deterministic where cheap)."""
+    keras.utils.set_random_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def warmup_steps_for(total_steps: int, ratio: float) -> int:
+    return int(math.floor(total_steps * ratio))
