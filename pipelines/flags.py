@@ -159,3 +159,21 @@ def run_main(main_fn) -> None:
             sys.exit(2)
 
     app.run(wrapped, flags_parser=parse_flags_or_exit)
+
+
+def print_summary(result: dict, model_dir: str) -> None:
+    """Prints the figures a person looks for after a run."""
+    evaluation = result.get("eval") or {}
+    lines = []
+    for key in ("accuracy", "macro_f1", "auc", "exact_match", "mae", "rmse"):
+        if evaluation.get(key) is not None:
+            lines.append(f"{key}={evaluation[key]:.4f}")
+    if lines:
+        print(f"Eval ({evaluation.get('num_examples', '?')} examples): " + "  ".join(lines))
+    if "train_seconds" in result:
+        print(f"Training time: {result['train_seconds']:.1f} s"
+              + (f" ({result['train_examples_per_second']:.1f} examples/s)"
+                 if result.get("train_examples_per_second") else ""))
+    if "wall_seconds" in result:
+        print(f"Wall time: {result['wall_seconds']:.1f} s")
+    print(f"Model, metrics and logs: {model_dir} (metrics.json, model.keras, logs/)")

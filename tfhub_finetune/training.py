@@ -339,6 +339,7 @@ def fit_resumable(
             steps_per_epoch=steps,
             validation_data=validation_data,
             callbacks=all_callbacks,
+            shuffle=False,  # The epoch datasets carry their own seeded order.
             verbose=verbose,
         )
         for key, values in result.history.items():

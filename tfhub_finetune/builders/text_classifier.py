@@ -103,6 +103,12 @@ def build_text_classifier(
         pooling = backbone.spec.default_pooling
     encoder = backbone.encoder
     encoder.trainable = not freeze_backbone
+    if pooling != "pooler" and not freeze_backbone:
+        # An unused pooler gets no gradients; freezing it keeps AdamW from
+        # allocating (and warning about) state for it.
+        for layer in getattr(encoder, "layers", []):
+            if layer.name == "pooled_dense":
+                layer.trainable = False
 
     inputs = {n: keras.Input(shape=(None,), dtype="int32", name=n) for n in TEXT_INPUTS}
     outputs = encoder(inputs)

@@ -30,14 +30,15 @@ class TokenizedTexts:
     ids: tf.RaggedTensor
     labels: np.ndarray
     sequence_length: int
+    # Computed eagerly once: datasets are also built inside graphs (flat_map),
+    # where the ragged tensor's sizes are symbolic.
+    lengths: np.ndarray = dataclasses.field(init=False)
 
-    @property
-    def lengths(self) -> np.ndarray:
-        """Packed lengths: word pieces plus [CLS] and [SEP]."""
-        return self.ids.row_lengths().numpy() + 2
+    def __post_init__(self):
+        self.lengths = self.ids.row_lengths().numpy() + 2  # Word pieces + [CLS] + [SEP].
 
     def __len__(self) -> int:
-        return int(self.ids.nrows())
+        return len(self.lengths)
 
 
 def tokenize_texts(

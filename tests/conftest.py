@@ -1,0 +1,50 @@
+"""Shared fixtures. Tests that need ../shared fail (never skip) when it is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tfhub_finetune.paths import shared_dir  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def require_shared_path(relative: str) -> Path:
+    path = shared_dir() / relative
+    if not path.exists():
+        pytest.fail(
+            f"Shared data/weights missing: {path} not found. These tests need the read-only "
+            "shared/ folder beside the repo root (or TFHUB_FINETUNE_SHARED).",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def sst2_dir() -> Path:
+    return require_shared_path("data/sst2")
+
+
+@pytest.fixture(scope="session")
+def minilm_l3_dir() -> Path:
+    return require_shared_path("weights/paraphrase_minilm_l3_v2")
+
+
+def run_pipeline(module: str, *args: str, timeout: int = 600, env: dict | None = None):
+    """Runs `python -m <module> <args>` from the repo root; returns CompletedProcess."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

@@ -1,0 +1,212 @@
+"""The generic train driver: one `run_experiment(config, task)` for every modality.
+
+It owns what is the same for text and images: strategy and precision, the
+model directory (params.json, labels.json), compile defaults, callbacks,
+resumable fitting, the best checkpoint, evaluation to `metrics.json`, and the
+final `model.keras`. Modalities plug in through `tasks.base.Task`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tfhub_finetune import distribute, training
+from tfhub_finetune.config import ExperimentConfig
+from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.io_utils import atomic_path, atomic_write_text
+from tfhub_finetune.metrics import (
+    classification_report,
+    multilabel_report,
+    regression_report,
+    training_metrics,
+)
+from tfhub_finetune.tasks.base import Task
+
+PARAMS_FILE = "params.json"
+LABELS_FILE = "labels.json"
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.keras"
+
+
+def loss_for(task: str) -> keras.losses.Loss:
+    if task == "regression":
+        return keras.losses.MeanSquaredError()
+    if task == "multi_label":
+        return keras.losses.BinaryCrossentropy()
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
+def compile_model(model: keras.Model, config: ExperimentConfig, total_steps: int, num_classes: int,
+                  jit_compile: bool | str = False) -> None:
+    """Compiles with the BERT-style AdamW recipe and the task's loss and metrics."""
+    t = config.train
+    model.compile(
+        optimizer=training.make_optimizer(
+            t.learning_rate, total_steps, t.warmup_ratio, t.weight_decay, t.clip_norm
+        ),
+        loss=loss_for(config.model.task),
+        metrics=training_metrics(config.model.task, num_classes),
+        jit_compile=jit_compile,
+    )
+
+
+def evaluate_report(model: keras.Model, task: Task) -> dict:
+    """Predicts the eval split and computes the full report (confusion matrix etc.)."""
+    outputs = model.predict(task.eval_dataset(), verbose=0)
+    targets = task.eval_targets()
+    kind = task.config.model.task
+    if kind == "regression":
+        return regression_report(targets, outputs)
+    if kind == "multi_label":
+        return multilabel_report(targets, outputs, task.labels.names)
+    return classification_report(targets, outputs, task.labels.names)
+
+
+def run_experiment(config: ExperimentConfig, task: Task, chief_only_dir: str | None = None) -> dict:
+    """Trains and/or evaluates `task` as `config.mode` says; returns the metrics dict.
+
+    Args:
+        config: ExperimentConfig. Validated.
+        task: Task. The modality's data and model.
+        chief_only_dir: unused placeholder for the export step's directory.
+
+    Returns:
+        The contents written to `metrics.json`.
+    """
+    config.validate()
+    started = time.time()
+    training.set_seed(config.train.seed)
+    rt = config.runtime
+    precision = distribute.set_precision(rt.precision)
+    strategy = distribute.get_distribution_strategy(
+        rt.distribution, num_gpus=None if rt.num_gpus < 0 else rt.num_gpus,
+        all_reduce=rt.all_reduce, tpu_address=rt.tpu or None,
+    )
+    jit = distribute.resolve_jit_compile(rt.jit_compile)
+    model_dir = Path(distribute.worker_model_dir(config.model_dir, strategy))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    chief = distribute.is_chief(strategy)
+    print(
+        f"Strategy: {type(strategy).__name__} ({strategy.num_replicas_in_sync} replica(s)), "
+        f"precision: {precision}, XLA: {jit}.",
+        flush=True,
+    )
+
+    # Tasks may load the backbone while preparing data (tokenizer, limits), so
+    # preparation runs in the scope too: every variable must be created there.
+    with strategy.scope():
+        if config.mode == "eval":
+            labels = LabelVocabulary.load(Path(config.model_dir) / LABELS_FILE)
+            task.prepare_eval(labels)
+        else:
+            task.prepare_train()
+            _check_same_run(model_dir, config)
+            config.save(model_dir / PARAMS_FILE)
+            task.labels.save(model_dir / LABELS_FILE)
+        model = task.build_model()
+        total_steps = training.total_train_steps(task.steps_per_epoch, config.train.epochs)
+        compile_model(model, config, max(total_steps, 1), task.labels.num_classes, jit)
+
+    result: dict = {"backbone": config.model.backbone, "task": config.model.task, **task.summary}
+    if config.mode != "eval":
+        callbacks = [
+            training.BestCheckpoint(model_dir, monitor=config.train.monitor),
+            keras.callbacks.CSVLogger(str(model_dir / "training_log.csv"), append=True),
+            keras.callbacks.TensorBoard(str(model_dir / "logs"), update_freq="epoch"),
+        ]
+        if config.train.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor=config.train.monitor, patience=config.train.early_stopping_patience,
+                mode="min" if "loss" in config.train.monitor else "max",
+            ))
+        train_started = time.time()
+        outcome = training.fit_resumable(
+            model,
+            task.train_epoch_dataset,
+            epochs=config.train.epochs,
+            steps_per_epoch=task.steps_per_epoch,
+            model_dir=model_dir,
+            validation_data=task.eval_dataset(),
+            callbacks=callbacks,
+            backup_every_steps=config.train.backup_every_steps,
+            verbose=_verbosity(),
+        )
+        train_seconds = time.time() - train_started
+        result["train_seconds"] = round(train_seconds, 2)
+        result["resumed_from"] = outcome["resumed_from"]
+        steps_run = sum(1 for _ in outcome["history"].get("loss", []))
+        if steps_run:
+            result["train_examples_per_second"] = round(
+                len(outcome["history"]["loss"]) * result.get("train_examples", 0) / train_seconds, 2
+            )
+        if outcome["terminated"]:
+            print("Stopped by SIGTERM after saving a backup; rerun the same command to resume.")
+            result["terminated"] = True
+            return result
+    best = model_dir / training.BEST_WEIGHTS
+    if best.exists():
+        model.load_weights(str(best))
+    elif config.mode == "eval":
+        from tfhub_finetune.errors import InputError
+
+        raise InputError("No trained weights in the model directory.",
+                         received={"model_dir": config.model_dir},
+                         fix="Train first with --mode=train or --mode=train_and_eval.")
+
+    if config.mode != "train":
+        result["eval"] = evaluate_report(model, task)
+    result["wall_seconds"] = round(time.time() - started, 2)
+    if chief:
+        if config.mode != "eval":
+            with atomic_path(model_dir / MODEL_FILE) as tmp:
+                model.save(str(tmp))
+        atomic_write_text(model_dir / METRICS_FILE, json.dumps(_jsonable(result), indent=2))
+    result["model"] = model
+    return result
+
+
+def _verbosity():
+    from absl import flags
+
+    f = flags.FLAGS
+    return f.verbose if "verbose" in f and f.is_parsed() else "auto"
+
+
+def _check_same_run(model_dir: Path, config: ExperimentConfig) -> None:
+    """A model_dir with a backup from different settings would resume the wrong run."""
+    params = model_dir / PARAMS_FILE
+    if not params.exists() or not (model_dir / "backup" / training.BACKUP_STATE).exists():
+        return
+    previous = json.loads(params.read_text(encoding="utf-8"))
+    current = json.loads(json.dumps(config.to_dict()))
+    keys = ("model", "data")
+    changed = [k for k in keys if previous.get(k) != current.get(k)]
+    if changed:
+        from tfhub_finetune.errors import InputError
+
+        raise InputError(
+            "The model directory holds a backup of a run with different settings.",
+            received={"model_dir": config.model_dir, "changed": ",".join(changed)},
+            fix="Use a new --model_dir, or delete its backup/ folder to start over.",
+        )
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if k != "model"}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return value
+
+
+logging.getLogger("absl").setLevel(logging.WARNING)

@@ -1,0 +1,1 @@
+"""Tasks: what a modality needs from the generic train driver (data, model, report)."""

@@ -1,0 +1,39 @@
+"""The interface between the generic driver and a modality's task."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfhub_finetune.config import ExperimentConfig
+from tfhub_finetune.data.labels import LabelVocabulary
+
+
+class Task(Protocol):
+    """One modality's data and model, as `driver.run_experiment` drives them.
+
+    Lifecycle: `prepare_train` (or `prepare_eval`) reads data and fixes the
+    label vocabulary; `build_model` is called inside the strategy scope;
+    `train_epoch_dataset(k)` must give epoch k's batches in an order that is a
+    pure function of `(seed, k)`, so an interrupted run resumes exactly.
+    """
+
+    config: ExperimentConfig
+    labels: LabelVocabulary
+    steps_per_epoch: int
+    summary: dict
+
+    def prepare_train(self) -> None: ...
+
+    def prepare_eval(self, labels: LabelVocabulary) -> None: ...
+
+    def build_model(self) -> keras.Model: ...
+
+    def train_epoch_dataset(self, epoch: int | tf.Tensor) -> tf.data.Dataset: ...
+
+    def eval_dataset(self) -> tf.data.Dataset: ...
+
+    def eval_targets(self) -> np.ndarray: ...

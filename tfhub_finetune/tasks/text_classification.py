@@ -1,0 +1,180 @@
+"""Text classification task: files/TFDS -> tokenized, bucketed batches -> encoder + head."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfhub_finetune.backbones.base import TextBackbone
+from tfhub_finetune.backbones.catalog import resolve_backbone
+from tfhub_finetune.backbones.loader import load_backbone
+from tfhub_finetune.builders.text_classifier import build_text_classifier
+from tfhub_finetune.config import ExperimentConfig
+from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.data.sources import (
+    TFDS_PREFIX,
+    TextExamples,
+    read_text_examples,
+    split_examples,
+)
+from tfhub_finetune.data.text import TokenizedTexts, make_text_dataset, tokenize_texts
+from tfhub_finetune.errors import InputError
+
+
+def _column(value: str) -> str | int:
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+class TextClassificationTask:
+    """Reads text data, builds the classifier, and batches both splits.
+
+    Example:
+
+    ```python
+    task = TextClassificationTask(config)
+    task.prepare_train()
+    model = task.build_model()
+    ```
+    """
+
+    def __init__(self, config: ExperimentConfig, tfds_fallback: str | None = None):
+        self.config = config
+        self.tfds_fallback = tfds_fallback
+        self.spec = resolve_backbone(config.model.backbone)
+        if self.spec.modality != "text":
+            raise InputError(
+                "The text pipeline needs a text backbone.",
+                received={"backbone": config.model.backbone, "modality": self.spec.modality},
+                fix="Use pipelines.image_classify for image backbones.",
+            )
+        self.backbone: TextBackbone | None = None
+        self.labels: LabelVocabulary | None = None
+        self.train_data: TokenizedTexts | None = None
+        self.eval_data: TokenizedTexts | None = None
+        self.steps_per_epoch = 0
+        self.summary: dict = {}
+
+    # === Data ===
+
+    def _read(self, source: str, split: str) -> TextExamples:
+        d = self.config.data
+        if (
+            self.tfds_fallback
+            and source
+            and not source.startswith(TFDS_PREFIX)
+            and not Path(source).exists()
+        ):
+            logging.warning("%s not found; using TFDS %s[%s] instead.", source, self.tfds_fallback, split)
+            print(f"Data file {source} not found; reading TFDS {self.tfds_fallback} ({split}).")
+            source = TFDS_PREFIX + self.tfds_fallback
+        return read_text_examples(
+            source,
+            text_column=_column(d.text_column),
+            label_column=_column(d.label_column),
+            has_header={"true": True, "false": False}.get(d.has_header, "auto"),
+            split=split,
+            encoding=d.encoding,
+        )
+
+    def _load_backbone(self) -> TextBackbone:
+        if self.backbone is None:
+            self.backbone = load_backbone(self.spec)
+            limit = self.backbone.max_sequence_length
+            if self.config.model.sequence_length > limit:
+                raise InputError(
+                    "Sequence length exceeds the backbone's maximum.",
+                    received={"sequence_length": self.config.model.sequence_length},
+                    fix=f"{self.spec.name} takes at most {limit} tokens.",
+                )
+        return self.backbone
+
+    def _tokenize(self, examples: TextExamples) -> TokenizedTexts:
+        targets = self.labels.encode(examples.labels, source=examples.source, rows=examples.rows)
+        return tokenize_texts(
+            examples.texts, targets, self.backbone.tokenizer, self.config.model.sequence_length
+        )
+
+    def prepare_train(self) -> None:
+        d = self.config.data
+        train = self._read(d.train_data, d.train_split)
+        if d.max_train_examples:
+            train = train.take(range(min(d.max_train_examples, len(train))))
+        if d.eval_data:
+            evaluation = self._read(d.eval_data, d.eval_split)
+        else:
+            train, evaluation = split_examples(train, d.validation_split, self.config.train.seed)
+            print(f"No --eval_data: holding out {len(evaluation)} of the training examples.")
+        self.labels = LabelVocabulary.from_labels(
+            train.labels,
+            task=self.config.model.task,
+            label_type=d.label_type,
+            label_names=d.label_names or None,
+            source=train.source,
+            rows=train.rows,
+        )
+        self._load_backbone()
+        self.train_data = self._tokenize(train)
+        self.eval_data = self._tokenize(evaluation)
+        self.steps_per_epoch = int(
+            make_text_dataset(
+                self.train_data, self.backbone.tokenizer, batch_size=self.config.train.batch_size,
+                training=True, bucketing=self.config.train.bucketing,
+            ).cardinality()
+        )
+        lengths = self.train_data.lengths
+        self.summary = {
+            "train_examples": len(self.train_data),
+            "eval_examples": len(self.eval_data),
+            "skipped_blank_rows": {"train": train.skipped_blank, "eval": evaluation.skipped_blank},
+            "truncated_train_examples": int((lengths >= self.config.model.sequence_length).sum()),
+            "mean_train_tokens": float(lengths.mean()),
+        }
+
+    def prepare_eval(self, labels: LabelVocabulary) -> None:
+        self.labels = labels
+        evaluation = self._read(self.config.data.eval_data, self.config.data.eval_split)
+        self._load_backbone()
+        self.eval_data = self._tokenize(evaluation)
+        self.summary = {"eval_examples": len(self.eval_data),
+                        "skipped_blank_rows": {"eval": evaluation.skipped_blank}}
+
+    # === Model ===
+
+    def build_model(self) -> keras.Model:
+        m = self.config.model
+        return build_text_classifier(
+            self._load_backbone(),
+            self.labels.num_classes,
+            task=m.task,
+            pooling=m.pooling,
+            dropout=m.dropout,
+            freeze_backbone=m.freeze_backbone,
+        )
+
+    # === Datasets ===
+
+    def train_epoch_dataset(self, epoch: int | tf.Tensor) -> tf.data.Dataset:
+        t = self.config.train
+        seed = tf.cast(epoch, tf.int64) + tf.constant(t.seed * 1000, tf.int64)
+        return make_text_dataset(
+            self.train_data,
+            self.backbone.tokenizer,
+            batch_size=t.batch_size,
+            training=True,
+            seed=seed,
+            reshuffle_each_iteration=False,
+            bucketing=t.bucketing,
+        )
+
+    def eval_dataset(self) -> tf.data.Dataset:
+        return make_text_dataset(
+            self.eval_data, self.backbone.tokenizer, batch_size=max(self.config.train.batch_size, 64),
+            training=False,
+        )
+
+    def eval_targets(self) -> np.ndarray:
+        return self.eval_data.labels
