@@ -1,0 +1,169 @@
+"""Tests for tfhub_finetune.selection.profile (tiny models; two child processes)."""
+
+from __future__ import annotations
+
+import keras
+import pytest
+import tensorflow as tf
+
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.selection import profile as profile_lib
+from tfhub_finetune.selection.profile import (
+    ProfileOptions,
+    ProfileResult,
+    count_flops,
+    profile_in_subprocess,
+    profile_model,
+)
+
+# Small enough that the timing loops end on `min_runs`/`min_seconds` quickly.
+FAST = ProfileOptions(
+    serving_batch_size=8,
+    train_batch_size=8,
+    warmup_runs=3,
+    min_runs=10,
+    max_runs=400,
+    min_seconds=0.2,
+)
+SEQUENCE_SHAPES = {"token_ids": (16,), "padding_mask": (16,), "segment_ids": (16,)}
+
+
+# --- Builders the child imports by path (`__name__` depends on pytest's import mode). ---
+
+
+def build_dense(input_dim: int = 64, hidden: int = 32, num_classes: int = 10) -> keras.Model:
+    inputs = keras.Input((input_dim,), name="features")
+    x = keras.layers.Dense(hidden, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(x))
+
+
+def build_text(vocabulary_size: int = 200, dim: int = 8) -> keras.Model:
+    token_ids = keras.Input((None,), dtype="int32", name="token_ids")
+    padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
+    segment_ids = keras.Input((None,), dtype="int32", name="segment_ids")
+    x = keras.layers.Embedding(vocabulary_size, dim)(token_ids)
+    x = x + keras.layers.Embedding(2, dim)(segment_ids)
+    x = keras.layers.GlobalAveragePooling1D()(x, mask=padding_mask)
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask, "segment_ids": segment_ids}
+    return keras.Model(inputs, keras.layers.Dense(2)(x))
+
+
+def build_broken() -> keras.Model:
+    raise ValueError("weights file is corrupt")
+
+
+# --- Tests ---
+
+
+@pytest.fixture(scope="module")
+def dense_profile() -> ProfileResult:
+    return profile_in_subprocess(
+        f"{__name__}:build_dense", {"hidden": 32}, (64,), name="dense", options=FAST
+    )
+
+
+def test_subprocess_profile_records_every_figure(dense_profile):
+    r = dense_profile
+    assert r.error is None, r.error
+    assert r.name == "dense" and r.isolated_process
+    assert r.params == build_dense().count_params() == 2410
+    assert 0 < r.latency_p50_ms <= r.latency_p95_ms
+    assert r.latency_runs >= FAST.min_runs
+    assert r.throughput_eps > 0 and r.serving_batch_size == 8
+    assert r.peak_infer_memory_mb > 0 and r.peak_train_memory_mb > 0
+    assert r.baseline_memory_mb > 100  # TensorFlow itself is resident before the model.
+    assert 2410 * 4 / 2**20 < r.saved_model_mb < 5  # Weights once, plus the graph.
+    assert r.device and r.device_type in ("CPU", "GPU") and r.memory_method
+    assert r.input_shapes == {"features": [64]}
+    assert r.builder == f"{__name__}:build_dense"
+    assert r.builder_kwargs == {"hidden": 32}
+
+
+def test_flops_match_hand_count(dense_profile):
+    # 2 FLOPs per multiply-add, plus one per bias add: the profiler's MatMul
+    # and BiasAdd counts. It also counts Softmax at 5 per element (50 here)
+    # and nothing for ReLU.
+    hand = 2 * (64 * 32 + 32 * 10) + (32 + 10)
+    assert dense_profile.flops_per_example == pytest.approx(hand, rel=0.10)
+    assert dense_profile.flops_per_example == hand + 5 * 10
+
+
+def test_flops_are_per_example_at_any_batch():
+    model = build_dense()
+    spec = tf.TensorSpec((None, 64), tf.float32, name="features")
+    assert count_flops(model, spec, batch_size=1) == count_flops(model, spec, batch_size=16)
+
+
+def test_failing_builder_is_recorded_not_raised():
+    result = profile_in_subprocess(f"{__name__}:build_broken", options=FAST)
+    assert result.error.startswith("build: ValueError: weights file is corrupt")
+    assert result.params is None and result.latency_p50_ms is None
+    assert not result.ok
+
+
+def test_in_process_profile_of_named_inputs():
+    model = build_text()
+    options = ProfileOptions(
+        serving_batch_size=4,
+        train_batch_size=4,
+        warmup_runs=2,
+        min_runs=5,
+        min_seconds=0.05,
+        measure_saved_model=False,
+    )
+    result = profile_model(model, SEQUENCE_SHAPES, name="text", options=options)
+    assert result.error is None, result.error
+    assert result.params == model.count_params()
+    assert result.input_shapes == {k: list(v) for k, v in SEQUENCE_SHAPES.items()}
+    assert result.flops_per_example > 0 and result.saved_model_mb is None
+    assert not result.isolated_process
+
+
+def test_unknown_sequence_length_needs_input_shapes():
+    with pytest.raises(InputError, match="unknown dimensions"):
+        profile_model(build_text(), options=FAST)
+    with pytest.raises(InputError, match="do not match"):
+        profile_model(build_text(), {"token_ids": (16,)}, options=FAST)
+
+
+def test_out_of_memory_halves_the_serving_batch():
+    specs = tf.TensorSpec((None, 3), tf.float32, name="x")
+
+    def forward(x):
+        if x.shape[0] > 4:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")
+        return x * 2.0
+
+    options = ProfileOptions(serving_batch_size=32, warmup_runs=1, min_runs=5, min_seconds=0)
+    batch, throughput = profile_lib._throughput(forward, specs, options)
+    assert batch == 4 and throughput > 0
+
+
+def test_bad_builder_paths_raise_input_error():
+    with pytest.raises(InputError, match="package.module:function"):
+        profile_in_subprocess("build_dense", options=FAST)
+    with pytest.raises(InputError, match="Did you mean: build_dense"):
+        profile_in_subprocess(f"{__name__}:build_dence", options=FAST)
+    with pytest.raises(InputError, match="module-level function"):
+        profile_in_subprocess(lambda: build_dense(), options=FAST)
+    with pytest.raises(InputError, match="JSON"):
+        profile_in_subprocess(build_dense, {"hidden": object()}, options=FAST)
+
+
+def test_builder_given_as_function_uses_its_import_path():
+    assert profile_lib.builder_path(build_dense) == f"{__name__}:build_dense"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"serving_batch_size": 0}, {"min_runs": 10, "max_runs": 5}, {"min_seconds": -1}],
+)
+def test_bad_options_raise_input_error(kwargs):
+    with pytest.raises(InputError):
+        ProfileOptions(**kwargs)
+
+
+def test_result_round_trips_through_dict(dense_profile):
+    data = dense_profile.to_dict()
+    data["a_field_from_a_newer_version"] = 1
+    assert ProfileResult.from_dict(data) == dense_profile
