@@ -1,0 +1,202 @@
+"""Tests for tfhub_finetune.selection.recommend, on recorded figures (no TensorFlow)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.selection.profile import ProfileResult
+from tfhub_finetune.selection.recommend import (
+    Candidate,
+    ConstraintChange,
+    pareto_front,
+    recommend,
+)
+
+# Every working candidate is on the Pareto front, so each can be the answer.
+RECORDS = [
+    {"name": "big", "metric": 0.92, "latency_ms": 40.0, "memory_mb": 800.0, "params": 110e6},
+    {"name": "base", "metric": 0.91, "latency_ms": 20.0, "memory_mb": 400.0, "params": 66e6},
+    {"name": "small", "metric": 0.89, "latency_ms": 8.0, "memory_mb": 150.0, "params": 29e6},
+    {"name": "tiny", "metric": 0.85, "latency_ms": 3.0, "memory_mb": 60.0, "params": 4.4e6},
+    {"name": "lean", "metric": 0.87, "latency_ms": 12.0, "memory_mb": 50.0, "params": 3e6},
+    {"name": "broken", "error": "build: OSError: preset download failed"},
+]
+
+
+@pytest.mark.parametrize(
+    "constraints,expected",
+    [
+        ({}, "big"),
+        ({"max_latency_ms": 25}, "base"),
+        ({"max_latency_ms": 10}, "small"),
+        ({"max_latency_ms": 5}, "tiny"),
+        ({"max_memory_mb": 55}, "lean"),
+        ({"max_params": 3.5e6}, "lean"),
+        ({"max_memory_mb": 500, "min_metric": 0.9}, "base"),
+        ({"max_latency_ms": 15, "max_memory_mb": 100}, "lean"),
+    ],
+)
+def test_each_candidate_wins_under_its_constraints(constraints, expected):
+    assert recommend(RECORDS, **constraints).name == expected
+
+
+def test_reason_is_built_from_the_figures():
+    rec = recommend(RECORDS, max_latency_ms=10)
+    assert rec.reason == (
+        "small: 3.0 points below the best (big), 5.0x faster, best of 2 under 10 ms."
+    )
+    assert rec.feasible == ["small", "tiny"]
+    only = recommend(RECORDS, max_latency_ms=5)
+    assert (
+        only.reason
+        == "tiny: 7.0 points below the best (big), 13.3x faster, the only one under 5 ms."
+    )
+
+
+def test_reason_for_the_best_names_the_faster_trade_off():
+    rec = recommend(RECORDS)
+    assert rec.reason == "big: the best accuracy (92.0%), base is 2.0x faster but 1.0 point lower."
+
+
+def test_memory_constraint_reason_mentions_memory():
+    rec = recommend(RECORDS, max_memory_mb=55)
+    assert "16.0x less memory" in rec.reason and "the only one under 55 MB" in rec.reason
+
+
+def test_nothing_fits_says_which_constraint_to_relax_and_by_how_much():
+    rec = recommend(RECORDS, max_latency_ms=2)
+    assert rec.name is None and rec.feasible == []
+    first = rec.relaxations[0]
+    assert first.admits == "tiny"
+    assert first.changes == (ConstraintChange("max_latency_ms", 2.0, 3.0),)
+    assert rec.reason == (
+        "No candidate meets max_latency_ms=2 ms; raise max_latency_ms from 2 ms to 3 ms (+50%) "
+        "to admit tiny (85.0%)."
+    )
+
+
+def test_relaxing_min_metric_is_reported_in_points():
+    rec = recommend(RECORDS, min_metric=0.95)
+    assert rec.name is None
+    assert "lower min_metric from 95.0% to 92.0% (-3.0 points) to admit big (92.0%)" in rec.reason
+
+
+def test_two_constraints_name_the_smallest_move_and_an_alternative():
+    rec = recommend(RECORDS, max_latency_ms=4, max_memory_mb=40)
+    # tiny needs memory 40 -> 60 (+50%); lean needs memory +25% but also latency 4 -> 12.
+    assert rec.relaxations[0].admits == "tiny"
+    assert rec.relaxations[0].changes == (ConstraintChange("max_memory_mb", 40.0, 60.0),)
+    assert rec.reason.startswith(
+        "No candidate meets max_latency_ms=4 ms and max_memory_mb=40 MB; raise max_memory_mb "
+        "from 40 MB to 60 MB (+50%) to admit tiny (85.0%)"
+    )
+    # Every alternative that only moves latency would need memory too, so none is named.
+    assert ", or " not in rec.reason
+
+
+def test_relaxed_limit_is_rounded_so_it_admits():
+    change = ConstraintChange("max_latency_ms", 20.0, 27.34)
+    assert change.describe() == "raise max_latency_ms from 20 ms to 27.4 ms (+37%)"
+    fewer = ConstraintChange("min_metric", 0.9, 0.8747)
+    assert fewer.describe("accuracy") == "lower min_metric from 90.0% to 87.4% (-2.5 points)"
+
+
+def test_tolerance_prefers_the_fastest_near_tie():
+    rec = recommend(RECORDS, metric_tolerance=0.015)
+    assert rec.name == "base"
+    assert "within the 1.5 points tolerance" in rec.reason
+
+
+def test_failed_and_unmeasured_candidates_are_excluded_with_a_reason():
+    records = [*RECORDS, {"name": "no_latency", "metric": 0.99}]
+    rec = recommend(records, max_latency_ms=25)
+    assert rec.excluded["broken"] == "failed: build: OSError: preset download failed"
+    assert rec.excluded["no_latency"] == "missing latency_ms needed by the constraints"
+    assert rec.name == "base"
+    # Without a latency constraint the unmeasured-but-accurate one is eligible.
+    assert recommend(records).name == "no_latency"
+
+
+def test_all_failed_gives_no_recommendation():
+    rec = recommend([{"name": "a", "error": "build: boom"}, {"name": "b"}])
+    assert rec.name is None
+    assert rec.reason == (
+        "No candidate can be recommended: a failed: build: boom; b no accuracy recorded."
+    )
+
+
+@pytest.mark.parametrize(
+    "constraints,match",
+    [
+        ({"max_latency_ms": -5}, "must be positive"),
+        ({"max_memory_mb": 0}, "must be positive"),
+        ({"max_params": 0.5}, "below one parameter"),
+        ({"max_latency_ms": math.nan}, "finite number"),
+        ({"max_latency_ms": True}, "finite number"),
+        ({"min_metric": 85}, r"min_metric=0\.85 for 85%"),
+        ({"min_metric": 1.5}, "exceeds 1"),
+        ({"min_metric": -0.1}, "negative"),
+        ({"metric_tolerance": -0.01}, "metric_tolerance"),
+    ],
+)
+def test_bad_constraints_raise_input_error(constraints, match):
+    with pytest.raises(InputError, match=match):
+        recommend(RECORDS, **constraints)
+
+
+def test_unbounded_metric_accepts_large_min_metric():
+    records = [{"name": "a", "metric": 31.0}, {"name": "b", "metric": 28.0}]
+    rec = recommend(records, min_metric=30, metric_name="bleu")
+    assert rec.reason == "a: the best bleu (31), the only one at or above 30 bleu."
+
+
+def test_bad_candidate_lists_raise_input_error():
+    with pytest.raises(InputError, match="No candidates"):
+        recommend([])
+    with pytest.raises(InputError, match="unique"):
+        recommend([{"name": "a", "metric": 0.5}, {"name": "a", "metric": 0.6}])
+    with pytest.raises(InputError, match="needs a `name`"):
+        recommend([{"metric": 0.5}])
+
+
+def test_pareto_front_drops_dominated_and_failed():
+    records = [
+        *RECORDS,
+        {"name": "worse", "metric": 0.88, "latency_ms": 30.0, "memory_mb": 500.0, "params": 70e6},
+    ]
+    names = [c.name for c in pareto_front(records)]
+    assert names == ["big", "base", "small", "lean", "tiny"]  # best metric first
+    two = [c.name for c in pareto_front(records, {"metric": "max", "latency_ms": "min"})]
+    assert two == ["big", "base", "small", "tiny"]  # lean is slower than small and worse
+    with pytest.raises(InputError, match="Did you mean: latency_ms"):
+        pareto_front(records, {"latency": "min"})
+    with pytest.raises(InputError, match="'max' or 'min'"):
+        pareto_front(records, {"metric": "up"})
+
+
+def test_candidate_from_profile_keeps_every_figure():
+    profile = ProfileResult(
+        name="minilm_l6_h384",
+        params=22_713_218,
+        latency_p50_ms=12.5,
+        latency_p95_ms=14.0,
+        peak_infer_memory_mb=300.0,
+        saved_model_mb=None,
+        error="saved_model: OSError: disk full",
+    )
+    c = Candidate.from_profile(profile, metric=0.9, scores={"logme": -0.3})
+    assert (c.name, c.latency_ms, c.memory_mb, c.params) == (
+        "minilm_l6_h384",
+        12.5,
+        300.0,
+        22_713_218,
+    )
+    assert c.error is None  # Only the export failed; the figures that matter are there.
+    assert c.figures["profile_error"] == "saved_model: OSError: disk full"
+    assert c.figures["latency_p95_ms"] == 14.0 and c.scores == {"logme": -0.3}
+    failed = Candidate.from_profile(ProfileResult(name="x", error="build: ValueError: no"))
+    assert failed.error == "build: ValueError: no"
+    assert Candidate.from_dict(c.to_dict()) == c
