@@ -1,0 +1,216 @@
+"""Tests for tfhub_finetune.selection.report (recorded figures; no TensorFlow models)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.selection import report as report_lib
+from tfhub_finetune.selection.recommend import recommend
+from tfhub_finetune.selection.report import (
+    RESULTS_KEYS,
+    SCHEMA_VERSION,
+    read_results,
+    transferability_correlations,
+    write_report,
+)
+
+DEVICE = "Intel(R) Xeon(R) Processor (2 cores usable)"
+
+
+def _records():
+    return [
+        {
+            "name": "minilm_l6_h384",
+            "metric": 0.912,
+            "latency_ms": 31.0,
+            "memory_mb": 410.0,
+            "params": 22_713_218,
+            "scores": {"logme": 0.31, "knn_accuracy": 0.84},
+            "figures": {
+                "latency_p95_ms": 35.2,
+                "throughput_eps": 410.0,
+                "device": DEVICE,
+                "memory_method": "peak RSS",
+                "isolated_process": True,
+            },
+        },
+        {
+            "name": "bert_tiny_en_uncased",
+            "metric": 0.908,
+            "latency_ms": 10.0,
+            "memory_mb": 120.0,
+            "params": 4_385_920,
+            "scores": {"logme": 0.12, "knn_accuracy": 0.80},
+        },
+        {
+            "name": "bert_small_en_uncased",
+            "metric": 0.905,
+            "latency_ms": 45.0,
+            "memory_mb": 520.0,
+            "params": 28_763_648,
+            "scores": {"logme": 0.25, "knn_accuracy": 0.82},
+        },
+        {
+            "name": "scratch_text_encoder",
+            "metric": 0.81,
+            "latency_ms": 4.0,
+            "memory_mb": 60.0,
+            "params": 2_000_000,
+            "scores": {"logme": -0.4, "knn_accuracy": 0.6},
+        },
+        {
+            "name": "distil_bert_base_en_uncased",
+            "error": "build: OSError: preset download failed | no internet",
+        },
+    ]
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    records = _records()
+    rec = recommend(records, max_latency_ms=20)
+    paths = write_report(
+        out,
+        records,
+        rec,
+        budget={"fine_tune_epochs": 18, "trials": 9},
+        selection_seconds=740.0,
+        brute_force_seconds=3100.0,
+        extra={"flags": {"seed": 1}},
+    )
+    return out, paths, rec
+
+
+def test_all_files_are_written_and_no_temp_files_remain(written):
+    out, paths, _ = written
+    assert set(paths) == {"results", "report", "pareto", "transferability"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "pareto.png",
+        "report.md",
+        "results.json",
+        "transferability.png",
+    ]
+
+
+def test_pngs_are_valid_and_readable_sized(written):
+    _, paths, _ = written
+    width, height = _png_size(paths["pareto"])
+    assert width >= 1200 and height >= 700
+    width, height = _png_size(paths["transferability"])
+    assert width >= 1000 and height >= 500
+
+
+def test_results_json_has_the_schema(written):
+    _, paths, rec = written
+    data = json.loads(paths["results"].read_text())
+    assert data["schema_version"] == SCHEMA_VERSION == 1
+    assert list(data) == list(RESULTS_KEYS)
+    assert read_results(paths["results"]) == data
+    assert data["device"] == DEVICE  # From the profiles when not given.
+    assert data["constraints"] == {"max_latency_ms": 20.0}
+    assert data["recommendation"]["name"] == rec.name == "bert_tiny_en_uncased"
+    by_name = {c["name"]: c for c in data["candidates"]}
+    assert len(by_name) == 5
+    assert by_name["bert_tiny_en_uncased"]["recommended"] is True
+    assert by_name["minilm_l6_h384"]["on_pareto_front"] is True
+    assert by_name["minilm_l6_h384"]["feasible"] is False
+    assert by_name["distil_bert_base_en_uncased"]["error"].startswith("build: OSError")
+    assert data["timing"]["speedup"] == pytest.approx(3100 / 740)
+    assert data["kendall_tau"]["logme"] == {
+        "tau": pytest.approx(2 / 3),
+        "n": 4,
+        "candidates": [
+            "minilm_l6_h384",
+            "bert_tiny_en_uncased",
+            "bert_small_en_uncased",
+            "scratch_text_encoder",
+        ],
+    }
+    assert data["extra"] == {"flags": {"seed": 1}}
+
+
+def test_report_md_states_everything_a_reader_needs(written):
+    _, paths, rec = written
+    text = paths["report"].read_text()
+    assert f"**Recommendation:** {rec.reason}" in text
+    assert "0.4 points below the best (minilm_l6_h384), 3.1x faster" in text
+    assert "failed: build: OSError: preset download failed \\| no internet" in text
+    assert "| logme | +0.67 | 4 |" in text
+    assert "| fine_tune_epochs | 18 |" in text
+    assert "selection took 12.3 min" in text and "(4.2x longer)" in text
+    assert DEVICE in text
+    assert "![accuracy vs latency](pareto.png)" in text
+    assert "![transferability vs fine-tuned](transferability.png)" in text
+    assert "Own process per candidate (clean memory figures): minilm_l6_h384." in text
+    # Every candidate appears in the table, failed ones included.
+    for record in _records():
+        assert f"| {record['name']} |" in text or f"| **{record['name']}** |" in text
+
+
+def test_no_fit_and_no_scores(tmp_path):
+    records = [{k: v for k, v in r.items() if k != "scores"} for r in _records()]
+    rec = recommend(records, max_latency_ms=2, min_metric=0.85)
+    paths = write_report(tmp_path, records, rec)
+    assert "transferability" not in paths
+    assert not (tmp_path / "transferability.png").exists()
+    text = paths["report"].read_text()
+    assert "**No recommendation.** No candidate meets max_latency_ms=2 ms" in text
+    assert "No transferability scores were recorded." in text
+    assert "selection took" not in text and "Time: not recorded." in text
+    _png_size(paths["pareto"])
+
+
+def test_wide_latency_range_and_missing_values(tmp_path):
+    records = [
+        {"name": "a", "metric": 0.9, "latency_ms": 1.0, "params": 1e6},
+        {"name": "b", "metric": 0.95, "latency_ms": 300.0, "params": 300e6},
+        {"name": "c", "metric": math.nan, "latency_ms": 5.0},
+    ]
+    paths = write_report(tmp_path, records, recommend(records, min_metric=0.5))
+    data = read_results(paths["results"])  # NaN must not reach the JSON.
+    assert {c["name"]: c["metric"] for c in data["candidates"]}["c"] is None
+    _png_size(paths["pareto"])
+
+
+def test_kendall_tau_ignores_failed_and_unscored(tmp_path):
+    records = _records() + [{"name": "unscored", "metric": 0.5, "latency_ms": 1.0}]
+    taus = transferability_correlations(records)
+    assert taus["knn_accuracy"]["n"] == 4
+    assert taus["knn_accuracy"]["tau"] == pytest.approx(2 / 3)
+
+
+def test_read_results_checks_schema(tmp_path):
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(InputError, match="schema version"):
+        read_results(newer)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"schema_version": 1, "candidates": []}))
+    with pytest.raises(InputError, match="missing keys"):
+        read_results(partial)
+    with pytest.raises(InputError, match="Cannot read"):
+        read_results(tmp_path / "absent.json")
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_lib.os, "replace", refuse)
+    records = _records()
+    with pytest.raises(OSError, match="disk full"):
+        write_report(tmp_path, records, recommend(records))
+    assert list(tmp_path.iterdir()) == []

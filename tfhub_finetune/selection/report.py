@@ -1,0 +1,1026 @@
+"""Write what a selection run found: report.md, results.json, pareto.png, transferability.png.
+
+`write_report` takes the candidate records (`recommend.Candidate`, or dicts
+with the same keys), the `Recommendation` and the run's bookkeeping, and
+writes into one directory:
+
+- `results.json`: everything, machine-readable, with `schema_version`
+  (`SCHEMA_VERSION`); `read_results` checks it on the way back in.
+- `report.md`: the recommendation and its reason, a table of every candidate
+  (failed ones with the reason), every recorded figure, Kendall tau between
+  each transferability score and the fine-tuned metric, the budget spent, and
+  the selection's wall time against the estimated brute-force time.
+- `pareto.png`: fine-tuned quality against latency, point area by parameter
+  count, the quality/latency Pareto front highlighted and connected, the
+  recommendation marked, every point labelled, constraints drawn.
+- `transferability.png`: each transferability score against the fine-tuned
+  metric, one panel per score (only when scores were recorded).
+
+Every file is written to a temporary name and moved into place
+(`os.replace`), so a crash never leaves a half-written report behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.selection.recommend import (
+    Candidate,
+    Recommendation,
+    as_candidates,
+    is_fraction_metric,
+    pareto_front,
+)
+from tfhub_finetune.selection.transferability import kendall_tau
+
+SCHEMA_VERSION = 1
+RESULTS_KEYS = (
+    "schema_version",
+    "created_utc",
+    "title",
+    "metric_name",
+    "device",
+    "constraints",
+    "recommendation",
+    "candidates",
+    "kendall_tau",
+    "budget",
+    "timing",
+    "extra",
+)
+
+# Main-table columns: (where to read it, header, how to show it).
+_CORE_COLUMNS = (
+    ("latency_ms", "p50 latency (ms)", "float"),
+    ("latency_p95_ms", "p95 latency (ms)", "float"),
+    ("throughput_eps", "throughput (ex/s)", "int"),
+    ("params", "params", "count"),
+    ("flops_per_example", "FLOPs/ex", "count"),
+    ("memory_mb", "peak infer mem (MB)", "float"),
+    ("peak_train_memory_mb", "peak train mem (MB)", "float"),
+    ("saved_model_mb", "SavedModel (MB)", "float"),
+)
+_SCORE_LABELS = {
+    "logme": "LogME (per example)",
+    "knn_accuracy": "kNN accuracy (held-out)",
+    "linear_probe_accuracy": "linear-probe accuracy (held-out)",
+}
+
+
+# --------------------------------------------------------------------------- #
+# Public API
+# --------------------------------------------------------------------------- #
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    candidates: Iterable[Candidate | Mapping[str, Any]],
+    recommendation: Recommendation,
+    *,
+    device: str | None = None,
+    budget: Mapping[str, Any] | None = None,
+    selection_seconds: float | None = None,
+    brute_force_seconds: float | None = None,
+    title: str = "Model selection",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Writes report.md, results.json, pareto.png and transferability.png.
+
+    Args:
+        out_dir: str or Path. Created if missing.
+        candidates: Candidate records or dicts (failed ones included).
+        recommendation: Recommendation. From `recommend(...)`.
+        device: str or None. What the figures were measured on. Defaults to
+            the `device` figure the profiles recorded.
+        budget: dict or None. What the selection spent, e.g.
+            `{"fine_tune_epochs": 42, "trials": 12, "device_hours": 0.4}`.
+        selection_seconds: float or None. Wall time of the whole selection.
+        brute_force_seconds: float or None. Estimated time to fine-tune every
+            candidate at the full budget.
+        title: str. Report heading. Defaults to `"Model selection"`.
+        extra: dict or None. Anything else to keep in results.json (e.g. the
+            run's flags).
+
+    Returns:
+        Name -> path of each file written (`transferability` only when
+        transferability scores were recorded).
+
+    Raises:
+        InputError: for bad candidate records.
+
+    Example:
+
+    ```python
+    rec = recommend(records, max_latency_ms=20)
+    paths = write_report("runs/select", records, rec, selection_seconds=740.0,
+                         brute_force_seconds=3100.0, budget={"fine_tune_epochs": 42})
+    paths["report"]  # runs/select/report.md
+    ```
+    """
+    pool = as_candidates(candidates)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = results_payload(
+        pool,
+        recommendation,
+        device=device,
+        budget=budget,
+        selection_seconds=selection_seconds,
+        brute_force_seconds=brute_force_seconds,
+        title=title,
+        extra=extra,
+    )
+    paths = {"results": out / "results.json", "report": out / "report.md"}
+    paths["pareto"] = plot_pareto(
+        pool, recommendation, out / "pareto.png", device=payload["device"]
+    )
+    transfer = plot_transferability(pool, out / "transferability.png", recommendation.metric_name)
+    if transfer is not None:
+        paths["transferability"] = transfer
+    _atomic_write_text(paths["results"], json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    _atomic_write_text(paths["report"], _markdown(pool, recommendation, payload, paths))
+    return paths
+
+
+def results_payload(
+    candidates: Iterable[Candidate | Mapping[str, Any]],
+    recommendation: Recommendation,
+    *,
+    device: str | None = None,
+    budget: Mapping[str, Any] | None = None,
+    selection_seconds: float | None = None,
+    brute_force_seconds: float | None = None,
+    title: str = "Model selection",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The results.json content (JSON-safe: NaN and inf become null)."""
+    pool = as_candidates(candidates)
+    feasible = set(recommendation.feasible)
+    pareto = set(recommendation.pareto)
+    records = []
+    for c in pool:
+        record = c.to_dict()
+        record["recommended"] = c.name == recommendation.name
+        record["feasible"] = c.name in feasible
+        record["on_pareto_front"] = c.name in pareto
+        record["excluded"] = recommendation.excluded.get(c.name)
+        records.append(record)
+    speedup = None
+    if selection_seconds and brute_force_seconds:
+        speedup = brute_force_seconds / selection_seconds
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "created_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "title": title,
+        "metric_name": recommendation.metric_name,
+        "device": device or _recorded_device(pool),
+        "constraints": dict(recommendation.constraints),
+        "recommendation": recommendation.to_dict(),
+        "candidates": records,
+        "kendall_tau": transferability_correlations(pool),
+        "budget": dict(budget or {}),
+        "timing": {
+            "selection_seconds": selection_seconds,
+            "brute_force_seconds_estimate": brute_force_seconds,
+            "speedup": speedup,
+        },
+        "extra": dict(extra or {}),
+    }
+    return _json_safe(payload)
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a results.json and checks its schema.
+
+    Raises:
+        InputError: when the file is unreadable, from a newer schema, or
+            missing keys.
+
+    Example:
+
+    ```python
+    results = read_results("runs/select/results.json")
+    [c["name"] for c in results["candidates"]]
+    ```
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(
+            "Cannot read the selection results.",
+            received={"path": str(path)},
+            fix=f"({type(err).__name__}: {err})",
+        ) from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise InputError(
+            "Unsupported results.json schema version.",
+            received={"path": str(path), "schema_version": version},
+            fix=f"This version reads schema_version <= {SCHEMA_VERSION}; upgrade tfhub_finetune.",
+        )
+    missing = [k for k in RESULTS_KEYS if k not in data]
+    if missing:
+        raise InputError(
+            "results.json is missing keys.", received={"path": str(path), "missing": missing}
+        )
+    return data
+
+
+def transferability_correlations(
+    candidates: Iterable[Candidate | Mapping[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """Kendall tau between each transferability score and the fine-tuned metric.
+
+    Only candidates with both a finite score and a finite metric (and no
+    error) count. `tau` is None with fewer than two such candidates or when
+    either side is constant.
+
+    Returns:
+        Score name -> `{"tau": float | None, "n": int, "candidates": [...]}`.
+    """
+    pool = as_candidates(candidates)
+    names = sorted({k for c in pool for k in c.scores})
+    out = {}
+    for name in names:
+        pairs = [
+            (c.name, float(c.scores[name]), float(c.metric))
+            for c in pool
+            if not c.error and _finite(c.scores.get(name)) and _finite(c.metric)
+        ]
+        tau = None
+        if len(pairs) >= 2:
+            value = kendall_tau([p[1] for p in pairs], [p[2] for p in pairs])
+            tau = None if math.isnan(value) else value
+        out[name] = {"tau": tau, "n": len(pairs), "candidates": [p[0] for p in pairs]}
+    return out
+
+
+def plot_pareto(
+    candidates: Iterable[Candidate | Mapping[str, Any]],
+    recommendation: Recommendation,
+    path: str | os.PathLike,
+    *,
+    device: str | None = None,
+) -> Path:
+    """Fine-tuned quality vs latency; area by params; front, pick and constraints marked.
+
+    Returns:
+        The PNG's path.
+    """
+    from matplotlib.lines import Line2D
+
+    pool = as_candidates(candidates)
+    metric_name = recommendation.metric_name
+    fraction = is_fraction_metric(metric_name)
+    scale = 100.0 if fraction else 1.0
+    shown = [c for c in pool if not c.error and _finite(c.metric) and _finite(c.latency_ms)]
+    hidden = [c for c in pool if c not in shown]
+
+    fig = _new_figure((11.5, 6.5))
+    ax = fig.add_subplot()
+    if not shown:
+        ax.text(
+            0.5,
+            0.5,
+            "No candidate has both a metric and a latency.",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=12,
+        )
+        ax.set_axis_off()
+        _atomic_save_figure(fig, Path(path))
+        return Path(path)
+
+    front = set(_front_names(shown))
+    max_params = max((float(c.params) for c in shown if _finite(c.params)), default=0.0)
+
+    def area(c: Candidate) -> float:
+        # Marker area proportional to parameter count (the honest encoding).
+        if not _finite(c.params) or max_params <= 0:
+            return 60.0
+        return max(25.0, 1400.0 * float(c.params) / max_params)
+
+    xs = [float(c.latency_ms) for c in shown]
+    ys = [float(c.metric) * scale for c in shown]
+    colours = ["tab:blue" if c.name in front else "0.6" for c in shown]
+    ax.scatter(
+        xs,
+        ys,
+        s=[area(c) for c in shown],
+        c=colours,
+        alpha=0.55,
+        edgecolors="black",
+        linewidths=0.8,
+        zorder=3,
+    )
+    line = sorted((c for c in shown if c.name in front), key=lambda c: c.latency_ms)
+    if len(line) > 1:
+        ax.plot(
+            [c.latency_ms for c in line],
+            [c.metric * scale for c in line],
+            color="tab:blue",
+            linewidth=2,
+            zorder=2,
+            drawstyle="steps-post",
+        )
+    chosen = next((c for c in shown if c.name == recommendation.name), None)
+    if chosen is not None:
+        ax.scatter(
+            [chosen.latency_ms],
+            [chosen.metric * scale],
+            marker="*",
+            s=420,
+            color="tab:red",
+            edgecolors="black",
+            linewidths=0.8,
+            zorder=5,
+        )
+
+    closest = None
+    if chosen is None and recommendation.relaxations:
+        # Nothing fits: ring the candidate the smallest relaxation would admit.
+        closest = next((c for c in shown if c.name == recommendation.relaxations[0].admits), None)
+    if closest is not None:
+        ax.scatter(
+            [closest.latency_ms],
+            [closest.metric * scale],
+            s=area(closest) + 500,
+            facecolors="none",
+            edgecolors="tab:red",
+            linewidths=1.8,
+            zorder=4,
+        )
+
+    log_x = max(xs) / max(min(xs), 1e-9) > 20
+    if log_x:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        # Plain numbers (1, 10, 100 ms), not powers of ten.
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    _set_limits(ax, xs, ys, log_x, recommendation)
+    _draw_constraints(ax, recommendation, scale)
+
+    ylabel = f"fine-tuned {metric_name}" + (" (%)" if fraction else "")
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.set_xlabel("p50 latency at batch 1 (ms" + (", log scale)" if log_x else ")"), fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    title = f"Fine-tuned {metric_name} vs latency"
+    if recommendation.constraints and chosen is None:
+        title += " (no candidate meets the constraints)"
+    if device:
+        title += f"\n{device}"
+    ax.set_title(title, fontsize=12)
+
+    extra_handles = []
+    if recommendation.constraints:
+        from matplotlib.patches import Patch
+
+        extra_handles.append(Patch(color="tab:green", alpha=0.12, label="meets the constraints"))
+    if closest is not None:
+        extra_handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="none",
+                markersize=14,
+                markerfacecolor="none",
+                markeredgecolor="tab:red",
+                markeredgewidth=1.8,
+                label="closest fit (smallest relaxation)",
+            )
+        )
+    handles = [
+        Line2D(
+            [],
+            [],
+            color="tab:blue",
+            marker="o",
+            markersize=9,
+            alpha=0.7,
+            markeredgecolor="black",
+            label=f"Pareto front ({metric_name} vs latency)",
+        ),
+        Line2D(
+            [],
+            [],
+            color="0.6",
+            marker="o",
+            markersize=9,
+            linestyle="none",
+            alpha=0.7,
+            markeredgecolor="black",
+            label="dominated",
+        ),
+    ]
+    if chosen is not None:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="tab:red",
+                marker="*",
+                markersize=15,
+                linestyle="none",
+                markeredgecolor="black",
+                label="recommended",
+            )
+        )
+    # Figure legends "outside" the axes: constrained layout makes room, and
+    # they never cover a point.
+    handles += extra_handles
+    fig.legend(
+        handles=handles, loc="outside right upper", fontsize=9, title="candidates", title_fontsize=9
+    )
+    sizes = [
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="none",
+            color="white",
+            markeredgecolor="black",
+            markersize=math.sqrt(max(25.0, 1400.0 * value / max_params)),
+            label=f"{_count(value)} params",
+        )
+        for value in _size_legend_values(shown)
+    ]
+    if sizes:
+        fig.legend(
+            handles=sizes,
+            loc="outside right center",
+            fontsize=9,
+            labelspacing=2.2,
+            borderpad=1.2,
+            handletextpad=1.5,
+            title="area = parameters",
+            title_fontsize=9,
+        )
+    if hidden:
+        names = "; ".join(f"{c.name} ({_why_hidden(c)})" for c in hidden)
+        # A figure-level caption: constrained layout keeps room for it.
+        fig.supxlabel(
+            _wrap(f"Not shown: {names}", 160), x=0.01, ha="left", fontsize=9, color="0.25"
+        )
+    fig.canvas.draw()  # Label placement needs the final layout.
+    _place_labels(ax, shown, scale, chosen, [area(c) for c in shown])
+    _atomic_save_figure(fig, Path(path))
+    return Path(path)
+
+
+def plot_transferability(
+    candidates: Iterable[Candidate | Mapping[str, Any]],
+    path: str | os.PathLike,
+    metric_name: str = "accuracy",
+) -> Path | None:
+    """One panel per transferability score: score vs fine-tuned metric, tau in the title.
+
+    Returns:
+        The PNG's path, or None (nothing written) when no score has two
+        candidates with both figures.
+    """
+    pool = as_candidates(candidates)
+    correlations = transferability_correlations(pool)
+    panels = [name for name, info in correlations.items() if info["n"] >= 2]
+    if not panels:
+        return None
+    fraction = is_fraction_metric(metric_name)
+    scale = 100.0 if fraction else 1.0
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = _new_figure((5.4 * columns, 4.8 * rows))
+    labels = []
+    for index, name in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        used = [c for c in pool if c.name in set(correlations[name]["candidates"])]
+        xs = [float(c.scores[name]) for c in used]
+        ys = [float(c.metric) * scale for c in used]
+        ax.scatter(xs, ys, s=70, color="tab:purple", alpha=0.7, edgecolors="black", zorder=3)
+        x_pad = (max(xs) - min(xs)) * 0.25 or 0.1
+        y_pad = (max(ys) - min(ys)) * 0.15 or 1.0
+        ax.set_xlim(min(xs) - x_pad, max(xs) + x_pad)
+        ax.set_ylim(min(ys) - y_pad, max(ys) + y_pad)
+        labels.append((ax, [(c.name, x, y) for c, x, y in zip(used, xs, ys, strict=True)]))
+        tau = correlations[name]["tau"]
+        tau_text = "undefined" if tau is None else f"{tau:+.2f}"
+        ax.set_title(f"{name}: Kendall tau {tau_text} (n={len(used)})", fontsize=11)
+        ax.set_xlabel(_SCORE_LABELS.get(name, name) + " (higher = better expected)", fontsize=10)
+        ax.set_ylabel(f"fine-tuned {metric_name}" + (" (%)" if fraction else ""), fontsize=10)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("Transferability scores vs fine-tuned quality (tau +1: same ranking)", fontsize=12)
+    fig.canvas.draw()  # Label placement needs the final layout.
+    for ax, items in labels:
+        _place_text_labels(ax, items, radii=[math.sqrt(70.0) / 2] * len(items))
+    _atomic_save_figure(fig, Path(path))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- #
+# Markdown
+# --------------------------------------------------------------------------- #
+
+
+def _markdown(
+    pool: Sequence[Candidate],
+    rec: Recommendation,
+    payload: Mapping[str, Any],
+    paths: Mapping[str, Path],
+) -> str:
+    metric_name = rec.metric_name
+    lines = [f"# {payload['title']}", ""]
+    if rec.name:  # The reason starts with the name.
+        lines += [f"**Recommendation:** {_md(rec.reason)}", ""]
+    else:
+        lines += [f"**No recommendation.** {_md(rec.reason)}", ""]
+    constraints = ", ".join(f"`{k}={v:g}`" for k, v in rec.constraints.items()) or "none"
+    lines += [
+        f"- Constraints: {constraints}",
+        f"- Metric: fine-tuned `{metric_name}` (higher is better)",
+        f"- Device: {payload['device'] or 'not recorded'}",
+        f"- Pareto front ({metric_name} up; latency, memory, params down): "
+        + (", ".join(rec.pareto) or "empty"),
+        f"- Time: {_timing_sentence(payload['timing'])}",
+        f"- Written: {payload['created_utc']} (results.json schema {SCHEMA_VERSION})",
+        "",
+    ]
+    if payload["budget"]:
+        lines += ["## Budget spent", "", "| item | value |", "|---|---|"]
+        lines += [f"| {_md(k)} | {_md(_plain(v))} |" for k, v in payload["budget"].items()]
+        lines.append("")
+
+    score_names = sorted({k for c in pool for k in c.scores})
+    headers = ["candidate", "status", metric_name, *score_names] + [h for _, h, _ in _CORE_COLUMNS]
+    lines += ["## Candidates", "", "| " + " | ".join(headers) + " |"]
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|")
+    for c in sorted(pool, key=lambda c: _table_order(c, rec)):
+        cells = [f"**{c.name}**" if c.name == rec.name else c.name, _status(c, rec)]
+        cells.append(_fmt(c.metric, "metric", metric_name))
+        cells += [_fmt(c.scores.get(s), "score") for s in score_names]
+        cells += [_fmt(c.value(key), kind) for key, _, kind in _CORE_COLUMNS]
+        lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
+    lines.append("")
+
+    lines += [f"## Transferability scores vs fine-tuned {metric_name}", ""]
+    if payload["kendall_tau"]:
+        lines += ["| score | Kendall tau | candidates |", "|---|---:|---:|"]
+        for name, info in payload["kendall_tau"].items():
+            tau = "undefined" if info["tau"] is None else f"{info['tau']:+.2f}"
+            lines.append(f"| {name} | {tau} | {info['n']} |")
+        lines += [
+            "",
+            "Tau +1: the score ranks candidates exactly as fine-tuning did; 0: no better than "
+            "chance; with few candidates one swapped pair moves tau a lot.",
+            "",
+        ]
+    else:
+        lines += ["No transferability scores were recorded.", ""]
+
+    lines += ["## Plots", "", f"![{metric_name} vs latency]({paths['pareto'].name})", ""]
+    if "transferability" in paths:
+        lines += [f"![transferability vs fine-tuned]({paths['transferability'].name})", ""]
+
+    lines += _all_figures_table(pool)
+    if any(c.figures.get("memory_method") for c in pool):
+        isolated = [c.name for c in pool if c.figures.get("isolated_process")]
+        lines += [
+            "## How the figures were measured",
+            "",
+            "- Latency: `tf.function` forward at batch 1 after warm-up; p50/p95 over timed "
+            "calls (at least the configured count and time, until the two halves' medians "
+            "agree within 5%).",
+            "- Throughput: examples/s at the serving batch (halved on out-of-memory).",
+            "- Memory: " + (_recorded(pool, "memory_method") or "not recorded") + ".",
+            "- FLOPs: TF graph profiler on the frozen forward at the task's input shape, per "
+            "example (a multiply-add counts 2).",
+            "- SavedModel: size on disk of `tf.saved_model.save` with a serving signature.",
+            "- Own process per candidate (clean memory figures): "
+            + (", ".join(isolated) if isolated else "none")
+            + ".",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _all_figures_table(pool: Sequence[Candidate]) -> list[str]:
+    keys: list[str] = []
+    for c in pool:
+        keys += [k for k in c.figures if k not in keys]
+    if not keys:
+        return []
+    lines = [
+        "## Every recorded figure",
+        "",
+        "| figure | " + " | ".join(c.name for c in pool) + " |",
+    ]
+    lines.append("|---|" + "|".join(["---"] * len(pool)) + "|")
+    for key in ("metric", "latency_ms", "memory_mb", "params", "error", *keys):
+        row = [key] + [_plain(c.value(key)) for c in pool]
+        lines.append("| " + " | ".join(_md(x, limit=120) for x in row) + " |")
+    lines.append("")
+    return lines
+
+
+def _timing_sentence(timing: Mapping[str, Any]) -> str:
+    spent, brute = timing.get("selection_seconds"), timing.get("brute_force_seconds_estimate")
+    if spent and brute:
+        return (
+            f"selection took {_duration(spent)}; fine-tuning every candidate at the full budget "
+            f"would take an estimated {_duration(brute)} ({brute / spent:.1f}x longer)."
+        )
+    if spent:
+        return f"selection took {_duration(spent)} (no brute-force estimate recorded)."
+    return "not recorded."
+
+
+def _status(c: Candidate, rec: Recommendation) -> str:
+    if c.error:
+        return f"failed: {c.error}"
+    if c.name in rec.excluded:
+        return f"excluded: {rec.excluded[c.name]}"
+    tags = []
+    if c.name == rec.name:
+        tags.append("recommended")
+    if c.name in rec.pareto:
+        tags.append("Pareto")
+    if rec.constraints:
+        tags.append("meets constraints" if c.name in rec.feasible else "breaks constraints")
+    return ", ".join(tags) or "ok"
+
+
+def _table_order(c: Candidate, rec: Recommendation) -> tuple:
+    recommended = c.name != rec.name
+    failed = bool(c.error) or c.name in rec.excluded
+    metric = -float(c.metric) if _finite(c.metric) else math.inf
+    return (recommended, failed, metric, c.name)
+
+
+# --------------------------------------------------------------------------- #
+# Plot helpers
+# --------------------------------------------------------------------------- #
+
+
+def _set_limits(ax: Any, xs: list[float], ys: list[float], log_x: bool, rec: Recommendation):
+    # A constraint widens the view only when it is near the data; a far one
+    # would squash every point into a corner (it is noted at the edge instead).
+    limit = rec.constraints.get("max_latency_ms")
+    near = limit is not None and (
+        min(xs) / 3 <= limit <= max(xs) * 3
+        if log_x
+        else limit <= max(xs) + 0.5 * ((max(xs) - min(xs)) or max(xs))
+    )
+    xs_all = xs + ([limit] if near else [])
+    if log_x:
+        ax.set_xlim(min(xs_all) / 1.6, max(xs_all) * 1.6)
+    else:
+        span = (max(xs_all) - min(xs_all)) or max(xs_all) or 1.0
+        ax.set_xlim(max(0.0, min(xs_all) - 0.15 * span), max(xs_all) + 0.25 * span)
+    floor = rec.constraints.get("min_metric")
+    scale = 100.0 if is_fraction_metric(rec.metric_name) else 1.0
+    span = (max(ys) - min(ys)) or 1.0
+    ys_all = ys + ([floor * scale] if floor is not None and floor * scale >= min(ys) - span else [])
+    span = (max(ys_all) - min(ys_all)) or 1.0
+    ax.set_ylim(min(ys_all) - 0.2 * span, max(ys_all) + 0.2 * span)
+
+
+def _draw_constraints(ax: Any, rec: Recommendation, scale: float) -> None:
+    style = {"color": "tab:red", "fontsize": 9}
+    if rec.constraints:
+        # Shade where a candidate would have to sit to be admitted.
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        right = min(x1, rec.constraints.get("max_latency_ms", x1))
+        floor = rec.constraints.get("min_metric")
+        bottom = y0 if floor is None else max(y0, floor * scale)
+        if right > x0 and bottom < y1:
+            ax.fill_between(
+                [x0, right], bottom, y1, color="tab:green", alpha=0.12, zorder=0, linewidth=0
+            )
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y0, y1)
+    limit = rec.constraints.get("max_latency_ms")
+    if limit:
+        low, high = ax.get_xlim()
+        if low <= limit <= high:
+            ax.axvline(limit, color="tab:red", linestyle="--", linewidth=1.2, zorder=1)
+            ax.text(
+                limit,
+                0.99,
+                f" max latency {limit:g} ms",
+                va="top",
+                ha="left",
+                transform=ax.get_xaxis_transform(),
+                **style,
+            )
+        else:
+            side = "right" if limit > high else "left"
+            ax.text(
+                0.99 if side == "right" else 0.01,
+                0.99,
+                f"max latency {limit:g} ms (off the {side} edge)",
+                va="top",
+                ha=side,
+                transform=ax.transAxes,
+                **style,
+            )
+    floor = rec.constraints.get("min_metric")
+    if floor is not None:
+        low, high = ax.get_ylim()
+        unit = "%" if scale == 100.0 else ""
+        label = f"min {rec.metric_name} {floor * scale:g}{unit}"
+        if low <= floor * scale <= high:
+            ax.axhline(floor * scale, color="tab:red", linestyle=":", linewidth=1.2, zorder=1)
+            ax.text(
+                0.01,
+                floor * scale,
+                f" {label}",
+                va="bottom",
+                transform=ax.get_yaxis_transform(),
+                **style,
+            )
+        else:
+            where = "below" if floor * scale < low else "above"
+            ax.text(
+                0.01,
+                0.01 if where == "below" else 0.99,
+                f"{label} ({where} the plotted range)",
+                va="bottom" if where == "below" else "top",
+                ha="left",
+                transform=ax.transAxes,
+                **style,
+            )
+
+
+def _place_labels(
+    ax: Any, shown: Sequence[Candidate], scale: float, chosen: Any, areas: Sequence[float]
+) -> None:
+    items = []
+    for c in shown:
+        text = f"{c.name} (recommended)" if c is chosen else c.name
+        items.append((text, float(c.latency_ms), float(c.metric) * scale))
+    bold = {f"{chosen.name} (recommended)"} if chosen is not None else set()
+    front = [c for c in shown if c.name in set(_front_names(shown))]
+    front.sort(key=lambda c: c.latency_ms)
+    steps = []  # The drawn steps-post line, so labels keep off it.
+    for a, b in zip(front, front[1:], strict=False):
+        steps += [(a.latency_ms, a.metric * scale), (b.latency_ms, a.metric * scale)]
+    if front:
+        steps.append((front[-1].latency_ms, front[-1].metric * scale))
+    # Marker area is in points^2; its radius in points is sqrt(area) / 2.
+    _place_text_labels(
+        ax, items, bold=bold, radii=[math.sqrt(a) / 2 for a in areas], polyline=steps
+    )
+
+
+def _front_names(shown: Sequence[Candidate]) -> list[str]:
+    return [c.name for c in pareto_front(shown, {"metric": "max", "latency_ms": "min"})]
+
+
+def _place_text_labels(
+    ax: Any,
+    items: Sequence[tuple[str, float, float]],
+    bold: Iterable[str] = (),
+    radii: Sequence[float] | None = None,
+    polyline: Sequence[tuple[float, float]] = (),
+) -> None:
+    """Puts each label beside its point where it overlaps no label, point, line or edge.
+
+    Candidate spots around the point (right, left, above, below, then twice
+    as far with a leader line) are tried in order; each label's real extent
+    comes from the renderer, and the spot with the least overlap wins.
+    """
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    bold = set(bold)
+    radii = list(radii) if radii is not None else [5.0] * len(items)
+    centres = ax.transData.transform([(x, y) for _, x, y in items])
+    point_boxes = [
+        (cx - r * px_per_pt, cy - r * px_per_pt, cx + r * px_per_pt, cy + r * px_per_pt)
+        for (cx, cy), r in zip(centres, radii, strict=True)
+    ]
+    # The line becomes a chain of small boxes every few pixels.
+    drawn = ax.transData.transform(polyline) if len(polyline) else []
+    for (x0, y0), (x1, y1) in zip(drawn, drawn[1:], strict=False):
+        count = max(1, int(math.hypot(x1 - x0, y1 - y0) / 4))
+        for k in range(count + 1):
+            px, py = x0 + (x1 - x0) * k / count, y0 + (y1 - y0) * k / count
+            point_boxes.append((px - 2, py - 2, px + 2, py + 2))
+    frame = ax.get_window_extent(renderer)
+    frame_box = (frame.x0, frame.y0, frame.x1, frame.y1)
+    placed: list[tuple[float, float, float, float]] = []
+    # Place labels of big points first: they have the fewest free spots.
+    order = sorted(range(len(items)), key=lambda i: -radii[i])
+    for i in order:
+        text, x, y = items[i]
+        r = radii[i] * 0.75 + 3
+        spots = []
+        for far in (1.0, 2.4):
+            d = r * far
+            spots += [
+                (d, 0, "left", "center"),
+                (-d, 0, "right", "center"),
+                (0, d, "center", "bottom"),
+                (0, -d, "center", "top"),
+                (d, d * 0.7, "left", "bottom"),
+                (-d, d * 0.7, "right", "bottom"),
+                (d, -d * 0.7, "left", "top"),
+                (-d, -d * 0.7, "right", "top"),
+            ]
+        label = ax.annotate(
+            text,
+            (x, y),
+            xytext=spots[0][:2],
+            textcoords="offset points",
+            fontsize=9,
+            fontweight="bold" if text in bold else "normal",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+            zorder=6,
+        )
+        label.set_in_layout(False)  # Placed last; must not reshuffle the layout.
+        best = None
+        for dx, dy, ha, va in spots:
+            label.xyann = (dx, dy)
+            label.set_ha(ha)
+            label.set_va(va)
+            extent = label.get_window_extent(renderer)
+            box = (extent.x0, extent.y0, extent.x1, extent.y1)
+            cost = sum(_overlap_area(box, other) for other in placed)
+            cost += sum(_overlap_area(box, other) for j, other in enumerate(point_boxes) if j != i)
+            cost += (extent.width * extent.height) - _overlap_area(box, frame_box)
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy, ha, va, box)
+            if cost == 0:
+                break
+        _, dx, dy, ha, va, box = best
+        label.xyann = (dx, dy)
+        label.set_ha(ha)
+        label.set_va(va)
+        if abs(dx) > r * 1.5 or abs(dy) > r * 1.5:
+            ax.annotate(
+                "",
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                arrowprops={
+                    "arrowstyle": "-",
+                    "color": "0.5",
+                    "linewidth": 0.6,
+                    "shrinkA": 0,
+                    "shrinkB": radii[i] * 0.8,
+                },
+                zorder=5,
+            )
+        placed.append(box)
+
+
+def _overlap_area(a: Sequence[float], b: Sequence[float]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return width * height if width > 0 and height > 0 else 0.0
+
+
+def _size_legend_values(shown: Sequence[Candidate]) -> list[float]:
+    values = sorted(float(c.params) for c in shown if _finite(c.params))
+    if not values:
+        return []
+    picks = [values[0], values[len(values) // 2], values[-1]]
+    return sorted({_round_count(v) for v in picks if v > 0})
+
+
+def _round_count(value: float) -> float:
+    magnitude = 10 ** math.floor(math.log10(value))
+    return round(value / magnitude, 1) * magnitude
+
+
+def _why_hidden(c: Candidate) -> str:
+    if c.error:
+        return "failed: " + c.error.split(":")[0]
+    if not _finite(c.metric):
+        return "no metric"
+    return "no latency"
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join([*lines, line])
+
+
+# --------------------------------------------------------------------------- #
+# Formatting, JSON, files
+# --------------------------------------------------------------------------- #
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _fmt(value: Any, kind: str, metric_name: str = "") -> str:
+    if not _finite(value):
+        return "—"
+    if kind == "metric":
+        return f"{value * 100:.1f}%" if is_fraction_metric(metric_name) else f"{value:.4g}"
+    if kind == "count":
+        return _count(float(value))
+    if kind == "int":
+        return f"{value:,.0f}"
+    if kind == "score":
+        return f"{value:.3f}"
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(_json_safe(value), sort_keys=True)
+    return str(value)
+
+
+def _md(value: Any, limit: int = 200) -> str:
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _recorded(pool: Sequence[Candidate], key: str) -> str | None:
+    return next((str(c.figures[key]) for c in pool if c.figures.get(key)), None)
+
+
+def _recorded_device(pool: Sequence[Candidate]) -> str | None:
+    return _recorded(pool, "device")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item"):  # numpy scalars
+        return _json_safe(value.item())
+    if hasattr(value, "to_dict"):
+        return _json_safe(value.to_dict())
+    return str(value)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _new_figure(size: tuple[float, float]) -> Any:
+    # An Agg canvas of its own: no pyplot global state, works headless and in threads.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=130, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _atomic_save_figure(fig: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
