@@ -25,10 +25,11 @@ pipeline_flags.define_text_flags()
 
 def main(argv):
     del argv
+    # Flags are checked before TensorFlow is imported, so flag errors are instant.
+    config = pipeline_flags.config_from_flags()
     from tfhub_finetune.driver import run_experiment
     from tfhub_finetune.tasks.text_classification import TextClassificationTask
 
-    config = pipeline_flags.config_from_flags()
     task = TextClassificationTask(config, tfds_fallback=FLAGS.tfds_fallback)
     result = run_experiment(config, task)
     if FLAGS.export_dir and config.mode != "eval" and not result.get("terminated"):

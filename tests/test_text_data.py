@@ -1,0 +1,142 @@
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.data.sources import read_text_examples, split_examples
+from tfhub_finetune.data.text import (
+    bucket_boundaries,
+    count_batches,
+    make_text_dataset,
+    tokenize_texts,
+)
+from tfhub_finetune.errors import InputError
+
+
+class WhitespaceTokenizer:
+    """A real (tiny) tokenizer: hashes whitespace-split words to ids 3..99."""
+
+    start_id, end_id, pad_id, vocabulary_size = 1, 2, 0, 100
+
+    def tokenize(self, strings):
+        words = tf.strings.split(strings)
+        return tf.cast(tf.strings.to_hash_bucket_fast(words, 97), tf.int32) + 3
+
+
+def test_sst2_tsv_without_header_reads_every_row(sst2_dir):
+    train = read_text_examples(str(sst2_dir / "train.tsv"))
+    assert len(train) == 6920
+    assert set(train.labels) == {"0", "1"}
+    vocab = LabelVocabulary.from_labels(train.labels, label_names=["negative", "positive"])
+    assert vocab.names == ["negative", "positive"] and vocab.label_type == "id"
+
+
+def test_csv_with_header_and_named_columns(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('id,review,sentiment\n1,"good, really",pos\n\n2,bad,neg\n')
+    ex = read_text_examples(str(path), text_column="review", label_column="sentiment")
+    assert ex.texts == ["good, really", "bad"]
+    assert ex.skipped_blank == 1
+    assert LabelVocabulary.from_labels(ex.labels).encode(ex.labels).tolist() == [1, 0]
+
+
+def test_jsonl_and_multilabel(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": "a", "label": ["x", "y"]}, {"text": "b", "label": ["y"]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ex = read_text_examples(str(path), text_column="text", label_column="label")
+    vocab = LabelVocabulary.from_labels(ex.labels, task="multi_label")
+    assert vocab.encode(ex.labels).tolist() == [[1, 1], [0, 1]]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("good movie\t1\nno label here\n", "Row 2 .* has 1 column"),
+        ("good movie\t1\n \t0\n", "Row 2 .* empty text"),
+    ],
+)
+def test_malformed_rows_name_the_row(tmp_path, content, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        read_text_examples(str(path))
+
+
+def test_non_utf8_file_names_file_and_row(tmp_path):
+    path = tmp_path / "latin.tsv"
+    path.write_bytes("fine\t1\ncaf\xe9 cr\xe8me\t0\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"Row 2 of .*latin.tsv is not valid utf-8"):
+        read_text_examples(str(path))
+    assert read_text_examples(str(path), encoding="latin-1").texts[1] == "café crème"
+
+
+def test_missing_file_and_unseen_label(tmp_path):
+    with pytest.raises(InputError, match="Data file not found"):
+        read_text_examples(str(tmp_path / "nope.tsv"))
+    vocab = LabelVocabulary.from_labels(["pos", "neg"])
+    with pytest.raises(InputError, match=r"Row 7 of dev.tsv has a label that training never saw"):
+        vocab.encode(["maybe"], source="dev.tsv", rows=[7])
+    ids = LabelVocabulary.from_labels(["0", "1"], label_type="id")
+    with pytest.raises(InputError, match="not a non-negative integer id"):
+        ids.encode(["positive"], source="dev.tsv")
+
+
+def test_tfds_source_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        ex = read_text_examples("tfds:glue/sst2", split="train")
+    assert len(ex) == 12 and all(isinstance(t, str) and t for t in ex.texts)
+    assert set(ex.labels) <= {"negative", "positive"}
+
+
+def test_validation_split_is_disjoint_and_seeded(sst2_dir):
+    ex = read_text_examples(str(sst2_dir / "dev.tsv"))
+    a_train, a_val = split_examples(ex, 0.25, seed=3)
+    b_train, b_val = split_examples(ex, 0.25, seed=3)
+    assert a_val.rows == b_val.rows
+    assert not set(a_train.rows) & set(a_val.rows)
+    assert len(a_train) + len(a_val) == len(ex)
+
+
+def test_bucketed_batches_pad_to_their_longest_and_count_exactly():
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["w"] * int(n)) for n in rng.integers(1, 60, size=300)]
+    data = tokenize_texts(texts, np.zeros(300, np.int32), WhitespaceTokenizer(), 64)
+    ds = make_text_dataset(data, WhitespaceTokenizer(), batch_size=16, training=True, seed=1)
+    batches = list(ds)
+    assert len(batches) == count_batches(data.lengths, 16, True, 64) == int(ds.cardinality())
+    edges = [0, *bucket_boundaries(64)]
+    total = 0
+    for x, _ in batches:
+        lengths = x["padding_mask"].numpy().sum(axis=1)
+        assert x["token_ids"].shape[1] == lengths.max()  # Padded to the longest only.
+        bucket = np.searchsorted(edges, lengths, side="right")
+        assert len(set(bucket)) == 1  # One length bucket per batch.
+        assert (x["token_ids"].numpy()[:, 0] == 1).all()
+        total += len(lengths)
+    assert total == 300
+
+
+def test_eval_batches_keep_file_order():
+    texts = ["a", "b b b b", "c c"]
+    data = tokenize_texts(texts, np.array([0, 1, 2]), WhitespaceTokenizer(), 16)
+    ds = make_text_dataset(data, WhitespaceTokenizer(), batch_size=2, training=False)
+    labels = np.concatenate([y.numpy() for _, y in ds])
+    assert labels.tolist() == [0, 1, 2]
+
+
+def test_epoch_order_is_a_function_of_the_seed():
+    texts = [f"w{i}" for i in range(50)]
+    data = tokenize_texts(texts, np.arange(50), WhitespaceTokenizer(), 16)
+
+    def order(seed):
+        ds = make_text_dataset(data, WhitespaceTokenizer(), batch_size=8, training=True,
+                               seed=seed, reshuffle_each_iteration=False)
+        return np.concatenate([y.numpy() for _, y in ds]).tolist()
+
+    assert order(5) == order(5)
+    assert order(5) != order(6)

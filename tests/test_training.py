@@ -1,0 +1,101 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfhub_finetune import training
+
+STEPS_PER_EPOCH, EPOCHS, BATCH = 6, 3, 8
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(STEPS_PER_EPOCH * BATCH, 5)).astype("float32")
+    y = (x.sum(axis=1) > 0).astype("int32")
+    return x, y
+
+
+def _epoch_dataset(epoch):
+    x, y = _data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    seed = tf.cast(epoch, tf.int64) + 100
+    return ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=False).batch(BATCH)
+
+
+def _model():
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=training.make_optimizer(1e-2, STEPS_PER_EPOCH * EPOCHS, 0.2),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+class Crash(keras.callbacks.Callback):
+    """Simulates a kill: raises after `at` batches of this fit."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.seen = at, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+def test_warmup_then_linear_decay():
+    schedule = training.WarmupLinearDecay(1.0, total_steps=110, warmup_steps=10)
+    values = [float(schedule(s)) for s in (0, 5, 10, 60, 110, 200)]
+    np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 0.5, 0.0, 0.0], atol=1e-6)
+    restored = training.WarmupLinearDecay.from_config(schedule.get_config())
+    assert float(restored(60)) == pytest.approx(0.5)
+
+
+def test_interrupted_run_resumes_at_the_saved_step_with_same_weights_and_lr(tmp_path):
+    reference = _model()
+    training.fit_resumable(reference, _epoch_dataset, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
+                           model_dir=tmp_path / "ref", verbose=0)
+
+    interrupted = _model()
+    with pytest.raises(KeyboardInterrupt):
+        # Backups every 4 steps; killed at step 10 (epoch 2, batch 4): resumes from step 8.
+        training.fit_resumable(interrupted, _epoch_dataset, epochs=EPOCHS,
+                               steps_per_epoch=STEPS_PER_EPOCH, model_dir=tmp_path / "run",
+                               callbacks=[Crash(10)], backup_every_steps=4, verbose=0)
+    state = training.read_backup_state(tmp_path / "run" / "backup")
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 8)
+
+    resumed = _model()
+    outcome = training.fit_resumable(resumed, _epoch_dataset, epochs=EPOCHS,
+                                     steps_per_epoch=STEPS_PER_EPOCH, model_dir=tmp_path / "run",
+                                     backup_every_steps=4, verbose=0)
+    assert outcome["resumed_from"]["global_step"] == 8
+    assert training.optimizer_step(resumed.optimizer) == STEPS_PER_EPOCH * EPOCHS
+    assert training.current_learning_rate(resumed.optimizer) == pytest.approx(
+        training.current_learning_rate(reference.optimizer))
+    for got, want in zip(resumed.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_best_checkpoint_is_not_overwritten_by_a_worse_restart(tmp_path):
+    model = _model()
+    best = training.BestCheckpoint(tmp_path, monitor="val_accuracy")
+    best.set_model(model)
+    best.on_epoch_end(0, {"val_accuracy": 0.9})
+    saved = (tmp_path / training.BEST_WEIGHTS).read_bytes()
+
+    restarted = training.BestCheckpoint(tmp_path, monitor="val_accuracy")
+    assert restarted.best == pytest.approx(0.9)
+    restarted.set_model(_model())
+    restarted.on_epoch_end(0, {"val_accuracy": 0.7})
+    assert (tmp_path / training.BEST_WEIGHTS).read_bytes() == saved
+    restarted.on_epoch_end(1, {"val_accuracy": 0.95})
+    assert json.loads((tmp_path / training.BEST_STATE).read_text())["value"] == pytest.approx(0.95)
+    assert not list(tmp_path.glob(".*tmp*"))  # No temporary files left behind.
+
+
+def test_loss_monitor_minimises(tmp_path):
+    assert training.BestCheckpoint(tmp_path, monitor="val_loss").mode == "min"
