@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import keras
 import pytest
 import tensorflow as tf
@@ -66,6 +69,7 @@ def test_subprocess_profile_records_every_figure(dense_profile):
     r = dense_profile
     assert r.error is None, r.error
     assert r.name == "dense" and r.isolated_process
+    assert r.inference_measured_on == "loaded SavedModel (fresh process)"
     assert r.params == build_dense().count_params() == 2410
     assert 0 < r.latency_p50_ms <= r.latency_p95_ms
     assert r.latency_runs >= FAST.min_runs
@@ -94,11 +98,30 @@ def test_flops_are_per_example_at_any_batch():
     assert count_flops(model, spec, batch_size=1) == count_flops(model, spec, batch_size=16)
 
 
-def test_failing_builder_is_recorded_not_raised():
-    result = profile_in_subprocess(f"{__name__}:build_broken", options=FAST)
+def test_failing_builder_is_recorded_not_raised(tmp_path):
+    # The child's entry point, run here: a third child process would cost
+    # ~10 s of a shared CPU for the same code path.
+    request = {
+        "mode": "build",
+        "name": "broken",
+        "builder": f"{__name__}:build_broken",
+        "builder_kwargs": {},
+        "input_shapes": None,
+        "input_dtypes": None,
+        "options": dataclasses.asdict(FAST),
+    }
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    assert profile_lib._child_main([tmp_path / "request.json", tmp_path / "result.json"]) == 0
+    result = ProfileResult.from_dict(json.loads((tmp_path / "result.json").read_text()))
     assert result.error.startswith("build: ValueError: weights file is corrupt")
     assert result.params is None and result.latency_p50_ms is None
-    assert not result.ok
+    assert result.isolated_process and not result.ok
+
+
+def test_a_killed_child_is_described():
+    text = profile_lib._describe_exit(-9, "Traceback ...\nMemoryError")
+    assert text.startswith("child process killed by SIGKILL (likely out of memory)")
+    assert "MemoryError" in text
 
 
 def test_in_process_profile_of_named_inputs():
@@ -167,3 +190,53 @@ def test_result_round_trips_through_dict(dense_profile):
     data = dense_profile.to_dict()
     data["a_field_from_a_newer_version"] = 1
     assert ProfileResult.from_dict(data) == dense_profile
+
+
+def test_inference_falls_back_to_the_keras_model_when_export_fails(monkeypatch):
+    calls = []
+
+    def fake_child(request, tmp, deadline):
+        calls.append((request["mode"], request["options"]))
+        result = ProfileResult(name=request["name"])
+        if request["options"]["measure_training"]:  # The first, full build.
+            result.params, result.saved_model_mb = 10, None
+            result.add_error("saved_model", "ValueError: cannot save")
+        else:
+            result.latency_p50_ms, result.peak_infer_memory_mb = 1.5, 20.0
+        return result
+
+    monkeypatch.setattr(profile_lib, "_run_child", fake_child)
+    result = profile_in_subprocess(build_dense, options=FAST)
+    assert [mode for mode, _ in calls] == ["build", "build"]
+    assert calls[0][1]["measure_inference"] is False
+    assert calls[1][1]["measure_inference"] is True and calls[1][1]["measure_flops"] is False
+    assert result.params == 10 and result.latency_p50_ms == 1.5
+    assert result.inference_measured_on.startswith("built Keras model")
+    assert result.error == "saved_model: ValueError: cannot save"
+
+
+def test_no_inference_step_after_a_failed_build(monkeypatch):
+    modes = []
+
+    def fake_child(request, tmp, deadline):
+        modes.append(request["mode"])
+        failed = ProfileResult(name=request["name"])
+        failed.add_error("build", "OSError: no weights")
+        return failed
+
+    monkeypatch.setattr(profile_lib, "_run_child", fake_child)
+    result = profile_in_subprocess(build_dense, options=FAST)
+    assert modes == ["build"] and result.error == "build: OSError: no weights"
+
+
+def test_saved_model_is_served_in_process(tmp_path):
+    model = build_dense()
+    spec = tf.TensorSpec((None, 64), tf.float32, name="features")
+    profile_lib.saved_model_size_mb(model, spec, export_dir=tmp_path / "export")
+    result = profile_lib.profile_saved_model(tmp_path / "export", options=FAST)
+    assert result.error is None, result.error
+    assert result.latency_p50_ms > 0 and result.throughput_eps > 0
+    assert result.input_shapes == {"features": [64]}
+    assert result.inference_measured_on == "loaded SavedModel"
+    with pytest.raises(InputError, match="Did you mean: serving_default"):
+        profile_lib.profile_saved_model(tmp_path / "export", signature="serving", options=FAST)

@@ -1,32 +1,39 @@
 """Profile a candidate model as deployed: size, FLOPs, latency, throughput, memory, disk.
 
-`profile_in_subprocess` is the entry point the selection pipeline uses: it
+`profile_in_subprocess` is the entry point the selection pipeline uses. It
 rebuilds the model in a fresh Python process from an importable builder
 (`"package.module:function"` plus JSON kwargs), so every candidate starts from
 the same clean process, its memory figures are not polluted by earlier
-candidates, and everything it allocated is returned to the OS when it exits.
-`profile_model` does the measuring and can also be called in-process on a model
-you already hold (its memory figures are then deltas over the memory in use at
-the call, so they exclude the weights; see its docstring).
+candidates, and everything it allocated goes back to the OS when it exits:
 
-Protocol (timm `benchmark.py` habits, with units in the field names):
+1. Build child: build the model; count parameters (`model.count_params()`);
+   peak memory of two AdamW training steps at `train_batch_size` on a
+   stand-in loss (the optimizer's two slots per weight are part of what
+   training needs); FLOPs; export the SavedModel and measure its size.
+2. Serve child: load that SavedModel (`tf.saved_model.load`) and measure
+   inference on its serving signature, as TF Serving runs it: warm-up calls,
+   then timed calls at batch 1 until at least `min_runs` calls and
+   `min_seconds` have passed and the medians of the first and second half
+   agree within 5% (or `max_runs` / 4x `min_seconds` is reached), giving
+   p50/p95 latency; then throughput at `serving_batch_size`, halving the batch
+   on out-of-memory errors; peak memory over both. Inference is measured on
+   the loaded export rather than the built Keras model because building can
+   leave far more resident than serving needs: `minilm_l6_h384@layers=2`
+   (built from the full encoder, then cut) added 523 MB when timed right
+   after building but 209 MB served from its export, less than the full
+   encoder's 273 MB, as it should be.
+   If the export fails, a fresh child times the built Keras model instead;
+   `inference_measured_on` says which.
 
-1. Build the model; count parameters (`model.count_params()`).
-2. Inference phase, on a `tf.function` forward with `training=False`:
-   warm-up calls, then timed calls at batch 1 until at least `min_runs` calls
-   and `min_seconds` have passed and the medians of the first and second half
-   agree within 5% (or `max_runs` / 4x `min_seconds` is reached). p50/p95
-   latency come from these. Then throughput at `serving_batch_size`, halving
-   the batch on out-of-memory errors. Peak memory is recorded over the phase.
-3. Training phase: two AdamW steps at `train_batch_size` on a stand-in loss
-   (mean square of the outputs); peak memory is recorded over the phase. The
-   optimizer's two slots per weight are part of what training needs, so they
-   are counted.
-4. FLOPs: the forward is frozen (`convert_variables_to_constants_v2`) at the
-   serving batch and the task's input shape and counted by
-   `tf.compat.v1.profiler` (`float_operation`), divided by the batch.
-5. SavedModel: `tf.saved_model.save` with a serving signature to a temp dir;
-   size is the sum of its files (see `saved_model_size_mb`).
+`profile_model` (a built Keras model, in this process) and
+`profile_saved_model` (an export, in this process) do the measuring and can be
+called directly; in-process memory figures are only as clean as the process.
+
+FLOPs: the forward is frozen (`convert_variables_to_constants_v2`) at the
+serving batch and the task's input shape and counted by
+`tf.compat.v1.profiler` (`float_operation`), divided by the batch. SavedModel
+size: `tf.saved_model.save` with a serving signature (see
+`saved_model_size_mb`), summed over its files.
 
 A failing stage records `error` (`"stage: Type: message"`) and the remaining
 stages still run; a failing build or a crashed/killed child records `error`
@@ -40,9 +47,10 @@ separately. Where the reset is not allowed we fall back to
 inference so its figure is still right whenever training needs more (it
 always has in practice). psutil is not used: on Linux it exposes the current
 RSS only, so a peak would need a sampling thread that misses short spikes.
-Figures are reported as the peak minus the RSS of the process with TensorFlow
-loaded but before the model was built (`baseline_memory_mb`), i.e. what the
-model adds: weights, activations, workspace. On a GPU the allocator's peak
+Figures are the peak minus the RSS of the same process just before the model
+was built or loaded (`baseline_memory_mb`: Python, TensorFlow and the
+builder's libraries), i.e. what the model adds: weights, activations,
+workspace. On a GPU the allocator's peak
 (`tf.config.experimental.get_memory_info`) is reported in the
 `*_device_memory_mb` fields as well.
 """
@@ -87,6 +95,8 @@ class ProfileOptions:
         max_runs: int. Most timed calls per measurement. Defaults to 2000.
         min_seconds: float. Least time spent timing each measurement.
             Defaults to 2.0.
+        measure_inference: bool. Measure latency, throughput and inference
+            memory. Defaults to `True`.
         measure_training: bool. Run the training-memory step. Defaults to `True`.
         measure_flops: bool. Count FLOPs. Defaults to `True`.
         measure_saved_model: bool. Export and measure the SavedModel.
@@ -103,6 +113,7 @@ class ProfileOptions:
     min_runs: int = 30
     max_runs: int = 2000
     min_seconds: float = 2.0
+    measure_inference: bool = True
     measure_training: bool = True
     measure_flops: bool = True
     measure_saved_model: bool = True
@@ -186,6 +197,9 @@ class ProfileResult:
         threads: int or None. TensorFlow intra-op threads (None: default).
         isolated_process: bool. Whether it ran in a fresh child process
             (`profile_in_subprocess`), i.e. whether memory figures are clean.
+        inference_measured_on: str. What the latency, throughput and
+            inference-memory figures come from, e.g. `loaded SavedModel (fresh
+            process)` or `built Keras model`.
         tf_version: str.
         keras_version: str.
         error: str or None. `stage: Type: message` of each stage that failed.
@@ -219,6 +233,7 @@ class ProfileResult:
     memory_method: str = ""
     threads: int | None = None
     isolated_process: bool = False
+    inference_measured_on: str = ""
     tf_version: str = ""
     keras_version: str = ""
     error: str | None = None
@@ -258,6 +273,7 @@ def profile_model(
     options: ProfileOptions | None = None,
     input_dtypes: Mapping[str, str] | str | None = None,
     baseline_rss_mb: float | None = None,
+    export_dir: str | os.PathLike | None = None,
 ) -> ProfileResult:
     """Measures a built `keras.Model` in this process.
 
@@ -279,6 +295,8 @@ def profile_model(
         input_dtypes: str, dict or None. Input dtype(s) when the model does
             not declare them (subclassed models). Defaults to float32.
         baseline_rss_mb: float or None. RSS before the model was built.
+        export_dir: str or None. Keep the measured SavedModel here (it is
+            deleted otherwise).
 
     Returns:
         A `ProfileResult`; failed stages are listed in its `error`.
@@ -301,47 +319,22 @@ def profile_model(
 
     options = options or ProfileOptions()
     start = time.perf_counter()
-    device_type, device = device_description()
     meter = _PeakMemory()
     baseline = meter.current_mb() if baseline_rss_mb is None else float(baseline_rss_mb)
     specs = _input_specs(model, input_shapes, input_dtypes)
-    result = ProfileResult(
-        name=name or getattr(model, "name", "model"),
-        input_shapes={k: list(s.shape[1:]) for k, s in _flat_specs(specs).items()},
-        device=device,
-        device_type=device_type,
-        memory_method=meter.method,
-        baseline_memory_mb=_round(baseline),
-        tf_version=tf.__version__,
-        keras_version=keras.__version__,
-    )
+    result = _new_result(name or getattr(model, "name", "model"), specs, meter, baseline)
+    result.keras_version = keras.__version__
     try:
         result.params = int(model.count_params())
         result.trainable_params = int(sum(math.prod(w.shape) for w in model.trainable_weights))
     except Exception as err:  # Never raise for a failing candidate.
         result.add_error("params", err)
 
-    # Inference first, right after the build, so its memory figure is not
-    # inflated by what freezing the graph or exporting leaves behind.
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    meter.reset()
-    try:
-        inputs_1 = synthetic_inputs(specs, 1, seed=options.seed)
-        times = _time_calls(forward, inputs_1, options)
-        result.latency_p50_ms = _round(1000 * _percentile(times, 50))
-        result.latency_p95_ms = _round(1000 * _percentile(times, 95))
-        result.latency_mean_ms = _round(1000 * sum(times) / len(times))
-        result.latency_runs = len(times)
-        result.latency_stable = _halves_agree(times)
-    except Exception as err:
-        result.add_error("latency", err)
-    try:
-        batch, throughput = _throughput(forward, specs, options)
-        result.serving_batch_size, result.throughput_eps = batch, _round(throughput)
-    except Exception as err:
-        result.add_error("throughput", err)
-    result.peak_infer_memory_mb = _round(meter.peak_mb() - baseline)
-    result.peak_infer_device_memory_mb = meter.device_peak_mb()
+    if options.measure_inference:
+        # Right after the build, so freezing or exporting leaves nothing behind yet.
+        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        _measure_inference(forward, specs, options, meter, baseline, result)
+        result.inference_measured_on = "built Keras model"
 
     if options.measure_training:
         meter.reset()
@@ -362,10 +355,90 @@ def profile_model(
 
     if options.measure_saved_model:
         try:
-            result.saved_model_mb = _round(saved_model_size_mb(model, specs))
+            size = saved_model_size_mb(model, specs, export_dir=export_dir)
+            result.saved_model_mb = _round(size)
         except Exception as err:
             result.add_error("saved_model", err)
 
+    result.profile_seconds = _round(time.perf_counter() - start)
+    return result
+
+
+def profile_saved_model(
+    path: str | os.PathLike,
+    input_shapes: InputShapes | None = None,
+    *,
+    name: str | None = None,
+    options: ProfileOptions | None = None,
+    signature: str = "serving_default",
+    baseline_rss_mb: float | None = None,
+) -> ProfileResult:
+    """Measures inference (latency, throughput, memory) of a SavedModel as served.
+
+    Loads `path` with `tf.saved_model.load` and times its serving signature,
+    as TF Serving would run it. Run it in a fresh process (as
+    `profile_in_subprocess` does) for a clean memory figure.
+
+    Args:
+        path: str or Path. SavedModel directory.
+        input_shapes: tuple of int or dict or None. Per-example input shapes
+            for signature inputs with unknown dimensions. Defaults to the
+            signature's own shapes.
+        name: str or None. Candidate name. Defaults to the directory name.
+        options: ProfileOptions or None. Only the timing fields matter.
+        signature: str. Signature to call. Defaults to `"serving_default"`.
+        baseline_rss_mb: float or None. RSS before loading. Defaults to the
+            RSS at the call.
+
+    Returns:
+        A `ProfileResult` with the inference figures filled in.
+
+    Raises:
+        InputError: for a missing signature or unknown input dimensions.
+
+    Example:
+
+    ```python
+    result = profile_saved_model("exports/minilm/1", options=ProfileOptions(min_seconds=1))
+    result.latency_p50_ms, result.peak_infer_memory_mb
+    ```
+    """
+    import tensorflow as tf
+
+    options = options or ProfileOptions()
+    start = time.perf_counter()
+    meter = _PeakMemory()
+    baseline = meter.current_mb() if baseline_rss_mb is None else float(baseline_rss_mb)
+    loaded = tf.saved_model.load(str(path))
+    if signature not in loaded.signatures:
+        raise InputError(
+            "The SavedModel has no such signature.",
+            received={"signature": signature, "path": str(path)},
+            fix=did_you_mean(signature, list(loaded.signatures)),
+        )
+    serve = loaded.signatures[signature]
+    declared = serve.structured_input_signature[1]
+    shapes = _normalise_shapes(input_shapes) if input_shapes is not None else {}
+    if not isinstance(shapes, dict):
+        if len(declared) != 1:
+            raise InputError(
+                "The signature takes several inputs; give one shape per input name.",
+                received={"inputs": sorted(declared)},
+            )
+        shapes = {next(iter(declared)): shapes}
+    specs = {}
+    for key, spec in declared.items():
+        shape = shapes.get(key) or list(spec.shape[1:])
+        if any(d is None for d in shape):
+            raise InputError(
+                "The signature's input shape has unknown dimensions; give the real size.",
+                received={"input": key, "signature_shape": list(spec.shape)},
+                fix="Pass input_shapes, e.g. {'token_ids': (128,), ...}.",
+            )
+        specs[key] = tf.TensorSpec((None, *shape), spec.dtype, name=key)
+    result = _new_result(name or Path(path).name, specs, meter, baseline)
+    _measure_inference(lambda x: serve(**x), specs, options, meter, baseline, result)
+    result.inference_measured_on = "loaded SavedModel"
     result.profile_seconds = _round(time.perf_counter() - start)
     return result
 
@@ -380,12 +453,19 @@ def profile_in_subprocess(
     input_dtypes: Mapping[str, str] | str | None = None,
     timeout_s: float = 1800.0,
 ) -> ProfileResult:
-    """Builds and profiles one candidate in a fresh Python process.
+    """Builds and profiles one candidate in fresh Python processes.
 
-    The child runs `python -m tfhub_finetune.selection.profile` with this
-    process's `sys.path`, so any builder importable here is importable there.
-    A failing build, a crash, an out-of-memory kill or a timeout is recorded
-    in `error` instead of raised.
+    A first child builds the model and measures parameters, the training
+    step's memory, FLOPs and the SavedModel; a second child loads that
+    SavedModel and measures inference (latency, throughput, memory) the way
+    it will be served, so whatever building left behind (e.g. the full
+    encoder a truncated one was cut from) does not count. When the export
+    fails, inference is measured on a freshly built Keras model instead
+    (`inference_measured_on` says which). Children run
+    `python -m tfhub_finetune.selection.profile` with this process's
+    `sys.path`, so any builder importable here is importable there. A failing
+    build, a crash, an out-of-memory kill or a timeout is recorded in `error`
+    instead of raised.
 
     Args:
         builder: str or callable. `"package.module:function"` returning a
@@ -400,7 +480,8 @@ def profile_in_subprocess(
             `builder_kwargs["backbone"]` when given, else the builder name.
         options: ProfileOptions or None. Defaults to `ProfileOptions()`.
         input_dtypes: str, dict or None. See `profile_model`.
-        timeout_s: float. Wall-clock limit for the child. Defaults to 1800.
+        timeout_s: float. Wall-clock limit for all children together.
+            Defaults to 1800.
 
     Returns:
         A `ProfileResult`.
@@ -446,31 +527,52 @@ def profile_in_subprocess(
         "builder_kwargs": kwargs,
         "input_shapes": shapes,
         "input_dtypes": input_dtypes,
-        "options": dataclasses.asdict(options),
     }
+    deadline = time.perf_counter() + timeout_s
     start = time.perf_counter()
+    serve_saved_model = options.measure_inference and options.measure_saved_model
     with tempfile.TemporaryDirectory(prefix="tfhub_finetune_profile_") as tmp:
-        request_path, result_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request_path.write_text(json.dumps(request), encoding="utf-8")
-        env = dict(os.environ)
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
-        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        command = [sys.executable, "-m", __name__, str(request_path), str(result_path)]
-        try:
-            proc = subprocess.run(
-                command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        export_dir = os.path.join(tmp, "saved_model")
+        build_options = dataclasses.replace(
+            options, measure_inference=options.measure_inference and not serve_saved_model
+        )
+        result = _run_child(
+            {
+                **request,
+                "mode": "build",
+                "options": dataclasses.asdict(build_options),
+                "export_dir": export_dir,
+            },
+            tmp,
+            deadline,
+        )
+        built = result.params is not None  # False when the build or the child failed.
+        needs_inference = serve_saved_model and built
+        if needs_inference and result.saved_model_mb is not None:
+            served = _run_child(
+                {
+                    **request,
+                    "mode": "serve",
+                    "options": dataclasses.asdict(options),
+                    "export_dir": export_dir,
+                },
+                tmp,
+                deadline,
             )
-        except subprocess.TimeoutExpired:
-            failed = ProfileResult(name=name, builder=path, builder_kwargs=kwargs)
-            failed.add_error("subprocess", f"timed out after {timeout_s:g} s")
-            failed.profile_seconds = _round(time.perf_counter() - start)
-            return failed
-        if result_path.exists():
-            result = ProfileResult.from_dict(json.loads(result_path.read_text(encoding="utf-8")))
-        else:
-            result = ProfileResult(name=name, builder=path, builder_kwargs=kwargs)
-            result.add_error("subprocess", _describe_exit(proc.returncode, proc.stderr))
+            _merge_inference(result, served, "loaded SavedModel (fresh process)")
+        elif needs_inference:
+            # No SavedModel to serve: time the Keras model, built afresh.
+            only_inference = dataclasses.replace(
+                options, measure_training=False, measure_flops=False, measure_saved_model=False
+            )
+            served = _run_child(
+                {**request, "mode": "build", "options": dataclasses.asdict(only_inference)},
+                tmp,
+                deadline,
+            )
+            _merge_inference(
+                result, served, "built Keras model (fresh process; SavedModel export failed)"
+            )
     result.profile_seconds = _round(time.perf_counter() - start)
     return result
 
@@ -596,7 +698,9 @@ def count_flops(model: Any, specs: Any, *, batch_size: int = 1) -> float:
     return float(info.total_float_ops) / batch_size
 
 
-def saved_model_size_mb(model: Any, specs: Any = None) -> float:
+def saved_model_size_mb(
+    model: Any, specs: Any = None, export_dir: str | os.PathLike | None = None
+) -> float:
     """Saves `model` as a TF SavedModel in a temp dir and returns its size on disk (MiB).
 
     `tf.saved_model.save` with a `serving_default` signature on `specs` is
@@ -608,6 +712,8 @@ def saved_model_size_mb(model: Any, specs: Any = None) -> float:
         model: keras.Model.
         specs: input `tf.TensorSpec` structure for the serving signature, or
             None to save without one.
+        export_dir: str or None. Where to keep the SavedModel; None saves to
+            a temp dir that is deleted.
 
     Returns:
         Total size of the SavedModel's files in MiB.
@@ -615,7 +721,7 @@ def saved_model_size_mb(model: Any, specs: Any = None) -> float:
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory(prefix="tfhub_finetune_export_") as tmp:
-        target = os.path.join(tmp, "saved_model")
+        target = str(export_dir) if export_dir is not None else os.path.join(tmp, "saved_model")
         try:
             signatures = None
             if specs is not None:
@@ -965,6 +1071,101 @@ def _train_steps(model: Any, specs: Any, options: ProfileOptions) -> bool:
     return True
 
 
+_INFERENCE_FIELDS = (
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_mean_ms",
+    "latency_runs",
+    "latency_stable",
+    "throughput_eps",
+    "serving_batch_size",
+    "peak_infer_memory_mb",
+    "peak_infer_device_memory_mb",
+)
+
+
+def _new_result(name: str, specs: Any, meter: _PeakMemory, baseline: float) -> ProfileResult:
+    import tensorflow as tf
+
+    device_type, device = device_description()
+    return ProfileResult(
+        name=name,
+        input_shapes={k: list(s.shape[1:]) for k, s in _flat_specs(specs).items()},
+        device=device,
+        device_type=device_type,
+        memory_method=meter.method,
+        baseline_memory_mb=_round(baseline),
+        tf_version=tf.__version__,
+    )
+
+
+def _measure_inference(
+    forward: Callable[[Any], Any],
+    specs: Any,
+    options: ProfileOptions,
+    meter: _PeakMemory,
+    baseline: float,
+    result: ProfileResult,
+) -> None:
+    """Latency at batch 1, throughput at the serving batch, peak memory over both."""
+    meter.reset()
+    try:
+        times = _time_calls(forward, synthetic_inputs(specs, 1, seed=options.seed), options)
+        result.latency_p50_ms = _round(1000 * _percentile(times, 50))
+        result.latency_p95_ms = _round(1000 * _percentile(times, 95))
+        result.latency_mean_ms = _round(1000 * sum(times) / len(times))
+        result.latency_runs = len(times)
+        result.latency_stable = _halves_agree(times)
+    except Exception as err:  # Never raise for a failing candidate.
+        result.add_error("latency", err)
+    try:
+        batch, throughput = _throughput(forward, specs, options)
+        result.serving_batch_size, result.throughput_eps = batch, _round(throughput)
+    except Exception as err:
+        result.add_error("throughput", err)
+    result.peak_infer_memory_mb = _round(meter.peak_mb() - baseline)
+    result.peak_infer_device_memory_mb = meter.device_peak_mb()
+
+
+def _merge_inference(result: ProfileResult, served: ProfileResult, where: str) -> None:
+    for field in _INFERENCE_FIELDS:
+        setattr(result, field, getattr(served, field))
+    result.inference_measured_on = where if served.latency_p50_ms is not None else ""
+    if served.error:
+        result.add_error("inference", served.error)
+
+
+def _run_child(request: dict[str, Any], tmp: str, deadline: float) -> ProfileResult:
+    """Runs one `python -m tfhub_finetune.selection.profile` child; never raises."""
+    failed = ProfileResult(
+        name=request["name"], builder=request["builder"], builder_kwargs=request["builder_kwargs"]
+    )
+    remaining = deadline - time.perf_counter()
+    if remaining <= 0:
+        failed.add_error("subprocess", f"no time left for the {request['mode']} step")
+        return failed
+    handle, request_path = tempfile.mkstemp(suffix=".json", dir=tmp)
+    os.close(handle)
+    result_path = Path(request_path).with_suffix(".result.json")
+    Path(request_path).write_text(json.dumps(request), encoding="utf-8")
+    env = dict(os.environ)
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [sys.executable, "-m", __name__, request_path, str(result_path)]
+    try:
+        proc = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=remaining, check=False
+        )
+    except subprocess.TimeoutExpired:
+        failed.add_error("subprocess", f"{request['mode']} step timed out (limit reached)")
+        return failed
+    if not result_path.exists():
+        failed.add_error("subprocess", _describe_exit(proc.returncode, proc.stderr))
+        return failed
+    return ProfileResult.from_dict(json.loads(result_path.read_text(encoding="utf-8")))
+
+
 def _describe_exit(returncode: int, stderr: str) -> str:
     tail = " ".join((stderr or "").strip().split()[-80:])[-_STDERR_TAIL_CHARS:]
     if returncode in (-9, 137):
@@ -989,7 +1190,11 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    """`python -m tfhub_finetune.selection.profile REQUEST.json RESULT.json`."""
+    """`python -m tfhub_finetune.selection.profile REQUEST.json RESULT.json`.
+
+    `mode` "build": build with the builder and run `profile_model` (keeping
+    the SavedModel in `export_dir`); "serve": `profile_saved_model` on it.
+    """
     request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     result_path = Path(argv[1])
     options = ProfileOptions(**request["options"])
@@ -1015,12 +1220,34 @@ def _child_main(argv: Sequence[str]) -> int:
     failed.device_type, failed.device = device_description()
     meter = _PeakMemory()
     failed.memory_method = meter.method
+
+    def finish(result: ProfileResult) -> int:
+        result.builder = request["builder"]
+        result.builder_kwargs = request["builder_kwargs"]
+        result.threads = options.threads
+        result.isolated_process = True
+        _write_json_atomic(result_path, result.to_dict())
+        return 0
+
+    if request["mode"] == "serve":
+        try:
+            return finish(
+                profile_saved_model(
+                    request["export_dir"],
+                    name=name,
+                    options=options,
+                    baseline_rss_mb=meter.current_mb(),
+                )
+            )
+        except BaseException as err:  # Includes InputError: recorded, the run goes on.
+            failed.add_error("serve", err)
+            return finish(failed)
+
     try:
         builder = resolve_builder(request["builder"])
-    except BaseException as err:  # Includes InputError: the candidate fails, the run goes on.
+    except BaseException as err:
         failed.add_error("build", err)
-        _write_json_atomic(result_path, failed.to_dict())
-        return 0
+        return finish(failed)
     # Taken after importing the builder's modules (keras-hub etc.), so the
     # figures count what the model adds, not the libraries.
     baseline = meter.current_mb()
@@ -1032,8 +1259,7 @@ def _child_main(argv: Sequence[str]) -> int:
             raise TypeError(f"the builder returned {type(model).__name__}, expected keras.Model")
     except BaseException as err:
         failed.add_error("build", err)
-        _write_json_atomic(result_path, failed.to_dict())
-        return 0
+        return finish(failed)
     build_seconds = time.perf_counter() - start
     try:
         result = profile_model(
@@ -1043,17 +1269,14 @@ def _child_main(argv: Sequence[str]) -> int:
             options=options,
             input_dtypes=request.get("input_dtypes"),
             baseline_rss_mb=baseline,
+            export_dir=request.get("export_dir"),
         )
     except BaseException as err:
         failed.add_error("profile", err)
         result = failed
-    result.builder = request["builder"]
-    result.builder_kwargs = request["builder_kwargs"]
     result.build_seconds = _round(build_seconds)
-    result.threads = options.threads
-    result.isolated_process = True
-    _write_json_atomic(result_path, result.to_dict())
-    return 0
+    result.keras_version = keras.__version__
+    return finish(result)
 
 
 if __name__ == "__main__":

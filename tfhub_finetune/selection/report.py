@@ -594,14 +594,17 @@ def _markdown(
         lines += [
             "## How the figures were measured",
             "",
-            "- Latency: `tf.function` forward at batch 1 after warm-up; p50/p95 over timed "
-            "calls (at least the configured count and time, until the two halves' medians "
-            "agree within 5%).",
+            "- Latency: forward at batch 1 after warm-up, on the exported SavedModel's serving "
+            "signature loaded in a fresh process (else on the built Keras model: see "
+            "`inference_measured_on`); p50/p95 over timed calls (at least the configured count "
+            "and time, until the two halves' medians agree within 5%).",
             "- Throughput: examples/s at the serving batch (halved on out-of-memory).",
             "- Memory: " + (_recorded(pool, "memory_method") or "not recorded") + ".",
             "- FLOPs: TF graph profiler on the frozen forward at the task's input shape, per "
             "example (a multiply-add counts 2).",
             "- SavedModel: size on disk of `tf.saved_model.save` with a serving signature.",
+            "- Timings share the machine with whatever else ran; compare candidates measured "
+            "in the same run.",
             "- Own process per candidate (clean memory figures): "
             + (", ".join(isolated) if isolated else "none")
             + ".",
