@@ -522,7 +522,8 @@ class HubTokenizer:
         """The word pieces in `assets/vocab.txt`, when the model ships one."""
         return _read_vocabulary(self.path)
 
-    def lowercases(self) -> bool:
+    @property
+    def lowercase(self) -> bool:
         """Whether the tokenizer folds case (probed: does "Hello" tokenize as "hello"?)."""
         upper, lower = self.tokenize(tf.constant(["Hello World", "hello world"])).to_list()
         return upper == lower
@@ -649,7 +650,7 @@ def _lowercase(encoder_object: Any, tokenizer: HubTokenizer) -> bool:
     flag = getattr(encoder_object, "do_lower_case", None)
     if isinstance(flag, tf.Variable):  # TF Hub BERT encoders record it.
         return bool(flag.numpy())
-    return tokenizer.lowercases()
+    return tokenizer.lowercase
 
 
 def _load_image(spec: BackboneSpec) -> ImageBackbone:
