@@ -263,7 +263,9 @@ def _build_scratch_cnn(spec: BackboneSpec) -> ImageBackbone:
             x = keras.layers.Conv2D(
                 width, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}"
             )(x)
-            x = keras.layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            # Momentum 0.9, not 0.99: small data sets give few steps, and the
+            # moving statistics must settle within them for evaluation.
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
             x = keras.layers.ReLU(name=f"block{block}_relu{conv}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
     features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
