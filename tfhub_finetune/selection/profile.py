@@ -461,9 +461,9 @@ def profile_in_subprocess(
     it will be served, so whatever building left behind (e.g. the full
     encoder a truncated one was cut from) does not count. When the export
     fails, inference is measured on a freshly built Keras model instead
-    (`inference_measured_on` says which). Children run
-    `python -m tfhub_finetune.selection.profile` with this process's
-    `sys.path`, so any builder importable here is importable there. A failing
+    (`inference_measured_on` says which). Children are started with
+    `sys.executable` and this process's `sys.path`, so any builder importable
+    here is importable there. A failing
     build, a crash, an out-of-memory kill or a timeout is recorded in `error`
     instead of raised.
 
@@ -1136,7 +1136,7 @@ def _merge_inference(result: ProfileResult, served: ProfileResult, where: str) -
 
 
 def _run_child(request: dict[str, Any], tmp: str, deadline: float) -> ProfileResult:
-    """Runs one `python -m tfhub_finetune.selection.profile` child; never raises."""
+    """Runs one child process (`_child_main`) and reads its result; never raises."""
     failed = ProfileResult(
         name=request["name"], builder=request["builder"], builder_kwargs=request["builder_kwargs"]
     )
@@ -1152,7 +1152,13 @@ def _run_child(request: dict[str, Any], tmp: str, deadline: float) -> ProfileRes
     paths = [p for p in sys.path if p and os.path.isdir(p)]
     env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = [sys.executable, "-m", __name__, request_path, str(result_path)]
+    # `-c` rather than `-m`: with `-m` the package imports this module and then
+    # runs a second copy of it as __main__ (runpy warns about exactly that).
+    code = (
+        "import sys; from tfhub_finetune.selection.profile import _child_main; "
+        "sys.exit(_child_main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", code, request_path, str(result_path)]
     try:
         proc = subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=remaining, check=False
@@ -1190,7 +1196,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    """`python -m tfhub_finetune.selection.profile REQUEST.json RESULT.json`.
+    """Child process entry point: `_child_main([REQUEST.json, RESULT.json])`.
 
     `mode` "build": build with the builder and run `profile_model` (keeping
     the SavedModel in `export_dir`); "serve": `profile_saved_model` on it.
