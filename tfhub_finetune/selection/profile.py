@@ -178,15 +178,17 @@ class ProfileResult:
             (smaller than requested after an out-of-memory retry).
         train_batch_size: int or None. Batch used for the training step.
         peak_infer_memory_mb: float or None. Peak RSS during inference minus
-            `baseline_memory_mb`, MiB.
+            the RSS of the same process just before the model was built or
+            loaded, MiB: what serving the model adds.
         peak_train_memory_mb: float or None. Peak RSS during a training step
-            (AdamW) minus `baseline_memory_mb`, MiB.
+            (AdamW) minus `baseline_memory_mb`, MiB: what training adds.
         peak_infer_device_memory_mb: float or None. GPU allocator peak during
             inference, MiB (GPU only).
         peak_train_device_memory_mb: float or None. GPU allocator peak during
             training, MiB (GPU only).
-        baseline_memory_mb: float or None. RSS before the model existed
-            (TensorFlow loaded), MiB.
+        baseline_memory_mb: float or None. RSS of the build process before
+            the model existed (Python, TensorFlow and the builder's modules
+            loaded), MiB.
         saved_model_mb: float or None. Size on disk of the exported SavedModel, MiB.
         build_seconds: float or None. Time to build the model.
         profile_seconds: float or None. Wall time of the whole profile
