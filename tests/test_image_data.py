@@ -250,6 +250,41 @@ def test_training_order_is_seeded_and_reshuffled_each_epoch(tmp_path):
     assert first[0] != first[1] and first != other
 
 
+def test_per_epoch_batches_are_a_pure_function_of_the_epoch_seed(tmp_path):
+    for name in "abcd":
+        _write_good(tmp_path / name, 4, seed=ord(name))
+    data = load_image_dataset(tmp_path, image_size=8)
+    augmenter = build_augmenter("basic", seed=0)
+
+    def epoch(k):  # What a resumable trainer streams with Dataset.flat_map.
+        return data.batches(
+            16, training=True, seed=k + 100, augment=augmenter, reshuffle_each_iteration=False
+        )
+
+    def orders(stream):
+        return [y.numpy().tolist() for _, y in stream]
+
+    stream = tf.data.Dataset.range(3).flat_map(epoch)
+    assert orders(stream) == orders(stream)
+    assert orders(stream)[2] == orders(epoch(tf.constant(2, tf.int64)))[0]
+    assert len({tuple(o) for o in orders(stream)}) == 3
+
+
+def test_split_holds_out_a_seeded_disjoint_fraction(tmp_path):
+    for name in "ab":
+        _write_good(tmp_path / name, 10, seed=ord(name) * 100)
+    data = load_image_dataset(tmp_path, image_size=8)
+    kept, held = data.split(0.3, seed=1)
+    assert kept.num_examples + held.num_examples == 20 and 0 < held.num_examples < 10
+    images = [_collect(part.batches(32))[0] for part in (kept, held)]
+    assert sum(len(x) for x in images) == 20
+    rows = {x.tobytes() for part in images for x in part}
+    assert len(rows) == 20  # Disjoint: every image lands on exactly one side.
+    assert kept.label_names == held.label_names == ["a", "b"]
+    with pytest.raises(InputError, match="leaves one side empty"):
+        data.split(0.0)
+
+
 def test_augmentation_changes_training_images_only(tmp_path):
     _write_good(tmp_path / "x", 4)
     evaluation = load_image_dataset(tmp_path, image_size=SIZE, batch_size=4)

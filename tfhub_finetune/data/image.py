@@ -91,28 +91,132 @@ class SkippedFile:
 
 @dataclasses.dataclass
 class ImageDataset:
-    """A batched image dataset and what is needed to interpret it.
+    """Decoded images and what is needed to batch and interpret them.
 
     Attributes:
-        dataset: tf.data.Dataset. `(images, labels)` batches: float32
-            `(batch, size, size, 3)` in 0..255 and int32 `(batch,)`.
+        examples: tf.data.Dataset. Unbatched `(image, label)`: uint8
+            `(size, size, 3)` and int32, decoded and resized once (cached
+            when asked), in a fixed order.
         vocabulary: LabelVocabulary. Class names in id order; save it with
             the model (`vocabulary.save(model_dir / "labels.json")`).
         num_examples: int or None. Examples per epoch, when known.
         skipped: list of SkippedFile. Inputs left out by validation.
         source: str. What the data was read from.
+        dataset: tf.data.Dataset or None. Batches as `load_image_dataset`'s
+            arguments asked for: float32 `(batch, size, size, 3)` in 0..255
+            and int32 `(batch,)`.
     """
 
-    dataset: tf.data.Dataset
+    examples: tf.data.Dataset
     vocabulary: LabelVocabulary
     num_examples: int | None
     skipped: list[SkippedFile]
     source: str
+    dataset: tf.data.Dataset | None = None
 
     @property
     def label_names(self) -> list[str]:
         """Class names in id order."""
         return self.vocabulary.names
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        training: bool = False,
+        seed: int | tf.Tensor = 0,
+        augment: str | keras.Layer | None = "basic",
+        shuffle_buffer: int | None = None,
+        reshuffle_each_iteration: bool = True,
+    ) -> tf.data.Dataset:
+        """Batches `examples`; when training, shuffles (seeded) and augments.
+
+        Args:
+            batch_size: int. Examples per batch (the last may be smaller).
+            training: bool. Shuffle and augment. Defaults to `False`.
+            seed: int or scalar tf.Tensor. Shuffle seed; a tensor lets a
+                per-epoch dataset (`Dataset.flat_map`) derive it from the epoch.
+            augment: str, keras layer or None. `basic`, `randaugment`, `none`
+                (see `build_augmenter`), or an augmenter built once and
+                reused, which tf.data functions need (they cannot create
+                Keras layers). Defaults to `"basic"`.
+            shuffle_buffer: int or None. Defaults to the number of examples,
+                capped at 2048.
+            reshuffle_each_iteration: bool. New order on every pass; False
+                makes the order a pure function of `seed`. Defaults to `True`.
+
+        Returns:
+            A prefetched tf.data.Dataset of `(float32 images, int32 labels)`.
+
+        Example:
+
+        ```python
+        augmenter = build_augmenter("basic", seed=1)
+        epoch_3 = train.batches(32, training=True, seed=3, augment=augmenter,
+                                reshuffle_each_iteration=False)
+        ```
+        """
+        if batch_size < 1:
+            raise InputError("Batch size must be at least 1.", received={"batch_size": batch_size})
+        images = self.examples
+        augmenter = None
+        if training:
+            buffer = shuffle_buffer or min(self.num_examples or 2048, 2048)
+            images = images.shuffle(
+                buffer, seed=seed, reshuffle_each_iteration=reshuffle_each_iteration
+            )
+            if isinstance(augment, str):
+                augment = build_augmenter(augment, seed=seed if isinstance(seed, int) else 0)
+            augmenter = augment
+        batches = images.batch(batch_size).map(
+            lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        if augmenter is not None:
+            batches = batches.map(
+                lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+            )
+        return batches.prefetch(tf.data.AUTOTUNE)
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+        """Holds out a seeded random `fraction` of the examples.
+
+        Args:
+            fraction: float. Share of examples in the second part, in (0, 1).
+            seed: int. Chooses which examples are held out. Defaults to `0`.
+
+        Returns:
+            `(kept, held_out)`, sharing the decoded (cached) examples.
+
+        Example:
+
+        ```python
+        train, val = load_image_dataset("data/train", image_size=224).split(0.1)
+        ```
+        """
+        if self.num_examples is None:
+            raise InputError(
+                "Cannot hold out a fraction of data of unknown size.",
+                received={"source": self.source},
+                fix="Give evaluation data explicitly.",
+            )
+        held = np.random.default_rng(seed).random(self.num_examples) < fraction
+        if held.all() or not held.any():
+            raise InputError(
+                "The validation split leaves one side empty.",
+                received={"validation_split": fraction, "num_examples": self.num_examples},
+            )
+        parts = []
+        for mask in (~held, held):
+            keep = tf.constant(mask)
+            part = (
+                self.examples.enumerate()
+                .filter(lambda i, _, keep=keep: tf.gather(keep, i))
+                .map(lambda _, example: example)
+            )
+            parts.append(
+                dataclasses.replace(self, examples=part, num_examples=int(mask.sum()), dataset=None)
+            )
+        return parts[0], parts[1]
 
 
 def load_image_dataset(
@@ -176,18 +280,11 @@ def load_image_dataset(
     model.fit(train.dataset, validation_data=val.dataset, epochs=3)
     ```
     """
-    if augment not in AUGMENTATIONS:
-        raise InputError(
-            "Unknown augmentation.",
-            received={"augment": augment},
-            fix=did_you_mean(augment, AUGMENTATIONS),
-        )
+    _check_augment(augment)
     if not isinstance(image_size, int) or image_size < 1:
         raise InputError(
             "Image size must be a positive integer.", received={"image_size": image_size}
         )
-    if batch_size < 1:
-        raise InputError("Batch size must be at least 1.", received={"batch_size": batch_size})
     text = str(source)
     names = list(label_names) if label_names is not None else None
     if text.startswith("tfds:"):
@@ -240,27 +337,15 @@ def load_image_dataset(
         if not validate:
             images = images.ignore_errors(log_warning=True)
     _report_skipped(skipped, text, count)
-
     if cache:
         images = images.cache(cache if isinstance(cache, str) else "")
-    if training:
-        buffer = shuffle_buffer or min(count or 2048, 2048)
-        images = images.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    batches = images.batch(batch_size).map(
-        lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+    data = ImageDataset(
+        examples=images, vocabulary=vocabulary, num_examples=count, skipped=skipped, source=text
     )
-    augmenter = build_augmenter(augment, seed=seed) if training else None
-    if augmenter is not None:
-        batches = batches.map(
-            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
-        )
-    return ImageDataset(
-        dataset=batches.prefetch(tf.data.AUTOTUNE),
-        vocabulary=vocabulary,
-        num_examples=count,
-        skipped=skipped,
-        source=text,
+    data.dataset = data.batches(
+        batch_size, training=training, seed=seed, augment=augment, shuffle_buffer=shuffle_buffer
     )
+    return data
 
 
 def decode_image(contents: tf.Tensor) -> tf.Tensor:
@@ -340,6 +425,7 @@ def build_augmenter(kind: str = "basic", seed: int = 0) -> keras.Sequential | No
     dataset = dataset.map(lambda x, y: (augment(x, training=True), y))
     ```
     """
+    _check_augment(kind)
     if kind == "none":
         return None
     augmenter = keras.Sequential(
@@ -354,6 +440,15 @@ def build_augmenter(kind: str = "basic", seed: int = 0) -> keras.Sequential | No
     if kind == "randaugment":
         augmenter.add(keras.layers.RandAugment(value_range=(0, 255), seed=seed + 4))
     return augmenter
+
+
+def _check_augment(kind: str) -> None:
+    if kind not in AUGMENTATIONS:
+        raise InputError(
+            "Unknown augmentation.",
+            received={"augment": kind},
+            fix=did_you_mean(kind, AUGMENTATIONS),
+        )
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
