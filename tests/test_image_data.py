@@ -61,6 +61,7 @@ def odd_images(tmp_path_factory) -> Path:
     Image.fromarray(np.full((40, 50), 65535, np.uint16)).save(good / "deep16.png")
     Image.fromarray(_noise(40, 50, 3)).save(good / "anim.gif")
     Image.fromarray(_noise(40, 50, 4)).save(good / "bitmap.bmp")
+    Image.fromarray(_noise(40, 50, 6)).save(good / "photo.webp")
     Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(good / "tiny.png")
     Image.fromarray(np.full((10000, 10000, 3), 90, np.uint8)).save(
         good / "huge.jpg", format="JPEG", quality=50
@@ -92,18 +93,18 @@ def test_bad_files_are_skipped_by_name_and_odd_images_decode(odd_images, caplog)
     assert reasons == {
         "truncated.jpg": "corrupt or truncated image data",
         "corrupt.jpg": "corrupt or truncated image data",
-        "notes.txt": "not a JPEG/PNG/GIF/BMP image",
+        "notes.txt": "not a JPEG/PNG/GIF/BMP/WebP image",
         "empty.png": "empty file",
     }
     for name in reasons:
         assert name in caplog.text
-    assert "Skipped 4 of 14 inputs" in caplog.text
-    # good: 2 jpg + gray, rgba, 16-bit, gif, bmp, 1x1, 10000x10000; bad: 1 jpg.
-    assert data.num_examples == 10 and data.label_names == ["bad", "good"]
+    assert "Skipped 4 of 15 inputs" in caplog.text
+    # good: 2 jpg + gray, rgba, 16-bit, gif, bmp, webp, 1x1, 10000x10000; bad: 1 jpg.
+    assert data.num_examples == 11 and data.label_names == ["bad", "good"]
     for _ in range(2):  # Two epochs: nothing left in the data can fail mid-epoch.
         images, labels = _collect(data.dataset)
-        assert images.shape == (10, SIZE, SIZE, 3)
-        assert np.bincount(labels).tolist() == [1, 9]
+        assert images.shape == (11, SIZE, SIZE, 3)
+        assert np.bincount(labels).tolist() == [1, 10]
 
 
 def test_decode_converts_gray_rgba_16bit_and_keeps_1x1(odd_images):
@@ -117,7 +118,8 @@ def test_decode_converts_gray_rgba_16bit_and_keeps_1x1(odd_images):
     assert load("rgba.png").shape == (40, 50, 3)
     assert load("deep16.png").min() == 255
     assert load("tiny.png").shape == (1, 1, 3)
-    assert load("anim.gif").shape == (40, 50, 3) and load("bitmap.bmp").shape == (40, 50, 3)
+    for name in ("anim.gif", "bitmap.bmp", "photo.webp"):
+        assert load(name).shape == (40, 50, 3)
     tiny = resize_image(load("tiny.png"), SIZE).numpy()
     assert tiny.shape == (SIZE, SIZE, 3) and np.allclose(tiny, 200.0)
 
@@ -301,4 +303,4 @@ def test_augmentation_changes_training_images_only(tmp_path):
 def test_validate_false_drops_bad_images_in_flight(odd_images):
     data = load_image_dataset(odd_images, image_size=SIZE, batch_size=16, validate=False)
     assert not data.skipped
-    assert len(_collect(data.dataset)[1]) == 10
+    assert len(_collect(data.dataset)[1]) == 11

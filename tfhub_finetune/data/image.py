@@ -16,7 +16,7 @@ Sources:
   (int64);
 - a TFDS dataset, `tfds:<name>` or `tfds:<name>:<split>` (supervised keys).
 
-Pipeline: decode (JPEG, PNG, GIF first frame, BMP; grayscale, palette and RGBA
+Pipeline: decode (JPEG, PNG, GIF first frame, BMP, WebP; grayscale, palette and RGBA
 become RGB, 16-bit PNG becomes 8-bit), optional aspect-preserving centre crop,
 resize (bilinear, antialiased), cache as uint8, then for training only a
 seeded shuffle and augmentation (flip, zoom-in + shift as a random crop, small
@@ -32,7 +32,7 @@ Bad input, decided per case:
   fails mid-epoch on them. `validate=False` skips that pass and drops failing
   images in flight instead (no names, no count).
 - Hidden files (names starting with `.`, e.g. `.DS_Store`): ignored silently.
-- Grayscale / RGBA / palette / 16-bit PNG, GIF, BMP: converted to 8-bit RGB.
+- Grayscale / RGBA / palette / 16-bit PNG, GIF, BMP, WebP: converted to 8-bit RGB.
 - 1x1 and very large images (10000x10000): work; they are resized like any
   other (a huge image costs its decode time).
 - Empty class folder, or one whose files are all unreadable: `InputError`
@@ -70,7 +70,7 @@ TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrec")
 ENCODED_KEY = "image/encoded"
 LABEL_KEY = "image/class/label"
 # Leading bytes of the formats `tf.io.decode_image` reads.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
 _CSV_PATH_HEADERS = ("path", "file", "filename", "file_name", "image", "image_path")
 # Skipped files named one by one in the log; the rest are summarised.
 _MAX_NAMED_WARNINGS = 20
@@ -349,7 +349,7 @@ def load_image_dataset(
 
 
 def decode_image(contents: tf.Tensor) -> tf.Tensor:
-    """Decodes JPEG/PNG/GIF/BMP bytes to uint8 RGB `(height, width, 3)`.
+    """Decodes JPEG/PNG/GIF/BMP/WebP bytes to uint8 RGB `(height, width, 3)`.
 
     Grayscale, palette and RGBA images become RGB; a GIF gives its first
     frame; a 16-bit PNG is reduced to 8 bits. Traceable in tf.data and
@@ -598,8 +598,8 @@ def _why_unreadable(path: str) -> str:
 def _why_undecodable(head: bytes) -> str:
     if not head:
         return "empty file"
-    if not head.startswith(_MAGIC):
-        return "not a JPEG/PNG/GIF/BMP image"
+    if not head.startswith(_MAGIC) or (head.startswith(b"RIFF") and head[8:12] != b"WEBP"):
+        return "not a JPEG/PNG/GIF/BMP/WebP image"
     return "corrupt or truncated image data"
 
 
