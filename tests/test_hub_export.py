@@ -85,6 +85,8 @@ def test_image_round_trip_gives_the_same_features(tmp_path, convention):
     reloaded = load_tf_hub_backbone(spec)
     # Native size and feature width come back from the export's metadata.
     assert (reloaded.image_size, reloaded.feature_dim, reloaded.pixel_convention) == (40, 6, "unit")
+    # Pretrained batch norm stays frozen, as the image builder keeps it for other sources.
+    assert [w.name for w in reloaded.encoder.trainable_weights] == ["conv_kernel", "conv_bias"]
     rng = np.random.default_rng(0)
     for shape in [(2, 40, 40, 3), (1, 33, 57, 3)]:  # Flexible size, as TF Hub feature vectors.
         pixels = rng.uniform(0, 255, shape).astype("float32")

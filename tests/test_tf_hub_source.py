@@ -85,6 +85,34 @@ def save_image_hub_model(path: Path, *, pooled: bool = True) -> Path:
     return path
 
 
+def save_batch_norm_hub_model(path: Path) -> Path:
+    """x W, then batch norm: batch statistics (and a moving-average update) when training."""
+    kernel = tf.Variable(tf.random.stateless_normal([4, 3], seed=[7, 8]), name="dense/kernel")
+    gamma = tf.Variable(tf.ones([3]), name="bn/gamma")
+    beta = tf.Variable(tf.zeros([3]), name="bn/beta")
+    mean = tf.Variable(tf.zeros([3]), trainable=False, name="bn/moving_mean")
+    variance = tf.Variable(tf.ones([3]), trainable=False, name="bn/moving_variance")
+
+    @tf.function
+    def call(inputs, training=False):
+        h = tf.matmul(inputs, kernel)
+        if training:
+            batch_mean, batch_variance = tf.nn.moments(h, axes=[0])
+            mean.assign(0.9 * mean + 0.1 * batch_mean)
+            variance.assign(0.9 * variance + 0.1 * batch_variance)
+            return tf.nn.batch_normalization(h, batch_mean, batch_variance, beta, gamma, 1e-3)
+        return tf.nn.batch_normalization(h, mean, variance, beta, gamma, 1e-3)
+
+    for training in (False, True):
+        call.get_concrete_function(tf.TensorSpec([None, 4], tf.float32), training)
+    root = tf.train.Checkpoint()
+    root.__call__ = call
+    root.variables = [kernel, gamma, beta, mean, variance]
+    root.trainable_variables = [kernel, gamma, beta]
+    tf.saved_model.save(root, str(path))
+    return path
+
+
 def save_text_hub_models(encoder_dir: Path) -> Path:
     """A BERT-API encoder and its preprocess model (tensorflow_text WordPiece, as TF Hub's)."""
     import tensorflow_text as tf_text
@@ -210,6 +238,26 @@ def test_frozen_hub_layer_keeps_its_weights_and_runs_in_inference_mode(hub_dir):
     hub.trainable = True
     assert not np.array_equal(hub(batch, training=True), hub(batch, training=False))
     assert len(hub.trainable_weights) == 2
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_batch_norm_keeps_pretrained_statistics_and_scale(tmp_path, freeze):
+    path = save_batch_norm_hub_model(tmp_path / "bn")
+    inputs = keras.Input((4,))
+    hub = HubLayer(str(path), freeze_batch_norm=freeze, name="hub")
+    model = keras.Model(inputs, keras.layers.Dense(2)(hub(inputs)))
+    # Setting the model trainable again (as builders do) must not unfreeze them.
+    model.trainable = True
+    expected = ["hub/dense_kernel"] if freeze else ["hub/dense_kernel", "hub/bn_gamma", "hub/bn_beta"]
+    assert [w.path for w in hub.trainable_weights] == expected
+    before = _values(hub)
+    model.compile(keras.optimizers.AdamW(1e-2), "sparse_categorical_crossentropy")
+    x, y = _data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    changed = [not np.array_equal(a, b) for a, b in zip(before, _values(hub), strict=True)]
+    # kernel, gamma, beta, moving_mean, moving_variance
+    assert changed == ([True, False, False, False, False] if freeze else [True] * 5)
+    assert hub.get_config()["freeze_batch_norm"] is freeze
 
 
 def test_regularization_losses_are_added_while_training_only(hub_dir):

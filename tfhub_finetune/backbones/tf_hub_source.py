@@ -221,6 +221,13 @@ class HubLayer(keras.layers.Layer):
         arguments: dict or None. Extra keyword arguments for every call (e.g.
             `{"batch_norm_momentum": 0.997}`). Must be JSON-serializable.
             Defaults to `None`.
+        freeze_batch_norm: bool. Keep batch normalization as pretrained while
+            fine-tuning, the Keras transfer-learning recipe: the SavedModel is
+            always called in inference mode (moving statistics are used and
+            never updated; dropout inside it is off too) and batch-norm
+            scale/offset (`<x>/gamma`, `<x>/beta` beside `<x>/moving_mean`)
+            are not trained. Other trainable variables still train. Defaults
+            to `False` (TF Hub's own behaviour: training mode while training).
         **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`). The
             dtype defaults to `"float32"`: SavedModel functions are traced for
             fixed input dtypes, so a mixed-precision policy must not cast the
@@ -245,6 +252,7 @@ class HubLayer(keras.layers.Layer):
         signature: str | None = None,
         output_key: str | None = None,
         arguments: dict[str, Any] | None = None,
+        freeze_batch_norm: bool = False,
         **kwargs: Any,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -257,6 +265,7 @@ class HubLayer(keras.layers.Layer):
         self.signature = signature
         self.output_key = output_key
         self.arguments = dict(arguments or {})
+        self.freeze_batch_norm = bool(freeze_batch_norm)
         _check_json(self.arguments, handle)
 
         # === Loaded SavedModel ===
@@ -272,7 +281,12 @@ class HubLayer(keras.layers.Layer):
         self._check_output_key()
 
         # === Variables ===
-        for variable, is_trainable in self._saved_model_variables():
+        variables = self._saved_model_variables()
+        frozen = _batch_norm_parameters([v for v, _ in variables]) if self.freeze_batch_norm else set()
+        for variable, is_trainable in variables:
+            # Tracked as non-trainable, they stay frozen when the layer (or a
+            # model holding it) is later set trainable again.
+            is_trainable = is_trainable and id(variable) not in frozen
             with keras.name_scope(self.name, caller=self):
                 wrapped = keras.Variable(
                     variable,
@@ -395,7 +409,7 @@ class HubLayer(keras.layers.Layer):
         return result
 
     def _training_mode(self, training: Any) -> bool | tf.Tensor:
-        if not self.trainable or training is None:
+        if not self.trainable or training is None or self.freeze_batch_norm:
             wanted: Any = False
         elif tf.is_tensor(training):
             static = tf.get_static_value(training)
@@ -426,6 +440,7 @@ class HubLayer(keras.layers.Layer):
                 "signature": self.signature,
                 "output_key": self.output_key,
                 "arguments": self.arguments,
+                "freeze_batch_norm": self.freeze_batch_norm,
             }
         )
         return config
@@ -445,6 +460,22 @@ class HubLayer(keras.layers.Layer):
                 "keras.models.load_model (or call keras.config.enable_unsafe_deserialization()).",
             )
         return cls(**config)
+
+
+def _batch_norm_parameters(variables: list[tf.Variable]) -> set[int]:
+    """Ids of batch-norm scale/offset variables: `<x>/gamma`, `<x>/beta` beside `<x>/moving_mean`.
+
+    Structural rather than a guess from layer names: Keras, tf_keras and
+    TF-Slim all keep the moving statistics next to the parameters they
+    normalise with.
+    """
+    names = {v.name.split(":")[0]: v for v in variables}
+    prefixes = {n.rsplit("/", 1)[0] for n in names if n.endswith(("/moving_mean", "/moving_variance"))}
+    return {
+        id(v)
+        for n, v in names.items()
+        if "/" in n and n.rsplit("/", 1)[0] in prefixes and n.endswith(("/gamma", "/beta"))
+    }
 
 
 def _check_json(arguments: dict[str, Any], handle: str) -> None:
@@ -654,8 +685,14 @@ def _lowercase(encoder_object: Any, tokenizer: HubTokenizer) -> bool:
 
 
 def _load_image(spec: BackboneSpec) -> ImageBackbone:
+    # Pretrained batch norm stays frozen while fine-tuning, as the image
+    # builder does for every other pretrained backbone: on small batches,
+    # batch statistics would overwrite the ImageNet ones.
     layer = HubLayer(
-        spec.handle, output_key=spec.extra.get("output_key"), name=_layer_name(spec, "_hub_features")
+        spec.handle,
+        output_key=spec.extra.get("output_key"),
+        freeze_batch_norm=True,
+        name=_layer_name(spec, "_hub_features"),
     )
     metadata = read_export_metadata(layer.resolved_path)
     spec = _apply_metadata(spec, metadata)
