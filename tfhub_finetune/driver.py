@@ -68,13 +68,12 @@ def evaluate_report(model: keras.Model, task: Task) -> dict:
     return classification_report(targets, outputs, task.labels.names)
 
 
-def run_experiment(config: ExperimentConfig, task: Task, chief_only_dir: str | None = None) -> dict:
+def run_experiment(config: ExperimentConfig, task: Task) -> dict:
     """Trains and/or evaluates `task` as `config.mode` says; returns the metrics dict.
 
     Args:
         config: ExperimentConfig. Validated.
         task: Task. The modality's data and model.
-        chief_only_dir: unused placeholder for the export step's directory.
 
     Returns:
         The contents written to `metrics.json`.
@@ -140,10 +139,11 @@ def run_experiment(config: ExperimentConfig, task: Task, chief_only_dir: str | N
         train_seconds = time.time() - train_started
         result["train_seconds"] = round(train_seconds, 2)
         result["resumed_from"] = outcome["resumed_from"]
-        steps_run = sum(1 for _ in outcome["history"].get("loss", []))
-        if steps_run:
+        epochs_run = len(outcome["history"].get("loss", []))
+        if epochs_run:
+            # Includes per-epoch validation and tracing: a whole-run figure, not a step benchmark.
             result["train_examples_per_second"] = round(
-                len(outcome["history"]["loss"]) * result.get("train_examples", 0) / train_seconds, 2
+                epochs_run * result.get("train_examples", 0) / train_seconds, 2
             )
         if outcome["terminated"]:
             print("Stopped by SIGTERM after saving a backup; rerun the same command to resume.")
