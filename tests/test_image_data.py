@@ -285,6 +285,8 @@ def test_split_holds_out_a_seeded_disjoint_fraction(tmp_path):
     assert kept.label_names == held.label_names == ["a", "b"]
     with pytest.raises(InputError, match="leaves one side empty"):
         data.split(0.0)
+    subset = load_image_dataset(tmp_path, image_size=8, training=True, max_examples=5, seed=2)
+    assert subset.num_examples == 5 and len(_collect(subset.batches(8))[1]) == 5
 
 
 def test_augmentation_changes_training_images_only(tmp_path):

@@ -233,6 +233,7 @@ def load_image_dataset(
     shuffle_buffer: int | None = None,
     seed: int = 0,
     validate: bool = True,
+    max_examples: int | None = None,
 ) -> ImageDataset:
     """Builds a batched tf.data pipeline of raw-pixel images and class ids.
 
@@ -246,7 +247,7 @@ def load_image_dataset(
         label_names: list of str or None. Class names in id order, e.g. the
             training set's `label_names` when loading evaluation data; classes
             outside it raise `InputError`. None derives them from the data.
-        split: str or None. TFDS split; defaults to the one in `source`, else
+        split: str or None. TFDS split when `source` names none; defaults to
             `train` when training, else `validation` (or `test`).
         crop_to_aspect_ratio: bool. Centre-crop to a square before resizing
             (no distortion). False squeezes the whole image. Defaults to
@@ -262,6 +263,9 @@ def load_image_dataset(
             `0`.
         validate: bool. Decode every image once up front and skip the bad
             ones by name (see the module docstring). Defaults to `True`.
+        max_examples: int or None. Keep only this many examples: with
+            `training`, a seeded random subset of files (TFRecord/TFDS: the
+            first ones); otherwise the first in source order. None keeps all.
 
     Returns:
         An `ImageDataset`.
@@ -290,6 +294,9 @@ def load_image_dataset(
     if text.startswith("tfds:"):
         images, vocabulary, count = _tfds_images(text, split, training, names)
         skipped: list[SkippedFile] = []
+        if max_examples:
+            images = images.take(max_examples)
+            count = min(count, max_examples) if count is not None else None
         images = images.map(
             lambda image, label: (_resize(image, image_size, crop_to_aspect_ratio), label),
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -297,6 +304,8 @@ def load_image_dataset(
     else:
         if any(ch in text for ch in "*?[") or text.lower().endswith(TFRECORD_SUFFIXES):
             encoded, vocabulary, count, skipped = _tfrecord_examples(text, names, validate)
+            if max_examples:
+                encoded, count = encoded.take(max_examples), min(count, max_examples)
         else:
             path = Path(text).expanduser()
             if not path.exists():
@@ -316,14 +325,17 @@ def load_image_dataset(
                     received={"path": text},
                     fix="Use a folder of class folders, a .csv, TFRecord files or tfds:<name>.",
                 )
+            if training:
+                # Class folders come in blocks; a seeded permutation lets a
+                # bounded shuffle buffer still mix classes (and makes
+                # `max_examples` a random subset).
+                order = np.random.default_rng(seed).permutation(len(files))
+                files, labels = [files[i] for i in order], [labels[i] for i in order]
+            if max_examples:
+                files, labels = files[:max_examples], labels[:max_examples]
             files, labels, skipped = _drop_unreadable(
                 files, labels, vocabulary.names, path, validate
             )
-            if training:
-                # Class folders come in blocks; a seeded permutation lets a
-                # bounded shuffle buffer still mix classes.
-                order = np.random.default_rng(seed).permutation(len(files))
-                files, labels = [files[i] for i in order], [labels[i] for i in order]
             count = len(files)
             encoded = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int32)))
             encoded = encoded.map(lambda f, y: (tf.io.read_file(f), y))
@@ -709,7 +721,7 @@ def _tfds_images(
     import tensorflow_datasets as tfds  # Only TFDS sources pay for this import.
 
     name, _, split_in_source = text[len("tfds:") :].partition(":")
-    split = split or split_in_source or ("train" if training else None)
+    split = split_in_source or split or ("train" if training else None)
     try:
         builder = tfds.builder(name)
     except tfds.core.registered.DatasetNotFoundError:
