@@ -1,0 +1,1154 @@
+"""TF Serving SavedModels with the preprocessing inside, a token-id twin, and TFLite.
+
+Layout, as TF Serving's file-system source expects it (it serves the highest
+integer folder and ignores every other name):
+
+```
+<export_dir>/<model_name>/<version>/            raw inputs: strings or encoded images
+    saved_model.pb  variables/  assets.extra/model_card.json  (text: assets.extra/vocab.txt)
+<export_dir>/<model_name>_token_ids/<version>/  text only: token ids in, core TF ops only
+```
+
+`version` is one more than the largest existing one (both text models get
+the same number). Each SavedModel is written into a hidden temporary folder
+inside its model folder and renamed into place, so a polling server never
+loads half an export.
+
+Text signatures (raw-string model; needs TensorFlow Text kernels in the
+server, i.e. `import tensorflow_text` in Python or a TF Serving build with
+TF Text ops; the exact op list is in the model card under `custom_ops`):
+
+- `serving_default(text: string[batch])`, Predict API: `probabilities`
+  float32 `[batch, classes]`, `label_ids` int32 `[batch]`, `label_names`
+  string `[batch]`; multi-label: `probabilities`, `label_names` (tiled,
+  `[batch, labels]`) and `predicted` bool `[batch, labels]` (p >= 0.5);
+  regression: `scores` float32 `[batch, outputs]`. Tokenization uses the
+  backbone's own tokenizer, truncates to the trained `sequence_length`
+  ([CLS]/[SEP] included) and pads each batch to its longest sequence,
+  exactly as training did.
+- `classify(inputs: string[batch])`, Classify API (method name
+  `tensorflow/serving/classify`): serialized `tf.train.Example`s with a
+  bytes feature `text` -> `classes` string `[batch, classes]`, `scores`
+  float32 `[batch, classes]`. Regression models with one output get
+  `regress` (Regress API, `outputs` float32 `[batch]`) instead. TF Serving
+  routes Classify/Regress requests to `serving_default` unless told, so set
+  `model_spec.signature_name="classify"` (or `"regress"`).
+
+Token-id model (`<model_name>_token_ids`): only core TensorFlow ops (checked
+at export: no TF Text op anywhere, function library included), so it loads
+on any stock TF Serving and with `tensorflow_text` absent.
+`serving_default(token_ids, padding_mask, segment_ids: int32[batch, seq])`
+-> the same outputs. Clients tokenize with `tfhub_finetune.text_client`,
+which reads `assets.extra/vocab.txt` and the model card and reproduces the
+training tokenizer id for id.
+
+Image signatures:
+
+- `serving_default(image_bytes: string[batch])`: encoded JPEG, PNG, GIF
+  (first frame), BMP or WebP; decoded to RGB, centre-cropped to a square,
+  resized (antialiased bilinear) to `image_size` and rounded to 8 bits, as the
+  training pipeline (`data.image`) does; the model normalises the 0..255
+  pixels itself. Outputs as for text.
+- `predict_images(images: float32[batch, height, width, 3])` and
+  `predict_images_uint8(images: uint8[...])`: raw 0..255 RGB pixels; batches
+  of another size are centre-cropped and resized like the bytes path.
+- `classify(inputs)`: `tf.train.Example`s with a bytes feature
+  `image/encoded` (the TFRecord convention of `data.image`).
+
+Bad input at serving time. The server never crashes; each case returns:
+
+- Empty string, or whitespace only: a normal prediction for `[CLS] [SEP]`
+  (no word pieces), the model's answer for "no text". Not an error: an
+  empty field is valid text, and an error would fail the whole batch.
+- A 100,000-character string: tokenized in full, then truncated to the
+  trained sequence length, like training; the prediction is for its start.
+- Bytes that are not UTF-8: each invalid sequence becomes U+FFFD
+  (`tf.strings.unicode_transcode(errors="replace")`), then tokenization goes
+  on; the affected word usually becomes `[UNK]`. `text_client` does the same.
+- An empty batch (text, token ids or images): empty outputs (`[0, classes]`,
+  `[0]`), status OK.
+- A tf.Example without the `text` / `image/encoded` feature:
+  INVALID_ARGUMENT ("Feature: text (data type: string) is required but could
+  not be found.").
+- Token ids outside the vocabulary, more positions than the encoder has,
+  inputs of different shapes, or rows without any token: INVALID_ARGUMENT
+  naming the limit (on GPU an out-of-range id would otherwise silently embed
+  as zeros).
+- Image bytes that are not an image (including empty bytes):
+  INVALID_ARGUMENT, "image_bytes[i] (n bytes) is not an encoded image ...".
+- A truncated JPEG: INVALID_ARGUMENT from the decoder ("jpeg::Uncompress
+  failed. Invalid JPEG data or crop window.").
+- A 1x1 image (or any size): valid; it is upscaled and predicted.
+
+Undecodable images are errors, not a `valid=false` output, because that is
+TF Serving's convention for malformed requests (gRPC INVALID_ARGUMENT,
+HTTP 400 with the message): a flag would return meaningless probabilities to
+clients that do not check it. The error fails the whole request, and with
+server-side batching (`--enable_batching`) it can fail the requests merged
+with it; `pipelines.predict` retries a failed batch image by image and
+reports the bad files by name.
+
+Example:
+
+```python
+path = export_text_classifier(model, backbone, labels, "exports", model_name="sst2",
+                              model_dir="runs/sst2")
+# exports/sst2/1 (strings) and exports/sst2_token_ids/1 (token ids)
+```
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
+from tfhub_finetune.backbones.spec import BackboneSpec
+from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.io_utils import atomic_path
+
+FORMAT = "tfhub_finetune.export/1"
+ASSETS_EXTRA = "assets.extra"
+MODEL_CARD_FILE = "model_card.json"
+VOCAB_FILE = "vocab.txt"
+TOKEN_IDS_SUFFIX = "_token_ids"
+TEXT_FEATURE = "text"
+IMAGE_FEATURE = "image/encoded"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+# The driver's default; what training used when params.json is unavailable.
+DEFAULT_SEQUENCE_LENGTH = 128
+MULTI_LABEL_THRESHOLD = 0.5
+# Leading bytes of what `tf.io.decode_image` reads (WebP: "RIFF....WEBP").
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+# === Text ===
+
+
+def export_text_classifier(
+    model: keras.Model,
+    backbone: TextBackbone,
+    labels: LabelVocabulary | Sequence[str],
+    export_dir: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    model_dir: str | os.PathLike | None = None,
+    metrics: dict[str, Any] | None = None,
+    sequence_length: int | None = None,
+    measure_latency: bool = True,
+) -> str:
+    """Writes a text classifier as two TF Serving SavedModels: raw strings and token ids.
+
+    See the module docstring for the signatures and for what each kind of
+    bad input returns.
+
+    Args:
+        model: keras.Model. From `build_text_classifier` (inputs `token_ids`,
+            `padding_mask`, `segment_ids`), trained.
+        backbone: TextBackbone. The backbone the model was built on; its
+            tokenizer goes into the raw-string graph.
+        labels: LabelVocabulary or list of str. Class (or output) names in
+            id order; a list means a single-label task.
+        export_dir: str or path. Base folder; models go to
+            `<export_dir>/<model_name>/<version>` and
+            `<export_dir>/<model_name>_token_ids/<version>`.
+        model_name: str or None. Defaults to the name of `model_dir`, else
+            the model's name.
+        model_dir: str, path or None. The training folder: `params.json`
+            supplies the trained sequence length and backbone, `metrics.json`
+            the figures for the model card.
+        metrics: dict or None. Metrics for the model card; overrides
+            `model_dir/metrics.json`.
+        sequence_length: int or None. Longest packed sequence ([CLS]/[SEP]
+            included). Defaults to the trained one from `params.json`, else
+            128.
+        measure_latency: bool. Time batch-1 calls for the model card (about
+            a second). Defaults to `True`.
+
+    Returns:
+        The raw-string SavedModel's version folder.
+
+    Raises:
+        InputError: for a model without the token-id inputs, a label count
+            that does not match the model's outputs, an invalid model name,
+            or a sequence length the backbone cannot take.
+
+    Example:
+
+    ```python
+    backbone = load_backbone("../shared/weights/paraphrase_minilm_l3_v2")
+    model = build_text_classifier(backbone, num_classes=2)
+    path = export_text_classifier(model, backbone, ["negative", "positive"], "exports",
+                                  model_name="sst2", sequence_length=64)
+    # Serve: tensorflow_model_server --model_base_path=$PWD/exports/sst2 ...
+    ```
+    """
+    if not isinstance(model.input, dict) or not set(TEXT_INPUTS) <= set(model.input):
+        raise InputError(
+            "The text export needs a model on token ids.",
+            received={"model": model.name, "inputs": _input_names(model)},
+            fix=f"Pass a model from build_text_classifier (inputs {', '.join(TEXT_INPUTS)}).",
+        )
+    names, task = _label_names_and_task(labels, model)
+    base = _export_base(export_dir)
+    params = _read_json(model_dir, "params.json")
+    model_name = _model_name(model_name, model_dir, model)
+    sequence_length = _sequence_length(sequence_length, params, backbone)
+    tokenizer = backbone.tokenizer
+    start_id, end_id, pad_id = int(tokenizer.start_id), int(tokenizer.end_id), int(tokenizer.pad_id)
+    vocab_size = int(tokenizer.vocabulary_size)
+    max_positions = int(backbone.max_sequence_length)
+    num_segments = getattr(backbone.encoder, "num_segments", None)
+    names_tensor = tf.constant(names)
+
+    # === Functions ===
+
+    def from_strings(text: tf.Tensor) -> tf.Tensor:
+        # Invalid UTF-8 would make the tokenizer's regex and normalizer ops
+        # fail or misbehave; U+FFFD keeps the rest of the text usable.
+        text = tf.strings.unicode_transcode(
+            text, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD
+        )
+        pieces = tf.cast(tokenizer.tokenize(text), tf.int32)[:, : sequence_length - 2]
+        rows = pieces.nrows()
+        column = lambda value: tf.RaggedTensor.from_tensor(tf.fill([rows, 1], value))  # noqa: E731
+        packed = tf.concat([column(start_id), pieces, column(end_id)], axis=1)
+        token_ids = packed.to_tensor(default_value=pad_id)
+        inputs = {
+            "token_ids": token_ids,
+            "padding_mask": tf.ones_like(packed).to_tensor(default_value=0),
+            "segment_ids": tf.zeros_like(token_ids),
+        }
+        return model(inputs, training=False)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def serve_text(text):
+        return _prediction_outputs(from_strings(text), task, names_tensor)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def serve_examples(serialized):
+        features = tf.io.parse_example(
+            serialized, {TEXT_FEATURE: tf.io.FixedLenFeature([], tf.string)}
+        )
+        return _tf_serving_outputs(from_strings(features[TEXT_FEATURE]), task, names_tensor)
+
+    token_spec = {n: tf.TensorSpec([None, None], tf.int32, name=n) for n in TEXT_INPUTS}
+
+    @tf.function(input_signature=[token_spec])
+    def serve_token_ids(inputs):
+        checked = _checked_token_inputs(inputs, vocab_size, max_positions, num_segments)
+        return _prediction_outputs(model(checked, training=False), task, names_tensor)
+
+    raw_signatures = {"serving_default": serve_text.get_concrete_function()}
+    raw_signatures.update(_example_signature(serve_examples, task, len(names)))
+    ids_signatures = {"serving_default": serve_token_ids.get_concrete_function()}
+
+    # === Model card ===
+
+    client = _client_tokenizer_settings(backbone)
+    sample = {"text": tf.constant(["a thoughtful, beautifully acted film that drags at the end"])}
+    latency = {}
+    if measure_latency:
+        latency["serving_default"] = _median_ms(raw_signatures["serving_default"], sample)
+        sample_ids = _pack_for_latency(tokenizer, sample["text"], sequence_length, start_id, end_id)
+        latency["serving_default (token ids)"] = _median_ms(
+            ids_signatures["serving_default"], sample_ids
+        )
+    preprocessing = {
+        "modality": "text",
+        "sequence_length": sequence_length,
+        "truncation": "word pieces beyond sequence_length - 2 are dropped; [CLS] and [SEP] "
+        "are always added",
+        "padding": "each batch is padded to its longest sequence",
+        "start_id": start_id,
+        "end_id": end_id,
+        "pad_id": pad_id,
+        "vocabulary_size": vocab_size,
+        "max_positions": max_positions,
+        "lowercase": bool(backbone.lowercase),
+        "invalid_utf8": "replaced by U+FFFD",
+        "client_tokenizer": client,
+    }
+    card = _model_card(
+        model=model,
+        model_name=model_name,
+        names=names,
+        task=task,
+        backbone_spec=backbone.spec,
+        params=params,
+        metrics=metrics if metrics is not None else _read_json(model_dir, "metrics.json"),
+        preprocessing=preprocessing,
+        latency=latency,
+    )
+
+    # === Write and publish ===
+
+    def write_raw(directory: str) -> None:
+        root = tf.Module()
+        root.model_variables = list(model.variables)
+        # Lookup tables or loaded preprocess models the tokenizer's graph
+        # reads must be reachable from the root to be saved.
+        root.tokenizer_state = _tokenizer_trackables(tokenizer)
+        root.serve_text = serve_text
+        root.serve_examples = serve_examples
+        _save(root, directory, raw_signatures)
+        custom = non_core_ops(directory)
+        _write_assets_extra(
+            directory,
+            {**card, "input": "strings", "custom_ops": custom,
+             "requires": ["tensorflow_text"] if custom else [],
+             "token_id_model": model_name + TOKEN_IDS_SUFFIX,
+             "signatures": _describe_signatures(raw_signatures)},
+            backbone.vocabulary,
+        )
+
+    def write_token_ids(directory: str) -> None:
+        root = tf.Module()
+        root.model_variables = list(model.variables)
+        root.serve_token_ids = serve_token_ids
+        _save(root, directory, ids_signatures)
+        custom = non_core_ops(directory)
+        if custom:
+            raise RuntimeError(
+                f"The token-id SavedModel contains non-core ops {custom}; it would not load "
+                "on a stock TF Serving binary."
+            )
+        _write_assets_extra(
+            directory,
+            {**card, "input": "token_ids", "custom_ops": [], "requires": [],
+             "raw_string_model": model_name,
+             "signatures": _describe_signatures(ids_signatures)},
+            backbone.vocabulary,
+        )
+
+    roots = [base / (model_name + TOKEN_IDS_SUFFIX), base / model_name]
+    version = _stage_and_publish(roots, [write_token_ids, write_raw])
+    return str(roots[1] / str(version))
+
+
+def _checked_token_inputs(
+    inputs: dict[str, tf.Tensor], vocab_size: int, max_positions: int, num_segments: int | None
+) -> dict[str, tf.Tensor]:
+    """Asserts what the encoder would otherwise get wrong silently or cryptically."""
+    ids = inputs["token_ids"]
+    shape = tf.shape(ids)
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(inputs[name]), shape,
+            message=f"{name} must have the shape of token_ids (batch, sequence).",
+        )
+        for name in ("padding_mask", "segment_ids")
+    ]
+    checks += [
+        tf.debugging.assert_non_negative(ids, message="token_ids must be >= 0."),
+        tf.debugging.assert_less(
+            ids, vocab_size, message=f"token_ids must be < the vocabulary size, {vocab_size}."
+        ),
+        tf.debugging.assert_less_equal(
+            shape[1], max_positions,
+            message=f"token_ids has more positions than the encoder allows ({max_positions}).",
+        ),
+        tf.debugging.Assert(
+            tf.logical_or(tf.equal(shape[0], 0), shape[1] > 0),
+            ["token_ids has no positions; each row needs at least [CLS] and [SEP]."],
+        ),
+        tf.debugging.assert_non_negative(inputs["segment_ids"], message="segment_ids must be >= 0."),
+    ]
+    if num_segments:
+        checks.append(tf.debugging.assert_less(
+            inputs["segment_ids"], int(num_segments),
+            message=f"segment_ids must be < {int(num_segments)}.",
+        ))
+    with tf.control_dependencies([c for c in checks if c is not None]):
+        return {name: tf.identity(inputs[name]) for name in TEXT_INPUTS}
+
+
+def _pack_for_latency(tokenizer, text, sequence_length, start_id, end_id) -> dict[str, tf.Tensor]:
+    pieces = tokenizer.tokenize(text)[:, : sequence_length - 2].to_tensor()
+    ids = tf.concat([[[start_id]], tf.cast(pieces, tf.int32), [[end_id]]], axis=1)
+    return {"token_ids": ids, "padding_mask": tf.ones_like(ids), "segment_ids": tf.zeros_like(ids)}
+
+
+def _client_tokenizer_settings(backbone: TextBackbone) -> dict[str, Any] | None:
+    """What `text_client.TextClient` needs, when it can reproduce this tokenizer."""
+    layer = getattr(backbone.tokenizer, "tokenizer", None)
+    # keras-hub WordPiece tokenizers (BERT, DistilBERT, ...) are the ones
+    # text_client implements; duck-typed so keras_hub is not imported here.
+    wordpiece = all(hasattr(layer, a) for a in ("suffix_indicator", "split_on_cjk", "oov_token"))
+    if not wordpiece or not backbone.vocabulary or getattr(layer, "special_tokens_in_strings", False):
+        return None
+    tok = backbone.tokenizer
+    return {
+        "lowercase": bool(layer.lowercase),
+        "strip_accents": bool(layer.strip_accents),
+        "split": bool(layer.split),
+        "split_on_cjk": bool(layer.split_on_cjk),
+        "suffix_indicator": str(layer.suffix_indicator),
+        "oov_token": str(layer.oov_token),
+        "start_id": int(tok.start_id),
+        "end_id": int(tok.end_id),
+        "pad_id": int(tok.pad_id),
+    }
+
+
+def _tokenizer_trackables(tokenizer: Any) -> list[Any]:
+    # Keras layers are left out: tracking them would save Keras objects into
+    # the SavedModel, and keras-hub's WordPiece tokenizers keep their model in
+    # graph constants, which are saved with the functions anyway.
+    return [
+        value for value in vars(tokenizer).values()
+        if isinstance(value, tf.__internal__.tracking.Trackable)
+        and not isinstance(value, keras.layers.Layer)
+    ]
+
+
+def _sequence_length(value: int | None, params: dict | None, backbone: TextBackbone) -> int:
+    if value is None:
+        value = (params or {}).get("model", {}).get("sequence_length") or DEFAULT_SEQUENCE_LENGTH
+    limit = int(backbone.max_sequence_length)
+    if not isinstance(value, int) or not 3 <= value <= limit:
+        raise InputError(
+            "Invalid value for argument `sequence_length`.",
+            received={"sequence_length": value},
+            fix=f"Expected an integer from 3 ([CLS], one piece, [SEP]) to {limit}, the "
+            "backbone's maximum.",
+        )
+    return value
+
+
+# === Images ===
+
+
+def export_image_classifier(
+    model: keras.Model,
+    labels: LabelVocabulary | Sequence[str],
+    export_dir: str | os.PathLike,
+    *,
+    image_size: int,
+    model_name: str | None = None,
+    model_dir: str | os.PathLike | None = None,
+    metrics: dict[str, Any] | None = None,
+    backbone: BackboneSpec | str | None = None,
+    crop_to_aspect_ratio: bool = True,
+    measure_latency: bool = True,
+) -> str:
+    """Writes an image classifier as a TF Serving SavedModel that takes encoded images.
+
+    See the module docstring for the signatures and for what bad images
+    return.
+
+    Args:
+        model: keras.Model. Takes raw 0..255 pixels `(batch, image_size,
+            image_size, 3)` and normalises them itself (as
+            `build_image_classifier` builds it).
+        labels: LabelVocabulary or list of str. Class names in id order.
+        export_dir: str or path. Models go to `<export_dir>/<model_name>/<version>`.
+        image_size: int. The side the model was trained on.
+        model_name: str or None. Defaults to the name of `model_dir`, else
+            the model's name.
+        model_dir: str, path or None. Training folder (`params.json`,
+            `metrics.json` for the model card).
+        metrics: dict or None. Metrics for the model card; overrides
+            `model_dir/metrics.json`.
+        backbone: BackboneSpec, str or None. For the model card; defaults to
+            the backbone in `params.json`.
+        crop_to_aspect_ratio: bool. Centre-crop to a square before resizing,
+            as the training data was (`data.image`'s default). Defaults to
+            `True`.
+        measure_latency: bool. Time batch-1 calls for the model card.
+            Defaults to `True`.
+
+    Returns:
+        The SavedModel's version folder.
+
+    Raises:
+        InputError: for a model that does not take `(batch, size, size, 3)`
+            images of `image_size`, a label count that does not match the
+            outputs, or an invalid model name.
+
+    Example:
+
+    ```python
+    model = build_image_classifier("scratch_cnn", num_classes=2)
+    path = export_image_classifier(model, ["ants", "bees"], "exports", image_size=128,
+                                   model_name="hymenoptera")
+    ```
+    """
+    size = _check_image_model(model, image_size)
+    names, task = _label_names_and_task(labels, model)
+    base = _export_base(export_dir)
+    params = _read_json(model_dir, "params.json")
+    model_name = _model_name(model_name, model_dir, model)
+    names_tensor = tf.constant(names)
+    crop = bool(crop_to_aspect_ratio)
+    pixel_spec = tf.TensorSpec([size, size, 3], tf.float32)
+
+    def from_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
+        count = tf.shape(image_bytes)[0]
+        images = tf.map_fn(
+            lambda args: _decode_for_model(args[0], args[1], size, crop),
+            (image_bytes, tf.range(count)),
+            fn_output_signature=pixel_spec,
+        )
+        return _predict_images(model, images)
+
+    def from_pixels(images: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(images)
+        resized = tf.cond(
+            tf.logical_and(tf.equal(shape[1], size), tf.equal(shape[2], size)),
+            lambda: images,
+            lambda: tf.map_fn(
+                lambda image: _resize(image, size, crop), images, fn_output_signature=pixel_spec
+            ),
+        )
+        return _predict_images(model, tf.ensure_shape(resized, [None, size, size, 3]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(image_bytes):
+        return _prediction_outputs(from_bytes(image_bytes), task, names_tensor)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+    def serve_images(images):
+        return _prediction_outputs(from_pixels(images), task, names_tensor)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve_images_uint8(images):
+        return _prediction_outputs(from_pixels(tf.cast(images, tf.float32)), task, names_tensor)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def serve_examples(serialized):
+        features = tf.io.parse_example(
+            serialized, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)}
+        )
+        return _tf_serving_outputs(from_bytes(features[IMAGE_FEATURE]), task, names_tensor)
+
+    signatures = {
+        "serving_default": serve_bytes.get_concrete_function(),
+        "predict_images": serve_images.get_concrete_function(),
+        "predict_images_uint8": serve_images_uint8.get_concrete_function(),
+    }
+    signatures.update(_example_signature(serve_examples, task, len(names)))
+
+    latency = {}
+    if measure_latency:
+        gray = tf.fill([size, size, 3], tf.constant(128, tf.uint8))
+        latency["serving_default"] = _median_ms(
+            signatures["serving_default"], {"image_bytes": tf.io.encode_jpeg(gray)[None]}
+        )
+        latency["predict_images"] = _median_ms(
+            signatures["predict_images"], {"images": tf.cast(gray, tf.float32)[None]}
+        )
+    spec = _image_backbone_spec(backbone, params)
+    preprocessing = {
+        "modality": "image",
+        "image_size": size,
+        "input_pixels": "RGB, 0..255 (the model normalises them itself)",
+        "pixel_convention": _pixel_convention(model),
+        "decode": "JPEG, PNG, GIF (first frame), BMP, WebP; grayscale, palette and RGBA "
+        "become RGB",
+        "crop_to_aspect_ratio": crop,
+        "resize": "antialiased bilinear to image_size, rounded to uint8 (as in training)",
+    }
+    card = _model_card(
+        model=model,
+        model_name=model_name,
+        names=names,
+        task=task,
+        backbone_spec=spec,
+        params=params,
+        metrics=metrics if metrics is not None else _read_json(model_dir, "metrics.json"),
+        preprocessing=preprocessing,
+        latency=latency,
+    )
+
+    def write(directory: str) -> None:
+        root = tf.Module()
+        root.model_variables = list(model.variables)
+        root.serve_bytes = serve_bytes
+        root.serve_images = serve_images
+        root.serve_images_uint8 = serve_images_uint8
+        root.serve_examples = serve_examples
+        _save(root, directory, signatures)
+        _write_assets_extra(
+            directory,
+            {**card, "input": "image_bytes", "custom_ops": non_core_ops(directory),
+             "requires": [], "signatures": _describe_signatures(signatures)},
+            None,
+        )
+
+    root_dir = base / model_name
+    version = _stage_and_publish([root_dir], [write])
+    return str(root_dir / str(version))
+
+
+def _predict_images(model: keras.Model, images: tf.Tensor) -> tf.Tensor:
+    # TF 2.21's CPU Conv2D returns its input unchanged for an empty batch,
+    # and the next layer then fails; an empty batch gets empty outputs here.
+    width = int(model.outputs[0].shape[-1])
+    return tf.cond(
+        tf.shape(images)[0] > 0,
+        lambda: tf.cast(model(images, training=False), tf.float32),
+        lambda: tf.zeros([0, width], tf.float32),
+    )
+
+
+def _check_image_model(model: keras.Model, image_size: int) -> int:
+    shape = tuple(model.inputs[0].shape) if len(model.inputs) == 1 else ()
+    if len(shape) != 4 or shape[-1] != 3:
+        raise InputError(
+            "The image export needs a model on (batch, size, size, 3) pixels.",
+            received={"model": model.name, "inputs": _input_names(model)},
+            fix="Pass a model from build_image_classifier.",
+        )
+    if not isinstance(image_size, int) or image_size < 1:
+        raise InputError("Image size must be a positive integer.", received={"image_size": image_size})
+    if shape[1] not in (None, image_size) or shape[2] not in (None, image_size):
+        raise InputError(
+            "The image size does not match the model's input.",
+            received={"image_size": image_size, "model_input": list(shape[1:3])},
+            fix=f"Use image_size={shape[1]}.",
+        )
+    return image_size
+
+
+def _looks_like_image(data: tf.Tensor) -> tf.Tensor:
+    # Padding keeps substr in range for inputs shorter than the longest magic.
+    head = tf.strings.join([tf.strings.substr(data, 0, 12), b"\0" * 12])
+    checks = [tf.equal(tf.strings.substr(head, 0, len(m)), m) for m in _IMAGE_MAGIC]
+    checks.append(tf.logical_and(
+        tf.equal(tf.strings.substr(head, 0, 4), b"RIFF"),
+        tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"),
+    ))
+    return tf.reduce_any(tf.stack(checks))
+
+
+def _decode_for_model(data: tf.Tensor, index: tf.Tensor, size: int, crop: bool) -> tf.Tensor:
+    # Imported here: data.image is the one definition of decode/resize, and
+    # matching it is what makes serving agree with evaluation.
+    from tfhub_finetune.data.image import decode_image
+
+    message = tf.strings.format(
+        "image_bytes[{}] ({} bytes) is not an encoded image; expected JPEG, PNG, GIF, BMP or "
+        "WebP data.",
+        [index, tf.strings.length(data)],
+    )
+    check = tf.debugging.Assert(_looks_like_image(data), [message])
+    with tf.control_dependencies([check]):
+        image = decode_image(data)
+    # The training pipeline caches resized images as uint8 (data.image._resize).
+    return tf.cast(tf.cast(tf.round(_resize(image, size, crop)), tf.uint8), tf.float32)
+
+
+def _resize(image: tf.Tensor, size: int, crop: bool) -> tf.Tensor:
+    from tfhub_finetune.data.image import resize_image
+
+    return resize_image(image, size, crop_to_aspect_ratio=crop)
+
+
+def _pixel_convention(model: keras.Model) -> str | None:
+    from tfhub_finetune.backbones.image_source import pixel_convention_of
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Rescaling):
+            return pixel_convention_of(layer.scale, layer.offset)
+    return None
+
+
+def _image_backbone_spec(backbone: BackboneSpec | str | None, params: dict | None) -> dict | str | None:
+    if isinstance(backbone, BackboneSpec):
+        return backbone.to_dict()
+    if backbone:
+        return str(backbone)
+    return (params or {}).get("model", {}).get("backbone")
+
+
+def export_tflite(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    tolerance: float = 1e-4,
+    num_check_images: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Converts an image classifier to TFLite (float32) and checks it against Keras.
+
+    The TFLite model takes the same raw 0..255 float pixels as the Keras model
+    (normalisation is inside); decoding and resizing stay with the app.
+
+    Args:
+        model: keras.Model. An image classifier on `(batch, size, size, 3)`.
+        path: str or path. The `.tflite` file to write (atomically).
+        tolerance: float. Largest accepted absolute difference between TFLite
+            and Keras outputs on random images. Defaults to `1e-4`.
+        num_check_images: int. Random images compared. Defaults to `4`.
+        seed: int. Seed of the random images. Defaults to `0`.
+
+    Returns:
+        A dict with `path`, `bytes` and `max_abs_diff`.
+
+    Raises:
+        InputError: if the model does not take images.
+        RuntimeError: if TFLite's outputs differ by more than `tolerance`
+            (nothing is written).
+
+    Example:
+
+    ```python
+    info = export_tflite(model, "exports/hymenoptera.tflite")
+    info["max_abs_diff"]  # e.g. 3e-07
+    ```
+    """
+    shape = tuple(model.inputs[0].shape) if len(model.inputs) == 1 else ()
+    if len(shape) != 4 or shape[-1] != 3 or shape[1] is None or shape[2] is None:
+        raise InputError(
+            "TFLite export needs an image model with a fixed input size.",
+            received={"model": model.name, "inputs": _input_names(model)},
+            fix="Pass a model from build_image_classifier.",
+        )
+    height, width = int(shape[1]), int(shape[2])
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    function = tf.function(lambda images: model(images, training=False))
+    concrete = function.get_concrete_function(
+        tf.TensorSpec([1, height, width, 3], tf.float32, name="images")
+    )
+    # Frozen first: given the live function, the TF 2.21 converter keeps Keras 3
+    # variables as TFLite resource variables that nothing initialises, and the
+    # interpreter then returns NaN.
+    frozen = convert_variables_to_constants_v2(concrete)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], tf.Module())
+    flatbuffer = converter.convert()
+
+    images = np.random.default_rng(seed).uniform(0, 255, (num_check_images, height, width, 3))
+    images = images.astype(np.float32)
+    expected = np.asarray(model(images, training=False))
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    got = []
+    for image in images:
+        interpreter.set_tensor(source["index"], image[None])
+        interpreter.invoke()
+        got.append(interpreter.get_tensor(target["index"])[0])
+    diff = float(np.max(np.abs(np.stack(got) - expected)))
+    if not diff <= tolerance:
+        raise RuntimeError(
+            f"TFLite outputs differ from Keras by {diff:.3g} (> tolerance {tolerance:g}); "
+            "the .tflite file was not written."
+        )
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(flatbuffer)
+    return {"path": str(path), "bytes": len(flatbuffer), "max_abs_diff": diff}
+
+
+# === Outputs shared by every modality ===
+
+
+def _prediction_outputs(predictions: tf.Tensor, task: str, names: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Predict-API outputs; every one is batched, so TF Serving's row format works."""
+    predictions = tf.cast(predictions, tf.float32)
+    if task == "regression":
+        return {"scores": predictions}
+    rows = tf.shape(predictions)[0]
+    if task == "multi_label":
+        return {
+            "probabilities": predictions,
+            "label_names": tf.tile(names[None, :], [rows, 1]),
+            "predicted": predictions >= MULTI_LABEL_THRESHOLD,
+        }
+    ids = tf.argmax(predictions, axis=-1, output_type=tf.int32)
+    return {"probabilities": predictions, "label_ids": ids, "label_names": tf.gather(names, ids)}
+
+
+def _tf_serving_outputs(predictions: tf.Tensor, task: str, names: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Classify API (`classes`, `scores`) or Regress API (`outputs`) tensors."""
+    predictions = tf.cast(predictions, tf.float32)
+    if task == "regression":
+        return {"outputs": predictions[:, 0]}
+    rows = tf.shape(predictions)[0]
+    return {"classes": tf.tile(names[None, :], [rows, 1]), "scores": predictions}
+
+
+def _example_signature(function, task: str, num_outputs: int) -> dict[str, Any]:
+    if task == "regression":
+        # The Regress API returns one float per example.
+        return {"regress": function.get_concrete_function()} if num_outputs == 1 else {}
+    return {"classify": function.get_concrete_function()}
+
+
+# === SavedModel writing ===
+
+
+def _save(root: tf.Module, directory: str, signatures: dict[str, Any]) -> None:
+    # SavedModel writing logs a dozen INFO lines (shards, assets, fingerprint)
+    # that would bury the pipeline's own summary.
+    loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        tf.saved_model.save(root, directory, signatures=signatures)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+    _set_method_names(directory)
+
+
+def _set_method_names(directory: str) -> None:
+    """Marks `classify`/`regress` for TF Serving's Classify/Regress APIs.
+
+    `tf.saved_model.save` writes every signature as `tensorflow/serving/predict`
+    (tensorflow#38081); TF Serving builds that check method names reject such
+    a signature for Classify ("Expected classification signature method_name
+    to be tensorflow/serving/classify"), so the names are set in the proto.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    file = os.path.join(directory, "saved_model.pb")
+    saved = saved_model_pb2.SavedModel()
+    with open(file, "rb") as f:
+        saved.ParseFromString(f.read())
+    changed = False
+    for meta_graph in saved.meta_graphs:
+        for key, method in (("classify", CLASSIFY_METHOD), ("regress", REGRESS_METHOD)):
+            if key in meta_graph.signature_def:
+                meta_graph.signature_def[key].method_name = method
+                changed = True
+    if changed:
+        with open(file, "wb") as f:
+            f.write(saved.SerializeToString())
+
+
+def graph_op_types(saved_model_dir: str | os.PathLike) -> set[str]:
+    """Every op type in a SavedModel: main graphs and the whole function library.
+
+    Example:
+
+    ```python
+    "CaseFoldUTF8" in graph_op_types("exports/sst2/1")  # True: TF Text op
+    ```
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(os.fspath(saved_model_dir), "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    ops, functions = set(), set()
+    for meta_graph in saved.meta_graphs:
+        ops |= {node.op for node in meta_graph.graph_def.node}
+        for function in meta_graph.graph_def.library.function:
+            functions.add(function.signature.name)
+            ops |= {node.op for node in function.node_def}
+    # Calls to library functions appear as nodes whose op is the function name.
+    return ops - functions
+
+
+def non_core_ops(saved_model_dir: str | os.PathLike) -> list[str]:
+    """Op types of a SavedModel that core TensorFlow does not define (e.g. TF Text ops).
+
+    `tf.raw_ops` lists exactly the ops compiled into TensorFlow itself; ops
+    registered later by `tf.load_op_library` (TF Text, custom ops) are absent.
+
+    Example:
+
+    ```python
+    non_core_ops("exports/sst2_token_ids/1")  # []
+    ```
+    """
+    return sorted(
+        op for op in graph_op_types(saved_model_dir)
+        if op.startswith("TFText>") or not hasattr(tf.raw_ops, op)
+    )
+
+
+def _write_assets_extra(directory: str, card: dict[str, Any], vocabulary: list[str] | None) -> None:
+    extra = os.path.join(directory, ASSETS_EXTRA)
+    os.makedirs(extra, exist_ok=True)
+    with open(os.path.join(extra, MODEL_CARD_FILE), "w", encoding="utf-8") as f:
+        json.dump(_jsonable(card), f, indent=2)
+    if vocabulary:
+        with open(os.path.join(extra, VOCAB_FILE), "w", encoding="utf-8") as f:
+            f.writelines(f"{piece}\n" for piece in vocabulary)
+
+
+def _describe_signatures(signatures: dict[str, Any]) -> dict[str, Any]:
+    described = {}
+    for name, concrete in signatures.items():
+        _, kwargs = concrete.structured_input_signature
+        method = {"classify": CLASSIFY_METHOD, "regress": REGRESS_METHOD}.get(
+            name, "tensorflow/serving/predict"
+        )
+        described[name] = {
+            "method": method,
+            "inputs": {k: _spec_text(v) for k, v in sorted(kwargs.items())},
+            "outputs": {k: _spec_text(v) for k, v in sorted(concrete.structured_outputs.items())},
+        }
+    return described
+
+
+def _spec_text(spec: Any) -> str:
+    dims = ", ".join("None" if d is None else str(d) for d in spec.shape.as_list())
+    return f"{spec.dtype.name}[{dims}]"
+
+
+# === Versions: stage in a hidden folder, rename to the next integer ===
+
+
+def _export_base(export_dir: str | os.PathLike) -> Path:
+    base = Path(export_dir).expanduser()
+    if base.exists() and not base.is_dir():
+        raise InputError(
+            "The export directory is a file.", received={"export_dir": str(export_dir)},
+            fix="Give a folder (it is created if missing).",
+        )
+    return base
+
+
+def existing_versions(model_root: str | os.PathLike) -> list[int]:
+    """Integer version folders under `model_root` (what TF Serving would consider), sorted."""
+    root = Path(model_root)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _stage_and_publish(roots: list[Path], writers: list[Callable[[str], None]]) -> int:
+    staged: list[str] = []
+    try:
+        for root, write in zip(roots, writers, strict=True):
+            root.mkdir(parents=True, exist_ok=True)
+            # A dot name: TF Serving ignores it, and so does `ls` by default.
+            staged.append(tempfile.mkdtemp(prefix=".export-", suffix=".tmp", dir=root))
+            write(staged[-1])
+        return _publish(list(zip(staged, roots, strict=True)))
+    finally:
+        for tmp in staged:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(staged: list[tuple[str, Path]]) -> int:
+    """Renames every staged folder to `<root>/<v>`, with one `v` free in all roots."""
+    version = max(max(existing_versions(root), default=0) for _, root in staged) + 1
+    while True:
+        moved: list[tuple[str, Path]] = []
+        try:
+            for tmp, root in staged:
+                target = root / str(version)
+                if target.exists():
+                    raise FileExistsError(errno.EEXIST, "version taken", str(target))
+                os.rename(tmp, target)
+                moved.append((tmp, target))
+            return version
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            # Another export took this number first: undo and try the next.
+            for tmp, target in reversed(moved):
+                os.rename(target, tmp)
+            version += 1
+
+
+def resolve_saved_model(path: str | os.PathLike) -> Path:
+    """A SavedModel folder, or the highest version folder under a model folder.
+
+    Args:
+        path: str or path. `<model_name>/<version>` or `<model_name>`.
+
+    Returns:
+        The folder holding `saved_model.pb`.
+
+    Raises:
+        InputError: if neither `path` nor any integer folder under it is a
+            SavedModel.
+
+    Example:
+
+    ```python
+    resolve_saved_model("exports/sst2")  # PosixPath('exports/sst2/3')
+    ```
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise InputError(
+            "SavedModel folder not found.", received={"saved_model": str(path)},
+            fix="Give <export_dir>/<model_name> or one of its version folders.",
+        )
+    if (folder / "saved_model.pb").exists():
+        return folder
+    versions = [v for v in existing_versions(folder) if (folder / str(v) / "saved_model.pb").exists()]
+    if not versions:
+        raise InputError(
+            "No SavedModel in the folder (no saved_model.pb, no integer version folders).",
+            received={"saved_model": str(path)},
+            fix="Give <export_dir>/<model_name> or one of its version folders.",
+        )
+    return folder / str(versions[-1])
+
+
+def read_model_card(saved_model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The `assets.extra/model_card.json` of an export, or None for foreign SavedModels."""
+    file = Path(saved_model_dir) / ASSETS_EXTRA / MODEL_CARD_FILE
+    if not file.exists():
+        return None
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+# === Model card ===
+
+
+def _model_card(
+    *,
+    model: keras.Model,
+    model_name: str,
+    names: list[str],
+    task: str,
+    backbone_spec: BackboneSpec | dict | str | None,
+    params: dict | None,
+    metrics: dict | None,
+    preprocessing: dict[str, Any],
+    latency: dict[str, float],
+) -> dict[str, Any]:
+    if isinstance(backbone_spec, BackboneSpec):
+        backbone_spec = backbone_spec.to_dict()
+    return {
+        "format": FORMAT,
+        "model_name": model_name,
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "task": task,
+        "labels": names,
+        "backbone": backbone_spec,
+        "preprocessing": preprocessing,
+        "metrics": _card_metrics(metrics),
+        "training": (params or {}).get("train"),
+        "profile": {
+            "params": int(model.count_params()),
+            "latency_ms_batch1": latency or None,
+            "latency_method": "median of 10 in-process calls after 3 warm-up calls",
+            "device": _device_description(),
+        },
+        "tensorflow_version": tf.__version__,
+    }
+
+
+def _card_metrics(metrics: dict | None) -> dict | None:
+    if not metrics:
+        return None
+    evaluation = metrics.get("eval", metrics)
+    scalars = {
+        k: v for k, v in evaluation.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    for key in ("per_class", "per_label"):
+        if key in evaluation:
+            scalars[key] = evaluation[key]
+    extra = {k: metrics[k] for k in ("train_examples", "eval_examples", "train_seconds") if k in metrics}
+    return {**scalars, **extra} or None
+
+
+def _device_description() -> str:
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        return f"GPU: {details.get('device_name', gpus[0].name)}"
+    return f"CPU: {platform.machine()}, {os.cpu_count()} logical cores"
+
+
+def _median_ms(function, kwargs: dict[str, tf.Tensor], warmup: int = 3, runs: int = 10) -> float:
+    for _ in range(warmup):
+        _materialise(function(**kwargs))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        _materialise(function(**kwargs))
+        times.append((time.perf_counter() - start) * 1000)
+    return round(float(np.median(times)), 3)
+
+
+def _materialise(outputs: dict[str, tf.Tensor]) -> None:
+    for value in outputs.values():
+        value.numpy()
+
+
+# === Small helpers ===
+
+
+def _label_names_and_task(
+    labels: LabelVocabulary | Sequence[str], model: keras.Model
+) -> tuple[list[str], str]:
+    if isinstance(labels, LabelVocabulary):
+        names, task = list(labels.names), labels.task
+    elif isinstance(labels, str) or not all(isinstance(n, str) for n in labels):
+        raise InputError(
+            "Labels must be a LabelVocabulary or a list of class names.",
+            received={"labels": labels},
+        )
+    else:
+        names, task = list(labels), "single_label"
+    width = model.outputs[0].shape[-1]
+    if width is not None and width != len(names):
+        raise InputError(
+            "The number of label names does not match the model's outputs.",
+            received={"labels": len(names), "model_outputs": int(width)},
+            fix="Pass the LabelVocabulary saved with the model (labels.json).",
+        )
+    return names, task
+
+
+def _model_name(name: str | None, model_dir: str | os.PathLike | None, model: keras.Model) -> str:
+    if name is None:
+        name = Path(model_dir).resolve().name if model_dir else model.name
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name.isdigit():
+        raise InputError(
+            "Invalid model name for the export path.",
+            received={"model_name": name},
+            fix="Use a plain folder name (no slashes, not starting with '.', not a number).",
+        )
+    return name
+
+
+def _read_json(model_dir: str | os.PathLike | None, name: str) -> dict | None:
+    if not model_dir:
+        return None
+    file = Path(model_dir) / name
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def _input_names(model: keras.Model) -> list[str]:
+    return [getattr(t, "name", str(t)) for t in model.inputs]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
