@@ -1,0 +1,364 @@
+"""Batch predictions through an exported SavedModel's serving signature.
+
+    python -m pipelines.predict --saved_model=exports/sst2 \\
+        --input=../shared/data/sst2/dev.tsv --output=predictions.jsonl
+
+`--saved_model` is a version folder or a model folder (its highest version
+is used, as TF Serving would). What is fed depends on the export, read from
+its `assets.extra/model_card.json`:
+
+- raw-string text model: the texts (needs `tensorflow_text` installed);
+- token-id text model (`<name>_token_ids`): texts tokenized on the client by
+  `tfhub_finetune.text_client`, exactly as training did;
+- image model: the encoded bytes of each file.
+
+Inputs: a `.tsv`/`.txt` (tab-separated) or `.csv` file (text in
+`--text_column`; a header row is detected or set with `--has_header`), a
+`.jsonl` file (text under `--text_key`), or a folder of images (searched
+recursively; `.jpg .jpeg .png .gif .bmp .webp`; hidden files ignored).
+
+Output: one JSON line per input, in input order: `index`, the input (`text`
+with its file `line`, or `path`), `label`, `label_id` and `probabilities`
+(`{label: p}`); multi-label: `labels` (p >= 0.5) and `probabilities`;
+regression: `scores`. Blank lines of text files are skipped (not inputs).
+Bytes that are not UTF-8 are replaced by U+FFFD, as the server does.
+An image the server cannot decode gets `{"index", "path", "error"}` instead
+(the batch is retried image by image); the count is printed at the end.
+
+Bad flags, a missing or non-SavedModel folder, an unreadable or empty input,
+or an input that does not suit the model end with one line on stderr and exit
+code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from pipelines import flags as pipeline_flags  # noqa: E402
+from tfhub_finetune.errors import InputError  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines this binary's flags (called by `__main__` only, so importing has no side effects)."""
+    flags.DEFINE_string("saved_model", None, "Exported SavedModel: a version folder, or a model "
+                        "folder (the highest version is used).")
+    flags.DEFINE_string("input", None, "A .tsv/.txt/.csv or .jsonl text file, or a folder of "
+                        "images.")
+    flags.DEFINE_string("output", None, "Where to write the predictions (JSON lines).")
+    # Guarded: the training pipelines define --batch_size too.
+    if "batch_size" not in FLAGS:
+        flags.DEFINE_integer("batch_size", 64, "Inputs per call of the serving signature.")
+    flags.DEFINE_string("text_column", "0", "Text column of .tsv/.csv inputs: 0-based index, or "
+                        "a name from the header row.")
+    flags.DEFINE_enum("has_header", "auto", ["auto", "true", "false"],
+                      "Whether .tsv/.csv inputs start with a header row.")
+    flags.DEFINE_string("text_key", "text", "Key of the text in .jsonl inputs.")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+_HEADER_WORDS = {"sentence", "text", "review", "content", "document", "question", "label"}
+
+
+# === Inputs ===
+
+
+def read_texts(path: Path, text_column: str, has_header: str, text_key: str) -> list[dict]:
+    """Reads the texts to predict, each with its 1-based file line.
+
+    Raises:
+        InputError: for an unreadable or empty file, a row without the
+            column, a bad JSON line, or a header column that does not exist.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise InputError("Input file is unreadable.", received={"input": str(path)},
+                         fix=f"({err.strerror or err})") from None
+    lines = [
+        (number, line.decode("utf-8", errors="replace"))
+        for number, line in enumerate(raw.splitlines(), start=1)
+        if line.strip()
+    ]
+    if not lines:
+        raise InputError("Input file has no rows.", received={"input": str(path)})
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return [_json_text(path, number, line, text_key) for number, line in lines]
+    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    rows = [
+        (number, next(csv.reader(io.StringIO(line), delimiter=delimiter, quoting=quoting), []))
+        for number, line in lines
+    ]
+    first = [cell.strip() for cell in rows[0][1]]
+    named = not text_column.lstrip("-").isdigit()
+    header = has_header == "true" or (
+        has_header == "auto" and ((named and text_column in first)
+                                  or bool({c.lower() for c in first} & _HEADER_WORDS))
+    )
+    if named:
+        if not header or text_column not in first:
+            raise InputError(
+                "The text column is not in the header row.",
+                received={"input": str(path), "text_column": text_column},
+                fix=f"Header cells: {', '.join(first)}." if header
+                else "Give the column as a 0-based index.",
+            )
+        column = first.index(text_column)
+    else:
+        column = int(text_column)
+    texts = []
+    for number, row in rows[1:] if header else rows:
+        if column >= len(row):
+            raise InputError(
+                f"Row {number} of {path} has {len(row)} column(s); the text column is {column}.",
+                received={"input": str(path), "row": number},
+                fix="Check the delimiter (tab for .tsv, comma for .csv) and --text_column.",
+            )
+        texts.append({"line": number, "text": row[column]})
+    return texts
+
+
+def _json_text(path: Path, number: int, line: str, key: str) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise InputError(f"Row {number} of {path} is not valid JSON ({err.msg}).",
+                         received={"input": str(path), "row": number}) from None
+    if not isinstance(record, dict) or key not in record:
+        raise InputError(f"Row {number} of {path} lacks the `{key}` key.",
+                         received={"input": str(path), "row": number},
+                         fix="Set --text_key to the key that holds the text.")
+    return {"line": number, "text": str(record[key])}
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; hidden files and folders skipped."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in relative):
+            continue
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
+    if not found:
+        raise InputError(
+            "No image files in the input folder.", received={"input": str(folder)},
+            fix=f"Expected files ending in {', '.join(IMAGE_SUFFIXES)}.",
+        )
+    return found
+
+
+# === Model ===
+
+
+class Predictor:
+    """Calls an export's `serving_default` with the input kind the model card names.
+
+    Example:
+
+    ```python
+    predictor = Predictor("exports/sst2")
+    rows = predictor.predict(["a fine film"])  # [{'label': 'positive', ...}]
+    ```
+    """
+
+    def __init__(self, saved_model: str | os.PathLike):
+        from tfhub_finetune.export import read_model_card, resolve_saved_model
+
+        self.path = resolve_saved_model(saved_model)
+        card = read_model_card(self.path)
+        if card is None:
+            raise InputError(
+                "The SavedModel has no assets.extra/model_card.json; it was not written by "
+                "tfhub_finetune.export.",
+                received={"saved_model": str(self.path)},
+                fix="Export with export_text_classifier / export_image_classifier, or pass "
+                "--export_dir to the training pipeline.",
+            )
+        self.card = card
+        self.kind = card.get("input")
+        self.task = card.get("task", "single_label")
+        self.labels = list(card.get("labels", []))
+        self.client = None
+        if self.kind == "token_ids":
+            from tfhub_finetune.text_client import TextClient
+
+            try:
+                self.client = TextClient.from_saved_model(self.path)
+            except (OSError, ValueError) as err:
+                raise InputError("Cannot tokenize for this token-id export.",
+                                 received={"saved_model": str(self.path)},
+                                 fix=str(err)) from None
+        import tensorflow as tf
+
+        if "tensorflow_text" in card.get("requires", []):
+            try:
+                import tensorflow_text  # noqa: F401  Registers the tokenizer's ops.
+            except ImportError:
+                raise InputError(
+                    "This export tokenizes in the graph and needs tensorflow_text.",
+                    received={"saved_model": str(self.path)},
+                    fix=f"pip install tensorflow-text, or use the "
+                    f"{card.get('token_id_model', '<name>_token_ids')} export.",
+                ) from None
+        self._tf = tf
+        self.signature = tf.saved_model.load(str(self.path)).signatures["serving_default"]
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.kind == "image_bytes" else "text"
+
+    def predict(self, inputs: list) -> list[dict]:
+        """Predicts a batch of texts (str) or encoded images (bytes)."""
+        tf = self._tf
+        if self.kind == "token_ids":
+            encoded = self.client.encode(inputs)
+            outputs = self.signature(**{k: tf.constant(v, tf.int32) for k, v in encoded.items()})
+        elif self.kind == "strings":
+            outputs = self.signature(text=tf.constant(inputs, tf.string))
+        else:
+            outputs = self.signature(image_bytes=tf.constant(inputs, tf.string))
+        return self._rows({k: v.numpy() for k, v in outputs.items()}, len(inputs))
+
+    def _rows(self, outputs: dict, count: int) -> list[dict]:
+        rows = []
+        for i in range(count):
+            if self.task == "regression":
+                rows.append({"scores": _named(self.labels, outputs["scores"][i])})
+            elif self.task == "multi_label":
+                probabilities = outputs["probabilities"][i]
+                rows.append({
+                    "labels": [n for n, p in zip(self.labels, probabilities, strict=True) if p >= 0.5],
+                    "probabilities": _named(self.labels, probabilities),
+                })
+            else:
+                label_id = int(outputs["label_ids"][i])
+                rows.append({
+                    "label": self.labels[label_id],
+                    "label_id": label_id,
+                    "probabilities": _named(self.labels, outputs["probabilities"][i]),
+                })
+        return rows
+
+
+def _named(names: list[str], values) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(names, values, strict=True)}
+
+
+# === Main ===
+
+
+def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text_column: str = "0",
+        has_header: str = "auto", text_key: str = "text") -> dict:
+    """Predicts every input and writes JSON lines; returns `{count, errors, output}`.
+
+    Raises:
+        InputError: for bad paths, unreadable inputs, or inputs that do not
+            suit the model.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise InputError("Batch size must be at least 1.", received={"batch_size": batch_size})
+    source = Path(input_path).expanduser()
+    if not source.exists():
+        raise InputError("Input not found.", received={"input": input_path},
+                         fix="Give a .tsv/.csv/.jsonl file or a folder of images.")
+    if source.is_file() and source.suffix.lower() not in (".tsv", ".txt", ".csv", ".jsonl", ".json"):
+        raise InputError("Unsupported input file.", received={"input": input_path},
+                         fix="Use .tsv, .txt, .csv or .jsonl, or a folder of images.")
+    if not Path(saved_model).expanduser().exists():
+        # Checked before TensorFlow is imported, so this mistake is reported at once.
+        raise InputError("SavedModel folder not found.", received={"saved_model": saved_model},
+                         fix="Give <export_dir>/<model_name> or one of its version folders.")
+    target = Path(output).expanduser()
+    if target.exists() and target.is_dir():
+        raise InputError("The output is a folder.", received={"output": output},
+                         fix="Give a file path, e.g. predictions.jsonl.")
+    predictor = Predictor(saved_model)
+    if predictor.modality == "image" and not source.is_dir():
+        raise InputError("This is an image model; the input must be a folder of images.",
+                         received={"input": input_path, "saved_model": str(predictor.path)})
+    if predictor.modality == "text" and source.is_dir():
+        raise InputError("This is a text model; the input must be a text file.",
+                         received={"input": input_path, "saved_model": str(predictor.path)})
+    if source.is_dir():
+        records = [{"path": str(p)} for p in find_images(source)]
+    else:
+        records = read_texts(source, text_column, has_header, text_key)
+
+    from tfhub_finetune.io_utils import atomic_path
+
+    errors = 0
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as out, tqdm(
+        total=len(records), unit=" inputs", file=sys.stderr, mininterval=1.0,
+        desc=f"Predicting ({predictor.path})",
+    ) as progress:
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            for offset, row in enumerate(_predict_batch(predictor, batch)):
+                errors += "error" in row
+                out.write(json.dumps({"index": start + offset, **batch[offset], **row},
+                                     ensure_ascii=False) + "\n")
+            progress.update(len(batch))
+    return {"count": len(records), "errors": errors, "output": str(target)}
+
+
+def _predict_batch(predictor: Predictor, batch: list[dict]) -> list[dict]:
+    if predictor.modality == "text":
+        return predictor.predict([r["text"] for r in batch])
+    contents = [Path(r["path"]).read_bytes() for r in batch]
+    import tensorflow as tf
+
+    try:
+        return predictor.predict(contents)
+    except tf.errors.InvalidArgumentError:
+        # One bad image fails the whole call, as it would on the server; the
+        # others still deserve predictions.
+        rows = []
+        for data in contents:
+            try:
+                rows.extend(predictor.predict([data]))
+            except tf.errors.InvalidArgumentError as err:
+                rows.append({"error": _error_line(err)})
+        return rows
+
+
+def _error_line(err: Exception) -> str:
+    """The kernel's own message out of a TF runtime error ("Graph execution error: ...")."""
+    noise = ("Graph execution error", "Detected at node", "<stack traces", "\t", " ", "[[")
+    lines = [line for line in str(getattr(err, "message", err)).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(noise)]
+    text = (useful or lines or [type(err).__name__])[-1]
+    if text.startswith("assertion failed: ["):
+        text = text[len("assertion failed: ["):].rstrip("]")
+    return text
+
+
+def main(argv):
+    del argv
+    missing = [name for name in ("saved_model", "input", "output") if not getattr(FLAGS, name)]
+    if missing:
+        raise InputError("Missing required flag(s).", received={"missing": ",".join(missing)},
+                         fix="Set --saved_model, --input and --output.")
+    result = run(FLAGS.saved_model, FLAGS.input, FLAGS.output, FLAGS.batch_size,
+                 text_column=FLAGS.text_column, has_header=FLAGS.has_header,
+                 text_key=FLAGS.text_key)
+    note = f", {result['errors']} could not be predicted (see their `error`)" if result["errors"] else ""
+    print(f"Wrote {result['count']} predictions to {result['output']}{note}.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    pipeline_flags.run_main(main)
