@@ -455,3 +455,34 @@ def test_child_process_really_blocks_keras(tmp_path):
                           cwd=REPO_ROOT, timeout=120, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["blocked", "[]"]
+
+
+def test_multi_label_and_regression_signatures(tmp_path, image_files):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    contents = tf.constant([f.read_bytes() for f in image_files[:3]])
+    cases = {
+        "multi_label": (LabelVocabulary(["ant", "bee", "flower"], task="multi_label"), 3),
+        "regression": (LabelVocabulary(["size"], task="regression", label_type="id"), 1),
+    }
+    for task, (labels, width) in cases.items():
+        model = build_image_classifier("scratch_cnn", width, task=task, image_size=IMAGE_SIZE)
+        path = Path(export.export_image_classifier(model, labels, tmp_path, image_size=IMAGE_SIZE,
+                                                   model_name=task, measure_latency=False))
+        loaded = tf.saved_model.load(str(path))
+        out = {k: v.numpy() for k, v in loaded.signatures["serving_default"](image_bytes=contents).items()}
+        saved = saved_model_pb2.SavedModel()
+        saved.ParseFromString((path / "saved_model.pb").read_bytes())
+        methods = {k: v.method_name for k, v in saved.meta_graphs[0].signature_def.items()
+                   if not k.startswith("__")}
+        if task == "multi_label":
+            assert sorted(out) == ["label_names", "predicted", "probabilities"]
+            assert out["label_names"].tolist() == [[b"ant", b"bee", b"flower"]] * 3
+            assert (out["predicted"] == (out["probabilities"] >= 0.5)).all()
+            assert methods["classify"] == "tensorflow/serving/classify"
+        else:
+            assert sorted(out) == ["scores"] and out["scores"].shape == (3, 1)
+            regress = loaded.signatures["regress"](
+                inputs=tf.constant(examples("image/encoded", contents.numpy().tolist())))
+            np.testing.assert_allclose(regress["outputs"].numpy(), out["scores"][:, 0], atol=1e-5)
+            assert methods["regress"] == "tensorflow/serving/regress" and "classify" not in methods
