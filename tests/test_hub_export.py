@@ -237,3 +237,34 @@ def test_existing_folders_are_kept_unless_overwrite(tmp_path):
 def test_bad_sequence_length_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="seq_length"):
         export_tfhub(tiny_text_backbone(), tmp_path / "t", seq_length=2)
+
+
+# === Real backbones (slow) ===
+
+
+@pytest.mark.slow
+def test_real_backbones_fine_tune_the_same_through_the_tf_hub_path(tmp_path, minilm_l3_dir, sst2_dir):
+    """MiniLM-L3 on SST-2 and EfficientNet-Lite0 on hymenoptera, keras-hub vs TF Hub export.
+
+    Same data, seed and hyperparameters as `python -m benchmarks.hub_roundtrip`
+    (2000 SST-2 sentences, sequence length 64, 2 epochs; 3 epochs on the
+    images); the accuracies must agree within one point.
+    """
+    from benchmarks.hub_roundtrip import image_roundtrip, text_roundtrip
+    from tests.conftest import require_shared_path
+
+    text = text_roundtrip(minilm_l3_dir, sst2_dir, tmp_path)
+    print("text", text)
+    assert text["token_ids_identical"] and text["feature_max_abs_diff"] < 1e-4
+    assert text["keras_hub_accuracy"] > 0.75  # README: 0.806 after this recipe.
+    assert abs(text["difference_points"]) <= 1.0
+
+    image = image_roundtrip(
+        require_shared_path("weights/efficientnet_lite0"),
+        require_shared_path("data/hymenoptera"),
+        tmp_path,
+    )
+    print("image", image)
+    assert image["feature_max_abs_diff"] < 1e-4
+    assert image["keras_hub_accuracy"] > 0.85
+    assert abs(image["difference_points"]) <= 1.0
