@@ -1,0 +1,72 @@
+"""Fine-tune and evaluate an image classifier.
+
+    python -m pipelines.image_classify \
+        --flagfile=pipelines/configs/hymenoptera_efficientnet_lite0.flags
+
+Takes the same flags as `pipelines.text_classify` where they mean the same
+thing (`--train_data`, `--eval_data`, `--backbone`, `--model_dir`, `--epochs`,
+`--batch_size`, `--learning_rate`, `--seed`, `--mode`, ...), plus
+`--image_size`, `--augment` and `--crop_to_aspect_ratio`. `--train_data` is a
+folder of class folders (`train/<class>/*.jpg`), a `.csv` of `path,label`,
+TFRecord files or `tfds:<name>[:<split>]`.
+
+Writes to --model_dir: params.json, labels.json, best.weights.h5 (+ best.json),
+model.keras (takes raw 0..255 pixels), metrics.json (accuracy, macro-F1,
+per-class figures, confusion matrix, skipped files), training_log.csv, logs/
+(TensorBoard) and backup/ (resume state). Bad input ends with one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from pipelines import flags as pipeline_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+pipeline_flags.define_common_flags()
+flags.DEFINE_integer("image_size", 0, "Input side in pixels (0: the backbone's own).")
+flags.DEFINE_enum(
+    "augment",
+    "basic",
+    ["basic", "randaugment", "none"],
+    "Training augmentation: basic (flip, zoom-in/shift crop, small rotation), randaugment "
+    "(basic + keras RandAugment, strong) or none.",
+)
+flags.DEFINE_bool(
+    "crop_to_aspect_ratio", True, "Centre-crop images to a square before resizing (no distortion)."
+)
+
+
+def main(argv):
+    del argv
+    from tfhub_finetune.driver import run_experiment
+    from tfhub_finetune.tasks.image_classification import ImageClassificationTask
+
+    config = pipeline_flags.config_from_flags()
+    task = ImageClassificationTask(
+        config, augment=FLAGS.augment, crop_to_aspect_ratio=FLAGS.crop_to_aspect_ratio
+    )
+    result = run_experiment(config, task)
+    if FLAGS.export_dir and config.mode != "eval" and not result.get("terminated"):
+        from tfhub_finetune.export import export_image_classifier
+
+        path = export_image_classifier(
+            result["model"],
+            task.labels,
+            FLAGS.export_dir,
+            image_size=task.image_size,
+            model_name=FLAGS.model_name,
+            model_dir=config.model_dir,
+            crop_to_aspect_ratio=FLAGS.crop_to_aspect_ratio,
+        )
+        print(f"Exported SavedModel: {path}")
+    pipeline_flags.print_summary(result, config.model_dir)
+
+
+if __name__ == "__main__":
+    pipeline_flags.run_main(main)

@@ -1,0 +1,165 @@
+"""Image classification task: class folders/CSV/TFRecord/TFDS -> cached pixels -> backbone + head."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfhub_finetune.backbones.base import ImageBackbone
+from tfhub_finetune.backbones.catalog import resolve_backbone
+from tfhub_finetune.backbones.image_source import load_image_backbone
+from tfhub_finetune.builders.image_classifier import build_image_classifier
+from tfhub_finetune.config import ExperimentConfig
+from tfhub_finetune.data.image import ImageDataset, build_augmenter, load_image_dataset
+from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.errors import InputError
+
+# Evaluation batches only run forward passes, so they can be larger.
+_MIN_EVAL_BATCH = 64
+
+
+class ImageClassificationTask:
+    """Reads image data, builds the classifier, and batches both splits.
+
+    Decoded, resized images are cached once; each training epoch reshuffles
+    them with a seed derived from the epoch number (so an interrupted run
+    resumes on the same batches) and augments them.
+
+    Example:
+
+    ```python
+    task = ImageClassificationTask(config, augment="basic")
+    task.prepare_train()
+    model = task.build_model()
+    ```
+    """
+
+    def __init__(
+        self, config: ExperimentConfig, augment: str = "basic", crop_to_aspect_ratio: bool = True
+    ):
+        self.config = config
+        self.spec = resolve_backbone(config.model.backbone)
+        if self.spec.modality != "image":
+            raise InputError(
+                "The image pipeline needs an image backbone.",
+                received={"backbone": config.model.backbone, "modality": self.spec.modality},
+                fix="Use pipelines.text_classify for text backbones.",
+            )
+        if config.model.task != "single_label":
+            raise InputError(
+                "The image pipeline trains single-label classifiers.",
+                received={"task": config.model.task},
+                fix="Use --task=single_label (class folders give one label per image).",
+            )
+        self.crop_to_aspect_ratio = crop_to_aspect_ratio
+        # Built here, outside the strategy scope and before tf.data traces any
+        # epoch function: Keras layers cannot be created inside either.
+        self.augmenter = build_augmenter(augment, seed=config.train.seed)
+        self.backbone: ImageBackbone | None = None
+        self.labels: LabelVocabulary | None = None
+        self.train_data: ImageDataset | None = None
+        self.eval_data: ImageDataset | None = None
+        self.steps_per_epoch = 0
+        self.summary: dict = {}
+
+    @property
+    def image_size(self) -> int:
+        """The input side: `--image_size`, or the backbone's own."""
+        return self.config.model.image_size or self._load_backbone().image_size
+
+    def _load_backbone(self) -> ImageBackbone:
+        if self.backbone is None:
+            self.backbone = load_image_backbone(self.spec)
+        return self.backbone
+
+    # === Data ===
+
+    def _read(self, source: str, split: str, *, training: bool, names=None) -> ImageDataset:
+        d = self.config.data
+        return load_image_dataset(
+            source,
+            image_size=self.image_size,
+            training=training,
+            label_names=names,
+            split=split,
+            crop_to_aspect_ratio=self.crop_to_aspect_ratio,
+            augment="none",  # Training batches use self.augmenter (see train_epoch_dataset).
+            seed=self.config.train.seed,
+            max_examples=d.max_train_examples if training else None,
+        )
+
+    def prepare_train(self) -> None:
+        d = self.config.data
+        train = self._read(d.train_data, d.train_split, training=True, names=d.label_names or None)
+        if d.eval_data:
+            evaluation = self._read(
+                d.eval_data, d.eval_split, training=False, names=train.label_names
+            )
+        else:
+            train, evaluation = train.split(d.validation_split, seed=self.config.train.seed)
+            print(f"No --eval_data: holding out {evaluation.num_examples} of the training images.")
+        self.labels = train.vocabulary
+        self.train_data, self.eval_data = train, evaluation
+        if not train.num_examples:
+            raise InputError(
+                "Training data of unknown size.",
+                received={"train_data": d.train_data},
+                fix="Use class folders, a CSV or TFRecords, or a TFDS split with known size.",
+            )
+        self.steps_per_epoch = math.ceil(train.num_examples / self.config.train.batch_size)
+        self.summary = {
+            "train_examples": train.num_examples,
+            "eval_examples": evaluation.num_examples,
+            "image_size": self.image_size,
+            "pixel_convention": self._load_backbone().pixel_convention,
+            "skipped_files": {
+                "train": [vars(s) for s in train.skipped],
+                "eval": [vars(s) for s in evaluation.skipped],
+            },
+        }
+
+    def prepare_eval(self, labels: LabelVocabulary) -> None:
+        self.labels = labels
+        d = self.config.data
+        self.eval_data = self._read(d.eval_data, d.eval_split, training=False, names=labels.names)
+        self.summary = {
+            "eval_examples": self.eval_data.num_examples,
+            "image_size": self.image_size,
+            "skipped_files": {"eval": [vars(s) for s in self.eval_data.skipped]},
+        }
+
+    # === Model ===
+
+    def build_model(self) -> keras.Model:
+        m = self.config.model
+        return build_image_classifier(
+            self._load_backbone(),
+            self.labels.num_classes,
+            task=m.task,
+            dropout=m.dropout,
+            freeze_backbone=m.freeze_backbone,
+            image_size=self.image_size,
+        )
+
+    # === Datasets ===
+
+    def train_epoch_dataset(self, epoch: int | tf.Tensor) -> tf.data.Dataset:
+        t = self.config.train
+        seed = tf.cast(epoch, tf.int64) + tf.constant(t.seed * 1000, tf.int64)
+        return self.train_data.batches(
+            t.batch_size,
+            training=True,
+            seed=seed,
+            augment=self.augmenter,
+            reshuffle_each_iteration=False,
+        )
+
+    def eval_dataset(self) -> tf.data.Dataset:
+        return self.eval_data.batches(max(self.config.train.batch_size, _MIN_EVAL_BATCH))
+
+    def eval_targets(self) -> np.ndarray:
+        labels = self.eval_data.examples.map(lambda _, label: label)
+        return np.concatenate([y.numpy() for y in labels.batch(4096)])
