@@ -29,7 +29,7 @@ defaults below, seed 42):
 
 Token ids of all 872 dev sentences are identical through the exported
 preprocess model; features agree to 1.9e-6 (text) and 3.0e-6 (images); with
-equal head weights, the first step's loss and gradients are equal.
+equal head weights, the first step's loss and gradients agree to float rounding.
 
 Usage:
 
