@@ -1,9 +1,9 @@
 import pytest
 
+from tests.conftest import require_shared_path
 from tfhub_finetune.backbones.catalog import is_backbone, list_backbones, resolve_backbone
 from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.errors import InputError
-from tests.conftest import require_shared_path
 
 
 def test_catalog_names_resolve_to_their_specs():
