@@ -108,6 +108,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -740,7 +741,10 @@ def export_tflite(
     images = np.random.default_rng(seed).uniform(0, 255, (num_check_images, height, width, 3))
     images = images.astype(np.float32)
     expected = np.asarray(model(images, training=False))
-    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    with warnings.catch_warnings():
+        # Deprecated in favour of ai_edge_litert, which is not a dependency.
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = tf.lite.Interpreter(model_content=flatbuffer)
     interpreter.allocate_tensors()
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     got = []
@@ -893,13 +897,14 @@ def _write_assets_extra(directory: str, card: dict[str, Any], vocabulary: list[s
 def _describe_signatures(signatures: dict[str, Any]) -> dict[str, Any]:
     described = {}
     for name, concrete in signatures.items():
-        _, kwargs = concrete.structured_input_signature
+        # Every input spec is named; the names are the signature's input keys.
+        specs = tf.nest.flatten(concrete.structured_input_signature)
         method = {"classify": CLASSIFY_METHOD, "regress": REGRESS_METHOD}.get(
             name, "tensorflow/serving/predict"
         )
         described[name] = {
             "method": method,
-            "inputs": {k: _spec_text(v) for k, v in sorted(kwargs.items())},
+            "inputs": {spec.name: _spec_text(spec) for spec in specs},
             "outputs": {k: _spec_text(v) for k, v in sorted(concrete.structured_outputs.items())},
         }
     return described
