@@ -35,6 +35,7 @@ import tensorflow as tf
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 
 BACKUP_STATE = "backup_state.json"
+BACKUP_LOG = "backup_log.jsonl"
 BEST_WEIGHTS = "best.weights.h5"
 BEST_STATE = "best.json"
 
@@ -85,8 +86,13 @@ def make_optimizer(
     warmup_ratio: float = 0.1,
     weight_decay: float = 0.01,
     clip_norm: float = 1.0,
+    end_learning_rate: float = 0.0,
 ) -> keras.optimizers.AdamW:
     """AdamW with BERT defaults: warm-up + linear decay, no decay on biases/LayerNorm.
+
+    `end_learning_rate=learning_rate` keeps the rate constant after warm-up,
+    so training for k epochs is exactly the start of any longer run (model
+    selection's successive halving continues trials that way).
 
     Example:
 
@@ -94,7 +100,8 @@ def make_optimizer(
     model.compile(optimizer=make_optimizer(5e-5, total_steps=600), loss=...)
     ```
     """
-    schedule = WarmupLinearDecay(learning_rate, total_steps, int(round(total_steps * warmup_ratio)))
+    schedule = WarmupLinearDecay(learning_rate, total_steps, int(round(total_steps * warmup_ratio)),
+                                 end_learning_rate)
     optimizer = keras.optimizers.AdamW(
         learning_rate=schedule,
         weight_decay=weight_decay,
@@ -205,9 +212,13 @@ class ResumableBackup(keras.callbacks.Callback):
         with atomic_path(self.backup_dir / name) as tmp:
             self.model.save_weights(str(tmp))
         state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                 "weights": name}
+                 "weights": name, "learning_rate": current_learning_rate(self.model.optimizer)}
         # The pointer is the commit: until it is replaced, the old backup stays valid.
         atomic_write_text(self.backup_dir / BACKUP_STATE, json.dumps(state))
+        # An append-only history, so a run's learning rate at any backed-up step can be
+        # compared with another run's (the resume tests do).
+        with open(self.backup_dir / BACKUP_LOG, "a", encoding="utf-8") as log:
+            log.write(json.dumps(state) + "\n")
         for old in self.backup_dir.glob("backup-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
