@@ -1,0 +1,423 @@
+"""Tests for tfhub_finetune.selection.select and pipelines.select_model.
+
+The recommendation logic on recorded figures is tested with the library
+(`test_recommend.py`, `test_report.py`); here: the successive-halving oracle
+(driven through KerasTuner's own `create_trial` / `update_trial` /
+`end_trial`), the cache, failing candidates, exit codes, and tiny real runs
+(two small text encoders on 200 SST-2 sentences, sequence length 32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, run_pipeline
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.selection.profile import ProfileOptions
+from tfhub_finetune.selection.select import (
+    SelectionConfig,
+    TrialRecord,
+    plan_search,
+    rung_epochs,
+    select_model,
+)
+
+pytestmark = pytest.mark.filterwarnings(
+    # KerasTuner 1.4.8's `synchronized` uses deprecated threading names.
+    "ignore:currentThread:DeprecationWarning", "ignore:getName:DeprecationWarning",
+)
+
+TINY = ("scratch_text_encoder", "minilm_l6_h384@layers=1")
+# One child process per profile (inference timed on the built model) and short timing loops.
+FAST_PROFILE = ProfileOptions(
+    serving_batch_size=8, train_batch_size=16, warmup_runs=2, min_runs=5, max_runs=200,
+    min_seconds=0.2, measure_saved_model=False,
+)
+TINY_SETTINGS = dict(
+    label_names=("negative", "positive"), sequence_length=32, batch_size=16,
+    learning_rates=(1e-3,), min_epochs=1, max_epochs=2, transfer_examples=200,
+    profile_options=FAST_PROFILE, progress=False,
+)
+
+
+# --------------------------------------------------------------------------- #
+# Helpers
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def tiny_sst2(tmp_path_factory, sst2_dir) -> dict[str, str]:
+    """The first 200 training and 100 dev sentences of SST-2."""
+    folder = tmp_path_factory.mktemp("sst2_tiny")
+    for name, count in (("train", 200), ("dev", 100)):
+        lines = (sst2_dir / f"{name}.tsv").read_text(encoding="utf-8").splitlines()[:count]
+        (folder / f"{name}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"train": str(folder / "train.tsv"), "dev": str(folder / "dev.tsv")}
+
+
+def _oracle(candidates, learning_rates, rungs, directory, **kwargs):
+    from tfhub_finetune.selection.select import SuccessiveHalvingOracle
+
+    oracle = SuccessiveHalvingOracle("val_accuracy", candidates, learning_rates, rungs, **kwargs)
+    oracle._set_project_dir(str(directory), "oracle_test")
+    oracle.verbose = 0
+    return oracle
+
+
+def _finish(oracle, trial, curve: list[float]) -> None:
+    """Reports a trial the way `SelectionTuner.run_trial` does, with the given score curve."""
+    values = trial.hyperparameters.values
+    epochs, initial = values["tuner/epochs"], values["tuner/initial_epoch"]
+    metrics = {"val_accuracy": max(curve[:epochs]), "epochs_trained": float(epochs),
+               "stopped_early": 0.0}
+    for k in range(1, epochs + 1):
+        metrics[f"val_accuracy_epoch_{k}"] = curve[k - 1]
+    for k in range(initial + 1, epochs + 1):
+        metrics[f"epoch_{k}_seconds"] = 1.0
+    oracle.update_trial(trial.trial_id, metrics)
+    trial.status = "COMPLETED"
+    oracle.end_trial(trial)
+
+
+def _record(trial_id, backbone, lr, epochs, scores, *, initial=0, parent=None, stopped=False):
+    return TrialRecord(
+        trial_id=trial_id, backbone=backbone, learning_rate=lr, status="COMPLETED",
+        target_epochs=epochs, initial_epoch=initial, parent_id=parent, epochs_trained=len(scores),
+        stopped_early=stopped, scores=tuple(scores),
+        epoch_seconds={k: 10.0 for k in range(initial + 1, len(scores) + 1)},
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _flagfile(path: Path, data: dict[str, str], output_dir: Path, **extra: str) -> Path:
+    flags = {
+        "candidates": ",".join(TINY), "train_data": data["train"], "eval_data": data["dev"],
+        "label_names": "negative,positive", "sequence_length": "32", "batch_size": "16",
+        "learning_rates": "1e-3", "min_epochs": "1", "max_epochs": "2",
+        "transfer_examples": "200", "profile_min_seconds": "0.2", "profile_batch_size": "8",
+        "output_dir": str(output_dir), "progress": "false", **extra,
+    }
+    path.write_text("".join(f"--{k}={v}\n" for k, v in flags.items()), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# The oracle and the plan (no training)
+# --------------------------------------------------------------------------- #
+
+
+def test_oracle_gives_every_candidate_the_first_rung_and_promotes_the_better_half(tmp_path):
+    # Final-rung curves; a backbone's best learning rate decides its rank.
+    curves = {
+        ("a", 1e-4): [0.60, 0.70, 0.75, 0.80], ("a", 3e-5): [0.50, 0.60, 0.60, 0.60],
+        ("b", 1e-4): [0.70, 0.72, 0.73, 0.74], ("b", 3e-5): [0.90, 0.91, 0.92, 0.95],
+        ("c", 1e-4): [0.40, 0.40, 0.40, 0.40], ("c", 3e-5): [0.45, 0.45, 0.45, 0.45],
+        ("d", 1e-4): [0.80, 0.85, 0.86, 0.87], ("d", 3e-5): [0.30, 0.30, 0.30, 0.30],
+        ("e", 1e-4): [0.55, 0.56, 0.57, 0.58], ("e", 3e-5): [0.65, 0.66, 0.67, 0.68],
+    }
+    oracle = _oracle(list("abcde"), [1e-4, 3e-5], rung_epochs(1, 4, 2), tmp_path)
+    started = []
+    while True:
+        trial = oracle.create_trial("tuner0")
+        if trial.status != "RUNNING":
+            assert trial.status == "STOPPED"
+            break
+        values = dict(trial.hyperparameters.values)
+        started.append((trial.trial_id, values))
+        _finish(oracle, trial, curves[(values["backbone"], values["learning_rate"])])
+
+    by_round = {}
+    for trial_id, values in started:
+        by_round.setdefault(values["tuner/round"], []).append((trial_id, values))
+    first = by_round[0]
+    # Every candidate x learning rate gets the first rung, from scratch, for 1 epoch.
+    assert sorted((v["backbone"], v["learning_rate"]) for _, v in first) == sorted(curves)
+    assert all(v["tuner/epochs"] == 1 and "tuner/trial_id" not in v for _, v in first)
+    rung0_id = {(v["backbone"], v["learning_rate"]): tid for tid, v in first}
+    # Rung-0 bests: b 0.90, d 0.80, e 0.65, a 0.60, c 0.45 -> ceil(5/2) = 3 go on.
+    second = {v["backbone"]: v for _, v in by_round[1]}
+    assert set(second) == {"b", "d", "e"}
+    for backbone, lr in (("b", 3e-5), ("d", 1e-4), ("e", 3e-5)):
+        values = second[backbone]
+        assert values["learning_rate"] == lr  # The backbone's best learning rate.
+        assert values["tuner/trial_id"] == rung0_id[(backbone, lr)]  # Continues its checkpoint.
+        assert (values["tuner/initial_epoch"], values["tuner/epochs"]) == (1, 2)
+    # Rung-1 scores: b 0.91, d 0.85, e 0.66 -> ceil(3/2) = 2 train on to 4 epochs.
+    third = {v["backbone"]: v for _, v in by_round[2]}
+    assert set(third) == {"b", "d"}
+    assert all((v["tuner/initial_epoch"], v["tuner/epochs"]) == (2, 4) for v in third.values())
+    assert len(started) == 10 + 3 + 2
+
+    plan = oracle.plan()
+    assert plan.finished and plan.halving_complete
+    assert plan.halving_result("b").score == pytest.approx(0.95)
+    assert plan.halving_result("c").epochs == 1  # Cut after the first rung.
+    assert plan.planned_epochs == 10 * 1 + 3 * 1 + 2 * 2
+
+
+def test_oracle_promotes_only_what_is_guaranteed_while_trials_run(tmp_path):
+    # Two workers: promotion must not wait for the slowest, nor jump the gun.
+    oracle = _oracle(list("abcd"), [1e-4], [1, 2], tmp_path)
+    trials = {t.hyperparameters.values["backbone"]: t
+              for t in (oracle.create_trial(f"tuner{i}") for i in range(4))}
+    assert set(trials) == set("abcd")
+    assert oracle.create_trial("tuner4").status == "IDLE"  # Nothing to do until results.
+    _finish(oracle, trials["a"], [0.9, 0.9])
+    _finish(oracle, trials["b"], [0.5, 0.5])
+    # 2 of 4 finished, 2 go on: `a` could still be beaten by both others.
+    assert oracle.create_trial("tuner0").status == "IDLE"
+    _finish(oracle, trials["c"], [0.7, 0.7])
+    # 3 finished: at most one (d) can end above `a`, so `a` is surely in the top 2.
+    promoted = oracle.create_trial("tuner0")
+    assert promoted.hyperparameters.values["backbone"] == "a"
+    assert oracle.create_trial("tuner1").status == "IDLE"  # `c` vs `d` is still open.
+    _finish(oracle, trials["d"], [0.8, 0.8])
+    assert oracle.create_trial("tuner1").hyperparameters.values["backbone"] == "d"
+
+
+def test_plan_reuses_finished_trials_when_the_budget_widens():
+    records = [
+        _record("0", "a", 1e-4, 1, [0.8]),
+        _record("1", "b", 1e-4, 1, [0.6]),
+        _record("2", "a", 1e-4, 2, [0.8, 0.85], initial=1, parent="0"),
+    ]
+    same = plan_search(records, ["a", "b"], [1e-4], [1, 2])
+    assert same.finished and not same.todo  # A rerun trains nothing.
+    wider = plan_search(records, ["a", "b"], [1e-4], [1, 2, 4])
+    (item,) = wider.todo
+    # Continues the 2-epoch trial instead of starting over.
+    assert (item.backbone, item.base.trial_id, item.initial_epoch, item.target_epochs) == (
+        "a", "2", 2, 4)
+    # Narrower: the 2-epoch trial's history answers the 1-epoch question.
+    narrower = plan_search(records, ["a", "b"], [1e-4], [1])
+    assert narrower.finished and narrower.halving_result("a").score == pytest.approx(0.8)
+    # Other weights behind the same name: nothing is reused.
+    changed = plan_search(records, ["a", "b"], [1e-4], [1, 2], weights_ids={"a": "new", "b": ""})
+    assert [w.backbone for w in changed.todo] == ["a"]
+
+
+def test_plan_respects_the_budget_but_always_runs_the_first_rung():
+    plan = plan_search([], list("abcd"), [1e-4, 3e-5], [1, 2, 4], budget_epochs=3)
+    assert len(plan.todo) == 8  # The first rung is the floor, over budget or not.
+    records = [_record(str(i), b, lr, 1, [0.1 * i])
+               for i, (b, lr) in enumerate((b, lr) for b in "abcd" for lr in (1e-4, 3e-5))]
+    plan = plan_search(records, list("abcd"), [1e-4, 3e-5], [1, 2, 4], budget_epochs=9)
+    # 8 epochs spent; the second rung needs 2 more (d and c), 10 > 9: stop.
+    assert plan.todo == [] and plan.finished
+    assert "budget (9 epochs)" in plan.budget_stop
+    stopped = [_record("9", "a", 1e-4, 2, [0.9, 0.8], stopped=True)]
+    plan = plan_search(stopped, ["a"], [1e-4], [1, 2, 4])
+    assert plan.finished  # An early stop answers every later rung without training.
+    assert plan.halving_result("a").epochs == 2
+
+
+def test_bad_settings_raise_one_line_input_errors():
+    base = dict(candidates=("scratch_text_encoder",), train_data="t.tsv", output_dir="out")
+    for bad, match in (
+        ({"max_latency_ms": -5.0}, "must be positive"),
+        ({"min_metric": 85.0}, "exceeds 1"),
+        ({"min_epochs": 4, "max_epochs": 2}, "larger than `max_epochs`"),
+        ({"learning_rates": ()}, "at least one learning rate"),
+        ({"reduction_factor": 1}, "reduction_factor"),
+        ({"candidates": ("a", "a")}, "listed twice"),
+    ):
+        with pytest.raises(InputError, match=match) as info:
+            SelectionConfig(**{**base, **bad}).validate()
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "flag", ["--max_latency_ms=-1", "--min_metric=1.5", "--max_memory_mb=0",
+             "--min_epochs=3 --max_epochs=2"],
+)
+def test_pipeline_bad_constraints_exit_2_in_one_line(flag):
+    result = run_pipeline("pipelines.select_model", "--candidates=scratch_text_encoder",
+                          "--train_data=x.tsv", "--output_dir=runs/unused", *flag.split(),
+                          timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_pipeline_all_candidates_failing_exits_2(tiny_sst2, tmp_path):
+    result = run_pipeline(
+        "pipelines.select_model", "--candidates=not_a_backbone,/no/such/model/dir",
+        f"--train_data={tiny_sst2['train']}", f"--eval_data={tiny_sst2['dev']}",
+        f"--output_dir={tmp_path}", "--progress=false", timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Every candidate failed" in errors[0]
+    assert "not_a_backbone" in errors[0] and "Backbone directory not found" in errors[0]
+    # The report of what failed is still written.
+    assert "not_a_backbone" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- #
+# A tiny real run (and its rerun from the cache)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_sst2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("select_tiny")
+    broken = out / "broken_bert"
+    broken.mkdir()
+    # Resolves (a Hugging Face BERT folder) but its weights are not a safetensors file.
+    (broken / "config.json").write_text(json.dumps({
+        "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100,
+        "max_position_embeddings": 64, "type_vocab_size": 2,
+    }), encoding="utf-8")
+    (broken / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a"]),
+                                      encoding="utf-8")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    candidates = [*TINY, "not_a_backbone", str(broken)]
+    start = time.perf_counter()
+    result = select_model(candidates, tiny_sst2["train"], tiny_sst2["dev"],
+                          output_dir=str(out / "report"), max_latency_ms=1000.0, **TINY_SETTINGS)
+    return {"result": result, "seconds": time.perf_counter() - start, "out": out,
+            "candidates": candidates, "data": tiny_sst2}
+
+
+def test_tiny_run_writes_the_report(tiny_run):
+    result = tiny_run["result"]
+    report = Path(result.paths["report"])
+    for name in ("report.md", "results.json", "pareto.png", "transferability.png"):
+        assert (report.parent / name).stat().st_size > 0, name
+    text = report.read_text(encoding="utf-8")
+    assert "## Selection vs brute force" in text and "**estimated**" in text
+    assert "## Is pretraining worth it here?" in text
+    assert result.recommendation.name in TINY
+    results = json.loads((report.parent / "results.json").read_text(encoding="utf-8"))
+    trained = {c["name"]: c for c in results["candidates"] if c["metric"] is not None}
+    assert set(trained) == set(TINY)
+    for record in trained.values():
+        assert 0.0 <= record["metric"] <= 1.0
+        assert record["latency_ms"] > 0 and record["params"] > 0
+        assert record["figures"]["fine_tune_epochs"] in (1, 2)
+        assert set(record["scores"]) == {"logme", "knn_accuracy", "linear_probe_accuracy"}
+        assert record["figures"]["feature_extraction_seconds"] > 0
+    # Both trained a first rung; the better one also the second.
+    rungs = results["extra"]["rungs"]
+    assert [len(r["entries"]) for r in rungs] == [2, 1]
+    assert set(results["kendall_tau"]) == {"logme", "knn_accuracy", "linear_probe_accuracy"}
+    assert results["timing"]["brute_force_seconds_estimate"] > 0
+
+
+def test_failed_candidates_are_reported_and_the_run_goes_on(tiny_run):
+    records = {c.name: c for c in tiny_run["result"].candidates}
+    assert records["not_a_backbone"].error.startswith("resolve: Unknown backbone")
+    broken = records["broken_bert"]
+    assert broken.error.startswith("profile:") and broken.metric is None
+    text = Path(tiny_run["result"].paths["report"]).read_text(encoding="utf-8")
+    assert "failed: resolve: Unknown backbone" in text and "failed: profile:" in text
+
+
+def test_rerun_reuses_finished_trials_without_training(tiny_run):
+    first = tiny_run["result"]
+    project = next((tiny_run["out"] / "report" / "cache" / "tuner").iterdir())
+    trials_before = sorted(p.name for p in project.glob("trial_*"))
+    assert first.trials_run == len(trials_before) == 3
+    start = time.perf_counter()
+    again = select_model(tiny_run["candidates"], tiny_run["data"]["train"],
+                         tiny_run["data"]["dev"], output_dir=str(tiny_run["out"] / "report"),
+                         max_latency_ms=1000.0, **TINY_SETTINGS)
+    seconds = time.perf_counter() - start
+    assert again.trials_run == 0 and again.trials_reused == 3
+    assert sorted(p.name for p in project.glob("trial_*")) == trials_before
+    assert again.recommendation.name == first.recommendation.name
+    assert {c.name: c.metric for c in again.candidates} == {
+        c.name: c.metric for c in first.candidates}
+    # Profiles and scores come from the cache too; only the broken one is redone.
+    assert seconds < tiny_run["seconds"] / 2, (seconds, tiny_run["seconds"])
+
+
+# --------------------------------------------------------------------------- #
+# Slow: distributed tuning, kill and resume
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.slow
+def test_distributed_chief_and_two_workers(tiny_sst2, tmp_path):
+    flagfile = _flagfile(tmp_path / "tiny.flags", tiny_sst2, tmp_path / "out")
+    port = str(_free_port())
+    procs = {}
+    for role in ("chief", "tuner0", "tuner1"):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERASTUNER_TUNER_ID": role,
+               "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": port}
+        log = open(tmp_path / f"{role}.log", "w")  # noqa: SIM115 (closed below)
+        procs[role] = (subprocess.Popen(
+            [sys.executable, "-m", "pipelines.select_model", f"--flagfile={flagfile}"],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        ), log)
+    deadline = time.monotonic() + 1200
+    try:
+        for proc, _ in procs.values():
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail("distributed run timed out:\n" + "\n".join(
+            f"--- {r}\n{(tmp_path / f'{r}.log').read_text()[-3000:]}" for r in procs))
+    finally:
+        for proc, log in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    logs = {role: (tmp_path / f"{role}.log").read_text() for role in procs}
+    for role, (proc, _) in procs.items():
+        assert proc.returncode == 0, f"{role}:\n{logs[role][-3000:]}"
+    assert "Recommendation:" in logs["chief"]
+    assert (tmp_path / "out" / "report.md").exists()
+    project = next((tmp_path / "out" / "cache" / "tuner").iterdir())
+    histories = [json.loads(p.read_text()) for p in project.glob("trial_*/epochs.json")]
+    ran_on = {e["tuner_id"] for h in histories for e in h["epochs"].values()}
+    assert ran_on == {"tuner0", "tuner1"}  # Both workers trained; the chief only served.
+    trained = sum(int(line.split("trained ")[1].split()[0])
+                  for role in ("tuner0", "tuner1") for line in logs[role].splitlines()
+                  if line.startswith("Worker done"))
+    assert trained == len(list(project.glob("trial_*"))) == 3
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_the_interrupted_trial(tiny_sst2, tmp_path):
+    flagfile = _flagfile(tmp_path / "tiny.flags", tiny_sst2, tmp_path / "out",
+                         candidates="scratch_text_encoder", min_epochs="3", max_epochs="3")
+    command = [sys.executable, "-m", "pipelines.select_model", f"--flagfile={flagfile}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    history = None
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list((tmp_path / "out" / "cache").glob("tuner/*/trial_0000/epochs.json"))
+            if found and json.loads(found[0].read_text())["epochs"]:
+                history = found[0]
+                break
+            time.sleep(0.5)
+        assert history is not None, "the trial never finished an epoch"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # Only the group this test started.
+        proc.wait()
+    first_epoch = json.loads(history.read_text())["epochs"]["1"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from backup" in result.stdout
+    epochs = json.loads(history.read_text())["epochs"]
+    assert sorted(epochs) == ["1", "2", "3"]
+    assert epochs["1"] == first_epoch  # Epoch 1 was not trained again.

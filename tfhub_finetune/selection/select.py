@@ -1,0 +1,2253 @@
+"""Choose a backbone for a task under a budget: profile, score, fine-tune by halving, recommend.
+
+`select_model(candidates, train_data, eval_data, output_dir=...)` runs five stages
+over a list of candidate backbones (catalog names, `name@layers=k`, local
+directories, TF Hub handles), for text or image classification:
+
+1. **Profile** each candidate as deployed (backbone + head at the task's real
+   sequence length or image size) with `profile_in_subprocess`: one fresh child
+   process per candidate, so memory figures are clean.
+2. **Score transferability** without fine-tuning: frozen features of a seeded
+   sample of the training data, pooled exactly as the classifier pools them
+   (the head's input), scored by LogME, kNN and a linear probe, each timed.
+3. **Fine-tune by successive halving** on KerasTuner. `SuccessiveHalvingOracle`
+   subclasses `keras_tuner.Oracle` (the stock Hyperband oracle samples
+   configurations at random per bracket, so it cannot promise every candidate
+   a first rung): the backbone is a `Choice` over the shortlist, the learning
+   rate a secondary `Choice`; every (backbone, learning rate) pair trains for
+   the first rung's epochs; each backbone is scored by its best learning rate;
+   the better `1/reduction_factor` of the backbones continue, with that learning
+   rate, from their checkpoint to the next rung, up to `max_epochs`. Trials
+   stop early after `early_stopping_patience` epochs without improvement.
+   Every trial uses the same seed and the same per-epoch data order.
+4. **Recommend** with `recommend(...)` under latency / memory / parameter /
+   metric constraints.
+5. **Report** with `write_report` (report.md, results.json, pareto.png,
+   transferability.png), plus a section on the search, the from-scratch
+   baseline ("is pretraining worth it here?") and selection time against
+   brute force (fine-tuning every candidate fully: estimated from the measured
+   per-epoch times, or measured with `brute_force=True`).
+
+**Why trials can be continued and cached.** The learning rate warms up over
+the first tenth of an epoch and then stays constant, so the first k epochs of
+any trial are exactly the first k epochs of a longer one (a decaying schedule
+would depend on the budget). A promoted trial therefore resumes its parent's
+weights and optimizer state (`fit_resumable`), and a finished trial answers
+every later question about its (backbone, learning rate) up to its epochs.
+
+**Caching.** Results live under `cache_dir` (default `<output_dir>/cache`):
+
+- `tuner/<project>/`: the KerasTuner project. `<project>` is a hash of the data
+  (file contents or folder listings) and every setting that changes what a
+  trial computes (sequence length or image size, batch size, seed, metric,
+  warm-up, weight decay, dropout, pooling, patience, examples used). Inside, a
+  trial is keyed by its hyperparameters: backbone, learning rate, epochs, and
+  a fingerprint of the weights behind the backbone name. `overwrite=False`
+  reloads the project, so a rerun creates no trials, a wider budget continues
+  the finished ones, and a run killed mid-trial resumes that trial from its
+  last backup (`fit_resumable`, every `backup_every_steps` and at epoch ends).
+  The search plan is recomputed from the finished trials on every request,
+  never read back from the oracle's saved state, so changing the budget, the
+  learning rates or the candidate list reuses whatever already fits.
+- `profiles/` and `transferability/`: one JSON per (candidate, weights, input
+  shape or data sample, options, machine). Failures are not cached.
+
+**Distributed tuning.** With KerasTuner's environment variables set
+(`KERASTUNER_TUNER_ID`, `KERASTUNER_ORACLE_IP`, `KERASTUNER_ORACLE_PORT`), run
+the same command on every machine over a shared `cache_dir`: the chief
+(`KERASTUNER_TUNER_ID=chief`) profiles, scores, serves the oracle over gRPC
+until the workers have run every trial, then recommends and reports; each
+worker (`tuner0`, `tuner1`, ...) only trains the trials it is given and
+returns. The oracle promotes a backbone as soon as enough of its rung has
+finished to guarantee it a place in the better part (KerasTuner's Hyperband
+rule), so workers rarely wait.
+
+The KerasTuner subclasses are created on first use (`SuccessiveHalvingOracle`,
+`SelectionTuner`): importing KerasTuner imports TensorFlow, which takes ~10 s
+on a loaded machine, and settings must be checked before that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import types
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tfhub_finetune.errors import InputError, did_you_mean
+from tfhub_finetune.io_utils import atomic_write_text
+from tfhub_finetune.selection.profile import (
+    ProfileOptions,
+    ProfileResult,
+    cpu_description,
+    profile_in_subprocess,
+)
+from tfhub_finetune.selection.recommend import (
+    Candidate,
+    Recommendation,
+    _validate_constraints,
+    is_fraction_metric,
+    recommend,
+)
+from tfhub_finetune.selection.report import transferability_correlations, write_report
+
+logger = logging.getLogger(__name__)
+
+MODALITIES = ("auto", "text", "image")
+METRICS = ("accuracy", "macro_f1")
+ESTIMATORS = ("logme", "knn_accuracy", "linear_probe_accuracy")
+SCRATCH_BASELINES = {"text": "scratch_text_encoder", "image": "scratch_cnn"}
+# Bumped when a trial's computation changes, so old caches are not reused.
+_CACHE_VERSION = 1
+_TRIAL_HISTORY = "epochs.json"
+
+# Phases of a trial: the search itself, or completing every configuration
+# to `max_epochs` for the brute-force comparison.
+HALVING, BRUTE_FORCE = "halving", "brute_force"
+
+
+# --------------------------------------------------------------------------- #
+# Settings and result
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    """Everything one selection run needs. Flags map one to one onto these fields.
+
+    Attributes:
+        candidates: tuple of str. Backbones to compare: catalog names,
+            `name@layers=k`, local directories, TF Hub handles. The modality's
+            from-scratch baseline is added when missing.
+        train_data: str. Text: a `.tsv`/`.csv`/`.jsonl` file; images: a folder
+            of class folders (or what `data.image.load_image_dataset` reads).
+        eval_data: str. Same forms; empty holds out `validation_split`.
+        output_dir: str. Where report.md, results.json and the plots go.
+        modality: str. `auto` (from the candidates), `text` or `image`.
+        text_column: str. Text data: column name or 0-based index.
+        label_column: str. Text data: label column name or index.
+        has_header: str. Text data: `auto`, `true` or `false`.
+        label_names: tuple of str. Names for integer label ids, in id order.
+        max_train_examples: int. Use only the first N training examples
+            (images: a seeded random N); 0 uses all.
+        validation_split: float. Held out when `eval_data` is empty.
+        sequence_length: int. Text: max word pieces (also the profiled length).
+        pooling: str. Text: `auto`, `cls`, `pooler` or `mean`.
+        image_size: int. Images: input side; 0 uses each backbone's own.
+        augment: str. Images: `basic`, `randaugment` or `none`.
+        metric: str. `accuracy` or `macro_f1` on the evaluation data.
+        batch_size: int. Training batch size.
+        learning_rates: tuple of float. Peak learning rates to try (the
+            secondary choice; every one runs at the first rung).
+        warmup_ratio: float. Warm-up length as a fraction of one epoch.
+        weight_decay: float. AdamW weight decay.
+        dropout: float or None. Dropout before the head; None uses the
+            modality's builder default (text 0.1, images 0.2).
+        seed: int. Seed of initialisation, data order and the data sample.
+        min_epochs: int. Epochs of the first rung.
+        max_epochs: int. Epochs of a full fine-tuning (the last rung, and
+            what brute force trains every candidate for).
+        reduction_factor: int. Each rung keeps the best 1/factor of the
+            backbones (2: the better half, rounded up).
+        early_stopping_patience: int. Stop a trial after this many epochs
+            without improvement (counted over its whole chain); 0 disables.
+        budget_epochs: int. Most fine-tuning epochs the search may spend,
+            summed over all trials (0: no limit). The first rung always runs.
+        budget_minutes: float. Most fine-tuning minutes (measured epoch times)
+            the search may spend (0: no limit). The first rung always runs.
+        brute_force: bool. Also fine-tune every configuration to
+            `max_epochs` and compare the choice with the search's.
+        shortlist_size: int. Fine-tune only the best N candidates by
+            `shortlist_score` (plus the baseline); 0 fine-tunes all.
+        shortlist_score: str. Transferability score that ranks the shortlist.
+        transfer_examples: int. Training examples used for transferability.
+        max_latency_ms: float or None. Constraint: p50 latency at batch 1.
+        max_memory_mb: float or None. Constraint: peak inference memory.
+        max_params: float or None. Constraint: parameter count.
+        min_metric: float or None. Constraint: least fine-tuned metric.
+        profile_options: ProfileOptions or None. None uses
+            `ProfileOptions(serving_batch_size=32, train_batch_size=batch_size)`.
+        profile_timeout_s: float. Limit per candidate's profile.
+        cache_dir: str. Cache and KerasTuner project root; empty uses
+            `<output_dir>/cache`.
+        overwrite: bool. Ignore and replace cached results.
+        backup_every_steps: int. Trial backups every N steps (and at epoch ends).
+        title: str. Report title; empty derives one from the data.
+        progress: bool. Show a tqdm progress bar on stderr.
+    """
+
+    candidates: tuple[str, ...]
+    train_data: str
+    eval_data: str = ""
+    output_dir: str = ""
+    modality: str = "auto"
+    text_column: str = "0"
+    label_column: str = "1"
+    has_header: str = "auto"
+    label_names: tuple[str, ...] = ()
+    max_train_examples: int = 0
+    validation_split: float = 0.1
+    sequence_length: int = 128
+    pooling: str = "auto"
+    image_size: int = 0
+    augment: str = "basic"
+    metric: str = "accuracy"
+    batch_size: int = 32
+    learning_rates: tuple[float, ...] = (5e-5,)
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    dropout: float | None = None
+    seed: int = 42
+    min_epochs: int = 1
+    max_epochs: int = 4
+    reduction_factor: int = 2
+    early_stopping_patience: int = 2
+    budget_epochs: int = 0
+    budget_minutes: float = 0.0
+    brute_force: bool = False
+    shortlist_size: int = 0
+    shortlist_score: str = "logme"
+    transfer_examples: int = 500
+    max_latency_ms: float | None = None
+    max_memory_mb: float | None = None
+    max_params: float | None = None
+    min_metric: float | None = None
+    profile_options: ProfileOptions | None = None
+    profile_timeout_s: float = 1800.0
+    cache_dir: str = ""
+    overwrite: bool = False
+    backup_every_steps: int = 200
+    title: str = ""
+    progress: bool = True
+
+    def validate(self) -> SelectionConfig:
+        """Checks every value before any work; raises `InputError` naming the setting.
+
+        Returns:
+            self, so `SelectionConfig(...).validate()` chains.
+
+        Raises:
+            InputError: for empty candidates, missing data or output dir, bad
+                numbers, constraints no candidate could meet (negative
+                budgets, a fraction metric above 1) and contradictory budgets
+                (`min_epochs` above `max_epochs`).
+
+        Example:
+
+        ```python
+        SelectionConfig(candidates=("scratch_text_encoder",), train_data="train.tsv",
+                        output_dir="runs/select", max_latency_ms=-1).validate()
+        # InputError: `max_latency_ms` must be positive; ...
+        ```
+        """
+        if not self.candidates or not all(isinstance(c, str) and c.strip() for c in self.candidates):
+            _bad("candidates", list(self.candidates), "Give at least one candidate backbone.",
+                 "E.g. --candidates=minilm_l6_h384,scratch_text_encoder.")
+        duplicates = sorted({c for c in self.candidates if self.candidates.count(c) > 1})
+        if duplicates:
+            _bad("candidates", ",".join(duplicates), "A candidate is listed twice.",
+                 "List each backbone once.")
+        if not self.train_data:
+            _bad("train_data", "", "Training data is required.", "Set --train_data.")
+        if not self.output_dir:
+            _bad("output_dir", "", "An output directory is required.", "Set --output_dir.")
+        _one_of("modality", self.modality, MODALITIES)
+        _one_of("metric", self.metric, METRICS)
+        _one_of("shortlist_score", self.shortlist_score, ESTIMATORS)
+        _one_of("pooling", self.pooling, ("auto", "cls", "pooler", "mean"))
+        _one_of("augment", self.augment, ("basic", "randaugment", "none"))
+        for name in ("batch_size", "min_epochs", "max_epochs", "transfer_examples"):
+            _positive_int(name, getattr(self, name))
+        for name in ("max_train_examples", "early_stopping_patience", "budget_epochs",
+                     "shortlist_size", "image_size", "backup_every_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _bad(name, value, f"`{name}` must be an integer >= 0.")
+        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
+            _bad("reduction_factor", self.reduction_factor,
+                 "`reduction_factor` must be an integer >= 2 (2 keeps the better half).")
+        if self.min_epochs > self.max_epochs:
+            raise InputError(
+                "`min_epochs` is larger than `max_epochs`: the first rung would train longer "
+                "than a full fine-tuning.",
+                received={"min_epochs": self.min_epochs, "max_epochs": self.max_epochs},
+                fix="Give min_epochs <= max_epochs.",
+            )
+        if self.sequence_length < 8:
+            _bad("sequence_length", self.sequence_length, "`sequence_length` must be >= 8.")
+        if not self.learning_rates:
+            _bad("learning_rates", [], "Give at least one learning rate.", "E.g. --learning_rates=1e-4.")
+        for lr in self.learning_rates:
+            if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr < 1):
+                _bad("learning_rates", list(self.learning_rates),
+                     "Learning rates must be numbers in (0, 1).", "E.g. --learning_rates=1e-4,3e-5.")
+        if len({_lr_key(lr) for lr in self.learning_rates}) != len(self.learning_rates):
+            _bad("learning_rates", list(self.learning_rates), "A learning rate is listed twice.")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            _bad("warmup_ratio", self.warmup_ratio, "`warmup_ratio` must be in [0, 1].")
+        if not 0.0 <= self.weight_decay < 1.0:
+            _bad("weight_decay", self.weight_decay, "`weight_decay` must be in [0, 1).")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            _bad("dropout", self.dropout, "`dropout` must be in [0, 1).")
+        if not 0.0 < self.validation_split < 1.0:
+            _bad("validation_split", self.validation_split, "`validation_split` must be in (0, 1).")
+        if not (isinstance(self.budget_minutes, (int, float)) and self.budget_minutes >= 0):
+            _bad("budget_minutes", self.budget_minutes, "`budget_minutes` must be >= 0 (0: no limit).")
+        if not self.profile_timeout_s > 0:
+            _bad("profile_timeout_s", self.profile_timeout_s, "`profile_timeout_s` must be positive.")
+        # The same rules `recommend` applies, checked before hours of work.
+        _validate_constraints(self.constraints, self.metric)
+        return self
+
+    @property
+    def constraints(self) -> dict[str, float | None]:
+        """The four `recommend` constraints as keyword arguments."""
+        return {
+            "max_latency_ms": self.max_latency_ms,
+            "max_memory_mb": self.max_memory_mb,
+            "max_params": self.max_params,
+            "min_metric": self.min_metric,
+        }
+
+    @property
+    def objective(self) -> str:
+        """The Keras log name the search maximises, e.g. `val_accuracy`."""
+        return f"val_{self.metric}"
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir or Path(self.output_dir) / "cache")
+
+    @property
+    def rungs(self) -> list[int]:
+        return rung_epochs(self.min_epochs, self.max_epochs, self.reduction_factor)
+
+
+@dataclasses.dataclass
+class SelectionResult:
+    """What a selection run found.
+
+    Attributes:
+        role: str. `local`, `chief` or `worker` (distributed tuning). A
+            worker only trains; everything below is empty for it.
+        recommendation: Recommendation or None.
+        candidates: list of Candidate. Every candidate, failed ones included.
+        paths: dict. `report`, `results`, `pareto`, `transferability` -> Path.
+        kendall_tau: dict. Score name -> `{"tau", "n", "candidates"}`.
+        selection_seconds: float. Wall time of this run.
+        brute_force_seconds: float or None. Estimated time of the brute-force
+            alternative (profiling + every configuration for `max_epochs`).
+        brute_force_measured_seconds: float or None. The same, measured
+            (only with `brute_force=True`).
+        brute_force_choice: str or None. What `recommend` picks when every
+            candidate is fine-tuned fully (only with `brute_force=True`).
+        matches_brute_force: bool or None. Whether that is the recommendation.
+        trials_run: int. Trials trained by this process.
+        trials_reused: int. Finished trials the search took from the cache.
+    """
+
+    role: str
+    recommendation: Recommendation | None = None
+    candidates: list[Candidate] = dataclasses.field(default_factory=list)
+    paths: dict[str, Path] = dataclasses.field(default_factory=dict)
+    kendall_tau: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    selection_seconds: float = 0.0
+    brute_force_seconds: float | None = None
+    brute_force_measured_seconds: float | None = None
+    brute_force_choice: str | None = None
+    matches_brute_force: bool | None = None
+    trials_run: int = 0
+    trials_reused: int = 0
+
+
+# --------------------------------------------------------------------------- #
+# Entry point
+# --------------------------------------------------------------------------- #
+
+
+def select_model(
+    candidates: Sequence[str],
+    train_data: str,
+    eval_data: str = "",
+    *,
+    output_dir: str,
+    **settings: Any,
+) -> SelectionResult:
+    """Profiles, scores and fine-tunes candidate backbones, then recommends one.
+
+    See the module docstring for the stages, caching and distributed mode.
+
+    Args:
+        candidates: list of str. Backbones: catalog names (`minilm_l6_h384`),
+            `name@layers=k`, directories, TF Hub handles. The from-scratch
+            baseline is added when missing.
+        train_data: str. Training file (text) or class-folder directory (images).
+        eval_data: str. Evaluation data; empty holds out a split.
+        output_dir: str. Where the report goes.
+        **settings: any other `SelectionConfig` field, e.g.
+            `learning_rates=(1e-4,)`, `max_epochs=3`, `max_latency_ms=20`.
+
+    Returns:
+        A `SelectionResult`.
+
+    Raises:
+        InputError: for bad settings, data that cannot be read, candidates of
+            mixed modalities, or when every candidate failed (the report is
+            written first).
+
+    Example:
+
+    ```python
+    result = select_model(
+        ["minilm_l6_h384@layers=2", "scratch_text_encoder"],
+        "../shared/data/sst2/train.tsv", "../shared/data/sst2/dev.tsv",
+        output_dir="runs/select", label_names=("negative", "positive"),
+        max_train_examples=2000, sequence_length=64, learning_rates=(1e-4,),
+        max_epochs=2, max_latency_ms=20,
+    )
+    print(result.recommendation.reason)
+    ```
+    """
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(SelectionConfig)})
+    if unknown:
+        fields = [f.name for f in dataclasses.fields(SelectionConfig)]
+        raise InputError("Unknown selection setting.", received={"setting": unknown[0]},
+                         fix=did_you_mean(unknown[0], fields))
+    config = SelectionConfig(
+        candidates=tuple(candidates), train_data=train_data, eval_data=eval_data,
+        output_dir=output_dir, **settings,
+    )
+    return run_selection(config)
+
+
+def run_selection(config: SelectionConfig) -> SelectionResult:
+    """Runs a validated-or-not `SelectionConfig` (see `select_model`)."""
+    config.validate()
+    started = time.perf_counter()
+    role = _tuner_role()
+    runs = _resolve_candidates(config)
+    modality = _modality_of(config, runs)
+    runs = _add_baseline(runs, modality, config)
+    weights_ids = {r.backbone: r.weights_id for r in runs if r.spec is not None}
+    project = _project_name(config, modality)
+
+    if role == "worker":
+        # A worker trains what the chief's oracle hands it; the chief does the rest.
+        print(f"Distributed tuning: worker {os.environ.get('KERASTUNER_TUNER_ID')} "
+              f"asking the chief at {os.environ.get('KERASTUNER_ORACLE_IP')}:"
+              f"{os.environ.get('KERASTUNER_ORACLE_PORT')} for trials.", flush=True)
+        ok = [r for r in runs if r.spec is not None]
+        _, trials_run, _ = _run_search(config, modality, project, ok, weights_ids, bar=None)
+        return SelectionResult(role=role, trials_run=trials_run,
+                               selection_seconds=time.perf_counter() - started)
+
+    bar = _progress_bar(config, runs)
+    stage_seconds: dict[str, float] = {}
+    try:
+        usable = [r for r in runs if r.spec is not None]
+        if not _any_given(usable):
+            _fail_all(runs, report=_write_failed_report(config, runs, modality, started))
+        tic = time.perf_counter()
+        num_classes = _num_classes(config, modality)
+        stage_seconds["data"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        for run in usable:
+            bar.set_description(f"profile {run.name}")
+            _profile(run, config, modality, num_classes)
+            bar.update(1)
+            _echo(bar, _profile_line(run))
+        stage_seconds["profile"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        for run in usable:
+            bar.set_description(f"transferability {run.name}")
+            if run.error is None:
+                _transferability(run, config, modality)
+                _echo(bar, _transfer_line(run))
+            bar.update(1)
+        stage_seconds["transferability"] = time.perf_counter() - tic
+
+        shortlist = _shortlist(runs, config, modality)
+        if not _any_given(shortlist):
+            _fail_all(runs, report=_write_failed_report(config, runs, modality, started))
+        bar.set_description("fine-tune (successive halving)")
+        tic = time.perf_counter()
+        plan, trials_run, trials_reused = _run_search(
+            config, modality, project, shortlist, weights_ids, bar=bar
+        )
+        stage_seconds["search"] = time.perf_counter() - tic
+
+        bar.set_description("recommend and report")
+        result = _assemble(config, modality, runs, shortlist, plan, project, started,
+                           stage_seconds, trials_run, trials_reused)
+        bar.update(1)
+    finally:
+        bar.close()
+    trained = {c.name for c in result.candidates if c.metric is not None}
+    if not _any_given([r for r in runs if r.name in trained]):
+        _fail_all(runs, report=result.paths.get("report"))
+    return result
+
+
+# --------------------------------------------------------------------------- #
+# Candidates
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass
+class _CandidateRun:
+    """One candidate's progress through the stages (mutable bookkeeping)."""
+
+    backbone: str  # What the user gave: the hyperparameter value and cache key.
+    name: str  # Short, unique display name for tables and plots.
+    spec: Any = None
+    weights_id: str = ""
+    error: str | None = None
+    profile: ProfileResult | None = None
+    profile_cached: bool = False
+    scores: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    transfer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    transfer_cached: bool = False
+    shortlisted: bool = False
+    baseline: bool = False
+    added: bool = False
+
+    def fail(self, stage: str, reason: str) -> None:
+        reason = " ".join(str(reason).split())[:400]
+        entry = f"{stage}: {reason}"
+        self.error = entry if self.error is None else f"{self.error}; {entry}"
+
+
+def _resolve_candidates(config: SelectionConfig) -> list[_CandidateRun]:
+    from tfhub_finetune.backbones.catalog import resolve_backbone
+
+    runs = []
+    for given in config.candidates:
+        run = _CandidateRun(backbone=given, name=given)
+        try:
+            run.spec = resolve_backbone(given)
+            run.weights_id = _weights_fingerprint(run.spec)
+        except InputError as err:
+            # Reported as a failed candidate; the others go on.
+            run.fail("resolve", str(err))
+        runs.append(run)
+    _set_display_names(runs)
+    return runs
+
+
+def _set_display_names(runs: list[_CandidateRun]) -> None:
+    # Paths are long in plot labels; their last part is usually unique.
+    short = [Path(r.backbone.rstrip("/")).name if "/" in r.backbone else r.backbone for r in runs]
+    for run, name in zip(runs, short, strict=True):
+        run.name = name if short.count(name) == 1 else run.backbone
+
+
+def _modality_of(config: SelectionConfig, runs: list[_CandidateRun]) -> str:
+    found = {r.spec.modality for r in runs if r.spec is not None}
+    if len(found) > 1:
+        listing = ", ".join(f"{r.backbone} ({r.spec.modality})" for r in runs if r.spec is not None)
+        raise InputError(
+            "Candidates mix text and image backbones; one selection compares one task.",
+            received={"candidates": listing},
+            fix="Run text and image candidates separately.",
+        )
+    if config.modality != "auto":
+        if found and found != {config.modality}:
+            raise InputError(
+                f"The candidates are {found.pop()} backbones but --modality is {config.modality}.",
+                received={"modality": config.modality},
+                fix="Fix --modality or the candidate list.",
+            )
+        return config.modality
+    if found:
+        return found.pop()
+    # Nothing resolved: guess from the data so the failure report can still be written.
+    return "image" if Path(config.train_data).is_dir() else "text"
+
+
+def _add_baseline(
+    runs: list[_CandidateRun], modality: str, config: SelectionConfig
+) -> list[_CandidateRun]:
+    from tfhub_finetune.backbones.catalog import resolve_backbone
+
+    baseline = SCRATCH_BASELINES[modality]
+    for run in runs:
+        if run.spec is not None and run.spec.source == "scratch":
+            run.baseline = True
+    if any(r.baseline for r in runs):
+        return runs
+    # The report must answer "is pretraining worth it here?".
+    spec = resolve_backbone(baseline)
+    run = _CandidateRun(backbone=baseline, name=baseline, spec=spec,
+                        weights_id=_weights_fingerprint(spec), baseline=True, added=True)
+    print(f"Adding the from-scratch baseline `{baseline}` to the candidates.", flush=True)
+    runs = [*runs, run]
+    _set_display_names(runs)
+    return runs
+
+
+def _any_given(runs: Sequence[_CandidateRun]) -> bool:
+    # The baseline we added is a yardstick, not a choice: alone it selects nothing.
+    return any(not r.added for r in runs)
+
+
+def _fail_all(runs: Sequence[_CandidateRun], report: Path | None = None) -> None:
+    # The problem part of each reason: the full ones are in the report.
+    reasons = "; ".join(f"{r.name}: {(r.error or 'no fine-tuned metric').split(' Received:')[0]}"
+                        for r in runs if not r.added)
+    where = f" See {report}." if report else ""
+    raise InputError(
+        "Every candidate failed; there is nothing to recommend.",
+        received={"failures": reasons},
+        fix="Check the candidate names and paths (catalog: tfhub_finetune.list_backbones())."
+        + where,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Modalities: how a task's data and model are built for each kind of input
+# --------------------------------------------------------------------------- #
+
+
+class _TextModality:
+    name = "text"
+    builder = "tfhub_finetune.builders.text_classifier:build_text_classifier"
+    dropout = 0.1
+
+    def make_task(self, experiment: Any, config: SelectionConfig) -> Any:
+        from tfhub_finetune.tasks.text_classification import TextClassificationTask
+
+        return TextClassificationTask(experiment)
+
+    def profile_request(
+        self, config: SelectionConfig, run: _CandidateRun, num_classes: int
+    ) -> tuple[dict[str, Any], dict[str, list[int]]]:
+        from tfhub_finetune.backbones.base import TEXT_INPUTS
+
+        kwargs = {"backbone": run.backbone, "num_classes": num_classes,
+                  "pooling": config.pooling, "dropout": _dropout(config, self)}
+        return kwargs, {name: [config.sequence_length] for name in TEXT_INPUTS}
+
+    def feature_dataset(self, task: Any, config: SelectionConfig) -> Any:
+        from tfhub_finetune.data.text import make_text_dataset
+
+        # Shuffled with the run's seed but not bucketed: a uniform sample, not
+        # the sentences whose length bucket happens to fill first.
+        return make_text_dataset(task.train_data, task.backbone.tokenizer, batch_size=64,
+                                 training=True, seed=config.seed, bucketing=False)
+
+
+class _ImageModality:
+    name = "image"
+    builder = "tfhub_finetune.builders.image_classifier:build_image_classifier"
+    dropout = 0.2
+
+    def make_task(self, experiment: Any, config: SelectionConfig) -> Any:
+        return _ImageTask(experiment, augment=config.augment)
+
+    def profile_request(
+        self, config: SelectionConfig, run: _CandidateRun, num_classes: int
+    ) -> tuple[dict[str, Any], list[int]]:
+        size = config.image_size or run.spec.image_size or 224
+        kwargs = {"backbone": run.backbone, "num_classes": num_classes, "image_size": size,
+                  "dropout": _dropout(config, self)}
+        return kwargs, [size, size, 3]
+
+    def feature_dataset(self, task: Any, config: SelectionConfig) -> Any:
+        # Shuffled (class folders come in blocks) and never augmented.
+        return task.train.batches(64, training=True, seed=config.seed, augment="none")
+
+
+_MODALITIES: dict[str, Any] = {"text": _TextModality(), "image": _ImageModality()}
+
+
+def _dropout(config: SelectionConfig, modality: Any) -> float:
+    return modality.dropout if config.dropout is None else float(config.dropout)
+
+
+class _ImageTask:
+    """Image classification as `tasks.base.Task`: class folders -> raw pixels -> classifier.
+
+    The selection's stand-in until `tasks/image_classification.py` lands; it
+    only wires `data.image` and `builders.image_classifier` the way the text
+    task wires text data and its builder.
+    """
+
+    def __init__(self, config: Any, augment: str = "basic"):
+        from tfhub_finetune.backbones.catalog import resolve_backbone
+
+        self.config = config
+        self.augment = augment
+        self.spec = resolve_backbone(config.model.backbone)
+        if self.spec.modality != "image":
+            raise InputError(
+                "The image task needs an image backbone.",
+                received={"backbone": config.model.backbone, "modality": self.spec.modality},
+            )
+        self.backbone = None
+        self.labels = None
+        self.train = None
+        self.evaluation = None
+        self.image_size = 0
+        self.steps_per_epoch = 0
+        self.summary: dict[str, Any] = {}
+        self._augmenter = None
+
+    def prepare_train(self) -> None:
+        from tfhub_finetune.backbones.image_source import load_image_backbone
+        from tfhub_finetune.data.image import build_augmenter, load_image_dataset
+
+        d, t = self.config.data, self.config.train
+        self.backbone = load_image_backbone(self.spec)
+        self.image_size = self.config.model.image_size or self.backbone.image_size
+        self.train = load_image_dataset(
+            d.train_data, image_size=self.image_size, batch_size=t.batch_size, training=True,
+            seed=t.seed, label_names=list(d.label_names) or None,
+        )
+        if d.max_train_examples and (self.train.num_examples or 0) > d.max_train_examples:
+            # Files are in a seeded random order when training, so this is a random subset.
+            self.train = dataclasses.replace(
+                self.train, examples=self.train.examples.take(d.max_train_examples),
+                num_examples=d.max_train_examples, dataset=None,
+            )
+        if d.eval_data:
+            self.evaluation = load_image_dataset(
+                d.eval_data, image_size=self.image_size, batch_size=max(t.batch_size, 64),
+                label_names=self.train.label_names,
+            )
+        else:
+            self.train, self.evaluation = self.train.split(d.validation_split, seed=t.seed)
+        self.labels = self.train.vocabulary
+        self.steps_per_epoch = math.ceil(self.train.num_examples / t.batch_size)
+        # Built once: tf.data functions cannot create Keras layers.
+        self._augmenter = build_augmenter(self.augment, seed=t.seed)
+        self.summary = {"train_examples": self.train.num_examples,
+                        "eval_examples": self.evaluation.num_examples,
+                        "skipped_files": len(self.train.skipped) + len(self.evaluation.skipped)}
+
+    def build_model(self) -> Any:
+        from tfhub_finetune.builders.image_classifier import build_image_classifier
+
+        m = self.config.model
+        return build_image_classifier(
+            self.backbone, self.labels.num_classes, task=m.task, dropout=m.dropout,
+            freeze_backbone=m.freeze_backbone, image_size=self.image_size,
+        )
+
+    def train_epoch_dataset(self, epoch: Any) -> Any:
+        import tensorflow as tf
+
+        t = self.config.train
+        seed = tf.cast(epoch, tf.int64) + tf.constant(t.seed * 1000, tf.int64)
+        return self.train.batches(t.batch_size, training=True, seed=seed,
+                                  augment=self._augmenter, reshuffle_each_iteration=False)
+
+    def eval_dataset(self) -> Any:
+        return self.evaluation.batches(max(self.config.train.batch_size, 64))
+
+
+def _experiment_config(
+    config: SelectionConfig, modality: Any, backbone: str, model_dir: str, learning_rate: float
+) -> Any:
+    """The `ExperimentConfig` a trial (or a feature extraction) runs with."""
+    from tfhub_finetune.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+
+    data = DataConfig(
+        train_data=config.train_data, eval_data=config.eval_data,
+        text_column=str(config.text_column), label_column=str(config.label_column),
+        has_header=config.has_header, label_names=tuple(config.label_names),
+        validation_split=config.validation_split, max_train_examples=config.max_train_examples,
+    )
+    model = ModelConfig(backbone=backbone, pooling=config.pooling, dropout=_dropout(config, modality),
+                        sequence_length=config.sequence_length, image_size=config.image_size)
+    train = TrainConfig(
+        epochs=config.max_epochs, batch_size=config.batch_size, learning_rate=learning_rate,
+        warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay, seed=config.seed,
+        monitor=config.objective, early_stopping_patience=config.early_stopping_patience,
+        backup_every_steps=config.backup_every_steps,
+    )
+    return ExperimentConfig(model_dir=model_dir, data=data, model=model, train=train).validate()
+
+
+def _num_classes(config: SelectionConfig, modality: str) -> int:
+    """Reads the training labels once (the profile needs the head's width)."""
+    if modality == "text":
+        from tfhub_finetune.data.labels import LabelVocabulary
+        from tfhub_finetune.data.sources import read_text_examples
+
+        examples = read_text_examples(
+            config.train_data, text_column=_column(config.text_column),
+            label_column=_column(config.label_column),
+            has_header={"true": True, "false": False}.get(config.has_header, "auto"),
+        )
+        vocabulary = LabelVocabulary.from_labels(
+            examples.labels, label_names=list(config.label_names) or None,
+            source=examples.source, rows=examples.rows,
+        )
+        return vocabulary.num_classes
+    from tfhub_finetune.data.image import load_image_dataset
+
+    # No validation pass and nothing decoded: only the class list is needed.
+    data = load_image_dataset(config.train_data, image_size=32, validate=False, cache=False,
+                              label_names=list(config.label_names) or None)
+    return len(data.label_names)
+
+
+def _column(value: str) -> str | int:
+    return int(value) if str(value).lstrip("-").isdigit() else value
+
+
+# --------------------------------------------------------------------------- #
+# Stage 1: profiling
+# --------------------------------------------------------------------------- #
+
+
+def _profile(run: _CandidateRun, config: SelectionConfig, modality: str, num_classes: int) -> None:
+    adapter = _MODALITIES[modality]
+    kwargs, shapes = adapter.profile_request(config, run, num_classes)
+    options = config.profile_options or ProfileOptions(train_batch_size=config.batch_size)
+    key = _hash({
+        "version": _CACHE_VERSION, "backbone": run.backbone, "weights": run.weights_id,
+        "builder": adapter.builder, "kwargs": kwargs, "shapes": shapes,
+        "options": dataclasses.asdict(options), "machine": _machine(),
+    })
+    path = config.cache_root / "profiles" / f"{key}.json"
+    if path.exists() and not config.overwrite:
+        run.profile = ProfileResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        run.profile.name = run.name
+        run.profile_cached = True
+        return
+    result = profile_in_subprocess(adapter.builder, kwargs, shapes, name=run.name,
+                                   options=options, timeout_s=config.profile_timeout_s)
+    run.profile = result
+    if result.params is None:
+        run.fail("profile", result.error or "the model could not be built")
+        return
+    if result.error is None:
+        atomic_write_text(path, json.dumps(result.to_dict(), indent=2))
+
+
+def _profile_line(run: _CandidateRun) -> str:
+    p = run.profile
+    if run.error or p is None:
+        return f"profile   {run.name}: FAILED ({run.error})"
+    cached = " [cached]" if run.profile_cached else f" ({p.profile_seconds or 0:.0f} s)"
+    return (f"profile   {run.name}: {_fmt(p.latency_p50_ms, '.3g')} ms p50, "
+            f"{_count(p.params)} params, {_fmt(p.peak_infer_memory_mb, '.0f')} MB peak{cached}")
+
+
+# --------------------------------------------------------------------------- #
+# Stage 2: transferability
+# --------------------------------------------------------------------------- #
+
+
+def _transferability(run: _CandidateRun, config: SelectionConfig, modality: str) -> None:
+    key = _hash({
+        "version": _CACHE_VERSION, "backbone": run.backbone, "weights": run.weights_id,
+        "data": _data_fingerprint(config), "settings": _trial_settings(config, modality),
+        "examples": config.transfer_examples, "estimators": ESTIMATORS,
+    })
+    path = config.cache_root / "transferability" / f"{key}.json"
+    if path.exists() and not config.overwrite:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        run.scores, run.transfer, run.transfer_cached = cached["scores"], cached["figures"], True
+        return
+    try:
+        scores, figures = _score_candidate(run, config, modality)
+    except Exception as err:  # A candidate that cannot load is reported, not fatal.
+        run.fail("transferability", f"{type(err).__name__}: {err}")
+        return
+    run.scores, run.transfer = scores, figures
+    atomic_write_text(path, json.dumps({"scores": scores, "figures": figures}, indent=2))
+
+
+def _score_candidate(
+    run: _CandidateRun, config: SelectionConfig, modality: str
+) -> tuple[dict[str, float | None], dict[str, Any]]:
+    import gc
+
+    import keras
+
+    from tfhub_finetune import training
+    from tfhub_finetune.selection.transferability import extract_features, score_transferability
+
+    adapter = _MODALITIES[modality]
+    keras.backend.clear_session()
+    training.set_seed(config.seed)
+    experiment = _experiment_config(config, adapter, run.backbone, "unused", config.learning_rates[0])
+    task = adapter.make_task(experiment, config)
+    task.prepare_train()
+    model = task.build_model()
+    # The head's input is the feature exactly as the classifier pools it
+    # (masked mean, [CLS] or the pooler for text; global average for images).
+    features_model = keras.Model(model.input, model.get_layer("head_logits").input)
+    tic = time.perf_counter()
+    features, labels = extract_features(
+        features_model, adapter.feature_dataset(task, config), config.transfer_examples
+    )
+    extract_seconds = time.perf_counter() - tic
+    scores = score_transferability(features, labels, ESTIMATORS)
+    figures: dict[str, Any] = {
+        "transfer_examples": int(len(features)),
+        "feature_dim": int(features.shape[1]),
+        "feature_extraction_seconds": round(extract_seconds, 3),
+    }
+    for name, score in scores.items():
+        figures[f"{name}_seconds"] = score.score_seconds
+        if score.error:
+            figures[f"{name}_error"] = score.error
+    del model, features_model, task
+    keras.backend.clear_session()
+    gc.collect()
+    return {name: s.value for name, s in scores.items()}, figures
+
+
+def _transfer_line(run: _CandidateRun) -> str:
+    if run.error:
+        return f"transfer  {run.name}: FAILED ({run.error})"
+    parts = ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in run.scores.items())
+    took = sum(v for k, v in run.transfer.items() if k.endswith("_seconds"))
+    cached = " [cached]" if run.transfer_cached else f" ({took:.0f} s)"
+    return f"transfer  {run.name}: {parts}{cached}"
+
+
+def _shortlist(
+    runs: list[_CandidateRun], config: SelectionConfig, modality: str
+) -> list[_CandidateRun]:
+    ok = [r for r in runs if r.error is None]
+    pretrained = [r for r in ok if not r.baseline]
+    if config.shortlist_size and len(pretrained) > config.shortlist_size:
+        def rank(r: _CandidateRun) -> float:
+            value = r.scores.get(config.shortlist_score)
+            return -value if isinstance(value, (int, float)) else math.inf
+
+        keep = set(id(r) for r in sorted(pretrained, key=rank)[: config.shortlist_size])
+        pretrained = [r for r in pretrained if id(r) in keep]
+    chosen = [*pretrained, *[r for r in ok if r.baseline]]
+    for run in chosen:
+        run.shortlisted = True
+    return chosen
+
+
+# --------------------------------------------------------------------------- #
+# Stage 3: successive halving (pure planning, then the KerasTuner classes)
+# --------------------------------------------------------------------------- #
+
+
+def rung_epochs(min_epochs: int, max_epochs: int, reduction_factor: int) -> list[int]:
+    """Cumulative epochs at each rung: `min_epochs` times the factor, capped at `max_epochs`.
+
+    Example:
+
+    ```python
+    rung_epochs(1, 4, 2)  # [1, 2, 4]
+    rung_epochs(1, 3, 2)  # [1, 2, 3]
+    ```
+    """
+    rungs = [min_epochs]
+    while rungs[-1] < max_epochs:
+        rungs.append(min(rungs[-1] * reduction_factor, max_epochs))
+    return rungs
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialRecord:
+    """What the planner needs to know about one KerasTuner trial.
+
+    Attributes:
+        trial_id: str.
+        backbone: str. The `backbone` hyperparameter.
+        learning_rate: float. The `learning_rate` hyperparameter.
+        status: str. KerasTuner's `TrialStatus` (`COMPLETED`, `RUNNING`, ...).
+        target_epochs: int. `tuner/epochs`: the chain's epochs when done.
+        initial_epoch: int. `tuner/initial_epoch`: epochs inherited.
+        parent_id: str or None. `tuner/trial_id`: the trial it continues.
+        weights_id: str. Fingerprint of the weights the backbone name meant.
+        phase: str. `halving` or `brute_force`.
+        epochs_trained: int. Epochs the chain had when the trial ended
+            (below `target_epochs` when it stopped early).
+        stopped_early: bool.
+        scores: tuple of float. Validation metric after each chain epoch.
+        epoch_seconds: dict. Epoch number -> measured seconds, for the
+            epochs this trial trained (training plus evaluation).
+        message: str or None. Why it failed.
+    """
+
+    trial_id: str
+    backbone: str
+    learning_rate: float
+    status: str
+    target_epochs: int
+    initial_epoch: int = 0
+    parent_id: str | None = None
+    weights_id: str = ""
+    phase: str = HALVING
+    epochs_trained: int = 0
+    stopped_early: bool = False
+    scores: tuple[float, ...] = ()
+    epoch_seconds: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    message: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """A trial the oracle should hand out next."""
+
+    backbone: str
+    learning_rate: float
+    target_epochs: int
+    rung: int
+    phase: str
+    base: TrialRecord | None = None
+
+    @property
+    def initial_epoch(self) -> int:
+        return self.base.epochs_trained if self.base else 0
+
+
+@dataclasses.dataclass
+class ConfigState:
+    """Where one (backbone, learning rate) stands at a number of epochs.
+
+    Attributes:
+        status: str. `done`, `running`, `todo`, `failed` or `skipped` (the
+            budget ran out before it).
+        score: float or None. Best validation metric up to `epochs`.
+        epochs: int. Epochs reached (fewer than asked after an early stop).
+        record: TrialRecord or None. The longest finished trial of the chain.
+        message: str or None. Why it failed.
+    """
+
+    backbone: str
+    learning_rate: float
+    status: str
+    score: float | None = None
+    epochs: int = 0
+    record: TrialRecord | None = None
+    message: str | None = None
+
+
+@dataclasses.dataclass
+class RungSummary:
+    """One rung of the search: who entered, their scores, who went on."""
+
+    rung: int
+    epochs: int
+    entries: list[ConfigState]
+    promoted: list[str]
+    complete: bool
+
+
+@dataclasses.dataclass
+class SearchPlan:
+    """The search's state, derived from the trials alone (see `plan_search`).
+
+    Attributes:
+        todo: list of WorkItem. Trials to start now, in order.
+        running: int. Trials started and not finished.
+        rungs: list of RungSummary.
+        halving_complete: bool. The successive-halving part has finished.
+        budget_stop: str or None. Why the search stopped early, if it did.
+        planned_epochs: int. Epochs the halving plan spends (cached ones included).
+        brute_force: list of ConfigState. Every configuration at
+            `max_epochs` (only when brute force is on).
+        epoch_seconds: dict. (backbone, learning rate) -> epoch -> measured
+            seconds, over every trial of that configuration's chain.
+    """
+
+    todo: list[WorkItem]
+    running: int
+    rungs: list[RungSummary]
+    halving_complete: bool
+    budget_stop: str | None
+    planned_epochs: int
+    brute_force: list[ConfigState]
+    epoch_seconds: dict[tuple[str, float], dict[int, float]] = dataclasses.field(
+        default_factory=dict
+    )
+
+    def seconds(self, backbone: str, learning_rate: float) -> dict[int, float]:
+        """Epoch -> measured seconds of one configuration (empty if never trained)."""
+        return self.epoch_seconds.get((backbone, _lr_key(learning_rate)), {})
+
+    @property
+    def finished(self) -> bool:
+        return not self.todo and not self.running
+
+    def halving_result(self, backbone: str) -> ConfigState | None:
+        """The backbone's best configuration at the deepest rung it reached."""
+        for rung in reversed(self.rungs):
+            done = [s for s in rung.entries if s.backbone == backbone and s.status == "done"]
+            if done:
+                return max(done, key=lambda s: s.score)
+        failed = [s for r in self.rungs for s in r.entries
+                  if s.backbone == backbone and s.status == "failed"]
+        return failed[0] if failed else None
+
+    def brute_force_result(self, backbone: str) -> ConfigState | None:
+        done = [s for s in self.brute_force if s.backbone == backbone and s.status == "done"]
+        return max(done, key=lambda s: s.score) if done else None
+
+
+def plan_search(
+    records: Sequence[TrialRecord],
+    candidates: Sequence[str],
+    learning_rates: Sequence[float],
+    rungs: Sequence[int],
+    *,
+    reduction_factor: int = 2,
+    budget_epochs: int = 0,
+    budget_seconds: float = 0.0,
+    brute_force: bool = False,
+    weights_ids: Mapping[str, str] | None = None,
+) -> SearchPlan:
+    """Derives the successive-halving search's state and next trials from finished trials.
+
+    Rung 0 holds every (backbone, learning rate). A backbone's score at a rung
+    is its best learning rate's; the best `ceil(n / reduction_factor)`
+    backbones continue with that learning rate to the next rung. A backbone
+    is promoted as soon as enough of its rung has finished to guarantee it a
+    place (more finished than will be dropped; KerasTuner Hyperband's rule),
+    so parallel workers need not wait for the slowest. A trial that stopped
+    early keeps its final score at every later rung without training. A rung
+    after the first runs whole or not at all: only if its planned cost
+    (epochs, or epochs times each configuration's seconds per epoch measured
+    on the first rung) fits in what the budget has left; the first rung
+    always runs. With `brute_force`, once the search is done, every
+    configuration is trained on to the last rung.
+
+    Being a function of the trials (not of saved oracle state) is what lets a
+    rerun, a wider budget or another candidate list reuse finished trials.
+
+    Args:
+        records: TrialRecords of the project's trials.
+        candidates: list of str. Backbones, in the order rung 0 runs them.
+        learning_rates: list of float.
+        rungs: list of int. Cumulative epochs per rung (`rung_epochs`).
+        reduction_factor: int. Defaults to 2.
+        budget_epochs: int. 0 means no limit.
+        budget_seconds: float. 0 means no limit.
+        brute_force: bool. Defaults to `False`.
+        weights_ids: dict or None. Backbone -> weights fingerprint; trials
+            made with other weights are ignored.
+
+    Returns:
+        A `SearchPlan`.
+
+    Example:
+
+    ```python
+    plan = plan_search([], ["a", "b", "c"], [1e-4], [1, 2])
+    [(w.backbone, w.target_epochs) for w in plan.todo]  # [('a', 1), ('b', 1), ('c', 1)]
+    ```
+    """
+    weights_ids = weights_ids or {}
+    keys = {_lr_key(lr): float(lr) for lr in learning_rates}
+    chains: dict[tuple[str, float], list[TrialRecord]] = defaultdict(list)
+    for rec in records:
+        key = (rec.backbone, _lr_key(rec.learning_rate))
+        if (rec.backbone in candidates and key[1] in keys
+                and rec.weights_id == weights_ids.get(rec.backbone, rec.weights_id)):
+            chains[key].append(rec)
+
+    epoch_seconds: dict[tuple[str, float], dict[int, float]] = {}
+    for key, chain in chains.items():
+        for rec in sorted(chain, key=lambda r: r.trial_id):
+            epoch_seconds.setdefault(key, {}).update(rec.epoch_seconds)
+
+    def state(backbone: str, lr: float, epochs: int) -> ConfigState:
+        chain = chains[(backbone, _lr_key(lr))]
+        completed = [r for r in chain if r.status == "COMPLETED" and r.scores]
+        longest = max(completed, key=lambda r: r.epochs_trained, default=None)
+        if longest and (longest.epochs_trained >= epochs or longest.stopped_early):
+            reached = min(epochs, longest.epochs_trained)
+            return ConfigState(backbone, lr, "done", max(longest.scores[:reached]), reached, longest)
+        if any(r.status in ("RUNNING", "INVALID", "IDLE") for r in chain):
+            return ConfigState(backbone, lr, "running", record=longest)
+        have = longest.epochs_trained if longest else 0
+        failed = [r for r in chain if r.status == "FAILED" and r.target_epochs > have]
+        if failed:
+            return ConfigState(backbone, lr, "failed", record=longest,
+                               message=_last_line(failed[0].message))
+        return ConfigState(backbone, lr, "todo", epochs=have, record=longest)
+
+    # Seconds per epoch from the first rung only: fixed once it is done, so a
+    # budget decision made then is the same in every later rerun.
+    per_epoch = {
+        key: statistics.median(v for k, v in seconds.items() if k <= rungs[0])
+        for key, seconds in epoch_seconds.items() if any(k <= rungs[0] for k in seconds)
+    }
+    slowest = max(per_epoch.values(), default=0.0)
+
+    def first_rung_seconds(backbone: str, lr: float) -> float:
+        return per_epoch.get((backbone, _lr_key(lr)), slowest)
+
+    todo: list[WorkItem] = []
+    running = 0
+    summaries: list[RungSummary] = []
+    budget_stop: str | None = None
+    spent_epochs, spent_seconds = 0, 0.0
+    halving_complete = True
+    entering, size = list(candidates), len(candidates)
+    best_lr: dict[str, float] = {}
+    order = {b: i for i, b in enumerate(candidates)}
+    for r, epochs in enumerate(rungs):
+        previous = rungs[r - 1] if r else 0
+        step = epochs - previous
+        configs = ([(b, lr) for b in entering for lr in keys.values()] if r == 0
+                   else [(b, best_lr[b]) for b in entering])
+        if r > 0 and (budget_epochs or budget_seconds):
+            # A rung runs whole or not at all (the first rung always runs).
+            # Slots not yet promoted are costed at the slowest configuration.
+            rung_seconds = step * (sum(first_rung_seconds(b, lr) for b, lr in configs)
+                                   + (size - len(configs)) * slowest)
+            over_epochs = budget_epochs and spent_epochs + size * step > budget_epochs
+            over_seconds = budget_seconds and spent_seconds + rung_seconds > budget_seconds
+            if over_epochs or over_seconds:
+                limit = f"{budget_epochs} epochs" if over_epochs else f"{budget_seconds / 60:.1f} min"
+                budget_stop = (f"the budget ({limit}) ran out before rung {r + 1} ({epochs} "
+                               f"epochs): {spent_epochs} epochs spent, {size * step} more needed")
+                entries = [ConfigState(b, lr, "skipped") for b, lr in configs]
+                summaries.append(RungSummary(r, epochs, entries, [], False))
+                break
+        entries = []
+        for backbone, lr in configs:
+            st = state(backbone, lr, epochs)
+            if st.status == "todo":
+                todo.append(WorkItem(backbone, lr, epochs, r, HALVING, st.record))
+            if st.status in ("todo", "running"):
+                halving_complete = False
+                running += st.status == "running"
+            if st.status in ("done", "todo", "running"):
+                # Planned cost; an early stop only ever makes it smaller.
+                trained = max((st.epochs if st.status == "done" else epochs) - previous, 0)
+                spent_epochs += trained
+                spent_seconds += trained * first_rung_seconds(backbone, lr)
+            entries.append(st)
+        last = r == len(rungs) - 1
+        keep = math.ceil(size / reduction_factor)
+        by_backbone: dict[str, list[ConfigState]] = defaultdict(list)
+        for st in entries:
+            by_backbone[st.backbone].append(st)
+        finished = [b for b in entering
+                    if all(s.status in ("done", "failed") for s in by_backbone[b])]
+        scored = {b: max((s.score for s in by_backbone[b] if s.status == "done"), default=None)
+                  for b in finished}
+        ranked = sorted((b for b in finished if scored[b] is not None),
+                        key=lambda b: (-scored[b], order[b]))
+        complete = len(entering) == size and len(finished) == size
+        # Promotable once at most `keep` can end above it: more finished than dropped.
+        # A time budget is decided on complete rungs only (their times are all known).
+        sure = max(0, len(finished) - (size - keep))
+        if budget_seconds and not complete:
+            sure = 0
+        promoted = [] if last else ranked[: min(sure, keep)]
+        for b in promoted:
+            best_lr[b] = max((s for s in by_backbone[b] if s.status == "done"),
+                             key=lambda s: s.score).learning_rate
+        summaries.append(RungSummary(r, epochs, entries, promoted, complete))
+        if last or not promoted:
+            break
+        entering = promoted
+        size = min(keep, len(ranked)) if complete else keep
+
+    brute: list[ConfigState] = []
+    if brute_force:
+        for backbone in candidates:
+            for lr in keys.values():
+                st = state(backbone, lr, rungs[-1])
+                if st.status == "todo" and halving_complete and st.record is not None:
+                    todo.append(WorkItem(backbone, lr, rungs[-1], len(rungs) - 1, BRUTE_FORCE,
+                                         st.record))
+                running += st.status == "running" and halving_complete
+                brute.append(st)
+    return SearchPlan(todo, running, summaries, halving_complete, budget_stop, spent_epochs, brute,
+                      epoch_seconds)
+
+
+def _record_from_trial(trial: Any, objective: str) -> TrialRecord:
+    """A `TrialRecord` from a `keras_tuner` Trial (hyperparameters and reported metrics)."""
+    values = trial.hyperparameters.values
+
+    def metric(name: str) -> float | None:
+        return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
+
+    trained = int(metric("epochs_trained") or 0)
+    scores = [_float(metric(f"{objective}_epoch_{k}")) for k in range(1, trained + 1)]
+    initial = int(values.get("tuner/initial_epoch", 0))
+    seconds = {k: _float(metric(f"epoch_{k}_seconds")) for k in range(initial + 1, trained + 1)}
+    return TrialRecord(
+        trial_id=trial.trial_id,
+        backbone=str(values.get("backbone")),
+        learning_rate=float(values.get("learning_rate", 0.0)),
+        status=str(trial.status),
+        target_epochs=int(values.get("tuner/epochs", 0)),
+        initial_epoch=initial,
+        parent_id=values.get("tuner/trial_id"),
+        weights_id=str(values.get("selection/weights_id", "")),
+        phase=str(values.get("selection/phase", HALVING)),
+        epochs_trained=trained,
+        stopped_early=bool(metric("stopped_early")),
+        scores=tuple(s for s in scores if s is not None) if None not in scores else (),
+        epoch_seconds={k: v for k, v in seconds.items() if v is not None},
+        message=trial.message,
+    )
+
+
+@functools.cache
+def _tuner_classes() -> types.SimpleNamespace:
+    """Defines the KerasTuner subclasses (importing KerasTuner imports TensorFlow)."""
+    import keras
+    import keras_tuner
+
+    class SuccessiveHalvingOracle(keras_tuner.Oracle):
+        """Successive halving where every candidate gets the first rung.
+
+        The search space is `backbone` (a `Choice` over the candidates, the
+        main choice) and `learning_rate` (a `Choice`, secondary). Trials
+        carry Hyperband's `tuner/epochs`, `tuner/initial_epoch`,
+        `tuner/trial_id` (the trial to continue) and `tuner/round` (the
+        rung), plus `selection/phase` and `selection/weights_id`. Which trial
+        comes next is `plan_search` over the finished trials, recomputed on
+        every request; the saved state only keeps KerasTuner's own
+        bookkeeping. An `on_trial_end(record)` hook reports finished trials
+        (the chief sees every worker's trials there).
+
+        Args:
+            objective: str. Validation metric to maximise, e.g. `val_accuracy`.
+            candidates: list of str. Backbones (rung 0 runs them in this order).
+            learning_rates: list of float.
+            rungs: list of int. Cumulative epochs per rung.
+            reduction_factor: int. Defaults to 2.
+            budget_epochs: int. 0: no limit.
+            budget_seconds: float. 0: no limit.
+            brute_force: bool. Complete every configuration afterwards.
+            weights_ids: dict or None. Backbone -> weights fingerprint.
+            seed: int or None.
+
+        Example:
+
+        ```python
+        oracle = SuccessiveHalvingOracle("val_accuracy", ["a", "b"], [1e-4], rungs=[1, 2])
+        ```
+        """
+
+        def __init__(self, objective: str, candidates: Sequence[str],
+                     learning_rates: Sequence[float], rungs: Sequence[int], *,
+                     reduction_factor: int = 2, budget_epochs: int = 0,
+                     budget_seconds: float = 0.0, brute_force: bool = False,
+                     weights_ids: Mapping[str, str] | None = None, seed: int | None = None):
+            space = keras_tuner.HyperParameters()
+            space.Choice("backbone", list(candidates))
+            space.Choice("learning_rate", [float(lr) for lr in learning_rates])
+            super().__init__(
+                objective=keras_tuner.Objective(objective, "max"),
+                hyperparameters=space,
+                allow_new_entries=False,
+                tune_new_entries=False,
+                seed=seed,
+                # A failed candidate is reported; it must not end the search.
+                max_consecutive_failed_trials=10**9,
+            )
+            self._space = space
+            self.candidates = list(candidates)
+            self.learning_rates = [float(lr) for lr in learning_rates]
+            self.rungs = list(rungs)
+            self.reduction_factor = reduction_factor
+            self.budget_epochs = budget_epochs
+            self.budget_seconds = budget_seconds
+            self.brute_force = brute_force
+            self.weights_ids = dict(weights_ids or {})
+            self.on_trial_end: Callable[[TrialRecord], None] | None = None
+            self.on_trial_start: Callable[[WorkItem, str], None] | None = None
+
+        def records(self) -> list[TrialRecord]:
+            return [_record_from_trial(t, self.objective.name) for t in self.trials.values()]
+
+        def plan(self) -> SearchPlan:
+            return plan_search(
+                self.records(), self.candidates, self.learning_rates, self.rungs,
+                reduction_factor=self.reduction_factor, budget_epochs=self.budget_epochs,
+                budget_seconds=self.budget_seconds, brute_force=self.brute_force,
+                weights_ids=self.weights_ids,
+            )
+
+        def populate_space(self, trial_id: str) -> dict[str, Any]:
+            plan = self.plan()
+            if plan.todo:
+                item = plan.todo[0]
+                values: dict[str, Any] = {
+                    "backbone": item.backbone,
+                    "learning_rate": item.learning_rate,
+                    "tuner/epochs": item.target_epochs,
+                    "tuner/initial_epoch": item.initial_epoch,
+                    "tuner/round": item.rung,
+                    "selection/phase": item.phase,
+                    "selection/weights_id": self.weights_ids.get(item.backbone, ""),
+                }
+                if item.base is not None:
+                    values["tuner/trial_id"] = item.base.trial_id
+                if self.on_trial_start is not None:
+                    self.on_trial_start(item, trial_id)
+                return {"status": "RUNNING", "values": values}
+            if plan.running:
+                return {"status": "IDLE"}
+            return {"status": "STOPPED"}
+
+        @keras_tuner.synchronized
+        def end_trial(self, trial: Any) -> None:
+            super().end_trial(trial)
+            if self.on_trial_end is not None:
+                self.on_trial_end(_record_from_trial(self.trials[trial.trial_id],
+                                                     self.objective.name))
+
+        def set_state(self, state: dict[str, Any]) -> None:
+            super().set_state(state)
+            # The space is this run's candidates and learning rates, not the saved run's.
+            self.hyperparameters = self._space.copy()
+
+        def reload(self) -> None:
+            super().reload()
+            # A trial left RUNNING by a killed run resumes from its backup.
+            for trial in self.trials.values():
+                if trial.status == "RUNNING" and trial.trial_id not in self._retry_queue:
+                    self._retry_queue.append(trial.trial_id)
+
+    class SelectionTuner(keras_tuner.Tuner):
+        """Runs trials for `SuccessiveHalvingOracle` with `fit_resumable`.
+
+        `run_trial` builds the candidate's classifier through its modality's
+        task, restores the parent trial's backup when the trial continues one,
+        trains to `tuner/epochs` with the epoch-seeded data order, and returns
+        the best validation metric plus per-epoch scores and times (the
+        oracle plans from those).
+
+        Args:
+            oracle: SuccessiveHalvingOracle.
+            trainer: `_TrialTrainer`. Knows the data and training settings.
+            **kwargs: `directory`, `project_name`, `overwrite` (KerasTuner's).
+        """
+
+        def __init__(self, oracle: Any, trainer: _TrialTrainer, **kwargs: Any):
+            super().__init__(oracle=oracle, hypermodel=None, **kwargs)
+            oracle_file = Path(self.project_dir) / "oracle.json"
+            if (not kwargs.get("overwrite") and not self._is_worker() and not oracle.trials
+                    and oracle_file.exists()):
+                # KerasTuner reloads only when this tuner id saved state (tuner0.json,
+                # chief.json); a project started under another id would be overwritten.
+                oracle.reload()
+            self.trainer = trainer
+            self.trials_run = 0
+            self._asked_without_trial = False
+
+        def pre_create_trial(self) -> None:
+            # Two requests without a trial in between: the oracle said IDLE
+            # (waiting for a rung to finish); do not hammer it.
+            if self._asked_without_trial:
+                time.sleep(1.0)
+            self._asked_without_trial = True
+
+        def on_trial_begin(self, trial: Any) -> None:
+            self._asked_without_trial = False
+            super().on_trial_begin(trial)
+
+        def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+            values = trial.hyperparameters.values
+            parent = values.get("tuner/trial_id")
+            parent_dir = Path(self.get_trial_dir(parent)) if parent else None
+            metrics = self.trainer.fit_trial(values, Path(self.get_trial_dir(trial.trial_id)),
+                                             parent_dir, self.tuner_id)
+            self.trials_run += 1
+            return metrics
+
+    class _EpochRecorder(keras.callbacks.Callback):
+        """Times each epoch, records the monitored metric, stops on patience.
+
+        Patience counts over the whole chain (the parent's epochs included),
+        which Keras' EarlyStopping cannot: it restarts at every `fit`.
+        """
+
+        def __init__(self, history: _TrialHistory, monitor: str, patience: int, tuner_id: str):
+            super().__init__()
+            self.history, self.monitor, self.patience = history, monitor, patience
+            self.tuner_id = tuner_id
+            self._start = time.perf_counter()
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            if self.monitor not in logs:
+                raise InputError(
+                    "The monitored metric is not in the training logs.",
+                    received={"metric": self.monitor, "logs": sorted(logs)},
+                )
+            self.history.add(epoch + 1, float(logs[self.monitor]),
+                             time.perf_counter() - self._start, self.tuner_id)
+            scores = self.history.scores()
+            since_best = len(scores) - 1 - scores.index(max(scores))
+            if self.patience and since_best >= self.patience:
+                self.history.stopped_at = epoch + 1
+                self.model.stop_training = True
+            self.history.save()
+
+    for cls in (SuccessiveHalvingOracle, SelectionTuner, _EpochRecorder):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return types.SimpleNamespace(
+        SuccessiveHalvingOracle=SuccessiveHalvingOracle,
+        SelectionTuner=SelectionTuner,
+        EpochRecorder=_EpochRecorder,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the KerasTuner subclasses are built on first access.
+    if name in ("SuccessiveHalvingOracle", "SelectionTuner"):
+        return getattr(_tuner_classes(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _TrialHistory:
+    """A trial chain's per-epoch record in `<trial_dir>/epochs.json`, written atomically.
+
+    Keyed by epoch number, so an epoch redone after a resume replaces its
+    entry instead of adding one.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.epochs: dict[int, dict[str, Any]] = {}
+        self.stopped_at: int | None = None
+        if path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.epochs = {int(k): v for k, v in data["epochs"].items()}
+            self.stopped_at = data.get("stopped_at")
+
+    def add(self, epoch: int, score: float, seconds: float, tuner_id: str) -> None:
+        self.epochs[epoch] = {"score": score, "seconds": round(seconds, 3), "tuner_id": tuner_id}
+        # Later epochs belong to an abandoned future (e.g. after a resume).
+        self.epochs = {k: v for k, v in self.epochs.items() if k <= epoch}
+
+    def scores(self) -> list[float]:
+        return [self.epochs[k]["score"] for k in sorted(self.epochs)]
+
+    def save(self) -> None:
+        data = {"epochs": {str(k): v for k, v in sorted(self.epochs.items())},
+                "stopped_at": self.stopped_at}
+        atomic_write_text(self.path, json.dumps(data, indent=2))
+
+
+@dataclasses.dataclass
+class _TrialTrainer:
+    """Trains one trial: builds the task and model, restores the parent, fits, reports."""
+
+    config: SelectionConfig
+    modality: str
+
+    def fit_trial(self, values: Mapping[str, Any], trial_dir: Path, parent_dir: Path | None,
+                  tuner_id: str) -> dict[str, float]:
+        import keras
+
+        from tfhub_finetune import training
+        from tfhub_finetune.driver import loss_for
+        from tfhub_finetune.metrics import training_metrics
+
+        config, adapter = self.config, _MODALITIES[self.modality]
+        backbone, lr = str(values["backbone"]), float(values["learning_rate"])
+        target, initial = int(values["tuner/epochs"]), int(values.get("tuner/initial_epoch", 0))
+        backup = trial_dir / "backup"
+        history_path = trial_dir / _TRIAL_HISTORY
+        if parent_dir is not None and not (backup / training.BACKUP_STATE).exists():
+            if (parent_dir / "backup" / training.BACKUP_STATE).exists():
+                # Continue the parent: its weights, optimizer state and history.
+                shutil.copytree(parent_dir / "backup", backup, dirs_exist_ok=True)
+                if (parent_dir / _TRIAL_HISTORY).exists():
+                    shutil.copy2(parent_dir / _TRIAL_HISTORY, history_path)
+            else:
+                logger.warning("Trial %s: parent backup missing; training from scratch.",
+                               trial_dir.name)
+                initial = 0
+        history = _TrialHistory(history_path)
+
+        keras.backend.clear_session()
+        training.set_seed(config.seed)
+        experiment = _experiment_config(config, adapter, backbone, str(trial_dir), lr)
+        task = adapter.make_task(experiment, config)
+        task.prepare_train()
+        model = task.build_model()
+        steps = task.steps_per_epoch
+        model.compile(
+            # Constant after warm-up: k epochs are the start of any longer run.
+            optimizer=training.make_optimizer(
+                lr, total_steps=steps, warmup_ratio=config.warmup_ratio,
+                weight_decay=config.weight_decay, end_learning_rate=lr,
+            ),
+            loss=loss_for(experiment.model.task),
+            metrics=training_metrics(experiment.model.task, task.labels.num_classes),
+        )
+        recorder = _tuner_classes().EpochRecorder(
+            history, config.objective, config.early_stopping_patience, tuner_id
+        )
+        outcome = training.fit_resumable(
+            model, task.train_epoch_dataset, epochs=target, steps_per_epoch=steps,
+            model_dir=trial_dir, validation_data=task.eval_dataset(), callbacks=[recorder],
+            backup_every_steps=config.backup_every_steps, verbose=0,
+        )
+        if outcome["terminated"]:
+            # Leave the trial RUNNING: the next run resumes it from the backup.
+            raise SystemExit("Stopped by SIGTERM after a backup; rerun the command to resume.")
+        scores = history.scores()
+        if not scores:
+            raise RuntimeError("The trial finished without a single evaluated epoch.")
+        metrics: dict[str, float] = {
+            config.objective: max(scores),
+            "epochs_trained": float(len(scores)),
+            "stopped_early": float(history.stopped_at is not None),
+        }
+        for k in sorted(history.epochs):
+            metrics[f"{config.objective}_epoch_{k}"] = float(history.epochs[k]["score"])
+            if k > initial:
+                metrics[f"epoch_{k}_seconds"] = float(history.epochs[k]["seconds"])
+        del model, task
+        keras.backend.clear_session()
+        if parent_dir is not None:
+            # The parent is superseded: later trials continue from this one.
+            shutil.rmtree(parent_dir / "backup", ignore_errors=True)
+        return metrics
+
+
+def _run_search(
+    config: SelectionConfig, modality: str, project: str, shortlist: Sequence[_CandidateRun],
+    weights_ids: Mapping[str, str], bar: Any,
+) -> tuple[SearchPlan | None, int, int]:
+    """Runs (or serves, or works for) the KerasTuner search; returns (plan, run, reused)."""
+    classes = _tuner_classes()
+    candidates = [r.backbone for r in shortlist]
+    oracle = classes.SuccessiveHalvingOracle(
+        config.objective, candidates, config.learning_rates, config.rungs,
+        reduction_factor=config.reduction_factor, budget_epochs=config.budget_epochs,
+        budget_seconds=config.budget_minutes * 60.0, brute_force=config.brute_force,
+        weights_ids=weights_ids, seed=config.seed,
+    )
+    names = {r.backbone: r.name for r in shortlist}
+    role = _tuner_role()
+    directory = config.cache_root / "tuner"
+    tuner = classes.SelectionTuner(
+        oracle, _TrialTrainer(config, modality), directory=str(directory), project_name=project,
+        # Workers never delete the shared project; the chief or a local run may.
+        overwrite=config.overwrite and role != "worker",
+    )
+    if role == "worker":
+        tuner.search(verbose=0)
+        return None, tuner.trials_run, 0
+
+    reused = sum(1 for t in oracle.trials.values() if t.status == "COMPLETED")
+    if bar is not None:
+        plan = oracle.plan()
+        bar.total = bar.n + _planned_trials(plan, config, len(candidates)) + 1
+        bar.refresh()
+
+        def started(item: WorkItem, trial_id: str) -> None:
+            bar.set_description(f"fine-tune {names.get(item.backbone, item.backbone)} "
+                                f"lr={item.learning_rate:g} to {item.target_epochs} ep")
+
+        def ended(record: TrialRecord) -> None:
+            bar.update(1)
+            name = names.get(record.backbone, record.backbone)
+            took = sum(record.epoch_seconds.values())
+            if record.status == "COMPLETED" and record.scores:
+                stop = " (stopped early)" if record.stopped_early else ""
+                line = (f"trial {record.trial_id} {name} lr={record.learning_rate:g} epochs "
+                        f"{record.initial_epoch}->{record.epochs_trained}: {config.objective} "
+                        f"{max(record.scores):.4f}{stop} ({took:.0f} s)")
+            else:
+                line = (f"trial {record.trial_id} {name} lr={record.learning_rate:g}: "
+                        f"{record.status} {_last_line(record.message)}")
+            _echo(bar, line)
+
+        oracle.on_trial_start, oracle.on_trial_end = started, ended
+    if role == "chief":
+        print(f"Distributed tuning: chief serving the oracle on "
+              f"{os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
+              "; start the workers with the same command.", flush=True)
+    tuner.search(verbose=0)
+    return oracle.plan(), tuner.trials_run, reused
+
+
+def _planned_trials(plan: SearchPlan, config: SelectionConfig, n: int) -> int:
+    """Trials a search from here will start (for the progress bar; an estimate)."""
+    per_rung, sizes = [n * len(config.learning_rates)], n
+    for _ in config.rungs[1:]:
+        sizes = math.ceil(sizes / config.reduction_factor)
+        per_rung.append(sizes)
+    total = sum(per_rung) + (n * len(config.learning_rates) if config.brute_force else 0)
+    done = sum(1 for r in plan.rungs for s in r.entries if s.status == "done")
+    return max(total - done, len(plan.todo))
+
+
+# --------------------------------------------------------------------------- #
+# Stages 4-5: recommendation and report
+# --------------------------------------------------------------------------- #
+
+
+def _assemble(
+    config: SelectionConfig, modality: str, runs: list[_CandidateRun],
+    shortlist: list[_CandidateRun], plan: SearchPlan, project: str, started: float,
+    stage_seconds: dict[str, float], trials_run: int, trials_reused: int,
+) -> SelectionResult:
+    records, brute_records = [], []
+    for run in runs:
+        records.append(_candidate(run, plan, config, brute=False))
+        brute_records.append(_candidate(run, plan, config, brute=True))
+    rec = recommend(records, **config.constraints, metric_name=config.metric)
+
+    profile_seconds = sum((r.profile.profile_seconds or 0.0) for r in runs if r.profile)
+    estimate = _brute_force_estimate(plan, config, shortlist, profile_seconds)
+    # What the results cost, cached stages included (recorded when they ran).
+    compute = {
+        "profiling": profile_seconds,
+        "transferability": sum(v for r in runs for k, v in r.transfer.items()
+                               if k.endswith("_seconds") and isinstance(v, (int, float))),
+        "fine-tuning search": sum(
+            plan.seconds(s.backbone, s.learning_rate).get(k, 0.0)
+            for rung in plan.rungs for s in rung.entries if s.status == "done"
+            for k in range((plan.rungs[rung.rung - 1].epochs if rung.rung else 0) + 1,
+                           s.epochs + 1)
+        ),
+    }
+    measured = brute_choice = matches = None
+    brute_rec = None
+    if config.brute_force and plan.finished:
+        measured = profile_seconds + sum(
+            sum(plan.seconds(s.backbone, s.learning_rate).get(k, 0.0)
+                for k in range(1, s.epochs + 1))
+            for s in plan.brute_force if s.status == "done"
+        )
+        brute_rec = recommend(brute_records, **config.constraints, metric_name=config.metric)
+        brute_choice = brute_rec.name
+        matches = brute_choice == rec.name
+    selection_seconds = time.perf_counter() - started
+    halving_epochs = plan.planned_epochs
+    budget = {
+        "rungs (cumulative epochs)": config.rungs,
+        "learning rates": list(config.learning_rates),
+        "fine-tuning epochs (search plan)": halving_epochs,
+        "fine-tuning epochs (brute force)": (len(shortlist) * len(config.learning_rates)
+                                             * config.max_epochs),
+        "trials trained by this run": trials_run,
+        "trials reused from the cache": trials_reused,
+        "budget_epochs": config.budget_epochs or "no limit",
+        "budget_minutes": config.budget_minutes or "no limit",
+        "budget stop": plan.budget_stop or "none",
+    }
+    extra = {
+        "settings": _jsonable_config(config),
+        "modality": modality,
+        "project": project,
+        "stage_seconds": {k: round(v, 2) for k, v in stage_seconds.items()},
+        "compute_seconds": {k: round(v, 2) for k, v in compute.items()},
+        "rungs": [_rung_dict(r, runs) for r in plan.rungs],
+        "brute_force": {
+            "estimated_seconds": estimate,
+            "measured_seconds": measured,
+            "choice": brute_choice,
+            "matches_recommendation": matches,
+            "metrics": {c.name: c.metric for c in brute_records} if brute_rec else None,
+            "kendall_tau": transferability_correlations(brute_records) if brute_rec else None,
+        },
+    }
+    device = next((r.profile.device for r in runs if r.profile and r.profile.device), None)
+    reused = trials_reused or any(r.profile_cached or r.transfer_cached for r in runs)
+    extra["wall_seconds"] = round(selection_seconds, 2)
+    paths = write_report(
+        config.output_dir, records, rec, device=device, budget=budget,
+        # With cached stages the wall time says nothing about the selection's cost.
+        selection_seconds=sum(compute.values()) if reused else selection_seconds,
+        brute_force_seconds=estimate,
+        title=config.title or _default_title(config, modality), extra=extra,
+    )
+    correlations = transferability_correlations(records)
+    section = _selection_markdown(
+        config, modality, runs, records, rec, plan, selection_seconds, estimate, measured,
+        brute_rec, brute_records, correlations, trials_run, trials_reused, stage_seconds, compute,
+    )
+    _insert_section(paths["report"], section)
+    result = SelectionResult(
+        role=_tuner_role(), recommendation=rec, candidates=records, paths=paths,
+        kendall_tau=correlations, selection_seconds=selection_seconds,
+        brute_force_seconds=estimate, brute_force_measured_seconds=measured,
+        brute_force_choice=brute_choice, matches_brute_force=matches,
+        trials_run=trials_run, trials_reused=trials_reused,
+    )
+    return result
+
+
+def _candidate(run: _CandidateRun, plan: SearchPlan, config: SelectionConfig,
+               brute: bool) -> Candidate:
+    figures: dict[str, Any] = {
+        "backbone": run.backbone,
+        "pretrained": None if run.spec is None else run.spec.source != "scratch",
+        "shortlisted": run.shortlisted,
+        **run.transfer,
+    }
+    if run.spec is not None:
+        figures["description"] = run.spec.description
+    error, metric = run.error, None
+    if run.error is None and run.shortlisted:
+        state = plan.brute_force_result(run.backbone) if brute else plan.halving_result(run.backbone)
+        if state is not None and state.status == "done":
+            metric = state.score
+            seconds = plan.seconds(run.backbone, state.learning_rate)
+            figures.update({
+                "fine_tune_epochs": state.epochs,
+                "learning_rate": state.learning_rate,
+                "stopped_early": bool(state.record and state.record.stopped_early
+                                      and state.record.epochs_trained <= state.epochs),
+                "seconds_per_epoch": _round(statistics.median(seconds.values())) if seconds else None,
+                "fine_tune_seconds": _round(sum(seconds.get(k, 0.0)
+                                                for k in range(1, state.epochs + 1))),
+            })
+        elif state is not None and state.status == "failed":
+            error = f"fine-tuning: {state.message}"
+        elif not brute:
+            error = "fine-tuning: no finished trial"
+    elif run.error is None:
+        figures["status"] = f"not shortlisted (by {config.shortlist_score})"
+    if run.profile is not None:
+        return Candidate.from_profile(
+            dataclasses.replace(run.profile, name=run.name), metric=metric, scores=run.scores,
+            error=error, figures=figures,
+        )
+    return Candidate(name=run.name, metric=metric, error=error, figures=figures,
+                     scores=dict(run.scores))
+
+
+def _brute_force_estimate(
+    plan: SearchPlan, config: SelectionConfig, shortlist: Sequence[_CandidateRun],
+    profile_seconds: float,
+) -> float | None:
+    """Profiling + every (candidate, learning rate) for `max_epochs` at its measured epoch time."""
+    total = profile_seconds
+    for run in shortlist:
+        per_config = [statistics.median(plan.seconds(run.backbone, lr).values())
+                      for lr in config.learning_rates if plan.seconds(run.backbone, lr)]
+        if not per_config:
+            continue
+        # An unmeasured learning rate is assumed to cost what the measured ones did.
+        total += statistics.mean(per_config) * len(config.learning_rates) * config.max_epochs
+    return round(total, 1) if total else None
+
+
+def _rung_dict(rung: RungSummary, runs: Sequence[_CandidateRun]) -> dict[str, Any]:
+    names = {r.backbone: r.name for r in runs}
+    return {
+        "rung": rung.rung + 1,
+        "epochs": rung.epochs,
+        "entries": [{"candidate": names.get(s.backbone, s.backbone),
+                     "learning_rate": s.learning_rate, "status": s.status,
+                     "score": s.score, "epochs": s.epochs} for s in rung.entries],
+        "promoted": [names.get(b, b) for b in rung.promoted],
+        "complete": rung.complete,
+    }
+
+
+def _selection_markdown(
+    config: SelectionConfig, modality: str, runs: Sequence[_CandidateRun],
+    records: Sequence[Candidate], rec: Recommendation, plan: SearchPlan,
+    selection_seconds: float, estimate: float | None, measured: float | None,
+    brute_rec: Recommendation | None, brute_records: Sequence[Candidate],
+    correlations: Mapping[str, Mapping[str, Any]], trials_run: int, trials_reused: int,
+    stage_seconds: Mapping[str, float], compute: Mapping[str, float],
+) -> str:
+    metric = config.metric
+    fmt = functools.partial(_format_metric, metric=metric)
+    by_name = {c.name: c for c in records}
+    lines = ["## Selection vs brute force", ""]
+    stages = sum(stage_seconds.get(k, 0.0) for k in ("profile", "transferability", "search"))
+    lines.append(f"- Selection wall time (this run): **{_duration(selection_seconds)}** "
+                 f"(data {_duration(stage_seconds.get('data', 0))}, profiling "
+                 f"{_duration(stage_seconds.get('profile', 0))}, transferability "
+                 f"{_duration(stage_seconds.get('transferability', 0))}, fine-tuning search "
+                 f"{_duration(stage_seconds.get('search', 0))}; stages {_duration(stages)}).")
+    reused = trials_reused or any(r.profile_cached or r.transfer_cached for r in runs)
+    total = sum(compute.values())
+    if reused:
+        cached = sum(r.profile_cached for r in runs), sum(r.transfer_cached for r in runs)
+        lines.append(f"- Reused from the cache: {trials_reused} finished trials, {cached[0]} "
+                     f"profiles, {cached[1]} transferability scores (their time is not in the "
+                     "wall time above).")
+    lines.append(
+        f"- Selection compute behind these results (recorded when each stage ran, cached ones "
+        f"included): **{_duration(total)}** = "
+        + ", ".join(f"{k} {_duration(v)}" for k, v in compute.items())
+        + " (model loading, data preparation and process start-up are in the wall time only)."
+    )
+    baseline_seconds, against = (total, "the selection's recorded compute") if reused else (
+        selection_seconds, "the selection's wall time")
+    if estimate:
+        lines.append(
+            f"- Brute force, **estimated**: {_duration(estimate)} = profiling (measured, needed "
+            f"either way) + every candidate x {len(config.learning_rates)} learning rate(s) x "
+            f"{config.max_epochs} epochs at its measured time per epoch (median over its "
+            "epochs; a configuration cut after the first rung has only its first epoch, which "
+            "includes graph tracing, so its share errs high). Early stopping is not assumed. "
+            f"That is {estimate / baseline_seconds:.1f}x {against}."
+        )
+    if measured is not None and brute_rec is not None:
+        same = "**matches**" if brute_rec.name == rec.name else "**differs from**"
+        lines.append(
+            f"- Brute force, **measured** (`--brute_force`): every configuration fine-tuned to "
+            f"{config.max_epochs} epochs (or its early stop); {_duration(measured)} = profiling "
+            "+ the measured time of every epoch trained (epochs the search already trained are "
+            f"counted once, as a brute-force run pays them). Its choice under the same "
+            f"constraints: **{brute_rec.name or 'none'}**, which {same} the recommendation "
+            f"({rec.name or 'none'})."
+        )
+        lines += ["", f"| candidate | search {metric} (epochs) | brute-force {metric} "
+                  f"({config.max_epochs} epochs) |", "|---|---:|---:|"]
+        for c, b in zip(records, brute_records, strict=True):
+            if c.metric is None and b.metric is None:
+                continue
+            epochs = c.figures.get("fine_tune_epochs", "—")
+            lines.append(f"| {c.name} | {fmt(c.metric)} ({epochs}) | {fmt(b.metric)} "
+                         f"({b.figures.get('fine_tune_epochs', '—')}) |")
+        taus = transferability_correlations(brute_records)
+        if taus:
+            shown = ", ".join(f"{k} {_tau(v['tau'])}" for k, v in taus.items())
+            lines += ["", f"Kendall tau against the brute-force {metric}: {shown}."]
+    elif not config.brute_force:
+        lines.append("- Whether brute force would choose the same: not measured; rerun with "
+                     "`--brute_force` (it continues the cached trials to the full epochs).")
+    lines.append("")
+
+    lines += ["## Is pretraining worth it here?", ""]
+    baseline = next((by_name[r.name] for r in runs if r.baseline and r.name in by_name), None)
+    pretrained = [c for c in records if c.figures.get("pretrained") and c.metric is not None]
+    if baseline is not None and baseline.metric is not None and pretrained:
+        best = max(pretrained, key=lambda c: c.metric)
+        gap = best.metric - baseline.metric
+        points = f"{gap * 100:+.1f} points" if is_fraction_metric(metric) else f"{gap:+.4g}"
+        verdict = ("Yes" if gap > 0.01 else "Barely" if gap > 0 else "No")
+        lines.append(
+            f"{verdict}: the best pretrained candidate, {best.name}, reaches {fmt(best.metric)} "
+            f"({_epochs(best.figures.get('fine_tune_epochs'))}) against "
+            f"{fmt(baseline.metric)} for the from-scratch baseline {baseline.name} "
+            f"({_epochs(baseline.figures.get('fine_tune_epochs'))}): {points}, at "
+            f"{_ratio(best.latency_ms, baseline.latency_ms)} its latency and "
+            f"{_ratio(best.params, baseline.params)} its parameters."
+        )
+        if baseline.figures.get("fine_tune_epochs") != best.figures.get("fine_tune_epochs"):
+            lines.append("(The two trained for different epochs: halving stopped the weaker one "
+                         "earlier.)")
+    else:
+        lines.append("Not answered: the baseline or every pretrained candidate has no "
+                     f"fine-tuned {metric}.")
+    lines.append("")
+
+    lines += ["## The search", ""]
+    data_line = _data_sentence(config, modality, runs)
+    lines += [
+        f"- Data: {data_line}",
+        f"- Training: batch {config.batch_size}, AdamW (weight decay {config.weight_decay:g}), "
+        f"learning rates {', '.join(f'{lr:g}' for lr in config.learning_rates)}, warm-up over "
+        f"{config.warmup_ratio:.0%} of the first epoch then constant (so trials continue "
+        f"exactly), seed {config.seed} and the same per-epoch data order for every candidate, "
+        f"early stopping after {config.early_stopping_patience or 'no'} epochs without "
+        f"improvement; the metric is the best {config.objective} so far.",
+        f"- Successive halving: rungs at {', '.join(map(str, config.rungs))} epochs; every "
+        f"candidate x learning rate runs the first rung, then the best "
+        f"1/{config.reduction_factor} of the backbones (by their best learning rate) continue "
+        f"from their checkpoint. Budget: {config.budget_epochs or 'no'} epoch limit, "
+        f"{config.budget_minutes or 'no'} minute limit"
+        + (f"; {plan.budget_stop}." if plan.budget_stop else "."),
+        f"- Transferability: frozen features of {config.transfer_examples} training examples "
+        "(seeded sample), pooled as the classifier pools them; LogME, 5-NN and a linear probe "
+        "(30% held out).",
+        f"- Trials: {trials_run} trained by this run, {trials_reused} reused from the cache "
+        f"(`{config.cache_root}`).",
+        "",
+        f"| rung | epochs | candidate | learning rate | {metric} | status |",
+        "|---:|---:|---|---:|---:|---|",
+    ]
+    names = {r.backbone: r.name for r in runs}
+    for rung in plan.rungs:
+        for st in rung.entries:
+            status = st.status
+            if st.backbone in rung.promoted and st.learning_rate == _best_lr(rung, st.backbone):
+                status += ", promoted"
+            if st.status == "done" and st.epochs < rung.epochs:
+                status += f", stopped early at {st.epochs}"
+            lines.append(f"| {rung.rung + 1} | {rung.epochs} | {names.get(st.backbone)} | "
+                         f"{st.learning_rate:g} | {fmt(st.score)} | {status} |")
+    lines.append("")
+    taus = ", ".join(f"{k} {_tau(v['tau'])} (n={v['n']})" for k, v in correlations.items())
+    if taus:
+        lines += [f"Kendall tau of each transferability score against the search's {metric}: "
+                  f"{taus}. Candidates cut early were fine-tuned for fewer epochs, which the "
+                  "ranking includes.", ""]
+    if rec.name and by_name[rec.name].figures.get("learning_rate"):
+        chosen = by_name[rec.name]
+        lr, backbone = chosen.figures["learning_rate"], chosen.figures.get("backbone", rec.name)
+        module = "text_classify" if modality == "text" else "image_classify"
+        if importlib.util.find_spec(f"pipelines.{module}") is not None:
+            how = (f"`python -m pipelines.{module} --backbone={backbone} --learning_rate={lr:g} "
+                   f"--epochs={config.max_epochs} ...`")
+        else:
+            how = (f"`build_{modality}_classifier(\"{backbone}\", ...)` with AdamW at {lr:g} for "
+                   f"{config.max_epochs} epochs")
+        lines += ["## Next step", "",
+                  f"Fine-tune the recommendation on all the data: {how} (the search kept the "
+                  "learning rate constant after warm-up; a decaying schedule usually does a "
+                  "little better).", ""]
+    return "\n".join(lines)
+
+
+def _epochs(value: Any) -> str:
+    return "? epochs" if value is None else f"{value} epoch" + ("" if value == 1 else "s")
+
+
+def _best_lr(rung: RungSummary, backbone: str) -> float | None:
+    done = [s for s in rung.entries if s.backbone == backbone and s.status == "done"]
+    return max(done, key=lambda s: s.score).learning_rate if done else None
+
+
+def _data_sentence(config: SelectionConfig, modality: str, runs: Sequence[_CandidateRun]) -> str:
+    subset = (f"the first {config.max_train_examples} training examples"
+              if config.max_train_examples else "all training examples")
+    evaluation = f"evaluated on `{config.eval_data}`" if config.eval_data else \
+        f"evaluated on a {config.validation_split:.0%} held-out split"
+    if modality == "text":
+        return (f"`{config.train_data}`, {subset}, {evaluation}; sequence length "
+                f"{config.sequence_length} word pieces (profiled at that length), pooling "
+                f"`{config.pooling}`.")
+    sizes = sorted({int(r.profile.input_shapes.get('images', [0])[0]) for r in runs
+                    if r.profile and r.profile.input_shapes.get("images")})
+    side = f"{config.image_size}" if config.image_size else \
+        f"each backbone's own ({', '.join(map(str, sizes))} px)"
+    return (f"`{config.train_data}`, {subset}, {evaluation}; images at {side}, "
+            f"augmentation `{config.augment}`.")
+
+
+def _insert_section(report: Path, section: str) -> None:
+    # Right after the summary bullets, before the candidate table.
+    text = report.read_text(encoding="utf-8")
+    marker = "\n## Budget spent"
+    if marker not in text:
+        marker = "\n## Candidates"
+    head, sep, tail = text.partition(marker)
+    new = f"{head}\n{section}{sep}{tail}" if sep else f"{text}\n{section}"
+    atomic_write_text(report, new)
+
+
+def _write_failed_report(config: SelectionConfig, runs: Sequence[_CandidateRun], modality: str,
+                         started: float) -> Path:
+    records = [Candidate(name=r.name, error=r.error or "not fine-tuned: every listed candidate "
+                         "failed", figures={"backbone": r.backbone}, scores=dict(r.scores))
+               for r in runs]
+    rec = recommend(records, **config.constraints, metric_name=config.metric)
+    paths = write_report(config.output_dir, records, rec,
+                         selection_seconds=time.perf_counter() - started,
+                         title=config.title or _default_title(config, modality))
+    return paths["report"]
+
+
+def _default_title(config: SelectionConfig, modality: str) -> str:
+    name = Path(config.train_data.rstrip("/")).parent.name or config.train_data
+    subset = f", {config.max_train_examples} training examples" if config.max_train_examples else ""
+    shape = (f", sequence length {config.sequence_length}" if modality == "text"
+             else (f", {config.image_size} px" if config.image_size else ""))
+    return f"Model selection: {name} ({modality}{subset}{shape})"
+
+
+# --------------------------------------------------------------------------- #
+# Fingerprints, cache keys, small helpers
+# --------------------------------------------------------------------------- #
+
+
+def _project_name(config: SelectionConfig, modality: str) -> str:
+    key = _hash({"version": _CACHE_VERSION, "data": _data_fingerprint(config),
+                 "settings": _trial_settings(config, modality)})
+    return f"{modality}_{key[:16]}"
+
+
+def _trial_settings(config: SelectionConfig, modality: str) -> dict[str, Any]:
+    """Every setting that changes what a trial computes (not the budget or the candidates)."""
+    return {
+        "modality": modality, "metric": config.metric, "batch_size": config.batch_size,
+        "seed": config.seed, "warmup_ratio": config.warmup_ratio,
+        "weight_decay": config.weight_decay, "dropout": config.dropout,
+        "patience": config.early_stopping_patience, "max_train_examples": config.max_train_examples,
+        "validation_split": None if config.eval_data else config.validation_split,
+        "sequence_length": config.sequence_length if modality == "text" else None,
+        "pooling": config.pooling if modality == "text" else None,
+        "image_size": config.image_size if modality == "image" else None,
+        "augment": config.augment if modality == "image" else None,
+        "columns": [config.text_column, config.label_column, config.has_header],
+        "label_names": list(config.label_names),
+    }
+
+
+@functools.cache
+def _path_fingerprint(path: str) -> str:
+    p = Path(path).expanduser()
+    if not p.exists():
+        return f"missing:{path}"
+    if p.is_file():
+        size = p.stat().st_size
+        if size <= 64 * 1024 * 1024:
+            return hashlib.sha256(p.read_bytes()).hexdigest()
+        return f"{size}:{p.stat().st_mtime_ns}"
+    listing = sorted(
+        (str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in p.rglob("*") if f.is_file()
+    )
+    return _hash(listing)
+
+
+def _data_fingerprint(config: SelectionConfig) -> dict[str, str]:
+    return {"train": _path_fingerprint(config.train_data),
+            "eval": _path_fingerprint(config.eval_data) if config.eval_data else ""}
+
+
+def _weights_fingerprint(spec: Any) -> str:
+    """Spec plus the files behind it (sizes and times), so changed weights are not reused."""
+    from tfhub_finetune.paths import package_dir
+
+    location = None
+    if spec.source == "python_package":
+        try:
+            location = package_dir(spec.handle)
+        except InputError:
+            location = None
+    elif Path(spec.handle).exists():
+        location = Path(spec.handle)
+    files = _path_fingerprint(str(location)) if location is not None else ""
+    return _hash({"spec": spec.to_dict(), "files": files})[:16]
+
+
+def _machine() -> str:
+    return f"{cpu_description()} | {platform.python_version()}"
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _lr_key(lr: float) -> float:
+    # Learning rates come back through JSON and gRPC; compare them at 6 digits.
+    return float(f"{float(lr):.6g}")
+
+
+def _tuner_role() -> str:
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return "local"
+    for name in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        if not os.environ.get(name):
+            raise InputError(
+                "Distributed tuning needs KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and "
+                "KERASTUNER_TUNER_ID together.",
+                received={"missing": name},
+                fix="Set all three (the chief's KERASTUNER_TUNER_ID contains `chief`).",
+            )
+    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+def _progress_bar(config: SelectionConfig, runs: Sequence[_CandidateRun]) -> Any:
+    from tqdm import tqdm
+
+    usable = sum(r.spec is not None for r in runs)
+    # Profiles and transferability per candidate; the search adds its trials.
+    return tqdm(total=2 * usable + 1, desc="select", unit="step", file=sys.stderr,
+                disable=not config.progress, dynamic_ncols=True, mininterval=1.0)
+
+
+def _echo(bar: Any, line: str) -> None:
+    bar.write(line, file=sys.stdout) if not bar.disable else print(line, flush=True)
+
+
+def _jsonable_config(config: SelectionConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    data["profile_options"] = (dataclasses.asdict(config.profile_options)
+                               if config.profile_options else None)
+    return data
+
+
+def _format_metric(value: float | None, metric: str) -> str:
+    if value is None:
+        return "—"
+    return f"{value * 100:.1f}%" if is_fraction_metric(metric) else f"{value:.4g}"
+
+
+def _ratio(mine: float | None, theirs: float | None) -> str:
+    if not mine or not theirs:
+        return "? x"
+    return f"{mine / theirs:.1f}x"
+
+
+def _tau(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:+.2f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _count(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.0f}"
+
+
+def _float(value: Any) -> float | None:
+    # KerasTuner hands back numpy floats; reports and JSON want plain ones.
+    return None if value is None else float(value)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 3)
+
+
+def _last_line(message: str | None) -> str:
+    lines = [ln.strip() for ln in (message or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "no message"
+
+
+def _bad(name: str, value: Any, problem: str, fix: str | None = None) -> None:
+    raise InputError(problem, received={name: value}, fix=fix)
+
+
+def _one_of(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        _bad(name, value, f"Invalid value for `{name}`.", did_you_mean(str(value), choices))
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _bad(name, value, f"`{name}` must be a positive integer.")
