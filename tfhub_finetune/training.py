@@ -35,7 +35,6 @@ import tensorflow as tf
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 
 BACKUP_STATE = "backup_state.json"
-BACKUP_LOG = "backup_log.jsonl"
 BEST_WEIGHTS = "best.weights.h5"
 BEST_STATE = "best.json"
 
@@ -212,13 +211,9 @@ class ResumableBackup(keras.callbacks.Callback):
         with atomic_path(self.backup_dir / name) as tmp:
             self.model.save_weights(str(tmp))
         state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                 "weights": name, "learning_rate": current_learning_rate(self.model.optimizer)}
+                 "weights": name}
         # The pointer is the commit: until it is replaced, the old backup stays valid.
         atomic_write_text(self.backup_dir / BACKUP_STATE, json.dumps(state))
-        # An append-only history, so a run's learning rate at any backed-up step can be
-        # compared with another run's (the resume tests do).
-        with open(self.backup_dir / BACKUP_LOG, "a", encoding="utf-8") as log:
-            log.write(json.dumps(state) + "\n")
         for old in self.backup_dir.glob("backup-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
