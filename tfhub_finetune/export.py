@@ -200,6 +200,12 @@ def export_text_classifier(
     # Serve: tensorflow_model_server --model_base_path=$PWD/exports/sst2 ...
     ```
     """
+    if not isinstance(backbone, TextBackbone):
+        raise InputError(
+            "The text export needs the TextBackbone the model was built on (for its tokenizer).",
+            received={"backbone": type(backbone).__name__},
+            fix="Pass the object load_backbone returned for the text backbone.",
+        )
     if not isinstance(model.input, dict) or not set(TEXT_INPUTS) <= set(model.input):
         raise InputError(
             "The text export needs a model on token ids.",
@@ -803,18 +809,22 @@ def _example_signature(function, task: str, num_outputs: int) -> dict[str, Any]:
 
 
 def _save(root: tf.Module, directory: str, signatures: dict[str, Any]) -> None:
-    # SavedModel writing logs a dozen INFO lines (shards, assets, fingerprint)
-    # that would bury the pipeline's own summary.
+    # SavedModel writing logs INFO lines (shards, assets, fingerprint) that
+    # would bury the pipeline's own summary. A filter, because saving resets
+    # the absl logger's level.
     loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
-    levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        logger.addFilter(_warnings_and_above)
     try:
         tf.saved_model.save(root, directory, signatures=signatures)
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        for logger in loggers:
+            logger.removeFilter(_warnings_and_above)
     _set_method_names(directory)
+
+
+def _warnings_and_above(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def _set_method_names(directory: str) -> None:
