@@ -26,8 +26,9 @@ def _epoch_dataset(epoch):
 
 def _model():
     keras.utils.set_random_seed(1)
+    # Dropout makes the test also check that the RNG state resumes with the weights.
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
-                              keras.layers.Dense(2, activation="softmax")])
+                              keras.layers.Dropout(0.3), keras.layers.Dense(2, activation="softmax")])
     model.compile(optimizer=training.make_optimizer(1e-2, STEPS_PER_EPOCH * EPOCHS, 0.2),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model

@@ -35,6 +35,7 @@ import tensorflow as tf
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 
 BACKUP_STATE = "backup_state.json"
+BACKUP_LOG = "backup_log.jsonl"
 BEST_WEIGHTS = "best.weights.h5"
 BEST_STATE = "best.json"
 
@@ -211,9 +212,14 @@ class ResumableBackup(keras.callbacks.Callback):
         with atomic_path(self.backup_dir / name) as tmp:
             self.model.save_weights(str(tmp))
         state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                 "weights": name}
+                 "weights": name, "learning_rate": current_learning_rate(self.model.optimizer),
+                 "rng_states": [v.numpy().tolist() for v in _rng_state_variables(self.model)]}
         # The pointer is the commit: until it is replaced, the old backup stays valid.
         atomic_write_text(self.backup_dir / BACKUP_STATE, json.dumps(state))
+        # An append-only history, so a run's learning rate at any backed-up step can be
+        # compared with another run's (the resume tests do).
+        with open(self.backup_dir / BACKUP_LOG, "a", encoding="utf-8") as log:
+            log.write(json.dumps(state) + "\n")
         for old in self.backup_dir.glob("backup-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -224,10 +230,26 @@ def restore_backup(model: keras.Model, backup_dir: str | Path) -> dict | None:
     state = read_backup_state(backup_dir)
     if state is None:
         return None
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    model.load_weights(str(Path(backup_dir) / state["weights"]))
+    # Optimizer slots must be created under the model's strategy, like its weights.
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    with strategy.scope():
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(str(Path(backup_dir) / state["weights"]))
+        rng = _rng_state_variables(model)
+        if len(rng) == len(state.get("rng_states", [])):
+            for variable, value in zip(rng, state["rng_states"], strict=True):
+                variable.assign(value)
     return state
+
+
+def _rng_state_variables(model: keras.Model) -> list:
+    """Dropout's seed-generator states: `save_weights` omits them, so backups carry them.
+
+    Without them a resumed run draws different dropout masks than the
+    uninterrupted one and the two drift apart.
+    """
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 class BestCheckpoint(keras.callbacks.Callback):
