@@ -95,6 +95,9 @@ def test_auto_uses_the_gpu_if_there_is_one_else_the_cpu():
     else:
         assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
         assert ("GPU:0" if gpus else "CPU:0") in strategy.extended.worker_devices[0]
+        # One flagfile for all machines: an all-reduce choice is ignored on one device.
+        one = distribute.get_distribution_strategy("auto", all_reduce="nccl")
+        assert isinstance(one, tf.distribute.OneDeviceStrategy)
 
 
 def test_gpu_without_gpu_is_an_input_error():

@@ -13,9 +13,10 @@ Contracts the rest of the package relies on:
   batch size; `tf.distribute` splits each batch across replicas (and, with
   several workers, across workers). `per_replica_batch` checks that it divides.
 - **Only the chief writes** checkpoints, TensorBoard logs, metrics and exports.
-  Other workers still run the same callbacks (saving can involve collective
-  ops that every worker must join) but into `worker_model_dir`'s throw-away
-  directory, removed afterwards with `cleanup_worker_model_dir`.
+  Other workers still run the same callbacks (TensorFlow's multi-worker guidance:
+  every worker saves, since saving can involve collective ops all must join)
+  but into `worker_model_dir`'s throw-away directory, removed afterwards with
+  `cleanup_worker_model_dir`.
 - **Precision is set before the model is built.** Keras reads the global dtype
   policy when layers are created, and `compile` decides on loss scaling from the
   model's policy.
@@ -25,7 +26,8 @@ Example:
 ```python
 from tfhub_finetune import distribute
 
-strategy = distribute.get_distribution_strategy("auto")
+strategy = distribute.get_distribution_strategy("auto")  # the program's first TF call
+distribute.check_keras_fit_support(strategy)
 precision = distribute.set_precision("auto", strategy=strategy)
 batch = distribute.per_replica_batch(32, strategy)  # validates 32 divides
 with strategy.scope():
@@ -129,7 +131,8 @@ def get_distribution_strategy(
     | `hierarchical_copy` | `HierarchicalCopyAllReduce` | not accepted                 |
     | `ring`              | not accepted                | `.RING`                      |
 
-    Other strategies accept only `auto`.
+    Other strategies accept only `auto`; `distribution=auto` ignores it when it
+    finds a single device.
 
     Args:
         distribution: str. One of `auto`, `cpu`, `gpu`, `mirrored`,
@@ -242,7 +245,9 @@ def get_distribution_strategy(
         return tf.distribute.MirroredStrategy(
             devices=gpus, cross_device_ops=_mirrored_cross_device_ops(all_reduce, on_gpus=True)
         )
-    _require_all_reduce_auto(all_reduce, "auto with fewer than 2 GPUs")
+    if all_reduce != "auto":
+        # Not an error: the same flagfile should run on an 8-GPU and a 1-GPU machine.
+        logger.info("all_reduce=%s unused: distribution=auto found one device.", all_reduce)
     return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else "/cpu:0")
 
 
@@ -285,6 +290,13 @@ def check_keras_fit_support(strategy: tf.distribute.Strategy) -> None:
 
     Raises:
         InputError: for a `ParameterServerStrategy`.
+
+    Example:
+
+    ```python
+    strategy = get_distribution_strategy(FLAGS.distribution)
+    check_keras_fit_support(strategy)  # before building anything
+    ```
     """
     if isinstance(strategy, tf.distribute.ParameterServerStrategy):
         raise InputError(
@@ -544,18 +556,27 @@ def resolve_precision(
     - GPUs, all of compute capability >= 7.0 (Volta and later, with float16
       Tensor Cores): `mixed_float16`. Keras `compile` adds dynamic loss scaling.
     - Older GPUs: `float32` (float16 there is emulated and slower).
-    - CPU: `float32`. Measured with `benchmarks/precision_cpu.py` (4-layer BERT
-      encoder, hidden 384, batch 32, `fit` training examples/s, median of 3
-      subprocess runs each, alternating order) on a 2-core Xeon (Sapphire
-      Rapids) with AVX512_BF16 and AVX512_FP16 but no AMX:
+    - CPU: `float32`. Measured with `benchmarks/precision_cpu.py` (BERT encoder,
+      4 layers, hidden 384, 12 heads + dense head, batch 32, Keras `fit` on
+      random token ids; each configuration in its own subprocess, order
+      alternating, 3 repeats) on a 2-core Xeon (Sapphire Rapids: AVX512_BF16
+      and AVX512_FP16, no AMX), shared with other jobs (load average 5-10).
+      Cells: median training examples/s (min-max) / CPU ms per example, the
+      latter being the figure other jobs on the cores disturb least:
 
-      mixed_bfloat16 is slower there: without AMX, TensorFlow's bfloat16
-      matmuls run below float32 speed (~150 vs ~240 GFLOP/s for a
-      2048x384x1536 matmul on the same CPU), and the casts around every layer
-      add more. AMX CPUs (flag `amx_bf16`) are where oneDNN's bfloat16 kernels
-      are reported to win, but that is unmeasured here, so `auto` stays on
-      float32 for them too; pass `--precision=mixed_bfloat16` after running the
-      benchmark on such a machine.
+      | seq | float32             | mixed_bfloat16     | float32+XLA         | mixed_bfloat16+XLA |
+      |-----|---------------------|--------------------|---------------------|--------------------|
+      | 64  | 17.7 (12.5-18.7)/39 | 8.7 (6.7-11.5)/55  | 15.9 (11.6-21.4)/37 | 8.0 (7.4-13.4)/43  |
+      | 128 | 5.1 (4.6-6.3)/85    | 3.0 (2.4-3.4)/115  | 3.5 (2.4-4.0)/89    | 3.7 (3.7-6.4)/97   |
+
+      Single runs on the idle machine (seq 64) agree: 44.7, 17.5, 42.4 and
+      20.2 examples/s. mixed_bfloat16 costs 35-41% more CPU per example (10-14%
+      with XLA): without AMX, TensorFlow's bfloat16 matmuls run below float32
+      speed here (~150 vs ~240 GFLOP/s for a 2048x384x1536 matmul), and every
+      layer adds casts. AMX CPUs (flag `amx_bf16`) are where oneDNN's bfloat16
+      kernels are reported to win, but that is unmeasured, so `auto` stays on
+      float32 for them too; run the benchmark there and pass
+      `--precision=mixed_bfloat16` if it wins.
 
     Args:
         precision: str. One of `auto`, `float32`, `mixed_bfloat16`,
@@ -634,9 +655,11 @@ def resolve_jit_compile(
     `auto` means XLA only where it pays and works:
 
     - one GPU: on (fused kernels; what Keras itself does on GPU);
-    - CPU: off. Measured by `benchmarks/precision_cpu.py` on this project's
-      AVX512 Xeon, XLA was no faster than TensorFlow's oneDNN kernels for
-      training and added compile time (see `resolve_precision` for the table);
+    - CPU: off. Measured by `benchmarks/precision_cpu.py` (table in
+      `resolve_precision`), float32+XLA used within about 5% of the CPU per
+      example of plain float32 (less at seq 64, more at 128) while its first
+      step took 2-3x longer (21-67 s vs 14-41 s); with length bucketing every
+      new sequence length compiles again;
     - several replicas (`mirrored`, `multi_worker`): off, and an explicit
       `True` is an error. Keras 3 itself disables XLA under `tf.distribute`, and
       forcing it fails in `fit` with "Trying to access resource ... located in
