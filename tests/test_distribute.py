@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -514,11 +513,13 @@ callbacks = [
     keras.callbacks.ModelCheckpoint(os.path.join(out_dir, "ckpt.weights.h5"), save_weights_only=True),
     keras.callbacks.CSVLogger(os.path.join(out_dir, "training_log.csv")),
 ]
-history = model.fit(train, epochs=2, steps_per_epoch=3, callbacks=callbacks, verbose=0)
-with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump({"loss": history.history["loss"][-1]}, f)
-out["files_before_cleanup"] = sorted(os.listdir(out_dir))
-distribute.cleanup_worker_model_dir(out_dir, model_dir)
+try:
+    history = model.fit(train, epochs=2, steps_per_epoch=3, callbacks=callbacks, verbose=0)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({"loss": history.history["loss"][-1]}, f)
+    out["files_before_cleanup"] = sorted(os.listdir(out_dir))
+finally:
+    distribute.cleanup_worker_model_dir(out_dir, model_dir)
 out["out_dir_exists_after_cleanup"] = os.path.isdir(out_dir)
 out["steps"] = int(model.optimizer.iterations.numpy())
 out["weight_change"] = max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), initial))
@@ -544,6 +545,9 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(_WORKER_SCRIPT))
     model_dir = tmp_path / "model_dir"
+    # Non-chief temp dirs land here, so even a killed worker leaves nothing in /tmp.
+    worker_tmp = tmp_path / "worker_tmp"
+    worker_tmp.mkdir()
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes = []
     logs = []
@@ -556,7 +560,7 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
                 subprocess.Popen(
                     [sys.executable, str(script), str(model_dir), str(tmp_path / f"w{index}.npz")],
                     cwd=REPO_ROOT,
-                    env=_subprocess_env(TF_CONFIG=json.dumps(tf_config)),
+                    env=_subprocess_env(TF_CONFIG=json.dumps(tf_config), TMPDIR=str(worker_tmp)),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     text=True,
@@ -598,7 +602,7 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
 
     # Only the chief's directory is the model_dir, and it holds everything.
     assert chief["out_dir"] == str(model_dir)
-    assert Path(other["out_dir"]).resolve().parent == Path(tempfile.gettempdir()).resolve()
+    assert Path(other["out_dir"]).resolve().parent == worker_tmp.resolve()
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "ckpt.weights.h5",
         "metrics.json",
