@@ -80,22 +80,31 @@ def run_experiment(config: ExperimentConfig, task: Task) -> dict:
     """
     config.validate()
     started = time.time()
-    training.set_seed(config.train.seed)
     rt = config.runtime
-    precision = distribute.set_precision(rt.precision)
+    # The strategy first: multi-worker collectives must be configured before any other TF op.
     strategy = distribute.get_distribution_strategy(
         rt.distribution, num_gpus=None if rt.num_gpus < 0 else rt.num_gpus,
         all_reduce=rt.all_reduce, tpu_address=rt.tpu or None,
     )
-    jit = distribute.resolve_jit_compile(rt.jit_compile)
+    distribute.check_keras_fit_support(strategy)
+    training.set_seed(config.train.seed)
+    precision = distribute.set_precision(rt.precision, strategy=strategy)
+    jit = distribute.resolve_jit_compile(rt.jit_compile, strategy)
+    distribute.per_replica_batch(config.train.batch_size, strategy)  # Global batch must divide.
+    # Only the chief writes into model_dir; other workers write to a temp dir removed at the end.
     model_dir = Path(distribute.worker_model_dir(config.model_dir, strategy))
-    model_dir.mkdir(parents=True, exist_ok=True)
     chief = distribute.is_chief(strategy)
     print(
-        f"Strategy: {type(strategy).__name__} ({strategy.num_replicas_in_sync} replica(s)), "
-        f"precision: {precision}, XLA: {jit}.",
+        f"Strategy: {distribute.describe_strategy(strategy)}, precision: {precision}, XLA: {jit}.",
         flush=True,
     )
+    try:
+        return _run(config, task, strategy, model_dir, chief, jit, started)
+    finally:
+        distribute.cleanup_worker_model_dir(model_dir, config.model_dir)
+
+
+def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: float) -> dict:
 
     # Tasks may load the backbone while preparing data (tokenizer, limits), so
     # preparation runs in the scope too: every variable must be created there.
