@@ -39,6 +39,7 @@ def trained(tmp_path_factory):
     return model_dir, args, proc
 
 
+@pytest.mark.slow  # Two pipeline processes, ~40 s of CPU; minutes on shared cores.
 def test_training_writes_the_same_outputs_as_the_text_pipeline(trained):
     model_dir, _, proc = trained
     metrics = json.loads((model_dir / "metrics.json").read_text())
@@ -54,6 +55,7 @@ def test_training_writes_the_same_outputs_as_the_text_pipeline(trained):
     assert json.loads((model_dir / "labels.json").read_text())["names"] == ["ants", "bees"]
 
 
+@pytest.mark.slow
 def test_eval_mode_reproduces_the_metrics(trained):
     model_dir, args, _ = trained
     before = json.loads((model_dir / "metrics.json").read_text())["eval"]["accuracy"]
