@@ -20,8 +20,7 @@ def _data():
 def _epoch_dataset(epoch):
     x, y = _data()
     ds = tf.data.Dataset.from_tensor_slices((x, y))
-    seed = tf.cast(epoch, tf.int64) + 100
-    return ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=False).batch(BATCH)
+    return ds.shuffle(len(x), seed=epoch + 100, reshuffle_each_iteration=False).batch(BATCH)
 
 
 def _model():
@@ -100,3 +99,13 @@ def test_best_checkpoint_is_not_overwritten_by_a_worse_restart(tmp_path):
 
 def test_loss_monitor_minimises(tmp_path):
     assert training.BestCheckpoint(tmp_path, monitor="val_loss").mode == "min"
+
+
+def test_a_global_seed_of_zero_trains(tmp_path):
+    # TF's get_seed compares a tensor shuffle seed as a bool when the global seed is 0;
+    # epochs must reach tf.data with Python-int seeds.
+    model = _model()
+    keras.utils.set_random_seed(0)
+    outcome = training.fit_resumable(model, _epoch_dataset, epochs=2, steps_per_epoch=STEPS_PER_EPOCH,
+                                     model_dir=tmp_path, verbose=0)
+    assert len(outcome["history"]["loss"]) == 2

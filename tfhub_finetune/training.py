@@ -21,6 +21,7 @@ bare `model.fit` in the ways fine-tuning on shared machines needs:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -378,7 +379,12 @@ def fit_resumable(
         run(start_epoch, start_epoch + 1, epoch_dataset(start_epoch).skip(skip), steps_per_epoch - skip)
         start_epoch += 1
     if start_epoch < epochs and not backup.terminated and not model.stop_training:
-        stream = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_dataset)
+        # Epochs are joined in Python, each seeded with a Python int: a tensor seed (as a
+        # flat_map over epoch numbers would pass) crashes tf.data's shuffle when the global
+        # seed is 0, because TF's get_seed then compares the tensor as a bool.
+        stream = functools.reduce(
+            tf.data.Dataset.concatenate, (epoch_dataset(k) for k in range(start_epoch, epochs))
+        )
         run(start_epoch, epochs, stream.prefetch(tf.data.AUTOTUNE), steps_per_epoch)
     return {"resumed_from": state, "history": history, "terminated": backup.terminated}
 

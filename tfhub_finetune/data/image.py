@@ -134,8 +134,8 @@ class ImageDataset:
         Args:
             batch_size: int. Examples per batch (the last may be smaller).
             training: bool. Shuffle and augment. Defaults to `False`.
-            seed: int or scalar tf.Tensor. Shuffle seed; a tensor lets a
-                per-epoch dataset (`Dataset.flat_map`) derive it from the epoch.
+            seed: int. Shuffle seed (`fit_resumable` passes one per epoch). A
+                tensor seed crashes tf.data's shuffle when the global seed is 0.
             augment: str, keras layer or None. `basic`, `randaugment`, `none`
                 (see `build_augmenter`), or an augmenter built once and
                 reused, which tf.data functions need (they cannot create

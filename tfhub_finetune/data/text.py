@@ -30,8 +30,7 @@ class TokenizedTexts:
     ids: tf.RaggedTensor
     labels: np.ndarray
     sequence_length: int
-    # Computed eagerly once: datasets are also built inside graphs (flat_map),
-    # where the ragged tensor's sizes are symbolic.
+    # Computed eagerly once, so building a dataset never needs the ragged tensor's sizes.
     lengths: np.ndarray = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -86,7 +85,7 @@ def make_text_dataset(
     *,
     batch_size: int,
     training: bool,
-    seed: int | tf.Tensor = 0,
+    seed: int = 0,
     reshuffle_each_iteration: bool = True,
     bucketing: bool = True,
     pad_to_bucket_boundary: bool = False,
@@ -99,7 +98,8 @@ def make_text_dataset(
         batch_size: int. Examples per batch (the global batch under a strategy).
         training: bool. Shuffle (seeded, reshuffled each epoch) and bucket by
             length; otherwise keep order.
-        seed: int or scalar int64 Tensor. Shuffle seed.
+        seed: int. Shuffle seed (`fit_resumable` passes one per epoch). A tensor
+            seed crashes tf.data's shuffle when the global seed is 0.
         reshuffle_each_iteration: bool. New order each pass. `fit_resumable`
             passes False and a per-epoch seed instead, so that epoch k's order
             is reproducible after a restart.

@@ -146,9 +146,9 @@ class ImageClassificationTask:
 
     # === Datasets ===
 
-    def train_epoch_dataset(self, epoch: int | tf.Tensor) -> tf.data.Dataset:
+    def train_epoch_dataset(self, epoch: int) -> tf.data.Dataset:
         t = self.config.train
-        seed = tf.cast(epoch, tf.int64) + tf.constant(t.seed * 1000, tf.int64)
+        seed = t.seed * 1000 + int(epoch)
         return self.train_data.batches(
             t.batch_size,
             training=True,

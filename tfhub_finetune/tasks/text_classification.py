@@ -157,9 +157,9 @@ class TextClassificationTask:
 
     # === Datasets ===
 
-    def train_epoch_dataset(self, epoch: int | tf.Tensor) -> tf.data.Dataset:
+    def train_epoch_dataset(self, epoch: int) -> tf.data.Dataset:
         t = self.config.train
-        seed = tf.cast(epoch, tf.int64) + tf.constant(t.seed * 1000, tf.int64)
+        seed = t.seed * 1000 + int(epoch)
         return make_text_dataset(
             self.train_data,
             self.backbone.tokenizer,
