@@ -37,3 +37,17 @@ class Task(Protocol):
     def eval_dataset(self) -> tf.data.Dataset: ...
 
     def eval_targets(self) -> np.ndarray: ...
+
+
+def epoch_seed(config: ExperimentConfig, epoch: int) -> int:
+    """The shuffle seed of training epoch `epoch`: a pure function of (seed, epoch).
+
+    A Python int on purpose: a tensor seed crashes tf.data's shuffle when the global
+    seed is 0. Resumed runs rebuild epoch k's order from it exactly.
+    """
+    return config.train.seed * 1000 + int(epoch)
+
+
+def eval_batch_size(config: ExperimentConfig) -> int:
+    """Evaluation batches are at least 64: no gradients, so bigger batches are cheap."""
+    return max(config.train.batch_size, 64)

@@ -16,9 +16,9 @@ from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.data.image import ImageDataset, build_augmenter, load_image_dataset
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size
 
 # Evaluation batches only run forward passes, so they can be larger.
-_MIN_EVAL_BATCH = 64
 
 
 class ImageClassificationTask:
@@ -147,18 +147,16 @@ class ImageClassificationTask:
     # === Datasets ===
 
     def train_epoch_dataset(self, epoch: int) -> tf.data.Dataset:
-        t = self.config.train
-        seed = t.seed * 1000 + int(epoch)
         return self.train_data.batches(
-            t.batch_size,
+            self.config.train.batch_size,
             training=True,
-            seed=seed,
+            seed=epoch_seed(self.config, epoch),
             augment=self.augmenter,
             reshuffle_each_iteration=False,
         )
 
     def eval_dataset(self) -> tf.data.Dataset:
-        return self.eval_data.batches(max(self.config.train.batch_size, _MIN_EVAL_BATCH))
+        return self.eval_data.batches(eval_batch_size(self.config))
 
     def eval_targets(self) -> np.ndarray:
         labels = self.eval_data.examples.map(lambda _, label: label)

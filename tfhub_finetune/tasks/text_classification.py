@@ -23,6 +23,7 @@ from tfhub_finetune.data.sources import (
 )
 from tfhub_finetune.data.text import TokenizedTexts, make_text_dataset, tokenize_texts
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size
 
 
 def _column(value: str) -> str | int:
@@ -159,20 +160,19 @@ class TextClassificationTask:
 
     def train_epoch_dataset(self, epoch: int) -> tf.data.Dataset:
         t = self.config.train
-        seed = t.seed * 1000 + int(epoch)
         return make_text_dataset(
             self.train_data,
             self.backbone.tokenizer,
             batch_size=t.batch_size,
             training=True,
-            seed=seed,
+            seed=epoch_seed(self.config, epoch),
             reshuffle_each_iteration=False,
             bucketing=t.bucketing,
         )
 
     def eval_dataset(self) -> tf.data.Dataset:
         return make_text_dataset(
-            self.eval_data, self.backbone.tokenizer, batch_size=max(self.config.train.batch_size, 64),
+            self.eval_data, self.backbone.tokenizer, batch_size=eval_batch_size(self.config),
             training=False,
         )
 
