@@ -54,6 +54,29 @@ def test_warmup_then_linear_decay():
     assert float(restored(60)) == pytest.approx(0.5)
 
 
+def test_fused_adamw_matches_keras_adamw():
+    # Same weights and slots as Keras' AdamW after several steps, with weight decay,
+    # global-norm clipping, a sparse (embedding) gradient and an excluded LayerNorm.
+    def train(optimizer_cls):
+        keras.utils.set_random_seed(3)
+        ids = keras.Input((None,), dtype="int32")
+        x = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(40, 8)(ids))
+        x = keras.layers.LayerNormalization()(x)
+        model = keras.Model(ids, keras.layers.Dense(2, activation="softmax")(x))
+        optimizer = optimizer_cls(learning_rate=training.WarmupLinearDecay(1e-2, 16, 4),
+                                  weight_decay=0.01, epsilon=1e-6, global_clipnorm=1.0)
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+        rng = np.random.default_rng(0)
+        x, y = rng.integers(0, 40, (48, 6)).astype("int32"), rng.integers(0, 2, 48)
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        return [v.numpy() for v in model.weights + optimizer.variables]
+
+    for fused, stock in zip(train(training.FusedAdamW), train(keras.optimizers.AdamW), strict=True):
+        np.testing.assert_allclose(fused, stock, rtol=1e-5, atol=1e-6)
+    assert isinstance(training.make_optimizer(1e-3, 10), training.FusedAdamW)
+
+
 def test_interrupted_run_resumes_at_the_saved_step_with_same_weights_and_lr(tmp_path):
     reference = _model()
     training.fit_resumable(reference, _epoch_dataset, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
