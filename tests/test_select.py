@@ -9,6 +9,7 @@ The recommendation logic on recorded figures is tested with the library
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -219,10 +220,34 @@ def test_plan_respects_the_budget_but_always_runs_the_first_rung():
     # 8 epochs spent; the second rung needs 2 more (d and c), 10 > 9: stop.
     assert plan.todo == [] and plan.finished
     assert "budget (9 epochs)" in plan.budget_stop
+    # Time budget: the first rung measured 10 s per epoch per configuration (80 s);
+    # the second rung needs 2 x 10 s more.
+    for minutes, fits in ((95 / 60, False), (100 / 60, True)):
+        plan = plan_search(records, list("abcd"), [1e-4, 3e-5], [1, 2, 4],
+                           budget_seconds=minutes * 60)
+        assert (plan.budget_stop is None) == fits
+        assert [w.backbone for w in plan.todo] == (["d", "c"] if fits else [])
     stopped = [_record("9", "a", 1e-4, 2, [0.9, 0.8], stopped=True)]
     plan = plan_search(stopped, ["a"], [1e-4], [1, 2, 4])
     assert plan.finished  # An early stop answers every later rung without training.
     assert plan.halving_result("a").epochs == 2
+
+
+def test_plan_brute_force_completes_every_configuration_after_the_search():
+    records = [
+        _record("0", "a", 1e-4, 1, [0.8]),
+        _record("1", "b", 1e-4, 1, [0.6]),
+        _record("2", "a", 1e-4, 2, [0.8, 0.85], initial=1, parent="0"),
+    ]
+    plan = plan_search(records, ["a", "b"], [1e-4], [1, 2], brute_force=True)
+    (item,) = plan.todo  # Only `b` lacks its full epochs; it continues its 1-epoch trial.
+    assert (item.backbone, item.phase, item.base.trial_id, item.target_epochs) == (
+        "b", "brute_force", "1", 2)
+    assert plan.halving_result("b").epochs == 1  # The search's answer is unchanged.
+    promoting = dataclasses.replace(_record("2", "a", 1e-4, 2, [], initial=1, parent="0"),
+                                    status="RUNNING")
+    busy = plan_search([*records[:2], promoting], ["a", "b"], [1e-4], [1, 2], brute_force=True)
+    assert busy.todo == []  # No brute-force trial starts before the search is done.
 
 
 def test_bad_settings_raise_one_line_input_errors():
@@ -404,9 +429,11 @@ def test_killed_run_resumes_the_interrupted_trial(tiny_sst2, tmp_path):
     try:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and proc.poll() is None:
-            found = list((tmp_path / "out" / "cache").glob("tuner/*/trial_0000/epochs.json"))
-            if found and json.loads(found[0].read_text())["epochs"]:
-                history = found[0]
+            # Killed once epoch 1 is backed up (the history is written just before).
+            found = list((tmp_path / "out" / "cache").glob(
+                "tuner/*/trial_0000/backup/backup_state.json"))
+            if found and json.loads(found[0].read_text())["epoch"] >= 1:
+                history = found[0].parent.parent / "epochs.json"
                 break
             time.sleep(0.5)
         assert history is not None, "the trial never finished an epoch"

@@ -658,7 +658,9 @@ class _ImageModality:
     dropout = 0.2
 
     def make_task(self, experiment: Any, config: SelectionConfig) -> Any:
-        return _ImageTask(experiment, augment=config.augment)
+        from tfhub_finetune.tasks.image_classification import ImageClassificationTask
+
+        return ImageClassificationTask(experiment, augment=config.augment)
 
     def profile_request(
         self, config: SelectionConfig, run: _CandidateRun, num_classes: int
@@ -670,7 +672,7 @@ class _ImageModality:
 
     def feature_dataset(self, task: Any, config: SelectionConfig) -> Any:
         # Shuffled (class folders come in blocks) and never augmented.
-        return task.train.batches(64, training=True, seed=config.seed, augment="none")
+        return task.train_data.batches(64, training=True, seed=config.seed, augment="none")
 
 
 _MODALITIES: dict[str, Any] = {"text": _TextModality(), "image": _ImageModality()}
@@ -678,87 +680,6 @@ _MODALITIES: dict[str, Any] = {"text": _TextModality(), "image": _ImageModality(
 
 def _dropout(config: SelectionConfig, modality: Any) -> float:
     return modality.dropout if config.dropout is None else float(config.dropout)
-
-
-class _ImageTask:
-    """Image classification as `tasks.base.Task`: class folders -> raw pixels -> classifier.
-
-    The selection's stand-in until `tasks/image_classification.py` lands; it
-    only wires `data.image` and `builders.image_classifier` the way the text
-    task wires text data and its builder.
-    """
-
-    def __init__(self, config: Any, augment: str = "basic"):
-        from tfhub_finetune.backbones.catalog import resolve_backbone
-
-        self.config = config
-        self.augment = augment
-        self.spec = resolve_backbone(config.model.backbone)
-        if self.spec.modality != "image":
-            raise InputError(
-                "The image task needs an image backbone.",
-                received={"backbone": config.model.backbone, "modality": self.spec.modality},
-            )
-        self.backbone = None
-        self.labels = None
-        self.train = None
-        self.evaluation = None
-        self.image_size = 0
-        self.steps_per_epoch = 0
-        self.summary: dict[str, Any] = {}
-        self._augmenter = None
-
-    def prepare_train(self) -> None:
-        from tfhub_finetune.backbones.image_source import load_image_backbone
-        from tfhub_finetune.data.image import build_augmenter, load_image_dataset
-
-        d, t = self.config.data, self.config.train
-        self.backbone = load_image_backbone(self.spec)
-        self.image_size = self.config.model.image_size or self.backbone.image_size
-        self.train = load_image_dataset(
-            d.train_data, image_size=self.image_size, batch_size=t.batch_size, training=True,
-            seed=t.seed, label_names=list(d.label_names) or None,
-        )
-        if d.max_train_examples and (self.train.num_examples or 0) > d.max_train_examples:
-            # Files are in a seeded random order when training, so this is a random subset.
-            self.train = dataclasses.replace(
-                self.train, examples=self.train.examples.take(d.max_train_examples),
-                num_examples=d.max_train_examples, dataset=None,
-            )
-        if d.eval_data:
-            self.evaluation = load_image_dataset(
-                d.eval_data, image_size=self.image_size, batch_size=max(t.batch_size, 64),
-                label_names=self.train.label_names,
-            )
-        else:
-            self.train, self.evaluation = self.train.split(d.validation_split, seed=t.seed)
-        self.labels = self.train.vocabulary
-        self.steps_per_epoch = math.ceil(self.train.num_examples / t.batch_size)
-        # Built once: tf.data functions cannot create Keras layers.
-        self._augmenter = build_augmenter(self.augment, seed=t.seed)
-        self.summary = {"train_examples": self.train.num_examples,
-                        "eval_examples": self.evaluation.num_examples,
-                        "skipped_files": len(self.train.skipped) + len(self.evaluation.skipped)}
-
-    def build_model(self) -> Any:
-        from tfhub_finetune.builders.image_classifier import build_image_classifier
-
-        m = self.config.model
-        return build_image_classifier(
-            self.backbone, self.labels.num_classes, task=m.task, dropout=m.dropout,
-            freeze_backbone=m.freeze_backbone, image_size=self.image_size,
-        )
-
-    def train_epoch_dataset(self, epoch: Any) -> Any:
-        import tensorflow as tf
-
-        t = self.config.train
-        seed = tf.cast(epoch, tf.int64) + tf.constant(t.seed * 1000, tf.int64)
-        return self.train.batches(t.batch_size, training=True, seed=seed,
-                                  augment=self._augmenter, reshuffle_each_iteration=False)
-
-    def eval_dataset(self) -> Any:
-        return self.evaluation.batches(max(self.config.train.batch_size, 64))
 
 
 def _experiment_config(
@@ -1687,7 +1608,9 @@ def _run_search(
               f"{os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
               "; start the workers with the same command.", flush=True)
     tuner.search(verbose=0)
-    return oracle.plan(), tuner.trials_run, reused
+    # Counted on the oracle: on a chief, the workers trained them.
+    finished = sum(1 for t in oracle.trials.values() if t.status == "COMPLETED")
+    return oracle.plan(), finished - reused, reused
 
 
 def _planned_trials(plan: SearchPlan, config: SelectionConfig, n: int) -> int:
@@ -1968,8 +1891,9 @@ def _selection_markdown(
         f"learning rates {', '.join(f'{lr:g}' for lr in config.learning_rates)}, warm-up over "
         f"{config.warmup_ratio:.0%} of the first epoch then constant (so trials continue "
         f"exactly), seed {config.seed} and the same per-epoch data order for every candidate, "
-        f"early stopping after {config.early_stopping_patience or 'no'} epochs without "
-        f"improvement; the metric is the best {config.objective} so far.",
+        + (f"early stopping after {_epochs(config.early_stopping_patience)} without improvement"
+           if config.early_stopping_patience else "no early stopping")
+        + f"; the metric is the best {config.objective} so far.",
         f"- Successive halving: rungs at {', '.join(map(str, config.rungs))} epochs; every "
         f"candidate x learning rate runs the first rung, then the best "
         f"1/{config.reduction_factor} of the backbones (by their best learning rate) continue "
