@@ -190,9 +190,14 @@ def main(argv):
     )
     print(f"Kendall tau vs fine-tuned {rec.metric_name}: {taus or 'no scores'}")
     line = f"Selection: {_duration(result.selection_seconds)} wall"
+    # With cached stages, the selection's cost is what they took when they ran.
+    cost = result.compute_seconds if result.reused else result.selection_seconds
+    if result.reused:
+        line += (f" (cache used; the results cost {_duration(result.compute_seconds)} of "
+                 "recorded compute)")
     if result.brute_force_seconds:
         line += (f"; brute force (estimated): {_duration(result.brute_force_seconds)} "
-                 f"({result.brute_force_seconds / result.selection_seconds:.1f}x)")
+                 f"({result.brute_force_seconds / cost:.1f}x)")
     if result.brute_force_measured_seconds is not None:
         line += f"; brute force (measured): {_duration(result.brute_force_measured_seconds)}"
     print(line)

@@ -349,6 +349,10 @@ class SelectionResult:
         paths: dict. `report`, `results`, `pareto`, `transferability` -> Path.
         kendall_tau: dict. Score name -> `{"tau", "n", "candidates"}`.
         selection_seconds: float. Wall time of this run.
+        compute_seconds: float. Recorded time of the profiles, scores and
+            search epochs behind the results, cached ones included (what the
+            selection cost when `reused`).
+        reused: bool. Whether any stage came from the cache.
         brute_force_seconds: float or None. Estimated time of the brute-force
             alternative (profiling + every configuration for `max_epochs`).
         brute_force_measured_seconds: float or None. The same, measured
@@ -366,6 +370,8 @@ class SelectionResult:
     paths: dict[str, Path] = dataclasses.field(default_factory=dict)
     kendall_tau: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     selection_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    reused: bool = False
     brute_force_seconds: float | None = None
     brute_force_measured_seconds: float | None = None
     brute_force_choice: str | None = None
@@ -1714,6 +1720,7 @@ def _assemble(
     result = SelectionResult(
         role=_tuner_role(), recommendation=rec, candidates=records, paths=paths,
         kendall_tau=correlations, selection_seconds=selection_seconds,
+        compute_seconds=sum(compute.values()), reused=bool(reused),
         brute_force_seconds=estimate, brute_force_measured_seconds=measured,
         brute_force_choice=brute_choice, matches_brute_force=matches,
         trials_run=trials_run, trials_reused=trials_reused,
@@ -1878,6 +1885,15 @@ def _selection_markdown(
         if baseline.figures.get("fine_tune_epochs") != best.figures.get("fine_tune_epochs"):
             lines.append("(The two trained for different epochs: halving stopped the weaker one "
                          "earlier.)")
+        full = {c.name: c for c in brute_records if c.metric is not None}
+        pretrained_full = [c for c in full.values() if c.figures.get("pretrained")]
+        if brute_rec is not None and baseline.name in full and pretrained_full:
+            top = max(pretrained_full, key=lambda c: c.metric)
+            gap = top.metric - full[baseline.name].metric
+            points = f"{gap * 100:+.1f} points" if is_fraction_metric(metric) else f"{gap:+.4g}"
+            lines.append(f"With every candidate fine-tuned for {config.max_epochs} epochs "
+                         f"(brute force): {top.name} {fmt(top.metric)} against "
+                         f"{fmt(full[baseline.name].metric)}, {points}.")
     else:
         lines.append("Not answered: the baseline or every pretrained candidate has no "
                      f"fine-tuned {metric}.")
