@@ -23,14 +23,9 @@ import pytest
 
 from tests.conftest import REPO_ROOT, run_pipeline
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.selection.halving import TrialRecord, plan_search, rung_epochs
 from tfhub_finetune.selection.profile import ProfileOptions
-from tfhub_finetune.selection.select import (
-    SelectionConfig,
-    TrialRecord,
-    plan_search,
-    rung_epochs,
-    select_model,
-)
+from tfhub_finetune.selection.select import SelectionConfig, select_model
 
 pytestmark = pytest.mark.filterwarnings(
     # KerasTuner 1.4.8's `synchronized` uses deprecated threading names.
@@ -66,7 +61,7 @@ def tiny_sst2(tmp_path_factory, sst2_dir) -> dict[str, str]:
 
 
 def _oracle(candidates, learning_rates, rungs, directory, **kwargs):
-    from tfhub_finetune.selection.select import SuccessiveHalvingOracle
+    from tfhub_finetune.selection.tuner import SuccessiveHalvingOracle
 
     oracle = SuccessiveHalvingOracle("val_accuracy", candidates, learning_rates, rungs, **kwargs)
     oracle._set_project_dir(str(directory), "oracle_test")

@@ -402,7 +402,7 @@ def recommend(
     ```
     """
     pool = as_candidates(candidates)
-    constraints = _validate_constraints(
+    constraints = validate_constraints(
         {
             "max_latency_ms": max_latency_ms,
             "max_memory_mb": max_memory_mb,
@@ -483,7 +483,32 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _validate_constraints(given: Mapping[str, Any], metric_name: str) -> dict[str, float]:
+def validate_constraints(given: Mapping[str, Any], metric_name: str) -> dict[str, float]:
+    """Checks `recommend`'s constraints; returns the ones given (None dropped).
+
+    Callers that start long work (a selection run) call it first, so a
+    negative or contradictory constraint fails in seconds, not hours.
+
+    Args:
+        given: dict. `max_latency_ms`, `max_memory_mb`, `max_params`,
+            `min_metric` -> number or None.
+        metric_name: str. The quality metric (a fraction metric caps
+            `min_metric` at 1).
+
+    Returns:
+        dict of the constraints that are set.
+
+    Raises:
+        InputError: for a non-finite or non-positive limit, or
+            a `min_metric` no model can reach.
+
+    Example:
+
+    ```python
+    validate_constraints({"max_latency_ms": 20, "max_params": None}, "accuracy")
+    # {'max_latency_ms': 20}
+    ```
+    """
     constraints: dict[str, float] = {}
     for key, value in given.items():
         if value is None:

@@ -82,14 +82,21 @@ import shutil
 import statistics
 import sys
 import time
-import types
-from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.io_utils import atomic_write_text
+from tfhub_finetune.selection.halving import (
+    RungSummary,
+    SearchPlan,
+    TrialRecord,
+    WorkItem,
+    last_line,
+    lr_key,
+    rung_epochs,
+)
 from tfhub_finetune.selection.profile import (
     ProfileOptions,
     ProfileResult,
@@ -99,11 +106,12 @@ from tfhub_finetune.selection.profile import (
 from tfhub_finetune.selection.recommend import (
     Candidate,
     Recommendation,
-    _validate_constraints,
     is_fraction_metric,
     recommend,
+    validate_constraints,
 )
 from tfhub_finetune.selection.report import transferability_correlations, write_report
+from tfhub_finetune.selection.tuner import TRIAL_HISTORY, TrialHistory, tuner_classes
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +121,6 @@ ESTIMATORS = ("logme", "knn_accuracy", "linear_probe_accuracy")
 SCRATCH_BASELINES = {"text": "scratch_text_encoder", "image": "scratch_cnn"}
 # Bumped when a trial's computation changes, so old caches are not reused.
 _CACHE_VERSION = 1
-_TRIAL_HISTORY = "epochs.json"
-
-# Phases of a trial: the search itself, or completing every configuration
-# to `max_epochs` for the brute-force comparison.
-HALVING, BRUTE_FORCE = "halving", "brute_force"
 
 
 # --------------------------------------------------------------------------- #
@@ -295,7 +298,7 @@ class SelectionConfig:
             if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr < 1):
                 _bad("learning_rates", list(self.learning_rates),
                      "Learning rates must be numbers in (0, 1).", "E.g. --learning_rates=1e-4,3e-5.")
-        if len({_lr_key(lr) for lr in self.learning_rates}) != len(self.learning_rates):
+        if len({lr_key(lr) for lr in self.learning_rates}) != len(self.learning_rates):
             _bad("learning_rates", list(self.learning_rates), "A learning rate is listed twice.")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             _bad("warmup_ratio", self.warmup_ratio, "`warmup_ratio` must be in [0, 1].")
@@ -310,7 +313,7 @@ class SelectionConfig:
         if not self.profile_timeout_s > 0:
             _bad("profile_timeout_s", self.profile_timeout_s, "`profile_timeout_s` must be positive.")
         # The same rules `recommend` applies, checked before hours of work.
-        _validate_constraints(self.constraints, self.metric)
+        validate_constraints(self.constraints, self.metric)
         return self
 
     @property
@@ -872,612 +875,8 @@ def _shortlist(
 
 
 # --------------------------------------------------------------------------- #
-# Stage 3: successive halving (pure planning, then the KerasTuner classes)
+# Stage 3: the trial trainer KerasTuner runs
 # --------------------------------------------------------------------------- #
-
-
-def rung_epochs(min_epochs: int, max_epochs: int, reduction_factor: int) -> list[int]:
-    """Cumulative epochs at each rung: `min_epochs` times the factor, capped at `max_epochs`.
-
-    Example:
-
-    ```python
-    rung_epochs(1, 4, 2)  # [1, 2, 4]
-    rung_epochs(1, 3, 2)  # [1, 2, 3]
-    ```
-    """
-    rungs = [min_epochs]
-    while rungs[-1] < max_epochs:
-        rungs.append(min(rungs[-1] * reduction_factor, max_epochs))
-    return rungs
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialRecord:
-    """What the planner needs to know about one KerasTuner trial.
-
-    Attributes:
-        trial_id: str.
-        backbone: str. The `backbone` hyperparameter.
-        learning_rate: float. The `learning_rate` hyperparameter.
-        status: str. KerasTuner's `TrialStatus` (`COMPLETED`, `RUNNING`, ...).
-        target_epochs: int. `tuner/epochs`: the chain's epochs when done.
-        initial_epoch: int. `tuner/initial_epoch`: epochs inherited.
-        parent_id: str or None. `tuner/trial_id`: the trial it continues.
-        weights_id: str. Fingerprint of the weights the backbone name meant.
-        phase: str. `halving` or `brute_force`.
-        epochs_trained: int. Epochs the chain had when the trial ended
-            (below `target_epochs` when it stopped early).
-        stopped_early: bool.
-        scores: tuple of float. Validation metric after each chain epoch.
-        epoch_seconds: dict. Epoch number -> measured seconds, for the
-            epochs this trial trained (training plus evaluation).
-        message: str or None. Why it failed.
-    """
-
-    trial_id: str
-    backbone: str
-    learning_rate: float
-    status: str
-    target_epochs: int
-    initial_epoch: int = 0
-    parent_id: str | None = None
-    weights_id: str = ""
-    phase: str = HALVING
-    epochs_trained: int = 0
-    stopped_early: bool = False
-    scores: tuple[float, ...] = ()
-    epoch_seconds: Mapping[int, float] = dataclasses.field(default_factory=dict)
-    message: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkItem:
-    """A trial the oracle should hand out next."""
-
-    backbone: str
-    learning_rate: float
-    target_epochs: int
-    rung: int
-    phase: str
-    base: TrialRecord | None = None
-
-    @property
-    def initial_epoch(self) -> int:
-        return self.base.epochs_trained if self.base else 0
-
-
-@dataclasses.dataclass
-class ConfigState:
-    """Where one (backbone, learning rate) stands at a number of epochs.
-
-    Attributes:
-        status: str. `done`, `running`, `todo`, `failed` or `skipped` (the
-            budget ran out before it).
-        score: float or None. Best validation metric up to `epochs`.
-        epochs: int. Epochs reached (fewer than asked after an early stop).
-        record: TrialRecord or None. The longest finished trial of the chain.
-        message: str or None. Why it failed.
-    """
-
-    backbone: str
-    learning_rate: float
-    status: str
-    score: float | None = None
-    epochs: int = 0
-    record: TrialRecord | None = None
-    message: str | None = None
-
-
-@dataclasses.dataclass
-class RungSummary:
-    """One rung of the search: who entered, their scores, who went on."""
-
-    rung: int
-    epochs: int
-    entries: list[ConfigState]
-    promoted: list[str]
-    complete: bool
-
-
-@dataclasses.dataclass
-class SearchPlan:
-    """The search's state, derived from the trials alone (see `plan_search`).
-
-    Attributes:
-        todo: list of WorkItem. Trials to start now, in order.
-        running: int. Trials started and not finished.
-        rungs: list of RungSummary.
-        halving_complete: bool. The successive-halving part has finished.
-        budget_stop: str or None. Why the search stopped early, if it did.
-        planned_epochs: int. Epochs the halving plan spends (cached ones included).
-        brute_force: list of ConfigState. Every configuration at
-            `max_epochs` (only when brute force is on).
-        epoch_seconds: dict. (backbone, learning rate) -> epoch -> measured
-            seconds, over every trial of that configuration's chain.
-    """
-
-    todo: list[WorkItem]
-    running: int
-    rungs: list[RungSummary]
-    halving_complete: bool
-    budget_stop: str | None
-    planned_epochs: int
-    brute_force: list[ConfigState]
-    epoch_seconds: dict[tuple[str, float], dict[int, float]] = dataclasses.field(
-        default_factory=dict
-    )
-
-    def seconds(self, backbone: str, learning_rate: float) -> dict[int, float]:
-        """Epoch -> measured seconds of one configuration (empty if never trained)."""
-        return self.epoch_seconds.get((backbone, _lr_key(learning_rate)), {})
-
-    @property
-    def finished(self) -> bool:
-        return not self.todo and not self.running
-
-    def halving_result(self, backbone: str) -> ConfigState | None:
-        """The backbone's best configuration at the deepest rung it reached."""
-        for rung in reversed(self.rungs):
-            done = [s for s in rung.entries if s.backbone == backbone and s.status == "done"]
-            if done:
-                return max(done, key=lambda s: s.score)
-        failed = [s for r in self.rungs for s in r.entries
-                  if s.backbone == backbone and s.status == "failed"]
-        return failed[0] if failed else None
-
-    def brute_force_result(self, backbone: str) -> ConfigState | None:
-        done = [s for s in self.brute_force if s.backbone == backbone and s.status == "done"]
-        return max(done, key=lambda s: s.score) if done else None
-
-
-def plan_search(
-    records: Sequence[TrialRecord],
-    candidates: Sequence[str],
-    learning_rates: Sequence[float],
-    rungs: Sequence[int],
-    *,
-    reduction_factor: int = 2,
-    budget_epochs: int = 0,
-    budget_seconds: float = 0.0,
-    brute_force: bool = False,
-    weights_ids: Mapping[str, str] | None = None,
-) -> SearchPlan:
-    """Derives the successive-halving search's state and next trials from finished trials.
-
-    Rung 0 holds every (backbone, learning rate). A backbone's score at a rung
-    is its best learning rate's; the best `ceil(n / reduction_factor)`
-    backbones continue with that learning rate to the next rung. A backbone
-    is promoted as soon as enough of its rung has finished to guarantee it a
-    place (more finished than will be dropped; KerasTuner Hyperband's rule),
-    so parallel workers need not wait for the slowest. A trial that stopped
-    early keeps its final score at every later rung without training. A rung
-    after the first runs whole or not at all: only if its planned cost
-    (epochs, or epochs times each configuration's seconds per epoch measured
-    on the first rung) fits in what the budget has left; the first rung
-    always runs. With `brute_force`, once the search is done, every
-    configuration is trained on to the last rung.
-
-    Being a function of the trials (not of saved oracle state) is what lets a
-    rerun, a wider budget or another candidate list reuse finished trials.
-
-    Args:
-        records: TrialRecords of the project's trials.
-        candidates: list of str. Backbones, in the order rung 0 runs them.
-        learning_rates: list of float.
-        rungs: list of int. Cumulative epochs per rung (`rung_epochs`).
-        reduction_factor: int. Defaults to 2.
-        budget_epochs: int. 0 means no limit.
-        budget_seconds: float. 0 means no limit.
-        brute_force: bool. Defaults to `False`.
-        weights_ids: dict or None. Backbone -> weights fingerprint; trials
-            made with other weights are ignored.
-
-    Returns:
-        A `SearchPlan`.
-
-    Example:
-
-    ```python
-    plan = plan_search([], ["a", "b", "c"], [1e-4], [1, 2])
-    [(w.backbone, w.target_epochs) for w in plan.todo]  # [('a', 1), ('b', 1), ('c', 1)]
-    ```
-    """
-    weights_ids = weights_ids or {}
-    keys = {_lr_key(lr): float(lr) for lr in learning_rates}
-    chains: dict[tuple[str, float], list[TrialRecord]] = defaultdict(list)
-    for rec in records:
-        key = (rec.backbone, _lr_key(rec.learning_rate))
-        if (rec.backbone in candidates and key[1] in keys
-                and rec.weights_id == weights_ids.get(rec.backbone, rec.weights_id)):
-            chains[key].append(rec)
-
-    epoch_seconds: dict[tuple[str, float], dict[int, float]] = {}
-    for key, chain in chains.items():
-        for rec in sorted(chain, key=lambda r: r.trial_id):
-            epoch_seconds.setdefault(key, {}).update(rec.epoch_seconds)
-
-    def state(backbone: str, lr: float, epochs: int) -> ConfigState:
-        chain = chains[(backbone, _lr_key(lr))]
-        completed = [r for r in chain if r.status == "COMPLETED" and r.scores]
-        longest = max(completed, key=lambda r: r.epochs_trained, default=None)
-        if longest and (longest.epochs_trained >= epochs or longest.stopped_early):
-            reached = min(epochs, longest.epochs_trained)
-            return ConfigState(backbone, lr, "done", max(longest.scores[:reached]), reached, longest)
-        if any(r.status in ("RUNNING", "INVALID", "IDLE") for r in chain):
-            return ConfigState(backbone, lr, "running", record=longest)
-        have = longest.epochs_trained if longest else 0
-        failed = [r for r in chain if r.status == "FAILED" and r.target_epochs > have]
-        if failed:
-            return ConfigState(backbone, lr, "failed", record=longest,
-                               message=_last_line(failed[0].message))
-        return ConfigState(backbone, lr, "todo", epochs=have, record=longest)
-
-    # Seconds per epoch from the first rung only: fixed once it is done, so a
-    # budget decision made then is the same in every later rerun.
-    per_epoch = {
-        key: statistics.median(v for k, v in seconds.items() if k <= rungs[0])
-        for key, seconds in epoch_seconds.items() if any(k <= rungs[0] for k in seconds)
-    }
-    slowest = max(per_epoch.values(), default=0.0)
-
-    def first_rung_seconds(backbone: str, lr: float) -> float:
-        return per_epoch.get((backbone, _lr_key(lr)), slowest)
-
-    todo: list[WorkItem] = []
-    running = 0
-    summaries: list[RungSummary] = []
-    budget_stop: str | None = None
-    spent_epochs, spent_seconds = 0, 0.0
-    halving_complete = True
-    entering, size = list(candidates), len(candidates)
-    best_lr: dict[str, float] = {}
-    order = {b: i for i, b in enumerate(candidates)}
-    for r, epochs in enumerate(rungs):
-        previous = rungs[r - 1] if r else 0
-        step = epochs - previous
-        configs = ([(b, lr) for b in entering for lr in keys.values()] if r == 0
-                   else [(b, best_lr[b]) for b in entering])
-        if r > 0 and (budget_epochs or budget_seconds):
-            # A rung runs whole or not at all (the first rung always runs).
-            # Slots not yet promoted are costed at the slowest configuration.
-            rung_seconds = step * (sum(first_rung_seconds(b, lr) for b, lr in configs)
-                                   + (size - len(configs)) * slowest)
-            over_epochs = budget_epochs and spent_epochs + size * step > budget_epochs
-            over_seconds = budget_seconds and spent_seconds + rung_seconds > budget_seconds
-            if over_epochs or over_seconds:
-                limit = f"{budget_epochs} epochs" if over_epochs else f"{budget_seconds / 60:.1f} min"
-                budget_stop = (f"the budget ({limit}) ran out before rung {r + 1} ({epochs} "
-                               f"epochs): {spent_epochs} epochs spent, {size * step} more needed")
-                entries = [ConfigState(b, lr, "skipped") for b, lr in configs]
-                summaries.append(RungSummary(r, epochs, entries, [], False))
-                break
-        entries = []
-        for backbone, lr in configs:
-            st = state(backbone, lr, epochs)
-            if st.status == "todo":
-                todo.append(WorkItem(backbone, lr, epochs, r, HALVING, st.record))
-            if st.status in ("todo", "running"):
-                halving_complete = False
-                running += st.status == "running"
-            if st.status in ("done", "todo", "running"):
-                # Planned cost; an early stop only ever makes it smaller.
-                trained = max((st.epochs if st.status == "done" else epochs) - previous, 0)
-                spent_epochs += trained
-                spent_seconds += trained * first_rung_seconds(backbone, lr)
-            entries.append(st)
-        last = r == len(rungs) - 1
-        keep = math.ceil(size / reduction_factor)
-        by_backbone: dict[str, list[ConfigState]] = defaultdict(list)
-        for st in entries:
-            by_backbone[st.backbone].append(st)
-        finished = [b for b in entering
-                    if all(s.status in ("done", "failed") for s in by_backbone[b])]
-        scored = {b: max((s.score for s in by_backbone[b] if s.status == "done"), default=None)
-                  for b in finished}
-        ranked = sorted((b for b in finished if scored[b] is not None),
-                        key=lambda b: (-scored[b], order[b]))
-        complete = len(entering) == size and len(finished) == size
-        # Promotable once at most `keep` can end above it: more finished than dropped.
-        # A time budget is decided on complete rungs only (their times are all known).
-        sure = max(0, len(finished) - (size - keep))
-        if budget_seconds and not complete:
-            sure = 0
-        promoted = [] if last else ranked[: min(sure, keep)]
-        for b in promoted:
-            best_lr[b] = max((s for s in by_backbone[b] if s.status == "done"),
-                             key=lambda s: s.score).learning_rate
-        summaries.append(RungSummary(r, epochs, entries, promoted, complete))
-        if last or not promoted:
-            break
-        entering = promoted
-        size = min(keep, len(ranked)) if complete else keep
-
-    brute: list[ConfigState] = []
-    if brute_force:
-        for backbone in candidates:
-            for lr in keys.values():
-                st = state(backbone, lr, rungs[-1])
-                if st.status == "todo" and halving_complete and st.record is not None:
-                    todo.append(WorkItem(backbone, lr, rungs[-1], len(rungs) - 1, BRUTE_FORCE,
-                                         st.record))
-                running += st.status == "running" and halving_complete
-                brute.append(st)
-    return SearchPlan(todo, running, summaries, halving_complete, budget_stop, spent_epochs, brute,
-                      epoch_seconds)
-
-
-def _record_from_trial(trial: Any, objective: str) -> TrialRecord:
-    """A `TrialRecord` from a `keras_tuner` Trial (hyperparameters and reported metrics)."""
-    values = trial.hyperparameters.values
-
-    def metric(name: str) -> float | None:
-        return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
-
-    trained = int(metric("epochs_trained") or 0)
-    scores = [_float(metric(f"{objective}_epoch_{k}")) for k in range(1, trained + 1)]
-    initial = int(values.get("tuner/initial_epoch", 0))
-    seconds = {k: _float(metric(f"epoch_{k}_seconds")) for k in range(initial + 1, trained + 1)}
-    return TrialRecord(
-        trial_id=trial.trial_id,
-        backbone=str(values.get("backbone")),
-        learning_rate=float(values.get("learning_rate", 0.0)),
-        status=str(trial.status),
-        target_epochs=int(values.get("tuner/epochs", 0)),
-        initial_epoch=initial,
-        parent_id=values.get("tuner/trial_id"),
-        weights_id=str(values.get("selection/weights_id", "")),
-        phase=str(values.get("selection/phase", HALVING)),
-        epochs_trained=trained,
-        stopped_early=bool(metric("stopped_early")),
-        scores=tuple(s for s in scores if s is not None) if None not in scores else (),
-        epoch_seconds={k: v for k, v in seconds.items() if v is not None},
-        message=trial.message,
-    )
-
-
-@functools.cache
-def _tuner_classes() -> types.SimpleNamespace:
-    """Defines the KerasTuner subclasses (importing KerasTuner imports TensorFlow)."""
-    import keras
-    import keras_tuner
-
-    class SuccessiveHalvingOracle(keras_tuner.Oracle):
-        """Successive halving where every candidate gets the first rung.
-
-        The search space is `backbone` (a `Choice` over the candidates, the
-        main choice) and `learning_rate` (a `Choice`, secondary). Trials
-        carry Hyperband's `tuner/epochs`, `tuner/initial_epoch`,
-        `tuner/trial_id` (the trial to continue) and `tuner/round` (the
-        rung), plus `selection/phase` and `selection/weights_id`. Which trial
-        comes next is `plan_search` over the finished trials, recomputed on
-        every request; the saved state only keeps KerasTuner's own
-        bookkeeping. An `on_trial_end(record)` hook reports finished trials
-        (the chief sees every worker's trials there).
-
-        Args:
-            objective: str. Validation metric to maximise, e.g. `val_accuracy`.
-            candidates: list of str. Backbones (rung 0 runs them in this order).
-            learning_rates: list of float.
-            rungs: list of int. Cumulative epochs per rung.
-            reduction_factor: int. Defaults to 2.
-            budget_epochs: int. 0: no limit.
-            budget_seconds: float. 0: no limit.
-            brute_force: bool. Complete every configuration afterwards.
-            weights_ids: dict or None. Backbone -> weights fingerprint.
-            seed: int or None.
-
-        Example:
-
-        ```python
-        oracle = SuccessiveHalvingOracle("val_accuracy", ["a", "b"], [1e-4], rungs=[1, 2])
-        ```
-        """
-
-        def __init__(self, objective: str, candidates: Sequence[str],
-                     learning_rates: Sequence[float], rungs: Sequence[int], *,
-                     reduction_factor: int = 2, budget_epochs: int = 0,
-                     budget_seconds: float = 0.0, brute_force: bool = False,
-                     weights_ids: Mapping[str, str] | None = None, seed: int | None = None):
-            space = keras_tuner.HyperParameters()
-            space.Choice("backbone", list(candidates))
-            space.Choice("learning_rate", [float(lr) for lr in learning_rates])
-            super().__init__(
-                objective=keras_tuner.Objective(objective, "max"),
-                hyperparameters=space,
-                allow_new_entries=False,
-                tune_new_entries=False,
-                seed=seed,
-                # A failed candidate is reported; it must not end the search.
-                max_consecutive_failed_trials=10**9,
-            )
-            self._space = space
-            self.candidates = list(candidates)
-            self.learning_rates = [float(lr) for lr in learning_rates]
-            self.rungs = list(rungs)
-            self.reduction_factor = reduction_factor
-            self.budget_epochs = budget_epochs
-            self.budget_seconds = budget_seconds
-            self.brute_force = brute_force
-            self.weights_ids = dict(weights_ids or {})
-            self.on_trial_end: Callable[[TrialRecord], None] | None = None
-            self.on_trial_start: Callable[[WorkItem, str], None] | None = None
-
-        def records(self) -> list[TrialRecord]:
-            return [_record_from_trial(t, self.objective.name) for t in self.trials.values()]
-
-        def plan(self) -> SearchPlan:
-            return plan_search(
-                self.records(), self.candidates, self.learning_rates, self.rungs,
-                reduction_factor=self.reduction_factor, budget_epochs=self.budget_epochs,
-                budget_seconds=self.budget_seconds, brute_force=self.brute_force,
-                weights_ids=self.weights_ids,
-            )
-
-        def populate_space(self, trial_id: str) -> dict[str, Any]:
-            plan = self.plan()
-            if plan.todo:
-                item = plan.todo[0]
-                values: dict[str, Any] = {
-                    "backbone": item.backbone,
-                    "learning_rate": item.learning_rate,
-                    "tuner/epochs": item.target_epochs,
-                    "tuner/initial_epoch": item.initial_epoch,
-                    "tuner/round": item.rung,
-                    "selection/phase": item.phase,
-                    "selection/weights_id": self.weights_ids.get(item.backbone, ""),
-                }
-                if item.base is not None:
-                    values["tuner/trial_id"] = item.base.trial_id
-                if self.on_trial_start is not None:
-                    self.on_trial_start(item, trial_id)
-                return {"status": "RUNNING", "values": values}
-            if plan.running:
-                return {"status": "IDLE"}
-            return {"status": "STOPPED"}
-
-        @keras_tuner.synchronized
-        def end_trial(self, trial: Any) -> None:
-            super().end_trial(trial)
-            if self.on_trial_end is not None:
-                self.on_trial_end(_record_from_trial(self.trials[trial.trial_id],
-                                                     self.objective.name))
-
-        def set_state(self, state: dict[str, Any]) -> None:
-            super().set_state(state)
-            # The space is this run's candidates and learning rates, not the saved run's.
-            self.hyperparameters = self._space.copy()
-
-        def reload(self) -> None:
-            super().reload()
-            # A trial left RUNNING by a killed run resumes from its backup.
-            for trial in self.trials.values():
-                if trial.status == "RUNNING" and trial.trial_id not in self._retry_queue:
-                    self._retry_queue.append(trial.trial_id)
-
-    class SelectionTuner(keras_tuner.Tuner):
-        """Runs trials for `SuccessiveHalvingOracle` with `fit_resumable`.
-
-        `run_trial` builds the candidate's classifier through its modality's
-        task, restores the parent trial's backup when the trial continues one,
-        trains to `tuner/epochs` with the epoch-seeded data order, and returns
-        the best validation metric plus per-epoch scores and times (the
-        oracle plans from those).
-
-        Args:
-            oracle: SuccessiveHalvingOracle.
-            trainer: `_TrialTrainer`. Knows the data and training settings.
-            **kwargs: `directory`, `project_name`, `overwrite` (KerasTuner's).
-        """
-
-        def __init__(self, oracle: Any, trainer: _TrialTrainer, **kwargs: Any):
-            super().__init__(oracle=oracle, hypermodel=None, **kwargs)
-            oracle_file = Path(self.project_dir) / "oracle.json"
-            if (not kwargs.get("overwrite") and not self._is_worker() and not oracle.trials
-                    and oracle_file.exists()):
-                # KerasTuner reloads only when this tuner id saved state (tuner0.json,
-                # chief.json); a project started under another id would be overwritten.
-                oracle.reload()
-            self.trainer = trainer
-            self.trials_run = 0
-            self._asked_without_trial = False
-
-        def pre_create_trial(self) -> None:
-            # Two requests without a trial in between: the oracle said IDLE
-            # (waiting for a rung to finish); do not hammer it.
-            if self._asked_without_trial:
-                time.sleep(1.0)
-            self._asked_without_trial = True
-
-        def on_trial_begin(self, trial: Any) -> None:
-            self._asked_without_trial = False
-            super().on_trial_begin(trial)
-
-        def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
-            values = trial.hyperparameters.values
-            parent = values.get("tuner/trial_id")
-            parent_dir = Path(self.get_trial_dir(parent)) if parent else None
-            metrics = self.trainer.fit_trial(values, Path(self.get_trial_dir(trial.trial_id)),
-                                             parent_dir, self.tuner_id)
-            self.trials_run += 1
-            return metrics
-
-    class _EpochRecorder(keras.callbacks.Callback):
-        """Times each epoch, records the monitored metric, stops on patience.
-
-        Patience counts over the whole chain (the parent's epochs included),
-        which Keras' EarlyStopping cannot: it restarts at every `fit`.
-        """
-
-        def __init__(self, history: _TrialHistory, monitor: str, patience: int, tuner_id: str):
-            super().__init__()
-            self.history, self.monitor, self.patience = history, monitor, patience
-            self.tuner_id = tuner_id
-            self._start = time.perf_counter()
-
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self._start = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logs = logs or {}
-            if self.monitor not in logs:
-                raise InputError(
-                    "The monitored metric is not in the training logs.",
-                    received={"metric": self.monitor, "logs": sorted(logs)},
-                )
-            self.history.add(epoch + 1, float(logs[self.monitor]),
-                             time.perf_counter() - self._start, self.tuner_id)
-            scores = self.history.scores()
-            since_best = len(scores) - 1 - scores.index(max(scores))
-            if self.patience and since_best >= self.patience:
-                self.history.stopped_at = epoch + 1
-                self.model.stop_training = True
-            self.history.save()
-
-    for cls in (SuccessiveHalvingOracle, SelectionTuner, _EpochRecorder):
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__
-    return types.SimpleNamespace(
-        SuccessiveHalvingOracle=SuccessiveHalvingOracle,
-        SelectionTuner=SelectionTuner,
-        EpochRecorder=_EpochRecorder,
-    )
-
-
-def __getattr__(name: str) -> Any:
-    # PEP 562: the KerasTuner subclasses are built on first access.
-    if name in ("SuccessiveHalvingOracle", "SelectionTuner"):
-        return getattr(_tuner_classes(), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _TrialHistory:
-    """A trial chain's per-epoch record in `<trial_dir>/epochs.json`, written atomically.
-
-    Keyed by epoch number, so an epoch redone after a resume replaces its
-    entry instead of adding one.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.epochs: dict[int, dict[str, Any]] = {}
-        self.stopped_at: int | None = None
-        if path.exists():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            self.epochs = {int(k): v for k, v in data["epochs"].items()}
-            self.stopped_at = data.get("stopped_at")
-
-    def add(self, epoch: int, score: float, seconds: float, tuner_id: str) -> None:
-        self.epochs[epoch] = {"score": score, "seconds": round(seconds, 3), "tuner_id": tuner_id}
-        # Later epochs belong to an abandoned future (e.g. after a resume).
-        self.epochs = {k: v for k, v in self.epochs.items() if k <= epoch}
-
-    def scores(self) -> list[float]:
-        return [self.epochs[k]["score"] for k in sorted(self.epochs)]
-
-    def save(self) -> None:
-        data = {"epochs": {str(k): v for k, v in sorted(self.epochs.items())},
-                "stopped_at": self.stopped_at}
-        atomic_write_text(self.path, json.dumps(data, indent=2))
 
 
 @dataclasses.dataclass
@@ -1499,18 +898,18 @@ class _TrialTrainer:
         backbone, lr = str(values["backbone"]), float(values["learning_rate"])
         target, initial = int(values["tuner/epochs"]), int(values.get("tuner/initial_epoch", 0))
         backup = trial_dir / "backup"
-        history_path = trial_dir / _TRIAL_HISTORY
+        history_path = trial_dir / TRIAL_HISTORY
         if parent_dir is not None and not (backup / training.BACKUP_STATE).exists():
             if (parent_dir / "backup" / training.BACKUP_STATE).exists():
                 # Continue the parent: its weights, optimizer state and history.
                 shutil.copytree(parent_dir / "backup", backup, dirs_exist_ok=True)
-                if (parent_dir / _TRIAL_HISTORY).exists():
-                    shutil.copy2(parent_dir / _TRIAL_HISTORY, history_path)
+                if (parent_dir / TRIAL_HISTORY).exists():
+                    shutil.copy2(parent_dir / TRIAL_HISTORY, history_path)
             else:
                 logger.warning("Trial %s: parent backup missing; training from scratch.",
                                trial_dir.name)
                 initial = 0
-        history = _TrialHistory(history_path)
+        history = TrialHistory(history_path)
 
         keras.backend.clear_session()
         training.set_seed(config.seed)
@@ -1528,7 +927,7 @@ class _TrialTrainer:
             loss=loss_for(experiment.model.task),
             metrics=training_metrics(experiment.model.task, task.labels.num_classes),
         )
-        recorder = _tuner_classes().EpochRecorder(
+        recorder = tuner_classes().EpochRecorder(
             history, config.objective, config.early_stopping_patience, tuner_id
         )
         outcome = training.fit_resumable(
@@ -1564,7 +963,7 @@ def _run_search(
     weights_ids: Mapping[str, str], bar: Any,
 ) -> tuple[SearchPlan | None, int, int]:
     """Runs (or serves, or works for) the KerasTuner search; returns (plan, run, reused)."""
-    classes = _tuner_classes()
+    classes = tuner_classes()
     candidates = [r.backbone for r in shortlist]
     oracle = classes.SuccessiveHalvingOracle(
         config.objective, candidates, config.learning_rates, config.rungs,
@@ -1605,7 +1004,7 @@ def _run_search(
                         f"{max(record.scores):.4f}{stop} ({took:.0f} s)")
             else:
                 line = (f"trial {record.trial_id} {name} lr={record.learning_rate:g}: "
-                        f"{record.status} {_last_line(record.message)}")
+                        f"{record.status} {last_line(record.message)}")
             _echo(bar, line)
 
         oracle.on_trial_start, oracle.on_trial_end = started, ended
@@ -2089,11 +1488,6 @@ def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _lr_key(lr: float) -> float:
-    # Learning rates come back through JSON and gRPC; compare them at 6 digits.
-    return float(f"{float(lr):.6g}")
-
-
 def _tuner_role() -> str:
     if "KERASTUNER_ORACLE_IP" not in os.environ:
         return "local"
@@ -2172,11 +1566,6 @@ def _float(value: Any) -> float | None:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(float(value), 3)
-
-
-def _last_line(message: str | None) -> str:
-    lines = [ln.strip() for ln in (message or "").strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "no message"
 
 
 def _bad(name: str, value: Any, problem: str, fix: str | None = None) -> None:

@@ -1,0 +1,374 @@
+"""Successive halving over backbones, planned from finished trials alone.
+
+`plan_search(records, ...)` is a pure function: given the trials a KerasTuner
+project holds (as `TrialRecord`s), it says which rung each (backbone, learning
+rate) has reached, who was promoted, and which trials to start next. The
+oracle in `tuner.py` calls it on every request, so a rerun, a wider budget or
+another candidate list reuses whatever finished trials fit, and nothing here
+imports TensorFlow.
+
+Example:
+
+```python
+plan = plan_search([], ["a", "b", "c"], [1e-4], rung_epochs(1, 4, 2))
+[(w.backbone, w.target_epochs) for w in plan.todo]  # [('a', 1), ('b', 1), ('c', 1)]
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+# Phases of a trial: the search itself, or completing every configuration
+# to `max_epochs` for the brute-force comparison.
+HALVING, BRUTE_FORCE = "halving", "brute_force"
+
+
+def lr_key(lr: float) -> float:
+    """A learning rate rounded to 6 significant digits, for comparisons.
+
+    Learning rates come back through JSON and gRPC, so `1e-4` may return as
+    `0.00010000000000000002`.
+    """
+    return float(f"{float(lr):.6g}")
+
+
+def last_line(message: str | None) -> str:
+    """The last non-empty line of a (traceback) message, at most 300 characters."""
+    lines = [ln.strip() for ln in (message or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "no message"
+
+
+def rung_epochs(min_epochs: int, max_epochs: int, reduction_factor: int) -> list[int]:
+    """Cumulative epochs at each rung: `min_epochs` times the factor, capped at `max_epochs`.
+
+    Example:
+
+    ```python
+    rung_epochs(1, 4, 2)  # [1, 2, 4]
+    rung_epochs(1, 3, 2)  # [1, 2, 3]
+    ```
+    """
+    rungs = [min_epochs]
+    while rungs[-1] < max_epochs:
+        rungs.append(min(rungs[-1] * reduction_factor, max_epochs))
+    return rungs
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialRecord:
+    """What the planner needs to know about one KerasTuner trial.
+
+    Attributes:
+        trial_id: str.
+        backbone: str. The `backbone` hyperparameter.
+        learning_rate: float. The `learning_rate` hyperparameter.
+        status: str. KerasTuner's `TrialStatus` (`COMPLETED`, `RUNNING`, ...).
+        target_epochs: int. `tuner/epochs`: the chain's epochs when done.
+        initial_epoch: int. `tuner/initial_epoch`: epochs inherited.
+        parent_id: str or None. `tuner/trial_id`: the trial it continues.
+        weights_id: str. Fingerprint of the weights the backbone name meant.
+        phase: str. `halving` or `brute_force`.
+        epochs_trained: int. Epochs the chain had when the trial ended
+            (below `target_epochs` when it stopped early).
+        stopped_early: bool.
+        scores: tuple of float. Validation metric after each chain epoch.
+        epoch_seconds: dict. Epoch number -> measured seconds, for the
+            epochs this trial trained (training plus evaluation).
+        message: str or None. Why it failed.
+    """
+
+    trial_id: str
+    backbone: str
+    learning_rate: float
+    status: str
+    target_epochs: int
+    initial_epoch: int = 0
+    parent_id: str | None = None
+    weights_id: str = ""
+    phase: str = HALVING
+    epochs_trained: int = 0
+    stopped_early: bool = False
+    scores: tuple[float, ...] = ()
+    epoch_seconds: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    message: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """A trial the oracle should hand out next."""
+
+    backbone: str
+    learning_rate: float
+    target_epochs: int
+    rung: int
+    phase: str
+    base: TrialRecord | None = None
+
+    @property
+    def initial_epoch(self) -> int:
+        return self.base.epochs_trained if self.base else 0
+
+
+@dataclasses.dataclass
+class ConfigState:
+    """Where one (backbone, learning rate) stands at a number of epochs.
+
+    Attributes:
+        status: str. `done`, `running`, `todo`, `failed` or `skipped` (the
+            budget ran out before it).
+        score: float or None. Best validation metric up to `epochs`.
+        epochs: int. Epochs reached (fewer than asked after an early stop).
+        record: TrialRecord or None. The longest finished trial of the chain.
+        message: str or None. Why it failed.
+    """
+
+    backbone: str
+    learning_rate: float
+    status: str
+    score: float | None = None
+    epochs: int = 0
+    record: TrialRecord | None = None
+    message: str | None = None
+
+
+@dataclasses.dataclass
+class RungSummary:
+    """One rung of the search: who entered, their scores, who went on."""
+
+    rung: int
+    epochs: int
+    entries: list[ConfigState]
+    promoted: list[str]
+    complete: bool
+
+
+@dataclasses.dataclass
+class SearchPlan:
+    """The search's state, derived from the trials alone (see `plan_search`).
+
+    Attributes:
+        todo: list of WorkItem. Trials to start now, in order.
+        running: int. Trials started and not finished.
+        rungs: list of RungSummary.
+        halving_complete: bool. The successive-halving part has finished.
+        budget_stop: str or None. Why the search stopped early, if it did.
+        planned_epochs: int. Epochs the halving plan spends (cached ones included).
+        brute_force: list of ConfigState. Every configuration at
+            `max_epochs` (only when brute force is on).
+        epoch_seconds: dict. (backbone, learning rate) -> epoch -> measured
+            seconds, over every trial of that configuration's chain.
+    """
+
+    todo: list[WorkItem]
+    running: int
+    rungs: list[RungSummary]
+    halving_complete: bool
+    budget_stop: str | None
+    planned_epochs: int
+    brute_force: list[ConfigState]
+    epoch_seconds: dict[tuple[str, float], dict[int, float]] = dataclasses.field(
+        default_factory=dict
+    )
+
+    def seconds(self, backbone: str, learning_rate: float) -> dict[int, float]:
+        """Epoch -> measured seconds of one configuration (empty if never trained)."""
+        return self.epoch_seconds.get((backbone, lr_key(learning_rate)), {})
+
+    @property
+    def finished(self) -> bool:
+        return not self.todo and not self.running
+
+    def halving_result(self, backbone: str) -> ConfigState | None:
+        """The backbone's best configuration at the deepest rung it reached."""
+        for rung in reversed(self.rungs):
+            done = [s for s in rung.entries if s.backbone == backbone and s.status == "done"]
+            if done:
+                return max(done, key=lambda s: s.score)
+        failed = [s for r in self.rungs for s in r.entries
+                  if s.backbone == backbone and s.status == "failed"]
+        return failed[0] if failed else None
+
+    def brute_force_result(self, backbone: str) -> ConfigState | None:
+        done = [s for s in self.brute_force if s.backbone == backbone and s.status == "done"]
+        return max(done, key=lambda s: s.score) if done else None
+
+
+def plan_search(
+    records: Sequence[TrialRecord],
+    candidates: Sequence[str],
+    learning_rates: Sequence[float],
+    rungs: Sequence[int],
+    *,
+    reduction_factor: int = 2,
+    budget_epochs: int = 0,
+    budget_seconds: float = 0.0,
+    brute_force: bool = False,
+    weights_ids: Mapping[str, str] | None = None,
+) -> SearchPlan:
+    """Derives the successive-halving search's state and next trials from finished trials.
+
+    Rung 0 holds every (backbone, learning rate). A backbone's score at a rung
+    is its best learning rate's; the best `ceil(n / reduction_factor)`
+    backbones continue with that learning rate to the next rung. A backbone
+    is promoted as soon as enough of its rung has finished to guarantee it a
+    place (more finished than will be dropped; KerasTuner Hyperband's rule),
+    so parallel workers need not wait for the slowest. A trial that stopped
+    early keeps its final score at every later rung without training. A rung
+    after the first runs whole or not at all: only if its planned cost
+    (epochs, or epochs times each configuration's seconds per epoch measured
+    on the first rung) fits in what the budget has left; the first rung
+    always runs. With `brute_force`, once the search is done, every
+    configuration is trained on to the last rung.
+
+    Being a function of the trials (not of saved oracle state) is what lets a
+    rerun, a wider budget or another candidate list reuse finished trials.
+
+    Args:
+        records: TrialRecords of the project's trials.
+        candidates: list of str. Backbones, in the order rung 0 runs them.
+        learning_rates: list of float.
+        rungs: list of int. Cumulative epochs per rung (`rung_epochs`).
+        reduction_factor: int. Defaults to 2.
+        budget_epochs: int. 0 means no limit.
+        budget_seconds: float. 0 means no limit.
+        brute_force: bool. Defaults to `False`.
+        weights_ids: dict or None. Backbone -> weights fingerprint; trials
+            made with other weights are ignored.
+
+    Returns:
+        A `SearchPlan`.
+
+    Example:
+
+    ```python
+    plan = plan_search([], ["a", "b", "c"], [1e-4], [1, 2])
+    [(w.backbone, w.target_epochs) for w in plan.todo]  # [('a', 1), ('b', 1), ('c', 1)]
+    ```
+    """
+    weights_ids = weights_ids or {}
+    keys = {lr_key(lr): float(lr) for lr in learning_rates}
+    chains: dict[tuple[str, float], list[TrialRecord]] = defaultdict(list)
+    for rec in records:
+        key = (rec.backbone, lr_key(rec.learning_rate))
+        if (rec.backbone in candidates and key[1] in keys
+                and rec.weights_id == weights_ids.get(rec.backbone, rec.weights_id)):
+            chains[key].append(rec)
+
+    epoch_seconds: dict[tuple[str, float], dict[int, float]] = {}
+    for key, chain in chains.items():
+        for rec in sorted(chain, key=lambda r: r.trial_id):
+            epoch_seconds.setdefault(key, {}).update(rec.epoch_seconds)
+
+    def state(backbone: str, lr: float, epochs: int) -> ConfigState:
+        chain = chains[(backbone, lr_key(lr))]
+        completed = [r for r in chain if r.status == "COMPLETED" and r.scores]
+        longest = max(completed, key=lambda r: r.epochs_trained, default=None)
+        if longest and (longest.epochs_trained >= epochs or longest.stopped_early):
+            reached = min(epochs, longest.epochs_trained)
+            return ConfigState(backbone, lr, "done", max(longest.scores[:reached]), reached, longest)
+        if any(r.status in ("RUNNING", "INVALID", "IDLE") for r in chain):
+            return ConfigState(backbone, lr, "running", record=longest)
+        have = longest.epochs_trained if longest else 0
+        failed = [r for r in chain if r.status == "FAILED" and r.target_epochs > have]
+        if failed:
+            return ConfigState(backbone, lr, "failed", record=longest,
+                               message=last_line(failed[0].message))
+        return ConfigState(backbone, lr, "todo", epochs=have, record=longest)
+
+    # Seconds per epoch from the first rung only: fixed once it is done, so a
+    # budget decision made then is the same in every later rerun.
+    per_epoch = {
+        key: statistics.median(v for k, v in seconds.items() if k <= rungs[0])
+        for key, seconds in epoch_seconds.items() if any(k <= rungs[0] for k in seconds)
+    }
+    slowest = max(per_epoch.values(), default=0.0)
+
+    def first_rung_seconds(backbone: str, lr: float) -> float:
+        return per_epoch.get((backbone, lr_key(lr)), slowest)
+
+    todo: list[WorkItem] = []
+    running = 0
+    summaries: list[RungSummary] = []
+    budget_stop: str | None = None
+    spent_epochs, spent_seconds = 0, 0.0
+    halving_complete = True
+    entering, size = list(candidates), len(candidates)
+    best_lr: dict[str, float] = {}
+    order = {b: i for i, b in enumerate(candidates)}
+    for r, epochs in enumerate(rungs):
+        previous = rungs[r - 1] if r else 0
+        step = epochs - previous
+        configs = ([(b, lr) for b in entering for lr in keys.values()] if r == 0
+                   else [(b, best_lr[b]) for b in entering])
+        if r > 0 and (budget_epochs or budget_seconds):
+            # A rung runs whole or not at all (the first rung always runs).
+            # Slots not yet promoted are costed at the slowest configuration.
+            rung_seconds = step * (sum(first_rung_seconds(b, lr) for b, lr in configs)
+                                   + (size - len(configs)) * slowest)
+            over_epochs = budget_epochs and spent_epochs + size * step > budget_epochs
+            over_seconds = budget_seconds and spent_seconds + rung_seconds > budget_seconds
+            if over_epochs or over_seconds:
+                limit = f"{budget_epochs} epochs" if over_epochs else f"{budget_seconds / 60:.1f} min"
+                budget_stop = (f"the budget ({limit}) ran out before rung {r + 1} ({epochs} "
+                               f"epochs): {spent_epochs} epochs spent, {size * step} more needed")
+                entries = [ConfigState(b, lr, "skipped") for b, lr in configs]
+                summaries.append(RungSummary(r, epochs, entries, [], False))
+                break
+        entries = []
+        for backbone, lr in configs:
+            st = state(backbone, lr, epochs)
+            if st.status == "todo":
+                todo.append(WorkItem(backbone, lr, epochs, r, HALVING, st.record))
+            if st.status in ("todo", "running"):
+                halving_complete = False
+                running += st.status == "running"
+            if st.status in ("done", "todo", "running"):
+                # Planned cost; an early stop only ever makes it smaller.
+                trained = max((st.epochs if st.status == "done" else epochs) - previous, 0)
+                spent_epochs += trained
+                spent_seconds += trained * first_rung_seconds(backbone, lr)
+            entries.append(st)
+        last = r == len(rungs) - 1
+        keep = math.ceil(size / reduction_factor)
+        by_backbone: dict[str, list[ConfigState]] = defaultdict(list)
+        for st in entries:
+            by_backbone[st.backbone].append(st)
+        finished = [b for b in entering
+                    if all(s.status in ("done", "failed") for s in by_backbone[b])]
+        scored = {b: max((s.score for s in by_backbone[b] if s.status == "done"), default=None)
+                  for b in finished}
+        ranked = sorted((b for b in finished if scored[b] is not None),
+                        key=lambda b: (-scored[b], order[b]))
+        complete = len(entering) == size and len(finished) == size
+        # Promotable once at most `keep` can end above it: more finished than dropped.
+        # A time budget is decided on complete rungs only (their times are all known).
+        sure = max(0, len(finished) - (size - keep))
+        if budget_seconds and not complete:
+            sure = 0
+        promoted = [] if last else ranked[: min(sure, keep)]
+        for b in promoted:
+            best_lr[b] = max((s for s in by_backbone[b] if s.status == "done"),
+                             key=lambda s: s.score).learning_rate
+        summaries.append(RungSummary(r, epochs, entries, promoted, complete))
+        if last or not promoted:
+            break
+        entering = promoted
+        size = min(keep, len(ranked)) if complete else keep
+
+    brute: list[ConfigState] = []
+    if brute_force:
+        for backbone in candidates:
+            for lr in keys.values():
+                st = state(backbone, lr, rungs[-1])
+                if st.status == "todo" and halving_complete and st.record is not None:
+                    todo.append(WorkItem(backbone, lr, rungs[-1], len(rungs) - 1, BRUTE_FORCE,
+                                         st.record))
+                running += st.status == "running" and halving_complete
+                brute.append(st)
+    return SearchPlan(todo, running, summaries, halving_complete, budget_stop, spent_epochs, brute,
+                      epoch_seconds)

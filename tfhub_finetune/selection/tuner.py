@@ -1,0 +1,312 @@
+"""The KerasTuner side of model selection: an oracle that plans by `plan_search`, a tuner.
+
+`SuccessiveHalvingOracle` subclasses `keras_tuner.Oracle` (the stock Hyperband
+oracle samples configurations at random per bracket, so it cannot promise
+every candidate a first rung); `SelectionTuner` subclasses `keras_tuner.Tuner`
+and hands each trial to a trainer object (`fit_trial(values, trial_dir,
+parent_dir, tuner_id)`), which `select.py` supplies. Both classes are created
+on first access (`tuner_classes()`, or `from ...tuner import
+SuccessiveHalvingOracle`): importing KerasTuner imports TensorFlow, and a
+selection run checks its settings before that.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import types
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.io_utils import atomic_write_text
+from tfhub_finetune.selection.halving import (
+    HALVING,
+    SearchPlan,
+    TrialRecord,
+    WorkItem,
+    plan_search,
+)
+
+# A trial chain's per-epoch scores and times, inside its trial directory.
+TRIAL_HISTORY = "epochs.json"
+
+
+def _float(value: Any) -> float | None:
+    # KerasTuner hands back numpy floats; reports and JSON want plain ones.
+    return None if value is None else float(value)
+
+
+def record_from_trial(trial: Any, objective: str) -> TrialRecord:
+    """A `TrialRecord` from a `keras_tuner` Trial (hyperparameters and reported metrics)."""
+    values = trial.hyperparameters.values
+
+    def metric(name: str) -> float | None:
+        return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
+
+    trained = int(metric("epochs_trained") or 0)
+    scores = [_float(metric(f"{objective}_epoch_{k}")) for k in range(1, trained + 1)]
+    initial = int(values.get("tuner/initial_epoch", 0))
+    seconds = {k: _float(metric(f"epoch_{k}_seconds")) for k in range(initial + 1, trained + 1)}
+    return TrialRecord(
+        trial_id=trial.trial_id,
+        backbone=str(values.get("backbone")),
+        learning_rate=float(values.get("learning_rate", 0.0)),
+        status=str(trial.status),
+        target_epochs=int(values.get("tuner/epochs", 0)),
+        initial_epoch=initial,
+        parent_id=values.get("tuner/trial_id"),
+        weights_id=str(values.get("selection/weights_id", "")),
+        phase=str(values.get("selection/phase", HALVING)),
+        epochs_trained=trained,
+        stopped_early=bool(metric("stopped_early")),
+        scores=tuple(s for s in scores if s is not None) if None not in scores else (),
+        epoch_seconds={k: v for k, v in seconds.items() if v is not None},
+        message=trial.message,
+    )
+
+
+@functools.cache
+def tuner_classes() -> types.SimpleNamespace:
+    """Defines the KerasTuner subclasses (importing KerasTuner imports TensorFlow)."""
+    import keras
+    import keras_tuner
+
+    class SuccessiveHalvingOracle(keras_tuner.Oracle):
+        """Successive halving where every candidate gets the first rung.
+
+        The search space is `backbone` (a `Choice` over the candidates, the
+        main choice) and `learning_rate` (a `Choice`, secondary). Trials
+        carry Hyperband's `tuner/epochs`, `tuner/initial_epoch`,
+        `tuner/trial_id` (the trial to continue) and `tuner/round` (the
+        rung), plus `selection/phase` and `selection/weights_id`. Which trial
+        comes next is `plan_search` over the finished trials, recomputed on
+        every request; the saved state only keeps KerasTuner's own
+        bookkeeping. An `on_trial_end(record)` hook reports finished trials
+        (the chief sees every worker's trials there).
+
+        Args:
+            objective: str. Validation metric to maximise, e.g. `val_accuracy`.
+            candidates: list of str. Backbones (rung 0 runs them in this order).
+            learning_rates: list of float.
+            rungs: list of int. Cumulative epochs per rung.
+            reduction_factor: int. Defaults to 2.
+            budget_epochs: int. 0: no limit.
+            budget_seconds: float. 0: no limit.
+            brute_force: bool. Complete every configuration afterwards.
+            weights_ids: dict or None. Backbone -> weights fingerprint.
+            seed: int or None.
+
+        Example:
+
+        ```python
+        oracle = SuccessiveHalvingOracle("val_accuracy", ["a", "b"], [1e-4], rungs=[1, 2])
+        ```
+        """
+
+        def __init__(self, objective: str, candidates: Sequence[str],
+                     learning_rates: Sequence[float], rungs: Sequence[int], *,
+                     reduction_factor: int = 2, budget_epochs: int = 0,
+                     budget_seconds: float = 0.0, brute_force: bool = False,
+                     weights_ids: Mapping[str, str] | None = None, seed: int | None = None):
+            space = keras_tuner.HyperParameters()
+            space.Choice("backbone", list(candidates))
+            space.Choice("learning_rate", [float(lr) for lr in learning_rates])
+            super().__init__(
+                objective=keras_tuner.Objective(objective, "max"),
+                hyperparameters=space,
+                allow_new_entries=False,
+                tune_new_entries=False,
+                seed=seed,
+                # A failed candidate is reported; it must not end the search.
+                max_consecutive_failed_trials=10**9,
+            )
+            self._space = space
+            self.candidates = list(candidates)
+            self.learning_rates = [float(lr) for lr in learning_rates]
+            self.rungs = list(rungs)
+            self.reduction_factor = reduction_factor
+            self.budget_epochs = budget_epochs
+            self.budget_seconds = budget_seconds
+            self.brute_force = brute_force
+            self.weights_ids = dict(weights_ids or {})
+            self.on_trial_end: Callable[[TrialRecord], None] | None = None
+            self.on_trial_start: Callable[[WorkItem, str], None] | None = None
+
+        def records(self) -> list[TrialRecord]:
+            return [record_from_trial(t, self.objective.name) for t in self.trials.values()]
+
+        def plan(self) -> SearchPlan:
+            return plan_search(
+                self.records(), self.candidates, self.learning_rates, self.rungs,
+                reduction_factor=self.reduction_factor, budget_epochs=self.budget_epochs,
+                budget_seconds=self.budget_seconds, brute_force=self.brute_force,
+                weights_ids=self.weights_ids,
+            )
+
+        def populate_space(self, trial_id: str) -> dict[str, Any]:
+            plan = self.plan()
+            if plan.todo:
+                item = plan.todo[0]
+                values: dict[str, Any] = {
+                    "backbone": item.backbone,
+                    "learning_rate": item.learning_rate,
+                    "tuner/epochs": item.target_epochs,
+                    "tuner/initial_epoch": item.initial_epoch,
+                    "tuner/round": item.rung,
+                    "selection/phase": item.phase,
+                    "selection/weights_id": self.weights_ids.get(item.backbone, ""),
+                }
+                if item.base is not None:
+                    values["tuner/trial_id"] = item.base.trial_id
+                if self.on_trial_start is not None:
+                    self.on_trial_start(item, trial_id)
+                return {"status": "RUNNING", "values": values}
+            if plan.running:
+                return {"status": "IDLE"}
+            return {"status": "STOPPED"}
+
+        @keras_tuner.synchronized
+        def end_trial(self, trial: Any) -> None:
+            super().end_trial(trial)
+            if self.on_trial_end is not None:
+                self.on_trial_end(record_from_trial(self.trials[trial.trial_id],
+                                                     self.objective.name))
+
+        def set_state(self, state: dict[str, Any]) -> None:
+            super().set_state(state)
+            # The space is this run's candidates and learning rates, not the saved run's.
+            self.hyperparameters = self._space.copy()
+
+        def reload(self) -> None:
+            super().reload()
+            # A trial left RUNNING by a killed run resumes from its backup.
+            for trial in self.trials.values():
+                if trial.status == "RUNNING" and trial.trial_id not in self._retry_queue:
+                    self._retry_queue.append(trial.trial_id)
+
+    class SelectionTuner(keras_tuner.Tuner):
+        """Runs trials for `SuccessiveHalvingOracle` with `fit_resumable`.
+
+        `run_trial` builds the candidate's classifier through its modality's
+        task, restores the parent trial's backup when the trial continues one,
+        trains to `tuner/epochs` with the epoch-seeded data order, and returns
+        the best validation metric plus per-epoch scores and times (the
+        oracle plans from those).
+
+        Args:
+            oracle: SuccessiveHalvingOracle.
+            trainer: `_TrialTrainer`. Knows the data and training settings.
+            **kwargs: `directory`, `project_name`, `overwrite` (KerasTuner's).
+        """
+
+        def __init__(self, oracle: Any, trainer: Any, **kwargs: Any):
+            super().__init__(oracle=oracle, hypermodel=None, **kwargs)
+            oracle_file = Path(self.project_dir) / "oracle.json"
+            if (not kwargs.get("overwrite") and not self._is_worker() and not oracle.trials
+                    and oracle_file.exists()):
+                # KerasTuner reloads only when this tuner id saved state (tuner0.json,
+                # chief.json); a project started under another id would be overwritten.
+                oracle.reload()
+            self.trainer = trainer
+            self.trials_run = 0
+            self._asked_without_trial = False
+
+        def pre_create_trial(self) -> None:
+            # Two requests without a trial in between: the oracle said IDLE
+            # (waiting for a rung to finish); do not hammer it.
+            if self._asked_without_trial:
+                time.sleep(1.0)
+            self._asked_without_trial = True
+
+        def on_trial_begin(self, trial: Any) -> None:
+            self._asked_without_trial = False
+            super().on_trial_begin(trial)
+
+        def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+            values = trial.hyperparameters.values
+            parent = values.get("tuner/trial_id")
+            parent_dir = Path(self.get_trial_dir(parent)) if parent else None
+            metrics = self.trainer.fit_trial(values, Path(self.get_trial_dir(trial.trial_id)),
+                                             parent_dir, self.tuner_id)
+            self.trials_run += 1
+            return metrics
+
+    class _EpochRecorder(keras.callbacks.Callback):
+        """Times each epoch, records the monitored metric, stops on patience.
+
+        Patience counts over the whole chain (the parent's epochs included),
+        which Keras' EarlyStopping cannot: it restarts at every `fit`.
+        """
+
+        def __init__(self, history: TrialHistory, monitor: str, patience: int, tuner_id: str):
+            super().__init__()
+            self.history, self.monitor, self.patience = history, monitor, patience
+            self.tuner_id = tuner_id
+            self._start = time.perf_counter()
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            if self.monitor not in logs:
+                raise InputError(
+                    "The monitored metric is not in the training logs.",
+                    received={"metric": self.monitor, "logs": sorted(logs)},
+                )
+            self.history.add(epoch + 1, float(logs[self.monitor]),
+                             time.perf_counter() - self._start, self.tuner_id)
+            scores = self.history.scores()
+            since_best = len(scores) - 1 - scores.index(max(scores))
+            if self.patience and since_best >= self.patience:
+                self.history.stopped_at = epoch + 1
+                self.model.stop_training = True
+            self.history.save()
+
+    for cls in (SuccessiveHalvingOracle, SelectionTuner, _EpochRecorder):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return types.SimpleNamespace(
+        SuccessiveHalvingOracle=SuccessiveHalvingOracle,
+        SelectionTuner=SelectionTuner,
+        EpochRecorder=_EpochRecorder,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the KerasTuner subclasses are built on first access.
+    if name in ("SuccessiveHalvingOracle", "SelectionTuner"):
+        return getattr(tuner_classes(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class TrialHistory:
+    """A trial chain's per-epoch record in `<trial_dir>/epochs.json`, written atomically.
+
+    Keyed by epoch number, so an epoch redone after a resume replaces its
+    entry instead of adding one.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.epochs: dict[int, dict[str, Any]] = {}
+        self.stopped_at: int | None = None
+        if path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.epochs = {int(k): v for k, v in data["epochs"].items()}
+            self.stopped_at = data.get("stopped_at")
+
+    def add(self, epoch: int, score: float, seconds: float, tuner_id: str) -> None:
+        self.epochs[epoch] = {"score": score, "seconds": round(seconds, 3), "tuner_id": tuner_id}
+        # Later epochs belong to an abandoned future (e.g. after a resume).
+        self.epochs = {k: v for k, v in self.epochs.items() if k <= epoch}
+
+    def scores(self) -> list[float]:
+        return [self.epochs[k]["score"] for k in sorted(self.epochs)]
+
+    def save(self) -> None:
+        data = {"epochs": {str(k): v for k, v in sorted(self.epochs.items())},
+                "stopped_at": self.stopped_at}
+        atomic_write_text(self.path, json.dumps(data, indent=2))
