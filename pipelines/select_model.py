@@ -56,8 +56,9 @@ flags.DEFINE_enum("augment", "basic", ["basic", "randaugment", "none"], "Images:
 flags.DEFINE_enum("metric", "accuracy", ["accuracy", "macro_f1"], "Fine-tuned metric to maximise.")
 
 # === Fine-tuning search ===
-flags.DEFINE_list("learning_rates", ["5e-5"], "Peak learning rates (secondary choice; each runs "
-                  "at the first rung).")
+flags.DEFINE_list("learning_rates", ["5e-5"], "Peak learning rates of the pretrained candidates "
+                  "(secondary choice): the first rung runs the first; its leaders try the rest.")
+flags.DEFINE_float("baseline_learning_rate", 1e-3, "Learning rate of the from-scratch baseline.")
 flags.DEFINE_integer("batch_size", 32, "Training batch size.")
 flags.DEFINE_float("warmup_ratio", 0.1, "Warm-up as a fraction of the first epoch; constant after.")
 flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
@@ -141,6 +142,7 @@ def config_from_flags() -> SelectionConfig:
         metric=f.metric,
         batch_size=f.batch_size,
         learning_rates=tuple(learning_rates),
+        baseline_learning_rate=f.baseline_learning_rate,
         warmup_ratio=f.warmup_ratio,
         weight_decay=f.weight_decay,
         dropout=f.dropout,

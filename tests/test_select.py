@@ -116,53 +116,82 @@ def _flagfile(path: Path, data: dict[str, str], output_dir: Path, **extra: str) 
 # --------------------------------------------------------------------------- #
 
 
-def test_oracle_gives_every_candidate_the_first_rung_and_promotes_the_better_half(tmp_path):
-    # Final-rung curves; a backbone's best learning rate decides its rank.
-    curves = {
-        ("a", 1e-4): [0.60, 0.70, 0.75, 0.80], ("a", 3e-5): [0.50, 0.60, 0.60, 0.60],
-        ("b", 1e-4): [0.70, 0.72, 0.73, 0.74], ("b", 3e-5): [0.90, 0.91, 0.92, 0.95],
-        ("c", 1e-4): [0.40, 0.40, 0.40, 0.40], ("c", 3e-5): [0.45, 0.45, 0.45, 0.45],
-        ("d", 1e-4): [0.80, 0.85, 0.86, 0.87], ("d", 3e-5): [0.30, 0.30, 0.30, 0.30],
-        ("e", 1e-4): [0.55, 0.56, 0.57, 0.58], ("e", 3e-5): [0.65, 0.66, 0.67, 0.68],
-    }
-    oracle = _oracle(list("abcde"), [1e-4, 3e-5], rung_epochs(1, 4, 2), tmp_path)
-    started = []
+CURVES = {
+    ("a", 1e-4): [0.60, 0.70, 0.75, 0.80], ("a", 3e-5): [0.50, 0.60, 0.60, 0.60],
+    ("b", 1e-4): [0.70, 0.72, 0.73, 0.74], ("b", 3e-5): [0.90, 0.91, 0.92, 0.95],
+    ("c", 1e-4): [0.40, 0.40, 0.40, 0.40], ("c", 3e-5): [0.45, 0.45, 0.45, 0.45],
+    ("d", 1e-4): [0.80, 0.85, 0.86, 0.87], ("d", 3e-5): [0.30, 0.30, 0.30, 0.30],
+    ("e", 1e-4): [0.55, 0.56, 0.57, 0.58], ("e", 3e-5): [0.65, 0.66, 0.67, 0.68],
+}
+
+
+def _drive(oracle, curves) -> dict[int, list[tuple[str, dict]]]:
+    """Runs the oracle to the end with one worker; returns the started trials by rung."""
+    by_round: dict[int, list[tuple[str, dict]]] = {}
     while True:
         trial = oracle.create_trial("tuner0")
         if trial.status != "RUNNING":
             assert trial.status == "STOPPED"
-            break
+            return by_round
         values = dict(trial.hyperparameters.values)
-        started.append((trial.trial_id, values))
+        by_round.setdefault(values["tuner/round"], []).append((trial.trial_id, values))
         _finish(oracle, trial, curves[(values["backbone"], values["learning_rate"])])
 
-    by_round = {}
-    for trial_id, values in started:
-        by_round.setdefault(values["tuner/round"], []).append((trial_id, values))
+
+def test_oracle_gives_every_candidate_the_first_rung_and_promotes_the_better_half(tmp_path):
+    oracle = _oracle(list("abcde"), [1e-4, 3e-5], rung_epochs(1, 4, 2), tmp_path)
+    by_round = _drive(oracle, CURVES)
     first = by_round[0]
-    # Every candidate x learning rate gets the first rung, from scratch, for 1 epoch.
-    assert sorted((v["backbone"], v["learning_rate"]) for _, v in first) == sorted(curves)
+    # Every candidate gets the first rung at its first learning rate, from scratch, 1 epoch.
+    assert [(v["backbone"], v["learning_rate"]) for _, v in first[:5]] == [
+        (b, 1e-4) for b in "abcde"]
+    # Ranked on that: d 0.80, b 0.70, a 0.60 lead (ceil(5/2) = 3) and check their other rate.
+    assert sorted((v["backbone"], v["learning_rate"]) for _, v in first[5:]) == [
+        ("a", 3e-5), ("b", 3e-5), ("d", 3e-5)]
     assert all(v["tuner/epochs"] == 1 and "tuner/trial_id" not in v for _, v in first)
     rung0_id = {(v["backbone"], v["learning_rate"]): tid for tid, v in first}
-    # Rung-0 bests: b 0.90, d 0.80, e 0.65, a 0.60, c 0.45 -> ceil(5/2) = 3 go on.
     second = {v["backbone"]: v for _, v in by_round[1]}
-    assert set(second) == {"b", "d", "e"}
-    for backbone, lr in (("b", 3e-5), ("d", 1e-4), ("e", 3e-5)):
+    assert set(second) == {"a", "b", "d"}
+    for backbone, lr in (("a", 1e-4), ("b", 3e-5), ("d", 1e-4)):
         values = second[backbone]
-        assert values["learning_rate"] == lr  # The backbone's best learning rate.
+        assert values["learning_rate"] == lr  # The backbone's better learning rate.
         assert values["tuner/trial_id"] == rung0_id[(backbone, lr)]  # Continues its checkpoint.
         assert (values["tuner/initial_epoch"], values["tuner/epochs"]) == (1, 2)
-    # Rung-1 scores: b 0.91, d 0.85, e 0.66 -> ceil(3/2) = 2 train on to 4 epochs.
+    # Rung-1 scores: b 0.91, d 0.85, a 0.70 -> ceil(3/2) = 2 train on to 4 epochs.
     third = {v["backbone"]: v for _, v in by_round[2]}
     assert set(third) == {"b", "d"}
     assert all((v["tuner/initial_epoch"], v["tuner/epochs"]) == (2, 4) for v in third.values())
-    assert len(started) == 10 + 3 + 2
+    assert sum(len(v) for v in by_round.values()) == 5 + 3 + 3 + 2
 
     plan = oracle.plan()
     assert plan.finished and plan.halving_complete
     assert plan.halving_result("b").score == pytest.approx(0.95)
     assert plan.halving_result("c").epochs == 1  # Cut after the first rung.
-    assert plan.planned_epochs == 10 * 1 + 3 * 1 + 2 * 2
+    assert plan.planned_epochs == 5 + 3 + 3 * 1 + 2 * 2
+
+
+def test_oracle_gives_backbones_that_break_a_constraint_the_first_rung_only(tmp_path):
+    # b and d (the two best) are too slow: they are placed, not raced.
+    oracle = _oracle(list("abcde"), [1e-4, 3e-5], rung_epochs(1, 4, 2), tmp_path,
+                     eligible=["a", "c", "e"])
+    by_round = _drive(oracle, CURVES)
+    first = [(v["backbone"], v["learning_rate"]) for _, v in by_round[0]]
+    # a 0.60, e 0.55, c 0.40 among the eligible: ceil(3/2) = 2 lead and check 3e-5.
+    assert sorted(first[5:]) == [("a", 3e-5), ("e", 3e-5)]
+    assert {v["backbone"]: v["learning_rate"] for _, v in by_round[1]} == {"a": 1e-4, "e": 3e-5}
+    assert [v["backbone"] for _, v in by_round[2]] == ["a"]  # a 0.70 beats e 0.66.
+    plan = oracle.plan()
+    assert plan.halving_result("b").epochs == plan.halving_result("d").epochs == 1
+    assert plan.halving_result("a").epochs == 4
+
+
+def test_plan_takes_each_backbones_own_learning_rates():
+    plan = plan_search([], ["a", "scratch"], {"a": [1e-4, 3e-5], "scratch": [1e-3]}, [1, 2])
+    assert [(w.backbone, w.learning_rate) for w in plan.todo] == [("a", 1e-4), ("scratch", 1e-3)]
+    # No candidate meets the constraints: all race (the report says what to relax).
+    nobody = plan_search([_record("0", "a", 1e-4, 1, [0.5]), _record("1", "b", 1e-4, 1, [0.6])],
+                         ["a", "b"], [1e-4], [1, 2], eligible=[])
+    assert [w.backbone for w in nobody.todo] == ["b"]
 
 
 def test_oracle_promotes_only_what_is_guaranteed_while_trials_run(tmp_path):
@@ -208,20 +237,23 @@ def test_plan_reuses_finished_trials_when_the_budget_widens():
 
 def test_plan_respects_the_budget_but_always_runs_the_first_rung():
     plan = plan_search([], list("abcd"), [1e-4, 3e-5], [1, 2, 4], budget_epochs=3)
-    assert len(plan.todo) == 8  # The first rung is the floor, over budget or not.
-    records = [_record(str(i), b, lr, 1, [0.1 * i])
-               for i, (b, lr) in enumerate((b, lr) for b in "abcd" for lr in (1e-4, 3e-5))]
-    plan = plan_search(records, list("abcd"), [1e-4, 3e-5], [1, 2, 4], budget_epochs=9)
-    # 8 epochs spent; the second rung needs 2 more (d and c), 10 > 9: stop.
+    assert len(plan.todo) == 4  # The first rung is the floor, over budget or not.
+    # First rung: a 0.0, b 0.2, c 0.4, d 0.6 at 1e-4; the leaders d and c checked 3e-5.
+    records = [_record(str(i), b, lr, 1, [score]) for i, (b, lr, score) in enumerate((
+        ("a", 1e-4, 0.0), ("b", 1e-4, 0.2), ("c", 1e-4, 0.4), ("d", 1e-4, 0.6),
+        ("d", 3e-5, 0.7), ("c", 3e-5, 0.5)))]
+    plan = plan_search(records, list("abcd"), [1e-4, 3e-5], [1, 2, 4], budget_epochs=7)
+    # 6 epochs spent; the second rung needs 2 more (d and c), 8 > 7: stop.
     assert plan.todo == [] and plan.finished
-    assert "budget (9 epochs)" in plan.budget_stop
-    # Time budget: the first rung measured 10 s per epoch per configuration (80 s);
+    assert "budget (7 epochs)" in plan.budget_stop
+    # Time budget: the first rung measured 10 s per epoch per configuration (60 s);
     # the second rung needs 2 x 10 s more.
-    for minutes, fits in ((95 / 60, False), (100 / 60, True)):
+    for minutes, fits in ((75 / 60, False), (80 / 60, True)):
         plan = plan_search(records, list("abcd"), [1e-4, 3e-5], [1, 2, 4],
                            budget_seconds=minutes * 60)
         assert (plan.budget_stop is None) == fits
-        assert [w.backbone for w in plan.todo] == (["d", "c"] if fits else [])
+        assert [(w.backbone, w.learning_rate) for w in plan.todo] == (
+            [("d", 3e-5), ("c", 3e-5)] if fits else [])
     stopped = [_record("9", "a", 1e-4, 2, [0.9, 0.8], stopped=True)]
     plan = plan_search(stopped, ["a"], [1e-4], [1, 2, 4])
     assert plan.finished  # An early stop answers every later rung without training.
@@ -243,6 +275,15 @@ def test_plan_brute_force_completes_every_configuration_after_the_search():
                                     status="RUNNING")
     busy = plan_search([*records[:2], promoting], ["a", "b"], [1e-4], [1, 2], brute_force=True)
     assert busy.todo == []  # No brute-force trial starts before the search is done.
+    # A learning rate the search never tried is trained from scratch.
+    plan = plan_search(records, ["a", "b"], [1e-4, 3e-5], [1, 2], reduction_factor=2,
+                       brute_force=True)
+    assert not plan.halving_complete  # a (the leader) still checks 3e-5 first.
+    checked = [*records, _record("3", "a", 3e-5, 1, [0.7])]
+    plan = plan_search(checked, ["a", "b"], [1e-4, 3e-5], [1, 2], brute_force=True)
+    todo = {(w.backbone, w.learning_rate): w for w in plan.todo}
+    assert set(todo) == {("a", 3e-5), ("b", 1e-4), ("b", 3e-5)}
+    assert todo[("b", 3e-5)].base is None and todo[("b", 3e-5)].target_epochs == 2
 
 
 def test_bad_settings_raise_one_line_input_errors():
@@ -365,6 +406,23 @@ def test_rerun_reuses_finished_trials_without_training(tiny_run):
         c.name: c.metric for c in first.candidates}
     # Profiles and scores come from the cache too; only the broken one is redone.
     assert seconds < tiny_run["seconds"] / 2, (seconds, tiny_run["seconds"])
+
+
+def test_a_candidate_over_a_hard_constraint_gets_the_first_rung_only(tiny_run):
+    # minilm_l6_h384@layers=1 has ~12M parameters, the baseline 4.4M: only the baseline fits.
+    result = select_model(tiny_run["candidates"], tiny_run["data"]["train"],
+                          tiny_run["data"]["dev"], output_dir=str(tiny_run["out"] / "report"),
+                          max_latency_ms=1000.0, max_params=8e6,
+                          **{**TINY_SETTINGS, "max_epochs": 2})
+    records = {c.name: c for c in result.candidates}
+    big, small = records["minilm_l6_h384@layers=1"], records["scratch_text_encoder"]
+    assert big.params > 8e6 > small.params
+    assert big.figures["breaks_constraints"] == ["max_params"]
+    assert big.figures["fine_tune_epochs"] == 1 and big.metric is not None  # Placed, not raced.
+    assert small.figures["fine_tune_epochs"] == 2
+    assert result.recommendation.name == "scratch_text_encoder"
+    text = Path(result.paths["report"]).read_text(encoding="utf-8")
+    assert "first rung only: minilm_l6_h384@layers=1 (max_params)" in text
 
 
 # --------------------------------------------------------------------------- #

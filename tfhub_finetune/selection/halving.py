@@ -21,7 +21,7 @@ import dataclasses
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 # Phases of a trial: the search itself, or completing every configuration
 # to `max_epochs` for the brute-force comparison.
@@ -201,7 +201,7 @@ class SearchPlan:
 def plan_search(
     records: Sequence[TrialRecord],
     candidates: Sequence[str],
-    learning_rates: Sequence[float],
+    learning_rates: Sequence[float] | Mapping[str, Sequence[float]],
     rungs: Sequence[int],
     *,
     reduction_factor: int = 2,
@@ -209,21 +209,36 @@ def plan_search(
     budget_seconds: float = 0.0,
     brute_force: bool = False,
     weights_ids: Mapping[str, str] | None = None,
+    eligible: Collection[str] | None = None,
 ) -> SearchPlan:
     """Derives the successive-halving search's state and next trials from finished trials.
 
-    Rung 0 holds every (backbone, learning rate). A backbone's score at a rung
-    is its best learning rate's; the best `ceil(n / reduction_factor)`
-    backbones continue with that learning rate to the next rung. A backbone
-    is promoted as soon as enough of its rung has finished to guarantee it a
-    place (more finished than will be dropped; KerasTuner Hyperband's rule),
-    so parallel workers need not wait for the slowest. A trial that stopped
-    early keeps its final score at every later rung without training. A rung
-    after the first runs whole or not at all: only if its planned cost
-    (epochs, or epochs times each configuration's seconds per epoch measured
-    on the first rung) fits in what the budget has left; the first rung
-    always runs. With `brute_force`, once the search is done, every
-    configuration is trained on to the last rung.
+    The backbone is the main choice and the learning rate a secondary one:
+
+    1. Rung 0 trains every backbone at its first learning rate.
+    2. The best `ceil(n / reduction_factor)` of the `n` eligible backbones
+       (ranked on that rung) also try their other learning rates for the same
+       epochs, the "learning-rate check", and continue with the best one.
+    3. At each later rung the best `ceil(n / reduction_factor)` backbones
+       continue from their checkpoint to the next rung's epochs.
+
+    A backbone outside `eligible` (one that breaks a hard constraint such as
+    latency or size, known from profiling before any training) cannot be
+    recommended, so it gets rung 0 only: enough to place it in the report
+    and on the Pareto plot, none of the budget the choice needs. When no
+    backbone is eligible, all compete (the report then says which constraint
+    to relax, on fully trained figures).
+
+    A backbone is promoted as soon as enough of its rung has finished to
+    guarantee it a place (more finished than will be dropped; KerasTuner
+    Hyperband's rule), so parallel workers need not wait for the slowest. A
+    trial that stopped early keeps its final score at every later rung
+    without training. A rung after the first runs whole or not at all: only
+    if its planned cost (epochs, or epochs times each configuration's seconds
+    per epoch measured on the first rung) fits in what the budget has left;
+    the first rung (with its learning-rate checks) always runs. With
+    `brute_force`, once the search is done, every configuration (every
+    backbone at each of its learning rates) is trained to the last rung.
 
     Being a function of the trials (not of saved oracle state) is what lets a
     rerun, a wider budget or another candidate list reuse finished trials.
@@ -231,7 +246,8 @@ def plan_search(
     Args:
         records: TrialRecords of the project's trials.
         candidates: list of str. Backbones, in the order rung 0 runs them.
-        learning_rates: list of float.
+        learning_rates: list of float (the same for every backbone), or dict
+            backbone -> list of float. The first is the backbone's first try.
         rungs: list of int. Cumulative epochs per rung (`rung_epochs`).
         reduction_factor: int. Defaults to 2.
         budget_epochs: int. 0 means no limit.
@@ -239,6 +255,8 @@ def plan_search(
         brute_force: bool. Defaults to `False`.
         weights_ids: dict or None. Backbone -> weights fingerprint; trials
             made with other weights are ignored.
+        eligible: collection of str or None. Backbones that may be chosen;
+            None means all.
 
     Returns:
         A `SearchPlan`.
@@ -246,16 +264,18 @@ def plan_search(
     Example:
 
     ```python
-    plan = plan_search([], ["a", "b", "c"], [1e-4], [1, 2])
-    [(w.backbone, w.target_epochs) for w in plan.todo]  # [('a', 1), ('b', 1), ('c', 1)]
+    plan = plan_search([], ["a", "b", "c"], [1e-4, 3e-5], [1, 2])
+    [(w.backbone, w.learning_rate) for w in plan.todo]
+    # [('a', 0.0001), ('b', 0.0001), ('c', 0.0001)]: the 3e-5 checks wait for the ranking
     ```
     """
     weights_ids = weights_ids or {}
-    keys = {lr_key(lr): float(lr) for lr in learning_rates}
+    lrs_of = learning_rates_by_backbone(candidates, learning_rates)
+    competing = [b for b in candidates if eligible is None or b in eligible] or list(candidates)
     chains: dict[tuple[str, float], list[TrialRecord]] = defaultdict(list)
     for rec in records:
         key = (rec.backbone, lr_key(rec.learning_rate))
-        if (rec.backbone in candidates and key[1] in keys
+        if (rec.backbone in lrs_of and key[1] in {lr_key(x) for x in lrs_of[rec.backbone]}
                 and rec.weights_id == weights_ids.get(rec.backbone, rec.weights_id)):
             chains[key].append(rec)
 
@@ -286,10 +306,14 @@ def plan_search(
         key: statistics.median(v for k, v in seconds.items() if k <= rungs[0])
         for key, seconds in epoch_seconds.items() if any(k <= rungs[0] for k in seconds)
     }
+    per_backbone: dict[str, float] = {}
+    for (backbone, _), seconds in sorted(per_epoch.items()):
+        per_backbone.setdefault(backbone, seconds)
     slowest = max(per_epoch.values(), default=0.0)
 
     def first_rung_seconds(backbone: str, lr: float) -> float:
-        return per_epoch.get((backbone, lr_key(lr)), slowest)
+        # A learning rate not tried yet costs what the backbone's others did.
+        return per_epoch.get((backbone, lr_key(lr)), per_backbone.get(backbone, slowest))
 
     todo: list[WorkItem] = []
     running = 0
@@ -297,13 +321,29 @@ def plan_search(
     budget_stop: str | None = None
     spent_epochs, spent_seconds = 0, 0.0
     halving_complete = True
-    entering, size = list(candidates), len(candidates)
+    entering, size = list(candidates), len(competing)
     best_lr: dict[str, float] = {}
     order = {b: i for i, b in enumerate(candidates)}
+
+    def enter(backbone: str, lr: float, epochs: int, previous: int, r: int) -> ConfigState:
+        nonlocal running, halving_complete, spent_epochs, spent_seconds
+        st = state(backbone, lr, epochs)
+        if st.status == "todo":
+            todo.append(WorkItem(backbone, lr, epochs, r, HALVING, st.record))
+        if st.status in ("todo", "running"):
+            halving_complete = False
+            running += st.status == "running"
+        if st.status in ("done", "todo", "running"):
+            # Planned cost; an early stop only ever makes it smaller.
+            trained = max((st.epochs if st.status == "done" else epochs) - previous, 0)
+            spent_epochs += trained
+            spent_seconds += trained * first_rung_seconds(backbone, lr)
+        return st
+
     for r, epochs in enumerate(rungs):
         previous = rungs[r - 1] if r else 0
         step = epochs - previous
-        configs = ([(b, lr) for b in entering for lr in keys.values()] if r == 0
+        configs = ([(b, lrs_of[b][0]) for b in entering] if r == 0
                    else [(b, best_lr[b]) for b in entering])
         if r > 0 and (budget_epochs or budget_seconds):
             # A rung runs whole or not at all (the first rung always runs).
@@ -319,39 +359,40 @@ def plan_search(
                 entries = [ConfigState(b, lr, "skipped") for b, lr in configs]
                 summaries.append(RungSummary(r, epochs, entries, [], False))
                 break
-        entries = []
-        for backbone, lr in configs:
-            st = state(backbone, lr, epochs)
-            if st.status == "todo":
-                todo.append(WorkItem(backbone, lr, epochs, r, HALVING, st.record))
-            if st.status in ("todo", "running"):
-                halving_complete = False
-                running += st.status == "running"
-            if st.status in ("done", "todo", "running"):
-                # Planned cost; an early stop only ever makes it smaller.
-                trained = max((st.epochs if st.status == "done" else epochs) - previous, 0)
-                spent_epochs += trained
-                spent_seconds += trained * first_rung_seconds(backbone, lr)
-            entries.append(st)
+        entries = [enter(b, lr, epochs, previous, r) for b, lr in configs]
         last = r == len(rungs) - 1
         keep = math.ceil(size / reduction_factor)
         by_backbone: dict[str, list[ConfigState]] = defaultdict(list)
         for st in entries:
             by_backbone[st.backbone].append(st)
-        finished = [b for b in entering
+        racing = [b for b in entering if b in competing]
+        finished = [b for b in racing
                     if all(s.status in ("done", "failed") for s in by_backbone[b])]
         scored = {b: max((s.score for s in by_backbone[b] if s.status == "done"), default=None)
                   for b in finished}
         ranked = sorted((b for b in finished if scored[b] is not None),
                         key=lambda b: (-scored[b], order[b]))
-        complete = len(entering) == size and len(finished) == size
+        complete = len(racing) == size and len(finished) == size
         # Promotable once at most `keep` can end above it: more finished than dropped.
         # A time budget is decided on complete rungs only (their times are all known).
         sure = max(0, len(finished) - (size - keep))
         if budget_seconds and not complete:
             sure = 0
-        promoted = [] if last else ranked[: min(sure, keep)]
-        for b in promoted:
+        leaders = ranked[: min(sure, keep)]
+        if r == 0:
+            # The learning-rate check: the leaders also try their other rates.
+            ready = []
+            for b in leaders:
+                checks = [enter(b, lr, epochs, previous, r) for lr in lrs_of[b][1:]]
+                entries.extend(checks)
+                by_backbone[b].extend(checks)
+                if all(s.status in ("done", "failed") for s in checks):
+                    ready.append(b)
+            complete = complete and len(ready) == len(leaders)
+        else:
+            ready = leaders
+        promoted = [] if last else ready
+        for b in ready:
             best_lr[b] = max((s for s in by_backbone[b] if s.status == "done"),
                              key=lambda s: s.score).learning_rate
         summaries.append(RungSummary(r, epochs, entries, promoted, complete))
@@ -363,12 +404,28 @@ def plan_search(
     brute: list[ConfigState] = []
     if brute_force:
         for backbone in candidates:
-            for lr in keys.values():
+            for lr in lrs_of[backbone]:
                 st = state(backbone, lr, rungs[-1])
-                if st.status == "todo" and halving_complete and st.record is not None:
+                if st.status == "todo" and halving_complete:
                     todo.append(WorkItem(backbone, lr, rungs[-1], len(rungs) - 1, BRUTE_FORCE,
                                          st.record))
                 running += st.status == "running" and halving_complete
                 brute.append(st)
     return SearchPlan(todo, running, summaries, halving_complete, budget_stop, spent_epochs, brute,
                       epoch_seconds)
+
+
+def learning_rates_by_backbone(
+    candidates: Sequence[str], learning_rates: Sequence[float] | Mapping[str, Sequence[float]]
+) -> dict[str, list[float]]:
+    """Backbone -> its learning rates (first = first try), from a list or a dict.
+
+    Example:
+
+    ```python
+    learning_rates_by_backbone(["a", "b"], [1e-4, 3e-5])  # {'a': [1e-4, 3e-5], 'b': [...]}
+    ```
+    """
+    if isinstance(learning_rates, Mapping):
+        return {b: [float(lr) for lr in learning_rates[b]] for b in candidates}
+    return {b: [float(lr) for lr in learning_rates] for b in candidates}

@@ -154,8 +154,12 @@ class SelectionConfig:
         augment: str. Images: `basic`, `randaugment` or `none`.
         metric: str. `accuracy` or `macro_f1` on the evaluation data.
         batch_size: int. Training batch size.
-        learning_rates: tuple of float. Peak learning rates to try (the
-            secondary choice; every one runs at the first rung).
+        learning_rates: tuple of float. Peak learning rates for the pretrained
+            candidates (the secondary choice): every backbone trains the
+            first rung at the first one; the backbones leading that rung
+            also try the others and keep the best.
+        baseline_learning_rate: float. The from-scratch baseline's learning
+            rate (random weights take larger steps than pretrained ones can).
         warmup_ratio: float. Warm-up length as a fraction of one epoch.
         weight_decay: float. AdamW weight decay.
         dropout: float or None. Dropout before the head; None uses the
@@ -211,6 +215,7 @@ class SelectionConfig:
     metric: str = "accuracy"
     batch_size: int = 32
     learning_rates: tuple[float, ...] = (5e-5,)
+    baseline_learning_rate: float = 1e-3
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     dropout: float | None = None
@@ -300,6 +305,10 @@ class SelectionConfig:
                      "Learning rates must be numbers in (0, 1).", "E.g. --learning_rates=1e-4,3e-5.")
         if len({lr_key(lr) for lr in self.learning_rates}) != len(self.learning_rates):
             _bad("learning_rates", list(self.learning_rates), "A learning rate is listed twice.")
+        lr = self.baseline_learning_rate
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr < 1):
+            _bad("baseline_learning_rate", lr, "The learning rate must be a number in (0, 1).",
+                 "E.g. --baseline_learning_rate=1e-3.")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             _bad("warmup_ratio", self.warmup_ratio, "`warmup_ratio` must be in [0, 1].")
         if not 0.0 <= self.weight_decay < 1.0:
@@ -492,6 +501,7 @@ def run_selection(config: SelectionConfig) -> SelectionResult:
         stage_seconds["transferability"] = time.perf_counter() - tic
 
         shortlist = _shortlist(runs, config, modality)
+        _mark_constraint_breaks(shortlist, config)
         if not _any_given(shortlist):
             _fail_all(runs, report=_write_failed_report(config, runs, modality, started))
         bar.set_description("fine-tune (successive halving)")
@@ -535,6 +545,8 @@ class _CandidateRun:
     shortlisted: bool = False
     baseline: bool = False
     added: bool = False
+    # Hard constraints the profile breaks (constraint -> figure): first rung only.
+    breaks: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def fail(self, stage: str, reason: str) -> None:
         reason = " ".join(str(reason).split())[:400]
@@ -856,6 +868,37 @@ def _transfer_line(run: _CandidateRun) -> str:
     return f"transfer  {run.name}: {parts}{cached}"
 
 
+def _mark_constraint_breaks(runs: Sequence[_CandidateRun], config: SelectionConfig) -> None:
+    """Records, per candidate, the hard constraints its profile already breaks.
+
+    Latency, memory and size are known before any training and do not change
+    with it, so a candidate over one of those limits cannot be recommended:
+    the search gives it the first rung only (see `plan_search`).
+    """
+    figures = {"max_latency_ms": "latency_p50_ms", "max_memory_mb": "peak_infer_memory_mb",
+               "max_params": "params"}
+    for run in runs:
+        for key, field in figures.items():
+            limit = getattr(config, key)
+            value = getattr(run.profile, field, None) if run.profile else None
+            if limit is not None and value is not None and value > limit:
+                run.breaks[key] = float(value)
+
+
+def _learning_rates_of(config: SelectionConfig,
+                       runs: Sequence[_CandidateRun]) -> dict[str, list[float]]:
+    """Backbone -> learning rates to try, the first first (the baseline has its own)."""
+    return {r.backbone: [config.baseline_learning_rate] if r.baseline
+            else list(config.learning_rates) for r in runs}
+
+
+def _eligible(runs: Sequence[_CandidateRun]) -> list[str] | None:
+    """Backbones that may be recommended, or None when no candidate breaks a constraint."""
+    if not any(r.breaks for r in runs):
+        return None
+    return [r.backbone for r in runs if not r.breaks]
+
+
 def _shortlist(
     runs: list[_CandidateRun], config: SelectionConfig, modality: str
 ) -> list[_CandidateRun]:
@@ -966,10 +1009,10 @@ def _run_search(
     classes = tuner_classes()
     candidates = [r.backbone for r in shortlist]
     oracle = classes.SuccessiveHalvingOracle(
-        config.objective, candidates, config.learning_rates, config.rungs,
+        config.objective, candidates, _learning_rates_of(config, shortlist), config.rungs,
         reduction_factor=config.reduction_factor, budget_epochs=config.budget_epochs,
         budget_seconds=config.budget_minutes * 60.0, brute_force=config.brute_force,
-        weights_ids=weights_ids, seed=config.seed,
+        weights_ids=weights_ids, eligible=_eligible(shortlist), seed=config.seed,
     )
     names = {r.backbone: r.name for r in shortlist}
     role = _tuner_role()
@@ -986,7 +1029,7 @@ def _run_search(
     reused = sum(1 for t in oracle.trials.values() if t.status == "COMPLETED")
     if bar is not None:
         plan = oracle.plan()
-        bar.total = bar.n + _planned_trials(plan, config, len(candidates)) + 1
+        bar.total = bar.n + _planned_trials(plan, config, shortlist) + 1
         bar.refresh()
 
         def started(item: WorkItem, trial_id: str) -> None:
@@ -1018,13 +1061,18 @@ def _run_search(
     return oracle.plan(), finished - reused, reused
 
 
-def _planned_trials(plan: SearchPlan, config: SelectionConfig, n: int) -> int:
+def _planned_trials(plan: SearchPlan, config: SelectionConfig,
+                    shortlist: Sequence[_CandidateRun]) -> int:
     """Trials a search from here will start (for the progress bar; an estimate)."""
-    per_rung, sizes = [n * len(config.learning_rates)], n
+    racing = sum(not r.breaks for r in shortlist) or len(shortlist)
+    sizes = math.ceil(racing / config.reduction_factor)
+    # The first rung, the leaders' learning-rate checks, then the later rungs.
+    total = len(shortlist) + (sizes * (len(config.learning_rates) - 1) if len(config.rungs) else 0)
     for _ in config.rungs[1:]:
+        total += sizes
         sizes = math.ceil(sizes / config.reduction_factor)
-        per_rung.append(sizes)
-    total = sum(per_rung) + (n * len(config.learning_rates) if config.brute_force else 0)
+    if config.brute_force:
+        total += sum(len(v) for v in _learning_rates_of(config, shortlist).values())
     done = sum(1 for r in plan.rungs for s in r.entries if s.status == "done")
     return max(total - done, len(plan.todo))
 
@@ -1075,9 +1123,10 @@ def _assemble(
     budget = {
         "rungs (cumulative epochs)": config.rungs,
         "learning rates": list(config.learning_rates),
+        "baseline learning rate": config.baseline_learning_rate,
         "fine-tuning epochs (search plan)": halving_epochs,
-        "fine-tuning epochs (brute force)": (len(shortlist) * len(config.learning_rates)
-                                             * config.max_epochs),
+        "fine-tuning epochs (brute force)": config.max_epochs * sum(
+            len(v) for v in _learning_rates_of(config, shortlist).values()),
         "trials trained by this run": trials_run,
         "trials reused from the cache": trials_reused,
         "budget_epochs": config.budget_epochs or "no limit",
@@ -1135,6 +1184,8 @@ def _candidate(run: _CandidateRun, plan: SearchPlan, config: SelectionConfig,
         "shortlisted": run.shortlisted,
         **run.transfer,
     }
+    if run.breaks:
+        figures["breaks_constraints"] = sorted(run.breaks)
     if run.spec is not None:
         figures["description"] = run.spec.description
     error, metric = run.error, None
@@ -1173,13 +1224,13 @@ def _brute_force_estimate(
 ) -> float | None:
     """Profiling + every (candidate, learning rate) for `max_epochs` at its measured epoch time."""
     total = profile_seconds
-    for run in shortlist:
-        per_config = [statistics.median(plan.seconds(run.backbone, lr).values())
-                      for lr in config.learning_rates if plan.seconds(run.backbone, lr)]
+    for backbone, rates in _learning_rates_of(config, shortlist).items():
+        per_config = [statistics.median(plan.seconds(backbone, lr).values())
+                      for lr in rates if plan.seconds(backbone, lr)]
         if not per_config:
             continue
         # An unmeasured learning rate is assumed to cost what the measured ones did.
-        total += statistics.mean(per_config) * len(config.learning_rates) * config.max_epochs
+        total += statistics.mean(per_config) * len(rates) * config.max_epochs
     return round(total, 1) if total else None
 
 
@@ -1232,8 +1283,9 @@ def _selection_markdown(
     if estimate:
         lines.append(
             f"- Brute force, **estimated**: {_duration(estimate)} = profiling (measured, needed "
-            f"either way) + every candidate x {len(config.learning_rates)} learning rate(s) x "
-            f"{config.max_epochs} epochs at its measured time per epoch (median over its "
+            f"either way) + every pretrained candidate x {len(config.learning_rates)} learning "
+            f"rate(s) and the baseline x 1 x {config.max_epochs} epochs at its measured time "
+            "per epoch (median over its "
             "epochs; a configuration cut after the first rung has only its first epoch, which "
             "includes graph tracing, so its share errs high). Early stopping is not assumed. "
             f"That is {estimate / baseline_seconds:.1f}x {against}."
@@ -1303,16 +1355,22 @@ def _selection_markdown(
     lines += [
         f"- Data: {data_line}",
         f"- Training: batch {config.batch_size}, AdamW (weight decay {config.weight_decay:g}), "
-        f"learning rates {', '.join(f'{lr:g}' for lr in config.learning_rates)}, warm-up over "
+        f"learning rates {', '.join(f'{lr:g}' for lr in config.learning_rates)} (the "
+        f"from-scratch baseline {config.baseline_learning_rate:g}), warm-up over "
         f"{config.warmup_ratio:.0%} of the first epoch then constant (so trials continue "
         f"exactly), seed {config.seed} and the same per-epoch data order for every candidate, "
         + (f"early stopping after {_epochs(config.early_stopping_patience)} without improvement"
            if config.early_stopping_patience else "no early stopping")
         + f"; the metric is the best {config.objective} so far.",
-        f"- Successive halving: rungs at {', '.join(map(str, config.rungs))} epochs; every "
-        f"candidate x learning rate runs the first rung, then the best "
-        f"1/{config.reduction_factor} of the backbones (by their best learning rate) continue "
-        f"from their checkpoint. Budget: {config.budget_epochs or 'no'} epoch limit, "
+        f"- Successive halving: rungs at {', '.join(map(str, config.rungs))} epochs. Every "
+        f"candidate runs the first rung at its first learning rate; the best "
+        f"1/{config.reduction_factor} of the backbones that meet the hard constraints also "
+        "try the other learning rates for the same epochs and continue, with the best one, "
+        f"from their checkpoint; each later rung keeps the best 1/{config.reduction_factor}. "
+        + ("Over a hard constraint from profiling, so first rung only: "
+           + ", ".join(f"{r.name} ({', '.join(sorted(r.breaks))})" for r in runs if r.breaks)
+           + ". " if any(r.breaks for r in runs) else "")
+        + f"Budget: {config.budget_epochs or 'no'} epoch limit, "
         f"{config.budget_minutes or 'no'} minute limit"
         + (f"; {plan.budget_stop}." if plan.budget_stop else "."),
         f"- Transferability: frozen features of {config.transfer_examples} training examples "

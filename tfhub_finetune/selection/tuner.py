@@ -27,6 +27,7 @@ from tfhub_finetune.selection.halving import (
     SearchPlan,
     TrialRecord,
     WorkItem,
+    learning_rates_by_backbone,
     plan_search,
 )
 
@@ -75,7 +76,7 @@ def tuner_classes() -> types.SimpleNamespace:
     import keras_tuner
 
     class SuccessiveHalvingOracle(keras_tuner.Oracle):
-        """Successive halving where every candidate gets the first rung.
+        """Successive halving where every candidate gets the first rung (see `plan_search`).
 
         The search space is `backbone` (a `Choice` over the candidates, the
         main choice) and `learning_rate` (a `Choice`, secondary). Trials
@@ -90,13 +91,16 @@ def tuner_classes() -> types.SimpleNamespace:
         Args:
             objective: str. Validation metric to maximise, e.g. `val_accuracy`.
             candidates: list of str. Backbones (rung 0 runs them in this order).
-            learning_rates: list of float.
+            learning_rates: list of float, or dict backbone -> list of float
+                (the first is the backbone's first try; see `plan_search`).
             rungs: list of int. Cumulative epochs per rung.
             reduction_factor: int. Defaults to 2.
             budget_epochs: int. 0: no limit.
             budget_seconds: float. 0: no limit.
             brute_force: bool. Complete every configuration afterwards.
             weights_ids: dict or None. Backbone -> weights fingerprint.
+            eligible: list of str or None. Backbones that meet the hard
+                constraints (the others get the first rung only); None: all.
             seed: int or None.
 
         Example:
@@ -107,13 +111,16 @@ def tuner_classes() -> types.SimpleNamespace:
         """
 
         def __init__(self, objective: str, candidates: Sequence[str],
-                     learning_rates: Sequence[float], rungs: Sequence[int], *,
-                     reduction_factor: int = 2, budget_epochs: int = 0,
-                     budget_seconds: float = 0.0, brute_force: bool = False,
-                     weights_ids: Mapping[str, str] | None = None, seed: int | None = None):
+                     learning_rates: Sequence[float] | Mapping[str, Sequence[float]],
+                     rungs: Sequence[int], *, reduction_factor: int = 2,
+                     budget_epochs: int = 0, budget_seconds: float = 0.0,
+                     brute_force: bool = False, weights_ids: Mapping[str, str] | None = None,
+                     eligible: Sequence[str] | None = None, seed: int | None = None):
+            lrs_of = learning_rates_by_backbone(candidates, learning_rates)
             space = keras_tuner.HyperParameters()
             space.Choice("backbone", list(candidates))
-            space.Choice("learning_rate", [float(lr) for lr in learning_rates])
+            space.Choice("learning_rate",
+                         sorted({lr for lrs in lrs_of.values() for lr in lrs}, reverse=True))
             super().__init__(
                 objective=keras_tuner.Objective(objective, "max"),
                 hyperparameters=space,
@@ -125,7 +132,8 @@ def tuner_classes() -> types.SimpleNamespace:
             )
             self._space = space
             self.candidates = list(candidates)
-            self.learning_rates = [float(lr) for lr in learning_rates]
+            self.learning_rates = lrs_of
+            self.eligible = None if eligible is None else list(eligible)
             self.rungs = list(rungs)
             self.reduction_factor = reduction_factor
             self.budget_epochs = budget_epochs
@@ -143,7 +151,7 @@ def tuner_classes() -> types.SimpleNamespace:
                 self.records(), self.candidates, self.learning_rates, self.rungs,
                 reduction_factor=self.reduction_factor, budget_epochs=self.budget_epochs,
                 budget_seconds=self.budget_seconds, brute_force=self.brute_force,
-                weights_ids=self.weights_ids,
+                weights_ids=self.weights_ids, eligible=self.eligible,
             )
 
         def populate_space(self, trial_id: str) -> dict[str, Any]:
