@@ -98,6 +98,8 @@ def config_from_flags() -> ExperimentConfig:
         max_train_examples=f.max_train_examples,
         train_split=f.train_split,
         eval_split=f.eval_split,
+        augment=f.augment if has("augment") else "basic",
+        crop_to_aspect_ratio=f.crop_to_aspect_ratio if has("crop_to_aspect_ratio") else True,
     )
     model = ModelConfig(
         backbone=f.backbone or "",

@@ -6,7 +6,8 @@
 Takes the same flags as `pipelines.text_classify` where they mean the same
 thing (`--train_data`, `--eval_data`, `--backbone`, `--model_dir`, `--epochs`,
 `--batch_size`, `--learning_rate`, `--seed`, `--mode`, ...), plus
-`--image_size`, `--augment` and `--crop_to_aspect_ratio`. `--train_data` is a
+`--image_size`, `--augment` and `--crop_to_aspect_ratio` (the last two are
+`DataConfig` fields: saved in params.json and checked on resume). `--train_data` is a
 folder of class folders (`train/<class>/*.jpg`), a `.csv` of `path,label`,
 TFRecord files or `tfds:<name>[:<split>]`.
 
@@ -30,10 +31,11 @@ from pipelines import flags as pipeline_flags  # noqa: E402
 FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags()
 flags.DEFINE_integer("image_size", 0, "Input side in pixels (0: the backbone's own).")
-flags.DEFINE_enum(
+# A string, not an enum: `ExperimentConfig.validate()` checks it and suggests
+# the close name, as for every other config value.
+flags.DEFINE_string(
     "augment",
     "basic",
-    ["basic", "randaugment", "none"],
     "Training augmentation: basic (flip, zoom-in/shift crop, small rotation), randaugment "
     "(basic + keras RandAugment, strong) or none.",
 )
@@ -48,9 +50,7 @@ def main(argv):
     from tfhub_finetune.tasks.image_classification import ImageClassificationTask
 
     config = pipeline_flags.config_from_flags()
-    task = ImageClassificationTask(
-        config, augment=FLAGS.augment, crop_to_aspect_ratio=FLAGS.crop_to_aspect_ratio
-    )
+    task = ImageClassificationTask(config)
     result = run_experiment(config, task)
     if FLAGS.export_dir and config.mode != "eval" and not result.get("terminated"):
         from tfhub_finetune.export import export_image_classifier
@@ -62,7 +62,7 @@ def main(argv):
             image_size=task.image_size,
             model_name=FLAGS.model_name,
             model_dir=config.model_dir,
-            crop_to_aspect_ratio=FLAGS.crop_to_aspect_ratio,
+            crop_to_aspect_ratio=config.data.crop_to_aspect_ratio,
         )
         print(f"Exported SavedModel: {path}")
     pipeline_flags.print_summary(result, config.model_dir)

@@ -74,6 +74,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     cases = [
         (["--backbone=scratch_text_encoder"], "The image pipeline needs an image backbone"),
         ([f"--train_data={train}"], f"Empty class folder. Received: folder='{train / 'wasps'}'"),
+        (["--augment=randaugmnt"], "Unknown augmentation. Received: augment='randaugmnt'. "
+         "Did you mean: randaugment? Expected one of: basic, none, randaugment."),
     ]
     for flags, expected in cases:
         proc = run_pipeline(
@@ -87,3 +89,34 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_augment_and_crop_are_in_params_json_and_checked_on_resume(tmp_path):
+    hymenoptera = require_shared_path("data/hymenoptera")
+    model_dir = tmp_path / "m"
+    args = [
+        "--backbone=scratch_cnn",
+        f"--train_data={hymenoptera / 'train'}",
+        f"--model_dir={model_dir}",
+        "--max_train_examples=8",
+        "--image_size=32",
+        "--epochs=1",
+        "--batch_size=8",
+        "--verbose=0",
+    ]
+    proc = run_pipeline("pipelines.image_classify", *args, "--augment=none",
+                        "--nocrop_to_aspect_ratio")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((model_dir / "params.json").read_text())["data"]
+    assert data["augment"] == "none" and data["crop_to_aspect_ratio"] is False
+    assert (model_dir / "backup" / "backup_state.json").exists()
+    # Same model_dir, other augmentation: refused like any other changed setting.
+    proc = run_pipeline("pipelines.image_classify", *args, "--augment=basic",
+                        "--nocrop_to_aspect_ratio")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: The model directory holds a backup of a run with different settings. "
+        f"Received: model_dir='{model_dir}', changed='data'. "
+        "Use a new --model_dir, or delete its backup/ folder to start over."
+    ], proc.stderr[-2000:]

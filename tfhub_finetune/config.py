@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tfhub_finetune.errors import InputError
+from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.io_utils import atomic_write_text
 
 MODES = ("train", "eval", "train_and_eval")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+AUGMENTATIONS = ("basic", "randaugment", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,14 @@ class DataConfig:
         max_train_examples: int. Use only the first N training examples (0: all).
         train_split: str. TFDS split for training.
         eval_split: str. TFDS split for evaluation.
+        augment: str. Image training augmentation: `basic` (flip, zoom-in/shift
+            crop, small rotation), `randaugment` (basic plus RandAugment) or
+            `none`. Unused by text. Defaults to `"basic"`.
+        crop_to_aspect_ratio: bool. Images: centre-crop to a square before
+            resizing (no distortion). Unused by text. Defaults to `True`.
+
+    The last two were pipeline flags outside the config before; a params.json
+    written then lacks them and loads with these defaults.
     """
 
     train_data: str = ""
@@ -51,6 +60,8 @@ class DataConfig:
     max_train_examples: int = 0
     train_split: str = "train"
     eval_split: str = "validation"
+    augment: str = "basic"
+    crop_to_aspect_ratio: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +178,12 @@ class ExperimentConfig:
         _in_range("weight_decay", t.weight_decay, 0.0, 1.0)
         _in_range("dropout", self.model.dropout, 0.0, 0.99)
         _in_range("validation_split", self.data.validation_split, 0.0, 0.9)
+        if self.data.augment not in AUGMENTATIONS:
+            _bad("augment", self.data.augment, "Unknown augmentation.",
+                 did_you_mean(str(self.data.augment), AUGMENTATIONS))
+        if not isinstance(self.data.crop_to_aspect_ratio, bool):
+            _bad("crop_to_aspect_ratio", self.data.crop_to_aspect_ratio,
+                 "--crop_to_aspect_ratio must be a boolean.", "Expected True or False.")
         if t.clip_norm < 0:
             _bad("clip_norm", t.clip_norm, "Clip norm must be >= 0.")
         if t.backup_every_steps < 0:

@@ -194,8 +194,14 @@ def _check_same_run(model_dir: Path, config: ExperimentConfig) -> None:
         return
     previous = json.loads(params.read_text(encoding="utf-8"))
     current = json.loads(json.dumps(config.to_dict()))
-    keys = ("model", "data")
-    changed = [k for k in keys if previous.get(k) != current.get(k)]
+    changed = []
+    for key in ("model", "data"):
+        before, now = previous.get(key) or {}, current.get(key) or {}
+        # A field the older params.json does not record (one added to the
+        # config since, e.g. data.augment) is unknown, not changed: compare
+        # only what it recorded, so a run from before the field still resumes.
+        if before != {name: value for name, value in now.items() if name in before}:
+            changed.append(key)
     if changed:
         from tfhub_finetune.errors import InputError
 

@@ -60,12 +60,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfhub_finetune.config import AUGMENTATIONS
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.errors import InputError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
-AUGMENTATIONS = ("basic", "randaugment", "none")
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrec")
 ENCODED_KEY = "image/encoded"
 LABEL_KEY = "image/class/label"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import keras
@@ -26,20 +27,39 @@ class ImageClassificationTask:
 
     Decoded, resized images are cached once; each training epoch reshuffles
     them with a seed derived from the epoch number (so an interrupted run
-    resumes on the same batches) and augments them.
+    resumes on the same batches) and augments them. Augmentation and
+    cropping come from `config.data` (`augment`, `crop_to_aspect_ratio`), so
+    they are saved in params.json and checked when a run resumes.
+
+    Args:
+        config: ExperimentConfig. The run.
+        augment: str or None. Overrides `config.data.augment` (the task's
+            `config` is updated to match). Defaults to `None`: the config's.
+        crop_to_aspect_ratio: bool or None. Overrides
+            `config.data.crop_to_aspect_ratio` likewise. Defaults to `None`.
 
     Example:
 
     ```python
-    task = ImageClassificationTask(config, augment="basic")
+    config = ExperimentConfig(model_dir="runs/x", data=DataConfig(train_data="train",
+                                                                  augment="randaugment"))
+    task = ImageClassificationTask(config.validate())
     task.prepare_train()
     model = task.build_model()
     ```
     """
 
     def __init__(
-        self, config: ExperimentConfig, augment: str = "basic", crop_to_aspect_ratio: bool = True
+        self,
+        config: ExperimentConfig,
+        augment: str | None = None,
+        crop_to_aspect_ratio: bool | None = None,
     ):
+        overrides = {"augment": augment, "crop_to_aspect_ratio": crop_to_aspect_ratio}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            data = dataclasses.replace(config.data, **overrides)
+            config = dataclasses.replace(config, data=data).validate()
         self.config = config
         self.spec = resolve_backbone(config.model.backbone)
         if self.spec.modality != "image":
@@ -54,10 +74,10 @@ class ImageClassificationTask:
                 received={"task": config.model.task},
                 fix="Use --task=single_label (class folders give one label per image).",
             )
-        self.crop_to_aspect_ratio = crop_to_aspect_ratio
+        self.crop_to_aspect_ratio = config.data.crop_to_aspect_ratio
         # Built here, outside the strategy scope and before tf.data traces any
         # epoch function: Keras layers cannot be created inside either.
-        self.augmenter = build_augmenter(augment, seed=config.train.seed)
+        self.augmenter = build_augmenter(config.data.augment, seed=config.train.seed)
         self.backbone: ImageBackbone | None = None
         self.labels: LabelVocabulary | None = None
         self.train_data: ImageDataset | None = None

@@ -1,0 +1,91 @@
+"""ExperimentConfig: validation messages, params.json round trip, the same-run check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from tfhub_finetune.config import DataConfig, ExperimentConfig
+from tfhub_finetune.errors import InputError
+
+
+def _config(tmp_path, **data) -> ExperimentConfig:
+    return ExperimentConfig(
+        model_dir=str(tmp_path / "m"), data=DataConfig(train_data="train", **data)
+    ).validate()
+
+
+def test_params_json_records_augment_and_crop(tmp_path):
+    config = _config(tmp_path, augment="randaugment", crop_to_aspect_ratio=False)
+    config.save(tmp_path / "params.json")
+    saved = json.loads((tmp_path / "params.json").read_text())["data"]
+    assert saved["augment"] == "randaugment" and saved["crop_to_aspect_ratio"] is False
+    assert ExperimentConfig.load(tmp_path / "params.json") == config
+
+
+def test_params_json_from_before_the_image_fields_loads_with_defaults(tmp_path):
+    old = _config(tmp_path).to_dict()
+    del old["data"]["augment"], old["data"]["crop_to_aspect_ratio"]
+    (tmp_path / "params.json").write_text(json.dumps(old))
+    loaded = ExperimentConfig.load(tmp_path / "params.json").validate()
+    assert loaded.data.augment == "basic" and loaded.data.crop_to_aspect_ratio is True
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"augment": "randaugmnt"},
+         "Unknown augmentation. Received: augment='randaugmnt'. Did you mean: randaugment? "
+         "Expected one of: basic, none, randaugment."),
+        ({"augment": "heavy"},
+         "Unknown augmentation. Received: augment='heavy'. "
+         "Expected one of: basic, none, randaugment."),
+        ({"crop_to_aspect_ratio": "no"},
+         "--crop_to_aspect_ratio must be a boolean. Received: crop_to_aspect_ratio='no'. "
+         "Expected True or False."),
+    ],
+)
+def test_bad_image_data_values_are_one_line_keras_errors(tmp_path, data, expected):
+    with pytest.raises(InputError) as info:
+        _config(tmp_path, **data)
+    assert str(info.value) == expected
+
+
+def _backed_up_run(tmp_path, params: dict):
+    model_dir = tmp_path / "m"
+    (model_dir / "backup").mkdir(parents=True)
+    (model_dir / "backup" / "backup_state.json").write_text("{}")
+    (model_dir / "params.json").write_text(json.dumps(params))
+    return model_dir
+
+
+def test_resuming_with_another_augmentation_is_refused(tmp_path):
+    from tfhub_finetune.driver import _check_same_run
+
+    config = _config(tmp_path)
+    model_dir = _backed_up_run(tmp_path, config.to_dict())
+    _check_same_run(model_dir, config)  # Same settings: resumes.
+    for change in ({"augment": "none"}, {"crop_to_aspect_ratio": False}):
+        changed = dataclasses.replace(config, data=dataclasses.replace(config.data, **change))
+        with pytest.raises(InputError) as info:
+            _check_same_run(model_dir, changed)
+        assert str(info.value) == (
+            "The model directory holds a backup of a run with different settings. "
+            f"Received: model_dir='{model_dir}', changed='data'. "
+            "Use a new --model_dir, or delete its backup/ folder to start over."
+        )
+
+
+def test_a_backup_from_before_the_image_fields_still_resumes(tmp_path):
+    from tfhub_finetune.driver import _check_same_run
+
+    config = _config(tmp_path, augment="randaugment")
+    old = config.to_dict()
+    del old["data"]["augment"], old["data"]["crop_to_aspect_ratio"]
+    model_dir = _backed_up_run(tmp_path, old)
+    _check_same_run(model_dir, config)  # Unrecorded fields are not compared...
+    other = dataclasses.replace(config, data=dataclasses.replace(config.data, train_data="x"))
+    with pytest.raises(InputError, match="changed='data'"):  # ...recorded ones still are.
+        _check_same_run(model_dir, other)
