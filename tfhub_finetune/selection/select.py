@@ -681,7 +681,7 @@ class _ImageModality:
     def make_task(self, experiment: Any, config: SelectionConfig) -> Any:
         from tfhub_finetune.tasks.image_classification import ImageClassificationTask
 
-        return ImageClassificationTask(experiment, augment=config.augment)
+        return ImageClassificationTask(experiment)
 
     def profile_request(
         self, config: SelectionConfig, run: _CandidateRun, num_classes: int
@@ -714,6 +714,7 @@ def _experiment_config(
         text_column=str(config.text_column), label_column=str(config.label_column),
         has_header=config.has_header, label_names=tuple(config.label_names),
         validation_split=config.validation_split, max_train_examples=config.max_train_examples,
+        augment=config.augment,
     )
     model = ModelConfig(backbone=backbone, pooling=config.pooling, dropout=_dropout(config, modality),
                         sequence_length=config.sequence_length, image_size=config.image_size)
