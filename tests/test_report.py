@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,20 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_report(tmp_path, records, recommend(records))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_table_shows_epochs_when_candidates_trained_for_different_ones(tmp_path):
+    records = _records()[:4]
+    for record, epochs in zip(records, (3, 1, 1, 3), strict=True):
+        record.setdefault("figures", {})["fine_tune_epochs"] = epochs
+    paths = write_report(tmp_path, records, recommend(records, max_latency_ms=20))
+    text = Path(paths["report"]).read_text(encoding="utf-8")
+    header = next(line for line in text.splitlines() if line.startswith("| candidate |"))
+    assert header.split(" | ")[3] == "epochs"
+    row = next(line for line in text.splitlines() if line.startswith("| bert_small_en_uncased"))
+    assert row.split(" | ")[3] == "1"
+    # Same epochs everywhere: no column.
+    for record in records:
+        record["figures"]["fine_tune_epochs"] = 3
+    paths = write_report(tmp_path / "same", records, recommend(records, max_latency_ms=20))
+    assert "| epochs |" not in Path(paths["report"]).read_text(encoding="utf-8")

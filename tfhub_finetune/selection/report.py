@@ -558,12 +558,18 @@ def _markdown(
         lines.append("")
 
     score_names = sorted({k for c in pool for k in c.scores})
-    headers = ["candidate", "status", metric_name, *score_names] + [h for _, h, _ in _CORE_COLUMNS]
+    # Fine-tuning epochs, when the candidates' metrics come from different ones (halving).
+    epochs = {c.name: c.figures.get("fine_tune_epochs") for c in pool}
+    show_epochs = len({e for e in epochs.values() if e is not None}) > 1
+    headers = ["candidate", "status", metric_name, *(["epochs"] if show_epochs else []),
+               *score_names] + [h for _, h, _ in _CORE_COLUMNS]
     lines += ["## Candidates", "", "| " + " | ".join(headers) + " |"]
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|")
     for c in sorted(pool, key=lambda c: _table_order(c, rec)):
         cells = [f"**{c.name}**" if c.name == rec.name else c.name, _status(c, rec)]
         cells.append(_fmt(c.metric, "metric", metric_name))
+        if show_epochs:
+            cells.append("—" if epochs[c.name] is None else str(epochs[c.name]))
         cells += [_fmt(c.scores.get(s), "score") for s in score_names]
         cells += [_fmt(c.value(key), kind) for key, _, kind in _CORE_COLUMNS]
         lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
@@ -765,10 +771,17 @@ def _place_labels(
     ax: Any, shown: Sequence[Candidate], scale: float, chosen: Any, areas: Sequence[float]
 ) -> None:
     items = []
+    epochs = {c.name: c.figures.get("fine_tune_epochs") for c in shown}
+    most = max((e for e in epochs.values() if isinstance(e, int)), default=None)
+    bold = set()
     for c in shown:
         text = f"{c.name} (recommended)" if c is chosen else c.name
+        if isinstance(epochs[c.name], int) and epochs[c.name] != most:
+            # Its metric is not comparable at a glance: say it trained for less.
+            text += f", {epochs[c.name]} ep"
+        if c is chosen:
+            bold.add(text)
         items.append((text, float(c.latency_ms), float(c.metric) * scale))
-    bold = {f"{chosen.name} (recommended)"} if chosen is not None else set()
     front = [c for c in shown if c.name in set(_front_names(shown))]
     front.sort(key=lambda c: c.latency_ms)
     steps = []  # The drawn steps-post line, so labels keep off it.
