@@ -230,5 +230,8 @@ def test_table_shows_epochs_when_candidates_trained_for_different_ones(tmp_path)
     # Same epochs everywhere: no column.
     for record in records:
         record["figures"]["fine_tune_epochs"] = 3
-    paths = write_report(tmp_path / "same", records, recommend(records, max_latency_ms=20))
+    # A constraint the axes cannot show (parameters) still draws: its breakers are crossed out.
+    paths = write_report(tmp_path / "same", records,
+                         recommend(records, max_latency_ms=20, max_params=5e6))
     assert "| epochs |" not in Path(paths["report"]).read_text(encoding="utf-8")
+    assert _png_size(Path(paths["pareto"]))[0] > 800

@@ -32,6 +32,7 @@ from typing import Any
 
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.selection.recommend import (
+    CONSTRAINTS,
     Candidate,
     Recommendation,
     as_candidates,
@@ -344,6 +345,15 @@ def plot_pareto(
             zorder=5,
         )
 
+    # Constraints the axes cannot show (memory, parameters): cross out who breaks them.
+    unseen = set(recommendation.constraints) - {"max_latency_ms", "min_metric"}
+    breaking = [c for c in shown if any(
+        _finite(c.value(CONSTRAINTS[k][0])) and c.value(CONSTRAINTS[k][0]) > recommendation.constraints[k]
+        for k in unseen)]
+    if unseen and breaking:
+        ax.scatter([c.latency_ms for c in breaking], [c.metric * scale for c in breaking],
+                   marker="x", s=90, color="tab:red", linewidths=2.0, zorder=4)
+
     closest = None
     if chosen is None and recommendation.relaxations:
         # Nothing fits: ring the candidate the smallest relaxation would admit.
@@ -384,7 +394,14 @@ def plot_pareto(
     if recommendation.constraints:
         from matplotlib.patches import Patch
 
-        extra_handles.append(Patch(color="tab:green", alpha=0.12, label="meets the constraints"))
+        shaded = "within the limits drawn" if unseen else "meets the constraints"
+        extra_handles.append(Patch(color="tab:green", alpha=0.12, label=shaded))
+        if unseen and breaking:
+            names = ", ".join(sorted(k.removeprefix("max_").removesuffix("_mb")
+                                     for k in unseen))
+            extra_handles.append(Line2D([], [], marker="x", linestyle="none", markersize=9,
+                                        color="tab:red", markeredgewidth=2.0,
+                                        label=f"breaks a constraint ({names})"))
     if closest is not None:
         extra_handles.append(
             Line2D(
