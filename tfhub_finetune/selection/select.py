@@ -10,16 +10,20 @@ directories, TF Hub handles), for text or image classification:
 2. **Score transferability** without fine-tuning: frozen features of a seeded
    sample of the training data, pooled exactly as the classifier pools them
    (the head's input), scored by LogME, kNN and a linear probe, each timed.
-3. **Fine-tune by successive halving** on KerasTuner. `SuccessiveHalvingOracle`
-   subclasses `keras_tuner.Oracle` (the stock Hyperband oracle samples
-   configurations at random per bracket, so it cannot promise every candidate
-   a first rung): the backbone is a `Choice` over the shortlist, the learning
-   rate a secondary `Choice`; every (backbone, learning rate) pair trains for
-   the first rung's epochs; each backbone is scored by its best learning rate;
-   the better `1/reduction_factor` of the backbones continue, with that learning
-   rate, from their checkpoint to the next rung, up to `max_epochs`. Trials
-   stop early after `early_stopping_patience` epochs without improvement.
-   Every trial uses the same seed and the same per-epoch data order.
+3. **Fine-tune by successive halving** on KerasTuner (`tuner.py`, planned by
+   `halving.plan_search`). `SuccessiveHalvingOracle` subclasses
+   `keras_tuner.Oracle` (the stock Hyperband oracle samples configurations at
+   random per bracket, so it cannot promise every candidate a first rung): the
+   backbone is a `Choice` over the shortlist, the learning rate a secondary
+   `Choice`. Every backbone trains the first rung at its first learning rate
+   (the baseline at `baseline_learning_rate`); the better `1/reduction_factor`
+   of the backbones that meet the hard constraints also try the other rates
+   for the same epochs, then continue with their best rate from their
+   checkpoint, halving again at each rung up to `max_epochs`. A candidate whose
+   profile breaks `max_latency_ms`, `max_memory_mb` or `max_params` cannot be
+   recommended and gets the first rung only. Trials stop early after
+   `early_stopping_patience` epochs without improvement. Every trial uses the
+   same seed and the same per-epoch data order.
 4. **Recommend** with `recommend(...)` under latency / memory / parameter /
    metric constraints.
 5. **Report** with `write_report` (report.md, results.json, pareto.png,
@@ -62,9 +66,10 @@ returns. The oracle promotes a backbone as soon as enough of its rung has
 finished to guarantee it a place in the better part (KerasTuner's Hyperband
 rule), so workers rarely wait.
 
-The KerasTuner subclasses are created on first use (`SuccessiveHalvingOracle`,
-`SelectionTuner`): importing KerasTuner imports TensorFlow, which takes ~10 s
-on a loaded machine, and settings must be checked before that.
+The KerasTuner subclasses (`tuner.SuccessiveHalvingOracle`,
+`tuner.SelectionTuner`) are created on first use: importing KerasTuner imports
+TensorFlow, which takes ~10 s on a loaded machine, and settings must be
+checked before that.
 """
 
 from __future__ import annotations
