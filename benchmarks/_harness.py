@@ -94,6 +94,28 @@ class Clock:
         self.cpu_s = time.process_time() - self._cpu0
 
 
+def epoch_clock():
+    """A Keras callback whose `.clock` times the last epoch of `fit` (wall and CPU).
+
+    Keras is imported here, not at module level: the PyTorch benchmark shares
+    this module and must not pay for TensorFlow.
+    """
+    import keras
+
+    class EpochClock(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clock = Clock()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.clock.start()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.clock.stop()
+
+    return EpochClock()
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (`q` in 0..100) of `values`."""
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))

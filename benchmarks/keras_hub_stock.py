@@ -51,30 +51,17 @@ def _classifier(args: dict):
 
 def train(args: dict) -> dict:
     """Training examples/s of stock `fit` over one pass of the sample, after warm-up steps."""
-    import keras
-
     args = {**DEFAULTS, **args}
     texts, labels = _harness.sample_sst2(args["train_examples"], args["seed"])
     classifier = _classifier(args)
     batch = args["batch_size"]
-
-    class EpochClock(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.clock = _harness.Clock()
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.clock.start()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.clock.stop()
 
     warm = _harness.Clock()
     warm.start()
     n_warm = args["warmup_steps"] * batch
     classifier.fit(x=texts[-n_warm:], y=labels[-n_warm:], batch_size=batch, epochs=1, verbose=0)
     warm.stop()
-    timer = EpochClock()
+    timer = _harness.epoch_clock()
     history = classifier.fit(
         x=texts, y=labels, batch_size=batch, epochs=1, callbacks=[timer], verbose=0
     )

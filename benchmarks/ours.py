@@ -115,24 +115,12 @@ def _prepare(args: dict, workdir: Path, texts: list[str], labels):
 
 def train(args: dict) -> dict:
     """Training examples/s of the pipeline's `fit` over one pass of the sample, after warm-up."""
-    import keras
     import numpy as np
 
     args = {**DEFAULTS, **args}
     texts, labels = _harness.sample_sst2(args["train_examples"], args["seed"])
     with tempfile.TemporaryDirectory(prefix="bench_ours_") as tmp:
         config, task, model, settings = _prepare(args, Path(tmp), texts, labels)
-
-        class EpochClock(keras.callbacks.Callback):
-            def __init__(self) -> None:
-                super().__init__()
-                self.clock = _harness.Clock()
-
-            def on_epoch_begin(self, epoch, logs=None):
-                self.clock.start()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.clock.stop()
 
         # Warm-up: tracing, optimizer slots, oneDNN primitives. Under XLA
         # every distinct batch shape compiles, so a full pass is needed.
@@ -146,7 +134,7 @@ def train(args: dict) -> dict:
 
         timed_data = task.train_epoch_dataset(1)
         shapes = [tuple(x["token_ids"].shape) for x, _ in timed_data]
-        timer = EpochClock()
+        timer = _harness.epoch_clock()
         history = model.fit(timed_data, epochs=1, callbacks=[timer], verbose=0)
 
     n = len(texts)
