@@ -295,6 +295,7 @@ def test_bad_settings_raise_one_line_input_errors():
         ({"learning_rates": ()}, "at least one learning rate"),
         ({"reduction_factor": 1}, "reduction_factor"),
         ({"candidates": ("a", "a")}, "listed twice"),
+        ({"baseline_learning_rate": 0.0}, r"Received: baseline_learning_rate=0\.0"),
     ):
         with pytest.raises(InputError, match=match) as info:
             SelectionConfig(**{**base, **bad}).validate()
