@@ -655,7 +655,7 @@ class _TextModality:
     builder = "tfhub_finetune.builders.text_classifier:build_text_classifier"
     dropout = 0.1
 
-    def make_task(self, experiment: Any, config: SelectionConfig) -> Any:
+    def make_task(self, experiment: Any) -> Any:
         from tfhub_finetune.tasks.text_classification import TextClassificationTask
 
         return TextClassificationTask(experiment)
@@ -683,7 +683,7 @@ class _ImageModality:
     builder = "tfhub_finetune.builders.image_classifier:build_image_classifier"
     dropout = 0.2
 
-    def make_task(self, experiment: Any, config: SelectionConfig) -> Any:
+    def make_task(self, experiment: Any) -> Any:
         from tfhub_finetune.tasks.image_classification import ImageClassificationTask
 
         return ImageClassificationTask(experiment)
@@ -838,7 +838,7 @@ def _score_candidate(
     keras.backend.clear_session()
     training.set_seed(config.seed)
     experiment = _experiment_config(config, adapter, run.backbone, "unused", config.learning_rates[0])
-    task = adapter.make_task(experiment, config)
+    task = adapter.make_task(experiment)
     task.prepare_train()
     model = task.build_model()
     # The head's input is the feature exactly as the classifier pools it
@@ -963,7 +963,7 @@ class _TrialTrainer:
         keras.backend.clear_session()
         training.set_seed(config.seed)
         experiment = _experiment_config(config, adapter, backbone, str(trial_dir), lr)
-        task = adapter.make_task(experiment, config)
+        task = adapter.make_task(experiment)
         task.prepare_train()
         model = task.build_model()
         steps = task.steps_per_epoch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import keras
@@ -33,10 +32,6 @@ class ImageClassificationTask:
 
     Args:
         config: ExperimentConfig. The run.
-        augment: str or None. Overrides `config.data.augment` (the task's
-            `config` is updated to match). Defaults to `None`: the config's.
-        crop_to_aspect_ratio: bool or None. Overrides
-            `config.data.crop_to_aspect_ratio` likewise. Defaults to `None`.
 
     Example:
 
@@ -49,17 +44,7 @@ class ImageClassificationTask:
     ```
     """
 
-    def __init__(
-        self,
-        config: ExperimentConfig,
-        augment: str | None = None,
-        crop_to_aspect_ratio: bool | None = None,
-    ):
-        overrides = {"augment": augment, "crop_to_aspect_ratio": crop_to_aspect_ratio}
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        if overrides:
-            data = dataclasses.replace(config.data, **overrides)
-            config = dataclasses.replace(config, data=data).validate()
+    def __init__(self, config: ExperimentConfig):
         self.config = config
         self.spec = resolve_backbone(config.model.backbone)
         if self.spec.modality != "image":
