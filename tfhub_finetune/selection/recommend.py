@@ -443,7 +443,7 @@ def recommend(
             None, _one_line(reason), metric_name, constraints, [], pareto, excluded
         )
 
-    feasible = [c for c in valid if not _violations(c, constraints)]
+    feasible = [c for c in valid if not violations(c, constraints)]
     feasible.sort(key=_rank_key)
     if not feasible:
         relaxations = _relaxations(valid, constraints)
@@ -554,11 +554,25 @@ def validate_constraints(given: Mapping[str, Any], metric_name: str) -> dict[str
     return constraints
 
 
-def _violations(c: Candidate, constraints: Mapping[str, float]) -> dict[str, float]:
-    """Constraint -> the candidate's figure, for each constraint it breaks."""
+def violations(c: Candidate, constraints: Mapping[str, float]) -> dict[str, float]:
+    """Constraint -> the candidate's figure, for each constraint it breaks.
+
+    A figure that was not recorded breaks nothing (`recommend` excludes such
+    candidates before it asks). The selection uses this before training, on
+    the profile alone, and the Pareto plot to mark what its axes cannot show.
+
+    Example:
+
+    ```python
+    violations(Candidate("a", latency_ms=30.0, params=5e6), {"max_latency_ms": 20})
+    # {'max_latency_ms': 30.0}
+    ```
+    """
     broken = {}
     for key, limit in constraints.items():
         field, kind, _ = CONSTRAINTS[key]
+        if not _finite(c.value(field)):
+            continue
         value = float(c.value(field))
         if (kind == "max" and value > limit) or (kind == "min" and value < limit):
             broken[key] = value
@@ -569,7 +583,7 @@ def _relaxations(valid: Sequence[Candidate], constraints: Mapping[str, float]) -
     """The cheapest admitting move per set of constraints, cheapest first."""
     best: dict[tuple[str, ...], Relaxation] = {}
     for c in valid:
-        broken = _violations(c, constraints)
+        broken = violations(c, constraints)
         option = Relaxation(
             c.name,
             float(c.metric),

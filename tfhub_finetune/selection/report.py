@@ -32,12 +32,12 @@ from typing import Any
 
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.selection.recommend import (
-    CONSTRAINTS,
     Candidate,
     Recommendation,
     as_candidates,
     is_fraction_metric,
     pareto_front,
+    violations,
 )
 from tfhub_finetune.selection.transferability import kendall_tau
 
@@ -347,9 +347,8 @@ def plot_pareto(
 
     # Constraints the axes cannot show (memory, parameters): cross out who breaks them.
     unseen = set(recommendation.constraints) - {"max_latency_ms", "min_metric"}
-    breaking = [c for c in shown if any(
-        _finite(c.value(CONSTRAINTS[k][0])) and c.value(CONSTRAINTS[k][0]) > recommendation.constraints[k]
-        for k in unseen)]
+    hidden_limits = {k: recommendation.constraints[k] for k in unseen}
+    breaking = [c for c in shown if violations(c, hidden_limits)]
     if unseen and breaking:
         ax.scatter([c.latency_ms for c in breaking], [c.metric * scale for c in breaking],
                    marker="x", s=90, color="tab:red", linewidths=2.0, zorder=4)

@@ -114,6 +114,7 @@ from tfhub_finetune.selection.recommend import (
     is_fraction_metric,
     recommend,
     validate_constraints,
+    violations,
 )
 from tfhub_finetune.selection.report import transferability_correlations, write_report
 from tfhub_finetune.selection.tuner import TRIAL_HISTORY, TrialHistory, tuner_classes
@@ -881,14 +882,10 @@ def _mark_constraint_breaks(runs: Sequence[_CandidateRun], config: SelectionConf
     with it, so a candidate over one of those limits cannot be recommended:
     the search gives it the first rung only (see `plan_search`).
     """
-    figures = {"max_latency_ms": "latency_p50_ms", "max_memory_mb": "peak_infer_memory_mb",
-               "max_params": "params"}
+    hard = {k: v for k, v in config.constraints.items() if v is not None and k != "min_metric"}
     for run in runs:
-        for key, field in figures.items():
-            limit = getattr(config, key)
-            value = getattr(run.profile, field, None) if run.profile else None
-            if limit is not None and value is not None and value > limit:
-                run.breaks[key] = float(value)
+        if run.profile is not None:
+            run.breaks = violations(Candidate.from_profile(run.profile), hard)
 
 
 def _learning_rates_of(config: SelectionConfig,
