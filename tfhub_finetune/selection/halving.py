@@ -272,10 +272,11 @@ def plan_search(
     weights_ids = weights_ids or {}
     lrs_of = learning_rates_by_backbone(candidates, learning_rates)
     competing = [b for b in candidates if eligible is None or b in eligible] or list(candidates)
+    keys_of = {b: {lr_key(lr) for lr in lrs} for b, lrs in lrs_of.items()}
     chains: dict[tuple[str, float], list[TrialRecord]] = defaultdict(list)
     for rec in records:
         key = (rec.backbone, lr_key(rec.learning_rate))
-        if (rec.backbone in lrs_of and key[1] in {lr_key(x) for x in lrs_of[rec.backbone]}
+        if (key[1] in keys_of.get(rec.backbone, ())
                 and rec.weights_id == weights_ids.get(rec.backbone, rec.weights_id)):
             chains[key].append(rec)
 

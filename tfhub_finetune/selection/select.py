@@ -1070,7 +1070,7 @@ def _planned_trials(plan: SearchPlan, config: SelectionConfig,
     racing = sum(not r.breaks for r in shortlist) or len(shortlist)
     sizes = math.ceil(racing / config.reduction_factor)
     # The first rung, the leaders' learning-rate checks, then the later rungs.
-    total = len(shortlist) + (sizes * (len(config.learning_rates) - 1) if len(config.rungs) else 0)
+    total = len(shortlist) + sizes * (len(config.learning_rates) - 1)
     for _ in config.rungs[1:]:
         total += sizes
         sizes = math.ceil(sizes / config.reduction_factor)
