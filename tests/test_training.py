@@ -124,6 +124,37 @@ def test_loss_monitor_minimises(tmp_path):
     assert training.BestCheckpoint(tmp_path, monitor="val_loss").mode == "min"
 
 
+def test_early_stopping_minimises_errors_and_maximises_scores(tmp_path):
+    # One rule for the driver's EarlyStopping, the best checkpoint and selection's patience.
+    from tfhub_finetune.config import ExperimentConfig, TrainConfig
+    from tfhub_finetune.driver import training_callbacks
+
+    for monitor, mode in (("val_mae", "min"), ("val_rmse", "min"), ("val_loss", "min"),
+                          ("val_accuracy", "max"), ("val_macro_f1", "max")):
+        assert training.monitor_mode(monitor) == mode
+        config = ExperimentConfig(model_dir=str(tmp_path), train=TrainConfig(
+            monitor=monitor, early_stopping_patience=1))
+        (stop,) = [c for c in training_callbacks(config, tmp_path)
+                   if isinstance(c, keras.callbacks.EarlyStopping)]
+        best, = [c for c in training_callbacks(config, tmp_path)
+                 if isinstance(c, training.BestCheckpoint)]
+        assert (stop.mode, best.mode) == (mode, mode), monitor
+    # A regression whose validation MAE keeps falling trains every epoch (it stopped
+    # after `patience` epochs when the driver maximised every monitor).
+    config = ExperimentConfig(model_dir=str(tmp_path), train=TrainConfig(
+        monitor="val_mae", early_stopping_patience=1))
+    (stop,) = [c for c in training_callbacks(config, tmp_path)
+               if isinstance(c, keras.callbacks.EarlyStopping)]
+    x = np.linspace(-1, 1, 64, dtype="float32")[:, None]
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    history = model.fit(x, 3 * x, validation_data=(x, 3 * x), epochs=6, batch_size=16,
+                        callbacks=[stop], verbose=0)
+    maes = history.history["val_mae"]
+    assert all(b < a for a, b in zip(maes, maes[1:], strict=False)), maes
+    assert len(maes) == 6
+
+
 def test_a_global_seed_of_zero_trains(tmp_path):
     # TF's get_seed compares a tensor shuffle seed as a bool when the global seed is 0;
     # epochs must reach tf.data with Python-int seeds.

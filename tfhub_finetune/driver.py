@@ -56,6 +56,26 @@ def compile_model(model: keras.Model, config: ExperimentConfig, total_steps: int
     )
 
 
+def training_callbacks(config: ExperimentConfig, model_dir: Path) -> list[keras.callbacks.Callback]:
+    """Best checkpoint, CSV and TensorBoard logs, and early stopping when configured.
+
+    The best checkpoint and early stopping share `training.monitor_mode`, so
+    both minimise an error (`val_mae`, `val_rmse`) and maximise a score.
+    """
+    monitor = config.train.monitor
+    callbacks = [
+        training.BestCheckpoint(model_dir, monitor=monitor),
+        keras.callbacks.CSVLogger(str(model_dir / "training_log.csv"), append=True),
+        keras.callbacks.TensorBoard(str(model_dir / "logs"), update_freq="epoch"),
+    ]
+    if config.train.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=monitor, patience=config.train.early_stopping_patience,
+            mode=training.monitor_mode(monitor),
+        ))
+    return callbacks
+
+
 def evaluate_report(model: keras.Model, task: Task) -> dict:
     """Predicts the eval split and computes the full report (confusion matrix etc.)."""
     outputs = model.predict(task.eval_dataset(), verbose=0)
@@ -123,16 +143,7 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
 
     result: dict = {"backbone": config.model.backbone, "task": config.model.task, **task.summary}
     if config.mode != "eval":
-        callbacks = [
-            training.BestCheckpoint(model_dir, monitor=config.train.monitor),
-            keras.callbacks.CSVLogger(str(model_dir / "training_log.csv"), append=True),
-            keras.callbacks.TensorBoard(str(model_dir / "logs"), update_freq="epoch"),
-        ]
-        if config.train.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor=config.train.monitor, patience=config.train.early_stopping_patience,
-                mode="min" if "loss" in config.train.monitor else "max",
-            ))
+        callbacks = training_callbacks(config, model_dir)
         train_started = time.time()
         outcome = training.fit_resumable(
             model,

@@ -304,6 +304,32 @@ def _rng_state_variables(model: keras.Model) -> list:
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
+def monitor_mode(monitor: str) -> str:
+    """`"min"` for metrics that improve downwards (losses, errors, MAE, RMSE), else `"max"`.
+
+    The one direction rule: the best checkpoint, early stopping and model
+    selection's trial patience all ask it, so `--monitor=val_mae` stops when
+    the error stops falling, not when it stops rising.
+
+    Example:
+
+    ```python
+    monitor_mode("val_mae")  # "min"
+    monitor_mode("val_accuracy")  # "max"
+    ```
+    """
+    name = monitor.lower()
+    return "min" if ("loss" in name or "error" in name or name.endswith(("mae", "rmse", "mse"))) \
+        else "max"
+
+
+def improved(value: float, best: float | None, mode: str) -> bool:
+    """Whether `value` beats `best` (None: nothing yet) in direction `mode`."""
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
 class BestCheckpoint(keras.callbacks.Callback):
     """Keeps the weights with the best `monitor` value, atomically, across restarts.
 
@@ -322,9 +348,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.directory = Path(directory)
         self.monitor = monitor
-        if mode == "auto":
-            mode = "min" if "loss" in monitor or "error" in monitor or monitor.endswith(("mae", "rmse")) else "max"
-        self.mode = mode
+        self.mode = monitor_mode(monitor) if mode == "auto" else mode
         self.best = self._load_best()
 
     def _load_best(self) -> float | None:
@@ -334,9 +358,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         return None
 
     def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value > self.best if self.mode == "max" else value < self.best
+        return improved(value, self.best, self.mode)
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)

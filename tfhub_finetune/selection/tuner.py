@@ -268,7 +268,10 @@ def tuner_classes() -> types.SimpleNamespace:
             self.history.add(epoch + 1, float(logs[self.monitor]),
                              time.perf_counter() - self._start, self.tuner_id)
             scores = self.history.scores()
-            since_best = len(scores) - 1 - scores.index(max(scores))
+            from tfhub_finetune.training import monitor_mode
+
+            best = (max if monitor_mode(self.monitor) == "max" else min)(scores)
+            since_best = len(scores) - 1 - scores.index(best)
             if self.patience and since_best >= self.patience:
                 self.history.stopped_at = epoch + 1
                 self.model.stop_training = True
