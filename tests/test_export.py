@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -417,6 +418,36 @@ def test_versions_increase_past_existing_folders(image_model, image_export):
     assert export.resolve_saved_model(root) == Path(third)
     assert export.resolve_saved_model(image_export) == image_export
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_version_folders_follow_the_umask_and_stale_staging_is_removed(tmp_path, image_model):
+    import subprocess
+
+    from tfhub_finetune import io_utils
+
+    root = tmp_path / "hymenoptera"
+    root.mkdir()
+    # Left by an export that was killed (its process is gone), and by one still writing.
+    finished = subprocess.Popen(["true"])  # noqa: S603, S607
+    finished.wait()
+    dead_pid = finished.pid
+    host = io_utils._host()
+    killed = root / f".export-{host}-{dead_pid}-0badc0de.tmp"
+    writing = root / f".export-{host}-{os.getpid()}-0000beef.tmp"
+    killed.mkdir()
+    writing.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        path = Path(export.export_image_classifier(image_model, ["ants", "bees"], tmp_path,
+                                                   image_size=IMAGE_SIZE, model_name=root.name,
+                                                   measure_latency=False))
+    finally:
+        os.umask(old_umask)
+    # TF Serving often runs as another user: 0700 (mkdtemp's mode) would hide the model.
+    assert oct(path.stat().st_mode & 0o777) == oct(0o755)
+    for item in path.rglob("*"):
+        assert oct(item.stat().st_mode & 0o777) == oct(0o755 if item.is_dir() else 0o644), item
+    assert not killed.exists() and writing.exists()
 
 
 def test_user_mistakes_raise_input_error(tmp_path, text_model, image_model):

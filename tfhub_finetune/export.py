@@ -106,7 +106,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -121,7 +120,7 @@ from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.errors import InputError
-from tfhub_finetune.io_utils import atomic_path
+from tfhub_finetune.io_utils import atomic_path, staging_dir
 
 FORMAT = "tfhub_finetune.export/1"
 ASSETS_EXTRA = "assets.extra"
@@ -950,9 +949,9 @@ def _stage_and_publish(roots: list[Path], writers: list[Callable[[str], None]]) 
     staged: list[str] = []
     try:
         for root, write in zip(roots, writers, strict=True):
-            root.mkdir(parents=True, exist_ok=True)
-            # A dot name: TF Serving ignores it, and so does `ls` by default.
-            staged.append(tempfile.mkdtemp(prefix=".export-", suffix=".tmp", dir=root))
+            # A dot name: TF Serving ignores it, and so does `ls` by default. Mode
+            # follows the umask (755 under 022): the version folder is this folder.
+            staged.append(str(staging_dir(root, "export")))
             write(staged[-1])
         return _publish(list(zip(staged, roots, strict=True)))
     finally:

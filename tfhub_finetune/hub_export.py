@@ -41,6 +41,7 @@ from tfhub_finetune.backbones.tf_hub_source import (
     METADATA_FILE,
 )
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.io_utils import move_into_place, staging_dir
 
 DEFAULT_SEQ_LENGTH = 128
 # Preprocess models live beside their encoder, where `resolve_backbone` looks.
@@ -132,7 +133,7 @@ def export_tfhub(
         for target, write in zip(targets, writers, strict=True):
             staged.append(_stage(target, write))
         for target, tmp in zip(targets, staged, strict=True):
-            _move_into_place(tmp, target)
+            move_into_place(tmp, target)
     finally:
         for tmp in staged:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -144,33 +145,13 @@ def export_tfhub(
 
 def _stage(target: Path, write: Callable[[str], None]) -> str:
     """Writes into a fresh hidden folder beside `target` (same file system: rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    # mkdtemp makes the folder private (0700); an export is meant to be shared.
-    os.chmod(tmp, 0o777 & ~_current_umask())
+    tmp = str(staging_dir(target.parent, target.name))
     try:
         write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _move_into_place(tmp: str, target: Path) -> None:
-    if target.exists():
-        old = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
-        os.rmdir(old)
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
 
 
 def _write_metadata(directory: str, metadata: dict[str, Any]) -> None:

@@ -1,39 +1,81 @@
-"""Atomic file writes: a kill never leaves a half-written file behind."""
+"""Atomic, shareable file writes: a kill never leaves a half-written file behind.
+
+Every writer in the package goes through here: `atomic_write_text` (JSON,
+Markdown), `atomic_path` (anything a library writes to a path: weights,
+`.keras` files, PNGs) and `staging_dir` (SavedModel exports, renamed into
+place by their writer). Temporary names are hidden (a leading dot: TF Serving
+and `ls` skip them), sit beside the target (same file system, so the rename
+is atomic) and carry the host and process id, so `remove_stale_staging` can
+tell a folder left by a killed export from another export still writing.
+What is written is readable as the umask allows (folders 755 and files 644
+under umask 022), like any other file the user creates: an export is meant to
+be served by another user's TF Serving.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+# A staging folder from another host (shared file system), or one named
+# before names carried a process id, is stale once this old.
+STALE_AFTER_SECONDS = 24 * 3600
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+
+
+def _temp_name(label: str, suffix: str = "") -> str:
+    return f".{label}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Writes `text` (UTF-8) to a hidden file beside `path`, then renames it over `path`.
+
+    Example:
+
+    ```python
+    atomic_write_text("runs/x/metrics.json", json.dumps(metrics))
+    ```
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, is_dir: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it to `path` on success.
 
-    For files, `os.replace` makes the switch atomic. For directories (SavedModel
-    exports), an existing target is moved aside first, then removed, so readers
-    see either the old or the new complete directory.
+    The temporary name keeps `path`'s suffixes (Keras checks `.weights.h5`).
+    For files, `os.replace` makes the switch atomic. For directories, an
+    existing target is moved aside first, then removed, so readers see either
+    the old or the new complete directory. On an error the temporary is
+    removed and the target is untouched.
 
     Example:
 
@@ -44,20 +86,102 @@ def atomic_path(path: str | Path, is_dir: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) if not is_dir else ""
-    tmp = path.parent / f".{path.name.split('.')[0]}.tmp{os.getpid()}{suffix}"
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    stem, dot, _ = path.name.partition(".")
+    suffix = "" if is_dir else ("." + path.name.partition(".")[2] if dot else "")
+    tmp = path.parent / _temp_name(stem, suffix)
     try:
         yield tmp
-        if is_dir and path.exists():
-            old = path.parent / f".{path.name}.old{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path)
     except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+        _remove(tmp)
         raise
+
+
+def move_into_place(tmp: str | Path, path: str | Path) -> None:
+    """Renames `tmp` to `path`; an existing folder at `path` is swapped out, then removed."""
+    tmp, path = Path(tmp), Path(path)
+    if tmp.is_dir() and path.exists():
+        old = path.parent / _temp_name(f"{path.name}.old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def staging_dir(parent: str | Path, label: str) -> Path:
+    """Creates a fresh hidden folder in `parent` to write an export into.
+
+    Mode `0777 & ~umask` (755 under umask 022), where `tempfile.mkdtemp`
+    would give 0700, which a TF Serving process running as another user
+    cannot read once the folder is renamed to a version. Folders a killed
+    export left under the same label are removed first
+    (`remove_stale_staging`). The caller renames the folder into place or
+    removes it.
+
+    Args:
+        parent: str or Path. Created if missing.
+        label: str. Name part, e.g. `"export"` gives `.export-<host>-<pid>-<random>.tmp`.
+
+    Returns:
+        The new folder.
+
+    Example:
+
+    ```python
+    tmp = staging_dir("exports/sst2", "export")
+    tf.saved_model.save(module, str(tmp))
+    os.rename(tmp, "exports/sst2/3")
+    ```
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(parent, label)
+    path = parent / _temp_name(label)
+    path.mkdir(mode=0o777)  # mkdir applies the umask.
+    return path
+
+
+def remove_stale_staging(parent: str | Path, label: str,
+                         max_age_s: float = STALE_AFTER_SECONDS) -> list[Path]:
+    """Removes `.<label>-*.tmp` folders in `parent` whose writer is gone.
+
+    A folder named by this host's process `pid` is stale when that process no
+    longer exists; another export that is still writing is left alone. A
+    folder from another host, or from before names carried a pid (e.g.
+    `.export-k2j4x9.tmp`), is stale once older than `max_age_s`.
+
+    Returns:
+        The folders removed.
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(label)}-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
+    removed = []
+    now = time.time()
+    for path in parent.glob(f".{label}-*.tmp"):
+        match = pattern.match(path.name)
+        if match and match["host"] == _host():
+            stale = not _process_alive(int(match["pid"]))
+        else:
+            try:
+                stale = now - path.stat().st_mtime > max_age_s
+            except FileNotFoundError:
+                continue
+        if stale:
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Alive, another user's.
+        return True
+    return True

@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from tfhub_finetune.errors import InputError, did_you_mean
+from tfhub_finetune.io_utils import atomic_write_text
 
 # Per-example input shapes: one shape for a single-input model, or input name -> shape.
 InputShapes = Sequence[int] | Mapping[str, Sequence[int]]
@@ -1191,12 +1192,6 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return round(float(value), digits)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _child_main(argv: Sequence[str]) -> int:
     """Child process entry point: `_child_main([REQUEST.json, RESULT.json])`.
 
@@ -1234,7 +1229,7 @@ def _child_main(argv: Sequence[str]) -> int:
         result.builder_kwargs = request["builder_kwargs"]
         result.threads = options.threads
         result.isolated_process = True
-        _write_json_atomic(result_path, result.to_dict())
+        atomic_write_text(result_path, json.dumps(result.to_dict(), indent=2))
         return 0
 
     if request["mode"] == "serve":

@@ -16,8 +16,8 @@ writes into one directory:
 - `transferability.png`: each transferability score against the fine-tuned
   metric, one panel per score (only when scores were recorded).
 
-Every file is written to a temporary name and moved into place
-(`os.replace`), so a crash never leaves a half-written report behind.
+Every file is written through `io_utils` (a temporary name moved into place),
+so a crash never leaves a half-written report behind.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 from tfhub_finetune.selection.recommend import (
     Candidate,
     Recommendation,
@@ -145,8 +146,8 @@ def write_report(
     transfer = plot_transferability(pool, out / "transferability.png", recommendation.metric_name)
     if transfer is not None:
         paths["transferability"] = transfer
-    _atomic_write_text(paths["results"], json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(paths["report"], _markdown(pool, recommendation, payload, paths))
+    atomic_write_text(paths["results"], json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["report"], _markdown(pool, recommendation, payload, paths))
     return paths
 
 
@@ -1030,15 +1031,6 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _new_figure(size: tuple[float, float]) -> Any:
     # An Agg canvas of its own: no pyplot global state, works headless and in threads.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -1050,9 +1042,5 @@ def _new_figure(size: tuple[float, float]) -> Any:
 
 
 def _atomic_save_figure(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
