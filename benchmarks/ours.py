@@ -106,8 +106,7 @@ def _prepare(args: dict, workdir: Path, texts: list[str], labels):
     with strategy.scope():
         task.prepare_train()
         model = task.build_model()
-        total_steps = training.total_train_steps(task.steps_per_epoch, config.train.epochs)
-        driver.compile_model(model, config, max(total_steps, 1), task.labels.num_classes, jit)
+        driver.compile_model(model, config, task.steps_per_epoch, task.labels.num_classes, jit)
     return config, task, model, {"precision": precision, "jit_compile": jit,
                                  "bucketing": config.train.bucketing,
                                  "optimizer": type(model.optimizer).__name__}

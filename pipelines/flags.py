@@ -7,17 +7,12 @@ need); each pipeline's `main` checks what it requires through
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from absl import flags
 
-from tfhub_finetune.config import (
-    DataConfig,
-    ExperimentConfig,
-    ModelConfig,
-    RuntimeConfig,
-    TrainConfig,
-)
+from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.errors import InputError
 
 FLAGS = flags.FLAGS
@@ -55,6 +50,8 @@ def define_common_flags(default_monitor: str = "val_accuracy") -> None:
     flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clip (0 disables).")
     flags.DEFINE_integer("seed", 42, "Random seed (initialisation, shuffling, dropout).")
     flags.DEFINE_string("monitor", default_monitor, "Validation metric that picks the best checkpoint.")
+    flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "After warm-up: linear "
+                      "decay to 0, or constant (warm-up over the first epoch only).")
     flags.DEFINE_integer("early_stopping_patience", 0, "Stop after N epochs without improvement (0: off).")
     flags.DEFINE_integer("backup_every_steps", 200, "Back up weights+optimizer every N steps "
                          "(and at epoch ends) so a killed run resumes.")
@@ -68,7 +65,8 @@ def define_common_flags(default_monitor: str = "val_accuracy") -> None:
     flags.DEFINE_string("all_reduce", "auto", "nccl|ring|hierarchical_copy|auto, where the strategy takes one.")
     flags.DEFINE_string("tpu", "", "TPU address for --distribution=tpu.")
     flags.DEFINE_string("precision", "float32", "float32|mixed_bfloat16|mixed_float16|auto.")
-    flags.DEFINE_string("jit_compile", "false", "XLA: true|false|auto.")
+    flags.DEFINE_enum("jit_compile", "false", ["true", "false", "auto"], "XLA.",
+                      case_sensitive=False)
     flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
 
 
@@ -81,63 +79,53 @@ def define_text_flags() -> None:
     flags.DEFINE_bool("bucketing", True, "Bucket training batches by length (much faster on CPU).")
 
 
+def define_image_flags() -> None:
+    flags.DEFINE_integer("image_size", 0, "Input side in pixels (0: the backbone's own).")
+    # A string, not an enum: `ExperimentConfig.validate()` checks it and suggests
+    # the close name, as for every other config value.
+    flags.DEFINE_string(
+        "augment",
+        "basic",
+        "Training augmentation: basic (flip, zoom-in/shift crop, small rotation), randaugment "
+        "(basic + keras RandAugment, strong) or none.",
+    )
+    flags.DEFINE_bool(
+        "crop_to_aspect_ratio", True,
+        "Centre-crop images to a square before resizing (no distortion).",
+    )
+
+
 def config_from_flags() -> ExperimentConfig:
-    """Builds the validated config from parsed flags."""
-    f = FLAGS
-    has = lambda name: name in f  # noqa: E731
-    data = DataConfig(
-        train_data=f.train_data or "",
-        eval_data=f.eval_data or "",
-        text_column=f.text_column if has("text_column") else "0",
-        label_column=f.label_column if has("label_column") else "1",
-        has_header=f.has_header if has("has_header") else "auto",
-        label_type=f.label_type,
-        label_names=tuple(f.label_names),
-        validation_split=f.validation_split,
-        encoding=f.encoding,
-        max_train_examples=f.max_train_examples,
-        train_split=f.train_split,
-        eval_split=f.eval_split,
-        augment=f.augment if has("augment") else "basic",
-        crop_to_aspect_ratio=f.crop_to_aspect_ratio if has("crop_to_aspect_ratio") else True,
-    )
-    model = ModelConfig(
-        backbone=f.backbone or "",
-        task=f.task,
-        pooling=f.pooling if has("pooling") else "auto",
-        dropout=f.dropout,
-        freeze_backbone=f.freeze_backbone,
-        sequence_length=f.sequence_length if has("sequence_length") else 128,
-        image_size=f.image_size if has("image_size") else 0,
-    )
-    train = TrainConfig(
-        epochs=f.epochs,
-        batch_size=f.batch_size,
-        learning_rate=f.learning_rate,
-        warmup_ratio=f.warmup_ratio,
-        weight_decay=f.weight_decay,
-        clip_norm=f.clip_norm,
-        seed=f.seed,
-        monitor=f.monitor,
-        early_stopping_patience=f.early_stopping_patience,
-        backup_every_steps=f.backup_every_steps,
-        bucketing=f.bucketing if has("bucketing") else True,
-    )
-    runtime = RuntimeConfig(
-        distribution=f.distribution,
-        num_gpus=f.num_gpus,
-        all_reduce=f.all_reduce,
-        tpu=f.tpu,
-        precision=f.precision,
-        jit_compile=str(f.jit_compile).lower(),
-    )
-    config = ExperimentConfig(
-        mode=f.mode, model_dir=f.model_dir or "", data=data, model=model, train=train, runtime=runtime
-    )
-    if config.mode != "eval" and not config.model.backbone:
-        raise InputError("A backbone is required.", received={"backbone": ""},
-                         fix="Set --backbone (e.g. minilm_l6_h384).")
-    return config.validate()
+    """Builds the validated config from parsed flags.
+
+    Every config field is read from the flag of the same name when the
+    pipeline defines one (a field without a flag keeps its default), so a
+    new config field needs its flag and nothing else here.
+    """
+    return experiment_config_from_flags().validate()
+
+
+def experiment_config_from_flags() -> ExperimentConfig:
+    """`config_from_flags` without `validate()` (model selection fills in the trial fields first)."""
+    return _dataclass_from_flags(ExperimentConfig)
+
+
+def _dataclass_from_flags(cls):
+    values = {}
+    for field in dataclasses.fields(cls):
+        default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
+                   else field.default)
+        if dataclasses.is_dataclass(default):
+            values[field.name] = _dataclass_from_flags(type(default))
+        elif field.name in FLAGS and FLAGS[field.name].value is not None:
+            value = FLAGS[field.name].value
+            # Flags give lists and ints where the config keeps tuples and strings.
+            if isinstance(default, tuple):
+                value = tuple(value)
+            elif isinstance(default, str):
+                value = str(value)
+            values[field.name] = value
+    return cls(**values)
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:

@@ -30,19 +30,7 @@ from pipelines import flags as pipeline_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags()
-flags.DEFINE_integer("image_size", 0, "Input side in pixels (0: the backbone's own).")
-# A string, not an enum: `ExperimentConfig.validate()` checks it and suggests
-# the close name, as for every other config value.
-flags.DEFINE_string(
-    "augment",
-    "basic",
-    "Training augmentation: basic (flip, zoom-in/shift crop, small rotation), randaugment "
-    "(basic + keras RandAugment, strong) or none.",
-)
-flags.DEFINE_bool(
-    "crop_to_aspect_ratio", True, "Centre-crop images to a square before resizing (no distortion)."
-)
-
+pipeline_flags.define_image_flags()
 
 def main(argv):
     del argv

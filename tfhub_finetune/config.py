@@ -17,6 +17,8 @@ from tfhub_finetune.io_utils import atomic_write_text
 
 MODES = ("train", "eval", "train_and_eval")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+LR_SCHEDULES = ("linear", "constant")
+VERBOSITIES = ("auto", "0", "1", "2")
 AUGMENTATIONS = ("basic", "randaugment", "none")
 
 
@@ -69,7 +71,8 @@ class ModelConfig:
     """The network: backbone, head and input size.
 
     Attributes:
-        backbone: str. Catalog name, path or TF Hub handle.
+        backbone: str. Catalog name, path or TF Hub handle; required to
+            train (the pipelines resolve it once into a `BackboneSpec`).
         task: str. `single_label`, `multi_label` or `regression`.
         pooling: str. Text pooling: `auto`, `cls`, `pooler` or `mean`.
         dropout: float. Dropout before the head.
@@ -78,7 +81,7 @@ class ModelConfig:
         image_size: int. Input side (image models; 0 = the backbone's own).
     """
 
-    backbone: str = "minilm_l6_h384"
+    backbone: str = ""
     task: str = "single_label"
     pooling: str = "auto"
     dropout: float = 0.1
@@ -105,6 +108,11 @@ class TrainConfig:
         backup_every_steps: int. Also back up every N steps, not only at
             epoch ends (0: epoch ends only).
         bucketing: bool. Bucket training batches by length (text).
+        lr_schedule: str. After the linear warm-up: `linear` decays to 0 at
+            the last step (BERT's recipe); `constant` warms up over
+            `warmup_ratio` of the first epoch and then stays at
+            `learning_rate`, so k epochs are exactly the start of any longer
+            run (model selection continues trials that way).
     """
 
     epochs: int = 3
@@ -118,6 +126,7 @@ class TrainConfig:
     early_stopping_patience: int = 0
     backup_every_steps: int = 200
     bucketing: bool = True
+    lr_schedule: str = "linear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +140,8 @@ class RuntimeConfig:
         tpu: str. TPU address for `distribution=tpu`.
         precision: str. `auto`, `float32`, `mixed_bfloat16` or `mixed_float16`.
         jit_compile: str. `auto`, `true` or `false` (XLA).
+        verbose: str. Keras progress output: `auto`, `0` (silent), `1`
+            (progress bar) or `2` (one line per epoch).
     """
 
     distribution: str = "auto"
@@ -139,6 +150,7 @@ class RuntimeConfig:
     tpu: str = ""
     precision: str = "float32"
     jit_compile: str = "false"
+    verbose: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +175,8 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Checks every value; raises InputError naming the flag at fault."""
         _one_of("mode", self.mode, MODES)
+        if self.mode != "eval" and not self.model.backbone:
+            _bad("backbone", "", "A backbone is required.", "Set --backbone (e.g. minilm_l6_h384).")
         if not self.model_dir:
             _bad("model_dir", self.model_dir, "A model directory is required.", "Set --model_dir.")
         if self.mode != "eval" and not self.data.train_data:
@@ -196,10 +210,23 @@ class ExperimentConfig:
             _bad("image_size", self.model.image_size, "Image size must be >= 0.")
         _one_of("precision", self.runtime.precision, PRECISIONS)
         _one_of("jit_compile", self.runtime.jit_compile, ("auto", "true", "false"))
+        _one_of("lr_schedule", t.lr_schedule, LR_SCHEDULES)
+        _one_of("verbose", self.runtime.verbose, VERBOSITIES)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Every field as `section.name -> value` (`model.backbone`, `mode`), derived from the classes.
+
+        Example:
+
+        ```python
+        ExperimentConfig().flat()["train.learning_rate"]  # 5e-05
+        ```
+        """
+        return _flatten(self.to_dict())
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
@@ -220,6 +247,21 @@ class ExperimentConfig:
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def keras_verbose(value: str) -> int | str:
+    """`RuntimeConfig.verbose` as `fit`'s `verbose` argument."""
+    return "auto" if value == "auto" else int(value)
 
 
 def _bad(flag: str, value: Any, problem: str, fix: str | None = None) -> None:

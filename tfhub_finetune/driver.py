@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from tfhub_finetune import distribute, training
-from tfhub_finetune.config import ExperimentConfig
+from tfhub_finetune.config import ExperimentConfig, keras_verbose
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 from tfhub_finetune.metrics import (
@@ -42,13 +42,25 @@ def loss_for(task: str) -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy()
 
 
-def compile_model(model: keras.Model, config: ExperimentConfig, total_steps: int, num_classes: int,
-                  jit_compile: bool | str = False) -> None:
-    """Compiles with the BERT-style AdamW recipe and the task's loss and metrics."""
+def compile_model(model: keras.Model, config: ExperimentConfig, steps_per_epoch: int,
+                  num_classes: int, jit_compile: bool | str = False) -> None:
+    """Compiles with the BERT-style AdamW recipe and the task's loss and metrics.
+
+    The one compile recipe: `run_experiment` and model selection's trials both
+    call it. With `lr_schedule="linear"` the rate warms up over `warmup_ratio`
+    of all `epochs` and decays to 0; with `"constant"` it warms up over that
+    fraction of the first epoch and stays at `learning_rate`.
+    """
     t = config.train
+    if t.lr_schedule == "constant":
+        total_steps, end_learning_rate = max(steps_per_epoch, 1), t.learning_rate
+    else:
+        total_steps = max(training.total_train_steps(steps_per_epoch, t.epochs), 1)
+        end_learning_rate = 0.0
     model.compile(
         optimizer=training.make_optimizer(
-            t.learning_rate, total_steps, t.warmup_ratio, t.weight_decay, t.clip_norm
+            t.learning_rate, total_steps, t.warmup_ratio, t.weight_decay, t.clip_norm,
+            end_learning_rate=end_learning_rate,
         ),
         loss=loss_for(config.model.task),
         metrics=training_metrics(config.model.task, num_classes),
@@ -74,6 +86,26 @@ def training_callbacks(config: ExperimentConfig, model_dir: Path) -> list[keras.
             mode=training.monitor_mode(monitor),
         ))
     return callbacks
+
+
+def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir: Path,
+             callbacks: list[keras.callbacks.Callback]) -> dict:
+    """`training.fit_resumable` over the task's epoch-seeded batches, as `config` says.
+
+    Returns:
+        `fit_resumable`'s outcome (`history`, `resumed_from`, `terminated`).
+    """
+    return training.fit_resumable(
+        model,
+        task.train_epoch_dataset,
+        epochs=config.train.epochs,
+        steps_per_epoch=task.steps_per_epoch,
+        model_dir=model_dir,
+        validation_data=task.eval_dataset(),
+        callbacks=callbacks,
+        backup_every_steps=config.train.backup_every_steps,
+        verbose=keras_verbose(config.runtime.verbose),
+    )
 
 
 def evaluate_report(model: keras.Model, task: Task) -> dict:
@@ -138,24 +170,13 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
             config.save(model_dir / PARAMS_FILE)
             task.labels.save(model_dir / LABELS_FILE)
         model = task.build_model()
-        total_steps = training.total_train_steps(task.steps_per_epoch, config.train.epochs)
-        compile_model(model, config, max(total_steps, 1), task.labels.num_classes, jit)
+        compile_model(model, config, task.steps_per_epoch, task.labels.num_classes, jit)
 
     result: dict = {"backbone": config.model.backbone, "task": config.model.task, **task.summary}
     if config.mode != "eval":
         callbacks = training_callbacks(config, model_dir)
         train_started = time.time()
-        outcome = training.fit_resumable(
-            model,
-            task.train_epoch_dataset,
-            epochs=config.train.epochs,
-            steps_per_epoch=task.steps_per_epoch,
-            model_dir=model_dir,
-            validation_data=task.eval_dataset(),
-            callbacks=callbacks,
-            backup_every_steps=config.train.backup_every_steps,
-            verbose=_verbosity(),
-        )
+        outcome = fit_task(model, task, config, model_dir, callbacks)
         train_seconds = time.time() - train_started
         result["train_seconds"] = round(train_seconds, 2)
         result["resumed_from"] = outcome["resumed_from"]
@@ -189,13 +210,6 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
         atomic_write_text(model_dir / METRICS_FILE, json.dumps(_jsonable(result), indent=2))
     result["model"] = model
     return result
-
-
-def _verbosity():
-    from absl import flags
-
-    f = flags.FLAGS
-    return f.verbose if "verbose" in f and f.is_parsed() else "auto"
 
 
 def _check_same_run(model_dir: Path, config: ExperimentConfig) -> None:
