@@ -7,13 +7,14 @@ import json
 
 import pytest
 
-from tfhub_finetune.config import DataConfig, ExperimentConfig
+from tfhub_finetune.config import DataConfig, ExperimentConfig, ModelConfig
 from tfhub_finetune.errors import InputError
 
 
 def _config(tmp_path, **data) -> ExperimentConfig:
     return ExperimentConfig(
-        model_dir=str(tmp_path / "m"), data=DataConfig(train_data="train", **data)
+        model_dir=str(tmp_path / "m"), data=DataConfig(train_data="train", **data),
+        model=ModelConfig(backbone="minilm_l6_h384"),
     ).validate()
 
 
