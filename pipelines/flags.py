@@ -107,16 +107,23 @@ def config_from_flags() -> ExperimentConfig:
 
 def experiment_config_from_flags() -> ExperimentConfig:
     """`config_from_flags` without `validate()` (model selection fills in the trial fields first)."""
-    return _dataclass_from_flags(ExperimentConfig)
+    return dataclass_from_flags(ExperimentConfig)
 
 
-def _dataclass_from_flags(cls):
-    values = {}
+def dataclass_from_flags(cls, **given):
+    """An instance of dataclass `cls` with each field read from the flag of its name.
+
+    Nested dataclass fields are read the same way; a field with no flag (or a
+    flag left at None) keeps its default; `given` values win over flags.
+    """
+    values = dict(given)
     for field in dataclasses.fields(cls):
         default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
                    else field.default)
+        if field.name in given:
+            continue
         if dataclasses.is_dataclass(default):
-            values[field.name] = _dataclass_from_flags(type(default))
+            values[field.name] = dataclass_from_flags(type(default))
         elif field.name in FLAGS and FLAGS[field.name].value is not None:
             value = FLAGS[field.name].value
             # Flags give lists and ints where the config keeps tuples and strings.

@@ -28,47 +28,51 @@ from absl import flags  # noqa: E402
 
 from pipelines import flags as pipeline_flags  # noqa: E402
 from tfhub_finetune.errors import InputError  # noqa: E402
+from tfhub_finetune.selection.config import (  # noqa: E402
+    SELECTION_DEFAULTS,
+    TRIAL_FIELDS,
+    Constraints,
+    SearchConfig,
+    SelectionConfig,
+)
 from tfhub_finetune.selection.profile import ProfileOptions  # noqa: E402
-from tfhub_finetune.selection.select import SelectionConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-# === What to compare, on what ===
+# === The training settings every trial uses: the same flags as text_classify/image_classify ===
+pipeline_flags.define_common_flags()
+pipeline_flags.define_text_flags()
+pipeline_flags.define_image_flags()
+for _name, _value in SELECTION_DEFAULTS.items():
+    FLAGS.set_default(_name, _value)
+# Set per trial by the search (or not used by it): giving one is a mistake worth saying.
+_SET_BY_SELECTION = {
+    **{name.rpartition(".")[2]: "the search sets it per trial" for name in TRIAL_FIELDS},
+    "backbone": "list the backbones in --candidates",
+    "learning_rate": "give --learning_rates (and --baseline_learning_rate)",
+    "epochs": "give --min_epochs and --max_epochs",
+    "monitor": "trials monitor val_<--metric>",
+    "lr_schedule": "trials keep the rate constant after warm-up, so they can be continued",
+    "verbose": "--progress shows selection's progress",
+    "export_dir": "export the recommendation with its training pipeline",
+    "model_name": "export the recommendation with its training pipeline",
+    "tfds_fallback": "give --train_data",
+}
+
+# === What to compare ===
 flags.DEFINE_list("candidates", [], "Backbones to compare: catalog names, name@layers=k, "
                   "directories, TF Hub handles. The from-scratch baseline is added if missing.")
 flags.DEFINE_enum("modality", "auto", ["auto", "text", "image"], "Task input (auto: from the "
                   "candidates).")
-flags.DEFINE_string("train_data", None, "Text: .tsv/.csv/.jsonl file; images: class folders.")
-flags.DEFINE_string("eval_data", "", "Evaluation data, same forms; empty: hold out "
-                    "--validation_split of the training data.")
-flags.DEFINE_float("validation_split", 0.1, "Held out when --eval_data is empty.")
-flags.DEFINE_integer("max_train_examples", 0, "Use only the first N training examples "
-                     "(images: a seeded random N); 0: all.")
-flags.DEFINE_list("label_names", [], "Names for integer label ids, in id order.")
-flags.DEFINE_string("text_column", "0", "Text: column name (needs a header) or 0-based index.")
-flags.DEFINE_string("label_column", "1", "Text: label column name or 0-based index.")
-flags.DEFINE_enum("has_header", "auto", ["auto", "true", "false"], "Text: header row?")
-flags.DEFINE_integer("sequence_length", 128, "Text: max word pieces; also the profiled length.")
-flags.DEFINE_enum("pooling", "auto", ["auto", "cls", "pooler", "mean"], "Text: sentence pooling "
-                  "(auto: what each encoder was trained with).")
-flags.DEFINE_integer("image_size", 0, "Images: input side in pixels (0: each backbone's own).")
-flags.DEFINE_enum("augment", "basic", ["basic", "randaugment", "none"], "Images: augmentation.")
 flags.DEFINE_enum("metric", "accuracy", ["accuracy", "macro_f1"], "Fine-tuned metric to maximise.")
 
 # === Fine-tuning search ===
 flags.DEFINE_list("learning_rates", ["5e-5"], "Peak learning rates of the pretrained candidates "
                   "(secondary choice): the first rung runs the first; its leaders try the rest.")
 flags.DEFINE_float("baseline_learning_rate", 1e-3, "Learning rate of the from-scratch baseline.")
-flags.DEFINE_integer("batch_size", 32, "Training batch size.")
-flags.DEFINE_float("warmup_ratio", 0.1, "Warm-up as a fraction of the first epoch; constant after.")
-flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
-flags.DEFINE_float("dropout", None, "Dropout before the head (default: text 0.1, images 0.2).")
-flags.DEFINE_integer("seed", 42, "Seed: initialisation, data order, transferability sample.")
 flags.DEFINE_integer("min_epochs", 1, "Epochs of the first rung (every candidate gets it).")
 flags.DEFINE_integer("max_epochs", 4, "Epochs of a full fine-tuning (the last rung; brute force).")
 flags.DEFINE_integer("reduction_factor", 2, "Each rung keeps the best 1/factor (2: better half).")
-flags.DEFINE_integer("early_stopping_patience", 2, "Stop a trial after N epochs without "
-                     "improvement (0: off).")
 flags.DEFINE_integer("budget_epochs", 0, "Most fine-tuning epochs the search may spend, all "
                      "trials together (0: no limit; the first rung always runs).")
 flags.DEFINE_float("budget_minutes", 0.0, "Most fine-tuning minutes (measured epoch times) the "
@@ -95,7 +99,6 @@ flags.DEFINE_string("output_dir", None, "Where report.md, results.json and the p
 flags.DEFINE_string("cache_dir", "", "Profiles, scores and the KerasTuner project "
                     "(default: <output_dir>/cache). Share it across runs and workers.")
 flags.DEFINE_bool("overwrite", False, "Ignore and replace cached results.")
-flags.DEFINE_integer("backup_every_steps", 200, "Trial backups every N steps (and at epoch ends).")
 flags.DEFINE_string("title", "", "Report title (default: from the data).")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
@@ -103,6 +106,10 @@ flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 def config_from_flags() -> SelectionConfig:
     """Builds and validates the selection config from parsed flags (no TensorFlow)."""
     f = FLAGS
+    for name, fix in _SET_BY_SELECTION.items():
+        if f[name].present:
+            raise InputError(f"--{name} is not a selection flag.", received={name: f[name].value},
+                             fix=f"Remove it: {fix}.")
     learning_rates = []
     for text in f.learning_rates:
         try:
@@ -112,10 +119,9 @@ def config_from_flags() -> SelectionConfig:
                 "A learning rate is not a number.", received={"learning_rates": text},
                 fix="E.g. --learning_rates=1e-4,3e-5.",
             ) from None
-    for name in ("profile_min_seconds",):
-        value = getattr(f, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise InputError(f"--{name} must be >= 0.", received={name: value})
+    if not (math.isfinite(f.profile_min_seconds) and f.profile_min_seconds >= 0):
+        raise InputError("--profile_min_seconds must be >= 0.",
+                         received={"profile_min_seconds": f.profile_min_seconds})
     if f.profile_batch_size < 1:
         raise InputError("--profile_batch_size must be positive.",
                          received={"profile_batch_size": f.profile_batch_size})
@@ -123,50 +129,14 @@ def config_from_flags() -> SelectionConfig:
         serving_batch_size=f.profile_batch_size, train_batch_size=max(f.batch_size, 1),
         min_seconds=f.profile_min_seconds, threads=f.profile_threads,
     )
-    config = SelectionConfig(
-        candidates=tuple(c.strip() for c in f.candidates),
-        train_data=f.train_data or "",
-        eval_data=f.eval_data or "",
-        output_dir=f.output_dir or "",
-        modality=f.modality,
-        text_column=f.text_column,
-        label_column=f.label_column,
-        has_header=f.has_header,
-        label_names=tuple(f.label_names),
-        max_train_examples=f.max_train_examples,
-        validation_split=f.validation_split,
-        sequence_length=f.sequence_length,
-        pooling=f.pooling,
-        image_size=f.image_size,
-        augment=f.augment,
-        metric=f.metric,
-        batch_size=f.batch_size,
-        learning_rates=tuple(learning_rates),
-        baseline_learning_rate=f.baseline_learning_rate,
-        warmup_ratio=f.warmup_ratio,
-        weight_decay=f.weight_decay,
-        dropout=f.dropout,
-        seed=f.seed,
-        min_epochs=f.min_epochs,
-        max_epochs=f.max_epochs,
-        reduction_factor=f.reduction_factor,
-        early_stopping_patience=f.early_stopping_patience,
-        budget_epochs=f.budget_epochs,
-        budget_minutes=f.budget_minutes,
-        brute_force=f.brute_force,
-        shortlist_size=f.shortlist_size,
-        shortlist_score=f.shortlist_score,
-        transfer_examples=f.transfer_examples,
-        max_latency_ms=f.max_latency_ms,
-        max_memory_mb=f.max_memory_mb,
-        max_params=f.max_params,
-        min_metric=f.min_metric,
+    config = pipeline_flags.dataclass_from_flags(
+        SelectionConfig,
+        base=pipeline_flags.experiment_config_from_flags(),
+        search=pipeline_flags.dataclass_from_flags(
+            SearchConfig, candidates=tuple(c.strip() for c in f.candidates),
+            learning_rates=tuple(learning_rates)),
+        constraints=pipeline_flags.dataclass_from_flags(Constraints),
         profile_options=options,
-        cache_dir=f.cache_dir or "",
-        overwrite=f.overwrite,
-        backup_every_steps=f.backup_every_steps,
-        title=f.title,
-        progress=f.progress,
     )
     return config.validate()
 

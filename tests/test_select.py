@@ -298,7 +298,7 @@ def test_bad_settings_raise_one_line_input_errors():
         ({"baseline_learning_rate": 0.0}, r"Received: baseline_learning_rate=0\.0"),
     ):
         with pytest.raises(InputError, match=match) as info:
-            SelectionConfig(**{**base, **bad}).validate()
+            SelectionConfig.from_settings(**{**base, **bad}).validate()
         assert "\n" not in str(info.value)
 
 

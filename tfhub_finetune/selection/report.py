@@ -23,6 +23,7 @@ so a crash never leaves a half-written report behind.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import json
 import math
 import os
@@ -92,6 +93,7 @@ def write_report(
     brute_force_seconds: float | None = None,
     title: str = "Model selection",
     extra: Mapping[str, Any] | None = None,
+    search: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Writes report.md, results.json, pareto.png and transferability.png.
 
@@ -109,6 +111,10 @@ def write_report(
         title: str. Report heading. Defaults to `"Model selection"`.
         extra: dict or None. Anything else to keep in results.json (e.g. the
             run's flags).
+        search: dict or None. Model selection's facts (`select.py` records
+            them: stage times, brute force, the rungs, the settings); report.md
+            then tells the search, brute force, "is pretraining worth it" and
+            the next step, after the summary.
 
     Returns:
         Name -> path of each file written (`transferability` only when
@@ -147,7 +153,7 @@ def write_report(
     if transfer is not None:
         paths["transferability"] = transfer
     atomic_write_text(paths["results"], json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(paths["report"], _markdown(pool, recommendation, payload, paths))
+    atomic_write_text(paths["report"], _markdown(pool, recommendation, payload, paths, search))
     return paths
 
 
@@ -551,6 +557,7 @@ def _markdown(
     rec: Recommendation,
     payload: Mapping[str, Any],
     paths: Mapping[str, Path],
+    search: Mapping[str, Any] | None = None,
 ) -> str:
     metric_name = rec.metric_name
     lines = [f"# {payload['title']}", ""]
@@ -569,6 +576,8 @@ def _markdown(
         f"- Written: {payload['created_utc']} (results.json schema {SCHEMA_VERSION})",
         "",
     ]
+    if search:
+        lines += _search_sections(search, pool, rec)
     if payload["budget"]:
         lines += ["## Budget spent", "", "| item | value |", "|---|---|"]
         lines += [f"| {_md(k)} | {_md(_plain(v))} |" for k, v in payload["budget"].items()]
@@ -1044,3 +1053,227 @@ def _new_figure(size: tuple[float, float]) -> Any:
 def _atomic_save_figure(fig: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+# --------------------------------------------------------------------------- #
+# Model selection's sections: the search, from the facts `select.py` records
+# --------------------------------------------------------------------------- #
+
+
+def _search_sections(search: Mapping[str, Any], pool: Sequence[Candidate],
+                     rec: Recommendation) -> list[str]:
+    """Selection vs brute force, "is pretraining worth it", the search, the next step."""
+    return [*_brute_force_section(search, pool, rec), *_pretraining_section(search, pool),
+            *_the_search_section(search), *_next_step_section(search, pool, rec)]
+
+
+def _brute_force_section(search: Mapping[str, Any], pool: Sequence[Candidate],
+                         rec: Recommendation) -> list[str]:
+    metric, stages = search["metric"], search["stage_seconds"]
+    compute, brute = search["compute_seconds"], search["brute_force"]
+    wall = search["selection_seconds"]
+    lines = ["## Selection vs brute force", ""]
+    staged = sum(stages.get(k, 0.0) for k in ("profile", "transferability", "search"))
+    lines.append(f"- Selection wall time (this run): **{_duration(wall)}** "
+                 f"(data {_duration(stages.get('data', 0))}, profiling "
+                 f"{_duration(stages.get('profile', 0))}, transferability "
+                 f"{_duration(stages.get('transferability', 0))}, fine-tuning search "
+                 f"{_duration(stages.get('search', 0))}; stages {_duration(staged)}).")
+    reused, total = search["reused"], sum(compute.values())
+    if reused:
+        lines.append(f"- Reused from the cache: {reused['trials']} finished trials, "
+                     f"{reused['profiles']} profiles, {reused['transferability']} transferability "
+                     "scores (their time is not in the wall time above).")
+    lines.append(
+        f"- Selection compute behind these results (recorded when each stage ran, cached ones "
+        f"included): **{_duration(total)}** = "
+        + ", ".join(f"{k} {_duration(v)}" for k, v in compute.items())
+        + " (model loading, data preparation and process start-up are in the wall time only)."
+    )
+    spent, against = (total, "the selection's recorded compute") if reused else (
+        wall, "the selection's wall time")
+    estimate, measured = brute["estimated_seconds"], brute["measured_seconds"]
+    if estimate:
+        lines.append(
+            f"- Brute force, **estimated**: {_duration(estimate)} = profiling (measured, needed "
+            f"either way) + every pretrained candidate x {brute['learning_rates']} learning "
+            f"rate(s) and the baseline x 1 x {brute['epochs']} epochs at its measured time "
+            "per epoch (median over its "
+            "epochs; a configuration cut after the first rung has only its first epoch, which "
+            "includes graph tracing, so its share errs high). Early stopping is not assumed. "
+            f"That is {estimate / spent:.1f}x {against}."
+        )
+    if measured is not None and brute["metrics"] is not None:
+        same = "**matches**" if brute["choice"] == rec.name else "**differs from**"
+        lines.append(
+            f"- Brute force, **measured** (`--brute_force`): every configuration fine-tuned to "
+            f"{brute['epochs']} epochs (or its early stop); {_duration(measured)} = profiling "
+            "+ the measured time of every epoch trained (epochs the search already trained are "
+            f"counted once, as a brute-force run pays them). Its choice under the same "
+            f"constraints: **{brute['choice'] or 'none'}**, which {same} the recommendation "
+            f"({rec.name or 'none'})."
+        )
+        lines += ["", f"| candidate | search {metric} (epochs) | brute-force {metric} "
+                  f"({brute['epochs']} epochs) |", "|---|---:|---:|"]
+        for c in pool:
+            full, epochs = brute["metrics"].get(c.name), brute["fine_tune_epochs"].get(c.name)
+            if c.metric is None and full is None:
+                continue
+            lines.append(f"| {c.name} | {_fmt(c.metric, 'metric', metric)} "
+                         f"({c.figures.get('fine_tune_epochs', '—')}) | "
+                         f"{_fmt(full, 'metric', metric)} ({'—' if epochs is None else epochs}) |")
+        if brute["kendall_tau"]:
+            shown = ", ".join(f"{k} {_tau(v['tau'])}" for k, v in brute["kendall_tau"].items())
+            lines += ["", f"Kendall tau against the brute-force {metric}: {shown}."]
+    elif not brute["requested"]:
+        lines.append("- Whether brute force would choose the same: not measured; rerun with "
+                     "`--brute_force` (it continues the cached trials to the full epochs).")
+    return [*lines, ""]
+
+
+def _pretraining_section(search: Mapping[str, Any], pool: Sequence[Candidate]) -> list[str]:
+    metric, brute = search["metric"], search["brute_force"]
+    lines = ["## Is pretraining worth it here?", ""]
+    by_name = {c.name: c for c in pool}
+    baseline = by_name.get(search["baseline"])
+    pretrained = [c for c in pool if c.figures.get("pretrained") and c.metric is not None]
+    if baseline is None or baseline.metric is None or not pretrained:
+        return [*lines, "Not answered: the baseline or every pretrained candidate has no "
+                f"fine-tuned {metric}.", ""]
+    best = max(pretrained, key=lambda c: c.metric)
+    gap = best.metric - baseline.metric
+    verdict = "Yes" if gap > 0.01 else "Barely" if gap > 0 else "No"
+    lines.append(
+        f"{verdict}: the best pretrained candidate, {best.name}, reaches "
+        f"{_fmt(best.metric, 'metric', metric)} ({_epochs(best.figures.get('fine_tune_epochs'))}) "
+        f"against {_fmt(baseline.metric, 'metric', metric)} for the from-scratch baseline "
+        f"{baseline.name} ({_epochs(baseline.figures.get('fine_tune_epochs'))}): "
+        f"{_points(gap, metric)}, at {_ratio(best.latency_ms, baseline.latency_ms)} its latency "
+        f"and {_ratio(best.params, baseline.params)} its parameters."
+    )
+    if baseline.figures.get("fine_tune_epochs") != best.figures.get("fine_tune_epochs"):
+        lines.append("(The two trained for different epochs: halving stopped the weaker one "
+                     "earlier.)")
+    full = {name: value for name, value in (brute["metrics"] or {}).items() if value is not None}
+    pretrained_full = [c for c in pool if c.figures.get("pretrained") and c.name in full]
+    if baseline.name in full and pretrained_full:
+        top = max(pretrained_full, key=lambda c: full[c.name])
+        lines.append(f"With every candidate fine-tuned for {brute['epochs']} epochs "
+                     f"(brute force): {top.name} {_fmt(full[top.name], 'metric', metric)} against "
+                     f"{_fmt(full[baseline.name], 'metric', metric)}, "
+                     f"{_points(full[top.name] - full[baseline.name], metric)}.")
+    return [*lines, ""]
+
+
+def _the_search_section(search: Mapping[str, Any]) -> list[str]:
+    metric, t, h = search["metric"], search["training"], search["halving"]
+    trials = search["trials"]
+    factor = h["reduction_factor"]
+    over = h["first_rung_only"]
+    lines = [
+        "## The search", "",
+        f"- Data: {_data_sentence(search['data'])}",
+        f"- Training: batch {t['batch_size']}, AdamW (weight decay {t['weight_decay']:g}), "
+        f"learning rates {', '.join(f'{lr:g}' for lr in t['learning_rates'])} (the "
+        f"from-scratch baseline {t['baseline_learning_rate']:g}), warm-up over "
+        f"{t['warmup_ratio']:.0%} of the first epoch then constant (so trials continue "
+        f"exactly), seed {t['seed']} and the same per-epoch data order for every candidate, "
+        + (f"early stopping after {_epochs(t['early_stopping_patience'])} without improvement"
+           if t["early_stopping_patience"] else "no early stopping")
+        + f"; the metric is the best {t['objective']} so far.",
+        f"- Successive halving: rungs at {', '.join(map(str, h['rungs']))} epochs. Every "
+        f"candidate runs the first rung at its first learning rate; the best "
+        f"1/{factor} of the backbones that meet the hard constraints also "
+        "try the other learning rates for the same epochs and continue, with the best one, "
+        f"from their checkpoint; each later rung keeps the best 1/{factor}. "
+        + ("Over a hard constraint from profiling, so first rung only: "
+           + ", ".join(f"{name} ({', '.join(broken)})" for name, broken in over.items())
+           + ". " if over else "")
+        + f"Budget: {h['budget_epochs'] or 'no'} epoch limit, "
+        f"{h['budget_minutes'] or 'no'} minute limit"
+        + (f"; {h['budget_stop']}." if h["budget_stop"] else "."),
+        f"- Transferability: frozen features of {search['transfer_examples']} training examples "
+        "(seeded sample), pooled as the classifier pools them; LogME, 5-NN and a linear probe "
+        "(30% held out).",
+        f"- Trials: {trials['run']} trained by this run, {trials['reused']} reused from the cache "
+        f"(`{trials['cache']}`).",
+        "",
+        f"| rung | epochs | candidate | learning rate | {metric} | status |",
+        "|---:|---:|---|---:|---:|---|",
+    ]
+    for rung in search["rungs"]:
+        best: dict[str, dict] = {}  # Candidate -> its best finished entry in this rung.
+        for e in rung["entries"]:
+            if e["status"] == "done" and (e["candidate"] not in best
+                                          or e["score"] > best[e["candidate"]]["score"]):
+                best[e["candidate"]] = e
+        best_lr = {name: e["learning_rate"] for name, e in best.items()}
+        for e in rung["entries"]:
+            status = e["status"]
+            if e["candidate"] in rung["promoted"] and e["learning_rate"] == best_lr.get(
+                    e["candidate"]):
+                status += ", promoted"
+            if e["status"] == "done" and e["epochs"] < rung["epochs"]:
+                status += f", stopped early at {e['epochs']}"
+            lines.append(f"| {rung['rung']} | {rung['epochs']} | {e['candidate']} | "
+                         f"{e['learning_rate']:g} | {_fmt(e['score'], 'metric', metric)} | "
+                         f"{status} |")
+    lines.append("")
+    taus = ", ".join(f"{k} {_tau(v['tau'])} (n={v['n']})"
+                     for k, v in search["kendall_tau"].items())
+    if taus:
+        lines += [f"Kendall tau of each transferability score against the search's {metric}: "
+                  f"{taus}. Candidates cut early were fine-tuned for fewer epochs, which the "
+                  "ranking includes.", ""]
+    return lines
+
+
+def _next_step_section(search: Mapping[str, Any], pool: Sequence[Candidate],
+                       rec: Recommendation) -> list[str]:
+    chosen = next((c for c in pool if c.name == rec.name), None)
+    if chosen is None or not chosen.figures.get("learning_rate"):
+        return []
+    lr, backbone = chosen.figures["learning_rate"], chosen.figures.get("backbone", rec.name)
+    modality, epochs = search["data"]["modality"], search["brute_force"]["epochs"]
+    module = "text_classify" if modality == "text" else "image_classify"
+    if importlib.util.find_spec(f"pipelines.{module}") is not None:
+        how = (f"`python -m pipelines.{module} --backbone={backbone} --learning_rate={lr:g} "
+               f"--epochs={epochs} ...`")
+    else:
+        how = (f"`build_{modality}_classifier(\"{backbone}\", ...)` with AdamW at {lr:g} for "
+               f"{epochs} epochs")
+    return ["## Next step", "",
+            f"Fine-tune the recommendation on all the data: {how} (the search kept the "
+            "learning rate constant after warm-up; a decaying schedule usually does a "
+            "little better).", ""]
+
+
+def _data_sentence(d: Mapping[str, Any]) -> str:
+    subset = (f"the first {d['max_train_examples']} training examples"
+              if d["max_train_examples"] else "all training examples")
+    evaluation = f"evaluated on `{d['eval_data']}`" if d["eval_data"] else \
+        f"evaluated on a {d['validation_split']:.0%} held-out split"
+    if d["modality"] == "text":
+        return (f"`{d['train_data']}`, {subset}, {evaluation}; sequence length "
+                f"{d['sequence_length']} word pieces (profiled at that length), pooling "
+                f"`{d['pooling']}`.")
+    side = f"{d['image_size']}" if d["image_size"] else \
+        f"each backbone's own ({', '.join(map(str, d['profiled_sizes']))} px)"
+    return (f"`{d['train_data']}`, {subset}, {evaluation}; images at {side}, "
+            f"augmentation `{d['augment']}`.")
+
+
+def _epochs(value: Any) -> str:
+    return "? epochs" if value is None else f"{value} epoch" + ("" if value == 1 else "s")
+
+
+def _points(gap: float, metric: str) -> str:
+    return f"{gap * 100:+.1f} points" if is_fraction_metric(metric) else f"{gap:+.4g}"
+
+
+def _ratio(mine: float | None, theirs: float | None) -> str:
+    return f"{mine / theirs:.1f}x" if mine and theirs else "? x"
+
+
+def _tau(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:+.2f}"

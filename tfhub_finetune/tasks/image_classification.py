@@ -10,7 +10,8 @@ import tensorflow as tf
 
 from tfhub_finetune.backbones.base import ImageBackbone
 from tfhub_finetune.backbones.catalog import resolve_backbone
-from tfhub_finetune.backbones.image_source import load_image_backbone
+from tfhub_finetune.backbones.loader import load_backbone
+from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.builders.image_classifier import build_image_classifier
 from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.data.image import ImageDataset, build_augmenter, load_image_dataset
@@ -44,9 +45,12 @@ class ImageClassificationTask:
     ```
     """
 
-    def __init__(self, config: ExperimentConfig):
+    builder = "tfhub_finetune.builders.image_classifier:build_image_classifier"
+
+    def __init__(self, config: ExperimentConfig, spec: BackboneSpec | None = None):
         self.config = config
-        self.spec = resolve_backbone(config.model.backbone)
+        # The spec the pipeline resolved; resolved here when a caller passes none.
+        self.spec = spec or resolve_backbone(config.model.backbone)
         if self.spec.modality != "image":
             raise InputError(
                 "The image pipeline needs an image backbone.",
@@ -77,7 +81,7 @@ class ImageClassificationTask:
 
     def _load_backbone(self) -> ImageBackbone:
         if self.backbone is None:
-            self.backbone = load_image_backbone(self.spec)
+            self.backbone = load_backbone(self.spec)
         return self.backbone
 
     # === Data ===
@@ -136,7 +140,23 @@ class ImageClassificationTask:
             "skipped_files": {"eval": [vars(s) for s in self.eval_data.skipped]},
         }
 
+    def count_classes(self) -> int:
+        """The number of classes in the training data (nothing decoded, no validation pass)."""
+        d = self.config.data
+        data = load_image_dataset(d.train_data, image_size=32, validate=False, cache=False,
+                                  split=d.train_split, label_names=list(d.label_names) or None)
+        return len(data.label_names)
+
     # === Model ===
+
+    def profile_request(self, num_classes: int) -> tuple[str, dict, list[int]]:
+        """(builder, kwargs, input shape) that rebuild this model in a profiling process."""
+        m = self.config.model
+        size = m.image_size or self.spec.image_size or 224
+        kwargs = {"backbone": m.backbone,
+                  "num_classes": num_classes, "task": m.task, "image_size": size,
+                  "dropout": m.dropout, "freeze_backbone": m.freeze_backbone}
+        return self.builder, kwargs, [size, size, 3]
 
     def build_model(self) -> keras.Model:
         m = self.config.model
@@ -162,6 +182,12 @@ class ImageClassificationTask:
 
     def eval_dataset(self) -> tf.data.Dataset:
         return self.eval_data.batches(eval_batch_size(self.config))
+
+    def feature_dataset(self, batch_size: int = 64) -> tf.data.Dataset:
+        """Training batches for frozen features (after `prepare_train`): shuffled (class
+        folders come in blocks) and never augmented."""
+        return self.train_data.batches(batch_size, training=True, seed=self.config.train.seed,
+                                       augment="none")
 
     def eval_targets(self) -> np.ndarray:
         labels = self.eval_data.examples.map(lambda _, label: label)

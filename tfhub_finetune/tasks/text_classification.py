@@ -9,9 +9,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfhub_finetune.backbones.base import TextBackbone
+from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.catalog import resolve_backbone
 from tfhub_finetune.backbones.loader import load_backbone
+from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.builders.text_classifier import build_text_classifier
 from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.data.labels import LabelVocabulary
@@ -42,10 +43,14 @@ class TextClassificationTask:
     ```
     """
 
-    def __init__(self, config: ExperimentConfig, tfds_fallback: str | None = None):
+    builder = "tfhub_finetune.builders.text_classifier:build_text_classifier"
+
+    def __init__(self, config: ExperimentConfig, tfds_fallback: str | None = None,
+                 spec: BackboneSpec | None = None):
         self.config = config
         self.tfds_fallback = tfds_fallback
-        self.spec = resolve_backbone(config.model.backbone)
+        # The spec the pipeline resolved; resolved here when a caller passes none.
+        self.spec = spec or resolve_backbone(config.model.backbone)
         if self.spec.modality != "text":
             raise InputError(
                 "The text pipeline needs a text backbone.",
@@ -143,7 +148,27 @@ class TextClassificationTask:
         self.summary = {"eval_examples": len(self.eval_data),
                         "skipped_blank_rows": {"eval": evaluation.skipped_blank}}
 
+    def count_classes(self) -> int:
+        """The label vocabulary's size, from the training labels alone (nothing tokenized)."""
+        d = self.config.data
+        train = self._read(d.train_data, d.train_split)
+        return LabelVocabulary.from_labels(
+            train.labels, task=self.config.model.task, label_type=d.label_type,
+            label_names=d.label_names or None, source=train.source, rows=train.rows,
+        ).num_classes
+
     # === Model ===
+
+    def profile_request(self, num_classes: int) -> tuple[str, dict, dict[str, list[int]]]:
+        """(builder, kwargs, input shapes) that rebuild this model in a profiling process.
+
+        The model is profiled at `sequence_length`, the longest input it is served.
+        """
+        m = self.config.model
+        kwargs = {"backbone": m.backbone,
+                  "num_classes": num_classes, "task": m.task, "pooling": m.pooling,
+                  "dropout": m.dropout, "freeze_backbone": m.freeze_backbone}
+        return self.builder, kwargs, {name: [m.sequence_length] for name in TEXT_INPUTS}
 
     def build_model(self) -> keras.Model:
         m = self.config.model
@@ -178,3 +203,12 @@ class TextClassificationTask:
 
     def eval_targets(self) -> np.ndarray:
         return self.eval_data.labels
+
+    def feature_dataset(self, batch_size: int = 64) -> tf.data.Dataset:
+        """Training batches for frozen features (after `prepare_train`).
+
+        Shuffled with the run's seed but not bucketed: a uniform sample, not
+        the sentences whose length bucket happens to fill first.
+        """
+        return make_text_dataset(self.train_data, self.backbone.tokenizer, batch_size=batch_size,
+                                 training=True, seed=self.config.train.seed, bucketing=False)

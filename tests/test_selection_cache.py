@@ -1,0 +1,84 @@
+"""Selection's cache keys are derived from the config: no hand list of fields to keep in step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tfhub_finetune.config import ModelConfig, TrainConfig
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.selection import cache
+from tfhub_finetune.selection.config import SelectionConfig
+
+
+@pytest.fixture()
+def config(tmp_path) -> SelectionConfig:
+    train = tmp_path / "train.tsv"
+    train.write_text("good\t1\nbad\t0\n", encoding="utf-8")
+    return SelectionConfig.from_settings(
+        ["minilm_l6_h384@layers=1", "scratch_text_encoder"], str(train),
+        output_dir=str(tmp_path / "out"), sequence_length=32, learning_rates=(1e-4,),
+    ).validate()
+
+
+def _with_train(config: SelectionConfig, train) -> SelectionConfig:
+    return dataclasses.replace(config, base=dataclasses.replace(config.base, train=train))
+
+
+def test_a_field_added_to_a_config_dataclass_changes_the_key(config):
+    # What a future setting looks like: a new field on TrainConfig, and nothing else edited.
+    @dataclasses.dataclass(frozen=True)
+    class TrainWithNewSetting(TrainConfig):
+        label_smoothing: float = 0.0
+
+    key = cache.project_name(config, "text")
+    extended = _with_train(config, TrainWithNewSetting(**dataclasses.asdict(config.base.train)))
+    assert cache.project_name(extended, "text") != key
+    changed = _with_train(extended, dataclasses.replace(extended.base.train, label_smoothing=0.1))
+    assert cache.project_name(changed, "text") not in (key, cache.project_name(extended, "text"))
+
+
+def test_every_trial_setting_is_in_the_key_and_trial_fields_are_not(config):
+    key = cache.project_name(config, "text")
+    base = config.base
+    # Settings the old hand list missed (clip_norm, freeze_backbone, crop_to_aspect_ratio) count.
+    for changed in (
+        dataclasses.replace(base, train=dataclasses.replace(base.train, clip_norm=0.5)),
+        dataclasses.replace(base, model=dataclasses.replace(base.model, freeze_backbone=True)),
+        dataclasses.replace(base, data=dataclasses.replace(base.data, crop_to_aspect_ratio=False)),
+        dataclasses.replace(base, runtime=dataclasses.replace(base.runtime,
+                                                              precision="mixed_bfloat16")),
+    ):
+        assert cache.project_name(dataclasses.replace(config, base=changed), "text") != key
+    # A trial's own hyperparameters key it inside the project, and bookkeeping changes nothing.
+    for same in (
+        dataclasses.replace(base, model=ModelConfig(**{**dataclasses.asdict(base.model),
+                                                       "backbone": "other"})),
+        dataclasses.replace(base, train=dataclasses.replace(base.train, learning_rate=0.3,
+                                                            epochs=9, backup_every_steps=7)),
+        dataclasses.replace(base, model_dir="elsewhere", mode="train"),
+    ):
+        assert cache.project_name(dataclasses.replace(config, base=same), "text") == key
+    # The data's content counts, not its path.
+    with open(config.base.data.train_data, "a", encoding="utf-8") as f:
+        f.write("fine\t1\n")
+    cache.path_fingerprint.cache_clear()
+    assert cache.project_name(config, "text") != key
+
+
+def test_settings_route_to_their_dataclass_and_unknown_ones_suggest(config):
+    assert config.base.model.sequence_length == 32
+    assert config.search.learning_rates == (1e-4,)
+    assert config.base.train.early_stopping_patience == 2  # Selection's default.
+    trial = config.trial("scratch_text_encoder", 3e-4, epochs=2, model_dir="t")
+    assert (trial.model.backbone, trial.train.learning_rate, trial.train.epochs) == (
+        "scratch_text_encoder", 3e-4, 2)
+    assert trial.train.monitor == "val_accuracy" and trial.train.lr_schedule == "constant"
+    with pytest.raises(InputError, match="Did you mean: learning_rates"):
+        SelectionConfig.from_settings(["scratch_text_encoder"], "t.tsv", output_dir="o",
+                                      learning_rate=1e-4)
+    # One set of bounds: the training pipelines' (validation_split up to 0.9).
+    with pytest.raises(InputError, match=r"--validation_split must be in \[0.0, 0.9\]"):
+        SelectionConfig.from_settings(["scratch_text_encoder"], "t.tsv", output_dir="o",
+                                      validation_split=0.95).validate()

@@ -1,0 +1,120 @@
+"""Selection's cache: fingerprints and keys, derived from the configuration, never listed.
+
+A trial's result depends on its data, the weights behind its backbone name
+and every setting of the `ExperimentConfig` it trains with. The KerasTuner
+project key is therefore a hash of the trial config's canonical JSON
+(`ExperimentConfig.flat()`) minus the fields a trial varies
+(`config.TRIAL_FIELDS`: a trial's hyperparameters key it inside the project)
+and minus the few that cannot change a result (`NOT_COMPUTED`), plus the
+data's fingerprint. A field added to any config dataclass changes the key
+with no edit here, so the cache never serves a trial trained with other
+settings. Profiles and transferability scores are keyed the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.io_utils import atomic_write_text
+from tfhub_finetune.selection.config import TRIAL_FIELDS, SelectionConfig
+
+# Bumped when what a trial computes changes outside the config, so old caches are not reused.
+CACHE_VERSION = 2
+# Fields that cannot change a result: where the data lives (its content is
+# fingerprinted instead), how often backups are written, progress output.
+NOT_COMPUTED = ("data.train_data", "data.eval_data", "train.backup_every_steps", "runtime.verbose")
+
+
+def hash_json(value: Any) -> str:
+    """A short hash of `value`'s canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def trial_settings(config: SelectionConfig, modality: str) -> dict[str, Any]:
+    """Everything that changes what a trial computes, except its hyperparameters."""
+    template = config.trial(backbone="", learning_rate=0.0, epochs=0, model_dir="").flat()
+    settings = {k: v for k, v in template.items() if k not in TRIAL_FIELDS + NOT_COMPUTED}
+    return {"modality": modality, "config": settings, "data": data_fingerprint(config)}
+
+
+def project_name(config: SelectionConfig, modality: str) -> str:
+    """The KerasTuner project of this data and these settings, e.g. `text_3f2a...`."""
+    key = hash_json({"version": CACHE_VERSION, **trial_settings(config, modality)})
+    return f"{modality}_{key[:16]}"
+
+
+def transferability_key(config: SelectionConfig, modality: str, backbone: str,
+                        weights_id: str, estimators) -> str:
+    return hash_json({
+        "version": CACHE_VERSION, "backbone": backbone, "weights": weights_id,
+        "settings": trial_settings(config, modality),
+        "examples": config.search.transfer_examples, "estimators": list(estimators),
+    })
+
+
+def profile_key(request: dict[str, Any], weights_id: str, options: dict[str, Any]) -> str:
+    return hash_json({"version": CACHE_VERSION, "weights": weights_id, "request": request,
+                      "options": options, "machine": machine()})
+
+
+def read(path: Path, overwrite: bool) -> Any | None:
+    """The cached JSON at `path`, or None (missing, or `overwrite`)."""
+    if overwrite or not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2))
+
+
+@functools.cache
+def path_fingerprint(path: str) -> str:
+    """File contents (up to 64 MiB, else size and time), or a folder's listing."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return f"missing:{path}"
+    if p.is_file():
+        size = p.stat().st_size
+        if size <= 64 * 1024 * 1024:
+            return hashlib.sha256(p.read_bytes()).hexdigest()
+        return f"{size}:{p.stat().st_mtime_ns}"
+    listing = sorted(
+        (str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in p.rglob("*") if f.is_file()
+    )
+    return hash_json(listing)
+
+
+def data_fingerprint(config: SelectionConfig) -> dict[str, str]:
+    d = config.base.data
+    return {"train": path_fingerprint(d.train_data),
+            "eval": path_fingerprint(d.eval_data) if d.eval_data else ""}
+
+
+def weights_fingerprint(spec: Any) -> str:
+    """Spec plus the files behind it (sizes and times), so changed weights are not reused."""
+    from tfhub_finetune.paths import package_dir
+
+    location = None
+    if spec.source == "python_package":
+        try:
+            location = package_dir(spec.handle)
+        except InputError:
+            location = None
+    elif Path(spec.handle).exists():
+        location = Path(spec.handle)
+    files = path_fingerprint(str(location)) if location is not None else ""
+    return hash_json({"spec": spec.to_dict(), "files": files})[:16]
+
+
+def machine() -> str:
+    from tfhub_finetune.selection.profile import cpu_description
+
+    return f"{cpu_description()} | {platform.python_version()}"

@@ -1,0 +1,297 @@
+"""Model selection's configuration: a base `ExperimentConfig` plus what only selection has.
+
+A trial *is* a `text_classify` / `image_classify` run: `SelectionConfig.trial`
+is the base config with the backbone, learning rate, epochs and model
+directory replaced (`dataclasses.replace`), and the settings selection fixes
+for every trial (the monitored metric, a constant rate after warm-up, silent
+progress). Everything else (batch size, warm-up, weight decay, clipping,
+dropout, pooling, augmentation, ...) comes from the same dataclasses and the
+same flags as the training pipelines, validated once by
+`ExperimentConfig.validate()`.
+
+Example:
+
+```python
+config = SelectionConfig.from_settings(
+    ["minilm_l6_h384@layers=2", "scratch_text_encoder"], "train.tsv", "dev.tsv",
+    output_dir="runs/select", sequence_length=64, learning_rates=(1e-4,), max_latency_ms=20,
+).validate()
+config.trial("minilm_l6_h384@layers=2", 1e-4, epochs=2, model_dir="runs/t0").train.epochs  # 2
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from tfhub_finetune.config import ExperimentConfig
+from tfhub_finetune.errors import InputError, did_you_mean
+from tfhub_finetune.selection.halving import lr_key, rung_epochs
+from tfhub_finetune.selection.profile import ProfileOptions
+from tfhub_finetune.selection.recommend import validate_constraints
+
+MODALITIES = ("auto", "text", "image")
+METRICS = ("accuracy", "macro_f1")
+ESTIMATORS = ("logme", "knn_accuracy", "linear_probe_accuracy")
+
+# The base-config fields each trial sets (`trial()`); the cache key leaves them out.
+TRIAL_FIELDS = ("mode", "model_dir", "model.backbone", "train.learning_rate", "train.epochs")
+# Base-config defaults that differ for selection (the pipeline sets the same flag defaults).
+SELECTION_DEFAULTS = {"early_stopping_patience": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """What to compare and how hard to search.
+
+    Attributes:
+        candidates: tuple of str. Backbones to compare: catalog names,
+            `name@layers=k`, local directories, TF Hub handles. The modality's
+            from-scratch baseline is added when missing.
+        modality: str. `auto` (from the candidates), `text` or `image`.
+        metric: str. `accuracy` or `macro_f1` on the evaluation data; trials
+            monitor `val_<metric>`.
+        learning_rates: tuple of float. Peak learning rates for the pretrained
+            candidates (the secondary choice): every backbone trains the first
+            rung at the first one; the leaders of that rung also try the others.
+        baseline_learning_rate: float. The from-scratch baseline's rate.
+        min_epochs: int. Epochs of the first rung.
+        max_epochs: int. Epochs of a full fine-tuning (the last rung, and what
+            brute force trains every candidate for).
+        reduction_factor: int. Each rung keeps the best 1/factor.
+        budget_epochs: int. Most fine-tuning epochs, all trials (0: no limit).
+        budget_minutes: float. Most fine-tuning minutes (0: no limit).
+        brute_force: bool. Also fine-tune every configuration to `max_epochs`.
+        shortlist_size: int. Fine-tune only the best N by `shortlist_score`
+            (plus the baseline); 0 fine-tunes all.
+        shortlist_score: str. Transferability score that ranks the shortlist.
+        transfer_examples: int. Training examples used for transferability.
+    """
+
+    candidates: tuple[str, ...] = ()
+    modality: str = "auto"
+    metric: str = "accuracy"
+    learning_rates: tuple[float, ...] = (5e-5,)
+    baseline_learning_rate: float = 1e-3
+    min_epochs: int = 1
+    max_epochs: int = 4
+    reduction_factor: int = 2
+    budget_epochs: int = 0
+    budget_minutes: float = 0.0
+    brute_force: bool = False
+    shortlist_size: int = 0
+    shortlist_score: str = "logme"
+    transfer_examples: int = 500
+
+    @property
+    def rungs(self) -> list[int]:
+        return rung_epochs(self.min_epochs, self.max_epochs, self.reduction_factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+    """Hard limits on the recommendation (None: no limit); `recommend`'s keyword arguments."""
+
+    max_latency_ms: float | None = None
+    max_memory_mb: float | None = None
+    max_params: float | None = None
+    min_metric: float | None = None
+
+    def as_kwargs(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    """Everything one selection run needs.
+
+    Attributes:
+        base: ExperimentConfig. What every trial trains with, as
+            `text_classify`/`image_classify` would (its backbone, learning
+            rate, epochs and model_dir are set per trial).
+        search: SearchConfig. Candidates, learning rates, rungs, budgets.
+        constraints: Constraints.
+        profile_options: ProfileOptions or None. None uses
+            `ProfileOptions(train_batch_size=<base batch size>)`.
+        output_dir: str. Where report.md, results.json and the plots go.
+        cache_dir: str. Cache and KerasTuner root; empty: `<output_dir>/cache`.
+        overwrite: bool. Ignore and replace cached results.
+        title: str. Report title; empty derives one from the data.
+        progress: bool. Show a tqdm progress bar on stderr.
+        profile_timeout_s: float. Limit per candidate's profile.
+    """
+
+    base: ExperimentConfig
+    search: SearchConfig
+    constraints: Constraints = dataclasses.field(default_factory=Constraints)
+    profile_options: ProfileOptions | None = None
+    output_dir: str = ""
+    cache_dir: str = ""
+    overwrite: bool = False
+    title: str = ""
+    progress: bool = True
+    profile_timeout_s: float = 1800.0
+
+    @classmethod
+    def from_settings(cls, candidates, train_data: str, eval_data: str = "", *,
+                      output_dir: str, **settings: Any) -> SelectionConfig:
+        """Builds a config from flat setting names, each routed to the dataclass that has it.
+
+        Any field of `SearchConfig`, `Constraints`, `SelectionConfig` or of the
+        base config's sections (`DataConfig`, `ModelConfig`, `TrainConfig`,
+        `RuntimeConfig`) may be given by its name, e.g. `sequence_length=64`,
+        `clip_norm=0.5`, `max_epochs=3`, `max_latency_ms=20`.
+
+        Raises:
+            InputError: for a name no dataclass has (with the closest names).
+        """
+        owners = _setting_owners()
+        settings = {**SELECTION_DEFAULTS, **settings, "candidates": tuple(candidates),
+                    "train_data": train_data, "eval_data": eval_data, "output_dir": output_dir}
+        unknown = sorted(set(settings) - set(owners))
+        if unknown:
+            raise InputError("Unknown selection setting.", received={"setting": unknown[0]},
+                             fix=did_you_mean(unknown[0], sorted(owners)))
+        grouped: dict[str, dict[str, Any]] = {}
+        for name, value in settings.items():
+            grouped.setdefault(owners[name], {})[name] = value
+        base = ExperimentConfig()
+        sections = {s: dataclasses.replace(getattr(base, s), **grouped.get(s, {}))
+                    for s in ("data", "model", "train", "runtime")}
+        return cls(
+            base=dataclasses.replace(base, **sections),
+            search=SearchConfig(**grouped.get("search", {})),
+            constraints=Constraints(**grouped.get("constraints", {})),
+            **grouped.get("selection", {}),
+        )
+
+    # === Derived values ===
+
+    @property
+    def objective(self) -> str:
+        """The Keras log name the search maximises, e.g. `val_accuracy`."""
+        return f"val_{self.search.metric}"
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir or Path(self.output_dir) / "cache")
+
+    @property
+    def rungs(self) -> list[int]:
+        return self.search.rungs
+
+    @property
+    def profile(self) -> ProfileOptions:
+        return self.profile_options or ProfileOptions(train_batch_size=self.base.train.batch_size)
+
+    def trial(self, backbone: str, learning_rate: float, epochs: int,
+              model_dir: str | Path) -> ExperimentConfig:
+        """The `ExperimentConfig` one trial (or a feature extraction) runs with.
+
+        The base with the trial's fields replaced, monitoring the search's
+        metric, the rate constant after warm-up (so k epochs are the start of
+        any longer trial) and no progress bar (selection draws its own).
+        """
+        b = self.base
+        return dataclasses.replace(
+            b, mode="train_and_eval", model_dir=str(model_dir),
+            model=dataclasses.replace(b.model, backbone=backbone),
+            train=dataclasses.replace(b.train, learning_rate=learning_rate, epochs=epochs,
+                                      monitor=self.objective, lr_schedule="constant"),
+            runtime=dataclasses.replace(b.runtime, verbose="0"),
+        )
+
+    # === Validation ===
+
+    def validate(self) -> SelectionConfig:
+        """Checks every value before any work; raises `InputError` naming the setting.
+
+        The base config is checked by `ExperimentConfig.validate()` (the same
+        bounds as the training pipelines), as the trial it becomes.
+
+        Returns:
+            self, so `SelectionConfig(...).validate()` chains.
+        """
+        s = self.search
+        if not s.candidates or not all(isinstance(c, str) and c.strip() for c in s.candidates):
+            _bad("candidates", list(s.candidates), "Give at least one candidate backbone.",
+                 "E.g. --candidates=minilm_l6_h384,scratch_text_encoder.")
+        duplicates = sorted({c for c in s.candidates if s.candidates.count(c) > 1})
+        if duplicates:
+            _bad("candidates", ",".join(duplicates), "A candidate is listed twice.",
+                 "List each backbone once.")
+        if not self.output_dir:
+            _bad("output_dir", "", "An output directory is required.", "Set --output_dir.")
+        _one_of("modality", s.modality, MODALITIES)
+        _one_of("metric", s.metric, METRICS)
+        _one_of("shortlist_score", s.shortlist_score, ESTIMATORS)
+        for name in ("min_epochs", "max_epochs", "transfer_examples"):
+            value = getattr(s, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _bad(name, value, f"`{name}` must be a positive integer.")
+        for name in ("budget_epochs", "shortlist_size"):
+            value = getattr(s, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _bad(name, value, f"`{name}` must be an integer >= 0.")
+        if not isinstance(s.reduction_factor, int) or s.reduction_factor < 2:
+            _bad("reduction_factor", s.reduction_factor,
+                 "`reduction_factor` must be an integer >= 2 (2 keeps the better half).")
+        if s.min_epochs > s.max_epochs:
+            raise InputError(
+                "`min_epochs` is larger than `max_epochs`: the first rung would train longer "
+                "than a full fine-tuning.",
+                received={"min_epochs": s.min_epochs, "max_epochs": s.max_epochs},
+                fix="Give min_epochs <= max_epochs.",
+            )
+        if not s.learning_rates:
+            _bad("learning_rates", [], "Give at least one learning rate.", "E.g. --learning_rates=1e-4.")
+        for lr in s.learning_rates:
+            if not _rate(lr):
+                _bad("learning_rates", list(s.learning_rates),
+                     "Learning rates must be numbers in (0, 1).", "E.g. --learning_rates=1e-4,3e-5.")
+        if len({lr_key(lr) for lr in s.learning_rates}) != len(s.learning_rates):
+            _bad("learning_rates", list(s.learning_rates), "A learning rate is listed twice.")
+        if not _rate(s.baseline_learning_rate):
+            _bad("baseline_learning_rate", s.baseline_learning_rate,
+                 "The learning rate must be a number in (0, 1).",
+                 "E.g. --baseline_learning_rate=1e-3.")
+        if not (isinstance(s.budget_minutes, (int, float)) and s.budget_minutes >= 0):
+            _bad("budget_minutes", s.budget_minutes, "`budget_minutes` must be >= 0 (0: no limit).")
+        if not self.profile_timeout_s > 0:
+            _bad("profile_timeout_s", self.profile_timeout_s, "`profile_timeout_s` must be positive.")
+        # The same rules `recommend` applies, checked before hours of work.
+        validate_constraints(self.constraints.as_kwargs(), s.metric)
+        # The base, with the bounds every pipeline uses, as the first trial would run it.
+        self.trial(s.candidates[0], s.learning_rates[0], s.max_epochs, self.cache_root).validate()
+        return self
+
+
+def _setting_owners() -> dict[str, str]:
+    """Flat setting name -> which dataclass holds it, derived from the classes."""
+    base = ExperimentConfig()
+    owners: dict[str, str] = {}
+    trial_names = {name.rpartition(".")[2] for name in TRIAL_FIELDS}
+    for section in ("data", "model", "train", "runtime"):
+        owners.update({f.name: section for f in dataclasses.fields(getattr(base, section))
+                       if f.name not in trial_names})
+    owners.update({f.name: "search" for f in dataclasses.fields(SearchConfig)})
+    owners.update({f.name: "constraints" for f in dataclasses.fields(Constraints)})
+    owners.update({f.name: "selection" for f in dataclasses.fields(SelectionConfig)
+                   if f.name not in ("base", "search", "constraints")})
+    return owners
+
+
+def _rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1
+
+
+def _bad(name: str, value: Any, problem: str, fix: str | None = None) -> None:
+    raise InputError(problem, received={name: value}, fix=fix)
+
+
+def _one_of(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        _bad(name, value, f"Invalid value for `{name}`.", did_you_mean(str(value), choices))

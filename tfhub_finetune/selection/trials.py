@@ -1,0 +1,253 @@
+"""Selection's trials: each one a `text_classify`/`image_classify` run, driven by KerasTuner.
+
+`TrialTrainer.fit_trial` trains one trial exactly as the training pipelines
+train: the task the config names (`tasks.make_task`), the driver's one
+compile recipe (`driver.compile_model`) and `driver.fit_task`
+(`training.fit_resumable` over the task's epoch-seeded batches), on
+`SelectionConfig.trial(...)`: the base config with the trial's backbone,
+learning rate, epochs and model_dir. Only the callbacks differ (the per-epoch
+record and chain-long patience the oracle plans from). `run_search` runs, serves
+or works for the KerasTuner search; `candidate_features` extracts frozen
+features for the transferability scores through the same task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tfhub_finetune.selection.config import SelectionConfig
+from tfhub_finetune.selection.halving import SearchPlan, TrialRecord, WorkItem, last_line
+from tfhub_finetune.selection.tuner import TRIAL_HISTORY, TrialHistory, tuner_classes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrialTrainer:
+    """Trains one trial: builds the task and model, restores the parent, fits, reports.
+
+    Attributes:
+        config: SelectionConfig.
+        specs: dict. Backbone string -> its resolved `BackboneSpec`.
+    """
+
+    config: SelectionConfig
+    specs: Mapping[str, Any]
+
+    def fit_trial(self, values: Mapping[str, Any], trial_dir: Path, parent_dir: Path | None,
+                  tuner_id: str) -> dict[str, float]:
+        import keras
+
+        from tfhub_finetune import driver, training
+        from tfhub_finetune.tasks import make_task
+
+        config = self.config
+        backbone, lr = str(values["backbone"]), float(values["learning_rate"])
+        target, initial = int(values["tuner/epochs"]), int(values.get("tuner/initial_epoch", 0))
+        history_path = trial_dir / TRIAL_HISTORY
+        if not _continue_parent(trial_dir, parent_dir):
+            initial = 0
+        history = TrialHistory(history_path)
+
+        keras.backend.clear_session()
+        experiment = config.trial(backbone, lr, target, trial_dir).validate()
+        training.set_seed(experiment.train.seed)
+        task = make_task(experiment, self.specs.get(backbone))
+        task.prepare_train()
+        model = task.build_model()
+        driver.compile_model(model, experiment, task.steps_per_epoch, task.labels.num_classes)
+        recorder = tuner_classes().EpochRecorder(
+            history, config.objective, experiment.train.early_stopping_patience, tuner_id
+        )
+        outcome = driver.fit_task(model, task, experiment, trial_dir, [recorder])
+        if outcome["terminated"]:
+            # Leave the trial RUNNING: the next run resumes it from the backup.
+            raise SystemExit("Stopped by SIGTERM after a backup; rerun the command to resume.")
+        scores = history.scores()
+        if not scores:
+            raise RuntimeError("The trial finished without a single evaluated epoch.")
+        metrics: dict[str, float] = {
+            config.objective: max(scores),
+            "epochs_trained": float(len(scores)),
+            "stopped_early": float(history.stopped_at is not None),
+        }
+        for k in sorted(history.epochs):
+            metrics[f"{config.objective}_epoch_{k}"] = float(history.epochs[k]["score"])
+            if k > initial:
+                metrics[f"epoch_{k}_seconds"] = float(history.epochs[k]["seconds"])
+        del model, task
+        keras.backend.clear_session()
+        if parent_dir is not None:
+            # The parent is superseded: later trials continue from this one.
+            shutil.rmtree(parent_dir / "backup", ignore_errors=True)
+        return metrics
+
+
+def _continue_parent(trial_dir: Path, parent_dir: Path | None) -> bool:
+    """Copies the parent's backup and history into a new trial; False when it must start over."""
+    from tfhub_finetune.training import BACKUP_STATE
+
+    backup = trial_dir / "backup"
+    if parent_dir is None or (backup / BACKUP_STATE).exists():
+        return True
+    if not (parent_dir / "backup" / BACKUP_STATE).exists():
+        logger.warning("Trial %s: parent backup missing; training from scratch.", trial_dir.name)
+        return False
+    # Continue the parent: its weights, optimizer state and history.
+    shutil.copytree(parent_dir / "backup", backup, dirs_exist_ok=True)
+    if (parent_dir / TRIAL_HISTORY).exists():
+        shutil.copy2(parent_dir / TRIAL_HISTORY, trial_dir / TRIAL_HISTORY)
+    return True
+
+
+def candidate_features(config: SelectionConfig, backbone: str, spec: Any) -> tuple[Any, Any, float]:
+    """Frozen features of a seeded training sample, pooled exactly as the classifier pools them.
+
+    Returns:
+        (features, labels, extraction seconds).
+    """
+    import gc
+
+    import keras
+
+    from tfhub_finetune import training
+    from tfhub_finetune.selection.transferability import extract_features
+    from tfhub_finetune.tasks import make_task
+
+    keras.backend.clear_session()
+    experiment = config.trial(backbone, config.search.learning_rates[0], config.search.max_epochs,
+                              "unused")
+    training.set_seed(experiment.train.seed)
+    task = make_task(experiment, spec)
+    task.prepare_train()
+    model = task.build_model()
+    # The head's input: masked mean, [CLS] or the pooler for text; global average for images.
+    features_model = keras.Model(model.input, model.get_layer("head_logits").input)
+    tic = time.perf_counter()
+    features, labels = extract_features(features_model, task.feature_dataset(),
+                                        config.search.transfer_examples)
+    seconds = time.perf_counter() - tic
+    del model, features_model, task
+    keras.backend.clear_session()
+    gc.collect()
+    return features, labels, seconds
+
+
+def learning_rates_of(config: SelectionConfig, backbones: Sequence[str],
+                      baselines: set[str]) -> dict[str, list[float]]:
+    """Backbone -> learning rates to try, the first first (the baseline has its own)."""
+    s = config.search
+    return {b: [s.baseline_learning_rate] if b in baselines else list(s.learning_rates)
+            for b in backbones}
+
+
+def tuner_role() -> str:
+    """`local`, `chief` or `worker`, from KerasTuner's environment variables."""
+    from tfhub_finetune.errors import InputError
+
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return "local"
+    for name in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        if not os.environ.get(name):
+            raise InputError(
+                "Distributed tuning needs KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and "
+                "KERASTUNER_TUNER_ID together.",
+                received={"missing": name},
+                fix="Set all three (the chief's KERASTUNER_TUNER_ID contains `chief`).",
+            )
+    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+def run_search(
+    config: SelectionConfig, project: str, backbones: Sequence[str], *,
+    learning_rates: Mapping[str, list[float]], eligible: list[str] | None,
+    weights_ids: Mapping[str, str], specs: Mapping[str, Any], names: Mapping[str, str],
+    bar: Any = None, echo: Callable[[str], None] = print,
+) -> tuple[SearchPlan | None, int, int]:
+    """Runs (or serves, or works for) the KerasTuner search; returns (plan, run, reused).
+
+    Args:
+        eligible: backbones that may be recommended (None: all); the others
+            get the first rung only.
+        bar: tqdm bar or None (a worker, or no progress shown).
+    """
+    classes = tuner_classes()
+    s = config.search
+    oracle = classes.SuccessiveHalvingOracle(
+        config.objective, list(backbones), dict(learning_rates), config.rungs,
+        reduction_factor=s.reduction_factor, budget_epochs=s.budget_epochs,
+        budget_seconds=s.budget_minutes * 60.0, brute_force=s.brute_force,
+        weights_ids=dict(weights_ids), eligible=eligible, seed=config.base.train.seed,
+    )
+    role = tuner_role()
+    tuner = classes.SelectionTuner(
+        oracle, TrialTrainer(config, specs), directory=str(config.cache_root / "tuner"),
+        project_name=project,
+        # Workers never delete the shared project; the chief or a local run may.
+        overwrite=config.overwrite and role != "worker",
+    )
+    if role == "worker":
+        tuner.search(verbose=0)
+        return None, tuner.trials_run, 0
+
+    reused = sum(1 for t in oracle.trials.values() if t.status == "COMPLETED")
+    if bar is not None:
+        racing = len(eligible) if eligible is not None else len(backbones)
+        bar.total = bar.n + _planned_trials(oracle.plan(), config, len(backbones), racing,
+                                            learning_rates) + 1
+        bar.refresh()
+        oracle.on_trial_start, oracle.on_trial_end = _progress_callbacks(config, names, bar, echo)
+    if role == "chief":
+        print(f"Distributed tuning: chief serving the oracle on "
+              f"{os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
+              "; start the workers with the same command.", flush=True)
+    tuner.search(verbose=0)
+    # Counted on the oracle: on a chief, the workers trained them.
+    finished = sum(1 for t in oracle.trials.values() if t.status == "COMPLETED")
+    return oracle.plan(), finished - reused, reused
+
+
+def _progress_callbacks(config: SelectionConfig, names: Mapping[str, str], bar: Any,
+                        echo: Callable[[str], None]):
+    def started(item: WorkItem, trial_id: str) -> None:
+        bar.set_description(f"fine-tune {names.get(item.backbone, item.backbone)} "
+                            f"lr={item.learning_rate:g} to {item.target_epochs} ep")
+
+    def ended(record: TrialRecord) -> None:
+        bar.update(1)
+        name = names.get(record.backbone, record.backbone)
+        took = sum(record.epoch_seconds.values())
+        if record.status == "COMPLETED" and record.scores:
+            stop = " (stopped early)" if record.stopped_early else ""
+            echo(f"trial {record.trial_id} {name} lr={record.learning_rate:g} epochs "
+                 f"{record.initial_epoch}->{record.epochs_trained}: {config.objective} "
+                 f"{max(record.scores):.4f}{stop} ({took:.0f} s)")
+        else:
+            echo(f"trial {record.trial_id} {name} lr={record.learning_rate:g}: "
+                 f"{record.status} {last_line(record.message)}")
+
+    return started, ended
+
+
+def _planned_trials(plan: SearchPlan, config: SelectionConfig, shortlisted: int, racing: int,
+                    learning_rates: Mapping[str, list[float]]) -> int:
+    """Trials a search from here will start (for the progress bar; an estimate)."""
+    s = config.search
+    sizes = math.ceil((racing or shortlisted) / s.reduction_factor)
+    # The first rung, the leaders' learning-rate checks, then the later rungs.
+    total = shortlisted + sizes * (len(s.learning_rates) - 1)
+    for _ in config.rungs[1:]:
+        total += sizes
+        sizes = math.ceil(sizes / s.reduction_factor)
+    if s.brute_force:
+        total += sum(len(v) for v in learning_rates.values())
+    done = sum(1 for r in plan.rungs for e in r.entries if e.status == "done")
+    return max(total - done, len(plan.todo))
