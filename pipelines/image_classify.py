@@ -38,7 +38,10 @@ def main(argv):
     from tfhub_finetune.tasks.image_classification import ImageClassificationTask
 
     config = pipeline_flags.config_from_flags()
-    task = ImageClassificationTask(config)
+    from tfhub_finetune.backbones.catalog import resolve_backbone
+
+    # The backbone string becomes a spec once, here; everything below takes the spec.
+    task = ImageClassificationTask(config, spec=resolve_backbone(config.model.backbone))
     result = run_experiment(config, task)
     if FLAGS.export_dir and config.mode != "eval" and not result.get("terminated"):
         from tfhub_finetune.export import export_image_classifier

@@ -27,10 +27,13 @@ def main(argv):
     del argv
     # Flags are checked before TensorFlow is imported, so flag errors are instant.
     config = pipeline_flags.config_from_flags()
+    from tfhub_finetune.backbones.catalog import resolve_backbone
     from tfhub_finetune.driver import run_experiment
     from tfhub_finetune.tasks.text_classification import TextClassificationTask
 
-    task = TextClassificationTask(config, tfds_fallback=FLAGS.tfds_fallback)
+    # The backbone string becomes a spec once, here; everything below takes the spec.
+    task = TextClassificationTask(config, tfds_fallback=FLAGS.tfds_fallback,
+                                  spec=resolve_backbone(config.model.backbone))
     result = run_experiment(config, task)
     if FLAGS.export_dir and config.mode != "eval" and not result.get("terminated"):
         from tfhub_finetune.export import export_text_classifier

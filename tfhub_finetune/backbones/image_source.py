@@ -41,13 +41,14 @@ SCRATCH_CNN_FILTERS = (32, 64, 128, 256)
 
 
 def load_image_backbone(spec: str | BackboneSpec) -> ImageBackbone:
-    """Loads an image backbone as a pooled feature extractor.
+    """Loads an image backbone as a pooled feature extractor (through `load_backbone`).
 
     Sources: keras-hub image presets (by name, downloaded, or a local preset
     directory such as `../shared/weights/efficientnet_lite0`); a
     keras.applications MobileNetV2 with a `.weights.h5` file; the `scratch_cnn`
-    baseline (random init); TF Hub image models (delegated to
-    `tf_hub_source.load_tf_hub_backbone`).
+    baseline (random init); TF Hub image models. `loader.load_backbone` is the
+    one place that picks the loader for a source; this adds the check that
+    the backbone is an image one.
 
     Args:
         spec: str or BackboneSpec. A catalog name, path, URL or resolved spec.
@@ -68,6 +69,8 @@ def load_image_backbone(spec: str | BackboneSpec) -> ImageBackbone:
     # (224, 'symmetric', 1280)
     ```
     """
+    from tfhub_finetune.backbones.loader import load_backbone
+
     spec = resolve_backbone(spec)
     if spec.modality != "image":
         raise InputError(
@@ -75,11 +78,11 @@ def load_image_backbone(spec: str | BackboneSpec) -> ImageBackbone:
             received={"backbone": spec.name, "modality": spec.modality},
             fix="Choose an image backbone, e.g. efficientnet_lite0 or scratch_cnn.",
         )
-    if spec.source == "tf_hub":
-        # Imported here: TF Hub support is optional and pulls in tensorflow_hub.
-        from tfhub_finetune.backbones.tf_hub_source import load_tf_hub_backbone
+    return load_backbone(spec)
 
-        return load_tf_hub_backbone(spec)
+
+def load_image_source(spec: BackboneSpec) -> ImageBackbone:
+    """The keras-hub, keras.applications and scratch image loaders (`load_backbone` calls it)."""
     if spec.source == "keras_hub":
         return _load_keras_hub(spec)
     if spec.source == "keras_applications":

@@ -8,7 +8,7 @@ from tfhub_finetune.backbones.spec import BackboneSpec
 
 
 def load_backbone(backbone: str | BackboneSpec) -> TextBackbone | ImageBackbone:
-    """Loads a backbone by catalog name, path, URL or spec.
+    """Loads a backbone by catalog name, path, URL or spec: the one dispatcher on `spec.source`.
 
     Each source module is imported only when used, so a text job never pays
     for image code and vice versa.
@@ -26,9 +26,9 @@ def load_backbone(backbone: str | BackboneSpec) -> TextBackbone | ImageBackbone:
 
         return load_tf_hub_backbone(spec)
     if spec.modality == "image":
-        from tfhub_finetune.backbones.image_source import load_image_backbone
+        from tfhub_finetune.backbones.image_source import load_image_source
 
-        return load_image_backbone(spec)
+        return load_image_source(spec)
     if spec.source == "scratch":
         from tfhub_finetune.backbones.scratch import load_scratch_text_backbone
 
