@@ -504,7 +504,7 @@ def _recommend_and_report(
         )
         brute_rec = recommend(brute_records, **constraints, metric_name=metric)
     selection_seconds = time.perf_counter() - started
-    reused = bool(trials_reused or any(r.profile_cached or r.transfer_cached for r in runs))
+    reused = _reused(runs, trials_reused)
     rungs = [_rung_dict(r, runs) for r in plan.rungs]
     correlations = transferability_correlations(records)
     brute = {
@@ -543,11 +543,38 @@ def _recommend_and_report(
                                              "matches_recommendation", "metrics", "kendall_tau")},
         "wall_seconds": round(selection_seconds, 2),
     }
-    search = {
+    search = _search_facts(config, modality, runs, plan, rungs, correlations, brute,
+                           stage_seconds, compute, selection_seconds, trials_run, trials_reused)
+    device = next((r.profile.device for r in runs if r.profile and r.profile.device), None)
+    paths = write_report(
+        config.output_dir, records, rec, device=device, budget=budget,
+        # With cached stages the wall time says nothing about the selection's cost.
+        selection_seconds=sum(compute.values()) if reused else selection_seconds,
+        brute_force_seconds=estimate, title=config.title or _default_title(config, modality),
+        extra=extra, search=search,
+    )
+    return SelectionResult(
+        role=trials.tuner_role(), recommendation=rec, candidates=records, paths=paths,
+        kendall_tau=correlations, selection_seconds=selection_seconds,
+        compute_seconds=sum(compute.values()), reused=reused,
+        brute_force_seconds=estimate, brute_force_measured_seconds=measured,
+        brute_force_choice=brute["choice"], matches_brute_force=brute["matches_recommendation"],
+        trials_run=trials_run, trials_reused=trials_reused,
+    )
+
+
+def _search_facts(config: SelectionConfig, modality: str, runs: Sequence[_Candidate],
+                  plan: SearchPlan, rungs: list[dict], correlations: dict, brute: dict,
+                  stage_seconds: dict[str, float], compute: dict[str, float],
+                  selection_seconds: float, trials_run: int, trials_reused: int) -> dict:
+    """What report.py tells about the search (its prose sections), as plain data."""
+    s, metric = config.search, config.search.metric
+    return {
         "metric": metric, "selection_seconds": selection_seconds,
         "stage_seconds": stage_seconds, "compute_seconds": compute, "brute_force": brute,
         "reused": {"trials": trials_reused, "profiles": sum(r.profile_cached for r in runs),
-                   "transferability": sum(r.transfer_cached for r in runs)} if reused else None,
+                   "transferability": sum(r.transfer_cached for r in runs)}
+        if _reused(runs, trials_reused) else None,
         "baseline": next((r.name for r in runs if r.baseline), None),
         "data": _data_facts(config, modality, runs),
         "training": {"batch_size": config.base.train.batch_size,
@@ -566,22 +593,10 @@ def _recommend_and_report(
         "trials": {"run": trials_run, "reused": trials_reused, "cache": str(config.cache_root)},
         "rungs": rungs, "kendall_tau": correlations,
     }
-    device = next((r.profile.device for r in runs if r.profile and r.profile.device), None)
-    paths = write_report(
-        config.output_dir, records, rec, device=device, budget=budget,
-        # With cached stages the wall time says nothing about the selection's cost.
-        selection_seconds=sum(compute.values()) if reused else selection_seconds,
-        brute_force_seconds=estimate, title=config.title or _default_title(config, modality),
-        extra=extra, search=search,
-    )
-    return SelectionResult(
-        role=trials.tuner_role(), recommendation=rec, candidates=records, paths=paths,
-        kendall_tau=correlations, selection_seconds=selection_seconds,
-        compute_seconds=sum(compute.values()), reused=reused,
-        brute_force_seconds=estimate, brute_force_measured_seconds=measured,
-        brute_force_choice=brute["choice"], matches_brute_force=brute["matches_recommendation"],
-        trials_run=trials_run, trials_reused=trials_reused,
-    )
+
+
+def _reused(runs: Sequence[_Candidate], trials_reused: int) -> bool:
+    return bool(trials_reused or any(r.profile_cached or r.transfer_cached for r in runs))
 
 
 def _record(run: _Candidate, plan: SearchPlan, config: SelectionConfig, brute: bool) -> Candidate:
