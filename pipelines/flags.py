@@ -74,6 +74,8 @@ def define_common_flags(default_monitor: str = "val_accuracy") -> None:
 
 def define_text_flags() -> None:
     flags.DEFINE_string("text_column", "0", "Text column: name (needs a header) or 0-based index.")
+    flags.DEFINE_string("text_pair_column", "", "Second text of a pair (MRPC, STS-B): column "
+                        "name or 0-based index; packed as [CLS] a [SEP] b [SEP]. Empty: single texts.")
     flags.DEFINE_string("label_column", "1", "Label column: name or 0-based index.")
     flags.DEFINE_enum("has_header", "auto", ["auto", "true", "false"], "Whether files have a header row.")
     flags.DEFINE_integer("sequence_length", 128, "Max word pieces per text, [CLS]/[SEP] included.")
@@ -89,6 +91,7 @@ def config_from_flags() -> ExperimentConfig:
         train_data=f.train_data or "",
         eval_data=f.eval_data or "",
         text_column=f.text_column if has("text_column") else "0",
+        text_pair_column=(f.text_pair_column or "") if has("text_pair_column") else "",
         label_column=f.label_column if has("label_column") else "1",
         has_header=f.has_header if has("has_header") else "auto",
         label_type=f.label_type,
@@ -167,7 +170,8 @@ def print_summary(result: dict, model_dir: str) -> None:
     """Prints the figures a person looks for after a run."""
     evaluation = result.get("eval") or {}
     lines = []
-    for key in ("accuracy", "macro_f1", "auc", "exact_match", "mae", "rmse"):
+    for key in ("accuracy", "f1", "macro_f1", "auc", "exact_match", "pearson", "spearman", "mse",
+                "mae", "rmse"):
         if evaluation.get(key) is not None:
             lines.append(f"{key}={evaluation[key]:.4f}")
     if lines:
