@@ -21,6 +21,7 @@ from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 from tfhub_finetune.metrics import (
+    ValidationSpearman,
     classification_report,
     multilabel_report,
     regression_report,
@@ -123,7 +124,12 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
 
     result: dict = {"backbone": config.model.backbone, "task": config.model.task, **task.summary}
     if config.mode != "eval":
+        # Spearman needs all validation predictions at once: computed by a callback, which
+        # must run before the callbacks that read the monitor.
         callbacks = [
+            ValidationSpearman(task.eval_dataset(), task.eval_targets())
+        ] if config.train.monitor == "val_spearman" else []
+        callbacks += [
             training.BestCheckpoint(model_dir, monitor=config.train.monitor),
             keras.callbacks.CSVLogger(str(model_dir / "training_log.csv"), append=True),
             keras.callbacks.TensorBoard(str(model_dir / "logs"), update_freq="epoch"),
