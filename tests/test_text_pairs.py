@@ -231,25 +231,40 @@ def test_regression_report_matches_scipy():
 # === A small real fine-tune on pairs ===
 
 
+def sample_rows(source: Path, target: Path, count: int, seed: int) -> str:
+    """A seeded sample of a TSV's rows, header kept (STS-B's files are ordered by genre)."""
+    header, *rows = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    picked = np.random.default_rng(seed).choice(len(rows), count, replace=False)
+    target.write_text(header + "".join(rows[i] for i in sorted(picked)), encoding="utf-8")
+    return str(target)
+
+
+@pytest.mark.slow
 def test_pair_regression_fine_tune_learns_and_exports(tmp_path, minilm_l3_dir):
     stsb = require_shared_path("data/stsb")
     config = ExperimentConfig(
         model_dir=str(tmp_path / "stsb"),
-        data=DataConfig(train_data=str(stsb / "train.tsv"), eval_data=str(stsb / "dev.tsv"),
+        data=DataConfig(train_data=sample_rows(stsb / "train.tsv", tmp_path / "train.tsv", 640, 0),
+                        eval_data=sample_rows(stsb / "dev.tsv", tmp_path / "dev.tsv", 300, 1),
                         text_column="sentence1", text_pair_column="sentence2",
-                        label_column="score", max_train_examples=320),
+                        label_column="score"),
         model=ModelConfig(backbone=str(minilm_l3_dir), task="regression", pooling="mean",
-                          sequence_length=48),
-        train=TrainConfig(epochs=2, batch_size=32, learning_rate=1e-4, monitor="val_pearson",
+                          sequence_length=40),
+        train=TrainConfig(epochs=3, batch_size=32, learning_rate=2e-4, monitor="val_pearson",
                           backup_every_steps=0),
     ).validate()
     task = TextClassificationTask(config)
     result = run_experiment(config, task)
     evaluation = json.loads((tmp_path / "stsb" / "metrics.json").read_text())["eval"]
-    assert evaluation["num_examples"] == 1500
+    assert evaluation["num_examples"] == 300
     assert {"pearson", "spearman", "mse"} <= set(evaluation)
-    # 320 pairs, 2 epochs: far from the full run, clearly above no correlation.
-    assert evaluation["pearson"] > 0.3 and evaluation["spearman"] > 0.3, evaluation
+    # 640 pairs, 60 steps of MiniLM-L3 (measured 0.40 / 0.37): far from the full run, but
+    # over 4 standard errors (1/sqrt(300) = 0.058) above no correlation.
+    assert evaluation["pearson"] > 0.25 and evaluation["spearman"] > 0.25, evaluation
+    # fit's streaming val_pearson is the exact whole-set figure, the one metrics.json has.
+    log = (tmp_path / "stsb" / "training_log.csv").read_text().splitlines()
+    header, last = log[0].split(","), log[-1].split(",")
+    assert float(last[header.index("val_pearson")]) == pytest.approx(evaluation["pearson"], abs=1e-5)
     params = json.loads((tmp_path / "stsb" / "params.json").read_text())
     assert params["data"]["text_pair_column"] == "sentence2"
 
@@ -260,6 +275,6 @@ def test_pair_regression_fine_tune_learns_and_exports(tmp_path, minilm_l3_dir):
     texts, pairs = ["A man is playing a flute.", "A cat sleeps."], ["A man plays a flute.",
                                                                       "The stock market fell."]
     served = loaded(text=tf.constant(texts), text_pair=tf.constant(pairs))["scores"].numpy()
-    expected = result["model"](training_inputs(task.backbone, texts, pairs, 48), training=False)
+    expected = result["model"](training_inputs(task.backbone, texts, pairs, 40), training=False)
     np.testing.assert_allclose(served, expected.numpy(), atol=1e-5)
     assert served[0, 0] > served[1, 0]  # A paraphrase scores above an unrelated pair.
