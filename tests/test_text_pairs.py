@@ -278,3 +278,25 @@ def test_pair_regression_fine_tune_learns_and_exports(tmp_path, minilm_l3_dir):
     expected = result["model"](training_inputs(task.backbone, texts, pairs, 40), training=False)
     np.testing.assert_allclose(served, expected.numpy(), atol=1e-5)
     assert served[0, 0] > served[1, 0]  # A paraphrase scores above an unrelated pair.
+
+
+def test_predict_feeds_pairs_to_both_exports(pair_setup, tmp_path):
+    from pipelines import predict
+
+    backbone, model, raw, token_ids_dir, _ = pair_setup
+    # A TSV cannot hold a tab inside a text: the tricky strings without one.
+    first = ["A man is playing a guitar.", TRICKY[0], TRICKY[3], LONG_TEXT]
+    second = ["", "Someone plays an instrument on a stage tonight.", TRICKY[7], TRICKY[9]]
+    source = tmp_path / "pairs.tsv"
+    source.write_text("sentence1\tsentence2\n" + "".join(
+        f"{a}\t{b}\n" for a, b in zip(first, second, strict=True)), encoding="utf-8")
+    expected = model(training_inputs(backbone, first, second), training=False).numpy()[:, 0]
+    for saved in (raw, token_ids_dir):
+        out = tmp_path / f"{saved.parent.name}.jsonl"
+        predict.run(str(saved), str(source), str(out), 3, text_column="sentence1",
+                    text_pair_column="sentence2")
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert [r["text_pair"] for r in rows] == second and [r["line"] for r in rows] == [2, 3, 4, 5]
+        np.testing.assert_allclose([r["scores"]["score"] for r in rows], expected, atol=1e-5)
+    with pytest.raises(InputError, match="takes text pairs"):
+        predict.run(str(raw), str(source), str(tmp_path / "x.jsonl"), 3, text_column="sentence1")
