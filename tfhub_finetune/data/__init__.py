@@ -7,7 +7,7 @@ TensorFlow.
 
 from __future__ import annotations
 
-import importlib
+from tfhub_finetune import lazy_exports
 
 _EXPORTS = {
     "LabelVocabulary": "tfhub_finetune.data.labels",
@@ -20,12 +20,7 @@ _EXPORTS = {
     "tokenize_texts": "tfhub_finetune.data.text",
 }
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tfhub_finetune.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)
