@@ -72,6 +72,8 @@ def define_common_flags(default_monitor: str = "val_accuracy") -> None:
 
 def define_text_flags() -> None:
     flags.DEFINE_string("text_column", "0", "Text column: name (needs a header) or 0-based index.")
+    flags.DEFINE_string("text_pair_column", "", "Second text of a pair (MRPC, STS-B): column "
+                        "name or 0-based index; packed as [CLS] a [SEP] b [SEP]. Empty: single texts.")
     flags.DEFINE_string("label_column", "1", "Label column: name or 0-based index.")
     flags.DEFINE_enum("has_header", "auto", ["auto", "true", "false"], "Whether files have a header row.")
     flags.DEFINE_integer("sequence_length", 128, "Max word pieces per text, [CLS]/[SEP] included.")

@@ -12,8 +12,9 @@ its `assets.extra/model_card.json`:
   `tfhub_finetune.text_client`, exactly as training did;
 - image model: the encoded bytes of each file.
 
-Inputs: a `.tsv`/`.txt` (tab-separated) or `.csv` file (text in
-`--text_column`; a header row is detected or set with `--has_header`), a
+Inputs: a `.tsv`/`.txt` (tab-separated, read with quoting off) or `.csv`
+file (text in `--text_column`, the second text of a pair model in
+`--text_pair_column`; a header row is detected or set with `--has_header`), a
 `.jsonl` file (text under `--text_key`), or a folder of images (searched
 recursively; `.jpg .jpeg .png .gif .bmp .webp`; hidden files ignored).
 
@@ -64,17 +65,22 @@ def define_flags() -> None:
     flags.DEFINE_enum("has_header", "auto", ["auto", "true", "false"],
                       "Whether .tsv/.csv inputs start with a header row.")
     flags.DEFINE_string("text_key", "text", "Key of the text in .jsonl inputs.")
+    flags.DEFINE_string("text_pair_column", "", "Models trained on text pairs: column of the "
+                        "second text in .tsv/.csv inputs (index or header name); in .jsonl "
+                        "inputs, its key (default `text_pair`).")
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
-_HEADER_WORDS = {"sentence", "text", "review", "content", "document", "question", "label"}
+_HEADER_WORDS = {"sentence", "text", "review", "content", "document", "question", "label",
+                 "sentence1", "sentence2", "score"}
 
 
 # === Inputs ===
 
 
-def read_texts(path: Path, text_column: str, has_header: str, text_key: str) -> list[dict]:
-    """Reads the texts to predict, each with its 1-based file line.
+def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
+               text_pair_column: str = "") -> list[dict]:
+    """Reads the texts (and second texts of pairs) to predict, each with its 1-based file line.
 
     Raises:
         InputError: for an unreadable or empty file, a row without the
@@ -93,7 +99,10 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str) -> 
     if not lines:
         raise InputError("Input file has no rows.", received={"input": str(path)})
     if path.suffix.lower() in (".jsonl", ".json"):
-        return [_json_text(path, number, line, text_key) for number, line in lines]
+        pair_key = None
+        if text_pair_column:
+            pair_key = "text_pair" if text_pair_column.lstrip("-").isdigit() else text_pair_column
+        return [_json_text(path, number, line, text_key, pair_key) for number, line in lines]
     delimiter = "," if path.suffix.lower() == ".csv" else "\t"
     quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
     rows = [
@@ -101,35 +110,45 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str) -> 
         for number, line in lines
     ]
     first = [cell.strip() for cell in rows[0][1]]
-    named = not text_column.lstrip("-").isdigit()
+    wanted = {"text_column": text_column}
+    if text_pair_column:
+        wanted["text_pair_column"] = text_pair_column
+    named = [c for c in wanted.values() if not c.lstrip("-").isdigit()]
     header = has_header == "true" or (
-        has_header == "auto" and ((named and text_column in first)
+        has_header == "auto" and (bool(set(named) & set(first))
                                   or bool({c.lower() for c in first} & _HEADER_WORDS))
     )
-    if named:
-        if not header or text_column not in first:
+    columns = {}
+    for flag, value in wanted.items():
+        if value.lstrip("-").isdigit():
+            columns[flag] = int(value)
+            continue
+        if not header or value not in first:
             raise InputError(
                 "The text column is not in the header row.",
-                received={"input": str(path), "text_column": text_column},
+                received={"input": str(path), flag: value},
                 fix=f"Header cells: {', '.join(first)}." if header
                 else "Give the column as a 0-based index.",
             )
-        column = first.index(text_column)
-    else:
-        column = int(text_column)
+        columns[flag] = first.index(value)
     texts = []
     for number, row in rows[1:] if header else rows:
-        if column >= len(row):
-            raise InputError(
-                f"Row {number} of {path} has {len(row)} column(s); the text column is {column}.",
-                received={"input": str(path), "row": number},
-                fix="Check the delimiter (tab for .tsv, comma for .csv) and --text_column.",
-            )
-        texts.append({"line": number, "text": row[column]})
+        record = {"line": number}
+        for flag, column in columns.items():
+            if column >= len(row):
+                what = "second text" if flag == "text_pair_column" else "text"
+                raise InputError(
+                    f"Row {number} of {path} has {len(row)} column(s); the {what} column is "
+                    f"{column}.",
+                    received={"input": str(path), "row": number},
+                    fix=f"Check the delimiter (tab for .tsv, comma for .csv) and --{flag}.",
+                )
+            record["text_pair" if flag == "text_pair_column" else "text"] = row[column]
+        texts.append(record)
     return texts
 
 
-def _json_text(path: Path, number: int, line: str, key: str) -> dict:
+def _json_text(path: Path, number: int, line: str, key: str, pair_key: str | None = None) -> dict:
     try:
         record = json.loads(line)
     except ValueError as err:
@@ -139,7 +158,14 @@ def _json_text(path: Path, number: int, line: str, key: str) -> dict:
         raise InputError(f"Row {number} of {path} lacks the `{key}` key.",
                          received={"input": str(path), "row": number},
                          fix="Set --text_key to the key that holds the text.")
-    return {"line": number, "text": str(record[key])}
+    if pair_key is not None and record.get(pair_key) is None:
+        raise InputError(f"Row {number} of {path} lacks the second text (`{pair_key}` key).",
+                         received={"input": str(path), "row": number},
+                         fix="Set --text_pair_column to the key that holds the second text.")
+    text = {"line": number, "text": str(record[key])}
+    if pair_key is not None:
+        text["text_pair"] = str(record[pair_key])
+    return text
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -190,6 +216,7 @@ class Predictor:
         self.kind = card.get("input")
         self.task = card.get("task", "single_label")
         self.labels = list(card.get("labels", []))
+        self.pairs = "text_pair" in card.get("preprocessing", {}).get("text_inputs", [])
         self.client = None
         if self.kind == "token_ids":
             from tfhub_finetune.text_client import TextClient
@@ -219,14 +246,17 @@ class Predictor:
     def modality(self) -> str:
         return "image" if self.kind == "image_bytes" else "text"
 
-    def predict(self, inputs: list) -> list[dict]:
-        """Predicts a batch of texts (str) or encoded images (bytes)."""
+    def predict(self, inputs: list, pairs: list | None = None) -> list[dict]:
+        """Predicts a batch of texts (str; `pairs`: their second texts) or encoded images (bytes)."""
         tf = self._tf
         if self.kind == "token_ids":
-            encoded = self.client.encode(inputs)
+            encoded = self.client.encode(inputs, pairs)
             outputs = self.signature(**{k: tf.constant(v, tf.int32) for k, v in encoded.items()})
         elif self.kind == "strings":
-            outputs = self.signature(text=tf.constant(inputs, tf.string))
+            texts = {"text": tf.constant(inputs, tf.string)}
+            if pairs is not None:
+                texts["text_pair"] = tf.constant(pairs, tf.string)
+            outputs = self.signature(**texts)
         else:
             outputs = self.signature(image_bytes=tf.constant(inputs, tf.string))
         return self._rows({k: v.numpy() for k, v in outputs.items()}, len(inputs))
@@ -260,7 +290,7 @@ def _named(names: list[str], values) -> dict[str, float]:
 
 
 def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text_column: str = "0",
-        has_header: str = "auto", text_key: str = "text") -> dict:
+        has_header: str = "auto", text_key: str = "text", text_pair_column: str = "") -> dict:
     """Predicts every input and writes JSON lines; returns `{count, errors, output}`.
 
     Raises:
@@ -293,10 +323,18 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
     if predictor.modality == "text" and source.is_dir():
         raise InputError("This is a text model; the input must be a text file.",
                          received={"input": input_path, "saved_model": str(predictor.path)})
+    if predictor.modality == "text" and predictor.pairs != bool(text_pair_column):
+        raise InputError(
+            "This model takes text pairs; give the second text's column." if predictor.pairs
+            else "This model takes single texts, not pairs.",
+            received={"saved_model": str(predictor.path), "text_pair_column": text_pair_column},
+            fix="Set --text_pair_column (e.g. sentence2)." if predictor.pairs
+            else "Leave --text_pair_column empty.",
+        )
     if source.is_dir():
         records = [{"path": str(p)} for p in find_images(source)]
     else:
-        records = read_texts(source, text_column, has_header, text_key)
+        records = read_texts(source, text_column, has_header, text_key, text_pair_column)
 
     from tfhub_finetune.io_utils import atomic_path
 
@@ -317,7 +355,8 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
 
 def _predict_batch(predictor: Predictor, batch: list[dict]) -> list[dict]:
     if predictor.modality == "text":
-        return predictor.predict([r["text"] for r in batch])
+        pairs = [r["text_pair"] for r in batch] if predictor.pairs else None
+        return predictor.predict([r["text"] for r in batch], pairs)
     contents = [Path(r["path"]).read_bytes() for r in batch]
     import tensorflow as tf
 
@@ -354,7 +393,7 @@ def main(argv):
                          fix="Set --saved_model, --input and --output.")
     result = run(FLAGS.saved_model, FLAGS.input, FLAGS.output, FLAGS.batch_size,
                  text_column=FLAGS.text_column, has_header=FLAGS.has_header,
-                 text_key=FLAGS.text_key)
+                 text_key=FLAGS.text_key, text_pair_column=FLAGS.text_pair_column)
     note = f", {result['errors']} could not be predicted (see their `error`)" if result["errors"] else ""
     print(f"Wrote {result['count']} predictions to {result['output']}{note}.")
 

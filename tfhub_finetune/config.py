@@ -31,6 +31,9 @@ class DataConfig:
         eval_data: str. Evaluation source; empty means split `validation_split`
             off the training data.
         text_column: str. Column name or 0-based index (text data).
+        text_pair_column: str. Column name or 0-based index of the second
+            text of a pair (`[CLS] a [SEP] b [SEP]`); empty for single texts.
+            Defaults to `""`.
         label_column: str. Column name or 0-based index.
         has_header: str. `auto`, `true` or `false`.
         label_type: str. `auto`, `id` or `name`.
@@ -53,6 +56,7 @@ class DataConfig:
     train_data: str = ""
     eval_data: str = ""
     text_column: str = "0"
+    text_pair_column: str = ""
     label_column: str = "1"
     has_header: str = "auto"
     label_type: str = "auto"
@@ -198,6 +202,12 @@ class ExperimentConfig:
         if not isinstance(self.data.crop_to_aspect_ratio, bool):
             _bad("crop_to_aspect_ratio", self.data.crop_to_aspect_ratio,
                  "--crop_to_aspect_ratio must be a boolean.", "Expected True or False.")
+        if self.data.text_pair_column and self.data.text_pair_column in (
+            self.data.text_column, self.data.label_column
+        ):
+            _bad("text_pair_column", self.data.text_pair_column,
+                 "The second text's column is already the text or label column.",
+                 "Give the column that holds the second text of each pair.")
         if t.clip_norm < 0:
             _bad("clip_norm", t.clip_norm, "Clip norm must be >= 0.")
         if t.backup_every_steps < 0:

@@ -21,6 +21,7 @@ from tfhub_finetune.config import ExperimentConfig, keras_verbose
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 from tfhub_finetune.metrics import (
+    ValidationSpearman,
     classification_report,
     multilabel_report,
     regression_report,
@@ -174,7 +175,12 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
 
     result: dict = {"backbone": config.model.backbone, "task": config.model.task, **task.summary}
     if config.mode != "eval":
-        callbacks = training_callbacks(config, model_dir)
+        # Spearman needs all validation predictions at once: computed by a callback, which
+        # must run before the callbacks that read the monitor.
+        callbacks = [
+            ValidationSpearman(task.eval_dataset(), task.eval_targets())
+        ] if config.train.monitor == "val_spearman" else []
+        callbacks += training_callbacks(config, model_dir)
         train_started = time.time()
         outcome = fit_task(model, task, config, model_dir, callbacks)
         train_seconds = time.time() - train_started

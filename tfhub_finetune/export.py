@@ -25,10 +25,14 @@ TF Text ops; the exact op list is in the model card under `custom_ops`):
   regression: `scores` float32 `[batch, outputs]`. Tokenization uses the
   backbone's own tokenizer, truncates to the trained `sequence_length`
   ([CLS]/[SEP] included) and pads each batch to its longest sequence,
-  exactly as training did.
+  exactly as training did (`data.text.pack_inputs`). A model trained on
+  pairs takes `serving_default(text: string[batch], text_pair:
+  string[batch])`, packed `[CLS] text [SEP] text_pair [SEP]` with segment
+  ids 0/1, the longer text truncated first.
 - `classify(inputs: string[batch])`, Classify API (method name
   `tensorflow/serving/classify`): serialized `tf.train.Example`s with a
-  bytes feature `text` -> `classes` string `[batch, classes]`, `scores`
+  bytes feature `text` (and `text_pair` for pairs) -> `classes` string
+  `[batch, classes]`, `scores`
   float32 `[batch, classes]`. Regression models with one output get
   `regress` (Regress API, `outputs` float32 `[batch]`) instead. TF Serving
   routes Classify/Regress requests to `serving_default` unless told, so set
@@ -119,6 +123,7 @@ import tensorflow as tf
 from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.data.text import pack_inputs
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import atomic_path, staging_dir
 
@@ -128,6 +133,7 @@ MODEL_CARD_FILE = "model_card.json"
 VOCAB_FILE = "vocab.txt"
 TOKEN_IDS_SUFFIX = "_token_ids"
 TEXT_FEATURE = "text"
+TEXT_PAIR_FEATURE = "text_pair"
 IMAGE_FEATURE = "image/encoded"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
@@ -151,9 +157,15 @@ def export_text_classifier(
     model_dir: str | os.PathLike | None = None,
     metrics: dict[str, Any] | None = None,
     sequence_length: int | None = None,
+    text_pair: bool | None = None,
     measure_latency: bool = True,
 ) -> str:
     """Writes a text classifier as two TF Serving SavedModels: raw strings and token ids.
+
+    A model trained on text pairs gets two string inputs, `text` and
+    `text_pair`, packed `[CLS] a [SEP] b [SEP]` as in training
+    (`data.text.pack_inputs`); its token-id twin takes the same three inputs
+    as any text model, which `text_client` fills for pairs too.
 
     See the module docstring for the signatures and for what each kind of
     bad input returns.
@@ -178,6 +190,9 @@ def export_text_classifier(
         sequence_length: int or None. Longest packed sequence ([CLS]/[SEP]
             included). Defaults to the trained one from `params.json`, else
             128.
+        text_pair: bool or None. Whether the model takes text pairs.
+            Defaults to what `params.json` says (`data.text_pair_column`
+            set), else False.
         measure_latency: bool. Time batch-1 calls for the model card (about
             a second). Defaults to `True`.
 
@@ -216,6 +231,8 @@ def export_text_classifier(
     params = _read_json(model_dir, "params.json")
     model_name = _model_name(model_name, model_dir, model)
     sequence_length = _sequence_length(sequence_length, params, backbone)
+    if text_pair is None:
+        text_pair = bool((params or {}).get("data", {}).get("text_pair_column"))
     tokenizer = backbone.tokenizer
     start_id, end_id, pad_id = int(tokenizer.start_id), int(tokenizer.end_id), int(tokenizer.pad_id)
     vocab_size = int(tokenizer.vocabulary_size)
@@ -225,34 +242,34 @@ def export_text_classifier(
 
     # === Functions ===
 
-    def from_strings(text: tf.Tensor) -> tf.Tensor:
+    def pieces(text: tf.Tensor) -> tf.RaggedTensor:
         # Invalid UTF-8 would make the tokenizer's regex and normalizer ops
         # fail or misbehave; U+FFFD keeps the rest of the text usable.
         text = tf.strings.unicode_transcode(
             text, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD
         )
-        pieces = tf.cast(tokenizer.tokenize(text), tf.int32)[:, : sequence_length - 2]
-        rows = pieces.nrows()
-        column = lambda value: tf.RaggedTensor.from_tensor(tf.fill([rows, 1], value))  # noqa: E731
-        packed = tf.concat([column(start_id), pieces, column(end_id)], axis=1)
-        token_ids = packed.to_tensor(default_value=pad_id)
-        inputs = {
-            "token_ids": token_ids,
-            "padding_mask": tf.ones_like(packed).to_tensor(default_value=0),
-            "segment_ids": tf.zeros_like(token_ids),
-        }
+        return tokenizer.tokenize(text)
+
+    def from_strings(*texts: tf.Tensor) -> tf.Tensor:
+        inputs = pack_inputs(*(pieces(t) for t in texts), sequence_length=sequence_length,
+                             start_id=start_id, end_id=end_id, pad_id=pad_id)
         return model(inputs, training=False)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
-    def serve_text(text):
-        return _prediction_outputs(from_strings(text), task, names_tensor)
+    string_inputs = (TEXT_FEATURE, TEXT_PAIR_FEATURE) if text_pair else (TEXT_FEATURE,)
+    string_specs = [tf.TensorSpec([None], tf.string, name=n) for n in string_inputs]
+
+    @tf.function(input_signature=string_specs)
+    def serve_text(*texts):
+        return _prediction_outputs(from_strings(*texts), task, names_tensor)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
     def serve_examples(serialized):
         features = tf.io.parse_example(
-            serialized, {TEXT_FEATURE: tf.io.FixedLenFeature([], tf.string)}
+            serialized, {n: tf.io.FixedLenFeature([], tf.string) for n in string_inputs}
         )
-        return _tf_serving_outputs(from_strings(features[TEXT_FEATURE]), task, names_tensor)
+        return _tf_serving_outputs(
+            from_strings(*(features[n] for n in string_inputs)), task, names_tensor
+        )
 
     token_spec = {n: tf.TensorSpec([None, None], tf.int32, name=n) for n in TEXT_INPUTS}
 
@@ -268,19 +285,27 @@ def export_text_classifier(
     # === Model card ===
 
     client = _client_tokenizer_settings(backbone)
-    sample = {"text": tf.constant(["a thoughtful, beautifully acted film that drags at the end"])}
+    sample = {n: tf.constant(["a thoughtful, beautifully acted film that drags at the end"])
+              for n in string_inputs}
     latency = {}
     if measure_latency:
         latency["serving_default"] = _median_ms(raw_signatures["serving_default"], sample)
-        sample_ids = _pack_for_latency(tokenizer, sample["text"], sequence_length, start_id, end_id)
+        sample_ids = pack_inputs(
+            *(tokenizer.tokenize(t) for t in sample.values()), sequence_length=sequence_length,
+            start_id=start_id, end_id=end_id, pad_id=pad_id,
+        )
         latency["serving_default (token ids)"] = _median_ms(
             ids_signatures["serving_default"], sample_ids
         )
     preprocessing = {
         "modality": "text",
         "sequence_length": sequence_length,
-        "truncation": "word pieces beyond sequence_length - 2 are dropped; [CLS] and [SEP] "
-        "are always added",
+        "text_inputs": list(string_inputs),
+        "packing": "[CLS] text [SEP] text_pair [SEP], segment ids 0 then 1" if text_pair
+        else "[CLS] text [SEP], segment ids 0",
+        "truncation": "to sequence_length with [CLS] and [SEP] always added; of a pair, the "
+        "longer text loses word pieces first" if text_pair else "word pieces beyond "
+        "sequence_length - 2 are dropped; [CLS] and [SEP] are always added",
         "padding": "each batch is padded to its longest sequence",
         "start_id": start_id,
         "end_id": end_id,
@@ -383,12 +408,6 @@ def _checked_token_inputs(
         ))
     with tf.control_dependencies([c for c in checks if c is not None]):
         return {name: tf.identity(inputs[name]) for name in TEXT_INPUTS}
-
-
-def _pack_for_latency(tokenizer, text, sequence_length, start_id, end_id) -> dict[str, tf.Tensor]:
-    pieces = tokenizer.tokenize(text)[:, : sequence_length - 2].to_tensor()
-    ids = tf.concat([[[start_id]], tf.cast(pieces, tf.int32), [[end_id]]], axis=1)
-    return {"token_ids": ids, "padding_mask": tf.ones_like(ids), "segment_ids": tf.zeros_like(ids)}
 
 
 def _client_tokenizer_settings(backbone: TextBackbone) -> dict[str, Any] | None:

@@ -68,10 +68,80 @@ class BinaryAUC(keras.metrics.AUC):
         return super().update_state(*_positive_class(y_true, y_pred), sample_weight)
 
 
+@keras.saving.register_keras_serializable(package="tfhub_finetune")
+class PearsonCorrelation(keras.metrics.Metric):
+    """Pearson's r over every example seen since the last reset (not a mean of batch values).
+
+    Keeps the five running sums (n, x, y, x^2, y^2, xy) of the first output
+    against its target, so `val_pearson` is the correlation over the whole
+    validation set, the number `regression_report` writes to metrics.json.
+    Keras' own `PearsonCorrelation` averages per-batch correlations, which
+    differ from it on small or length-bucketed batches.
+
+    Example:
+
+    ```python
+    model.compile(loss="mse", metrics=[PearsonCorrelation()])
+    ```
+    """
+
+    def __init__(self, name: str = "pearson", **kwargs):
+        super().__init__(name=name, **kwargs)
+        # float64 sums: STS-B scores squared over a large set lose digits in float32.
+        self.sums = self.add_variable(shape=(6,), initializer="zeros", dtype="float64", name="sums")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        x = keras.ops.cast(keras.ops.reshape(y_pred[..., :1], (-1,)), "float64")
+        y = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "float64")[: keras.ops.shape(x)[0]]
+        n = keras.ops.cast(keras.ops.shape(x)[0], "float64")
+        batch = keras.ops.stack([
+            n, keras.ops.sum(x), keras.ops.sum(y), keras.ops.sum(x * x), keras.ops.sum(y * y),
+            keras.ops.sum(x * y),
+        ])
+        self.sums.assign_add(batch)
+
+    def result(self):
+        n, sx, sy, sxx, syy, sxy = (self.sums[i] for i in range(6))
+        cov = n * sxy - sx * sy
+        var = (n * sxx - sx * sx) * (n * syy - sy * sy)
+        r = cov / keras.ops.sqrt(keras.ops.maximum(var, 1e-300))
+        return keras.ops.cast(keras.ops.where(var > 0, r, 0.0), "float32")
+
+    def reset_state(self):
+        self.sums.assign(keras.ops.zeros((6,), "float64"))
+
+
+class ValidationSpearman(keras.callbacks.Callback):
+    """Adds `val_spearman` (over the whole validation set) to the epoch logs.
+
+    Spearman's rho needs every prediction's rank, so it cannot be a streaming
+    Keras metric; this predicts the validation data once per epoch (one extra
+    inference pass). Put it before the callbacks that read the monitor.
+
+    Example:
+
+    ```python
+    model.fit(train, validation_data=dev, callbacks=[ValidationSpearman(dev, y_dev), ...])
+    ```
+    """
+
+    def __init__(self, data, targets: np.ndarray):
+        super().__init__()
+        self.data, self.targets = data, np.asarray(targets)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        scores = self.model.predict(self.data, verbose=0)
+        value = spearman(self.targets, np.asarray(scores).reshape(len(self.targets), -1)[:, 0])
+        logs["val_spearman"] = float("nan") if value is None else value
+
+
 def training_metrics(task: str, num_classes: int) -> list[keras.metrics.Metric]:
     """The metrics `fit` reports for a task (fresh objects each call)."""
     if task == "regression":
-        return [keras.metrics.MeanAbsoluteError(name="mae"), keras.metrics.RootMeanSquaredError(name="rmse")]
+        return [keras.metrics.MeanAbsoluteError(name="mae"),
+                keras.metrics.RootMeanSquaredError(name="rmse"), PearsonCorrelation()]
     if task == "multi_label":
         return [
             keras.metrics.BinaryAccuracy(name="accuracy"),
@@ -156,21 +226,59 @@ def classification_report(
         "confusion_matrix": confusion.tolist(),
     }
     if k == 2:
+        # GLUE's F1 for MRPC/QQP: of class id 1 (paraphrase, duplicate).
+        report["f1"] = per_class[label_names[1]]["f1"]
         report["auc"] = binary_auc(y_true == 1, probabilities[:, 1])
     return report
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given the mean of their ranks (as `scipy.stats.rankdata`)."""
+    values = np.asarray(values)
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    # Start of each run of equal values, and each position's run.
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    run = np.repeat(np.arange(len(starts)), ends - starts)
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = ((starts + ends - 1) / 2 + 1)[run]
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson's r; None when either side is constant or has under two values."""
+    x, y = np.asarray(x, np.float64).reshape(-1), np.asarray(y, np.float64).reshape(-1)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rho: Pearson's r of the tie-averaged ranks (as `scipy.stats.spearmanr`)."""
+    x, y = np.asarray(x).reshape(-1), np.asarray(y).reshape(-1)
+    return pearson(average_ranks(x), average_ranks(y)) if len(x) > 1 else None
+
+
 def regression_report(y_true: np.ndarray, scores: np.ndarray) -> dict:
-    """MAE, RMSE and Pearson correlation for regression."""
-    y_true = np.asarray(y_true, np.float64).reshape(-1)
-    scores = np.asarray(scores, np.float64).reshape(-1)
+    """MAE, MSE, RMSE, Pearson and Spearman correlation for regression (first output).
+
+    Example:
+
+    ```python
+    regression_report(np.array([0.0, 2.5, 5.0]), np.array([[0.4], [2.0], [4.1]]))["spearman"]  # 1.0
+    ```
+    """
+    y_true = np.asarray(y_true, np.float64).reshape(len(y_true), -1)[:, 0]
+    scores = np.asarray(scores, np.float64).reshape(len(y_true), -1)[:, 0]
     err = scores - y_true
-    pearson = float(np.corrcoef(y_true, scores)[0, 1]) if len(y_true) > 1 else None
     return {
         "num_examples": int(len(y_true)),
-        "mae": float(np.abs(err).mean()),
-        "rmse": float(np.sqrt((err**2).mean())),
-        "pearson": pearson,
+        "mae": float(np.abs(err).mean()) if len(err) else None,
+        "mse": float((err**2).mean()) if len(err) else None,
+        "rmse": float(np.sqrt((err**2).mean())) if len(err) else None,
+        "pearson": pearson(y_true, scores),
+        "spearman": spearman(y_true, scores),
     }
 
 

@@ -21,9 +21,11 @@ SST-2 dev sentences in `tests/test_export.py`):
 6. WordPiece: greedy longest match first with the `##` continuation prefix;
    a word longer than 100 UTF-8 bytes, or one that cannot be covered by the
    vocabulary, becomes a single `[UNK]`.
-7. Packing: `[CLS] pieces[:sequence_length - 2] [SEP]`, padded with the pad
-   id to the longest sequence of the batch; `padding_mask` is 1 on real
-   tokens; `segment_ids` are 0.
+7. Packing: `[CLS] pieces[:sequence_length - 2] [SEP]`, or for a pair
+   `[CLS] a [SEP] b [SEP]` with segment ids 0/1 and the longer side truncated
+   first (`tfhub_finetune.data.packing.pack_ids`, the rule training's
+   `pack_inputs` uses), padded with the pad id to the longest sequence of
+   the batch; `padding_mask` is 1 on real tokens.
 
 Everything it needs is beside the SavedModel: `assets.extra/vocab.txt` and
 the `preprocessing` section of `assets.extra/model_card.json`.
@@ -37,6 +39,7 @@ client = TextClient.from_saved_model("exports/sst2_token_ids/1")
 inputs = client.encode(["a gorgeous, witty film", "dull"])
 body = client.predict_request(["a gorgeous, witty film"])  # TF Serving REST JSON
 # POST body to http://host:8501/v1/models/sst2_token_ids:predict
+pairs = client.encode(["A man plays."], ["Someone plays music."])  # pair models
 ```
 
 The characters classes come from Python's `unicodedata` (Unicode 14 on
@@ -51,6 +54,8 @@ import os
 import unicodedata
 from collections.abc import Sequence
 from typing import Any
+
+from tfhub_finetune.data.packing import pack_ids
 
 MODEL_CARD = os.path.join("assets.extra", "model_card.json")
 VOCAB_FILE = os.path.join("assets.extra", "vocab.txt")
@@ -277,11 +282,17 @@ class TextClient:
         """
         return [i for word in self.pretokenize(text) for i in self._word_pieces(word)]
 
-    def encode(self, texts: Sequence[str | bytes]) -> dict[str, list[list[int]]]:
-        """The token-id SavedModel's three inputs for a batch of texts.
+    def encode(
+        self,
+        texts: Sequence[str | bytes],
+        text_pairs: Sequence[str | bytes] | None = None,
+    ) -> dict[str, list[list[int]]]:
+        """The token-id SavedModel's three inputs for a batch of texts (or pairs).
 
         Args:
             texts: list of str or bytes.
+            text_pairs: list of str or bytes, or None. Second texts, for a
+                model trained on pairs (`[CLS] a [SEP] b [SEP]`).
 
         Returns:
             A dict with `token_ids`, `padding_mask` and `segment_ids`, each a
@@ -294,19 +305,32 @@ class TextClient:
         # [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
         ```
         """
-        if isinstance(texts, (str, bytes)):
+        if isinstance(texts, (str, bytes)) or isinstance(text_pairs, (str, bytes)):
             raise TypeError("`encode` takes a list of texts; wrap a single text in a list.")
-        limit = self.sequence_length - 2
-        rows = [[self.start_id, *self.tokenize(t)[:limit], self.end_id] for t in texts]
-        width = max((len(r) for r in rows), default=2)
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise ValueError(
+                f"`text_pairs` must match `texts`. Received: {len(texts)} texts and "
+                f"{len(text_pairs)} text_pairs."
+            )
+        seconds = [None] * len(texts) if text_pairs is None else text_pairs
+        rows = [
+            pack_ids(self.tokenize(a), None if b is None else self.tokenize(b),
+                     sequence_length=self.sequence_length, start_id=self.start_id,
+                     end_id=self.end_id)
+            for a, b in zip(texts, seconds, strict=True)
+        ]
+        width = max((len(ids) for ids, _ in rows), default=2)
         return {
-            "token_ids": [r + [self.pad_id] * (width - len(r)) for r in rows],
-            "padding_mask": [[1] * len(r) + [0] * (width - len(r)) for r in rows],
-            "segment_ids": [[0] * width for _ in rows],
+            "token_ids": [ids + [self.pad_id] * (width - len(ids)) for ids, _ in rows],
+            "padding_mask": [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows],
+            "segment_ids": [segments + [0] * (width - len(segments)) for _, segments in rows],
         }
 
     def predict_request(
-        self, texts: Sequence[str | bytes], signature_name: str = "serving_default"
+        self,
+        texts: Sequence[str | bytes],
+        signature_name: str = "serving_default",
+        text_pairs: Sequence[str | bytes] | None = None,
     ) -> dict[str, Any]:
         """A TF Serving REST `:predict` body (columnar `inputs` format).
 
@@ -317,4 +341,4 @@ class TextClient:
                       json=client.predict_request(["fine"]))
         ```
         """
-        return {"signature_name": signature_name, "inputs": self.encode(texts)}
+        return {"signature_name": signature_name, "inputs": self.encode(texts, text_pairs)}

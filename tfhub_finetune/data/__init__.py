@@ -1,15 +1,26 @@
-"""Data: readers for files/TFDS, label vocabularies, and tf.data pipelines."""
+"""Data: readers for files/TFDS, label vocabularies, and tf.data pipelines.
 
-from tfhub_finetune.data.labels import LabelVocabulary
-from tfhub_finetune.data.sources import TextExamples, read_text_examples, split_examples
-from tfhub_finetune.data.text import TokenizedTexts, make_text_dataset, tokenize_texts
+Lazy, like the top-level package: `data.packing` is imported by the
+TensorFlow-free `text_client`, so importing this package must not import
+TensorFlow.
+"""
 
-__all__ = [
-    "LabelVocabulary",
-    "TextExamples",
-    "TokenizedTexts",
-    "make_text_dataset",
-    "read_text_examples",
-    "split_examples",
-    "tokenize_texts",
-]
+from __future__ import annotations
+
+from tfhub_finetune import lazy_exports
+
+_EXPORTS = {
+    "LabelVocabulary": "tfhub_finetune.data.labels",
+    "TextExamples": "tfhub_finetune.data.sources",
+    "read_text_examples": "tfhub_finetune.data.sources",
+    "split_examples": "tfhub_finetune.data.sources",
+    "TokenizedTexts": "tfhub_finetune.data.text",
+    "make_text_dataset": "tfhub_finetune.data.text",
+    "pack_inputs": "tfhub_finetune.data.text",
+    "tokenize_texts": "tfhub_finetune.data.text",
+}
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+
+__all__ = sorted(_EXPORTS)

@@ -38,6 +38,8 @@ class TextExamples:
         rows: list of int. 1-based row number of each example in the file
             (for error messages).
         skipped_blank: int. Blank lines skipped.
+        pairs: list of str or None. Second text of each pair (None for
+            single-text data).
     """
 
     texts: list[str]
@@ -45,6 +47,7 @@ class TextExamples:
     source: str
     rows: list[int]
     skipped_blank: int = 0
+    pairs: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -55,6 +58,7 @@ class TextExamples:
             labels=[self.labels[i] for i in indices],
             source=self.source,
             rows=[self.rows[i] for i in indices],
+            pairs=None if self.pairs is None else [self.pairs[i] for i in indices],
         )
 
 
@@ -66,8 +70,13 @@ def read_text_examples(
     has_header: str | bool = "auto",
     split: str = "train",
     encoding: str = "utf-8",
+    text_pair_column: str | int | None = None,
 ) -> TextExamples:
-    """Reads a labelled text data set.
+    """Reads a labelled text (or text-pair) data set.
+
+    Tab-separated files are read with quoting off: a `"` is a character, not
+    a delimiter, so the raw unbalanced quotes of MRPC and STS-B stay in their
+    sentences and every line is one row. Control characters are kept.
 
     Args:
         source: str. A `.csv`, `.tsv`/`.txt` or `.jsonl` file, or
@@ -79,6 +88,8 @@ def read_text_examples(
             header when it contains a column name or a typical header word.
         split: str. TFDS split name.
         encoding: str. File encoding.
+        text_pair_column: str, int or None. Column name or index (JSONL key,
+            TFDS feature) of the second text of a pair; None for single texts.
 
     Returns:
         TextExamples.
@@ -90,10 +101,13 @@ def read_text_examples(
 
     ```python
     train = read_text_examples("../shared/data/sst2/train.tsv")
+    mrpc = read_text_examples("../shared/data/mrpc/train.tsv", text_column="sentence1",
+                              text_pair_column="sentence2", label_column="label")
     ```
     """
     if source.startswith(TFDS_PREFIX):
-        return _read_tfds(source[len(TFDS_PREFIX):], text_column, label_column, split)
+        return _read_tfds(source[len(TFDS_PREFIX):], text_column, label_column, split,
+                          text_pair_column)
     path = Path(source)
     if not path.exists():
         raise InputError(
@@ -107,9 +121,10 @@ def read_text_examples(
         )
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, text_column, label_column, encoding)
+        return _read_jsonl(path, text_column, label_column, encoding, text_pair_column)
     delimiter = "," if suffix == ".csv" else "\t"
-    return _read_delimited(path, delimiter, text_column, label_column, has_header, encoding)
+    return _read_delimited(path, delimiter, text_column, label_column, has_header, encoding,
+                           text_pair_column)
 
 
 def _decoded_lines(path: Path, encoding: str):
@@ -151,7 +166,8 @@ def _column_index(column: str | int, header: list[str] | None, path: Path, what:
     return header.index(column)
 
 
-def _read_delimited(path, delimiter, text_column, label_column, has_header, encoding):
+def _read_delimited(path, delimiter, text_column, label_column, has_header, encoding,
+                    text_pair_column=None):
     lines = list(_decoded_lines(path, encoding))
     blank = sum(1 for _, line in lines if not line.strip())
     lines = [(n, line) for n, line in lines if line.strip()]
@@ -162,7 +178,8 @@ def _read_delimited(path, delimiter, text_column, label_column, has_header, enco
     numbers = [n for n, _ in lines]
     header = None
     first = [cell.strip() for cell in rows[0]]
-    named = {c for c in (text_column, label_column) if isinstance(c, str) and not c.isdigit()}
+    named = {c for c in (text_column, label_column, text_pair_column)
+             if isinstance(c, str) and not c.isdigit()}
     if has_header is True or (
         has_header == "auto"
         and (named & set(first) or {c.lower() for c in first} & _HEADER_WORDS)
@@ -171,8 +188,16 @@ def _read_delimited(path, delimiter, text_column, label_column, has_header, enco
         rows, numbers = rows[1:], numbers[1:]
     t_idx = _column_index(text_column, header, path, "text")
     l_idx = _column_index(label_column, header, path, "label")
-    texts, labels = [], []
+    p_idx = None if text_pair_column is None else _column_index(
+        text_pair_column, header, path, "text_pair")
+    texts, labels, pairs = [], [], None if p_idx is None else []
     for number, row in zip(numbers, rows, strict=True):
+        if p_idx is not None and p_idx >= len(row) and max(t_idx, l_idx) < len(row):
+            raise InputError(
+                f"Row {number} of {path} has no second text (column {p_idx}).",
+                received={"file": str(path), "row": number, "text_pair_column": text_pair_column},
+                fix="Each row of a pair data set needs both texts; remove the row or fill it in.",
+            )
         if max(t_idx, l_idx) >= len(row):
             raise InputError(
                 f"Row {number} of {path} has {len(row)} column(s); expected at least "
@@ -182,11 +207,23 @@ def _read_delimited(path, delimiter, text_column, label_column, has_header, enco
             )
         text, label = row[t_idx].strip(), row[l_idx].strip()
         _check_cells(path, number, text, label)
+        if p_idx is not None:
+            pairs.append(_pair_cell(path, number, row[p_idx].strip()))
         texts.append(text)
         labels.append(label)
     if blank:
         logging.warning("%s: skipped %d blank line(s).", path, blank)
-    return TextExamples(texts, labels, str(path), numbers, skipped_blank=blank)
+    return TextExamples(texts, labels, str(path), numbers, skipped_blank=blank, pairs=pairs)
+
+
+def _pair_cell(path, number, text):
+    if not text:
+        raise InputError(
+            f"Row {number} of {path} has an empty second text.",
+            received={"file": str(path), "row": number},
+            fix="Each row of a pair data set needs both texts; remove the row or fill it in.",
+        )
+    return text
 
 
 def _check_cells(path, number, text, label):
@@ -204,12 +241,16 @@ def _check_cells(path, number, text, label):
         )
 
 
-def _read_jsonl(path, text_column, label_column, encoding):
+def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None):
     text_key = text_column if isinstance(text_column, str) and not text_column.isdigit() else "text"
     label_key = (
         label_column if isinstance(label_column, str) and not label_column.isdigit() else "label"
     )
+    pair_key = None if text_pair_column is None else (
+        text_pair_column if isinstance(text_pair_column, str) and not text_pair_column.isdigit()
+        else "text_pair")
     texts, labels, numbers, blank = [], [], [], 0
+    pairs = None if pair_key is None else []
     for number, line in _decoded_lines(path, encoding):
         if not line.strip():
             blank += 1
@@ -228,6 +269,14 @@ def _read_jsonl(path, text_column, label_column, encoding):
                 received={"file": str(path), "row": number},
                 fix=f"Keys found: {keys}. Set --text_column/--label_column.",
             )
+        if pair_key is not None:
+            if record.get(pair_key) is None:
+                raise InputError(
+                    f"Row {number} of {path} has no second text (key `{pair_key}`).",
+                    received={"file": str(path), "row": number, "text_pair_column": pair_key},
+                    fix="Each row of a pair data set needs both texts; remove the row or fill it in.",
+                )
+            pairs.append(_pair_cell(path, number, str(record[pair_key]).strip()))
         text = str(record[text_key]).strip()
         label = record[label_key]
         label = ",".join(map(str, label)) if isinstance(label, list) else str(label).strip()
@@ -239,10 +288,10 @@ def _read_jsonl(path, text_column, label_column, encoding):
         raise InputError("Data file has no rows.", received={"file": str(path)})
     if blank:
         logging.warning("%s: skipped %d blank line(s).", path, blank)
-    return TextExamples(texts, labels, str(path), numbers, skipped_blank=blank)
+    return TextExamples(texts, labels, str(path), numbers, skipped_blank=blank, pairs=pairs)
 
 
-def _read_tfds(name, text_column, label_column, split):
+def _read_tfds(name, text_column, label_column, split, text_pair_column=None):
     import tensorflow_datasets as tfds
 
     data_dir = os.environ.get("TFDS_DATA_DIR")
@@ -261,6 +310,16 @@ def _read_tfds(name, text_column, label_column, split):
     label_key = (
         label_column if isinstance(label_column, str) and not label_column.isdigit() else "label"
     )
+    pair_key = None
+    if text_pair_column is not None:
+        pair_key = (text_pair_column if isinstance(text_pair_column, str)
+                    and not text_pair_column.isdigit() else "sentence2")
+        if pair_key not in features:
+            raise InputError(
+                "TFDS data set lacks the second-text feature.",
+                received={"data": name, "text_pair_column": pair_key},
+                fix=f"Features: {', '.join(features)}.",
+            )
     if text_key not in features or label_key not in features:
         raise InputError(
             "TFDS data set lacks the text or label feature.",
@@ -270,12 +329,17 @@ def _read_tfds(name, text_column, label_column, split):
     label_feature = features[label_key]
     names = getattr(label_feature, "names", None)
     texts, labels = [], []
+    pairs = None if pair_key is None else []
     for example in tfds.as_numpy(dataset):
         text = example[text_key]
         texts.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
-        value = int(example[label_key])
-        labels.append(names[value] if names and value >= 0 else str(value))
-    return TextExamples(texts, labels, f"{TFDS_PREFIX}{name}[{split}]", list(range(1, len(texts) + 1)))
+        if pair_key is not None:
+            pair = example[pair_key]
+            pairs.append(pair.decode("utf-8") if isinstance(pair, bytes) else str(pair))
+        value = example[label_key].item()  # A float for regression sets (glue/stsb).
+        labels.append(names[int(value)] if names and value >= 0 else str(value))
+    return TextExamples(texts, labels, f"{TFDS_PREFIX}{name}[{split}]",
+                        list(range(1, len(texts) + 1)), pairs=pairs)
 
 
 def split_examples(

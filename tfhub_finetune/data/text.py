@@ -1,9 +1,10 @@
-"""Text tf.data pipelines: tokenize once, cache, bucket by length, prefetch.
+"""Text tf.data pipelines: tokenize and pack once, cache, bucket by length, prefetch.
 
 Speed comes from three choices, measured on this CPU (see BUILD_NOTES.md):
 
-1. Tokenization runs once per data set, batched, inside a `tf.data` map with
-   the backbone's own tokenizer, and the ids are cached in memory.
+1. Tokenization and packing (`pack_inputs`: single texts or pairs) run once
+   per data set, batched, inside a `tf.data` map with the backbone's own
+   tokenizer, and the packed ids are cached in memory.
 2. Training batches are bucketed by length and padded only to the longest
    sequence in the batch, not to `sequence_length`: SST-2 sentences average
    ~25 word pieces, so padding to 128 would make most of the compute padding.
@@ -19,22 +20,119 @@ import numpy as np
 import tensorflow as tf
 
 from tfhub_finetune.backbones.base import TextTokenizer
+from tfhub_finetune.data.packing import kept_lengths, special_tokens
 
 _BOUNDARIES = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
+def pack_inputs(
+    first: tf.RaggedTensor,
+    second: tf.RaggedTensor | None = None,
+    *,
+    sequence_length: int | tf.Tensor,
+    start_id: int,
+    end_id: int,
+    pad_id: int,
+    width: int | tf.Tensor | None = None,
+) -> dict[str, tf.Tensor]:
+    """Packs word-piece ids into the encoder's three inputs: ids in, ids + segments + mask out.
+
+    `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]` (segment ids 0, then 1 from the
+    first piece of `b` to its `[SEP]`), truncated to `sequence_length` with the
+    longer side losing pieces first (the rule is `data.packing.kept_lengths`,
+    shared with the TensorFlow-free `text_client`). This is the one packing of
+    text inputs: training's tf.data, both serving signatures, `text_client`
+    and the TF Hub preprocess model all go through it (or, in pure Python,
+    `data.packing.pack_ids`), so their ids agree id for id.
+
+    Dense gathers on a `(batch, width)` grid rather than ragged concats and
+    trimmers: TF Text's trimmer and ragged validation made saved graphs ~10x
+    larger, and every op here is a core op.
+
+    Args:
+        first: tf.RaggedTensor. `(batch, None)` integer word-piece ids, no
+            special tokens (what `TextTokenizer.tokenize` returns).
+        second: tf.RaggedTensor or None. The second texts' ids, for pairs.
+        sequence_length: int or scalar tensor. Longest packed row, special
+            tokens included.
+        start_id: int. `[CLS]`.
+        end_id: int. `[SEP]`.
+        pad_id: int. Padding id.
+        width: int, scalar tensor or None. Columns of the output; None pads
+            to the batch's longest packed row (at least 2).
+
+    Returns:
+        A dict of int32 `(batch, width)` tensors: `token_ids`, `segment_ids`,
+        `padding_mask` (1 on real tokens).
+
+    Example:
+
+    ```python
+    a = tokenizer.tokenize(tf.constant(["a man plays"]))
+    b = tokenizer.tokenize(tf.constant(["someone is playing"]))
+    inputs = pack_inputs(a, b, sequence_length=128, start_id=101, end_id=102, pad_id=0)
+    ```
+    """
+    segments = [first] if second is None else [first, second]
+    values = [tf.cast(s.flat_values, tf.int32) for s in segments]
+    row_starts = [s.row_starts() for s in segments]
+    lengths = [s.row_lengths() for s in segments]
+    sequence_length = tf.cast(sequence_length, tf.int64)
+    keep = kept_lengths(
+        lengths[0], None if second is None else lengths[1],
+        sequence_length=sequence_length, minimum=tf.minimum, maximum=tf.maximum,
+    )
+    keep = [k for k in keep if k is not None]
+    total = tf.add_n(keep) + special_tokens(len(segments))
+    if width is None:
+        # reduce_max of an empty batch is the dtype's minimum: clamp to [CLS] [SEP].
+        width = tf.maximum(tf.reduce_max(total), 2)
+    width = tf.cast(width, tf.int64)
+    position = tf.range(width, dtype=tf.int64)[None, :]
+    batch = tf.shape(lengths[0], out_type=tf.int64)[0]
+    token_ids = tf.fill(tf.stack([batch, width]), tf.constant(pad_id, tf.int32))
+    segment_ids = tf.zeros_like(token_ids)
+    token_ids = tf.where(position == 0, start_id, token_ids)
+    offset = tf.ones_like(lengths[0])[:, None]  # Where the current segment starts.
+    for index, (vals, starts, kept) in enumerate(zip(values, row_starts, keep, strict=True)):
+        kept = kept[:, None]
+        inside = (position >= offset) & (position < offset + kept)
+        # One trailing pad value keeps the gather valid for empty segments.
+        padded = tf.concat([vals, [pad_id]], axis=0)
+        source = tf.where(inside, starts[:, None] + position - offset, tf.size(vals, out_type=tf.int64))
+        token_ids = tf.where(inside, tf.gather(padded, source), token_ids)
+        token_ids = tf.where(position == offset + kept, end_id, token_ids)
+        if index:
+            segment_ids = tf.where((position >= offset) & (position <= offset + kept), index, segment_ids)
+        offset = offset + kept + 1
+    return {
+        "token_ids": token_ids,
+        "segment_ids": segment_ids,
+        "padding_mask": tf.cast(position < offset, tf.int32),
+    }
+
+
 @dataclasses.dataclass
 class TokenizedTexts:
-    """Token ids (without specials) of every text, truncated to fit, plus labels."""
+    """Packed token ids of every text (or pair), specials included, unpadded, plus labels.
+
+    Attributes:
+        ids: tf.RaggedTensor. `(n, None)` int32 `[CLS] a [SEP] (b [SEP])`.
+        segment_ids: tf.RaggedTensor. Same shape; 0 for the first text, 1 for the second.
+        labels: np.ndarray. One target per row.
+        sequence_length: int. The packing limit.
+        lengths: np.ndarray. Packed length of each row (what bucketing sorts by).
+    """
 
     ids: tf.RaggedTensor
+    segment_ids: tf.RaggedTensor
     labels: np.ndarray
     sequence_length: int
     # Computed eagerly once, so building a dataset never needs the ragged tensor's sizes.
     lengths: np.ndarray = dataclasses.field(init=False)
 
     def __post_init__(self):
-        self.lengths = self.ids.row_lengths().numpy() + 2  # Word pieces + [CLS] + [SEP].
+        self.lengths = self.ids.row_lengths().numpy()
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -46,22 +144,51 @@ def tokenize_texts(
     tokenizer: TextTokenizer,
     sequence_length: int,
     batch_size: int = 1024,
+    *,
+    pairs: list[str] | np.ndarray | None = None,
 ) -> TokenizedTexts:
-    """Tokenizes all texts once, in a parallel tf.data map, truncated to `sequence_length`.
+    """Tokenizes and packs all texts (or pairs) once, in a parallel tf.data map.
+
+    Args:
+        texts: list of str. First (or only) texts.
+        labels: np.ndarray. Targets, one per text.
+        tokenizer: TextTokenizer. The backbone's tokenizer.
+        sequence_length: int. Longest packed row, specials included.
+        batch_size: int. Texts per tokenizer call.
+        pairs: list of str or None. Second texts of pairs, aligned with `texts`.
 
     Example:
 
     ```python
     tok = tokenize_texts(["a fine film"], np.array([1]), backbone.tokenizer, 128)
+    pair = tokenize_texts(["a man plays"], np.array([4.2]), backbone.tokenizer, 128,
+                          pairs=["someone is playing"])
     ```
     """
-    strings = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), tf.string))
-    batches = strings.batch(batch_size).map(
-        tokenizer.tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    columns = [list(texts)] + ([] if pairs is None else [list(pairs)])
+    if pairs is not None and len(columns[1]) != len(columns[0]):
+        raise ValueError(f"`pairs` has {len(columns[1])} texts; `texts` has {len(columns[0])}.")
+    strings = tf.data.Dataset.from_tensor_slices(
+        tuple(tf.constant(c, tf.string) for c in columns)
     )
-    pieces = [ids[:, : sequence_length - 2] for ids in batches]
-    ids = tf.concat(pieces, axis=0) if pieces else tf.ragged.constant([], tf.int32, ragged_rank=1)
-    return TokenizedTexts(ids=ids, labels=np.asarray(labels), sequence_length=sequence_length)
+    ids = {"start_id": tokenizer.start_id, "end_id": tokenizer.end_id, "pad_id": tokenizer.pad_id}
+
+    def pack(*batch):
+        pieces = [tokenizer.tokenize(b) for b in batch]
+        packed = pack_inputs(*pieces, sequence_length=sequence_length, **ids)
+        rows = tf.reduce_sum(packed["padding_mask"], axis=1)
+        return tuple(tf.RaggedTensor.from_tensor(packed[k], lengths=rows)
+                     for k in ("token_ids", "segment_ids"))
+
+    batches = list(strings.batch(batch_size).map(
+        pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    ))
+    if batches:
+        token_ids, segment_ids = (tf.concat([b[i] for b in batches], axis=0) for i in range(2))
+    else:
+        token_ids = segment_ids = tf.ragged.constant([], tf.int32, ragged_rank=1)
+    return TokenizedTexts(ids=token_ids, segment_ids=segment_ids, labels=np.asarray(labels),
+                          sequence_length=sequence_length)
 
 
 def bucket_boundaries(sequence_length: int) -> list[int]:
@@ -94,7 +221,7 @@ def make_text_dataset(
 
     Args:
         data: TokenizedTexts. From `tokenize_texts`.
-        tokenizer: TextTokenizer. Supplies [CLS]/[SEP]/[PAD] ids.
+        tokenizer: TextTokenizer. Supplies the [PAD] id.
         batch_size: int. Examples per batch (the global batch under a strategy).
         training: bool. Shuffle (seeded, reshuffled each epoch) and bucket by
             length; otherwise keep order.
@@ -117,15 +244,13 @@ def make_text_dataset(
     model.fit(ds, epochs=3)
     ```
     """
-    start, end, pad = tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id
+    pad = tokenizer.pad_id
 
-    def pack(ids, label):
-        ids = tf.concat([[start], ids, [end]], axis=0)
-        ones = tf.ones_like(ids)
-        return {"token_ids": ids, "padding_mask": ones, "segment_ids": tf.zeros_like(ids)}, label
+    def inputs(ids, segments, label):
+        return {"token_ids": ids, "padding_mask": tf.ones_like(ids), "segment_ids": segments}, label
 
-    ds = tf.data.Dataset.from_tensor_slices((data.ids, data.labels))
-    ds = ds.map(pack, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    ds = tf.data.Dataset.from_tensor_slices((data.ids, data.segment_ids, data.labels))
+    ds = ds.map(inputs, num_parallel_calls=tf.data.AUTOTUNE).cache()
     padding_values = (
         {"token_ids": pad, "padding_mask": 0, "segment_ids": 0},
         tf.constant(0, dtype=tf.as_dtype(data.labels.dtype)),

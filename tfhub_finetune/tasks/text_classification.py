@@ -1,4 +1,8 @@
-"""Text classification task: files/TFDS -> tokenized, bucketed batches -> encoder + head."""
+"""Text classification task: files/TFDS -> tokenized, bucketed batches -> encoder + head.
+
+Single texts or pairs (`data.text_pair_column`): a pair is packed as
+`[CLS] a [SEP] b [SEP]` with segment ids 0/1 and bucketed by its packed length.
+"""
 
 from __future__ import annotations
 
@@ -80,6 +84,7 @@ class TextClassificationTask:
         return read_text_examples(
             source,
             text_column=_column(d.text_column),
+            text_pair_column=_column(d.text_pair_column) if d.text_pair_column else None,
             label_column=_column(d.label_column),
             has_header={"true": True, "false": False}.get(d.has_header, "auto"),
             split=split,
@@ -101,7 +106,8 @@ class TextClassificationTask:
     def _tokenize(self, examples: TextExamples) -> TokenizedTexts:
         targets = self.labels.encode(examples.labels, source=examples.source, rows=examples.rows)
         return tokenize_texts(
-            examples.texts, targets, self.backbone.tokenizer, self.config.model.sequence_length
+            examples.texts, targets, self.backbone.tokenizer, self.config.model.sequence_length,
+            pairs=examples.pairs,
         )
 
     def prepare_train(self) -> None:
