@@ -97,6 +97,20 @@ def define_image_flags() -> None:
     )
 
 
+def define_token_flags() -> None:
+    """Flags of `pipelines.token_classify` (CoNLL / JSONL tagging data)."""
+    flags.DEFINE_string("text_column", "0", "Token field of CoNLL files (0-based), or the tokens "
+                        "key of JSONL (an index means `tokens`).")
+    flags.DEFINE_string("tag_column", "-1", "Tag field of CoNLL files (0-based, negative from the "
+                        "end; -1: last), or the tags key of JSONL (an index means `tags`).")
+    flags.DEFINE_enum("tag_scheme", "iob2", ["iob2", "iob1", "bioes"],
+                      "Tag scheme of the files; converted to IOB2.")
+    flags.DEFINE_integer("sequence_length", 128, "Word pieces per window, [CLS]/[SEP] included; "
+                         "longer sentences are split into sliding windows.")
+    flags.DEFINE_integer("window_stride", 0, "Word pieces between window starts (0: half a window).")
+    flags.DEFINE_bool("bucketing", True, "Bucket training batches by length (much faster on CPU).")
+
+
 def config_from_flags() -> ExperimentConfig:
     """Builds the validated config from parsed flags.
 
@@ -164,7 +178,8 @@ def print_summary(result: dict, model_dir: str) -> None:
     """Prints the figures a person looks for after a run."""
     evaluation = result.get("eval") or {}
     lines = []
-    for key in ("accuracy", "macro_f1", "auc", "exact_match", "mae", "rmse"):
+    for key in ("accuracy", "macro_f1", "auc", "exact_match", "mae", "rmse",
+                "entity_f1", "entity_precision", "entity_recall", "token_accuracy"):
         if evaluation.get(key) is not None:
             lines.append(f"{key}={evaluation[key]:.4f}")
     if lines:

@@ -20,6 +20,8 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LR_SCHEDULES = ("linear", "constant")
 VERBOSITIES = ("auto", "0", "1", "2")
 AUGMENTATIONS = ("basic", "randaugment", "none")
+TASKS = ("single_label", "multi_label", "regression", "token_classification")
+TAG_SCHEMES = ("iob2", "iob1", "bioes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,12 @@ class DataConfig:
             `none`. Unused by text. Defaults to `"basic"`.
         crop_to_aspect_ratio: bool. Images: centre-crop to a square before
             resizing (no distortion). Unused by text. Defaults to `True`.
+        tag_column: str. Token classification: the tag field of CoNLL files
+            (0-based, negative from the end) or the tag key of JSONL.
+            Defaults to `"-1"` (the last field; `tags` in JSONL).
+        tag_scheme: str. Token classification: `iob2`, `iob1` or `bioes`,
+            the scheme the files are in (converted to IOB2). Defaults to
+            `"iob2"`.
 
     The last two were pipeline flags outside the config before; a params.json
     written then lacks them and loads with these defaults.
@@ -68,6 +76,8 @@ class DataConfig:
     eval_split: str = "validation"
     augment: str = "basic"
     crop_to_aspect_ratio: bool = True
+    tag_column: str = "-1"
+    tag_scheme: str = "iob2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +87,16 @@ class ModelConfig:
     Attributes:
         backbone: str. Catalog name, path or TF Hub handle; required to
             train (the pipelines resolve it once into a `BackboneSpec`).
-        task: str. `single_label`, `multi_label` or `regression`.
+        task: str. `single_label`, `multi_label`, `regression` or
+            `token_classification`.
         pooling: str. Text pooling: `auto`, `cls`, `pooler` or `mean`.
         dropout: float. Dropout before the head.
         freeze_backbone: bool. Train the head only.
         sequence_length: int. Max word pieces per text (text models).
         image_size: int. Input side (image models; 0 = the backbone's own).
+        window_stride: int. Token classification: word pieces between the
+            starts of the sliding windows over a sentence longer than
+            `sequence_length - 2` pieces (0: half a window).
     """
 
     backbone: str = ""
@@ -92,6 +106,7 @@ class ModelConfig:
     freeze_backbone: bool = False
     sequence_length: int = 128
     image_size: int = 0
+    window_stride: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +231,12 @@ class ExperimentConfig:
             _bad("early_stopping_patience", t.early_stopping_patience, "Must be >= 0.")
         if self.model.sequence_length < 8:
             _bad("sequence_length", self.model.sequence_length, "Sequence length must be >= 8.")
+        _one_of("task", self.model.task, TASKS)
+        _one_of("tag_scheme", self.data.tag_scheme, TAG_SCHEMES)
+        if not 0 <= self.model.window_stride <= self.model.sequence_length - 2:
+            _bad("window_stride", self.model.window_stride,
+                 "--window_stride must be in [0, sequence_length - 2].",
+                 f"Windows hold {self.model.sequence_length - 2} word pieces; 0 means half that.")
         if self.model.image_size < 0:
             _bad("image_size", self.model.image_size, "Image size must be >= 0.")
         _one_of("precision", self.runtime.precision, PRECISIONS)

@@ -36,6 +36,9 @@ MODEL_FILE = "model.keras"
 
 
 def loss_for(task: str) -> keras.losses.Loss:
+    if task == "token_classification":
+        # -1 marks positions without a tag: padding, [CLS]/[SEP], non-first word pieces.
+        return keras.losses.SparseCategoricalCrossentropy(ignore_class=-1)
     if task == "regression":
         return keras.losses.MeanSquaredError()
     if task == "multi_label":
@@ -111,6 +114,8 @@ def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir
 
 def evaluate_report(model: keras.Model, task: Task) -> dict:
     """Predicts the eval split and computes the full report (confusion matrix etc.)."""
+    if hasattr(task, "report"):  # A task with its own report (token classification).
+        return task.report(model)
     outputs = model.predict(task.eval_dataset(), verbose=0)
     targets = task.eval_targets()
     kind = task.config.model.task
@@ -180,6 +185,8 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
         callbacks = [
             ValidationSpearman(task.eval_dataset(), task.eval_targets())
         ] if config.train.monitor == "val_spearman" else []
+        # A task's own epoch metrics (val_entity_f1) come before the callbacks that read them.
+        callbacks += task.callbacks() if hasattr(task, "callbacks") else []
         callbacks += training_callbacks(config, model_dir)
         train_started = time.time()
         outcome = fit_task(model, task, config, model_dir, callbacks)

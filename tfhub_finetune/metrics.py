@@ -137,8 +137,31 @@ class ValidationSpearman(keras.callbacks.Callback):
         logs["val_spearman"] = float("nan") if value is None else value
 
 
+@keras.saving.register_keras_serializable(package="tfhub_finetune")
+class TokenAccuracy(keras.metrics.Mean):
+    """Accuracy over the positions whose label is >= 0 (token classification).
+
+    Example:
+
+    ```python
+    model.compile(..., metrics=[TokenAccuracy()])  # labels -1 are not counted
+    ```
+    """
+
+    def __init__(self, name: str = "token_accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = keras.ops.cast(y_true, "int32")
+        hits = keras.ops.cast(
+            keras.ops.equal(keras.ops.argmax(y_pred, axis=-1), y_true), "float32")
+        return super().update_state(hits, sample_weight=keras.ops.cast(y_true >= 0, "float32"))
+
+
 def training_metrics(task: str, num_classes: int) -> list[keras.metrics.Metric]:
     """The metrics `fit` reports for a task (fresh objects each call)."""
+    if task == "token_classification":
+        return [TokenAccuracy()]
     if task == "regression":
         return [keras.metrics.MeanAbsoluteError(name="mae"),
                 keras.metrics.RootMeanSquaredError(name="rmse"), PearsonCorrelation()]

@@ -19,6 +19,12 @@ class Task(Protocol):
     label vocabulary; `build_model` is called inside the strategy scope;
     `train_epoch_dataset(k)` must give epoch k's batches in an order that is a
     pure function of `(seed, k)`, so an interrupted run resumes exactly.
+
+    Two optional methods: `callbacks()` returns Keras callbacks the driver
+    puts before its own (so metrics they add to the epoch logs, such as
+    `val_entity_f1`, can be monitored, checkpointed and logged), and
+    `report(model)` replaces the driver's classification/regression report
+    in `metrics.json`.
     """
 
     config: ExperimentConfig

@@ -1,0 +1,213 @@
+"""Token classification (NER) task: CoNLL/JSONL -> windowed word pieces -> encoder + per-token head."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfhub_finetune.backbones.base import TextBackbone
+from tfhub_finetune.backbones.catalog import resolve_backbone
+from tfhub_finetune.backbones.loader import load_backbone
+from tfhub_finetune.builders.token_classifier import build_token_classifier
+from tfhub_finetune.config import ExperimentConfig
+from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.data.sources import split_examples
+from tfhub_finetune.data.token_windows import (
+    WindowedSentences,
+    make_token_dataset,
+    predict_words,
+    window_sentences,
+    window_stride,
+)
+from tfhub_finetune.data.tokens import (
+    TaggedSentences,
+    encode_tags,
+    entity_types,
+    read_tagged_sentences,
+    tag_names,
+)
+from tfhub_finetune.entities import entity_report
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size
+
+
+class TokenClassificationTask:
+    """Reads tagged sentences, builds the token classifier, and batches windows of both splits.
+
+    Each word is predicted on its first word piece; sentences longer than a
+    window are split into sliding windows (`data.token_windows`). Tags are
+    IOB2 inside (files in IOB1/BIOES are converted); the tag vocabulary is
+    `O` plus `B-`/`I-` of every entity type in the training data.
+
+    Example:
+
+    ```python
+    task = TokenClassificationTask(config)
+    task.prepare_train()
+    model = task.build_model()
+    ```
+    """
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        self.spec = resolve_backbone(config.model.backbone)
+        if self.spec.modality != "text":
+            raise InputError(
+                "Token classification needs a text backbone.",
+                received={"backbone": config.model.backbone, "modality": self.spec.modality},
+            )
+        self.backbone: TextBackbone | None = None
+        self.labels: LabelVocabulary | None = None
+        self.train_data: WindowedSentences | None = None
+        self.eval_data: WindowedSentences | None = None
+        self.eval_sentences: TaggedSentences | None = None
+        self.steps_per_epoch = 0
+        self.summary: dict = {}
+
+    # === Data ===
+
+    def _read(self, source: str) -> TaggedSentences:
+        d = self.config.data
+        return read_tagged_sentences(
+            source, token_column=d.text_column, tag_column=d.tag_column,
+            tag_scheme=d.tag_scheme, encoding=d.encoding,
+        )
+
+    def _load_backbone(self) -> TextBackbone:
+        if self.backbone is None:
+            self.backbone = load_backbone(self.spec)
+            limit = self.backbone.max_sequence_length
+            if self.config.model.sequence_length > limit:
+                raise InputError(
+                    "Sequence length exceeds the backbone's maximum.",
+                    received={"sequence_length": self.config.model.sequence_length},
+                    fix=f"{self.spec.name} takes at most {limit} tokens.",
+                )
+        return self.backbone
+
+    def _window(self, sentences: TaggedSentences) -> WindowedSentences:
+        m = self.config.model
+        return window_sentences(
+            sentences.words, encode_tags(sentences, self.labels.names), self.backbone,
+            sequence_length=m.sequence_length, stride=m.window_stride,
+        )
+
+    def prepare_train(self) -> None:
+        d = self.config.data
+        train = self._read(d.train_data)
+        if d.max_train_examples:
+            train = train.take(range(min(d.max_train_examples, len(train))))
+        if d.eval_data:
+            evaluation = self._read(d.eval_data)
+        else:
+            train, evaluation = split_examples(train, d.validation_split, self.config.train.seed)
+            print(f"No --eval_data: holding out {len(evaluation)} of the training sentences.")
+        self.labels = LabelVocabulary(names=tag_names(entity_types(train.tags)),
+                                      task="token_classification")
+        self._load_backbone()
+        self.train_data = self._window(train)
+        self._set_eval(evaluation)
+        self.steps_per_epoch = int(self._train_dataset(0).cardinality())
+        self.summary = {
+            "train_examples": len(self.train_data),  # Windows: what a batch counts.
+            "train_sentences": len(train),
+            "train_words": train.num_words,
+            "eval_sentences": len(evaluation),
+            "eval_words": evaluation.num_words,
+            "skipped_docstart_lines": {"train": train.docstarts, "eval": evaluation.docstarts},
+            "windowed_sentences": {"train": self.train_data.windowed_sentences,
+                                   "eval": self.eval_data.windowed_sentences},
+            "window_stride": window_stride(self.config.model.sequence_length,
+                                           self.config.model.window_stride),
+            "mean_train_window_tokens": float(self.train_data.lengths.mean()),
+        }
+
+    def _set_eval(self, evaluation: TaggedSentences) -> None:
+        self.eval_sentences = evaluation
+        self.eval_data = self._window(evaluation)
+
+    def prepare_eval(self, labels: LabelVocabulary) -> None:
+        self.labels = labels
+        evaluation = self._read(self.config.data.eval_data)
+        self._load_backbone()
+        self._set_eval(evaluation)
+        self.summary = {
+            "eval_sentences": len(evaluation),
+            "eval_words": evaluation.num_words,
+            "skipped_docstart_lines": {"eval": evaluation.docstarts},
+            "windowed_sentences": {"eval": self.eval_data.windowed_sentences},
+        }
+
+    # === Model ===
+
+    def build_model(self) -> keras.Model:
+        m = self.config.model
+        return build_token_classifier(
+            self._load_backbone(), self.labels.num_classes,
+            dropout=m.dropout, freeze_backbone=m.freeze_backbone,
+        )
+
+    # === Datasets ===
+
+    def _train_dataset(self, epoch: int) -> tf.data.Dataset:
+        t = self.config.train
+        return make_token_dataset(
+            self.train_data, pad_id=int(self.backbone.tokenizer.pad_id), batch_size=t.batch_size,
+            training=True, seed=epoch_seed(self.config, epoch), reshuffle_each_iteration=False,
+            bucketing=t.bucketing,
+        )
+
+    def train_epoch_dataset(self, epoch: int) -> tf.data.Dataset:
+        return self._train_dataset(epoch)
+
+    def eval_dataset(self) -> tf.data.Dataset:
+        return make_token_dataset(
+            self.eval_data, pad_id=int(self.backbone.tokenizer.pad_id),
+            batch_size=eval_batch_size(self.config), training=False,
+        )
+
+    def eval_targets(self) -> np.ndarray:
+        return self.eval_data.tag_ids
+
+    # === Evaluation ===
+
+    def predict_tags(self, model: keras.Model) -> tuple[list[list[str]], np.ndarray]:
+        """Per eval sentence, the predicted IOB2 tag of each word; and each word's probability."""
+        ids, scores = predict_words(model, self.eval_dataset(), self.eval_data)
+        names = np.asarray(self.labels.names, dtype=object)
+        splits = self.eval_data.sentence_splits
+        return [list(names[ids[a:b]]) for a, b in zip(splits[:-1], splits[1:], strict=True)], scores
+
+    def report(self, model: keras.Model) -> dict:
+        """Entity precision/recall/F1 (overall and per type, as seqeval) and token accuracy."""
+        predicted, _ = self.predict_tags(model)
+        result = entity_report(self.eval_sentences.tags, predicted)
+        result["num_examples"] = len(self.eval_sentences)
+        return result
+
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        return [EntityF1(self)]
+
+
+class EntityF1(keras.callbacks.Callback):
+    """Adds `val_entity_f1`, `val_entity_precision`, `val_entity_recall` to each epoch's logs.
+
+    Computed on the whole eval set as `TokenClassificationTask.report` does,
+    so `--monitor=val_entity_f1` picks the best checkpoint and early stopping
+    on the real entity F1. Put it before the callbacks that read the logs.
+    """
+
+    def __init__(self, task: TokenClassificationTask):
+        super().__init__()
+        self.task = task
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        report = self.task.report(self.model)
+        for key in ("entity_f1", "entity_precision", "entity_recall"):
+            logs[f"val_{key}"] = report[key]
+        print(f"\nEpoch {epoch + 1}: val_entity_f1={report['entity_f1']:.4f} "
+              f"(precision {report['entity_precision']:.4f}, recall {report['entity_recall']:.4f})",
+              flush=True)
