@@ -12,6 +12,12 @@ its `assets.extra/model_card.json`:
   `tfhub_finetune.text_client`, exactly as training did;
 - image model: the encoded bytes of each file.
 
+Token classifiers (NER, `token_export`) write, per input sentence,
+`entities` (each `text`, `type`, `start`, `end` character offsets, end
+exclusive, and `score`) and `tags` (the IOB2 tag of each whitespace-separated
+word); the token-id export is fed words tokenized by `text_client` and
+windowed as in training.
+
 Inputs: a `.tsv`/`.txt` (tab-separated, read with quoting off) or `.csv`
 file (text in `--text_column`, the second text of a pair model in
 `--text_pair_column`; a header row is detected or set with `--has_header`), a
@@ -249,6 +255,8 @@ class Predictor:
     def predict(self, inputs: list, pairs: list | None = None) -> list[dict]:
         """Predicts a batch of texts (str; `pairs`: their second texts) or encoded images (bytes)."""
         tf = self._tf
+        if self.task == "token_classification":
+            return self._entities(inputs)
         if self.kind == "token_ids":
             encoded = self.client.encode(inputs, pairs)
             outputs = self.signature(**{k: tf.constant(v, tf.int32) for k, v in encoded.items()})
@@ -260,6 +268,64 @@ class Predictor:
         else:
             outputs = self.signature(image_bytes=tf.constant(inputs, tf.string))
         return self._rows({k: v.numpy() for k, v in outputs.items()}, len(inputs))
+
+    def _entities(self, texts: list[str]) -> list[dict]:
+        """NER: `entities` (text, type, start, end, score) and the `tags` of the words."""
+        tf = self._tf
+        if self.kind == "strings":
+            out = {k: v.numpy() for k, v in self.signature(text=tf.constant(texts, tf.string)).items()}
+            rows = []
+            for i in range(len(texts)):
+                entities = [
+                    {"text": out["entity_text"][i, j].decode("utf-8"),
+                     "type": out["entity_type"][i, j].decode("utf-8"),
+                     "start": int(out["entity_start"][i, j]), "end": int(out["entity_end"][i, j]),
+                     "score": float(out["entity_score"][i, j])}
+                    for j in range(int(out["num_entities"][i]))
+                ]
+                tags = [t.decode("utf-8") for t in out["word_tags"][i, : int(out["num_words"][i])]]
+                rows.append({"entities": entities, "tags": tags})
+            return rows
+        # Token ids: words and pieces here (text_client), windows as in training.
+        from tfhub_finetune.data.token_windows import align_words
+        from tfhub_finetune.entities import get_entities
+
+        pre = self.card["preprocessing"]
+        words = [text.split() for text in texts]
+        pieces = [self.client.tokenize(w) or [pre["unk_id"]] for sentence in words for w in sentence]
+        splits = [0]
+        for sentence in words:
+            splits.append(splits[-1] + len(sentence))
+        aligned = align_words(
+            tf.ragged.constant(pieces, tf.int32, ragged_rank=1, row_splits_dtype=tf.int64)
+            if pieces else tf.RaggedTensor.from_row_lengths(tf.zeros([0], tf.int32),
+                                                            tf.zeros([0], tf.int64)),
+            tf.constant(splits, tf.int64), sequence_length=pre["sequence_length"],
+            stride=pre["window_stride"], start_id=pre["start_id"], end_id=pre["end_id"],
+        )
+        ids = aligned["token_ids"]
+        outputs = self.signature(token_ids=ids.to_tensor(default_value=pre["pad_id"]),
+                                 padding_mask=tf.ones_like(ids).to_tensor(),
+                                 segment_ids=tf.zeros_like(ids).to_tensor())
+        at = tf.stack([aligned["word_window"], aligned["word_position"]], axis=1)
+        probabilities = tf.gather_nd(outputs["probabilities"], at).numpy()
+        tag_ids, scores = probabilities.argmax(-1), probabilities.max(-1)
+        rows = []
+        for i, (text, sentence) in enumerate(zip(texts, words, strict=True)):
+            tags = [self.labels[t] for t in tag_ids[splits[i]:splits[i + 1]]]
+            starts, position = [], 0
+            for word in sentence:
+                position = text.index(word, position)
+                starts.append(position)
+                position += len(word)
+            word_scores = scores[splits[i]:splits[i + 1]]
+            rows.append({"entities": [
+                {"text": text[starts[a]:starts[b] + len(sentence[b])], "type": kind,
+                 "start": starts[a], "end": starts[b] + len(sentence[b]),
+                 "score": float(word_scores[a:b + 1].mean())}
+                for kind, a, b in get_entities(tags)
+            ], "tags": tags})
+        return rows
 
     def _rows(self, outputs: dict, count: int) -> list[dict]:
         rows = []

@@ -86,10 +86,10 @@ class TokenClassificationTask:
                 )
         return self.backbone
 
-    def _window(self, sentences: TaggedSentences) -> WindowedSentences:
+    def _window(self, sentences: TaggedSentences, tag_ids: list[list[int]]) -> WindowedSentences:
         m = self.config.model
         return window_sentences(
-            sentences.words, encode_tags(sentences, self.labels.names), self.backbone,
+            sentences.words, tag_ids, self._load_backbone(),
             sequence_length=m.sequence_length, stride=m.window_stride,
         )
 
@@ -105,9 +105,10 @@ class TokenClassificationTask:
             print(f"No --eval_data: holding out {len(evaluation)} of the training sentences.")
         self.labels = LabelVocabulary(names=tag_names(entity_types(train.tags)),
                                       task="token_classification")
-        self._load_backbone()
-        self.train_data = self._window(train)
-        self._set_eval(evaluation)
+        # Tags are checked (an eval type training never saw) before the backbone loads.
+        train_ids, eval_ids = encode_tags(train, self.labels.names), encode_tags(evaluation, self.labels.names)
+        self.train_data = self._window(train, train_ids)
+        self._set_eval(evaluation, eval_ids)
         self.steps_per_epoch = int(self._train_dataset(0).cardinality())
         self.summary = {
             "train_examples": len(self.train_data),  # Windows: what a batch counts.
@@ -123,15 +124,14 @@ class TokenClassificationTask:
             "mean_train_window_tokens": float(self.train_data.lengths.mean()),
         }
 
-    def _set_eval(self, evaluation: TaggedSentences) -> None:
+    def _set_eval(self, evaluation: TaggedSentences, tag_ids: list[list[int]]) -> None:
         self.eval_sentences = evaluation
-        self.eval_data = self._window(evaluation)
+        self.eval_data = self._window(evaluation, tag_ids)
 
     def prepare_eval(self, labels: LabelVocabulary) -> None:
         self.labels = labels
         evaluation = self._read(self.config.data.eval_data)
-        self._load_backbone()
-        self._set_eval(evaluation)
+        self._set_eval(evaluation, encode_tags(evaluation, labels.names))
         self.summary = {
             "eval_sentences": len(evaluation),
             "eval_words": evaluation.num_words,
