@@ -23,6 +23,7 @@ _EXPORTS = {
     "ImageBackbone": "tfhub_finetune.backbones.base",
     "build_text_classifier": "tfhub_finetune.builders.text_classifier",
     "build_image_classifier": "tfhub_finetune.builders.image_classifier",
+    "build_token_classifier": "tfhub_finetune.builders.token_classifier",
     "InputError": "tfhub_finetune.errors",
 }
 
