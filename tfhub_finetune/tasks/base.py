@@ -8,8 +8,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfhub_finetune.backbones.base import TextBackbone
+from tfhub_finetune.backbones.loader import load_backbone
+from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.errors import InputError
 
 
 class Task(Protocol):
@@ -57,3 +61,16 @@ def epoch_seed(config: ExperimentConfig, epoch: int) -> int:
 def eval_batch_size(config: ExperimentConfig) -> int:
     """Evaluation batches are at least 64: no gradients, so bigger batches are cheap."""
     return max(config.train.batch_size, 64)
+
+
+def load_text_backbone(spec: BackboneSpec, sequence_length: int) -> TextBackbone:
+    """Loads a text backbone; `sequence_length` must fit its position table."""
+    backbone = load_backbone(spec)
+    limit = backbone.max_sequence_length
+    if sequence_length > limit:
+        raise InputError(
+            "Sequence length exceeds the backbone's maximum.",
+            received={"sequence_length": sequence_length},
+            fix=f"{spec.name} takes at most {limit} tokens.",
+        )
+    return backbone

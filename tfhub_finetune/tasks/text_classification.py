@@ -15,7 +15,6 @@ import tensorflow as tf
 
 from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.catalog import resolve_backbone
-from tfhub_finetune.backbones.loader import load_backbone
 from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.builders.text_classifier import build_text_classifier
 from tfhub_finetune.config import ExperimentConfig
@@ -28,7 +27,7 @@ from tfhub_finetune.data.sources import (
 )
 from tfhub_finetune.data.text import TokenizedTexts, make_text_dataset, tokenize_texts
 from tfhub_finetune.errors import InputError
-from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size
+from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size, load_text_backbone
 
 
 def _column(value: str) -> str | int:
@@ -93,14 +92,7 @@ class TextClassificationTask:
 
     def _load_backbone(self) -> TextBackbone:
         if self.backbone is None:
-            self.backbone = load_backbone(self.spec)
-            limit = self.backbone.max_sequence_length
-            if self.config.model.sequence_length > limit:
-                raise InputError(
-                    "Sequence length exceeds the backbone's maximum.",
-                    received={"sequence_length": self.config.model.sequence_length},
-                    fix=f"{self.spec.name} takes at most {limit} tokens.",
-                )
+            self.backbone = load_text_backbone(self.spec, self.config.model.sequence_length)
         return self.backbone
 
     def _tokenize(self, examples: TextExamples) -> TokenizedTexts:

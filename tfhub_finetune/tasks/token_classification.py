@@ -8,7 +8,6 @@ import tensorflow as tf
 
 from tfhub_finetune.backbones.base import TextBackbone
 from tfhub_finetune.backbones.catalog import resolve_backbone
-from tfhub_finetune.backbones.loader import load_backbone
 from tfhub_finetune.builders.token_classifier import build_token_classifier
 from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.data.labels import LabelVocabulary
@@ -29,7 +28,7 @@ from tfhub_finetune.data.tokens import (
 )
 from tfhub_finetune.entities import entity_report
 from tfhub_finetune.errors import InputError
-from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size
+from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size, load_text_backbone
 
 
 class TokenClassificationTask:
@@ -76,14 +75,7 @@ class TokenClassificationTask:
 
     def _load_backbone(self) -> TextBackbone:
         if self.backbone is None:
-            self.backbone = load_backbone(self.spec)
-            limit = self.backbone.max_sequence_length
-            if self.config.model.sequence_length > limit:
-                raise InputError(
-                    "Sequence length exceeds the backbone's maximum.",
-                    received={"sequence_length": self.config.model.sequence_length},
-                    fix=f"{self.spec.name} takes at most {limit} tokens.",
-                )
+            self.backbone = load_text_backbone(self.spec, self.config.model.sequence_length)
         return self.backbone
 
     def _window(self, sentences: TaggedSentences, tag_ids: list[list[int]]) -> WindowedSentences:
