@@ -154,6 +154,17 @@ def test_entity_scores_equal_seqeval(conll_dir):
                 assert ours["per_type"][kind][key] == pytest.approx(theirs[kind][theirs_key]), (kind, key)
 
 
+def test_token_accuracy_counts_every_labelled_position_once():
+    from tfhub_finetune.metrics import TokenAccuracy
+
+    metric = TokenAccuracy()
+    eye = np.eye(3, dtype="float32")
+    # Batch 1: length 2, 1 of 1 labelled right. Batch 2: length 6, 1 of 3 right.
+    metric.update_state(np.array([[0, -1]]), eye[[[0, 1]]])
+    metric.update_state(np.array([[1, 2, 2, -1, -1, -1]]), eye[[[1, 0, 0, 0, 0, 0]]])
+    assert float(metric.result()) == pytest.approx(2 / 4)
+
+
 # === Windows ===
 
 

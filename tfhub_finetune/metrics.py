@@ -152,9 +152,11 @@ class TokenAccuracy(keras.metrics.Mean):
         super().__init__(name=name, **kwargs)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true = keras.ops.cast(y_true, "int32")
-        hits = keras.ops.cast(
-            keras.ops.equal(keras.ops.argmax(y_pred, axis=-1), y_true), "float32")
+        y_true = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,))
+        predicted = keras.ops.reshape(keras.ops.argmax(y_pred, axis=-1), (-1,))
+        hits = keras.ops.cast(keras.ops.equal(predicted, y_true), "float32")
+        # Flat: Mean averages a (batch, seq) sample weight per row first, which would weight
+        # batches of different lengths differently.
         return super().update_state(hits, sample_weight=keras.ops.cast(y_true >= 0, "float32"))
 
 
