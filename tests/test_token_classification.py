@@ -271,7 +271,7 @@ def test_fine_tune_beats_the_all_o_baseline(trained):
     baseline = entity_report(gold, [["O"] * len(s) for s in gold])
     assert metrics["eval"]["num_examples"] == len(gold) == 300
     assert baseline["entity_f1"] == 0.0
-    assert metrics["eval"]["entity_f1"] > 0.3, metrics["eval"]
+    assert metrics["eval"]["entity_f1"] > 0.5, metrics["eval"]  # Measured 0.73; all-O is 0.
     # The token accuracy beats predicting O for every word.
     assert metrics["eval"]["token_accuracy"] > baseline["token_accuracy"]
     assert metrics["skipped_docstart_lines"]["train"] > 0
