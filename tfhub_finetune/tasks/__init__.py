@@ -6,7 +6,7 @@ from typing import Any
 
 
 def make_task(config: Any, spec: Any = None, **kwargs: Any) -> Any:
-    """The task for `config`'s backbone modality (text or image classification).
+    """The task for `config`: token classification by `model.task`, else by backbone modality.
 
     Args:
         config: ExperimentConfig.
@@ -23,6 +23,10 @@ def make_task(config: Any, spec: Any = None, **kwargs: Any) -> Any:
     from tfhub_finetune.backbones.catalog import resolve_backbone
 
     spec = spec or resolve_backbone(config.model.backbone)
+    if config.model.task == "token_classification":
+        from tfhub_finetune.tasks.token_classification import TokenClassificationTask
+
+        return TokenClassificationTask(config, spec=spec, **kwargs)
     if spec.modality == "image":
         from tfhub_finetune.tasks.image_classification import ImageClassificationTask
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from tfhub_finetune.backbones.base import TextBackbone
 from tfhub_finetune.backbones.catalog import resolve_backbone
+from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.builders.token_classifier import build_token_classifier
 from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.data.labels import LabelVocabulary
@@ -48,9 +49,9 @@ class TokenClassificationTask:
     ```
     """
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, spec: BackboneSpec | None = None):
         self.config = config
-        self.spec = resolve_backbone(config.model.backbone)
+        self.spec = spec or resolve_backbone(config.model.backbone)
         if self.spec.modality != "text":
             raise InputError(
                 "Token classification needs a text backbone.",
