@@ -95,7 +95,10 @@ def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir
     """`training.fit_resumable` over the task's epoch-seeded batches, as `config` says.
 
     Returns:
-        `fit_resumable`'s outcome (`history`, `resumed_from`, `terminated`).
+        `fit_resumable`'s outcome (`history`, `resumed_from`).
+
+    Raises:
+        errors.Preempted: SIGTERM arrived; the backup is committed.
     """
     return training.fit_resumable(
         model,
