@@ -8,12 +8,18 @@ need); each pipeline's `main` checks what it requires through
 from __future__ import annotations
 
 import dataclasses
+import importlib.abc
+import importlib.machinery
+import logging
+import os
 import sys
+from pathlib import Path
 
 from absl import flags
 
 from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.io_utils import check_export_name, check_output_dir
 
 FLAGS = flags.FLAGS
 
@@ -118,7 +124,20 @@ def config_from_flags() -> ExperimentConfig:
     pipeline defines one (a field without a flag keeps its default), so a
     new config field needs its flag and nothing else here.
     """
-    return experiment_config_from_flags().validate()
+    config = experiment_config_from_flags().validate()
+    f = FLAGS
+    labels = Path(config.model_dir) / "labels.json"
+    if config.mode == "eval" and not labels.exists():
+        raise InputError("No trained model in the model directory (no labels.json).",
+                         received={"model_dir": config.model_dir},
+                         fix="Train first with --mode=train or --mode=train_and_eval.")
+    # Before any data is read or model loaded: a bad output folder costs a second, not a run.
+    check_output_dir(config.model_dir, "model_dir")  # Eval writes metrics.json there too.
+    export_dir = f.export_dir if "export_dir" in f else None
+    if export_dir and config.mode != "eval":
+        check_output_dir(export_dir, "export_dir")
+        check_export_name(f.model_name or Path(config.model_dir).resolve().name)
+    return config
 
 
 def experiment_config_from_flags() -> ExperimentConfig:
@@ -151,27 +170,111 @@ def dataclass_from_flags(cls, **given):
     return cls(**values)
 
 
+def _fail(message: str, code: int) -> None:
+    """Prints `error: <message>` as one line on stderr and exits with `code`."""
+    text = " ".join(str(message).split())
+    # absl's own messages may start with a prefix of their own ("ERROR:: Unable to open
+    # flagfile"); one `error:` is enough.
+    while text.lower().startswith("error:"):
+        text = text[len("error:"):].lstrip(": ")
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
     """absl flag parsing that reports bad flags in one line with exit code 2."""
     try:
         return FLAGS(argv)
     except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err), 2)
 
 
 def run_main(main_fn) -> None:
-    """Runs `main_fn(argv)`; an `InputError` becomes one line on stderr and exit code 2."""
+    """Runs `main_fn(argv)` as a pipeline: how it ends is one line and an exit code.
+
+    An `InputError` prints its one line and exits 2; `Preempted` (SIGTERM, after the
+    backup) prints "interrupted at step N ... rerun" and exits 143. TensorFlow's C++
+    start-up logs (CUDA probing on a CPU machine, oneDNN notices) are kept off stderr
+    unless `TFHUB_FINETUNE_TF_LOGS=1` (see `quiet_tensorflow_startup`).
+    """
     from absl import app
+
+    from tfhub_finetune.errors import PREEMPTED_EXIT_CODE, Preempted
+
+    quiet_tensorflow_startup()
 
     def wrapped(argv):
         try:
             return main_fn(argv)
         except InputError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _fail(str(err), 2)
+        except Preempted as stop:
+            # The backup is committed and the callbacks' files closed (fit_resumable): end
+            # now, without the interpreter's TensorFlow teardown (seconds, which a
+            # scheduler's grace period may not leave).
+            print(f"error: {stop}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            logging.shutdown()
+            os._exit(PREEMPTED_EXIT_CODE)
 
     app.run(wrapped, flags_parser=parse_flags_or_exit)
+
+
+TF_LOGS_ENV = "TFHUB_FINETUNE_TF_LOGS"
+
+
+def quiet_tensorflow_startup() -> None:
+    """Keeps TensorFlow's C++ start-up logs off stderr, unless `$TFHUB_FINETUNE_TF_LOGS=1`.
+
+    Two kinds of noise bury a pipeline's one-line message: lines TensorFlow's
+    libraries log while they load (`Could not find cuda drivers`, the oneDNN
+    notice), which absl's C++ logging writes to stderr before anything can set
+    its level, so `TF_CPP_MIN_LOG_LEVEL` does not stop them; and runtime
+    errors such as `failed call to cuInit` on a machine without GPUs, which
+    `TF_CPP_MIN_LOG_LEVEL=3` does. So the level defaults to 3 (a user's own
+    setting wins), and the first `import tensorflow` runs with file descriptor 2
+    pointed at /dev/null (Python's own errors are raised after it is restored;
+    only C++ writes during the import are dropped). TensorFlow stays unimported
+    until a pipeline needs it, so flag errors remain instant.
+    """
+    if os.environ.get(TF_LOGS_ENV, "").lower() in ("1", "true", "yes"):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules or any(isinstance(f, _QuietImport) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _QuietImport())
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` as usual, but runs its module code with C-level stderr muted."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # Once: later imports are dictionary look-ups anyway.
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _MutedLoader(spec.loader)
+        return spec
+
+
+class _MutedLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+            self._loader.exec_module(module)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def print_summary(result: dict, model_dir: str) -> None:

@@ -20,13 +20,9 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
-import os
+from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import flags  # noqa: E402
-
-from pipelines import flags as pipeline_flags  # noqa: E402
+from pipelines import flags as pipeline_flags
 
 FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags()
@@ -43,7 +39,7 @@ def main(argv):
     # The backbone string becomes a spec once, here; everything below takes the spec.
     task = ImageClassificationTask(config, spec=resolve_backbone(config.model.backbone))
     result = run_experiment(config, task)
-    if FLAGS.export_dir and config.mode != "eval" and not result.get("terminated"):
+    if FLAGS.export_dir and config.mode != "eval":
         from tfhub_finetune.export import export_image_classifier
 
         path = export_image_classifier(
@@ -59,5 +55,10 @@ def main(argv):
     pipeline_flags.print_summary(result, config.model_dir)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """What `python -m` runs (tests/bad_inputs.py runs it in-process too)."""
     pipeline_flags.run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -27,7 +27,8 @@ recursively; `.jpg .jpeg .png .gif .bmp .webp`; hidden files ignored).
 Output: one JSON line per input, in input order: `index`, the input (`text`
 with its file `line`, or `path`), `label`, `label_id` and `probabilities`
 (`{label: p}`); multi-label: `labels` (p >= 0.5) and `probabilities`;
-regression: `scores`. Blank lines of text files are skipped (not inputs).
+regression: `scores`. Blank lines of text files are skipped (not inputs; the count is
+printed).
 Bytes that are not UTF-8 are replaced by U+FFFD, as the server does.
 An image the server cannot decode gets `{"index", "path", "error"}` instead
 (the batch is retried image by image); the count is printed at the end.
@@ -39,25 +40,23 @@ code 2.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from pipelines import flags as pipeline_flags  # noqa: E402
-from tfhub_finetune.errors import InputError  # noqa: E402
+from pipelines import flags as pipeline_flags
+from tfhub_finetune.errors import InputError
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """Defines this binary's flags (called by `__main__` only, so importing has no side effects)."""
+    """Defines this binary's flags (called by `cli` only, so importing has no side effects)."""
+    if "saved_model" in FLAGS:  # Defined already (cli run again in one process).
+        return
     flags.DEFINE_string("saved_model", None, "Exported SavedModel: a version folder, or a model "
                         "folder (the highest version is used).")
     flags.DEFINE_string("input", None, "A .tsv/.txt/.csv or .jsonl text file, or a folder of "
@@ -88,33 +87,33 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
                text_pair_column: str = "") -> list[dict]:
     """Reads the texts (and second texts of pairs) to predict, each with its 1-based file line.
 
+    Read as training reads them (`data.sources`): CSV quoting (fields may span
+    lines), any cell length, no byte-order mark; bytes that are not UTF-8 are
+    replaced by U+FFFD, as the server does. Blank lines are skipped, and counted
+    in the returned list's `skipped_blank` attribute.
+
     Raises:
         InputError: for an unreadable or empty file, a row without the
             column, a bad JSON line, or a header column that does not exist.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise InputError("Input file is unreadable.", received={"input": str(path)},
-                         fix=f"({err.strerror or err})") from None
-    lines = [
-        (number, line.decode("utf-8", errors="replace"))
-        for number, line in enumerate(raw.splitlines(), start=1)
-        if line.strip()
-    ]
-    if not lines:
-        raise InputError("Input file has no rows.", received={"input": str(path)})
+    from tfhub_finetune.data.sources import read_csv_rows, read_text_file
+
     if path.suffix.lower() in (".jsonl", ".json"):
         pair_key = None
         if text_pair_column:
             pair_key = "text_pair" if text_pair_column.lstrip("-").isdigit() else text_pair_column
-        return [_json_text(path, number, line, text_key, pair_key) for number, line in lines]
+        lines = read_text_file(path, "utf-8", "input", errors="replace").split("\n")
+        numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+        texts = Texts(_json_text(path, number, line, text_key, pair_key)
+                      for number, line in numbered)
+        texts.skipped_blank = len(lines) - len(numbered) - (lines[-1] == "")
+        if not texts:
+            raise InputError("Input file has no rows.", received={"input": str(path)})
+        return texts
     delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-    rows = [
-        (number, next(csv.reader(io.StringIO(line), delimiter=delimiter, quoting=quoting), []))
-        for number, line in lines
-    ]
+    rows, blank = read_csv_rows(path, delimiter, "utf-8", "input", errors="replace")
+    if not rows:
+        raise InputError("Input file has no rows.", received={"input": str(path)})
     first = [cell.strip() for cell in rows[0][1]]
     wanted = {"text_column": text_column}
     if text_pair_column:
@@ -137,7 +136,11 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
                 else "Give the column as a 0-based index.",
             )
         columns[flag] = first.index(value)
-    texts = []
+    if header and len(rows) == 1:
+        raise InputError("Input file has a header row but no texts.",
+                         received={"input": str(path), "header": ",".join(first)})
+    texts = Texts()
+    texts.skipped_blank = blank
     for number, row in rows[1:] if header else rows:
         record = {"line": number}
         for flag, column in columns.items():
@@ -154,6 +157,12 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
     return texts
 
 
+class Texts(list):
+    """The texts to predict, and how many blank lines were skipped."""
+
+    skipped_blank = 0
+
+
 def _json_text(path: Path, number: int, line: str, key: str, pair_key: str | None = None) -> dict:
     try:
         record = json.loads(line)
@@ -168,9 +177,15 @@ def _json_text(path: Path, number: int, line: str, key: str, pair_key: str | Non
         raise InputError(f"Row {number} of {path} lacks the second text (`{pair_key}` key).",
                          received={"input": str(path), "row": number},
                          fix="Set --text_pair_column to the key that holds the second text.")
-    text = {"line": number, "text": str(record[key])}
+    for name in (key, pair_key):
+        if name is not None and not isinstance(record[name], str):
+            raise InputError(f"Row {number} of {path}: `{name}` is not a string.",
+                             received={"input": str(path), "row": number,
+                                       name: type(record[name]).__name__},
+                             fix="Give each text as a JSON string.")
+    text = {"line": number, "text": record[key]}
     if pair_key is not None:
-        text["text_pair"] = str(record[pair_key])
+        text["text_pair"] = record[pair_key]
     return text
 
 
@@ -367,6 +382,14 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
 
     if batch_size < 1:
         raise InputError("Batch size must be at least 1.", received={"batch_size": batch_size})
+    for flag, value in (("text_column", text_column), ("text_pair_column", text_pair_column)):
+        if value.lstrip("-").isdigit() and int(value) < 0 or (flag == "text_column"
+                                                                and not value.strip()):
+            raise InputError(f"--{flag} must be a 0-based index (>= 0) or a header name.",
+                             received={flag: value})
+    if not text_key:
+        raise InputError("--text_key is empty.", received={"text_key": text_key},
+                         fix="Give the JSON key that holds the text.")
     source = Path(input_path).expanduser()
     if not source.exists():
         raise InputError("Input not found.", received={"input": input_path},
@@ -382,6 +405,12 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
     if target.exists() and target.is_dir():
         raise InputError("The output is a folder.", received={"output": output},
                          fix="Give a file path, e.g. predictions.jsonl.")
+    from tfhub_finetune.io_utils import check_output_dir
+
+    check_output_dir(target, "output", is_file=True)
+    # Read (and check) text inputs before the model loads: a bad row costs a second.
+    records = None if source.is_dir() else read_texts(source, text_column, has_header, text_key,
+                                                      text_pair_column)
     predictor = Predictor(saved_model)
     if predictor.modality == "image" and not source.is_dir():
         raise InputError("This is an image model; the input must be a folder of images.",
@@ -399,8 +428,6 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
         )
     if source.is_dir():
         records = [{"path": str(p)} for p in find_images(source)]
-    else:
-        records = read_texts(source, text_column, has_header, text_key, text_pair_column)
 
     from tfhub_finetune.io_utils import atomic_path
 
@@ -416,7 +443,8 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
                 out.write(json.dumps({"index": start + offset, **batch[offset], **row},
                                      ensure_ascii=False) + "\n")
             progress.update(len(batch))
-    return {"count": len(records), "errors": errors, "output": str(target)}
+    return {"count": len(records), "errors": errors, "output": str(target),
+            "skipped_blank": getattr(records, "skipped_blank", 0)}
 
 
 def _predict_batch(predictor: Predictor, batch: list[dict]) -> list[dict]:
@@ -461,9 +489,16 @@ def main(argv):
                  text_column=FLAGS.text_column, has_header=FLAGS.has_header,
                  text_key=FLAGS.text_key, text_pair_column=FLAGS.text_pair_column)
     note = f", {result['errors']} could not be predicted (see their `error`)" if result["errors"] else ""
+    if result["skipped_blank"]:
+        note += f"; skipped {result['skipped_blank']} blank line(s)"
     print(f"Wrote {result['count']} predictions to {result['output']}{note}.")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """What `python -m` runs (tests/bad_inputs.py runs it in-process too)."""
     define_flags()
     pipeline_flags.run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -20,22 +20,19 @@ loads; so does a run where every candidate failed (after writing the report).
 from __future__ import annotations
 
 import math
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from pipelines import flags as pipeline_flags  # noqa: E402
-from tfhub_finetune.errors import InputError  # noqa: E402
-from tfhub_finetune.selection.config import (  # noqa: E402
+from pipelines import flags as pipeline_flags
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.selection.config import (
     SELECTION_DEFAULTS,
     TRIAL_FIELDS,
     Constraints,
     SearchConfig,
     SelectionConfig,
 )
-from tfhub_finetune.selection.profile import ProfileOptions  # noqa: E402
+from tfhub_finetune.selection.profile import ProfileOptions
 
 FLAGS = flags.FLAGS
 
@@ -145,6 +142,11 @@ def main(argv):
     del argv
     # Every flag is checked before TensorFlow is imported, so flag errors are instant.
     config = config_from_flags()
+    from tfhub_finetune.io_utils import check_output_dir
+
+    check_output_dir(config.output_dir, "output_dir")
+    if config.cache_dir:
+        check_output_dir(config.cache_dir, "cache_dir")
     from tfhub_finetune.selection.select import run_selection
 
     result = run_selection(config)
@@ -185,5 +187,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """What `python -m` runs (tests/bad_inputs.py runs it in-process too)."""
     pipeline_flags.run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -19,13 +19,9 @@ epoch on entity F1. `--export_dir` also writes the serving SavedModels
 
 from __future__ import annotations
 
-import os
+from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import flags  # noqa: E402
-
-from pipelines import flags as pipeline_flags  # noqa: E402
+from pipelines import flags as pipeline_flags
 
 FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags(default_monitor="val_entity_f1")
@@ -60,5 +56,10 @@ def main(argv):
     pipeline_flags.print_summary(result, config.model_dir)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """What `python -m` runs (tests/bad_inputs.py runs it in-process too)."""
     pipeline_flags.run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -39,7 +39,9 @@ def minilm_l3_dir() -> Path:
 
 def run_pipeline(module: str, *args: str, timeout: int = 600, env: dict | None = None):
     """Runs `python -m <module> <args>` from the repo root; returns CompletedProcess."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    # As a user runs it: the pipeline's own default keeps TensorFlow's C++ logs quiet.
+    full_env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,

@@ -343,6 +343,30 @@ def test_bad_text_inputs_return_the_documented_results(text_model, text_export):
         classify(inputs=tf.constant(examples("sentence", [b"a fine film"])))
 
 
+def test_cls_pooled_exports_answer_an_empty_batch(tmp_path, text_model):
+    # CLS pooling takes position 0, which a (0, 0) batch does not have; mean pooling
+    # (the fixture's) divides by a mask and never failed. Both exports must answer.
+    backbone, _ = text_model
+    model = build_text_classifier(backbone, len(LABELS), pooling="cls")
+    raw = Path(export.export_text_classifier(model, backbone, LabelVocabulary(LABELS), tmp_path,
+                                             model_name="cls", sequence_length=SEQUENCE_LENGTH,
+                                             measure_latency=False))
+    ids = tmp_path / "cls_token_ids" / raw.name
+    raw_serve = tf.saved_model.load(str(raw)).signatures["serving_default"]
+    ids_serve = tf.saved_model.load(str(ids)).signatures["serving_default"]
+    empty_ids = {n: tf.zeros([0, 0], tf.int32) for n in ("token_ids", "padding_mask", "segment_ids")}
+    shapes = {
+        "raw strings []": {k: tuple(v.shape) for k, v in raw_serve(text=tf.constant([], tf.string)).items()},
+        "token ids [0, 0]": {k: tuple(v.shape) for k, v in ids_serve(**empty_ids).items()},
+    }
+    print(shapes)
+    expected = {"probabilities": (0, 2), "label_ids": (0,), "label_names": (0,)}
+    assert shapes == {"raw strings []": expected, "token ids [0, 0]": expected}
+    # And a non-empty batch still predicts what the model does.
+    out = raw_serve(text=tf.constant(["a fine film"]))["probabilities"].numpy()
+    np.testing.assert_allclose(out, reference_probabilities(model, backbone, ["a fine film"]), atol=1e-5)
+
+
 def test_text_client_tokenizes_like_the_training_tokenizer(text_model, text_export, dev_texts):
     backbone, _ = text_model
     client = TextClient.from_saved_model(text_export[1])

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, run_pipeline
 from tfhub_finetune import training
+from tfhub_finetune.errors import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def _start_and_interrupt(args, model_dir, sig):
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.text_classify", *args], cwd=REPO_ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
     )
     state = model_dir / "backup" / "backup_state.json"
     deadline = time.time() + 600
@@ -71,12 +72,25 @@ def test_interrupted_run_resumes_at_saved_step(tmp_path, sst2_dir, minilm_l3_dir
     model_dir = tmp_path / "run"
     args = _args(model_dir, sst2_dir, minilm_l3_dir)
     code, out, err = _start_and_interrupt(args, model_dir, sig)
+    saved = json.loads((model_dir / "backup" / "backup_state.json").read_text())
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
     else:
-        assert code == 0, err[-2000:]  # SIGTERM: backup saved, clean exit.
-        assert "Stopped by SIGTERM" in out
-    saved = json.loads((model_dir / "backup" / "backup_state.json").read_text())
+        # A preempted run is a failure a scheduler restarts: backup saved, exit 143, one line.
+        assert code == PREEMPTED_EXIT_CODE == 143, err[-2000:]
+        assert err.strip().splitlines()[-1] == (
+            f"error: Interrupted at step {saved['global_step']} (epoch {saved['epoch'] + 1}, "
+            f"step {saved['step_in_epoch']} of 30) by SIGTERM; the backup is saved. Rerun the "
+            "same command to resume."), err[-2000:]
+        assert "Traceback" not in err
+        # The partial epoch was neither evaluated, logged nor checkpointed as a whole one.
+        assert not (model_dir / "metrics.json").exists()
+        assert not (model_dir / "model.keras").exists()
+        log = model_dir / "training_log.csv"
+        logged = log.read_text().splitlines() if log.exists() else []
+        assert len(logged) == (1 + saved["epoch"] if saved["epoch"] else 0), logged
+        if (model_dir / "best.json").exists():
+            assert json.loads((model_dir / "best.json").read_text())["epoch"] <= saved["epoch"]
 
     proc = run_pipeline("pipelines.text_classify", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -95,6 +109,10 @@ def test_interrupted_run_resumes_at_saved_step(tmp_path, sst2_dir, minilm_l3_dir
     expected = whole_history.get(saved["global_step"], {}).get(
         "learning_rate", float(schedule(saved["global_step"])))
     assert saved["learning_rate"] == pytest.approx(expected, rel=1e-5)
+    # One row per epoch, with the learning rate, however the run was interrupted.
+    rows = (model_dir / "training_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "0", "1"], rows
+    assert "learning_rate" in rows[0].split(",")
     resumed = json.loads((model_dir / "metrics.json").read_text())
     print(f"dev accuracy: uninterrupted {whole_metrics['eval']['accuracy']:.4f}, "
           f"resumed {resumed['eval']['accuracy']:.4f}")

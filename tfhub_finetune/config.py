@@ -7,8 +7,10 @@ flag at fault, and the pipeline writes it to `<model_dir>/params.json`.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ VERBOSITIES = ("auto", "0", "1", "2")
 AUGMENTATIONS = ("basic", "randaugment", "none")
 TASKS = ("single_label", "multi_label", "regression", "token_classification")
 TAG_SCHEMES = ("iob2", "iob1", "bioes")
+POOLINGS = ("auto", "cls", "pooler", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,34 @@ class DataConfig:
     crop_to_aspect_ratio: bool = True
     tag_column: str = "-1"
     tag_scheme: str = "iob2"
+
+
+    def validate(self) -> DataConfig:
+        """Checks the data fields; raises InputError naming the flag at fault."""
+        _one_of("has_header", self.has_header, ("auto", "true", "false"))
+        _one_of("label_type", self.label_type, ("auto", "id", "name"))
+        for flag in ("text_column", "label_column"):
+            value = str(getattr(self, flag)).strip()
+            if not value:
+                _bad(flag, value, f"--{flag} is empty.", "Give a 0-based index or a header name.")
+            if value.lstrip("-").isdigit() and int(value) < 0:
+                _bad(flag, value, f"--{flag} must be a 0-based index (>= 0) or a header name.")
+        names = [str(n).strip() for n in self.label_names]
+        if any(not n for n in names):
+            _bad("label_names", ",".join(self.label_names), "--label_names has an empty name.")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            _bad("label_names", ",".join(self.label_names),
+                 f"--label_names repeats {', '.join(duplicates)}.", "Give each class once.")
+        if not isinstance(self.max_train_examples, int) or self.max_train_examples < 0:
+            _bad("max_train_examples", self.max_train_examples,
+                 "--max_train_examples must be >= 0 (0: all).")
+        try:
+            codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            _bad("encoding", self.encoding, "Unknown text encoding.",
+                 "E.g. utf-8, latin-1, cp1252, utf-16.")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +270,25 @@ class ExperimentConfig:
                  f"Windows hold {self.model.sequence_length - 2} word pieces; 0 means half that.")
         if self.model.image_size < 0:
             _bad("image_size", self.model.image_size, "Image size must be >= 0.")
+        self.data.validate()
+        if self.mode != "eval" and not self.data.eval_data and not self.data.validation_split > 0:
+            _bad("validation_split", self.data.validation_split,
+                 "Without --eval_data, --validation_split must be > 0 (the held-out part).",
+                 "Set --eval_data, or e.g. --validation_split=0.1.")
+        if not 0 <= t.seed < 2**32:
+            _bad("seed", t.seed, "--seed must be in [0, 2**32).")
+        _one_of("pooling", self.model.pooling, POOLINGS)
+        if len(self.data.label_names) == 1 and self.model.task != "regression":
+            _bad("label_names", ",".join(self.data.label_names),
+                 "--label_names has a single class; a classifier needs at least two.")
+        for flag, value in (("learning_rate", t.learning_rate), ("clip_norm", t.clip_norm)):
+            if not math.isfinite(value):
+                _bad(flag, value, f"--{flag} must be a finite number.")
+        if not isinstance(t.monitor, str) or not t.monitor:
+            _bad("monitor", t.monitor, "--monitor must name a logged metric.",
+                 "E.g. val_accuracy or val_loss.")
+        if self.runtime.num_gpus < -1:
+            _bad("num_gpus", self.runtime.num_gpus, "--num_gpus must be -1 (all) or >= 0.")
         _one_of("precision", self.runtime.precision, PRECISIONS)
         _one_of("jit_compile", self.runtime.jit_compile, ("auto", "true", "false"))
         _one_of("lr_schedule", t.lr_schedule, LR_SCHEDULES)

@@ -22,6 +22,7 @@ from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 from tfhub_finetune.metrics import (
     ValidationSpearman,
+    check_monitor,
     classification_report,
     multilabel_report,
     regression_report,
@@ -97,7 +98,10 @@ def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir
     """`training.fit_resumable` over the task's epoch-seeded batches, as `config` says.
 
     Returns:
-        `fit_resumable`'s outcome (`history`, `resumed_from`, `terminated`).
+        `fit_resumable`'s outcome (`history`, `resumed_from`).
+
+    Raises:
+        errors.Preempted: SIGTERM arrived; the backup is committed.
     """
     return training.fit_resumable(
         model,
@@ -137,6 +141,8 @@ def run_experiment(config: ExperimentConfig, task: Task) -> dict:
         The contents written to `metrics.json`.
     """
     config.validate()
+    if config.mode != "eval":
+        check_monitor(config.train.monitor, config.model.task)
     started = time.time()
     rt = config.runtime
     # The strategy first: multi-worker collectives must be configured before any other TF op.
@@ -172,6 +178,7 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
             task.prepare_eval(labels)
         else:
             task.prepare_train()
+            check_monitor(config.train.monitor, config.model.task, task.labels.num_classes)
             _check_same_run(model_dir, config)
             config.save(model_dir / PARAMS_FILE)
             task.labels.save(model_dir / LABELS_FILE)
@@ -199,10 +206,6 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
             result["train_examples_per_second"] = round(
                 epochs_run * result.get("train_examples", 0) / train_seconds, 2
             )
-        if outcome["terminated"]:
-            print("Stopped by SIGTERM after saving a backup; rerun the same command to resume.")
-            result["terminated"] = True
-            return result
     best = model_dir / training.BEST_WEIGHTS
     if best.exists():
         model.load_weights(str(best))

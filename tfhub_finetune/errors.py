@@ -1,13 +1,16 @@
-"""User-facing errors: one line, Keras form, exit code 2 from a pipeline.
+"""How a run ends when it does not succeed: one line, and an exit code that says why.
 
 Every mistake a user can make (a bad flag, a missing file, a malformed row, an
 unknown backbone) raises `InputError`. Pipelines catch it in one place and print
-its message as a single line; anything else is a bug and keeps its traceback.
+its message as a single line with exit code 2; anything else is a bug and keeps
+its traceback. A run stopped by SIGTERM after its backup raises `Preempted`:
+one line, exit code 143, and the same command resumes it.
 """
 
 from __future__ import annotations
 
 import difflib
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +42,35 @@ class InputError(ValueError):
         self.received = dict(received or {})
         self.fix = fix
         super().__init__(format_error(problem, received=received, fix=fix))
+
+
+# 128 + SIGTERM: what a shell or scheduler reports for a process SIGTERM ended,
+# so "preempted" reads the same whether the backup finished or not.
+PREEMPTED_EXIT_CODE = 128 + int(signal.SIGTERM)
+
+
+class Preempted(BaseException):
+    """Training stopped on SIGTERM after a backup; rerunning the same command resumes.
+
+    A `BaseException`, like `KeyboardInterrupt`: it is not an error for generic
+    `except Exception` handlers (KerasTuner's trial loop, for one) to record and
+    continue from; it must reach the pipeline, which exits with
+    `PREEMPTED_EXIT_CODE`.
+
+    Attributes:
+        state: dict. The committed backup (`epoch`, `step_in_epoch`,
+            `global_step`, ...).
+    """
+
+    def __init__(self, state: dict, steps_per_epoch: int):
+        self.state = dict(state)
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        where = (f"epoch {epoch + 1}, step {step} of {steps_per_epoch}" if step
+                 else f"the end of epoch {epoch}")
+        super().__init__(
+            f"Interrupted at step {state['global_step']} ({where}) by SIGTERM; the backup is "
+            "saved. Rerun the same command to resume."
+        )
 
 
 def format_error(

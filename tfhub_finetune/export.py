@@ -125,7 +125,7 @@ from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.data.text import pack_inputs
 from tfhub_finetune.errors import InputError
-from tfhub_finetune.io_utils import atomic_path, staging_dir
+from tfhub_finetune.io_utils import atomic_path, check_export_name, staging_dir
 
 FORMAT = "tfhub_finetune.export/1"
 ASSETS_EXTRA = "assets.extra"
@@ -253,7 +253,7 @@ def export_text_classifier(
     def from_strings(*texts: tf.Tensor) -> tf.Tensor:
         inputs = pack_inputs(*(pieces(t) for t in texts), sequence_length=sequence_length,
                              start_id=start_id, end_id=end_id, pad_id=pad_id)
-        return model(inputs, training=False)
+        return _call_or_empty(model, inputs, tf.shape(inputs["token_ids"])[0])
 
     string_inputs = (TEXT_FEATURE, TEXT_PAIR_FEATURE) if text_pair else (TEXT_FEATURE,)
     string_specs = [tf.TensorSpec([None], tf.string, name=n) for n in string_inputs]
@@ -276,7 +276,8 @@ def export_text_classifier(
     @tf.function(input_signature=[token_spec])
     def serve_token_ids(inputs):
         checked = _checked_token_inputs(inputs, vocab_size, max_positions, num_segments)
-        return _prediction_outputs(model(checked, training=False), task, names_tensor)
+        outputs = _call_or_empty(model, checked, tf.shape(checked["token_ids"])[0])
+        return _prediction_outputs(outputs, task, names_tensor)
 
     raw_signatures = {"serving_default": serve_text.get_concrete_function()}
     raw_signatures.update(_example_signature(serve_examples, task, len(names)))
@@ -623,12 +624,20 @@ def export_image_classifier(
 
 
 def _predict_images(model: keras.Model, images: tf.Tensor) -> tf.Tensor:
-    # TF 2.21's CPU Conv2D returns its input unchanged for an empty batch,
-    # and the next layer then fails; an empty batch gets empty outputs here.
+    return _call_or_empty(model, images, tf.shape(images)[0])
+
+
+def _call_or_empty(model: keras.Model, inputs: Any, batch_size: tf.Tensor) -> tf.Tensor:
+    """`model(inputs)` as float32, or `[0, outputs]` zeros for an empty batch.
+
+    Layers need not cope with an empty batch: TF 2.21's CPU Conv2D returns its
+    input unchanged for one (the next layer then fails), and CLS pooling takes
+    position 0 of a `(0, 0)` batch of token ids, which has none.
+    """
     width = int(model.outputs[0].shape[-1])
     return tf.cond(
-        tf.shape(images)[0] > 0,
-        lambda: tf.cast(model(images, training=False), tf.float32),
+        batch_size > 0,
+        lambda: tf.cast(model(inputs, training=False), tf.float32),
         lambda: tf.zeros([0, width], tf.float32),
     )
 
@@ -1150,13 +1159,7 @@ def _label_names_and_task(
 def _model_name(name: str | None, model_dir: str | os.PathLike | None, model: keras.Model) -> str:
     if name is None:
         name = Path(model_dir).resolve().name if model_dir else model.name
-    if not name or name.startswith(".") or "/" in name or "\\" in name or name.isdigit():
-        raise InputError(
-            "Invalid model name for the export path.",
-            received={"model_name": name},
-            fix="Use a plain folder name (no slashes, not starting with '.', not a number).",
-        )
-    return name
+    return check_export_name(name)
 
 
 def _read_json(model_dir: str | os.PathLike | None, name: str) -> dict | None:

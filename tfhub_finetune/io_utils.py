@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,55 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def check_output_dir(path: str | Path, flag: str, *, is_file: bool = False) -> None:
+    """Raises InputError unless `path` is, or can be made as, a writable folder.
+
+    With `is_file=True`, `path` names a file to write and its folder is checked.
+    Pipelines call it before any data is read or model loaded, so a bad
+    `--model_dir`/`--export_dir`/`--output` costs a second, not a training run.
+    """
+    from tfhub_finetune.errors import InputError
+
+    target = Path(path).expanduser()
+    if not is_file and target.exists() and not target.is_dir():
+        raise InputError(f"--{flag} is a file, not a folder.", received={flag: str(path)},
+                         fix="Give a folder path (it is created if missing).")
+    existing = target.parent if is_file else target
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--{flag} is inside a file, not a folder.",
+                         received={flag: str(path), "file": str(existing)},
+                         fix="Give a folder path.")
+    try:
+        # Tried, not os.access'ed: root passes permission checks that a read-only mount fails.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise InputError(f"--{flag} is not writable ({err.strerror}).",
+                         received={flag: str(path), "folder": str(existing)},
+                         fix="Choose a folder you can write to, or fix its permissions.") from None
+
+
+def check_export_name(name: str) -> str:
+    """Returns `name` if it is a plain folder name for `<export_dir>/<name>/<version>`.
+
+    Raises:
+        InputError: for slashes, a leading '.', an empty name or a number (a version).
+    """
+    from tfhub_finetune.errors import InputError
+
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name.isdigit():
+        raise InputError(
+            "Invalid model name for the export path.",
+            received={"model_name": name},
+            fix="Use a plain folder name (no slashes, not starting with '.', not a number).",
+        )
+    return name
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -182,6 +182,37 @@ def training_metrics(task: str, num_classes: int) -> list[keras.metrics.Metric]:
     return metrics
 
 
+def monitor_names(task: str, num_classes: int) -> list[str]:
+    """What `--monitor` may name: the loss and every metric `fit` logs, plain and `val_`."""
+    names = ["loss", *(m.name for m in training_metrics(task, num_classes))]
+    names += [f"val_{name}" for name in names]
+    if task == "regression":
+        names.append("val_spearman")  # Logged by ValidationSpearman (the driver adds it).
+    if task == "token_classification":
+        # Logged by the token task's EntityF1 callback at each epoch end.
+        names += ["val_entity_f1", "val_entity_precision", "val_entity_recall"]
+    return names
+
+
+def check_monitor(monitor: str, task: str, num_classes: int = 2) -> None:
+    """Raises InputError unless `fit` logs `monitor` for this task.
+
+    `num_classes` defaults to 2, the case that logs the most metrics (precision,
+    recall and AUC are binary only), so a check before the data is read accepts
+    every name that might apply; the driver checks again with the real count.
+    """
+    from tfhub_finetune.errors import InputError, did_you_mean
+
+    names = monitor_names(task, num_classes)
+    if monitor not in names:
+        raise InputError(
+            f"--monitor names a metric this {task} task does not log"
+            + (f" with {num_classes} classes." if task == "single_label" else "."),
+            received={"monitor": monitor},
+            fix=did_you_mean(monitor, names),
+        )
+
+
 def binary_auc(y_true: np.ndarray, scores: np.ndarray) -> float | None:
     """ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged."""
     y_true = np.asarray(y_true).astype(bool)

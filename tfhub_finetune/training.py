@@ -15,8 +15,14 @@ bare `model.fit` in the ways fine-tuning on shared machines needs:
   previous complete backup in place. The best checkpoint is written the same
   way, and its score is persisted, so a restarted run never overwrites a
   better checkpoint with a worse one.
-* **SIGTERM** (what cluster schedulers send) saves a backup at the next step
-  boundary and stops cleanly.
+* **SIGTERM** (what cluster schedulers send before preempting a job) saves a
+  backup at the next step boundary and raises `Preempted`: the partial epoch
+  is not evaluated, logged or checkpointed as if it were whole, and the
+  pipelines exit with `PREEMPTED_EXIT_CODE` (143, like a process the signal
+  killed), so a scheduler restarts the job and the rerun resumes. A signal
+  during the epoch-end validation lets that (complete) epoch finish first.
+  Keras' `BackupAndRestore` and TF's `PreemptionCheckpointHandler` likewise
+  save, then end the process with a failure status.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from tfhub_finetune.errors import Preempted
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 
 BACKUP_STATE = "backup_state.json"
@@ -200,7 +207,10 @@ class ResumableBackup(keras.callbacks.Callback):
 
     The pipeline restores with `restore_backup` before `fit` (to know how many
     batches to skip); this callback only writes. On SIGTERM it saves at the
-    next batch boundary and stops training.
+    next batch boundary and raises `Preempted`, so neither Keras' epoch-end
+    validation nor any epoch-end callback runs on the partial epoch (a signal
+    during validation lets the finished epoch end normally, then raises).
+    Put it last in the callback list: at an epoch end the others have run.
 
     Args:
         backup_dir: str. Folder for backups (the chief's model_dir/backup).
@@ -221,6 +231,7 @@ class ResumableBackup(keras.callbacks.Callback):
         self._step_in_epoch = initial_step_in_epoch
         self.terminated = False
         self._previous_handler = None
+        self._installed = False
 
     def on_train_begin(self, logs=None):
         def handler(signum, frame):
@@ -229,12 +240,18 @@ class ResumableBackup(keras.callbacks.Callback):
 
         try:
             self._previous_handler = signal.signal(signal.SIGTERM, handler)
+            self._installed = True
         except ValueError:  # Not the main thread.
-            self._previous_handler = None
+            self._installed = False
 
     def on_train_end(self, logs=None):
-        if self._previous_handler is not None:
+        self.restore_signal_handler()
+
+    def restore_signal_handler(self) -> None:
+        """Puts back the SIGTERM handler `on_train_begin` replaced (also after `Preempted`)."""
+        if self._installed:
             signal.signal(signal.SIGTERM, self._previous_handler)
+            self._installed = False
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch != self._epoch:
@@ -245,17 +262,19 @@ class ResumableBackup(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._step_in_epoch = self._offset + batch + 1
         due = self.save_every_steps and optimizer_step(self.model.optimizer) % self.save_every_steps == 0
-        if self.terminated or (due and self._step_in_epoch < self.steps_per_epoch):
-            self.save(self._epoch, self._step_in_epoch)
         if self.terminated:
-            self.model.stop_training = True
+            raise Preempted(self.save(self._epoch, self._step_in_epoch), self.steps_per_epoch)
+        if due and self._step_in_epoch < self.steps_per_epoch:
+            self.save(self._epoch, self._step_in_epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.terminated:
-            self.save(epoch + 1, 0)
+        state = self.save(epoch + 1, 0)
         self._offset = 0
+        if self.terminated:
+            raise Preempted(state, self.steps_per_epoch)
 
-    def save(self, epoch: int, step_in_epoch: int) -> None:
+    def save(self, epoch: int, step_in_epoch: int) -> dict:
+        """Writes and commits a backup at this position; returns its state."""
         if step_in_epoch >= self.steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         self.backup_dir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +294,7 @@ class ResumableBackup(keras.callbacks.Callback):
         for old in self.backup_dir.glob("backup-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
+        return state
 
 
 def restore_backup(model: keras.Model, backup_dir: str | Path) -> dict | None:
@@ -379,7 +399,11 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds the current learning rate to the epoch logs (TensorBoard, CSV)."""
+    """Adds the current learning rate to the epoch logs (TensorBoard, CSV).
+
+    Callbacks see the logs in list order, so it must come before the loggers
+    (`fit_resumable` puts it first).
+    """
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -413,7 +437,10 @@ def fit_resumable(
         verbose: Keras verbosity (progress bars).
 
     Returns:
-        `{"resumed_from": state or None, "history": {...}, "terminated": bool}`.
+        `{"resumed_from": state or None, "history": {...}}`.
+
+    Raises:
+        Preempted: SIGTERM arrived; the backup it names is committed.
     """
     backup_dir = Path(model_dir) / "backup"
     state = restore_backup(model, backup_dir)
@@ -428,10 +455,12 @@ def fit_resumable(
         )
     history: dict[str, list] = {}
     if start_epoch >= epochs:
-        return {"resumed_from": state, "history": history, "terminated": False}
+        return {"resumed_from": state, "history": history}
 
     backup = ResumableBackup(backup_dir, steps_per_epoch, backup_every_steps, start_epoch, skip)
-    all_callbacks = [*(callbacks or []), LearningRateLogger(), backup]
+    # The learning rate first, so the loggers record it; the backup last, so at an epoch
+    # end it commits (and, on SIGTERM, stops) after every other callback has run.
+    all_callbacks = [LearningRateLogger(), *(callbacks or []), backup]
 
     def run(first_epoch: int, last_epoch: int, dataset, steps):
         result = model.fit(
@@ -447,19 +476,29 @@ def fit_resumable(
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)
 
-    if skip:
-        # Finish the interrupted epoch on exactly the batches it had left.
-        run(start_epoch, start_epoch + 1, epoch_dataset(start_epoch).skip(skip), steps_per_epoch - skip)
-        start_epoch += 1
-    if start_epoch < epochs and not backup.terminated and not model.stop_training:
-        # Epochs are joined in Python, each seeded with a Python int: a tensor seed (as a
-        # flat_map over epoch numbers would pass) crashes tf.data's shuffle when the global
-        # seed is 0, because TF's get_seed then compares the tensor as a bool.
-        stream = functools.reduce(
-            tf.data.Dataset.concatenate, (epoch_dataset(k) for k in range(start_epoch, epochs))
-        )
-        run(start_epoch, epochs, stream.prefetch(tf.data.AUTOTUNE), steps_per_epoch)
-    return {"resumed_from": state, "history": history, "terminated": backup.terminated}
+    try:
+        if skip:
+            # Finish the interrupted epoch on exactly the batches it had left.
+            run(start_epoch, start_epoch + 1, epoch_dataset(start_epoch).skip(skip),
+                steps_per_epoch - skip)
+            start_epoch += 1
+        if start_epoch < epochs and not model.stop_training:
+            # Epochs are joined in Python, each seeded with a Python int: a tensor seed (as a
+            # flat_map over epoch numbers would pass) crashes tf.data's shuffle when the global
+            # seed is 0, because TF's get_seed then compares the tensor as a bool.
+            stream = functools.reduce(
+                tf.data.Dataset.concatenate, (epoch_dataset(k) for k in range(start_epoch, epochs))
+            )
+            run(start_epoch, epochs, stream.prefetch(tf.data.AUTOTUNE), steps_per_epoch)
+    except Preempted:
+        # Keras skips on_train_end when a callback raises: close the loggers' files
+        # (CSV, TensorBoard events) here, so a process that ends at once loses nothing.
+        for callback in all_callbacks[:-1]:
+            callback.on_train_end()
+        raise
+    finally:
+        backup.restore_signal_handler()
+    return {"resumed_from": state, "history": history}
 
 
 def total_train_steps(steps_per_epoch: int, epochs: int) -> int:

@@ -72,11 +72,15 @@ def resolve_handle(handle: str) -> str:
         try:
             return hub.resolve(handle)
         except (OSError, ValueError, tf.errors.OpError) as err:
+            # urllib's URLError and socket errors are OSErrors: a network that is not there.
+            offline = isinstance(err, OSError) and not isinstance(err, FileNotFoundError)
             raise InputError(
-                "Could not download the TF Hub model.",
+                "Could not download the TF Hub model: "
+                + ("the network is unreachable." if offline else "the download failed."),
                 received={"handle": handle},
-                fix="Check the URL and network access, or download the model and give its "
-                f"local directory. ({err.__class__.__name__}: {_first_line(err)})",
+                fix="Download it where there is internet and give its local directory (or a "
+                "TFHUB_CACHE_DIR that holds it); check the URL. "
+                f"({err.__class__.__name__}: {_first_line(err)})",
             ) from None
     path = Path(handle).expanduser()
     if not path.is_dir():
@@ -623,6 +627,9 @@ def _apply_metadata(spec: BackboneSpec, metadata: dict[str, Any]) -> BackboneSpe
 
 def _load_text(spec: BackboneSpec) -> TextBackbone:
     if not spec.preprocess_handle:
+        # A URL first has to download: offline, that (not the missing preprocess
+        # model) is what the user must hear about.
+        resolve_handle(spec.handle)
         raise InputError(
             "A TF Hub text encoder needs its preprocess model.",
             received={"backbone": spec.name},

@@ -49,10 +49,10 @@ Bad input, decided per case:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +62,7 @@ import tensorflow as tf
 
 from tfhub_finetune.config import AUGMENTATIONS
 from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.data.sources import load_tfds, read_csv_rows
 from tfhub_finetune.errors import InputError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -522,8 +523,7 @@ def _class_folder_files(
 def _csv_files(
     path: Path, label_names: list[str] | None
 ) -> tuple[list[str], list[int], LabelVocabulary]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = [(n, row) for n, row in enumerate(csv.reader(handle), start=1) if any(row)]
+    rows, _ = read_csv_rows(path, ",", "utf-8")  # As text CSVs: quoting, BOM, bad bytes named.
     if rows and rows[0][1][0].strip().lower() in _CSV_PATH_HEADERS:
         rows = rows[1:]
     if not rows:
@@ -657,13 +657,13 @@ def _tfrecord_examples(
             "TFRecord examples lack the image features.",
             received={"path": pattern},
             fix=f"Each tf.train.Example needs `{ENCODED_KEY}` (bytes) and `{LABEL_KEY}` "
-            f"(int64). ({err.message.splitlines()[0]})",
+            f"(int64). ({_tf_message(err)})",
         ) from None
     except tf.errors.DataLossError as err:
         raise InputError(
             "Corrupt TFRecord file.",
             received={"path": pattern},
-            fix=f"({err.message.splitlines()[0]})",
+            fix=f"({_tf_message(err)})",
         ) from None
     if labels.size == 0:
         raise InputError("The TFRecord files hold no examples.", received={"path": pattern})
@@ -706,6 +706,12 @@ def _tfrecord_examples(
     return examples, vocabulary, len(good), skipped
 
 
+def _tf_message(err: tf.errors.OpError) -> str:
+    """The kernel's words from a TF error, without `{{function_node ...}}` and `[Op:...]`."""
+    text = re.sub(r"\{\{.*?\}\}\s*", "", err.message.splitlines()[0])
+    return re.sub(r"\s*\[Op:\w+\].*$", "", text).strip()
+
+
 def _record_heads(examples: tf.data.Dataset, indices: list[int]) -> dict[int, bytes]:
     wanted = tf.constant(indices, tf.int64)
     selected = examples.enumerate().filter(lambda i, _: tf.reduce_any(tf.equal(i, wanted)))
@@ -722,25 +728,13 @@ def _tfds_images(
 
     name, _, split_in_source = text[len("tfds:") :].partition(":")
     split = split_in_source or split or ("train" if training else None)
-    try:
-        builder = tfds.builder(name)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise InputError(
-            "Unknown TFDS dataset.",
-            received={"source": text},
-            fix=did_you_mean(name, tfds.list_builders()),
-        ) from None
     if split is None:
-        split = "validation" if "validation" in builder.info.splits else "test"
-    try:
-        dataset, info = tfds.load(name, split=split, as_supervised=True, with_info=True)
-    except (OSError, ValueError) as err:
-        raise InputError(
-            "Could not load the TFDS dataset.",
-            received={"source": text, "split": split},
-            fix=f"Downloads need internet; check the split name. ({err.__class__.__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})",
-        ) from None
+        try:
+            splits = tfds.builder(name).info.splits
+        except Exception:  # Unknown names are reported by load_tfds below.
+            splits = {}
+        split = "validation" if "validation" in splits else "test"
+    dataset, info = load_tfds(name, split, source=text, as_supervised=True)
     label_feature = info.features[info.supervised_keys[1]]
     names = list(getattr(label_feature, "names", None) or [])
     if label_names is not None and names and names != label_names:

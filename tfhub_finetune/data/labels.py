@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import atomic_write_text
 
 LABEL_TYPES = ("auto", "id", "name")
+# A class with fewer training rows than this fraction of the smallest other class is almost
+# always a typo or a stray cell (`postive`, `7` among 0/1), not a class to learn.
+TINY_CLASS_FRACTION = 0.01
 
 
 def _is_int(text: str) -> bool:
@@ -56,7 +60,15 @@ class LabelVocabulary:
         source: str = "",
         rows: Sequence[int] | None = None,
     ) -> LabelVocabulary:
-        """Builds the vocabulary from training labels."""
+        """Builds the vocabulary from training labels.
+
+        With `label_names`, the classes are exactly those names (a training
+        label outside them is an error naming its row); without, the classes
+        are the labels found. Integer ids and names are never mixed: with
+        `label_type="auto"`, a cell of the other kind is an error naming its
+        row (a stray label, or a header row that was not recognised).
+        `check_training_counts` then checks the classes against the data.
+        """
         if label_type not in LABEL_TYPES:
             raise InputError(
                 "Unknown label type.", received={"label_type": label_type},
@@ -72,26 +84,81 @@ class LabelVocabulary:
             vocab = cls(names=names, task=task, label_type="name")
             vocab.encode(labels, source=source, rows=rows)
             return vocab
+        rows = list(rows) if rows is not None else list(range(1, len(labels) + 1))
         if label_type == "auto":
-            label_type = "id" if all(_is_int(label) for label in labels) else "name"
+            label_type = _infer_label_type(labels, source, rows)
         if label_type == "id":
             ids = _parse_ids(labels, source, rows)
-            count = int(ids.max()) + 1
             if label_names:
-                if len(label_names) < count:
-                    raise InputError(
-                        "Fewer label names than label ids in the data.",
-                        received={"label_names": ",".join(label_names), "max_label_id": count - 1},
-                        fix="Give one name per id, in id order.",
-                    )
+                bad = np.nonzero(ids >= len(label_names))[0]
+                if bad.size:
+                    raise _outside_names(source, rows[bad[0]], labels[bad[0]], label_names)
                 names = list(label_names)
             else:
-                names = [str(i) for i in range(count)]
+                names = [str(i) for i in range(int(ids.max()) + 1)]
             return cls(names=names, task=task, label_type="id")
+        if label_names:
+            known = set(label_names)
+            for label, row in zip(labels, rows, strict=True):
+                if label not in known:
+                    raise _outside_names(source, row, label, label_names)
         names = sorted(set(labels)) if not label_names else list(label_names)
-        vocab = cls(names=names, task=task, label_type="name")
-        vocab.encode(labels, source=source, rows=rows)
-        return vocab
+        return cls(names=names, task=task, label_type="name")
+
+    def check_training_counts(
+        self, targets: np.ndarray, *, source: str = "", rows: Sequence[int] | None = None
+    ) -> None:
+        """Checks that training data can teach every class (single-label only).
+
+        Raises:
+            InputError: a single class; a class with no training example (an
+                id gap, or a `--label_names` entry the data lacks); a class
+                with under `TINY_CLASS_FRACTION` of the smallest other class's
+                rows (named with its rows). A class with a single row, above
+                that fraction, is logged as a warning naming the row.
+        """
+        if self.task != "single_label":
+            return
+        targets = np.asarray(targets)
+        rows = list(rows) if rows is not None else list(range(1, len(targets) + 1))
+        counts = np.bincount(targets, minlength=self.num_classes)
+        present = np.nonzero(counts)[0]
+        if len(present) < 2:
+            only = self.names[present[0]] if len(present) else "none"
+            raise InputError(
+                "The training data has a single class; a classifier needs at least two.",
+                received={"file": source, "label": only, "examples": int(counts.sum())},
+                fix="Check --label_column, or train on data with more than one label.",
+            )
+        empty = [self.names[i] for i in np.nonzero(counts == 0)[0]]
+        if empty:
+            hint = ""
+            if self.label_type == "id":
+                largest = int(targets.max())
+                hint = (f" The largest id, {largest}, is at row(s) "
+                        f"{_rows_of(targets, largest, rows)}: a stray label?")
+            raise InputError(
+                f"Class(es) with no training example: {', '.join(empty[:10])}"
+                f"{', ...' if len(empty) > 10 else ''}.",
+                received={"file": source, "classes": ",".join(self.names)},
+                fix="Every class needs training examples: fix the labels, or drop the names "
+                f"from --label_names.{hint}",
+            )
+        for i in present:
+            others = counts[present[present != i]]
+            if counts[i] < TINY_CLASS_FRACTION * others.min():
+                raise InputError(
+                    f"Class {self.names[i]!r} has only {counts[i]} training row(s) against at "
+                    f"least {others.min()} for every other class: a stray or mistyped label?",
+                    received={"file": source, "label": self.names[i],
+                              "rows": _rows_of(targets, i, rows)},
+                    fix="Fix or remove those rows (or add examples of the class).",
+                )
+            if counts[i] == 1:
+                logging.warning(
+                    "Class %r has a single training example (%s, row %s): it cannot be learnt "
+                    "from one row; a stray or mistyped label?", self.names[i], source,
+                    _rows_of(targets, i, rows))
 
     def encode(
         self, labels: Sequence[str], *, source: str = "", rows: Sequence[int] | None = None
@@ -160,6 +227,45 @@ class LabelVocabulary:
                 fix="Train first (--mode=train) or point --model_dir at a trained model.",
             )
         return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def _infer_label_type(labels: Sequence[str], source: str, rows: list[int]) -> str:
+    """`id` when every cell is an integer, `name` when none is; a mix names the odd row."""
+    is_id = [_is_int(label) for label in labels]
+    ids = sum(is_id)
+    if ids == len(labels):
+        return "id"
+    if ids == 0:
+        return "name"
+    majority_ids = ids >= len(labels) - ids
+    i = is_id.index(not majority_ids)  # The first cell of the minority kind.
+    if majority_ids:
+        problem = f"is not an integer id, but the other {ids} labels are integer ids"
+        hint = " (a header row? set --has_header=true)" if i == 0 else ""
+    else:
+        problem = f"is an integer id, but the other {len(labels) - ids} labels are class names"
+        hint = ""
+    raise InputError(
+        f"Row {rows[i]} of {source} has a label that {problem}{hint}.",
+        received={"file": source, "row": rows[i], "label": labels[i]},
+        fix="Fix the row, or set --label_type=id or --label_type=name to say which labels are.",
+    )
+
+
+def _outside_names(source, row, label, label_names) -> InputError:
+    # `label_names` are the user's --label_names, or the training classes an eval set is
+    # read against: the message fits both.
+    return InputError(
+        f"Row {row} of {source} has a label outside the known classes (--label_names, or "
+        "what training saw).",
+        received={"file": source, "row": row, "label": label},
+        fix=f"Expected one of: {', '.join(label_names)} (or ids 0..{len(label_names) - 1}).",
+    )
+
+
+def _rows_of(targets: np.ndarray, class_id: int, rows: list[int], limit: int = 5) -> str:
+    found = [rows[i] for i in np.nonzero(targets == class_id)[0][: limit + 1]]
+    return ",".join(map(str, found[:limit])) + (",..." if len(found) > limit else "")
 
 
 def _parse_ids(labels, source, rows) -> np.ndarray:

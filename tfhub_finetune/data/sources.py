@@ -4,6 +4,9 @@ Policy for malformed input (documented in the README):
 
 * Blank lines are skipped and counted; the count is logged and written to
   `metrics.json`. Nothing else is dropped silently.
+* CSV is read as CSV: a quoted field may hold commas, quotes and newlines, and
+  a cell may be of any length (Python's csv module stops at 128 KiB by
+  default). A UTF-8 byte-order mark is not part of the first cell.
 * A row with a missing column, an empty text, a label that is not a number
   where ids are expected, or bytes that are not valid UTF-8 (in the chosen
   `encoding`) stops the run with one line naming the file and row.
@@ -14,13 +17,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import io
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tfhub_finetune.errors import InputError
+from tfhub_finetune.errors import InputError, close_names
 
 TFDS_PREFIX = "tfds:"
 _TEXT_KEYS = ("sentence", "text", "review", "content", "document", "question")
@@ -127,29 +133,93 @@ def read_text_examples(
                            text_pair_column)
 
 
-def _decoded_lines(path: Path, encoding: str):
+def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = "strict") -> str:
+    """The decoded text of `path` (a leading byte-order mark dropped).
+
+    `errors="replace"` puts U+FFFD for undecodable bytes (what a server does)
+    instead of raising.
+
+    Raises:
+        InputError: unreadable file, unknown encoding, or bytes not valid in
+            `encoding` (naming the row and byte).
+    """
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise InputError(
-            "Data file is unreadable.", received={"file": str(path)},
+            "Data file is unreadable.", received={flag: str(path)},
             fix=f"({err.strerror or err})",
         ) from None
-    for number, line in enumerate(raw.splitlines(), start=1):
-        try:
-            yield number, line.decode(encoding)
-        except UnicodeDecodeError as err:
-            raise InputError(
-                f"Row {number} of {path} is not valid {encoding} (byte {err.start}: "
-                f"{line[err.start:err.start + 1]!r}).",
-                received={"file": str(path), "row": number},
-                fix="Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) "
-                "or pass --encoding.",
-            ) from None
+    try:
+        text = raw.decode(encoding, errors=errors)
+    except LookupError:
+        raise InputError("Unknown text encoding.", received={"encoding": encoding},
+                         fix="E.g. utf-8, latin-1, cp1252, utf-16.") from None
+    except UnicodeDecodeError as err:
+        number = raw.count(b"\n", 0, err.start) + 1
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        raise InputError(
+            f"Row {number} of {path} is not valid {encoding} (byte {err.start - line_start}: "
+            f"{raw[err.start:err.start + 1]!r}).",
+            received={flag: str(path), "row": number},
+            fix="Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) "
+            "or pass --encoding.",
+        ) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _decoded_lines(path: Path, encoding: str):
+    text = read_text_file(path, encoding)
+    # Lines as the file has them: str.splitlines would also split at \x0b, \x1c, U+2028...
+    for number, line in enumerate(text.split("\n"), start=1):
+        yield number, line.removesuffix("\r")
+
+
+def read_csv_rows(
+    path: Path, delimiter: str, encoding: str, flag: str = "file", errors: str = "strict"
+) -> tuple[list[tuple[int, list[str]]], int]:
+    """Rows of a delimited file as `(first line number, cells)`, and the blank-line count.
+
+    `.csv` files are parsed as CSV (quoted fields may span lines); tab-separated
+    files split at tabs only (`QUOTE_NONE`: a quote is an ordinary character,
+    as in SST-2's sentences).
+
+    Raises:
+        InputError: undecodable bytes, or malformed CSV, naming the row.
+    """
+    text = read_text_file(path, encoding, flag, errors)
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting,
+                        strict=delimiter == ",")
+    rows, blank, start = [], 0, 1
+    try:
+        for cells in reader:
+            if not any(cell.strip() for cell in cells):
+                blank += 1
+            else:
+                rows.append((start, cells))
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise InputError(
+            f"Row {start} of {path} is not valid CSV ({err}).",
+            received={flag: str(path), "row": start},
+            fix="Quote fields that hold commas, quotes or newlines, doubling inner quotes (\"\").",
+        ) from None
+    return rows, blank
+
+
+# A text cell may be longer than the csv module's default limit (131072 characters);
+# tokenization truncates it, as any other long text.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def _column_index(column: str | int, header: list[str] | None, path: Path, what: str) -> int:
     if isinstance(column, int) or (isinstance(column, str) and column.lstrip("-").isdigit()):
+        if int(column) < 0:
+            raise InputError(
+                f"The {what} column index must be >= 0.",
+                received={f"{what}_column": column}, fix="Columns count from 0.",
+            )
         return int(column)
     if header is None:
         raise InputError(
@@ -168,14 +238,11 @@ def _column_index(column: str | int, header: list[str] | None, path: Path, what:
 
 def _read_delimited(path, delimiter, text_column, label_column, has_header, encoding,
                     text_pair_column=None):
-    lines = list(_decoded_lines(path, encoding))
-    blank = sum(1 for _, line in lines if not line.strip())
-    lines = [(n, line) for n, line in lines if line.strip()]
-    if not lines:
+    numbered, blank = read_csv_rows(path, delimiter, encoding)
+    if not numbered:
         raise InputError("Data file has no rows.", received={"file": str(path)})
-    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-    rows = list(csv.reader((line for _, line in lines), delimiter=delimiter, quoting=quoting))
-    numbers = [n for n, _ in lines]
+    numbers = [n for n, _ in numbered]
+    rows = [cells for _, cells in numbered]
     header = None
     first = [cell.strip() for cell in rows[0]]
     named = {c for c in (text_column, label_column, text_pair_column)
@@ -186,6 +253,9 @@ def _read_delimited(path, delimiter, text_column, label_column, has_header, enco
     ):
         header = first
         rows, numbers = rows[1:], numbers[1:]
+        if not rows:
+            raise InputError("Data file has a header row but no examples.",
+                             received={"file": str(path), "header": ",".join(first)})
     t_idx = _column_index(text_column, header, path, "text")
     l_idx = _column_index(label_column, header, path, "label")
     p_idx = None if text_pair_column is None else _column_index(
@@ -277,8 +347,22 @@ def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None
                     fix="Each row of a pair data set needs both texts; remove the row or fill it in.",
                 )
             pairs.append(_pair_cell(path, number, str(record[pair_key]).strip()))
-        text = str(record[text_key]).strip()
+        if not isinstance(record[text_key], str):
+            raise InputError(
+                f"Row {number} of {path}: `{text_key}` is not a string.",
+                received={"file": str(path), "row": number,
+                          text_key: type(record[text_key]).__name__},
+                fix="Give each text as a JSON string.",
+            )
+        text = record[text_key].strip()
         label = record[label_key]
+        if isinstance(label, dict) or label is None:
+            raise InputError(
+                f"Row {number} of {path}: `{label_key}` is not a label.",
+                received={"file": str(path), "row": number, label_key: label},
+                fix="Give a class name, an integer id, a number (regression) or a list "
+                "(multi-label).",
+            )
         label = ",".join(map(str, label)) if isinstance(label, list) else str(label).strip()
         _check_cells(path, number, text, label)
         texts.append(text)
@@ -291,18 +375,78 @@ def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None
     return TextExamples(texts, labels, str(path), numbers, skipped_blank=blank, pairs=pairs)
 
 
-def _read_tfds(name, text_column, label_column, split, text_pair_column=None):
+def load_tfds(name: str, split: str, *, source: str, **load_kwargs):
+    """`tfds.load(name, split=..., with_info=True)` that fails in seconds when it cannot work.
+
+    An unknown name suggests close ones. A data set that is not prepared in
+    `$TFDS_DATA_DIR` (or TFDS' default folder) must be downloaded: when the
+    network is unreachable that is said at once, instead of after the minutes
+    of retries TFDS' downloader spends.
+
+    Raises:
+        InputError: naming `source` (the `--train_data`/`--eval_data` value).
+    """
     import tensorflow_datasets as tfds
 
     data_dir = os.environ.get("TFDS_DATA_DIR")
     try:
-        dataset, info = tfds.load(name, split=split, with_info=True, data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        close = close_names(name.split("/")[0].split(":")[0], sorted(set(tfds.list_builders())))
+        raise InputError("Unknown TFDS dataset.", received={"data": source},
+                         fix=(f"Did you mean: {', '.join(close)}? " if close else "")
+                         + "tfds.list_builders() lists them all.") from None
+    except Exception as err:  # Bad config or version names, unreadable data_dir...
+        raise InputError("Could not open the TFDS dataset.", received={"data": source},
+                         fix=f"({err.__class__.__name__}: {_first_line(err)})") from None
+    load = functools.partial(tfds.load, name, split=split, with_info=True, data_dir=data_dir,
+                             **load_kwargs)
+    try:
+        return load(download=False)
     except Exception as err:  # TFDS raises many types; all mean "could not get it".
-        raise InputError(
-            "Could not load the TFDS data set.",
-            received={"data": f"{TFDS_PREFIX}{name}", "split": split},
-            fix=f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})",
-        ) from None
+        failure = err
+    if not builder.is_prepared():
+        offline = _network_unreachable()
+        if offline:
+            raise InputError(
+                "The TFDS dataset is not prepared here and cannot be downloaded: the network "
+                f"is unreachable ({offline}).",
+                received={"data": source, "data_dir": str(builder.data_dir)},
+                fix="Prepare it where there is internet (`tfds build`) and set TFDS_DATA_DIR "
+                "to that folder, or give a local file.",
+            )
+        try:
+            return load()
+        except Exception as err:
+            failure = err
+    raise InputError(
+        "Could not load the TFDS dataset.",
+        received={"data": source, "split": split},
+        fix=f"Check the split name. ({failure.__class__.__name__}: {_first_line(failure)})",
+    )
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _network_unreachable(host: str = "storage.googleapis.com", timeout: float = 3.0) -> str:
+    """Why `host` (TFDS' data host) cannot be reached, or "" when it can."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as err:
+        return f"{host}: {err.strerror or err.__class__.__name__}"
+    return ""
+
+
+def _read_tfds(name, text_column, label_column, split, text_pair_column=None):
+    import tensorflow_datasets as tfds
+
+    source = f"{TFDS_PREFIX}{name}"
+    dataset, info = load_tfds(name, split, source=source)
     features = info.features
     text_key = text_column if isinstance(text_column, str) and not text_column.isdigit() else next(
         (k for k in _TEXT_KEYS if k in features), None

@@ -178,15 +178,14 @@ def run_selection(config: SelectionConfig) -> SelectionResult:
         return SelectionResult(role=role, trials_run=trials_run,
                                selection_seconds=time.perf_counter() - started)
 
+    if not _any_given(usable):
+        _fail_all(runs, report=_write_failed_report(config, runs, modality, started))
+    # The data is read before the progress bar starts, so a bad row's error is stderr's one line.
+    tic = time.perf_counter()
+    num_classes = _task(config, usable[0]).count_classes()
+    seconds: dict[str, float] = {"data": time.perf_counter() - tic}
     bar = _progress_bar(config, usable)
-    seconds: dict[str, float] = {}
     try:
-        if not _any_given(usable):
-            _fail_all(runs, report=_write_failed_report(config, runs, modality, started))
-        tic = time.perf_counter()
-        num_classes = _task(config, usable[0]).count_classes()
-        seconds["data"] = time.perf_counter() - tic
-
         tic = time.perf_counter()
         for run in usable:
             bar.set_description(f"profile {run.name}")

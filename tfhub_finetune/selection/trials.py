@@ -67,10 +67,9 @@ class TrialTrainer:
         recorder = tuner_classes().EpochRecorder(
             history, config.objective, experiment.train.early_stopping_patience, tuner_id
         )
-        outcome = driver.fit_task(model, task, experiment, trial_dir, [recorder])
-        if outcome["terminated"]:
-            # Leave the trial RUNNING: the next run resumes it from the backup.
-            raise SystemExit("Stopped by SIGTERM after a backup; rerun the command to resume.")
+        # SIGTERM raises errors.Preempted (a BaseException, so KerasTuner does not record a
+        # failed trial): the trial stays RUNNING and the next run resumes it from the backup.
+        driver.fit_task(model, task, experiment, trial_dir, [recorder])
         scores = history.scores()
         if not scores:
             raise RuntimeError("The trial finished without a single evaluated epoch.")

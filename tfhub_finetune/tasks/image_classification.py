@@ -111,6 +111,12 @@ class ImageClassificationTask:
             train, evaluation = train.split(d.validation_split, seed=self.config.train.seed)
             print(f"No --eval_data: holding out {evaluation.num_examples} of the training images.")
         self.labels = train.vocabulary
+        if self.labels.num_classes < 2:
+            raise InputError(
+                "The training data has a single class; a classifier needs at least two.",
+                received={"train_data": d.train_data, "classes": ",".join(self.labels.names)},
+                fix="Add a folder (or labels) for every class.",
+            )
         self.train_data, self.eval_data = train, evaluation
         if not train.num_examples:
             raise InputError(

@@ -6,7 +6,6 @@ Single texts or pairs (`data.text_pair_column`): a pair is packed as
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import keras
@@ -77,7 +76,6 @@ class TextClassificationTask:
             and not source.startswith(TFDS_PREFIX)
             and not Path(source).exists()
         ):
-            logging.warning("%s not found; using TFDS %s[%s] instead.", source, self.tfds_fallback, split)
             print(f"Data file {source} not found; reading TFDS {self.tfds_fallback} ({split}).")
             source = TFDS_PREFIX + self.tfds_fallback
         return read_text_examples(
@@ -107,11 +105,8 @@ class TextClassificationTask:
         train = self._read(d.train_data, d.train_split)
         if d.max_train_examples:
             train = train.take(range(min(d.max_train_examples, len(train))))
-        if d.eval_data:
-            evaluation = self._read(d.eval_data, d.eval_split)
-        else:
-            train, evaluation = split_examples(train, d.validation_split, self.config.train.seed)
-            print(f"No --eval_data: holding out {len(evaluation)} of the training examples.")
+        # The classes come from the whole training file (or --label_names), before any
+        # hold-out split, so a rare class cannot vanish into the validation part.
         self.labels = LabelVocabulary.from_labels(
             train.labels,
             task=self.config.model.task,
@@ -120,6 +115,15 @@ class TextClassificationTask:
             source=train.source,
             rows=train.rows,
         )
+        self.labels.check_training_counts(
+            self.labels.encode(train.labels, source=train.source, rows=train.rows),
+            source=train.source, rows=train.rows,
+        )
+        if d.eval_data:
+            evaluation = self._read(d.eval_data, d.eval_split)
+        else:
+            train, evaluation = split_examples(train, d.validation_split, self.config.train.seed)
+            print(f"No --eval_data: holding out {len(evaluation)} of the training examples.")
         self._load_backbone()
         self.train_data = self._tokenize(train)
         self.eval_data = self._tokenize(evaluation)
