@@ -34,6 +34,7 @@ def _records():
             "scores": {"logme": 0.31, "knn_accuracy": 0.84},
             "figures": {
                 "latency_p95_ms": 35.2,
+                "model_latency_p50_ms": 27.5,
                 "throughput_eps": 410.0,
                 "device": DEVICE,
                 "memory_method": "peak RSS",
@@ -156,6 +157,9 @@ def test_report_md_states_everything_a_reader_needs(written):
     assert "![accuracy vs latency](pareto.png)" in text
     assert "![transferability vs fine-tuned](transferability.png)" in text
     assert "Own process per candidate (clean memory figures): minilm_l6_h384." in text
+    # End to end (what is served) beside the network alone.
+    assert "| p50 latency (ms) | p95 latency (ms) | model-only p50 (ms) |" in text
+    assert "| 31 | 35.2 | 27.5 |" in text
     # Every candidate appears in the table, failed ones included.
     for record in _records():
         assert f"| {record['name']} |" in text or f"| **{record['name']}** |" in text

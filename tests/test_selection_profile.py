@@ -79,6 +79,7 @@ def test_subprocess_profile_records_every_figure(dense_profile):
     assert 2410 * 4 / 2**20 < r.saved_model_mb < 5  # Weights once, plus the graph.
     assert r.device and r.device_type in ("CPU", "GPU") and r.memory_method
     assert r.input_shapes == {"features": [64]}
+    assert r.model_latency_p50_ms is None  # The served signature is the network itself.
     assert r.builder == f"{__name__}:build_dense"
     assert r.builder_kwargs == {"hidden": 32}
 
@@ -158,7 +159,9 @@ def test_out_of_memory_halves_the_serving_batch():
         return x * 2.0
 
     options = ProfileOptions(serving_batch_size=32, warmup_runs=1, min_runs=5, min_seconds=0)
-    batch, throughput = profile_lib._throughput(forward, specs, options)
+    batch, throughput = profile_lib._throughput(
+        forward, lambda n: profile_lib.synthetic_inputs(specs, n), options
+    )
     assert batch == 4 and throughput > 0
 
 
@@ -240,3 +243,104 @@ def test_saved_model_is_served_in_process(tmp_path):
     assert result.inference_measured_on == "loaded SavedModel"
     with pytest.raises(InputError, match="Did you mean: serving_default"):
         profile_lib.profile_saved_model(tmp_path / "export", signature="serving", options=FAST)
+
+
+# --- What is deployed: the TF Serving export, raw inputs in ---
+
+
+@pytest.fixture(scope="module")
+def served_text_profile(tmp_path_factory) -> ProfileResult:
+    from tfhub_finetune.config import DataConfig, ExperimentConfig, ModelConfig
+    from tfhub_finetune.tasks import make_task
+
+    config = ExperimentConfig(
+        model_dir=str(tmp_path_factory.mktemp("m")),
+        data=DataConfig(train_data="train"),
+        model=ModelConfig(backbone="scratch_text_encoder", sequence_length=16),
+    ).validate()
+    request = make_task(config).profile_request(3)
+    return profile_in_subprocess(**request, name="scratch", options=FAST)
+
+
+def test_text_candidates_are_profiled_as_served_strings_in(served_text_profile):
+    r = served_text_profile
+    assert r.error is None, r.error
+    assert (
+        r.inference_measured_on == "loaded SavedModel, serving_default on strings (fresh process)"
+    )
+    # End to end (tokenizer in the graph) and the network alone on token ids.
+    assert 0 < r.latency_p50_ms <= r.latency_p95_ms
+    assert 0 < r.model_latency_p50_ms <= r.model_latency_p95_ms
+    assert r.throughput_eps > 0 and r.peak_infer_memory_mb > 0
+    # The model's own inputs are what was built, FLOPs counted and trained on.
+    assert r.input_shapes == {k: [16] for k in SEQUENCE_SHAPES}
+    assert r.saved_model_dir is None  # The temporary export is gone.
+
+
+def test_served_size_is_the_string_model_with_its_tokenizer(served_text_profile, tmp_path):
+    from tfhub_finetune.backbones.loader import load_backbone
+    from tfhub_finetune.builders.text_classifier import build_text_classifier
+
+    backbone = load_backbone("scratch_text_encoder")
+    model = build_text_classifier(backbone, 3)
+    plain = profile_lib.saved_model_size_mb(model, None, export_dir=tmp_path / "plain")
+    # Weights once, plus the vocabulary (graph constant and assets.extra/vocab.txt).
+    vocab_mb = sum(len(w.encode()) + 1 for w in backbone.vocabulary) / 2**20
+    assert served_text_profile.saved_model_mb > plain + vocab_mb
+    assert served_text_profile.saved_model_mb < 2 * plain
+
+
+def test_sample_requests_fill_the_sequence_and_are_real_images():
+    from tfhub_finetune.backbones.catalog import resolve_backbone
+    from tfhub_finetune.backbones.keras_hub_source import load_tokenizer
+    from tfhub_finetune.export import sample_request
+
+    card = {
+        "preprocessing": {
+            "modality": "text",
+            "sequence_length": 40,
+            "text_inputs": ["text", "text_pair"],
+        }
+    }
+    texts = sample_request(card, 3)
+    assert set(texts) == {"text", "text_pair"} and texts["text"].shape == (3,)
+    pieces = load_tokenizer(resolve_backbone("minilm_l6_h384")).tokenize(texts["text"])
+    assert min(pieces.row_lengths().numpy()) >= 40 - 2  # Every example fills the length.
+    card = {"preprocessing": {"modality": "image", "image_size": 48}}
+    images = sample_request(card, 2)["image_bytes"]
+    decoded = tf.io.decode_jpeg(images[0])
+    assert images.shape == (2,) and decoded.shape == (48, 48, 3)
+
+
+def test_image_export_is_timed_on_jpeg_bytes_and_on_pixels(tmp_path):
+    from tfhub_finetune.builders.image_classifier import build_image_classifier
+    from tfhub_finetune.tasks.image_classification import export_for_serving
+
+    model = build_image_classifier("scratch_cnn", 2, image_size=32)
+    path = export_for_serving(model, str(tmp_path), task="single_label", image_size=32)
+    result = profile_lib.profile_saved_model(path, options=FAST)
+    assert result.error is None, result.error
+    assert result.inference_measured_on == "loaded SavedModel, serving_default on image_bytes"
+    assert result.latency_p50_ms > 0 and result.model_latency_p50_ms > 0
+    assert result.throughput_eps > 0
+
+
+def test_string_signature_without_a_model_card_is_refused(tmp_path):
+    class Echo(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+        def serve(self, text):
+            return {"length": tf.strings.length(text)}
+
+    module = Echo()
+    tf.saved_model.save(module, str(tmp_path), signatures={"serving_default": module.serve})
+    with pytest.raises(InputError, match="without a model card"):
+        profile_lib.profile_saved_model(tmp_path, options=FAST)
+
+
+def test_profiles_cached_before_the_model_only_figure_still_load(dense_profile):
+    old = dense_profile.to_dict()
+    for key in ("model_latency_p50_ms", "model_latency_p95_ms", "saved_model_dir"):
+        del old[key]
+    loaded = ProfileResult.from_dict(old)
+    assert loaded.model_latency_p50_ms is None and loaded.saved_model_dir is None
+    assert loaded.latency_p50_ms == dense_profile.latency_p50_ms

@@ -1055,6 +1055,81 @@ def read_model_card(saved_model_dir: str | os.PathLike) -> dict[str, Any] | None
     return json.loads(file.read_text(encoding="utf-8"))
 
 
+# Common English words: every word is at least one piece in any English vocabulary.
+_SAMPLE_WORDS = (
+    "a", "thoughtful", ",", "beautifully", "acted", "film", "that", "drags", "at", "the", "end",
+    "but", "the", "cast", "makes", "up", "for", "it", "with", "warmth", "and", "some", "very",
+    "funny", "lines", "about", "family", ",", "work", "and", "growing", "older", ".",
+)
+
+
+def sample_request(card: dict[str, Any], batch_size: int, *, seed: int = 0) -> dict[str, tf.Tensor]:
+    """Realistic raw inputs for an export's `serving_default`, from its model card.
+
+    Text: English prose of `sequence_length` words per input (at least one
+    piece each, so every example fills the trained length, the longest a
+    client can send and what the model-only figure is timed at). Images: a
+    JPEG of `image_size` (smooth colour fields plus noise, the size a photo
+    of that side compresses to).
+
+    Args:
+        card: dict. `read_model_card` of a raw-input export.
+        batch_size: int. Examples in the request.
+        seed: int. Seed for the words or pixels.
+
+    Returns:
+        Input name -> tensor, ready for `signatures["serving_default"](**inputs)`.
+
+    Example:
+
+    ```python
+    path = resolve_saved_model("exports/sst2")
+    inputs = sample_request(read_model_card(path), 1)
+    tf.saved_model.load(str(path)).signatures["serving_default"](**inputs)
+    ```
+    """
+    rng = np.random.default_rng(seed)
+    pre = card["preprocessing"]
+    if pre["modality"] == "text":
+        length = int(pre["sequence_length"])
+        return {
+            name: tf.constant([" ".join(rng.choice(_SAMPLE_WORDS, length))
+                               for _ in range(batch_size)])
+            for name in pre["text_inputs"]
+        }
+    size = int(pre["image_size"])
+    coarse = rng.uniform(0, 255, (1, 4, 4, 3)).astype(np.float32)
+    smooth = tf.image.resize(coarse, [size, size], method="bicubic")[0]
+    pixels = tf.clip_by_value(smooth + rng.normal(0, 8, (size, size, 3)), 0, 255)
+    jpeg = tf.io.encode_jpeg(tf.cast(pixels, tf.uint8), quality=90)
+    return {"image_bytes": tf.fill([batch_size], jpeg)}
+
+
+def model_only_signature(
+    saved_model_dir: str | os.PathLike, card: dict[str, Any]
+) -> tuple[Path, str, dict[str, list[int]]]:
+    """Where an export serves the same network without its preprocessing.
+
+    Text: the token-id twin's `serving_default` (`<model_name>_token_ids`,
+    same version), at the trained sequence length. Images: `predict_images`
+    of the same SavedModel, at `image_size` (no resize).
+
+    Args:
+        saved_model_dir: str or path. The raw-input version folder.
+        card: dict. Its `read_model_card`.
+
+    Returns:
+        (SavedModel folder, signature name, input name -> per-example shape).
+    """
+    folder, pre = Path(saved_model_dir), card["preprocessing"]
+    if pre["modality"] == "text":
+        twin = folder.parent.parent / card["token_id_model"] / folder.name
+        length = [int(pre["sequence_length"])]
+        return twin, "serving_default", {name: length for name in TEXT_INPUTS}
+    size = int(pre["image_size"])
+    return folder, "predict_images", {"images": [size, size, 3]}
+
+
 # === Model card ===
 
 

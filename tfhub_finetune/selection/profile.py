@@ -9,9 +9,17 @@ candidates, and everything it allocated goes back to the OS when it exits:
 1. Build child: build the model; count parameters (`model.count_params()`);
    peak memory of two AdamW training steps at `train_batch_size` on a
    stand-in loss (the optimizer's two slots per weight are part of what
-   training needs); FLOPs; export the SavedModel and measure its size.
+   training needs); FLOPs; export the SavedModel and measure its size. With
+   an `exporter` (the tasks give `export.py`'s TF Serving export: strings in
+   with the tokenizer, or encoded images in with the decoding) that export
+   is what is measured, so size and latency are those of what a user serves.
 2. Serve child: load that SavedModel (`tf.saved_model.load`) and measure
-   inference on its serving signature, as TF Serving runs it: warm-up calls,
+   inference on its serving signature, as TF Serving runs it. An export with
+   preprocessing is fed realistic raw requests (`export.sample_request`:
+   prose that fills the sequence length, or a JPEG of the model's size), so
+   `latency_p50_ms` is end to end; the same network without preprocessing
+   (`export.model_only_signature`: the token-id twin, or `predict_images`)
+   is timed at batch 1 too, as `model_latency_p50_ms`. Timing: warm-up calls,
    then timed calls at batch 1 until at least `min_runs` calls and
    `min_seconds` have passed and the medians of the first and second half
    agree within 5% (or `max_runs` / 4x `min_seconds` is reached), giving
@@ -31,9 +39,11 @@ called directly; in-process memory figures are only as clean as the process.
 
 FLOPs: the forward is frozen (`convert_variables_to_constants_v2`) at the
 serving batch and the task's input shape and counted by
-`tf.compat.v1.profiler` (`float_operation`), divided by the batch. SavedModel
-size: `tf.saved_model.save` with a serving signature (see
-`saved_model_size_mb`), summed over its files.
+`tf.compat.v1.profiler` (`float_operation`), divided by the batch (the
+network alone: tokenization and decoding are not counted). SavedModel size:
+the exporter's SavedModel (the served one, token-id twin not included), else
+`tf.saved_model.save` with a serving signature (see `saved_model_size_mb`),
+summed over its files.
 
 A failing stage records `error` (`"stage: Type: message"`) and the remaining
 stages still run; a failing build or a crashed/killed child records `error`
@@ -59,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -168,12 +179,19 @@ class ProfileResult:
         trainable_params: int or None. Elements of the trainable weights.
         flops_per_example: float or None. Forward FLOPs per example as the TF
             graph profiler counts them (a multiply-add is 2 FLOPs).
-        latency_p50_ms: float or None. Median forward time at batch 1.
-        latency_p95_ms: float or None. 95th percentile forward time at batch 1.
-        latency_mean_ms: float or None. Mean forward time at batch 1.
+        latency_p50_ms: float or None. Median time of a batch-1 call of the
+            served signature: end to end (raw strings or encoded images in,
+            preprocessing included) for an export with preprocessing, else
+            the forward pass.
+        latency_p95_ms: float or None. 95th percentile of the same.
+        latency_mean_ms: float or None. Mean of the same.
         latency_runs: int or None. Timed calls behind the latency figures.
         latency_stable: bool or None. Whether the medians of the first and
             second half of the timed calls agreed within 5%.
+        model_latency_p50_ms: float or None. Median batch-1 time of the
+            network alone (token ids or pixels in) of an export with
+            preprocessing; None when the served signature is the network.
+        model_latency_p95_ms: float or None. 95th percentile of the same.
         throughput_eps: float or None. Examples per second at `serving_batch_size`.
         serving_batch_size: int or None. Batch actually used for throughput
             (smaller than requested after an out-of-memory retry).
@@ -191,6 +209,8 @@ class ProfileResult:
             the model existed (Python, TensorFlow and the builder's modules
             loaded), MiB.
         saved_model_mb: float or None. Size on disk of the exported SavedModel, MiB.
+        saved_model_dir: str or None. Where that SavedModel was kept
+            (`profile_model(export_dir=...)`); None when it was temporary.
         build_seconds: float or None. Time to build the model.
         profile_seconds: float or None. Wall time of the whole profile
             (including the child process start when run in one).
@@ -220,6 +240,8 @@ class ProfileResult:
     latency_mean_ms: float | None = None
     latency_runs: int | None = None
     latency_stable: bool | None = None
+    model_latency_p50_ms: float | None = None
+    model_latency_p95_ms: float | None = None
     throughput_eps: float | None = None
     serving_batch_size: int | None = None
     train_batch_size: int | None = None
@@ -229,6 +251,7 @@ class ProfileResult:
     peak_train_device_memory_mb: float | None = None
     baseline_memory_mb: float | None = None
     saved_model_mb: float | None = None
+    saved_model_dir: str | None = None
     build_seconds: float | None = None
     profile_seconds: float | None = None
     device: str = ""
@@ -277,6 +300,7 @@ def profile_model(
     input_dtypes: Mapping[str, str] | str | None = None,
     baseline_rss_mb: float | None = None,
     export_dir: str | os.PathLike | None = None,
+    exporter: Callable[[Any, str], str] | None = None,
 ) -> ProfileResult:
     """Measures a built `keras.Model` in this process.
 
@@ -299,7 +323,11 @@ def profile_model(
             not declare them (subclassed models). Defaults to float32.
         baseline_rss_mb: float or None. RSS before the model was built.
         export_dir: str or None. Keep the measured SavedModel here (it is
-            deleted otherwise).
+            deleted otherwise); `saved_model_dir` says where it is.
+        exporter: callable or None. `exporter(model, folder)` writes the
+            SavedModel that is served under `folder` and returns its
+            directory (e.g. a task's `export_for_serving`). None measures a
+            plain `saved_model_size_mb` save.
 
     Returns:
         A `ProfileResult`; failed stages are listed in its `error`.
@@ -336,7 +364,14 @@ def profile_model(
     if options.measure_inference:
         # Right after the build, so freezing or exporting leaves nothing behind yet.
         forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        _measure_inference(forward, specs, options, meter, baseline, result)
+        _measure_inference(
+            forward,
+            lambda batch: synthetic_inputs(specs, batch, seed=options.seed),
+            options,
+            meter,
+            baseline,
+            result,
+        )
         result.inference_measured_on = "built Keras model"
 
     if options.measure_training:
@@ -358,8 +393,17 @@ def profile_model(
 
     if options.measure_saved_model:
         try:
-            size = saved_model_size_mb(model, specs, export_dir=export_dir)
-            result.saved_model_mb = _round(size)
+            if exporter is None:
+                result.saved_model_mb = _round(
+                    saved_model_size_mb(model, specs, export_dir=export_dir)
+                )
+                served = str(export_dir) if export_dir is not None else None
+            else:
+                with tempfile.TemporaryDirectory(prefix="tfhub_finetune_export_") as tmp:
+                    served = exporter(model, str(export_dir if export_dir is not None else tmp))
+                    result.saved_model_mb = _round(_folder_mb(served))
+                served = served if export_dir is not None else None
+            result.saved_model_dir = served
         except Exception as err:
             result.add_error("saved_model", err)
 
@@ -379,8 +423,12 @@ def profile_saved_model(
     """Measures inference (latency, throughput, memory) of a SavedModel as served.
 
     Loads `path` with `tf.saved_model.load` and times its serving signature,
-    as TF Serving would run it. Run it in a fresh process (as
-    `profile_in_subprocess` does) for a clean memory figure.
+    as TF Serving would run it. A signature on strings (an `export.py` export
+    with the tokenizer or image decoding inside) is fed realistic raw requests
+    from its model card (`export.sample_request`), and the network alone
+    (`export.model_only_signature`) is timed too, into `model_latency_*`. Run
+    it in a fresh process (as `profile_in_subprocess` does) for a clean memory
+    figure.
 
     Args:
         path: str or Path. SavedModel directory.
@@ -397,30 +445,53 @@ def profile_saved_model(
         A `ProfileResult` with the inference figures filled in.
 
     Raises:
-        InputError: for a missing signature or unknown input dimensions.
+        InputError: for a missing signature, unknown input dimensions, or
+            string inputs without a model card.
 
     Example:
 
     ```python
-    result = profile_saved_model("exports/minilm/1", options=ProfileOptions(min_seconds=1))
-    result.latency_p50_ms, result.peak_infer_memory_mb
+    result = profile_saved_model("exports/sst2/1", options=ProfileOptions(min_seconds=1))
+    result.latency_p50_ms, result.model_latency_p50_ms, result.peak_infer_memory_mb
     ```
     """
     import tensorflow as tf
 
+    from tfhub_finetune.export import read_model_card, sample_request
+
     options = options or ProfileOptions()
     start = time.perf_counter()
+    card = read_model_card(path)
+    if card and "tensorflow_text" in card.get("requires", []):
+        import tensorflow_text  # noqa: F401  Registers the tokenizer's ops before loading.
     meter = _PeakMemory()
     baseline = meter.current_mb() if baseline_rss_mb is None else float(baseline_rss_mb)
     loaded = tf.saved_model.load(str(path))
-    if signature not in loaded.signatures:
-        raise InputError(
-            "The SavedModel has no such signature.",
-            received={"signature": signature, "path": str(path)},
-            fix=did_you_mean(signature, list(loaded.signatures)),
-        )
-    serve = loaded.signatures[signature]
+    serve = _signature(loaded, signature, path)
     declared = serve.structured_input_signature[1]
+    if any(spec.dtype == tf.string for spec in declared.values()):
+        if card is None:
+            raise InputError(
+                "The signature takes strings, and without a model card there is no knowing "
+                "what they hold.",
+                received={"signature": signature, "path": str(path)},
+                fix="Profile an export written by tfhub_finetune.export, or a signature on "
+                "tensors.",
+            )
+        specs = {k: tf.TensorSpec((None,), tf.string, name=k) for k in declared}
+        result = _new_result(name or Path(path).name, specs, meter, baseline)
+        _measure_inference(
+            lambda x: serve(**x),
+            lambda batch: sample_request(card, batch, seed=options.seed),
+            options,
+            meter,
+            baseline,
+            result,
+        )
+        result.inference_measured_on = f"loaded SavedModel, {signature} on {card['input']}"
+        _measure_model_only(loaded, path, card, options, result)
+        result.profile_seconds = _round(time.perf_counter() - start)
+        return result
     shapes = _normalise_shapes(input_shapes) if input_shapes is not None else {}
     if not isinstance(shapes, dict):
         if len(declared) != 1:
@@ -440,10 +511,55 @@ def profile_saved_model(
             )
         specs[key] = tf.TensorSpec((None, *shape), spec.dtype, name=key)
     result = _new_result(name or Path(path).name, specs, meter, baseline)
-    _measure_inference(lambda x: serve(**x), specs, options, meter, baseline, result)
+    _measure_inference(
+        lambda x: serve(**x),
+        lambda batch: synthetic_inputs(specs, batch, seed=options.seed),
+        options,
+        meter,
+        baseline,
+        result,
+    )
     result.inference_measured_on = "loaded SavedModel"
     result.profile_seconds = _round(time.perf_counter() - start)
     return result
+
+
+def _signature(loaded: Any, signature: str, path: str | os.PathLike) -> Any:
+    if signature not in loaded.signatures:
+        raise InputError(
+            "The SavedModel has no such signature.",
+            received={"signature": signature, "path": str(path)},
+            fix=did_you_mean(signature, list(loaded.signatures)),
+        )
+    return loaded.signatures[signature]
+
+
+def _measure_model_only(
+    loaded: Any,
+    path: str | os.PathLike,
+    card: dict,
+    options: ProfileOptions,
+    result: ProfileResult,
+) -> None:
+    """Batch-1 latency of the network without preprocessing (after the memory figure)."""
+    import tensorflow as tf
+
+    from tfhub_finetune.export import model_only_signature
+
+    try:
+        folder, name, shapes = model_only_signature(path, card)
+        if Path(folder).resolve() != Path(path).resolve():
+            loaded = tf.saved_model.load(str(folder))
+        serve = _signature(loaded, name, folder)
+        declared = serve.structured_input_signature[1]
+        specs = {k: tf.TensorSpec((None, *shapes[k]), s.dtype, name=k) for k, s in declared.items()}
+        times = _time_calls(
+            lambda x: serve(**x), synthetic_inputs(specs, 1, seed=options.seed), options
+        )
+        result.model_latency_p50_ms = _round(1000 * _percentile(times, 50))
+        result.model_latency_p95_ms = _round(1000 * _percentile(times, 95))
+    except Exception as err:  # Never raise for a failing candidate.
+        result.add_error("model_latency", err)
 
 
 def profile_in_subprocess(
@@ -454,14 +570,17 @@ def profile_in_subprocess(
     name: str | None = None,
     options: ProfileOptions | None = None,
     input_dtypes: Mapping[str, str] | str | None = None,
+    exporter: str | Callable[..., str] | None = None,
+    exporter_kwargs: Mapping[str, Any] | None = None,
     timeout_s: float = 1800.0,
 ) -> ProfileResult:
     """Builds and profiles one candidate in fresh Python processes.
 
     A first child builds the model and measures parameters, the training
-    step's memory, FLOPs and the SavedModel; a second child loads that
-    SavedModel and measures inference (latency, throughput, memory) the way
-    it will be served, so whatever building left behind (e.g. the full
+    step's memory, FLOPs and the SavedModel (the `exporter`'s, i.e. what is
+    served); a second child loads that SavedModel and measures inference
+    (latency, throughput, memory) the way it will be served, end to end for
+    an export with preprocessing, so whatever building left behind (e.g. the full
     encoder a truncated one was cut from) does not count. When the export
     fails, inference is measured on a freshly built Keras model instead
     (`inference_measured_on` says which). Children are started with
@@ -483,6 +602,13 @@ def profile_in_subprocess(
             `builder_kwargs["backbone"]` when given, else the builder name.
         options: ProfileOptions or None. Defaults to `ProfileOptions()`.
         input_dtypes: str, dict or None. See `profile_model`.
+        exporter: str, callable or None. `"package.module:function"` called
+            as `exporter(model, folder, **exporter_kwargs)`: writes the served
+            SavedModel under `folder` and returns its directory, e.g.
+            `"tfhub_finetune.tasks.text_classification:export_for_serving"`
+            (TF Serving export, strings in). None: a plain SavedModel of the
+            network.
+        exporter_kwargs: dict or None. JSON-serialisable kwargs for it.
         timeout_s: float. Wall-clock limit for all children together.
             Defaults to 1800.
 
@@ -507,13 +633,17 @@ def profile_in_subprocess(
     options = options or ProfileOptions()
     path = builder_path(builder)
     resolve_builder(path)  # Fail here, with suggestions, not in the child.
+    export_path = builder_path(exporter) if exporter is not None else None
+    if export_path:
+        resolve_builder(export_path)
     kwargs = dict(builder_kwargs or {})
+    export_kwargs = dict(exporter_kwargs or {})
     try:
-        json.dumps(kwargs)
+        json.dumps([kwargs, export_kwargs])
     except (TypeError, ValueError) as err:
         raise InputError(
-            "Builder kwargs must be JSON-serialisable to reach the child process.",
-            received={"builder_kwargs": kwargs},
+            "Builder and exporter kwargs must be JSON-serialisable to reach the child process.",
+            received={"builder_kwargs": kwargs, "exporter_kwargs": export_kwargs},
             fix=f"Pass names and numbers instead of objects ({err}).",
         ) from None
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
@@ -530,6 +660,8 @@ def profile_in_subprocess(
         "builder_kwargs": kwargs,
         "input_shapes": shapes,
         "input_dtypes": input_dtypes,
+        "exporter": export_path,
+        "exporter_kwargs": export_kwargs,
     }
     deadline = time.perf_counter() + timeout_s
     start = time.perf_counter()
@@ -551,18 +683,18 @@ def profile_in_subprocess(
         )
         built = result.params is not None  # False when the build or the child failed.
         needs_inference = serve_saved_model and built
-        if needs_inference and result.saved_model_mb is not None:
+        if needs_inference and result.saved_model_dir is not None:
             served = _run_child(
                 {
                     **request,
                     "mode": "serve",
                     "options": dataclasses.asdict(options),
-                    "export_dir": export_dir,
+                    "export_dir": result.saved_model_dir,
                 },
                 tmp,
                 deadline,
             )
-            _merge_inference(result, served, "loaded SavedModel (fresh process)")
+            _merge_inference(result, served, f"{served.inference_measured_on} (fresh process)")
         elif needs_inference:
             # No SavedModel to serve: time the Keras model, built afresh.
             only_inference = dataclasses.replace(
@@ -576,6 +708,7 @@ def profile_in_subprocess(
             _merge_inference(
                 result, served, "built Keras model (fresh process; SavedModel export failed)"
             )
+    result.saved_model_dir = None  # The temporary folder is gone.
     result.profile_seconds = _round(time.perf_counter() - start)
     return result
 
@@ -734,8 +867,11 @@ def saved_model_size_mb(
         except Exception:
             shutil.rmtree(target, ignore_errors=True)
             model.export(target, format="tf_saved_model", verbose=False)
-        total = sum(p.stat().st_size for p in Path(target).rglob("*") if p.is_file())
-    return total / _MIB
+        return _folder_mb(target)
+
+
+def _folder_mb(folder: str | os.PathLike) -> float:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / _MIB
 
 
 def device_description() -> tuple[str, str]:
@@ -1012,14 +1148,14 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _throughput(
-    forward: Callable[[Any], Any], specs: Any, options: ProfileOptions
+    forward: Callable[[Any], Any], make_inputs: Callable[[int], Any], options: ProfileOptions
 ) -> tuple[int, float]:
     import tensorflow as tf
 
     batch = options.serving_batch_size
     while True:
         try:
-            inputs = synthetic_inputs(specs, batch, seed=options.seed)
+            inputs = make_inputs(batch)
             times = _time_calls(forward, inputs, _fewer_runs(options))
             return batch, batch * len(times) / sum(times)
         except tf.errors.ResourceExhaustedError:
@@ -1080,6 +1216,8 @@ _INFERENCE_FIELDS = (
     "latency_mean_ms",
     "latency_runs",
     "latency_stable",
+    "model_latency_p50_ms",
+    "model_latency_p95_ms",
     "throughput_eps",
     "serving_batch_size",
     "peak_infer_memory_mb",
@@ -1104,7 +1242,7 @@ def _new_result(name: str, specs: Any, meter: _PeakMemory, baseline: float) -> P
 
 def _measure_inference(
     forward: Callable[[Any], Any],
-    specs: Any,
+    make_inputs: Callable[[int], Any],
     options: ProfileOptions,
     meter: _PeakMemory,
     baseline: float,
@@ -1113,7 +1251,7 @@ def _measure_inference(
     """Latency at batch 1, throughput at the serving batch, peak memory over both."""
     meter.reset()
     try:
-        times = _time_calls(forward, synthetic_inputs(specs, 1, seed=options.seed), options)
+        times = _time_calls(forward, make_inputs(1), options)
         result.latency_p50_ms = _round(1000 * _percentile(times, 50))
         result.latency_p95_ms = _round(1000 * _percentile(times, 95))
         result.latency_mean_ms = _round(1000 * sum(times) / len(times))
@@ -1122,7 +1260,7 @@ def _measure_inference(
     except Exception as err:  # Never raise for a failing candidate.
         result.add_error("latency", err)
     try:
-        batch, throughput = _throughput(forward, specs, options)
+        batch, throughput = _throughput(forward, make_inputs, options)
         result.serving_batch_size, result.throughput_eps = batch, _round(throughput)
     except Exception as err:
         result.add_error("throughput", err)
@@ -1248,6 +1386,11 @@ def _child_main(argv: Sequence[str]) -> int:
 
     try:
         builder = resolve_builder(request["builder"])
+        exporter = None
+        if request.get("exporter"):
+            exporter = functools.partial(
+                resolve_builder(request["exporter"]), **request.get("exporter_kwargs") or {}
+            )
     except BaseException as err:
         failed.add_error("build", err)
         return finish(failed)
@@ -1273,6 +1416,7 @@ def _child_main(argv: Sequence[str]) -> int:
             input_dtypes=request.get("input_dtypes"),
             baseline_rss_mb=baseline,
             export_dir=request.get("export_dir"),
+            exporter=exporter,
         )
     except BaseException as err:
         failed.add_error("profile", err)

@@ -63,6 +63,7 @@ RESULTS_KEYS = (
 _CORE_COLUMNS = (
     ("latency_ms", "p50 latency (ms)", "float"),
     ("latency_p95_ms", "p95 latency (ms)", "float"),
+    ("model_latency_p50_ms", "model-only p50 (ms)", "float"),
     ("throughput_eps", "throughput (ex/s)", "int"),
     ("params", "params", "count"),
     ("flops_per_example", "FLOPs/ex", "count"),
@@ -626,15 +627,19 @@ def _markdown(
         lines += [
             "## How the figures were measured",
             "",
-            "- Latency: forward at batch 1 after warm-up, on the exported SavedModel's serving "
-            "signature loaded in a fresh process (else on the built Keras model: see "
-            "`inference_measured_on`); p50/p95 over timed calls (at least the configured count "
-            "and time, until the two halves' medians agree within 5%).",
+            "- Latency: one request at batch 1 after warm-up, on the TF Serving export's "
+            "`serving_default` loaded in a fresh process: end to end, raw strings (filling the "
+            "sequence length) or a JPEG of the model's size in, tokenizer or decoding included "
+            "(else on the built Keras model: see `inference_measured_on`); p50/p95 over timed "
+            "calls (at least the configured count and time, until the two halves' medians agree "
+            "within 5%). Model-only: the same network on token ids or pixels (the token-id twin "
+            "or `predict_images`), p50.",
             "- Throughput: examples/s at the serving batch (halved on out-of-memory).",
             "- Memory: " + (_recorded(pool, "memory_method") or "not recorded") + ".",
             "- FLOPs: TF graph profiler on the frozen forward at the task's input shape, per "
             "example (a multiply-add counts 2).",
-            "- SavedModel: size on disk of `tf.saved_model.save` with a serving signature.",
+            "- SavedModel: size on disk of the served export (strings or encoded images in, "
+            "with the tokenizer or decoding; the token-id twin not counted).",
             "- Timings share the machine with whatever else ran; compare candidates measured "
             "in the same run.",
             "- Own process per candidate (clean memory figures): "

@@ -8,9 +8,10 @@ the scores, the error if any); the modality's task (`tasks/`) knows how to
 build, profile and feed each one:
 
 1. **Profile** each candidate as deployed (backbone + head at the task's real
-   sequence length or image size, `task.profile_request`) with
-   `profile_in_subprocess`: one fresh child process per candidate, so memory
-   figures are clean.
+   sequence length or image size, exported for TF Serving with its tokenizer
+   or image decoding, `task.profile_request`) with `profile_in_subprocess`:
+   fresh child processes per candidate, so memory figures are clean; latency
+   is end to end (strings or JPEG bytes in), model-only beside it.
 2. **Score transferability** without fine-tuning: frozen features of a seeded
    sample of the training data, pooled exactly as the classifier pools them
    (`trials.candidate_features`), scored by LogME, kNN and a linear probe.
@@ -371,17 +372,16 @@ def _task(config: SelectionConfig, run: _Candidate) -> Any:
 
 
 def _profile(run: _Candidate, config: SelectionConfig, num_classes: int) -> None:
-    builder, kwargs, shapes = _task(config, run).profile_request(num_classes)
+    request = _task(config, run).profile_request(num_classes)
     options = config.profile
-    request = {"backbone": run.backbone, "builder": builder, "kwargs": kwargs, "shapes": shapes}
-    path = config.cache_root / "profiles" / (
-        cache.profile_key(request, run.weights_id, dataclasses.asdict(options)) + ".json")
+    path = config.cache_root / "profiles" / (cache.profile_key(
+        {"backbone": run.backbone, **request}, run.weights_id, dataclasses.asdict(options)) + ".json")
     cached = cache.read(path, config.overwrite)
     if cached is not None:
         run.profile = ProfileResult.from_dict(cached)
         run.profile.name, run.profile_cached = run.name, True
         return
-    result = profile_in_subprocess(builder, kwargs, shapes, name=run.name, options=options,
+    result = profile_in_subprocess(**request, name=run.name, options=options,
                                    timeout_s=config.profile_timeout_s)
     run.profile = result
     if result.params is None:

@@ -155,14 +155,22 @@ class ImageClassificationTask:
 
     # === Model ===
 
-    def profile_request(self, num_classes: int) -> tuple[str, dict, list[int]]:
-        """(builder, kwargs, input shape) that rebuild this model in a profiling process."""
+    def profile_request(self, num_classes: int) -> dict:
+        """`profile_in_subprocess` kwargs that rebuild and export this model in a profiling process.
+
+        The export is what `export_image_classifier` writes for TF Serving
+        (encoded images in, decoding and resizing inside), so latency and size
+        are those of what a user serves.
+        """
         m = self.config.model
         size = m.image_size or self.spec.image_size or 224
         kwargs = {"backbone": m.backbone,
                   "num_classes": num_classes, "task": m.task, "image_size": size,
                   "dropout": m.dropout, "freeze_backbone": m.freeze_backbone}
-        return self.builder, kwargs, [size, size, 3]
+        return {"builder": self.builder, "builder_kwargs": kwargs, "input_shapes": [size, size, 3],
+                "exporter": f"{__name__}:export_for_serving",
+                "exporter_kwargs": {"task": m.task, "image_size": size,
+                                    "crop_to_aspect_ratio": self.crop_to_aspect_ratio}}
 
     def build_model(self) -> keras.Model:
         m = self.config.model
@@ -198,3 +206,25 @@ class ImageClassificationTask:
     def eval_targets(self) -> np.ndarray:
         labels = self.eval_data.examples.map(lambda _, label: label)
         return np.concatenate([y.numpy() for y in labels.batch(4096)])
+
+
+def export_for_serving(model: keras.Model, export_dir: str, *, task: str, image_size: int,
+                       crop_to_aspect_ratio: bool = True) -> str:
+    """Writes `model` as `export_image_classifier` does for TF Serving; returns its folder.
+
+    The profiler's exporter: class names are placeholders (`class_0`, ...),
+    which change neither size nor speed.
+
+    Example:
+
+    ```python
+    export_for_serving(model, "/tmp/x", task="single_label", image_size=224)  # '/tmp/x/model/1'
+    ```
+    """
+    from tfhub_finetune.export import export_image_classifier
+
+    width = int(model.outputs[0].shape[-1])
+    labels = LabelVocabulary([f"class_{i}" for i in range(width)], task=task)
+    return export_image_classifier(model, labels, export_dir, image_size=image_size,
+                                   model_name="model", crop_to_aspect_ratio=crop_to_aspect_ratio,
+                                   measure_latency=False)

@@ -161,16 +161,24 @@ class TextClassificationTask:
 
     # === Model ===
 
-    def profile_request(self, num_classes: int) -> tuple[str, dict, dict[str, list[int]]]:
-        """(builder, kwargs, input shapes) that rebuild this model in a profiling process.
+    def profile_request(self, num_classes: int) -> dict:
+        """`profile_in_subprocess` kwargs that rebuild and export this model in a profiling process.
 
-        The model is profiled at `sequence_length`, the longest input it is served.
+        The model is profiled at `sequence_length`, the longest input it is
+        served, and exported as `export_text_classifier` writes it for TF
+        Serving (strings in, the tokenizer inside), so latency and size are
+        those of what a user serves.
         """
         m = self.config.model
         kwargs = {"backbone": m.backbone,
                   "num_classes": num_classes, "task": m.task, "pooling": m.pooling,
                   "dropout": m.dropout, "freeze_backbone": m.freeze_backbone}
-        return self.builder, kwargs, {name: [m.sequence_length] for name in TEXT_INPUTS}
+        return {"builder": self.builder, "builder_kwargs": kwargs,
+                "input_shapes": {name: [m.sequence_length] for name in TEXT_INPUTS},
+                "exporter": f"{__name__}:export_for_serving",
+                "exporter_kwargs": {"backbone": m.backbone, "task": m.task,
+                                    "sequence_length": m.sequence_length,
+                                    "text_pair": bool(self.config.data.text_pair_column)}}
 
     def build_model(self) -> keras.Model:
         m = self.config.model
@@ -214,3 +222,27 @@ class TextClassificationTask:
         """
         return make_text_dataset(self.train_data, self.backbone.tokenizer, batch_size=batch_size,
                                  training=True, seed=self.config.train.seed, bucketing=False)
+
+
+def export_for_serving(model: keras.Model, export_dir: str, *, backbone: str, task: str,
+                       sequence_length: int, text_pair: bool = False) -> str:
+    """Writes `model` as `export_text_classifier` does for TF Serving; returns the string model.
+
+    The profiler's exporter: class names are placeholders (`class_0`, ...),
+    which change neither size nor speed. The backbone is loaded again for its
+    tokenizer, since the built model does not keep it.
+
+    Example:
+
+    ```python
+    export_for_serving(model, "/tmp/x", backbone="minilm_l6_h384", task="single_label",
+                       sequence_length=64)  # '/tmp/x/model/1'
+    ```
+    """
+    from tfhub_finetune.export import export_text_classifier
+
+    width = int(model.outputs[0].shape[-1])
+    labels = LabelVocabulary([f"class_{i}" for i in range(width)], task=task)
+    return export_text_classifier(model, load_backbone(backbone), labels, export_dir,
+                                  model_name="model", sequence_length=sequence_length,
+                                  text_pair=text_pair, measure_latency=False)
