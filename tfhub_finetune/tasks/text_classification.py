@@ -243,6 +243,7 @@ def export_for_serving(model: keras.Model, export_dir: str, *, backbone: str, ta
 
     width = int(model.outputs[0].shape[-1])
     labels = LabelVocabulary([f"class_{i}" for i in range(width)], task=task)
-    return export_text_classifier(model, load_backbone(backbone), labels, export_dir,
+    text = load_text_backbone(resolve_backbone(backbone), sequence_length)
+    return export_text_classifier(model, text, labels, export_dir,
                                   model_name="model", sequence_length=sequence_length,
                                   text_pair=text_pair, measure_latency=False)
