@@ -87,8 +87,11 @@ def test_point_values_match_the_metrics_reports():
 
     binary = rng.dirichlet(np.ones(2), 150)
     y_binary = rng.integers(0, 2, 150)
-    auc = bootstrap_intervals(EvalPredictions.from_outputs("classification", y_binary, binary))["auc"]
-    assert auc.value == pytest.approx(binary_auc(y_binary == 1, binary[:, 1]))
+    found = bootstrap_intervals(EvalPredictions.from_outputs("classification", y_binary, binary))
+    assert found["auc"].value == pytest.approx(binary_auc(y_binary == 1, binary[:, 1]))
+    # GLUE's F1 (class 1), as the report gives it for two classes.
+    assert found["f1"].value == pytest.approx(
+        classification_report(y_binary, binary, ["n", "p"])["f1"])
 
     targets = rng.normal(size=120)
     outputs = targets + rng.normal(scale=0.5, size=120)
@@ -123,7 +126,7 @@ def test_a_resample_scores_like_the_expanded_sample():
         take = np.repeat(np.arange(n), row.astype(int))
         got = _evaluate(cls, cls.metrics, row[None, :])
         want = classification_report(y_true[take], probabilities[take], ["n", "p"])
-        for name in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "auc"):
+        for name in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "f1", "auc"):
             assert got[name][0] == pytest.approx(want[name]), name
         got = _evaluate(reg, reg.metrics, row[None, :])
         t, o = targets[take], outputs[take]

@@ -27,11 +27,14 @@ from tfhub_finetune.metrics import (
     regression_report,
     training_metrics,
 )
+from tfhub_finetune.stats import EvalPredictions
 from tfhub_finetune.tasks.base import Task
 
 PARAMS_FILE = "params.json"
 LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.json"
+# Per-example eval predictions (`stats.EvalPredictions`), for paired comparisons of models.
+PREDICTIONS_FILE = "eval_predictions.npz"
 MODEL_FILE = "model.keras"
 
 
@@ -112,13 +115,21 @@ def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir
     )
 
 
-def evaluate_report(model: keras.Model, task: Task) -> dict:
-    """Predicts the eval split and computes the full report (confusion matrix etc.)."""
+def evaluate_report(model: keras.Model, task: Task, predictions_path: Path | None = None) -> dict:
+    """Predicts the eval split and computes the full report (confusion matrix, intervals etc.).
+
+    With `predictions_path`, also saves what the model predicted for each
+    example there (`stats.EvalPredictions`), so two models evaluated on the
+    same file can be compared example by example.
+    """
     if hasattr(task, "report"):  # A task with its own report (token classification).
         return task.report(model)
     outputs = model.predict(task.eval_dataset(), verbose=0)
     targets = task.eval_targets()
     kind = task.config.model.task
+    if predictions_path is not None:
+        kind_name = kind if kind in ("regression", "multi_label") else "classification"
+        EvalPredictions.from_outputs(kind_name, targets, outputs).save(predictions_path)
     if kind == "regression":
         return regression_report(targets, outputs)
     if kind == "multi_label":
@@ -214,7 +225,7 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
                          fix="Train first with --mode=train or --mode=train_and_eval.")
 
     if config.mode != "train":
-        result["eval"] = evaluate_report(model, task)
+        result["eval"] = evaluate_report(model, task, model_dir / PREDICTIONS_FILE if chief else None)
     result["wall_seconds"] = round(time.time() - started, 2)
     if chief:
         if config.mode != "eval":

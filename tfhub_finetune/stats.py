@@ -40,9 +40,10 @@ KINDS = ("classification", "regression", "multi_label")
 # Largest resamples x examples block of weights built at once (float64: 64 MB).
 _MAX_CELLS = 1 << 23
 
-# Which metrics each kind of prediction supports ("auc" only for two classes with scores).
+# Which metrics each kind of prediction supports ("f1", of class 1 as GLUE's MRPC F1, only for
+# two classes; "auc" only for two classes with scores).
 METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1", "macro_precision", "macro_recall", "auc"),
+    "classification": ("accuracy", "macro_f1", "macro_precision", "macro_recall", "f1", "auc"),
     "regression": ("mse", "rmse", "mae", "pearson", "spearman"),
     "multi_label": ("exact_match", "macro_f1"),
 }
@@ -106,8 +107,10 @@ class EvalPredictions:
                        probabilities[:, 1].astype(np.float32) if k == 2 else None)
         if kind == "multi_label":
             return cls(kind, np.asarray(y_true) > 0.5, outputs >= 0.5, outputs.shape[-1])
-        return cls(kind, np.asarray(y_true, np.float64).reshape(-1),
-                   outputs.astype(np.float64).reshape(-1), 1)
+        # The first output, as `metrics.regression_report` scores it.
+        targets = np.asarray(y_true, np.float64)
+        return cls(kind, targets.reshape(len(targets), -1)[:, 0],
+                   outputs.astype(np.float64).reshape(len(outputs), -1)[:, 0], 1)
 
     @property
     def num_examples(self) -> int:
@@ -117,6 +120,8 @@ class EvalPredictions:
     def metrics(self) -> tuple[str, ...]:
         """The metrics these predictions can be scored on."""
         names = METRICS[self.kind]
+        if self.kind == "classification" and self.num_classes != 2:
+            names = tuple(n for n in names if n != "f1")
         if self.kind == "classification" and (self.scores is None or self.num_classes != 2):
             names = tuple(n for n in names if n != "auc")
         return names
@@ -409,7 +414,7 @@ def _evaluate(p: EvalPredictions, names: Sequence[str], w: np.ndarray) -> dict[s
         if p.kind == "classification":
             if "accuracy" in names:
                 out["accuracy"] = w @ (p.y_pred == p.y_true).astype(np.float64) / total
-            if {"macro_f1", "macro_precision", "macro_recall"} & set(names):
+            if {"macro_f1", "macro_precision", "macro_recall", "f1"} & set(names):
                 truth = _one_hot(p.y_true, p.num_classes)
                 guess = _one_hot(p.y_pred, p.num_classes)
                 tp, actual, predicted = w @ (truth * guess), w @ truth, w @ guess
@@ -418,6 +423,8 @@ def _evaluate(p: EvalPredictions, names: Sequence[str], w: np.ndarray) -> dict[s
                 f1 = np.where(actual + predicted > 0, 2 * tp / (actual + predicted), 0.0)
                 out.update(macro_f1=f1.mean(1), macro_precision=precision.mean(1),
                            macro_recall=recall.mean(1))
+                if p.num_classes == 2:
+                    out["f1"] = f1[:, 1]
             if "auc" in names:
                 out["auc"] = _weighted_auc(p.y_true == 1, p.scores, w)
         elif p.kind == "multi_label":
