@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from tfhub_finetune.errors import InputError
-from tfhub_finetune.metrics import binary_auc, classification_report, multilabel_report, regression_report
+from tfhub_finetune.metrics import (
+    binary_auc,
+    classification_report,
+    multilabel_report,
+    regression_report,
+)
 from tfhub_finetune.stats import (
     EvalPredictions,
     _evaluate,

@@ -158,7 +158,7 @@ class EvalPredictions:
                 y_true, y_pred = y_true.astype(np.int64), y_pred.astype(np.int64)
             else:
                 y_true, y_pred = y_true.astype(np.float64), y_pred.astype(np.float64)
-            scores = data["scores"] if "scores" in data else None
+            scores = data.get("scores")
         return cls(kind, y_true, y_pred, k, scores)
 
 
