@@ -101,6 +101,8 @@ def tuner_classes() -> types.SimpleNamespace:
             weights_ids: dict or None. Backbone -> weights fingerprint.
             eligible: list of str or None. Backbones that meet the hard
                 constraints (the others get the first rung only); None: all.
+            lr_race_rungs: int. Rungs after the learning-rate check that every
+                learning rate of a promoted backbone continues (`plan_search`).
             seed: int or None.
 
         Example:
@@ -115,7 +117,8 @@ def tuner_classes() -> types.SimpleNamespace:
                      rungs: Sequence[int], *, reduction_factor: int = 2,
                      budget_epochs: int = 0, budget_seconds: float = 0.0,
                      brute_force: bool = False, weights_ids: Mapping[str, str] | None = None,
-                     eligible: Sequence[str] | None = None, seed: int | None = None):
+                     eligible: Sequence[str] | None = None, lr_race_rungs: int = 1,
+                     seed: int | None = None):
             lrs_of = learning_rates_by_backbone(candidates, learning_rates)
             space = keras_tuner.HyperParameters()
             space.Choice("backbone", list(candidates))
@@ -140,6 +143,7 @@ def tuner_classes() -> types.SimpleNamespace:
             self.budget_seconds = budget_seconds
             self.brute_force = brute_force
             self.weights_ids = dict(weights_ids or {})
+            self.lr_race_rungs = lr_race_rungs
             self.on_trial_end: Callable[[TrialRecord], None] | None = None
             self.on_trial_start: Callable[[WorkItem, str], None] | None = None
 
@@ -152,6 +156,7 @@ def tuner_classes() -> types.SimpleNamespace:
                 reduction_factor=self.reduction_factor, budget_epochs=self.budget_epochs,
                 budget_seconds=self.budget_seconds, brute_force=self.brute_force,
                 weights_ids=self.weights_ids, eligible=self.eligible,
+                lr_race_rungs=self.lr_race_rungs,
             )
 
         def populate_space(self, trial_id: str) -> dict[str, Any]:
