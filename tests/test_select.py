@@ -337,6 +337,32 @@ def test_plan_brute_force_completes_every_configuration_after_the_search():
     assert todo[("b", 3e-5)].base is None and todo[("b", 3e-5)].target_epochs == 2
 
 
+def test_trials_record_each_epochs_eval_predictions(tmp_path):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tfhub_finetune.selection.tuner import trial_predictions, tuner_classes
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    eval_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    recorder = tuner_classes().EvalPredictionsRecorder(eval_ds, y, "classification", tmp_path)
+    # Without validation data the recorder's pass is the validation.
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[recorder])
+    for epoch in (1, 2):
+        preds = trial_predictions(tmp_path, epoch)
+        assert preds.num_examples == 64
+        assert history.history["val_accuracy"][epoch - 1] == pytest.approx(
+            float(np.mean(preds.y_pred == y)))
+    assert trial_predictions(tmp_path, 3) is None
+    assert {"val_macro_f1", "val_auc"} <= set(history.history)
+
+
 def test_bad_settings_raise_one_line_input_errors():
     base = dict(candidates=("scratch_text_encoder",), train_data="t.tsv", output_dir="out")
     for bad, match in (

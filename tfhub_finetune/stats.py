@@ -216,6 +216,22 @@ class PairedTest:
                 for k, v in dataclasses.asdict(self).items()}
 
 
+def metric_values(predictions: EvalPredictions,
+                  metrics: Sequence[str] | None = None) -> dict[str, float]:
+    """Each metric on all examples (the figures the intervals are around).
+
+    Example:
+
+    ```python
+    metric_values(preds, ["accuracy"])  # {'accuracy': 0.91}
+    ```
+    """
+    names = _check_metrics(predictions, metrics)
+    if predictions.num_examples == 0:
+        return {}
+    return {m: float(v[0]) for m, v in _evaluate(predictions, names, _ones(predictions)).items()}
+
+
 def bootstrap_intervals(
     predictions: EvalPredictions,
     metrics: Sequence[str] | None = None,
@@ -247,7 +263,7 @@ def bootstrap_intervals(
     _check_level(level, resamples)
     if predictions.num_examples == 0:
         return {}
-    point = {m: float(v[0]) for m, v in _evaluate(predictions, names, _ones(predictions)).items()}
+    point = metric_values(predictions, names)
     draws = _bootstrap(predictions.num_examples, resamples, seed,
                        lambda w: _evaluate(predictions, names, w))
     tail = (1 - level) / 2 * 100

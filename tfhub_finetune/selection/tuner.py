@@ -33,6 +33,23 @@ from tfhub_finetune.selection.halving import (
 
 # A trial chain's per-epoch scores and times, inside its trial directory.
 TRIAL_HISTORY = "epochs.json"
+# A trial chain's per-epoch eval predictions (`stats.EvalPredictions`), one .npz per epoch.
+TRIAL_PREDICTIONS = "eval_predictions"
+
+
+def trial_predictions(trial_dir: str | Path, epoch: int) -> Any:
+    """The eval predictions a trial chain made after `epoch` epochs, or None if not recorded.
+
+    Example:
+
+    ```python
+    preds = trial_predictions(project / "trial_0003", 2)  # stats.EvalPredictions
+    ```
+    """
+    from tfhub_finetune.stats import EvalPredictions
+
+    path = Path(trial_dir) / TRIAL_PREDICTIONS / f"epoch_{epoch}.npz"
+    return EvalPredictions.load(path) if path.exists() else None
 
 
 def _float(value: Any) -> float | None:
@@ -282,12 +299,43 @@ def tuner_classes() -> types.SimpleNamespace:
                 self.model.stop_training = True
             self.history.save()
 
-    for cls in (SuccessiveHalvingOracle, SelectionTuner, _EpochRecorder):
+    class EvalPredictionsRecorder(keras.callbacks.Callback):
+        """Saves each epoch's per-example eval predictions, so trials compare on the same examples.
+
+        Writes `<trial_dir>/eval_predictions/epoch_<k>.npz` (`trial_predictions`
+        reads it). When the monitored metric is not in the logs (fit ran
+        without `validation_data`), it puts the metrics it computed there, so
+        this one prediction pass is the validation.
+
+        Args:
+            dataset: tf.data.Dataset. The eval split, in file order.
+            targets: array. The eval targets in the same order.
+            kind: str. `classification`, `regression` or `multi_label`.
+            trial_dir: Path. The trial's directory.
+        """
+
+        def __init__(self, dataset: Any, targets: Any, kind: str, trial_dir: Path):
+            super().__init__()
+            self.dataset, self.targets, self.kind = dataset, targets, kind
+            self.directory = Path(trial_dir) / TRIAL_PREDICTIONS
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            from tfhub_finetune import stats
+
+            outputs = self.model.predict(self.dataset, verbose=0)
+            preds = stats.EvalPredictions.from_outputs(self.kind, self.targets, outputs)
+            preds.save(self.directory / f"epoch_{epoch + 1}.npz")
+            if logs is not None:
+                for name, value in stats.metric_values(preds).items():
+                    logs.setdefault(f"val_{name}", value)
+
+    for cls in (SuccessiveHalvingOracle, SelectionTuner, _EpochRecorder, EvalPredictionsRecorder):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
     return types.SimpleNamespace(
         SuccessiveHalvingOracle=SuccessiveHalvingOracle,
         SelectionTuner=SelectionTuner,
         EpochRecorder=_EpochRecorder,
+        EvalPredictionsRecorder=EvalPredictionsRecorder,
     )
 
 
