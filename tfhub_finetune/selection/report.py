@@ -329,6 +329,7 @@ def plot_pareto(
         linewidths=0.8,
         zorder=3,
     )
+    _error_bars(ax, shown, xs, ys, scale)
     line = sorted((c for c in shown if c.name in front), key=lambda c: c.latency_ms)
     if len(line) > 1:
         ax.plot(
@@ -382,7 +383,9 @@ def plot_pareto(
         ax.set_xscale("log")
         # Plain numbers (1, 10, 100 ms), not powers of ten.
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    _set_limits(ax, xs, ys, log_x, recommendation)
+    # The view holds the interval bars too.
+    bar_ends = [v * scale for c in shown if _interval(c) for v in _interval(c)]
+    _set_limits(ax, xs, ys + bar_ends, log_x, recommendation)
     _draw_constraints(ax, recommendation, scale)
 
     ylabel = f"fine-tuned {metric_name}" + (" (%)" if fraction else "")
@@ -528,10 +531,12 @@ def plot_transferability(
         xs = [float(c.scores[name]) for c in used]
         ys = [float(c.metric) * scale for c in used]
         ax.scatter(xs, ys, s=70, color="tab:purple", alpha=0.7, edgecolors="black", zorder=3)
+        _error_bars(ax, used, xs, ys, scale)
         x_pad = (max(xs) - min(xs)) * 0.25 or 0.1
         y_pad = (max(ys) - min(ys)) * 0.15 or 1.0
         ax.set_xlim(min(xs) - x_pad, max(xs) + x_pad)
-        ax.set_ylim(min(ys) - y_pad, max(ys) + y_pad)
+        ends = ys + [v * scale for c in used if _interval(c) for v in _interval(c)]
+        ax.set_ylim(min(ends) - y_pad, max(ends) + y_pad)
         labels.append((ax, [(c.name, x, y) for c, x, y in zip(used, xs, ys, strict=True)]))
         tau = correlations[name]["tau"]
         tau_text = "undefined" if tau is None else f"{tau:+.2f}"
@@ -566,6 +571,7 @@ def _markdown(
     else:
         lines += [f"**No recommendation.** {_md(rec.reason)}", ""]
     constraints = ", ".join(f"`{k}={v:g}`" for k, v in rec.constraints.items()) or "none"
+    lines += _tie_lines(rec)
     lines += [
         f"- Constraints: {constraints}",
         f"- Metric: fine-tuned `{metric_name}` (higher is better)",
@@ -587,13 +593,15 @@ def _markdown(
     # Fine-tuning epochs, when the candidates' metrics come from different ones (halving).
     epochs = {c.name: c.figures.get("fine_tune_epochs") for c in pool}
     show_epochs = len({e for e in epochs.values() if e is not None}) > 1
-    headers = ["candidate", "status", metric_name, *(["epochs"] if show_epochs else []),
+    shown_metric = f"{metric_name} [95% interval]" if any(
+        _interval(c) for c in pool) else metric_name
+    headers = ["candidate", "status", shown_metric, *(["epochs"] if show_epochs else []),
                *score_names] + [h for _, h, _ in _CORE_COLUMNS]
     lines += ["## Candidates", "", "| " + " | ".join(headers) + " |"]
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|")
     for c in sorted(pool, key=lambda c: _table_order(c, rec)):
         cells = [f"**{c.name}**" if c.name == rec.name else c.name, _status(c, rec)]
-        cells.append(_fmt(c.metric, "metric", metric_name))
+        cells.append(_metric_cell(c, metric_name))
         if show_epochs:
             cells.append("—" if epochs[c.name] is None else str(epochs[c.name]))
         cells += [_fmt(c.scores.get(s), "score") for s in score_names]
@@ -643,6 +651,48 @@ def _markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _interval(c: Candidate) -> tuple[float, float] | None:
+    """The metric's 95% interval (`figures["metric_interval"]`), if recorded."""
+    value = c.figures.get("metric_interval")
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite(v) for v in value):
+        return float(value[0]), float(value[1])
+    return None
+
+
+def _metric_cell(c: Candidate, metric_name: str) -> str:
+    """`91.2% [88.7, 93.6]`: the figure and its interval, in the figure's unit."""
+    cell = _fmt(c.metric, "metric", metric_name)
+    interval = _interval(c)
+    if interval is None or not _finite(c.metric):
+        return cell
+    scale, digits = (100.0, 1) if is_fraction_metric(metric_name) else (1.0, 3)
+    low, high = (f"{v * scale:.{digits}f}" for v in interval)
+    return f"{cell} [{low}, {high}]"
+
+
+def _error_bars(ax: Any, shown: Sequence[Candidate], xs: Sequence[float],
+                ys: Sequence[float], scale: float) -> None:
+    """Vertical 95% interval bars under the points that have one."""
+    bars = [(x, y, _interval(c)) for c, x, y in zip(shown, xs, ys, strict=True) if _interval(c)]
+    if not bars:
+        return
+    ax.errorbar([x for x, _, _ in bars], [y for _, y, _ in bars],
+                yerr=[[max(y - iv[0] * scale, 0.0) for _, y, iv in bars],
+                      [max(iv[1] * scale - y, 0.0) for _, y, iv in bars]],
+                fmt="none", ecolor="0.35", elinewidth=1.0, capsize=3, zorder=2.5)
+
+
+def _tie_lines(rec: Recommendation) -> list[str]:
+    """Which candidates the paired test could not tell from the best, and the rule applied."""
+    if not rec.name or len(rec.tied) < 2:
+        return []
+    others = [f"{n} (p={rec.p_values[n]:.2g})" if n in rec.p_values else n
+              for n in rec.tied if n != rec.best]
+    return [f"- Within noise of the best ({rec.best}; paired test on the same examples, "
+            f"p >= {rec.tie_alpha:g}): " + ", ".join(others)
+            + f"; the cheapest by {rec.prefer} is recommended."]
 
 
 def _all_figures_table(pool: Sequence[Candidate]) -> list[str]:
