@@ -96,8 +96,11 @@ def training_callbacks(config: ExperimentConfig, model_dir: Path) -> list[keras.
 
 
 def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir: Path,
-             callbacks: list[keras.callbacks.Callback]) -> dict:
+             callbacks: list[keras.callbacks.Callback], validate: bool = True) -> dict:
     """`training.fit_resumable` over the task's epoch-seeded batches, as `config` says.
+
+    `validate=False` leaves the per-epoch evaluation to a callback (selection's
+    trials predict the eval split once per epoch and log the metrics from that).
 
     Returns:
         `fit_resumable`'s outcome (`history`, `resumed_from`, `terminated`).
@@ -108,7 +111,7 @@ def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir
         epochs=config.train.epochs,
         steps_per_epoch=task.steps_per_epoch,
         model_dir=model_dir,
-        validation_data=task.eval_dataset(),
+        validation_data=task.eval_dataset() if validate else None,
         callbacks=callbacks,
         backup_every_steps=config.train.backup_every_steps,
         verbose=keras_verbose(config.runtime.verbose),

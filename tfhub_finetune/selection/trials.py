@@ -25,7 +25,12 @@ from typing import Any
 
 from tfhub_finetune.selection.config import SelectionConfig
 from tfhub_finetune.selection.halving import SearchPlan, TrialRecord, WorkItem, last_line
-from tfhub_finetune.selection.tuner import TRIAL_HISTORY, TrialHistory, tuner_classes
+from tfhub_finetune.selection.tuner import (
+    TRIAL_HISTORY,
+    TRIAL_PREDICTIONS,
+    TrialHistory,
+    tuner_classes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +72,13 @@ class TrialTrainer:
         recorder = tuner_classes().EpochRecorder(
             history, config.objective, experiment.train.early_stopping_patience, tuner_id
         )
-        outcome = driver.fit_task(model, task, experiment, trial_dir, [recorder])
+        # Per-example predictions each epoch (for paired tests); this pass is the validation.
+        predictions = tuner_classes().EvalPredictionsRecorder(
+            task.eval_dataset(), task.eval_targets(),
+            "classification" if experiment.model.task == "single_label" else experiment.model.task,
+            trial_dir)
+        outcome = driver.fit_task(model, task, experiment, trial_dir, [predictions, recorder],
+                                  validate=False)
         if outcome["terminated"]:
             # Leave the trial RUNNING: the next run resumes it from the backup.
             raise SystemExit("Stopped by SIGTERM after a backup; rerun the command to resume.")
@@ -105,6 +116,9 @@ def _continue_parent(trial_dir: Path, parent_dir: Path | None) -> bool:
     shutil.copytree(parent_dir / "backup", backup, dirs_exist_ok=True)
     if (parent_dir / TRIAL_HISTORY).exists():
         shutil.copy2(parent_dir / TRIAL_HISTORY, trial_dir / TRIAL_HISTORY)
+    if (parent_dir / TRIAL_PREDICTIONS).exists():
+        shutil.copytree(parent_dir / TRIAL_PREDICTIONS, trial_dir / TRIAL_PREDICTIONS,
+                        dirs_exist_ok=True)
     return True
 
 
