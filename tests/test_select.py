@@ -373,10 +373,22 @@ def test_bad_settings_raise_one_line_input_errors():
         ({"reduction_factor": 1}, "reduction_factor"),
         ({"candidates": ("a", "a")}, "listed twice"),
         ({"baseline_learning_rate": 0.0}, r"Received: baseline_learning_rate=0\.0"),
+        ({"tie_alpha": 1.5}, r"Received: tie_alpha=1\.5"),
+        ({"prefer": "speed"}, r"Received: prefer='speed'"),
+        ({"lr_race_rungs": -1}, "lr_race_rungs"),
     ):
         with pytest.raises(InputError, match=match) as info:
             SelectionConfig.from_settings(**{**base, **bad}).validate()
         assert "\n" not in str(info.value)
+
+
+def test_report_title_names_the_task_from_the_data_file():
+    from tfhub_finetune.selection.select import task_name
+
+    assert task_name("/data/questions/trec_train.tsv") == "trec"
+    assert task_name("../shared/data/sst2/train.tsv") == "sst2"  # A split name: its folder.
+    assert task_name("../shared/data/hymenoptera/train") == "hymenoptera"
+    assert task_name("/tmp/hold/questions.tsv") == "questions"  # Not the parent folder.
 
 
 @pytest.mark.parametrize(

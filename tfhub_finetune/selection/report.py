@@ -1154,23 +1154,34 @@ def _brute_force_section(search: Mapping[str, Any], pool: Sequence[Candidate],
             f"That is {estimate / spent:.1f}x {against}."
         )
     if measured is not None and brute["metrics"] is not None:
-        same = "**matches**" if brute["choice"] == rec.name else "**differs from**"
+        # The report above answers with brute force's figures; the search's answer is here.
+        found = brute["search"]
+        same = ("**matches**" if brute["choice"] == found["choice"]
+                else "**ties within noise with**" if brute["matches_recommendation"]
+                else "**differs from**")
+        regret = ("" if brute.get("regret") is None else
+                  f"; its regret against brute force's best ({brute['best']}): "
+                  + (f"{brute['regret']:.1f} points" if is_fraction_metric(metric)
+                     else f"{brute['regret']:.3g}"))
         lines.append(
             f"- Brute force, **measured** (`--brute_force`): every configuration fine-tuned to "
             f"{brute['epochs']} epochs (or its early stop); {_duration(measured)} = profiling "
             "+ the measured time of every epoch trained (epochs the search already trained are "
-            f"counted once, as a brute-force run pays them). Its choice under the same "
-            f"constraints: **{brute['choice'] or 'none'}**, which {same} the recommendation "
-            f"({rec.name or 'none'})."
+            "counted once, as a brute-force run pays them). The recommendation, tables and "
+            "plots above use these full-epoch figures; its choice under the same constraints: "
+            f"**{brute['choice'] or 'none'}**."
         )
+        lines.append(f"- The search's answer: {_md(found['reason'], 400)} It {same} brute "
+                     f"force's choice{regret}.")
         lines += ["", f"| candidate | search {metric} (epochs) | brute-force {metric} "
                   f"({brute['epochs']} epochs) |", "|---|---:|---:|"]
         for c in pool:
             full, epochs = brute["metrics"].get(c.name), brute["fine_tune_epochs"].get(c.name)
-            if c.metric is None and full is None:
+            searched = found["metrics"].get(c.name)
+            if searched is None and full is None:
                 continue
-            lines.append(f"| {c.name} | {_fmt(c.metric, 'metric', metric)} "
-                         f"({c.figures.get('fine_tune_epochs', '—')}) | "
+            lines.append(f"| {c.name} | {_fmt(searched, 'metric', metric)} "
+                         f"({found['fine_tune_epochs'].get(c.name) or '—'}) | "
                          f"{_fmt(full, 'metric', metric)} ({'—' if epochs is None else epochs}) |")
         if brute["kendall_tau"]:
             shown = ", ".join(f"{k} {_tau(v['tau'])}" for k, v in brute["kendall_tau"].items())
@@ -1234,8 +1245,11 @@ def _the_search_section(search: Mapping[str, Any]) -> list[str]:
         f"- Successive halving: rungs at {', '.join(map(str, h['rungs']))} epochs. Every "
         f"candidate runs the first rung at its first learning rate; the best "
         f"1/{factor} of the backbones that meet the hard constraints also "
-        "try the other learning rates for the same epochs and continue, with the best one, "
-        f"from their checkpoint; each later rung keeps the best 1/{factor}. "
+        "try the other learning rates for the same epochs and continue from their checkpoints, "
+        + (f"every rate for {h['lr_race_rungs']} more rung(s) (a lower rate starts slower), "
+           "then the best one alone" if h.get("lr_race_rungs") else "with the best one")
+        + f"; each later rung keeps the best 1/{factor} (each backbone scored by its best "
+        "rate). "
         + ("Over a hard constraint from profiling, so first rung only: "
            + ", ".join(f"{name} ({', '.join(broken)})" for name, broken in over.items())
            + ". " if over else "")
@@ -1251,17 +1265,14 @@ def _the_search_section(search: Mapping[str, Any]) -> list[str]:
         f"| rung | epochs | candidate | learning rate | {metric} | status |",
         "|---:|---:|---|---:|---:|---|",
     ]
-    for rung in search["rungs"]:
-        best: dict[str, dict] = {}  # Candidate -> its best finished entry in this rung.
-        for e in rung["entries"]:
-            if e["status"] == "done" and (e["candidate"] not in best
-                                          or e["score"] > best[e["candidate"]]["score"]):
-                best[e["candidate"]] = e
-        best_lr = {name: e["learning_rate"] for name, e in best.items()}
+    for r, rung in enumerate(search["rungs"]):
+        # Promoted: the configuration trains on at the next rung (a raced rate included).
+        later = search["rungs"][r + 1]["entries"] if r + 1 < len(search["rungs"]) else []
+        going_on = {(e["candidate"], f"{e['learning_rate']:.6g}") for e in later}
         for e in rung["entries"]:
             status = e["status"]
-            if e["candidate"] in rung["promoted"] and e["learning_rate"] == best_lr.get(
-                    e["candidate"]):
+            if (e["candidate"] in rung["promoted"]
+                    and (e["candidate"], f"{e['learning_rate']:.6g}") in going_on):
                 status += ", promoted"
             if e["status"] == "done" and e["epochs"] < rung["epochs"]:
                 status += f", stopped early at {e['epochs']}"

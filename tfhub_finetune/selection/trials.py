@@ -199,7 +199,8 @@ def run_search(
         config.objective, list(backbones), dict(learning_rates), config.rungs,
         reduction_factor=s.reduction_factor, budget_epochs=s.budget_epochs,
         budget_seconds=s.budget_minutes * 60.0, brute_force=s.brute_force,
-        weights_ids=dict(weights_ids), eligible=eligible, seed=config.base.train.seed,
+        weights_ids=dict(weights_ids), eligible=eligible, lr_race_rungs=s.lr_race_rungs,
+        seed=config.base.train.seed,
     )
     role = tuner_role()
     tuner = classes.SelectionTuner(

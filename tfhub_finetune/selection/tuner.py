@@ -52,6 +52,19 @@ def trial_predictions(trial_dir: str | Path, epoch: int) -> Any:
     return EvalPredictions.load(path) if path.exists() else None
 
 
+def chain_predictions(project_dir: str | Path, record: TrialRecord | None, epochs: int) -> Any:
+    """The predictions behind a chain's score at `epochs`: its best epoch up to then, or None.
+
+    A configuration's score at a rung is the best of its epochs so far
+    (`plan_search`), so its paired comparisons use that epoch's predictions.
+    """
+    if record is None or not record.scores or epochs < 1:
+        return None
+    scores = list(record.scores[:epochs])
+    best = scores.index(max(scores)) + 1
+    return trial_predictions(Path(project_dir) / f"trial_{record.trial_id}", best)
+
+
 def _float(value: Any) -> float | None:
     # KerasTuner hands back numpy floats; reports and JSON want plain ones.
     return None if value is None else float(value)
