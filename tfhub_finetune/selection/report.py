@@ -537,7 +537,8 @@ def plot_transferability(
         ax.set_xlim(min(xs) - x_pad, max(xs) + x_pad)
         ends = ys + [v * scale for c in used if _interval(c) for v in _interval(c)]
         ax.set_ylim(min(ends) - y_pad, max(ends) + y_pad)
-        labels.append((ax, [(c.name, x, y) for c, x, y in zip(used, xs, ys, strict=True)]))
+        labels.append((ax, [(_fidelity_label(c, pool), x, y)
+                            for c, x, y in zip(used, xs, ys, strict=True)]))
         tau = correlations[name]["tau"]
         tau_text = "undefined" if tau is None else f"{tau:+.2f}"
         ax.set_title(f"{name}: Kendall tau {tau_text} (n={len(used)})", fontsize=11)
@@ -651,6 +652,14 @@ def _markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _fidelity_label(c: Candidate, pool: Sequence[Candidate]) -> str:
+    """The name, plus `, 1 ep` when it trained fewer epochs than the most any candidate did."""
+    most = max((e for e in (p.figures.get("fine_tune_epochs") for p in pool)
+                if isinstance(e, int)), default=None)
+    epochs = c.figures.get("fine_tune_epochs")
+    return f"{c.name}, {epochs} ep" if isinstance(epochs, int) and epochs != most else c.name
 
 
 def _interval(c: Candidate) -> tuple[float, float] | None:
