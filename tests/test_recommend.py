@@ -286,8 +286,10 @@ def test_a_lower_fidelity_figure_is_never_called_the_best():
     ]
     rec = recommend(records, max_params=18e6)
     assert rec.name == "small"
-    assert "below the best" not in rec.reason
-    assert "big scored 93.4% after 1 epoch (this one: 3)" in rec.reason
+    assert rec.reason == (
+        "small: the best accuracy after 3 epochs (91.2%), smaller is 1.2x faster but 1.2 points "
+        "lower, big scored 93.4% after 1 epoch (this one: 3), best of 2 under 18M parameters."
+    )
 
 
 @pytest.mark.parametrize("kwargs, match", [

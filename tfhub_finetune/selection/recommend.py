@@ -771,13 +771,19 @@ def _reason(
             gap = _format_gap(top.metric - chosen.metric, metric_name)
             parts.append(f"{gap} below the best ({top.name})")
     elif chosen.metric >= top.metric:
-        parts.append(f"the best {metric_name} ({_format_metric(chosen.metric, metric_name)})")
+        shown = _format_metric(chosen.metric, metric_name)
+        if early:
+            # A higher figure from fewer epochs exists: best only among its equals.
+            parts.append(f"the best {metric_name} after {_epochs_of(chosen)} epochs ({shown})")
+        else:
+            parts.append(f"the best {metric_name} ({shown})")
         if _finite(chosen.latency_ms):
-            # The trade-off worth knowing: the best of the clearly faster ones.
+            # The trade-off worth knowing: the best of the clearly faster, lower ones.
             faster = [
                 c
                 for c in valid
                 if _finite(c.latency_ms) and 0 < c.latency_ms * 1.05 <= chosen.latency_ms
+                and c.metric < chosen.metric
             ]
             if faster:
                 alt = min(faster, key=_rank_key)
