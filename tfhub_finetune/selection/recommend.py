@@ -779,19 +779,19 @@ def _reason(
             parts.append(f"the best {metric_name} ({shown})")
         if _finite(chosen.latency_ms):
             # The trade-off worth knowing: the best of the clearly faster, lower ones.
-            faster = [
+            quicker = [
                 c
                 for c in valid
                 if _finite(c.latency_ms) and 0 < c.latency_ms * 1.05 <= chosen.latency_ms
-                and c.metric < chosen.metric
             ]
+            faster = [c for c in quicker if c.metric < chosen.metric]
             if faster:
                 alt = min(faster, key=_rank_key)
                 ratio = chosen.latency_ms / alt.latency_ms
                 gap = _format_gap(chosen.metric - alt.metric, metric_name)
                 note = f" ({_epoch_note(alt)})" if _fewer_epochs(alt, chosen) else ""
                 parts.append(f"{alt.name} is {ratio:.1f}x faster but {gap} lower{note}")
-            elif sum(_finite(c.latency_ms) for c in valid) > 1:
+            elif not quicker and sum(_finite(c.latency_ms) for c in valid) > 1:
                 parts.append("and the fastest")
     else:
         gap = _format_gap(top.metric - chosen.metric, metric_name)
