@@ -29,6 +29,10 @@ defaults below, seed 42):
 | MiniLM-L3, SST-2 (2000 train, 872 dev, seq 64, 2 epochs) | 0.8028 | 0.8016 | -0.11 points |
 | EfficientNet-Lite0, hymenoptera (244 train, 153 val, 3 epochs) | 0.9216 | 0.9281 | +0.65 points (1 image) |
 
+Again on 2026-12-01 (same machine type, load ~12), with the paired test: text 0.8005 vs 0.8016
+(12 sentences only keras-hub got right, 13 only TF Hub; McNemar p = 1.0, difference interval
+-1.0..+1.3 points); images 0.9216 vs 0.9281 (1 vs 2 images, p = 1.0, -1.3..+2.6 points).
+
 Token ids of all 872 dev sentences are identical through the exported
 preprocess model; features agree to 1.9e-6 (text) and 3.0e-6 (images); with
 equal head weights, the first step's loss and gradients agree to float rounding.
