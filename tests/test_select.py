@@ -463,6 +463,13 @@ def test_tiny_run_writes_the_report(tiny_run):
         assert record["figures"]["fine_tune_epochs"] in (1, 2)
         assert set(record["scores"]) == {"logme", "knn_accuracy", "linear_probe_accuracy"}
         assert record["figures"]["feature_extraction_seconds"] > 0
+        # The figure's 95% interval, from the saved predictions of the epoch it was taken at:
+        # about +-9 points on 100 dev sentences.
+        low, high = record["figures"]["metric_interval"]
+        assert low <= record["metric"] <= high and 0.05 < high - low < 0.3, (low, high)
+    # The paired test against the best, on the same 100 sentences, for the tie rule.
+    recommendation = results["recommendation"]
+    assert set(recommendation["p_values"]) == set(TINY) - {recommendation["best"]}
     # Both trained a first rung; the better one also the second.
     rungs = results["extra"]["rungs"]
     assert [len(r["entries"]) for r in rungs] == [2, 1]
