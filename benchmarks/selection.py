@@ -214,7 +214,8 @@ def _predictions(chain: Chain | None, epochs: int) -> Any:
 def compare(results: Mapping[str, Any], project: Path, constraints: Mapping[str, float],
             lr_race_rungs: int, tie_alpha: float = 0.05) -> dict[str, Any]:
     """One row: the replayed search against brute force under `constraints`."""
-    settings = results["extra"]["settings"]
+    # The search settings (a nested `search` section since SelectionConfig holds a base config).
+    settings = results["extra"]["settings"].get("search", results["extra"]["settings"])
     metric = settings["metric"]
     records = [c for c in results["candidates"]
                if c.get("figures", {}).get("shortlisted") and not c.get("error")]
