@@ -130,9 +130,11 @@ def evaluate_report(model: keras.Model, task: Task, predictions_path: Path | Non
     outputs = model.predict(task.eval_dataset(), verbose=0)
     targets = task.eval_targets()
     kind = task.config.model.task
-    if predictions_path is not None:
-        kind_name = kind if kind in ("regression", "multi_label") else "classification"
-        EvalPredictions.from_outputs(kind_name, targets, outputs).save(predictions_path)
+    # Tasks with one prediction per example (not per token) have paired tests.
+    paired = {"single_label": "classification", "multi_label": "multi_label",
+              "regression": "regression"}
+    if predictions_path is not None and kind in paired:
+        EvalPredictions.from_outputs(paired[kind], targets, outputs).save(predictions_path)
     if kind == "regression":
         return regression_report(targets, outputs)
     if kind == "multi_label":
