@@ -259,8 +259,9 @@ def _planned_trials(plan: SearchPlan, config: SelectionConfig, shortlisted: int,
     sizes = math.ceil((racing or shortlisted) / s.reduction_factor)
     # The first rung, the leaders' learning-rate checks, then the later rungs.
     total = shortlisted + sizes * (len(s.learning_rates) - 1)
-    for _ in config.rungs[1:]:
-        total += sizes
+    for r, _ in enumerate(config.rungs[1:], start=1):
+        # While the learning rates race, each promoted backbone trains all of them.
+        total += sizes * (len(s.learning_rates) if r <= s.lr_race_rungs else 1)
         sizes = math.ceil(sizes / s.reduction_factor)
     if s.brute_force:
         total += sum(len(v) for v in learning_rates.values())
