@@ -27,7 +27,7 @@ Usage:
 
 ```
 python -m benchmarks.selection                 # SST-2 and hymenoptera, commits results/selection.json
-python -m benchmarks.selection --quick         # two tiny encoders on 200 SST-2 sentences (~5 min)
+python -m benchmarks.selection --quick         # three small encoders on 200 SST-2 sentences (~15 min)
 python -m benchmarks.selection --work_dir=runs/bench_selection --tasks=sst2
 ```
 """
@@ -85,7 +85,7 @@ def tasks(quick: bool, work_dir: Path) -> list[Task]:
     if quick:
         data = _tiny_sst2(work_dir / "data")
         flags = [
-            "--candidates=scratch_text_encoder,minilm_l6_h384@layers=1",
+            "--candidates=scratch_text_encoder,minilm_l6_h384@layers=1,minilm_l6_h384@layers=2",
             f"--train_data={data['train']}", f"--eval_data={data['dev']}",
             "--label_names=negative,positive", "--sequence_length=32", "--batch_size=16",
             "--learning_rates=1e-3,3e-4", "--min_epochs=1", "--max_epochs=2",
