@@ -182,7 +182,8 @@ class Interval:
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
-    def to_list(self) -> list[float]:
+    def to_list(self) -> list[float | None]:
+        """`[low, high]` for JSON; None where no resample gave a figure (e.g. a constant output)."""
         return [_round(self.low), _round(self.high)]
 
 
@@ -506,5 +507,5 @@ def _weighted_auc(positive: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np
     return wins / (pos.sum(1) * neg.sum(1))
 
 
-def _round(value: float) -> float:
-    return round(value, 6) if math.isfinite(value) else value
+def _round(value: float) -> float | None:
+    return round(value, 6) if math.isfinite(value) else None
