@@ -31,7 +31,9 @@ defaults below, seed 42):
 
 Again on 2026-12-01 (same machine type, load ~12), with the paired test: text 0.8005 vs 0.8016
 (12 sentences only keras-hub got right, 13 only TF Hub; McNemar p = 1.0, difference interval
--1.0..+1.3 points); images 0.9216 vs 0.9281 (1 vs 2 images, p = 1.0, -1.3..+2.6 points).
+-1.0..+1.3 points); images 0.9216 vs 0.9281 (1 vs 2 images, p = 1.0, -1.3..+2.6 points). After the
+text-pairs packing landed: text 0.8108 vs 0.8016 (14 vs 6 sentences, p = 0.12), images 0.9346 vs
+0.9216 (3 vs 1 images, -1.31 points: the old 1-point rule would have failed it; p = 0.63).
 
 Token ids of all 872 dev sentences are identical through the exported
 preprocess model; features agree to 1.9e-6 (text) and 3.0e-6 (images); with
