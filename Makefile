@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install demo test test-slow bench bench-selection lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-slow: install
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks.run_all
+
+# The search against measured brute force (one brute-force run per task, ~45 min, cached in runs/).
+bench-selection: install
+	$(PY) -m benchmarks.selection
 
 lint: install
 	$(VENV)/bin/ruff check tfhub_finetune pipelines tests benchmarks

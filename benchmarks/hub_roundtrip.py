@@ -11,7 +11,9 @@ For a real text encoder (MiniLM-L3, SST-2) and a real image backbone
    i.e. `HubLayer` + `HubTokenizer`), checks that features and token ids
    match the original, and fine-tunes the same classifier on the same data
    with the same seed and hyperparameters;
-3. reports both accuracies and their difference in points.
+3. reports both accuracies, their difference in points, and McNemar's exact
+   test on the examples exactly one path gets right (`stats.paired_test`):
+   the difference is only a divergence if that test says so.
 
 Both arms share everything but the backbone's route, so the difference
 measures what the TF Hub path loses (it should lose nothing: the same weights
@@ -26,6 +28,12 @@ defaults below, seed 42):
 |---|---|---|---|
 | MiniLM-L3, SST-2 (2000 train, 872 dev, seq 64, 2 epochs) | 0.8028 | 0.8016 | -0.11 points |
 | EfficientNet-Lite0, hymenoptera (244 train, 153 val, 3 epochs) | 0.9216 | 0.9281 | +0.65 points (1 image) |
+
+Again on 2026-12-01 (same machine type, load ~12), with the paired test: text 0.8005 vs 0.8016
+(12 sentences only keras-hub got right, 13 only TF Hub; McNemar p = 1.0, difference interval
+-1.0..+1.3 points); images 0.9216 vs 0.9281 (1 vs 2 images, p = 1.0, -1.3..+2.6 points). After the
+text-pairs packing landed: text 0.8108 vs 0.8016 (14 vs 6 sentences, p = 0.12), images 0.9346 vs
+0.9216 (3 vs 1 images, -1.31 points: the old 1-point rule would have failed it; p = 0.63).
 
 Token ids of all 872 dev sentences are identical through the exported
 preprocess model; features agree to 1.9e-6 (text) and 3.0e-6 (images); with
@@ -60,6 +68,7 @@ from tfhub_finetune.backbones.catalog import resolve_backbone  # noqa: E402
 from tfhub_finetune.backbones.loader import load_backbone  # noqa: E402
 from tfhub_finetune.hub_export import export_tfhub  # noqa: E402
 from tfhub_finetune.paths import shared_dir  # noqa: E402
+from tfhub_finetune.stats import EvalPredictions, paired_test  # noqa: E402
 from tfhub_finetune.training import make_optimizer, set_seed  # noqa: E402
 
 
@@ -94,7 +103,7 @@ def text_roundtrip(
     labels = LabelVocabulary.from_labels(train.labels)
     y_train, y_dev = labels.encode(train.labels), labels.encode(dev.labels)
 
-    def fine_tune(backbone) -> tuple[float, float]:
+    def fine_tune(backbone) -> tuple[EvalPredictions, float]:
         from tfhub_finetune.data.text import make_text_dataset, tokenize_texts
 
         set_seed(seed)
@@ -110,13 +119,13 @@ def text_roundtrip(
         start = time.perf_counter()
         model.fit(train_ds, epochs=epochs, shuffle=False, verbose=0)
         seconds = time.perf_counter() - start
-        predictions = np.argmax(model.predict(dev_ds, verbose=0), axis=-1)
-        return float(np.mean(predictions == y_dev)), seconds
+        return EvalPredictions.from_outputs("classification", y_dev,
+                                            model.predict(dev_ds, verbose=0)), seconds
 
     _log(f"text: keras-hub path, {len(train)} train / {len(dev)} dev sentences")
     reference = load_backbone(str(weights))
-    keras_hub_acc, keras_hub_s = fine_tune(reference)
-    _log(f"text: keras-hub accuracy {keras_hub_acc:.4f} ({keras_hub_s:.0f} s)")
+    keras_hub_preds, keras_hub_s = fine_tune(reference)
+    _log(f"text: keras-hub accuracy {_accuracy(keras_hub_preds):.4f} ({keras_hub_s:.0f} s)")
 
     original = load_backbone(str(weights))
     start = time.perf_counter()
@@ -135,16 +144,14 @@ def text_roundtrip(
     _log(f"text: exported in {export_s:.0f} s; dev token ids identical={same_ids}, "
          f"max |feature diff|={feature_diff:.2e}")
     del original
-    tf_hub_acc, tf_hub_s = fine_tune(reloaded)
-    _log(f"text: TF Hub accuracy {tf_hub_acc:.4f} ({tf_hub_s:.0f} s)")
+    tf_hub_preds, tf_hub_s = fine_tune(reloaded)
+    _log(f"text: TF Hub accuracy {_accuracy(tf_hub_preds):.4f} ({tf_hub_s:.0f} s)")
     return {
         "backbone": str(weights),
         "data": f"SST-2 first {len(train)} train, {len(dev)} dev",
         "sequence_length": sequence_length,
         "epochs": epochs,
-        "keras_hub_accuracy": keras_hub_acc,
-        "tf_hub_accuracy": tf_hub_acc,
-        "difference_points": 100 * (tf_hub_acc - keras_hub_acc),
+        **_compare(keras_hub_preds, tf_hub_preds),
         "token_ids_identical": same_ids,
         "feature_max_abs_diff": feature_diff,
         "export_s": export_s,
@@ -182,7 +189,7 @@ def image_roundtrip(
 
     data_dir = Path(data_dir)
 
-    def fine_tune(backbone) -> tuple[float, float]:
+    def fine_tune(backbone) -> tuple[EvalPredictions, float]:
         set_seed(seed)
         train = load_image_dataset(data_dir / "train", image_size=backbone.image_size,
                                    batch_size=batch_size, training=True, seed=seed)
@@ -196,13 +203,13 @@ def image_roundtrip(
         model.fit(train.dataset, epochs=epochs, shuffle=False, verbose=0)
         seconds = time.perf_counter() - start
         truth = np.concatenate([y.numpy() for _, y in val.dataset])
-        predictions = np.argmax(model.predict(val.dataset, verbose=0), axis=-1)
-        return float(np.mean(predictions == truth)), seconds
+        return EvalPredictions.from_outputs("classification", truth,
+                                            model.predict(val.dataset, verbose=0)), seconds
 
     _log("image: keras-hub path")
     reference = load_backbone(str(weights))
-    keras_hub_acc, keras_hub_s = fine_tune(reference)
-    _log(f"image: keras-hub accuracy {keras_hub_acc:.4f} ({keras_hub_s:.0f} s)")
+    keras_hub_preds, keras_hub_s = fine_tune(reference)
+    _log(f"image: keras-hub accuracy {_accuracy(keras_hub_preds):.4f} ({keras_hub_s:.0f} s)")
 
     original = load_backbone(str(weights))
     start = time.perf_counter()
@@ -222,19 +229,38 @@ def image_roundtrip(
     _log(f"image: exported in {export_s:.0f} s; {original.pixel_convention} -> unit inputs, "
          f"max |feature diff|={feature_diff:.2e}, image_size={reloaded.image_size}")
     del original
-    tf_hub_acc, tf_hub_s = fine_tune(reloaded)
-    _log(f"image: TF Hub accuracy {tf_hub_acc:.4f} ({tf_hub_s:.0f} s)")
+    tf_hub_preds, tf_hub_s = fine_tune(reloaded)
+    _log(f"image: TF Hub accuracy {_accuracy(tf_hub_preds):.4f} ({tf_hub_s:.0f} s)")
     return {
         "backbone": str(weights),
         "data": "hymenoptera train -> val",
         "epochs": epochs,
-        "keras_hub_accuracy": keras_hub_acc,
-        "tf_hub_accuracy": tf_hub_acc,
-        "difference_points": 100 * (tf_hub_acc - keras_hub_acc),
+        **_compare(keras_hub_preds, tf_hub_preds),
         "feature_max_abs_diff": feature_diff,
         "export_s": export_s,
         "train_s_keras_hub": keras_hub_s,
         "train_s_tf_hub": tf_hub_s,
+    }
+
+
+def _accuracy(predictions: EvalPredictions) -> float:
+    return float(np.mean(predictions.y_pred == predictions.y_true))
+
+
+def _compare(keras_hub: EvalPredictions, tf_hub: EvalPredictions) -> dict:
+    """Both accuracies, the difference, and McNemar's exact test on the same examples."""
+    test = paired_test(tf_hub, keras_hub, "accuracy")
+    return {
+        "num_examples": keras_hub.num_examples,
+        "keras_hub_accuracy": test.b,
+        "tf_hub_accuracy": test.a,
+        "difference_points": 100 * test.difference,
+        "difference_interval_points": [100 * test.low, 100 * test.high],
+        "only_keras_hub_right": int(np.sum((keras_hub.y_pred == keras_hub.y_true)
+                                           & (tf_hub.y_pred != tf_hub.y_true))),
+        "only_tf_hub_right": int(np.sum((tf_hub.y_pred == tf_hub.y_true)
+                                        & (keras_hub.y_pred != keras_hub.y_true))),
+        "mcnemar_p": test.p_value,
     }
 
 

@@ -76,6 +76,14 @@ flags.DEFINE_float("budget_minutes", 0.0, "Most fine-tuning minutes (measured ep
                    "search may spend (0: no limit; the first rung always runs).")
 flags.DEFINE_bool("brute_force", False, "Also fine-tune every candidate to --max_epochs and "
                   "report whether brute force picks the same (measured, not estimated).")
+flags.DEFINE_integer("lr_race_rungs", 1, "Rungs after the learning-rate check that every rate "
+                     "of a promoted backbone keeps training before the best goes on alone "
+                     "(0: decide on the check's scores).")
+flags.DEFINE_enum("prefer", "latency", ["latency", "params", "memory", "train_time"],
+                  "Cost that breaks ties: the cheapest of the candidates within noise of the "
+                  "best is recommended.")
+flags.DEFINE_float("tie_alpha", 0.05, "Significance of the paired test that decides a tie with "
+                   "the best (0: no ties, the highest figure wins).")
 flags.DEFINE_integer("shortlist_size", 0, "Fine-tune only the best N by --shortlist_score "
                      "(plus the baseline); 0: all.")
 flags.DEFINE_enum("shortlist_score", "logme", ["logme", "knn_accuracy", "linear_probe_accuracy"],
@@ -154,10 +162,15 @@ def main(argv):
         print(f"Worker done: trained {result.trials_run} trial(s).")
         return
     rec = result.recommendation
+    # With brute force measured, the answer is its full-epoch one; the search's follows it.
+    brute = result.brute_force_recommendation
+    answer = brute or rec
+    source = " (brute force: every configuration fine-tuned fully)" if brute else ""
     print()
-    print(f"Recommendation: {rec.reason}" if rec.name else f"No recommendation. {rec.reason}")
-    for relaxation in rec.relaxations[:2]:
-        print(f"  To get one: {relaxation.describe(rec.metric_name)}")
+    print(f"Recommendation{source}: {answer.reason}" if answer.name
+          else f"No recommendation{source}. {answer.reason}")
+    for relaxation in answer.relaxations[:2]:
+        print(f"  To get one: {relaxation.describe(answer.metric_name)}")
     taus = ", ".join(
         f"{name} {'undefined' if info['tau'] is None else format(info['tau'], '+.2f')} "
         f"(n={info['n']})" for name, info in result.kendall_tau.items()
@@ -175,9 +188,10 @@ def main(argv):
     if result.brute_force_measured_seconds is not None:
         line += f"; brute force (measured): {_duration(result.brute_force_measured_seconds)}"
     print(line)
-    if result.brute_force_choice is not None or result.matches_brute_force is not None:
-        verdict = "matches" if result.matches_brute_force else "differs from"
-        print(f"Brute-force choice: {result.brute_force_choice} ({verdict} the recommendation)")
+    if brute is not None:
+        verdict = "matches or ties with" if result.matches_brute_force else "differs from"
+        regret = "" if result.regret_points is None else f"; regret {result.regret_points:.1f}"
+        print(f"The search's choice: {rec.reason} ({verdict} brute force's{regret})")
     print(f"Trials: {result.trials_run} trained, {result.trials_reused} reused from the cache")
     print(f"Report: {result.paths['report']} (results.json, pareto.png"
           + (", transferability.png" if "transferability" in result.paths else "") + ")")

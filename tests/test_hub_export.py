@@ -241,6 +241,10 @@ def test_bad_sequence_length_is_an_input_error(tmp_path):
 
 # === Real backbones (slow) ===
 
+# Two fine-tunes that should be the same model fail the comparison only at this significance.
+PAIRED_ALPHA = 0.01
+
+
 
 @pytest.mark.slow
 def test_real_backbones_fine_tune_the_same_through_the_tf_hub_path(tmp_path, minilm_l3_dir, sst2_dir):
@@ -248,7 +252,14 @@ def test_real_backbones_fine_tune_the_same_through_the_tf_hub_path(tmp_path, min
 
     Same data, seed and hyperparameters as `python -m benchmarks.hub_roundtrip`
     (2000 SST-2 sentences, sequence length 64, 2 epochs; 3 epochs on the
-    images); the accuracies must agree within one point.
+    images). The two runs differ by dropout masks and float rounding (which
+    differs between CPUs), so their accuracies are compared on the same
+    examples by McNemar's exact test: they may differ by what that many
+    examples allow, not by a fixed number of points. At p < 0.01 the test
+    fails; on the 153 validation images that is 8 images (5.2 points) when
+    every disagreement goes one way, on the 872 SST-2 sentences 8 sentences
+    (0.9 points) one way, more when disagreements go both ways. A divergence
+    of the TF Hub path itself shows in the feature check first (1e-4).
     """
     from benchmarks.hub_roundtrip import image_roundtrip, text_roundtrip
     from tests.conftest import require_shared_path
@@ -257,7 +268,7 @@ def test_real_backbones_fine_tune_the_same_through_the_tf_hub_path(tmp_path, min
     print("text", text)
     assert text["token_ids_identical"] and text["feature_max_abs_diff"] < 1e-4
     assert text["keras_hub_accuracy"] > 0.75  # README: 0.806 after this recipe.
-    assert abs(text["difference_points"]) <= 1.0
+    assert text["mcnemar_p"] >= PAIRED_ALPHA, text
 
     image = image_roundtrip(
         require_shared_path("weights/efficientnet_lite0"),
@@ -267,4 +278,4 @@ def test_real_backbones_fine_tune_the_same_through_the_tf_hub_path(tmp_path, min
     print("image", image)
     assert image["feature_max_abs_diff"] < 1e-4
     assert image["keras_hub_accuracy"] > 0.85
-    assert abs(image["difference_points"]) <= 1.0
+    assert image["mcnemar_p"] >= PAIRED_ALPHA, image

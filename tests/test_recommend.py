@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
+from tfhub_finetune import stats
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.selection.profile import ProfileResult
 from tfhub_finetune.selection.recommend import (
     Candidate,
     ConstraintChange,
+    paired_tester,
     pareto_front,
     recommend,
 )
+from tfhub_finetune.stats import EvalPredictions
 
 # Every working candidate is on the Pareto front, so each can be the answer.
 RECORDS = [
@@ -200,3 +204,99 @@ def test_candidate_from_profile_keeps_every_figure():
     failed = Candidate.from_profile(ProfileResult(name="x", error="build: ValueError: no"))
     assert failed.error == "build: ValueError: no"
     assert Candidate.from_dict(c.to_dict()) == c
+
+
+# --------------------------------------------------------------------------- #
+# Ties broken by cost: paired tests on the same evaluation examples
+# --------------------------------------------------------------------------- #
+
+
+def _predictions(y_true, wrong: int, offset: int = 0) -> EvalPredictions:
+    """Predictions getting `wrong` of the examples wrong, starting at `offset`."""
+    y_pred = y_true.copy()
+    miss = np.arange(offset, offset + wrong) % len(y_true)
+    y_pred[miss] = (y_true[miss] + 1) % 6
+    return EvalPredictions("classification", y_true, y_pred, 6)
+
+
+def _recorded(errors: dict[str, tuple[int, int]], figures: dict[str, dict]) -> tuple[list, dict]:
+    """Candidates (metric = their accuracy on 500 examples) and their predictions."""
+    y_true = np.random.default_rng(0).integers(0, 6, 500)
+    predictions = {name: _predictions(y_true, wrong, offset) for name, (wrong, offset) in errors.items()}
+    records = [{"name": name, "metric": float((p.y_pred == p.y_true).mean()), **figures[name]}
+               for name, p in predictions.items()]
+    return records, predictions
+
+
+FIGURES = {
+    "l3": {"latency_ms": 9.4, "memory_mb": 300.0, "params": 17.4e6},
+    "l6_2": {"latency_ms": 6.8, "memory_mb": 320.0, "params": 15.6e6},
+    "tiny": {"latency_ms": 3.0, "memory_mb": 90.0, "params": 4.4e6},
+}
+
+
+def test_two_candidates_within_noise_the_cheaper_is_recommended():
+    # 91.6% vs 91.2% on 500 examples (2 examples apart; the interval is about +-2.5 points).
+    records, predictions = _recorded({"l3": (42, 0), "l6_2": (44, 20)}, FIGURES)
+    rec = recommend(records, max_params=18e6, paired_p_value=paired_tester(predictions, "accuracy"))
+    assert rec.name == "l6_2" and rec.best == "l3" and rec.tied == ["l3", "l6_2"]
+    assert 0.05 < rec.p_values["l6_2"] < 1
+    assert rec.reason == (
+        f"l6_2: tied with l3 within noise (0.4 points lower, p={rec.p_values['l6_2']:.2g}); "
+        "1.4x faster, 1.1x fewer parameters, one of 2 under 18M parameters."
+    )
+    # tie_alpha=0 turns the rule off: the highest figure wins, as before.
+    off = recommend(records, tie_alpha=0, paired_p_value=paired_tester(predictions, "accuracy"))
+    assert off.name == "l3" and off.tied == ["l3"]
+    # Without per-example predictions there is no test, so no tie.
+    assert recommend(records).name == "l3"
+    # The cost to prefer: memory makes l3 (300 MB vs 320 MB) the cheaper of the two.
+    by_memory = recommend(records, prefer="memory",
+                          paired_p_value=paired_tester(predictions, "accuracy"))
+    assert by_memory.name == "l3" and by_memory.prefer == "memory"
+
+
+def test_a_significant_gap_recommends_the_better_one():
+    # 91.6% vs 85.6%: 30 more examples wrong, all of them ones l3 gets right.
+    records, predictions = _recorded({"l3": (42, 0), "tiny": (72, 0)}, FIGURES)
+    rec = recommend(records, paired_p_value=paired_tester(predictions, "accuracy"))
+    assert rec.name == "l3" and rec.tied == ["l3"]
+    assert rec.p_values["tiny"] < 1e-6
+    assert rec.reason.startswith("l3: the best accuracy (91.6%), tiny is 3.1x faster but 6.0 points lower")
+
+
+def test_tie_rule_compares_macro_f1_by_paired_bootstrap():
+    records, predictions = _recorded({"l3": (42, 0), "l6_2": (44, 20), "tiny": (80, 0)}, FIGURES)
+    for r in records:
+        r["metric"] = stats.bootstrap_intervals(predictions[r["name"]], ["macro_f1"])["macro_f1"].value
+    rec = recommend(records, metric_name="macro_f1",
+                    paired_p_value=paired_tester(predictions, "val_macro_f1"))
+    assert rec.name == "l6_2" and "tiny" not in rec.tied
+
+
+def test_a_lower_fidelity_figure_is_never_called_the_best():
+    # `big` broke max_params and was cut after 1 epoch; `small` trained 3.
+    records = [
+        {"name": "big", "metric": 0.934, "latency_ms": 12.0, "params": 22e6,
+         "figures": {"fine_tune_epochs": 1}},
+        {"name": "small", "metric": 0.912, "latency_ms": 9.4, "params": 17e6,
+         "figures": {"fine_tune_epochs": 3}},
+        {"name": "smaller", "metric": 0.90, "latency_ms": 8.0, "params": 16e6,
+         "figures": {"fine_tune_epochs": 3}},
+    ]
+    rec = recommend(records, max_params=18e6)
+    assert rec.name == "small"
+    assert rec.reason == (
+        "small: the best accuracy after 3 epochs (91.2%), smaller is 1.2x faster but 1.2 points "
+        "lower, big scored 93.4% after 1 epoch (this one: 3), best of 2 under 18M parameters."
+    )
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"prefer": "latncy"}, "Did you mean: latency"),
+    ({"tie_alpha": 1.0}, r"Received: tie_alpha=1\.0"),
+    ({"tie_alpha": -0.1}, "tie_alpha"),
+])
+def test_bad_tie_settings_raise_input_error(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        recommend(RECORDS, **kwargs)

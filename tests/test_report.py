@@ -239,3 +239,30 @@ def test_table_shows_epochs_when_candidates_trained_for_different_ones(tmp_path)
                          recommend(records, max_latency_ms=20, max_params=5e6))
     assert "| epochs |" not in Path(paths["report"]).read_text(encoding="utf-8")
     assert _png_size(Path(paths["pareto"]))[0] > 800
+
+
+def test_intervals_and_ties_reach_the_table_and_the_headline(tmp_path):
+    records = _records()[:4]
+    intervals = {"minilm_l6_h384": [0.893, 0.930], "bert_tiny_en_uncased": [0.888, 0.927],
+                 "bert_small_en_uncased": [0.885, 0.924], "scratch_text_encoder": [0.784, 0.836]}
+    for record in records:
+        record.setdefault("figures", {})["metric_interval"] = intervals[record["name"]]
+    p_values = {("minilm_l6_h384", "bert_tiny_en_uncased"): 0.61,
+                ("minilm_l6_h384", "bert_small_en_uncased"): 0.44,
+                ("minilm_l6_h384", "scratch_text_encoder"): 1e-9}
+    rec = recommend(records, paired_p_value=lambda a, b: p_values.get((a, b)))
+    assert rec.name == "bert_tiny_en_uncased"  # Tied with minilm and 3.1x faster.
+    paths = write_report(tmp_path, records, rec)
+    text = Path(paths["report"]).read_text(encoding="utf-8")
+    assert ("**Recommendation:** bert_tiny_en_uncased: tied with minilm_l6_h384 within noise "
+            "(0.4 points lower, p=0.61); 3.1x faster.") in text
+    assert ("- Within noise of the best (minilm_l6_h384; paired test on the same examples, "
+            "p >= 0.05): bert_tiny_en_uncased (p=0.61), bert_small_en_uncased (p=0.44); "
+            "the cheapest by latency is recommended.") in text
+    assert "| accuracy [95% interval] |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| **bert_tiny_en_uncased"))
+    assert row.split(" | ")[2] == "90.8% [88.8, 92.7]"
+    results = json.loads(Path(paths["results"]).read_text(encoding="utf-8"))
+    assert results["recommendation"]["tied"] == [
+        "minilm_l6_h384", "bert_tiny_en_uncased", "bert_small_en_uncased"]
+    assert _png_size(Path(paths["pareto"]))[0] > 800

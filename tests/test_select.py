@@ -150,24 +150,67 @@ def test_oracle_gives_every_candidate_the_first_rung_and_promotes_the_better_hal
         ("a", 3e-5), ("b", 3e-5), ("d", 3e-5)]
     assert all(v["tuner/epochs"] == 1 and "tuner/trial_id" not in v for _, v in first)
     rung0_id = {(v["backbone"], v["learning_rate"]): tid for tid, v in first}
-    second = {v["backbone"]: v for _, v in by_round[1]}
-    assert set(second) == {"a", "b", "d"}
-    for backbone, lr in (("a", 1e-4), ("b", 3e-5), ("d", 1e-4)):
-        values = second[backbone]
-        assert values["learning_rate"] == lr  # The backbone's better learning rate.
-        assert values["tuner/trial_id"] == rung0_id[(backbone, lr)]  # Continues its checkpoint.
+    # The learning rate is not settled on one epoch: both rates of each leader go on a rung.
+    second = {(v["backbone"], v["learning_rate"]): v for _, v in by_round[1]}
+    assert set(second) == {(b, lr) for b in "abd" for lr in (1e-4, 3e-5)}
+    for key, values in second.items():
+        assert values["tuner/trial_id"] == rung0_id[key]  # Continues its checkpoint.
         assert (values["tuner/initial_epoch"], values["tuner/epochs"]) == (1, 2)
-    # Rung-1 scores: b 0.91, d 0.85, a 0.70 -> ceil(3/2) = 2 train on to 4 epochs.
+    # Rung-1 scores (best rate): b 0.91 (3e-5), d 0.85 (1e-4), a 0.70 -> ceil(3/2) = 2 go on
+    # to 4 epochs, each with its better rate at 2 epochs.
     third = {v["backbone"]: v for _, v in by_round[2]}
-    assert set(third) == {"b", "d"}
+    assert {b: v["learning_rate"] for b, v in third.items()} == {"b": 3e-5, "d": 1e-4}
     assert all((v["tuner/initial_epoch"], v["tuner/epochs"]) == (2, 4) for v in third.values())
-    assert sum(len(v) for v in by_round.values()) == 5 + 3 + 3 + 2
+    assert sum(len(v) for v in by_round.values()) == 5 + 3 + 6 + 2
 
     plan = oracle.plan()
     assert plan.finished and plan.halving_complete
     assert plan.halving_result("b").score == pytest.approx(0.95)
     assert plan.halving_result("c").epochs == 1  # Cut after the first rung.
-    assert plan.planned_epochs == 5 + 3 + 3 * 1 + 2 * 2
+    assert plan.planned_epochs == 5 + 3 + 6 * 1 + 2 * 2
+
+
+def test_lr_race_rungs_0_settles_the_learning_rate_at_the_check(tmp_path):
+    oracle = _oracle(list("abcde"), [1e-4, 3e-5], rung_epochs(1, 4, 2), tmp_path,
+                     lr_race_rungs=0)
+    by_round = _drive(oracle, CURVES)
+    # The check's one-epoch scores decide: a 1e-4 (0.60 > 0.50), b 3e-5, d 1e-4.
+    assert {v["backbone"]: v["learning_rate"] for _, v in by_round[1]} == {
+        "a": 1e-4, "b": 3e-5, "d": 1e-4}
+    assert sum(len(v) for v in by_round.values()) == 5 + 3 + 3 + 2
+    assert oracle.plan().planned_epochs == 5 + 3 + 3 * 1 + 2 * 2
+
+
+def test_a_slow_starting_learning_rate_is_not_dropped_after_one_epoch():
+    """The issue's case: 3e-5 trails after one epoch and ends best (q), while p leads at 1e-4."""
+    curves = {
+        ("p", 1e-4): [0.880, 0.905, 0.912], ("p", 3e-5): [0.850, 0.890, 0.900],
+        ("q", 1e-4): [0.870, 0.890, 0.895], ("q", 3e-5): [0.796, 0.910, 0.915],
+        ("r", 1e-4): [0.5] * 3, ("s", 1e-4): [0.6] * 3,
+    }
+
+    def search(lr_race_rungs: int) -> tuple[str, float, int]:
+        records: list[TrialRecord] = []
+        while True:
+            plan = plan_search(records, list("pqrs"), [1e-4, 3e-5], [1, 2, 3],
+                               lr_race_rungs=lr_race_rungs)
+            if not plan.todo:
+                break
+            for item in plan.todo:
+                curve = curves.get((item.backbone, item.learning_rate), [0.0] * 3)
+                records.append(_record(str(len(records)), item.backbone, item.learning_rate,
+                                       item.target_epochs, curve[: item.target_epochs],
+                                       initial=item.initial_epoch,
+                                       parent=item.base.trial_id if item.base else None))
+        final = max(plan.rungs[-1].entries, key=lambda s: s.score)
+        return final.backbone, final.learning_rate, plan.planned_epochs
+
+    # Settled on one epoch, q keeps 1e-4 and loses to p at rung 2.
+    assert search(0)[:2] == ("p", 1e-4)
+    # Raced one more rung, q's 3e-5 (0.91 at 2 epochs) wins, as brute force would choose.
+    backbone, lr, epochs = search(1)
+    assert (backbone, lr) == ("q", 3e-5)
+    assert epochs == search(0)[2] + 2  # The price: each leader's second rate, one more epoch.
 
 
 def test_oracle_gives_backbones_that_break_a_constraint_the_first_rung_only(tmp_path):
@@ -178,7 +221,8 @@ def test_oracle_gives_backbones_that_break_a_constraint_the_first_rung_only(tmp_
     first = [(v["backbone"], v["learning_rate"]) for _, v in by_round[0]]
     # a 0.60, e 0.55, c 0.40 among the eligible: ceil(3/2) = 2 lead and check 3e-5.
     assert sorted(first[5:]) == [("a", 3e-5), ("e", 3e-5)]
-    assert {v["backbone"]: v["learning_rate"] for _, v in by_round[1]} == {"a": 1e-4, "e": 3e-5}
+    assert sorted((v["backbone"], v["learning_rate"]) for _, v in by_round[1]) == [
+        ("a", 3e-5), ("a", 1e-4), ("e", 3e-5), ("e", 1e-4)]
     assert [v["backbone"] for _, v in by_round[2]] == ["a"]  # a 0.70 beats e 0.66.
     plan = oracle.plan()
     assert plan.halving_result("b").epochs == plan.halving_result("d").epochs == 1
@@ -243,17 +287,19 @@ def test_plan_respects_the_budget_but_always_runs_the_first_rung():
         ("a", 1e-4, 0.0), ("b", 1e-4, 0.2), ("c", 1e-4, 0.4), ("d", 1e-4, 0.6),
         ("d", 3e-5, 0.7), ("c", 3e-5, 0.5)))]
     plan = plan_search(records, list("abcd"), [1e-4, 3e-5], [1, 2, 4], budget_epochs=7)
-    # 6 epochs spent; the second rung needs 2 more (d and c), 8 > 7: stop.
+    # 6 epochs spent; the second rung needs 4 more (d and c at both rates), 10 > 7: stop.
     assert plan.todo == [] and plan.finished
-    assert "budget (7 epochs)" in plan.budget_stop
+    assert "budget (7 epochs)" in plan.budget_stop and "4 more needed" in plan.budget_stop
     # Time budget: the first rung measured 10 s per epoch per configuration (60 s);
-    # the second rung needs 2 x 10 s more.
-    for minutes, fits in ((75 / 60, False), (80 / 60, True)):
+    # the second rung needs 4 x 10 s more (2 x 10 s when the check settles the rate).
+    for race, minutes, fits in ((1, 95 / 60, False), (1, 100 / 60, True),
+                                (0, 75 / 60, False), (0, 80 / 60, True)):
         plan = plan_search(records, list("abcd"), [1e-4, 3e-5], [1, 2, 4],
-                           budget_seconds=minutes * 60)
+                           budget_seconds=minutes * 60, lr_race_rungs=race)
         assert (plan.budget_stop is None) == fits
-        assert [(w.backbone, w.learning_rate) for w in plan.todo] == (
-            [("d", 3e-5), ("c", 3e-5)] if fits else [])
+        expected = ([("d", 1e-4), ("d", 3e-5), ("c", 1e-4), ("c", 3e-5)] if race
+                    else [("d", 3e-5), ("c", 3e-5)])
+        assert [(w.backbone, w.learning_rate) for w in plan.todo] == (expected if fits else [])
     stopped = [_record("9", "a", 1e-4, 2, [0.9, 0.8], stopped=True)]
     plan = plan_search(stopped, ["a"], [1e-4], [1, 2, 4])
     assert plan.finished  # An early stop answers every later rung without training.
@@ -281,9 +327,40 @@ def test_plan_brute_force_completes_every_configuration_after_the_search():
     assert not plan.halving_complete  # a (the leader) still checks 3e-5 first.
     checked = [*records, _record("3", "a", 3e-5, 1, [0.7])]
     plan = plan_search(checked, ["a", "b"], [1e-4, 3e-5], [1, 2], brute_force=True)
+    # The search itself still continues a's 3e-5 to the second rung (the race).
+    (item,) = plan.todo
+    assert (item.backbone, item.learning_rate, item.phase) == ("a", 3e-5, "halving")
+    raced = [*checked, _record("4", "a", 3e-5, 2, [0.7, 0.75], initial=1, parent="3")]
+    plan = plan_search(raced, ["a", "b"], [1e-4, 3e-5], [1, 2], brute_force=True)
     todo = {(w.backbone, w.learning_rate): w for w in plan.todo}
-    assert set(todo) == {("a", 3e-5), ("b", 1e-4), ("b", 3e-5)}
+    assert set(todo) == {("b", 1e-4), ("b", 3e-5)}
     assert todo[("b", 3e-5)].base is None and todo[("b", 3e-5)].target_epochs == 2
+
+
+def test_trials_record_each_epochs_eval_predictions(tmp_path):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tfhub_finetune.selection.tuner import trial_predictions, tuner_classes
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    eval_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    recorder = tuner_classes().EvalPredictionsRecorder(eval_ds, y, "classification", tmp_path)
+    # Without validation data the recorder's pass is the validation.
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[recorder])
+    for epoch in (1, 2):
+        preds = trial_predictions(tmp_path, epoch)
+        assert preds.num_examples == 64
+        assert history.history["val_accuracy"][epoch - 1] == pytest.approx(
+            float(np.mean(preds.y_pred == y)))
+    assert trial_predictions(tmp_path, 3) is None
+    assert {"val_macro_f1", "val_auc"} <= set(history.history)
 
 
 def test_bad_settings_raise_one_line_input_errors():
@@ -296,10 +373,22 @@ def test_bad_settings_raise_one_line_input_errors():
         ({"reduction_factor": 1}, "reduction_factor"),
         ({"candidates": ("a", "a")}, "listed twice"),
         ({"baseline_learning_rate": 0.0}, r"Received: baseline_learning_rate=0\.0"),
+        ({"tie_alpha": 1.5}, r"Received: tie_alpha=1\.5"),
+        ({"prefer": "speed"}, r"Received: prefer='speed'"),
+        ({"lr_race_rungs": -1}, "lr_race_rungs"),
     ):
         with pytest.raises(InputError, match=match) as info:
             SelectionConfig.from_settings(**{**base, **bad}).validate()
         assert "\n" not in str(info.value)
+
+
+def test_report_title_names_the_task_from_the_data_file():
+    from tfhub_finetune.selection.select import task_name
+
+    assert task_name("/data/questions/trec_train.tsv") == "trec"
+    assert task_name("../shared/data/sst2/train.tsv") == "sst2"  # A split name: its folder.
+    assert task_name("../shared/data/hymenoptera/train") == "hymenoptera"
+    assert task_name("/tmp/hold/questions.tsv") == "questions"  # Not the parent folder.
 
 
 @pytest.mark.parametrize(
@@ -374,6 +463,13 @@ def test_tiny_run_writes_the_report(tiny_run):
         assert record["figures"]["fine_tune_epochs"] in (1, 2)
         assert set(record["scores"]) == {"logme", "knn_accuracy", "linear_probe_accuracy"}
         assert record["figures"]["feature_extraction_seconds"] > 0
+        # The figure's 95% interval, from the saved predictions of the epoch it was taken at:
+        # about +-9 points on 100 dev sentences.
+        low, high = record["figures"]["metric_interval"]
+        assert low <= record["metric"] <= high and 0.05 < high - low < 0.3, (low, high)
+    # The paired test against the best, on the same 100 sentences, for the tie rule.
+    recommendation = results["recommendation"]
+    assert set(recommendation["p_values"]) == set(TINY) - {recommendation["best"]}
     # Both trained a first rung; the better one also the second.
     rungs = results["extra"]["rungs"]
     assert [len(r["entries"]) for r in rungs] == [2, 1]

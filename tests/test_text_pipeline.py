@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tests.conftest import run_pipeline
+from tfhub_finetune.stats import EvalPredictions
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,14 @@ def test_fine_tuning_beats_chance_on_real_sst2(trained):
     assert metrics["eval"]["labels"] == ["negative", "positive"]
     assert sum(map(sum, metrics["eval"]["confusion_matrix"])) == 872
     assert "Eval (872 examples): accuracy=" in proc.stdout
+    # A 95% bootstrap interval around each figure, about +-3 points on 872 sentences.
+    low, high = metrics["eval"]["intervals"]["accuracy"]
+    assert low < metrics["eval"]["accuracy"] < high and 0.03 < high - low < 0.09, (low, high)
+    assert set(metrics["eval"]["intervals"]) >= {"macro_f1", "auc"}
+    # The per-example predictions behind them, for paired comparisons.
+    predictions = EvalPredictions.load(model_dir / "eval_predictions.npz")
+    assert predictions.num_examples == 872
+    assert (predictions.y_pred == predictions.y_true).mean() == pytest.approx(metrics["eval"]["accuracy"])
     for name in ("params.json", "labels.json", "best.weights.h5", "model.keras", "training_log.csv"):
         assert (model_dir / name).exists(), name
 

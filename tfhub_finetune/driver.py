@@ -28,11 +28,14 @@ from tfhub_finetune.metrics import (
     regression_report,
     training_metrics,
 )
+from tfhub_finetune.stats import EvalPredictions
 from tfhub_finetune.tasks.base import Task
 
 PARAMS_FILE = "params.json"
 LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.json"
+# Per-example eval predictions (`stats.EvalPredictions`), for paired comparisons of models.
+PREDICTIONS_FILE = "eval_predictions.npz"
 MODEL_FILE = "model.keras"
 
 
@@ -94,8 +97,11 @@ def training_callbacks(config: ExperimentConfig, model_dir: Path) -> list[keras.
 
 
 def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir: Path,
-             callbacks: list[keras.callbacks.Callback]) -> dict:
+             callbacks: list[keras.callbacks.Callback], validate: bool = True) -> dict:
     """`training.fit_resumable` over the task's epoch-seeded batches, as `config` says.
+
+    `validate=False` leaves the per-epoch evaluation to a callback (selection's
+    trials predict the eval split once per epoch and log the metrics from that).
 
     Returns:
         `fit_resumable`'s outcome (`history`, `resumed_from`).
@@ -109,20 +115,30 @@ def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir
         epochs=config.train.epochs,
         steps_per_epoch=task.steps_per_epoch,
         model_dir=model_dir,
-        validation_data=task.eval_dataset(),
+        validation_data=task.eval_dataset() if validate else None,
         callbacks=callbacks,
         backup_every_steps=config.train.backup_every_steps,
         verbose=keras_verbose(config.runtime.verbose),
     )
 
 
-def evaluate_report(model: keras.Model, task: Task) -> dict:
-    """Predicts the eval split and computes the full report (confusion matrix etc.)."""
+def evaluate_report(model: keras.Model, task: Task, predictions_path: Path | None = None) -> dict:
+    """Predicts the eval split and computes the full report (confusion matrix, intervals etc.).
+
+    With `predictions_path`, also saves what the model predicted for each
+    example there (`stats.EvalPredictions`), so two models evaluated on the
+    same file can be compared example by example.
+    """
     if hasattr(task, "report"):  # A task with its own report (token classification).
         return task.report(model)
     outputs = model.predict(task.eval_dataset(), verbose=0)
     targets = task.eval_targets()
     kind = task.config.model.task
+    # Tasks with one prediction per example (not per token) have paired tests.
+    paired = {"single_label": "classification", "multi_label": "multi_label",
+              "regression": "regression"}
+    if predictions_path is not None and kind in paired:
+        EvalPredictions.from_outputs(paired[kind], targets, outputs).save(predictions_path)
     if kind == "regression":
         return regression_report(targets, outputs)
     if kind == "multi_label":
@@ -217,7 +233,7 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
                          fix="Train first with --mode=train or --mode=train_and_eval.")
 
     if config.mode != "train":
-        result["eval"] = evaluate_report(model, task)
+        result["eval"] = evaluate_report(model, task, model_dir / PREDICTIONS_FILE if chief else None)
     result["wall_seconds"] = round(time.time() - started, 2)
     if chief:
         if config.mode != "eval":

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from tfhub_finetune import stats
+
 
 @keras.saving.register_keras_serializable(package="tfhub_finetune")
 class SparseMacroF1(keras.metrics.F1Score):
@@ -285,6 +287,7 @@ def classification_report(
         # GLUE's F1 for MRPC/QQP: of class id 1 (paraphrase, duplicate).
         report["f1"] = per_class[label_names[1]]["f1"]
         report["auc"] = binary_auc(y_true == 1, probabilities[:, 1])
+    report.update(intervals(stats.EvalPredictions.from_outputs("classification", y_true, probabilities)))
     return report
 
 
@@ -328,7 +331,7 @@ def regression_report(y_true: np.ndarray, scores: np.ndarray) -> dict:
     y_true = np.asarray(y_true, np.float64).reshape(len(y_true), -1)[:, 0]
     scores = np.asarray(scores, np.float64).reshape(len(y_true), -1)[:, 0]
     err = scores - y_true
-    return {
+    report = {
         "num_examples": int(len(y_true)),
         "mae": float(np.abs(err).mean()) if len(err) else None,
         "mse": float((err**2).mean()) if len(err) else None,
@@ -336,6 +339,8 @@ def regression_report(y_true: np.ndarray, scores: np.ndarray) -> dict:
         "pearson": pearson(y_true, scores),
         "spearman": spearman(y_true, scores),
     }
+    report.update(intervals(stats.EvalPredictions.from_outputs("regression", y_true, scores)))
+    return report
 
 
 def multilabel_report(y_true: np.ndarray, probabilities: np.ndarray, label_names: Sequence[str]) -> dict:
@@ -350,10 +355,38 @@ def multilabel_report(y_true: np.ndarray, probabilities: np.ndarray, label_names
         f = 2 * p * r / (p + r) if p + r else 0.0
         per_label[name] = {"precision": p, "recall": r, "f1": f, "support": int(y_true[:, i].sum())}
         f1s.append(f)
-    return {
+    report = {
         "num_examples": int(len(y_true)),
         "exact_match": float((y_true == y_pred).all(axis=1).mean()),
         "macro_f1": float(np.mean(f1s)),
         "per_label": per_label,
         "labels": list(label_names),
+    }
+    report.update(intervals(stats.EvalPredictions.from_outputs("multi_label", y_true, probabilities)))
+    return report
+
+
+def intervals(predictions: stats.EvalPredictions) -> dict:
+    """The `intervals` and `interval_method` entries of a report (empty for no examples).
+
+    Every quality figure gets a seeded 95% percentile-bootstrap interval over the
+    evaluation examples (`stats.bootstrap_intervals`): what a figure from this
+    many examples can be trusted to.
+
+    Example:
+
+    ```python
+    intervals(preds)
+    # {'intervals': {'accuracy': [0.886, 0.934], ...}, 'interval_method': '95% bootstrap ...'}
+    ```
+    """
+    found = stats.bootstrap_intervals(predictions)
+    if not found:
+        return {}
+    return {
+        "intervals": {name: interval.to_list() for name, interval in found.items()},
+        "interval_method": (
+            f"{stats.DEFAULT_LEVEL:.0%} percentile bootstrap over the {predictions.num_examples} "
+            f"evaluation examples, {stats.DEFAULT_RESAMPLES} resamples, seed {stats.DEFAULT_SEED}"
+        ),
     }

@@ -31,7 +31,7 @@ from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.selection.halving import lr_key, rung_epochs
 from tfhub_finetune.selection.profile import ProfileOptions
-from tfhub_finetune.selection.recommend import validate_constraints
+from tfhub_finetune.selection.recommend import PREFER, validate_constraints
 
 MODALITIES = ("auto", "text", "image")
 METRICS = ("accuracy", "macro_f1")
@@ -64,7 +64,17 @@ class SearchConfig:
         reduction_factor: int. Each rung keeps the best 1/factor.
         budget_epochs: int. Most fine-tuning epochs, all trials (0: no limit).
         budget_minutes: float. Most fine-tuning minutes (0: no limit).
-        brute_force: bool. Also fine-tune every configuration to `max_epochs`.
+        brute_force: bool. Also fine-tune every configuration to `max_epochs`;
+            the report then answers with those figures, the search's answer and
+            its regret as a section.
+        lr_race_rungs: int. Rungs after the learning-rate check through which
+            every rate of a promoted backbone continues before the best goes on
+            alone (`plan_search`; 0: settled on the check's scores).
+        prefer: str. The cost ties are broken on: `latency`, `params`,
+            `memory` or `train_time` (`recommend`).
+        tie_alpha: float. Candidates a paired test on the same evaluation
+            examples does not find worse than the best at this level tie with
+            it, and the cheapest of them is recommended; 0 turns ties off.
         shortlist_size: int. Fine-tune only the best N by `shortlist_score`
             (plus the baseline); 0 fine-tunes all.
         shortlist_score: str. Transferability score that ranks the shortlist.
@@ -82,6 +92,9 @@ class SearchConfig:
     budget_epochs: int = 0
     budget_minutes: float = 0.0
     brute_force: bool = False
+    lr_race_rungs: int = 1
+    prefer: str = "latency"
+    tie_alpha: float = 0.05
     shortlist_size: int = 0
     shortlist_score: str = "logme"
     transfer_examples: int = 500
@@ -89,6 +102,11 @@ class SearchConfig:
     @property
     def rungs(self) -> list[int]:
         return rung_epochs(self.min_epochs, self.max_epochs, self.reduction_factor)
+
+    @property
+    def tie_rule(self) -> dict[str, Any]:
+        """`recommend`'s tie-breaking settings as keyword arguments."""
+        return {"prefer": self.prefer, "tie_alpha": self.tie_alpha}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +246,15 @@ class SelectionConfig:
         _one_of("modality", s.modality, MODALITIES)
         _one_of("metric", s.metric, METRICS)
         _one_of("shortlist_score", s.shortlist_score, ESTIMATORS)
+        _one_of("prefer", s.prefer, tuple(PREFER))
+        if not (isinstance(s.tie_alpha, (int, float)) and 0 <= s.tie_alpha < 1):
+            _bad("tie_alpha", s.tie_alpha, "`tie_alpha` must be a significance level in [0, 1).",
+                 "E.g. --tie_alpha=0.05 (0 turns the tie rule off).")
         for name in ("min_epochs", "max_epochs", "transfer_examples"):
             value = getattr(s, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _bad(name, value, f"`{name}` must be a positive integer.")
-        for name in ("budget_epochs", "shortlist_size"):
+        for name in ("budget_epochs", "shortlist_size", "lr_race_rungs"):
             value = getattr(s, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _bad(name, value, f"`{name}` must be an integer >= 0.")

@@ -210,6 +210,7 @@ def plan_search(
     brute_force: bool = False,
     weights_ids: Mapping[str, str] | None = None,
     eligible: Collection[str] | None = None,
+    lr_race_rungs: int = 1,
 ) -> SearchPlan:
     """Derives the successive-halving search's state and next trials from finished trials.
 
@@ -218,9 +219,13 @@ def plan_search(
     1. Rung 0 trains every backbone at its first learning rate.
     2. The best `ceil(n / reduction_factor)` of the `n` eligible backbones
        (ranked on that rung) also try their other learning rates for the same
-       epochs, the "learning-rate check", and continue with the best one.
+       epochs, the "learning-rate check".
     3. At each later rung the best `ceil(n / reduction_factor)` backbones
-       continue from their checkpoint to the next rung's epochs.
+       (each scored by its best learning rate) continue from their
+       checkpoints to the next rung's epochs: for `lr_race_rungs` rungs
+       after the check with every learning rate that trained, then with the
+       best one alone. A lower learning rate starts slower, so deciding it
+       on the check's one-epoch scores would drop the rate that ends best.
 
     A backbone outside `eligible` (one that breaks a hard constraint such as
     latency or size, known from profiling before any training) cannot be
@@ -257,6 +262,10 @@ def plan_search(
             made with other weights are ignored.
         eligible: collection of str or None. Backbones that may be chosen;
             None means all.
+        lr_race_rungs: int. Rungs after the learning-rate check through which
+            a promoted backbone's learning rates all continue before the best
+            is kept: 0 decides at the check's epochs, a number at least
+            `len(rungs)` at the last rung. Defaults to 1.
 
     Returns:
         A `SearchPlan`.
@@ -323,7 +332,7 @@ def plan_search(
     spent_epochs, spent_seconds = 0, 0.0
     halving_complete = True
     entering, size = list(candidates), len(competing)
-    best_lr: dict[str, float] = {}
+    live: dict[str, list[float]] = {}  # Backbone -> the learning rates it still trains.
     order = {b: i for i, b in enumerate(candidates)}
 
     def enter(backbone: str, lr: float, epochs: int, previous: int, r: int) -> ConfigState:
@@ -345,18 +354,21 @@ def plan_search(
         previous = rungs[r - 1] if r else 0
         step = epochs - previous
         configs = ([(b, lrs_of[b][0]) for b in entering] if r == 0
-                   else [(b, best_lr[b]) for b in entering])
+                   else [(b, lr) for b in entering for lr in live[b]])
         if r > 0 and (budget_epochs or budget_seconds):
             # A rung runs whole or not at all (the first rung always runs).
-            # Slots not yet promoted are costed at the slowest configuration.
+            # Slots not yet promoted are costed at the slowest configuration,
+            # with as many learning rates as a promoted backbone brings.
+            open_slots = (size - len(entering)) * max(len(live[b]) for b in entering)
             rung_seconds = step * (sum(first_rung_seconds(b, lr) for b, lr in configs)
-                                   + (size - len(configs)) * slowest)
-            over_epochs = budget_epochs and spent_epochs + size * step > budget_epochs
+                                   + open_slots * slowest)
+            needed = (len(configs) + open_slots) * step
+            over_epochs = budget_epochs and spent_epochs + needed > budget_epochs
             over_seconds = budget_seconds and spent_seconds + rung_seconds > budget_seconds
             if over_epochs or over_seconds:
                 limit = f"{budget_epochs} epochs" if over_epochs else f"{budget_seconds / 60:.1f} min"
                 budget_stop = (f"the budget ({limit}) ran out before rung {r + 1} ({epochs} "
-                               f"epochs): {spent_epochs} epochs spent, {size * step} more needed")
+                               f"epochs): {spent_epochs} epochs spent, {needed} more needed")
                 entries = [ConfigState(b, lr, "skipped") for b, lr in configs]
                 summaries.append(RungSummary(r, epochs, entries, [], False))
                 break
@@ -394,8 +406,10 @@ def plan_search(
             ready = leaders
         promoted = [] if last else ready
         for b in ready:
-            best_lr[b] = max((s for s in by_backbone[b] if s.status == "done"),
-                             key=lambda s: s.score).learning_rate
+            done = [s for s in by_backbone[b] if s.status == "done"]
+            # Until the race is over every learning rate that trained goes on.
+            live[b] = ([max(done, key=lambda s: s.score).learning_rate] if r >= lr_race_rungs
+                       else [s.learning_rate for s in done])
         summaries.append(RungSummary(r, epochs, entries, promoted, complete))
         if last or not promoted:
             break

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from tfhub_finetune.errors import InputError, did_you_mean
@@ -37,6 +37,17 @@ DEFAULT_OBJECTIVES: dict[str, str] = {
     "memory_mb": "min",
     "params": "min",
 }
+
+# `prefer` -> the cost figure ties are broken on.
+PREFER: dict[str, str] = {
+    "latency": "latency_ms",
+    "params": "params",
+    "memory": "memory_mb",
+    "train_time": "seconds_per_epoch",
+}
+DEFAULT_TIE_ALPHA = 0.05
+# Cost figures closer than this ratio are the same cost (latency is measured with noise too).
+_SAME_COST = 1.05
 
 # constraint argument -> (Candidate field, "max"/"min" limit, unit for messages)
 CONSTRAINTS: dict[str, tuple[str, str, str]] = {
@@ -246,6 +257,13 @@ class Recommendation:
             constraints that could be moved, the smallest move that admits a
             candidate; the smallest ask (fewest constraints, then least
             relative change) first.
+        best: str or None. The feasible candidate with the highest metric.
+        tied: list of str. Feasible candidates not significantly worse than
+            `best` (it included); the recommendation is the cheapest of them.
+        p_values: dict. Feasible candidate -> two-sided p-value of its
+            difference from `best` on the same examples (where known).
+        prefer: str. The cost ties were broken on (`PREFER`).
+        tie_alpha: float. Significance level of the tie rule (0: off).
     """
 
     name: str | None
@@ -256,6 +274,11 @@ class Recommendation:
     pareto: list[str] = dataclasses.field(default_factory=list)
     excluded: dict[str, str] = dataclasses.field(default_factory=dict)
     relaxations: list[Relaxation] = dataclasses.field(default_factory=list)
+    best: str | None = None
+    tied: list[str] = dataclasses.field(default_factory=list)
+    p_values: dict[str, float] = dataclasses.field(default_factory=dict)
+    prefer: str = "latency"
+    tie_alpha: float = DEFAULT_TIE_ALPHA
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -364,15 +387,27 @@ def recommend(
     *,
     metric_name: str = "accuracy",
     metric_tolerance: float = 0.0,
+    prefer: str = "latency",
+    tie_alpha: float = DEFAULT_TIE_ALPHA,
+    paired_p_value: Callable[[str, str], float | None] | None = None,
 ) -> Recommendation:
-    """Recommends the best candidate that meets the constraints, with a reason.
+    """Recommends the cheapest candidate that meets the constraints and ties the best.
 
-    Among candidates that did not fail and meet every constraint, the highest
-    metric wins; with `metric_tolerance > 0`, the fastest of those within the
-    tolerance of the best wins instead (then less memory, fewer params). When
+    Among candidates that did not fail and meet every constraint, the one
+    with the highest metric is the best. Those not significantly worse than
+    it (a paired test on the same evaluation examples, `paired_p_value`,
+    with p >= `tie_alpha`), or within `metric_tolerance` of it, tie with it;
+    the cheapest of the tied by `prefer` wins (costs within 5% count as
+    equal, and then the higher metric wins). A person would pick the cheaper
+    of two models whose difference is noise; so does this. Without
+    `paired_p_value`, or with `tie_alpha=0`, the highest metric wins. When
     nothing fits, `relaxations` gives the smallest change that admits one:
     fewest constraints first, then the smallest relative change; the reason
     names it and the best alternative that moves a different constraint.
+
+    A figure from fewer epochs (`figures["fine_tune_epochs"]`) than the
+    chosen candidate's is never called "the best" in the reason: it is named
+    with its epochs.
 
     Args:
         candidates: Candidate records or dicts.
@@ -385,13 +420,23 @@ def recommend(
             Defaults to `"accuracy"`.
         metric_tolerance: float. Metric difference treated as a tie.
             Defaults to 0.0.
+        prefer: str. The cost ties are broken on: `latency` (batch-1 p50,
+            the default), `params`, `memory` or `train_time` (seconds per
+            fine-tuning epoch).
+        tie_alpha: float. Significance level in [0, 1): a candidate whose
+            paired test against the best gives p >= tie_alpha ties with it.
+            0 turns the rule off. Defaults to 0.05.
+        paired_p_value: callable or None. `(best, other) -> p` for two
+            candidate names, or None where it is unknown (that candidate
+            then does not tie); e.g. `paired_tester(predictions, metric)`.
 
     Returns:
         A `Recommendation`.
 
     Raises:
         InputError: for negative or zero budgets, a `min_metric` outside a
-            fraction metric's [0, 1], or bad candidate records.
+            fraction metric's [0, 1], an unknown `prefer`, a `tie_alpha`
+            outside [0, 1), or bad candidate records.
 
     Example:
 
@@ -399,6 +444,8 @@ def recommend(
     rec = recommend(records, max_latency_ms=20)
     print(rec.name, rec.reason)
     # bert_tiny: 0.4 points below the best (minilm), 3.1x faster, the only one under 20 ms.
+    rec = recommend(records, paired_p_value=paired_tester(predictions, "accuracy"))
+    # small: tied with big within noise (0.3 points lower, p=0.61); 2.5x faster.
     ```
     """
     pool = as_candidates(candidates)
@@ -417,6 +464,13 @@ def recommend(
             received={"metric_tolerance": metric_tolerance},
             fix="Expected a number >= 0.",
         )
+    if prefer not in PREFER:
+        raise InputError("Unknown cost to prefer.", received={"prefer": prefer},
+                         fix=did_you_mean(prefer, PREFER) or f"Expected one of: {', '.join(PREFER)}.")
+    if not (_finite(tie_alpha) and 0 <= tie_alpha < 1):
+        raise InputError("Invalid value for `tie_alpha`.", received={"tie_alpha": tie_alpha},
+                         fix="Expected a significance level in [0, 1), e.g. 0.05 (0 turns ties off).")
+    settings = {"prefer": prefer, "tie_alpha": float(tie_alpha)}
 
     excluded: dict[str, str] = {}
     valid: list[Candidate] = []
@@ -440,7 +494,7 @@ def recommend(
             "; ".join(f"{name} {why}" for name, why in excluded.items()) + "."
         )
         return Recommendation(
-            None, _one_line(reason), metric_name, constraints, [], pareto, excluded
+            None, _one_line(reason), metric_name, constraints, [], pareto, excluded, **settings
         )
 
     feasible = [c for c in valid if not violations(c, constraints)]
@@ -457,15 +511,59 @@ def recommend(
             + "."
         )
         return Recommendation(
-            None, reason, metric_name, constraints, [], pareto, excluded, relaxations
+            None, reason, metric_name, constraints, [], pareto, excluded, relaxations, **settings
         )
 
-    best_feasible = feasible[0].metric
-    tied = [c for c in feasible if c.metric >= best_feasible - metric_tolerance]
-    chosen = min(tied, key=_speed_key) if metric_tolerance > 0 else feasible[0]
-    reason = _reason(chosen, valid, feasible, constraints, metric_name, metric_tolerance)
+    best = feasible[0]
+    p_values: dict[str, float] = {}
+    if paired_p_value is not None and tie_alpha > 0:
+        for c in feasible[1:]:
+            p = paired_p_value(best.name, c.name)
+            if p is not None:
+                p_values[c.name] = float(p)
+    tied = [c for c in feasible if c is best or c.metric >= best.metric - metric_tolerance
+            or p_values.get(c.name, -1.0) >= tie_alpha]
+    chosen = _cheapest(tied, prefer) if len(tied) > 1 else best
+    reason = _reason(chosen, valid, feasible, constraints, metric_name, metric_tolerance,
+                     best=best, p_value=p_values.get(chosen.name), prefer=prefer)
     ordered = [chosen.name] + [c.name for c in feasible if c is not chosen]
-    return Recommendation(chosen.name, reason, metric_name, constraints, ordered, pareto, excluded)
+    return Recommendation(chosen.name, reason, metric_name, constraints, ordered, pareto, excluded,
+                          best=best.name, tied=[c.name for c in tied], p_values=p_values,
+                          **settings)
+
+
+def paired_tester(
+    predictions: Mapping[str, Any], metric_name: str, **kwargs: Any
+) -> Callable[[str, str], float | None]:
+    """`recommend`'s `paired_p_value` from each candidate's per-example predictions.
+
+    Args:
+        predictions: dict. Candidate name -> `stats.EvalPredictions` (all on
+            the same evaluation examples). Candidates without one get None.
+        metric_name: str. The metric compared, e.g. `accuracy`, `macro_f1`
+            (a `val_` prefix is dropped).
+        **kwargs: passed to `stats.paired_test` (`resamples`, `seed`).
+
+    Example:
+
+    ```python
+    test = paired_tester({"a": preds_a, "b": preds_b}, "accuracy")
+    test("a", "b")  # 0.61
+    ```
+    """
+    from tfhub_finetune import stats
+
+    metric = metric_name.removeprefix("val_")
+    cache: dict[tuple[str, str], float | None] = {}
+
+    def p_value(a: str, b: str) -> float | None:
+        if (a, b) not in cache:
+            pa, pb = predictions.get(a), predictions.get(b)
+            ok = pa is not None and pb is not None and metric in pa.metrics
+            cache[(a, b)] = stats.paired_test(pa, pb, metric, **kwargs).p_value if ok else None
+        return cache[(a, b)]
+
+    return p_value
 
 
 def is_fraction_metric(metric_name: str) -> bool:
@@ -620,6 +718,32 @@ def _objectives_present(valid: Sequence[Candidate]) -> dict[str, str]:
     }
 
 
+def _cheapest(tied: Sequence[Candidate], prefer: str) -> Candidate:
+    """The tied candidate with the least `prefer` cost; near-equal costs go to the better metric."""
+    field = PREFER[prefer]
+    costs = [float(c.value(field)) for c in tied if _finite(c.value(field))]
+    if not costs:
+        return min(tied, key=_speed_key)
+    least = min(costs)
+    cheap = [c for c in tied if _finite(c.value(field)) and float(c.value(field)) <= least * _SAME_COST]
+    return min(cheap, key=_rank_key)
+
+
+def _epochs_of(c: Candidate) -> int | None:
+    value = c.figures.get("fine_tune_epochs")
+    return int(value) if _finite(value) else None
+
+
+def _fewer_epochs(c: Candidate, than: Candidate) -> bool:
+    mine, theirs = _epochs_of(c), _epochs_of(than)
+    return mine is not None and theirs is not None and mine < theirs
+
+
+def _epoch_note(c: Candidate) -> str:
+    epochs = _epochs_of(c)
+    return f"after {epochs} epoch" + ("" if epochs == 1 else "s")
+
+
 def _reason(
     chosen: Candidate,
     valid: Sequence[Candidate],
@@ -627,47 +751,81 @@ def _reason(
     constraints: Mapping[str, float],
     metric_name: str,
     tolerance: float,
+    *,
+    best: Candidate | None = None,
+    p_value: float | None = None,
+    prefer: str = "latency",
 ) -> str:
-    best = min(valid, key=_rank_key)
+    # "The best" is a figure from at least as many epochs as the chosen one's.
+    comparable = [c for c in valid if not _fewer_epochs(c, chosen)]
+    top = min(comparable, key=_rank_key)
+    early = [c for c in valid if _fewer_epochs(c, chosen) and c.metric > top.metric]
     parts = []
-    if chosen.metric >= best.metric:
-        parts.append(f"the best {metric_name} ({_format_metric(chosen.metric, metric_name)})")
+    if best is not None and chosen is not best and p_value is not None:
+        gap = _format_gap(best.metric - chosen.metric, metric_name)
+        parts.append(f"tied with {best.name} within noise ({gap} lower, p={p_value:.2g})")
+        costs = _comparisons(chosen, best, constraints, prefer)
+        if costs:
+            parts[-1] += "; " + ", ".join(costs)
+        if top is not best and top.metric > best.metric:
+            gap = _format_gap(top.metric - chosen.metric, metric_name)
+            parts.append(f"{gap} below the best ({top.name})")
+    elif chosen.metric >= top.metric:
+        shown = _format_metric(chosen.metric, metric_name)
+        if early:
+            # A higher figure from fewer epochs exists: best only among its equals.
+            parts.append(f"the best {metric_name} after {_epochs_of(chosen)} epochs ({shown})")
+        else:
+            parts.append(f"the best {metric_name} ({shown})")
         if _finite(chosen.latency_ms):
-            # The trade-off worth knowing: the best of the clearly faster ones.
-            faster = [
+            # The trade-off worth knowing: the best of the clearly faster, lower ones.
+            quicker = [
                 c
                 for c in valid
                 if _finite(c.latency_ms) and 0 < c.latency_ms * 1.05 <= chosen.latency_ms
             ]
+            faster = [c for c in quicker if c.metric < chosen.metric]
             if faster:
                 alt = min(faster, key=_rank_key)
                 ratio = chosen.latency_ms / alt.latency_ms
                 gap = _format_gap(chosen.metric - alt.metric, metric_name)
-                parts.append(f"{alt.name} is {ratio:.1f}x faster but {gap} lower")
-            elif sum(_finite(c.latency_ms) for c in valid) > 1:
+                note = f" ({_epoch_note(alt)})" if _fewer_epochs(alt, chosen) else ""
+                parts.append(f"{alt.name} is {ratio:.1f}x faster but {gap} lower{note}")
+            elif not quicker and sum(_finite(c.latency_ms) for c in valid) > 1:
                 parts.append("and the fastest")
     else:
-        gap = _format_gap(best.metric - chosen.metric, metric_name)
-        parts.append(f"{gap} below the best ({best.name})")
-        parts.extend(_comparisons(chosen, best, constraints))
-        if tolerance > 0 and best in feasible:
+        gap = _format_gap(top.metric - chosen.metric, metric_name)
+        parts.append(f"{gap} below the best ({top.name})")
+        parts.extend(_comparisons(chosen, top, constraints, prefer))
+        if tolerance > 0 and top in feasible:
             parts.append(f"within the {_format_gap(tolerance, metric_name)} tolerance")
+    for c in sorted(early, key=_rank_key)[:1]:
+        # Not comparable: it stopped training earlier (e.g. cut for breaking a constraint).
+        parts.append(f"{c.name} scored {_format_metric(c.metric, metric_name)} {_epoch_note(c)} "
+                     f"(this one: {_epochs_of(chosen)})")
     if constraints:
         phrase = _constraint_phrase(constraints, metric_name, short=True)
-        parts.append(
-            f"the only one {phrase}" if len(feasible) == 1 else f"best of {len(feasible)} {phrase}"
-        )
+        if len(feasible) == 1:
+            parts.append(f"the only one {phrase}")
+        elif best is not None and chosen is not best:
+            parts.append(f"one of {len(feasible)} {phrase}")
+        else:
+            parts.append(f"best of {len(feasible)} {phrase}")
     return f"{chosen.name}: {', '.join(parts)}."
 
 
-def _comparisons(chosen: Candidate, best: Candidate, constraints: Mapping[str, float]) -> list[str]:
-    """How the chosen one beats the best-metric one on cost figures."""
+def _comparisons(chosen: Candidate, best: Candidate, constraints: Mapping[str, float],
+                 prefer: str = "latency") -> list[str]:
+    """How the chosen one beats the best-metric one on cost figures (`prefer`'s first)."""
     out = []
     pairs = [("latency_ms", "faster", "slower")]
-    if "max_memory_mb" in constraints:
+    if "max_memory_mb" in constraints or prefer == "memory":
         pairs.append(("memory_mb", "less memory", "more memory"))
-    if "max_params" in constraints:
+    if "max_params" in constraints or prefer == "params":
         pairs.append(("params", "fewer parameters", "more parameters"))
+    if prefer == "train_time":
+        pairs.append(("seconds_per_epoch", "less training time", "more training time"))
+    pairs.sort(key=lambda pair: pair[0] != PREFER[prefer])
     for field, better, worse in pairs:
         mine, theirs = chosen.value(field), best.value(field)
         if not (_finite(mine) and _finite(theirs)) or mine <= 0 or theirs <= 0:

@@ -330,6 +330,7 @@ def plot_pareto(
         linewidths=0.8,
         zorder=3,
     )
+    _error_bars(ax, shown, xs, ys, scale)
     line = sorted((c for c in shown if c.name in front), key=lambda c: c.latency_ms)
     if len(line) > 1:
         ax.plot(
@@ -383,7 +384,9 @@ def plot_pareto(
         ax.set_xscale("log")
         # Plain numbers (1, 10, 100 ms), not powers of ten.
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    _set_limits(ax, xs, ys, log_x, recommendation)
+    # The view holds the interval bars too.
+    bar_ends = [v * scale for c in shown if _interval(c) for v in _interval(c)]
+    _set_limits(ax, xs, ys + bar_ends, log_x, recommendation)
     _draw_constraints(ax, recommendation, scale)
 
     ylabel = f"fine-tuned {metric_name}" + (" (%)" if fraction else "")
@@ -529,11 +532,14 @@ def plot_transferability(
         xs = [float(c.scores[name]) for c in used]
         ys = [float(c.metric) * scale for c in used]
         ax.scatter(xs, ys, s=70, color="tab:purple", alpha=0.7, edgecolors="black", zorder=3)
+        _error_bars(ax, used, xs, ys, scale)
         x_pad = (max(xs) - min(xs)) * 0.25 or 0.1
         y_pad = (max(ys) - min(ys)) * 0.15 or 1.0
         ax.set_xlim(min(xs) - x_pad, max(xs) + x_pad)
-        ax.set_ylim(min(ys) - y_pad, max(ys) + y_pad)
-        labels.append((ax, [(c.name, x, y) for c, x, y in zip(used, xs, ys, strict=True)]))
+        ends = ys + [v * scale for c in used if _interval(c) for v in _interval(c)]
+        ax.set_ylim(min(ends) - y_pad, max(ends) + y_pad)
+        labels.append((ax, [(_fidelity_label(c, pool), x, y)
+                            for c, x, y in zip(used, xs, ys, strict=True)]))
         tau = correlations[name]["tau"]
         tau_text = "undefined" if tau is None else f"{tau:+.2f}"
         ax.set_title(f"{name}: Kendall tau {tau_text} (n={len(used)})", fontsize=11)
@@ -567,6 +573,7 @@ def _markdown(
     else:
         lines += [f"**No recommendation.** {_md(rec.reason)}", ""]
     constraints = ", ".join(f"`{k}={v:g}`" for k, v in rec.constraints.items()) or "none"
+    lines += _tie_lines(rec)
     lines += [
         f"- Constraints: {constraints}",
         f"- Metric: fine-tuned `{metric_name}` (higher is better)",
@@ -588,13 +595,15 @@ def _markdown(
     # Fine-tuning epochs, when the candidates' metrics come from different ones (halving).
     epochs = {c.name: c.figures.get("fine_tune_epochs") for c in pool}
     show_epochs = len({e for e in epochs.values() if e is not None}) > 1
-    headers = ["candidate", "status", metric_name, *(["epochs"] if show_epochs else []),
+    shown_metric = f"{metric_name} [95% interval]" if any(
+        _interval(c) for c in pool) else metric_name
+    headers = ["candidate", "status", shown_metric, *(["epochs"] if show_epochs else []),
                *score_names] + [h for _, h, _ in _CORE_COLUMNS]
     lines += ["## Candidates", "", "| " + " | ".join(headers) + " |"]
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|")
     for c in sorted(pool, key=lambda c: _table_order(c, rec)):
         cells = [f"**{c.name}**" if c.name == rec.name else c.name, _status(c, rec)]
-        cells.append(_fmt(c.metric, "metric", metric_name))
+        cells.append(_metric_cell(c, metric_name))
         if show_epochs:
             cells.append("—" if epochs[c.name] is None else str(epochs[c.name]))
         cells += [_fmt(c.scores.get(s), "score") for s in score_names]
@@ -648,6 +657,56 @@ def _markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _fidelity_label(c: Candidate, pool: Sequence[Candidate]) -> str:
+    """The name, plus `, 1 ep` when it trained fewer epochs than the most any candidate did."""
+    most = max((e for e in (p.figures.get("fine_tune_epochs") for p in pool)
+                if isinstance(e, int)), default=None)
+    epochs = c.figures.get("fine_tune_epochs")
+    return f"{c.name}, {epochs} ep" if isinstance(epochs, int) and epochs != most else c.name
+
+
+def _interval(c: Candidate) -> tuple[float, float] | None:
+    """The metric's 95% interval (`figures["metric_interval"]`), if recorded."""
+    value = c.figures.get("metric_interval")
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite(v) for v in value):
+        return float(value[0]), float(value[1])
+    return None
+
+
+def _metric_cell(c: Candidate, metric_name: str) -> str:
+    """`91.2% [88.7, 93.6]`: the figure and its interval, in the figure's unit."""
+    cell = _fmt(c.metric, "metric", metric_name)
+    interval = _interval(c)
+    if interval is None or not _finite(c.metric):
+        return cell
+    scale, digits = (100.0, 1) if is_fraction_metric(metric_name) else (1.0, 3)
+    low, high = (f"{v * scale:.{digits}f}" for v in interval)
+    return f"{cell} [{low}, {high}]"
+
+
+def _error_bars(ax: Any, shown: Sequence[Candidate], xs: Sequence[float],
+                ys: Sequence[float], scale: float) -> None:
+    """Vertical 95% interval bars under the points that have one."""
+    bars = [(x, y, _interval(c)) for c, x, y in zip(shown, xs, ys, strict=True) if _interval(c)]
+    if not bars:
+        return
+    ax.errorbar([x for x, _, _ in bars], [y for _, y, _ in bars],
+                yerr=[[max(y - iv[0] * scale, 0.0) for _, y, iv in bars],
+                      [max(iv[1] * scale - y, 0.0) for _, y, iv in bars]],
+                fmt="none", ecolor="0.35", elinewidth=1.0, capsize=3, zorder=2.5)
+
+
+def _tie_lines(rec: Recommendation) -> list[str]:
+    """Which candidates the paired test could not tell from the best, and the rule applied."""
+    if not rec.name or len(rec.tied) < 2:
+        return []
+    others = [f"{n} (p={rec.p_values[n]:.2g})" if n in rec.p_values else n
+              for n in rec.tied if n != rec.best]
+    return [f"- Within noise of the best ({rec.best}; paired test on the same examples, "
+            f"p >= {rec.tie_alpha:g}): " + ", ".join(others)
+            + f"; the cheapest by {rec.prefer} is recommended."]
 
 
 def _all_figures_table(pool: Sequence[Candidate]) -> list[str]:
@@ -1109,23 +1168,34 @@ def _brute_force_section(search: Mapping[str, Any], pool: Sequence[Candidate],
             f"That is {estimate / spent:.1f}x {against}."
         )
     if measured is not None and brute["metrics"] is not None:
-        same = "**matches**" if brute["choice"] == rec.name else "**differs from**"
+        # The report above answers with brute force's figures; the search's answer is here.
+        found = brute["search"]
+        same = ("**matches**" if brute["choice"] == found["choice"]
+                else "**ties within noise with**" if brute["matches_recommendation"]
+                else "**differs from**")
+        regret = ("" if brute.get("regret") is None else
+                  f"; its regret against brute force's best ({brute['best']}): "
+                  + (f"{brute['regret']:.1f} points" if is_fraction_metric(metric)
+                     else f"{brute['regret']:.3g}"))
         lines.append(
             f"- Brute force, **measured** (`--brute_force`): every configuration fine-tuned to "
             f"{brute['epochs']} epochs (or its early stop); {_duration(measured)} = profiling "
             "+ the measured time of every epoch trained (epochs the search already trained are "
-            f"counted once, as a brute-force run pays them). Its choice under the same "
-            f"constraints: **{brute['choice'] or 'none'}**, which {same} the recommendation "
-            f"({rec.name or 'none'})."
+            "counted once, as a brute-force run pays them). The recommendation, tables and "
+            "plots above use these full-epoch figures; its choice under the same constraints: "
+            f"**{brute['choice'] or 'none'}**."
         )
+        lines.append(f"- The search's answer: {_md(found['reason'], 400)} It {same} brute "
+                     f"force's choice{regret}.")
         lines += ["", f"| candidate | search {metric} (epochs) | brute-force {metric} "
                   f"({brute['epochs']} epochs) |", "|---|---:|---:|"]
         for c in pool:
             full, epochs = brute["metrics"].get(c.name), brute["fine_tune_epochs"].get(c.name)
-            if c.metric is None and full is None:
+            searched = found["metrics"].get(c.name)
+            if searched is None and full is None:
                 continue
-            lines.append(f"| {c.name} | {_fmt(c.metric, 'metric', metric)} "
-                         f"({c.figures.get('fine_tune_epochs', '—')}) | "
+            lines.append(f"| {c.name} | {_fmt(searched, 'metric', metric)} "
+                         f"({found['fine_tune_epochs'].get(c.name) or '—'}) | "
                          f"{_fmt(full, 'metric', metric)} ({'—' if epochs is None else epochs}) |")
         if brute["kendall_tau"]:
             shown = ", ".join(f"{k} {_tau(v['tau'])}" for k, v in brute["kendall_tau"].items())
@@ -1189,8 +1259,11 @@ def _the_search_section(search: Mapping[str, Any]) -> list[str]:
         f"- Successive halving: rungs at {', '.join(map(str, h['rungs']))} epochs. Every "
         f"candidate runs the first rung at its first learning rate; the best "
         f"1/{factor} of the backbones that meet the hard constraints also "
-        "try the other learning rates for the same epochs and continue, with the best one, "
-        f"from their checkpoint; each later rung keeps the best 1/{factor}. "
+        "try the other learning rates for the same epochs and continue from their checkpoints, "
+        + (f"every rate for {h['lr_race_rungs']} more rung(s) (a lower rate starts slower), "
+           "then the best one alone" if h.get("lr_race_rungs") else "with the best one")
+        + f"; each later rung keeps the best 1/{factor} (each backbone scored by its best "
+        "rate). "
         + ("Over a hard constraint from profiling, so first rung only: "
            + ", ".join(f"{name} ({', '.join(broken)})" for name, broken in over.items())
            + ". " if over else "")
@@ -1206,17 +1279,14 @@ def _the_search_section(search: Mapping[str, Any]) -> list[str]:
         f"| rung | epochs | candidate | learning rate | {metric} | status |",
         "|---:|---:|---|---:|---:|---|",
     ]
-    for rung in search["rungs"]:
-        best: dict[str, dict] = {}  # Candidate -> its best finished entry in this rung.
-        for e in rung["entries"]:
-            if e["status"] == "done" and (e["candidate"] not in best
-                                          or e["score"] > best[e["candidate"]]["score"]):
-                best[e["candidate"]] = e
-        best_lr = {name: e["learning_rate"] for name, e in best.items()}
+    for r, rung in enumerate(search["rungs"]):
+        # Promoted: the configuration trains on at the next rung (a raced rate included).
+        later = search["rungs"][r + 1]["entries"] if r + 1 < len(search["rungs"]) else []
+        going_on = {(e["candidate"], f"{e['learning_rate']:.6g}") for e in later}
         for e in rung["entries"]:
             status = e["status"]
-            if e["candidate"] in rung["promoted"] and e["learning_rate"] == best_lr.get(
-                    e["candidate"]):
+            if (e["candidate"] in rung["promoted"]
+                    and (e["candidate"], f"{e['learning_rate']:.6g}") in going_on):
                 status += ", promoted"
             if e["status"] == "done" and e["epochs"] < rung["epochs"]:
                 status += f", stopped early at {e['epochs']}"

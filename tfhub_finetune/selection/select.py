@@ -72,8 +72,16 @@ from tfhub_finetune.selection import cache, trials
 from tfhub_finetune.selection.config import ESTIMATORS, SelectionConfig
 from tfhub_finetune.selection.halving import RungSummary, SearchPlan
 from tfhub_finetune.selection.profile import ProfileResult, profile_in_subprocess
-from tfhub_finetune.selection.recommend import Candidate, Recommendation, recommend, violations
+from tfhub_finetune.selection.recommend import (
+    Candidate,
+    Recommendation,
+    is_fraction_metric,
+    paired_tester,
+    recommend,
+    violations,
+)
 from tfhub_finetune.selection.report import transferability_correlations, write_report
+from tfhub_finetune.selection.tuner import chain_predictions
 
 SCRATCH_BASELINES = {"text": "scratch_text_encoder", "image": "scratch_cnn"}
 
@@ -98,7 +106,13 @@ class SelectionResult:
             (only with `brute_force=True`).
         brute_force_choice: str or None. What `recommend` picks when every
             candidate is fine-tuned fully (only with `brute_force=True`).
-        matches_brute_force: bool or None. Whether that is the recommendation.
+        matches_brute_force: bool or None. Whether the recommendation is that
+            choice or tied with it within noise (the tie rule).
+        brute_force_recommendation: Recommendation or None. Brute force's,
+            with its reason (what the report answers with).
+        regret_points: float or None. Brute force's best feasible figure
+            minus the full-epoch figure of the search's choice (points for
+            fraction metrics).
         trials_run: int. Trials trained by this process.
         trials_reused: int. Finished trials the search took from the cache.
     """
@@ -115,6 +129,8 @@ class SelectionResult:
     brute_force_measured_seconds: float | None = None
     brute_force_choice: str | None = None
     matches_brute_force: bool | None = None
+    brute_force_recommendation: Recommendation | None = None
+    regret_points: float | None = None
     trials_run: int = 0
     trials_reused: int = 0
 
@@ -477,7 +493,14 @@ def _recommend_and_report(
     constraints = config.constraints.as_kwargs()
     records = [_record(run, plan, config, brute=False) for run in runs]
     brute_records = [_record(run, plan, config, brute=True) for run in runs]
-    rec = recommend(records, **constraints, metric_name=metric)
+    project_dir = config.cache_root / "tuner" / project
+    # The predictions behind each figure: its interval, and the paired tests of the tie rule.
+    evidence = {r.name: _attach_evidence(c, r, plan, config, project_dir, brute=False)
+                for r, c in zip(runs, records, strict=True)}
+    brute_evidence = {r.name: _attach_evidence(c, r, plan, config, project_dir, brute=True)
+                      for r, c in zip(runs, brute_records, strict=True)}
+    rec = recommend(records, **constraints, metric_name=metric, **s.tie_rule,
+                    paired_p_value=paired_tester(evidence, metric))
 
     profile_seconds = sum((r.profile.profile_seconds or 0.0) for r in runs if r.profile)
     learning_rates = _learning_rates(config, shortlist)
@@ -501,16 +524,27 @@ def _recommend_and_report(
                 for k in range(1, e.epochs + 1))
             for e in plan.brute_force if e.status == "done"
         )
-        brute_rec = recommend(brute_records, **constraints, metric_name=metric)
+        brute_rec = recommend(brute_records, **constraints, metric_name=metric, **s.tie_rule,
+                              paired_p_value=paired_tester(brute_evidence, metric))
+    # With brute force measured, the report answers with its full-epoch figures.
+    answer_records, answer_rec = (brute_records, brute_rec) if brute_rec else (records, rec)
     selection_seconds = time.perf_counter() - started
     reused = _reused(runs, trials_reused)
     rungs = [_rung_dict(r, runs) for r in plan.rungs]
-    correlations = transferability_correlations(records)
+    correlations = transferability_correlations(answer_records)
     brute = {
         "estimated_seconds": estimate,
         "measured_seconds": measured,
         "choice": brute_rec.name if brute_rec else None,
-        "matches_recommendation": (brute_rec.name == rec.name) if brute_rec else None,
+        # The same choice under the tie rule: brute force cannot tell them apart.
+        "matches_recommendation": (rec.name == brute_rec.name or (
+            rec.name is not None and rec.name in brute_rec.tied)) if brute_rec else None,
+        "best": brute_rec.best if brute_rec else None,
+        "regret": _regret(rec, brute_rec, brute_records, metric),
+        "search": {"choice": rec.name, "reason": rec.reason,
+                   "metrics": {c.name: c.metric for c in records},
+                   "fine_tune_epochs": {c.name: c.figures.get("fine_tune_epochs")
+                                        for c in records}},
         "metrics": {c.name: c.metric for c in brute_records} if brute_rec else None,
         "fine_tune_epochs": {c.name: c.figures.get("fine_tune_epochs") for c in brute_records},
         "kendall_tau": transferability_correlations(brute_records) if brute_rec else None,
@@ -539,14 +573,16 @@ def _recommend_and_report(
         "compute_seconds": {k: round(v, 2) for k, v in compute.items()},
         "rungs": rungs,
         "brute_force": {k: brute[k] for k in ("estimated_seconds", "measured_seconds", "choice",
-                                             "matches_recommendation", "metrics", "kendall_tau")},
+                                             "matches_recommendation", "metrics", "kendall_tau",
+                                             "best", "regret")},
+        "search_recommendation": rec.to_dict(),
         "wall_seconds": round(selection_seconds, 2),
     }
     search = _search_facts(config, modality, runs, plan, rungs, correlations, brute,
                            stage_seconds, compute, selection_seconds, trials_run, trials_reused)
     device = next((r.profile.device for r in runs if r.profile and r.profile.device), None)
     paths = write_report(
-        config.output_dir, records, rec, device=device, budget=budget,
+        config.output_dir, answer_records, answer_rec, device=device, budget=budget,
         # With cached stages the wall time says nothing about the selection's cost.
         selection_seconds=sum(compute.values()) if reused else selection_seconds,
         brute_force_seconds=estimate, title=config.title or _default_title(config, modality),
@@ -558,8 +594,38 @@ def _recommend_and_report(
         compute_seconds=sum(compute.values()), reused=reused,
         brute_force_seconds=estimate, brute_force_measured_seconds=measured,
         brute_force_choice=brute["choice"], matches_brute_force=brute["matches_recommendation"],
+        brute_force_recommendation=brute_rec, regret_points=brute["regret"],
         trials_run=trials_run, trials_reused=trials_reused,
     )
+
+
+def _attach_evidence(record: Candidate, run: _Candidate, plan: SearchPlan,
+                     config: SelectionConfig, project_dir: Path, brute: bool) -> Any:
+    """Loads the predictions behind a candidate's figure; records its interval; returns them."""
+    from tfhub_finetune.stats import bootstrap_intervals
+
+    metric = config.search.metric
+    if record.metric is None or run.error is not None or not run.shortlisted:
+        return None
+    state = plan.brute_force_result(run.backbone) if brute else plan.halving_result(run.backbone)
+    predictions = chain_predictions(project_dir, state.record if state else None,
+                                    state.epochs if state else 0)
+    if predictions is not None and metric in predictions.metrics:
+        interval = bootstrap_intervals(predictions, [metric], seed=config.base.train.seed)
+        record.figures["metric_interval"] = interval[metric].to_list()
+    return predictions
+
+
+def _regret(rec: Recommendation, brute_rec: Recommendation | None,
+            brute_records: Sequence[Candidate], metric: str) -> float | None:
+    """Brute force's best feasible figure minus the search's choice's full-epoch figure."""
+    if brute_rec is None or not (rec.name and brute_rec.best):
+        return None
+    full = {c.name: c.metric for c in brute_records}
+    if full.get(rec.name) is None or full.get(brute_rec.best) is None:
+        return None
+    scale = 100.0 if is_fraction_metric(metric) else 1.0
+    return round(scale * (full[brute_rec.best] - full[rec.name]), 3)
 
 
 def _search_facts(config: SelectionConfig, modality: str, runs: Sequence[_Candidate],
@@ -585,6 +651,7 @@ def _search_facts(config: SelectionConfig, modality: str, runs: Sequence[_Candid
                      "early_stopping_patience": config.base.train.early_stopping_patience,
                      "objective": config.objective},
         "halving": {"rungs": config.rungs, "reduction_factor": s.reduction_factor,
+                    "lr_race_rungs": s.lr_race_rungs,
                     "first_rung_only": {r.name: sorted(r.breaks) for r in runs if r.breaks},
                     "budget_epochs": s.budget_epochs, "budget_minutes": s.budget_minutes,
                     "budget_stop": plan.budget_stop},
@@ -681,16 +748,42 @@ def _write_failed_report(config: SelectionConfig, runs: Sequence[_Candidate], mo
     records = [Candidate(name=r.name, error=r.error or "not fine-tuned: every listed candidate "
                          "failed", figures={"backbone": r.backbone}, scores=dict(r.scores))
                for r in runs]
-    rec = recommend(records, **config.constraints.as_kwargs(), metric_name=config.search.metric)
+    rec = recommend(records, **config.constraints.as_kwargs(), metric_name=config.search.metric,
+                    **config.search.tie_rule)
     paths = write_report(config.output_dir, records, rec,
                          selection_seconds=time.perf_counter() - started,
                          title=config.title or _default_title(config, modality))
     return paths["report"]
 
 
+# Split names that say nothing about the task: the title looks past them.
+_SPLIT_WORDS = ("train", "training", "dev", "val", "valid", "validation", "test", "data", "all")
+
+
+def task_name(train_data: str) -> str:
+    """The task a data path names: the file stem (without a split word), else its folder.
+
+    Example:
+
+    ```python
+    task_name("/data/trec_train.tsv")       # 'trec'
+    task_name("../shared/data/sst2/train.tsv")  # 'sst2'
+    task_name("../shared/data/hymenoptera/train")  # 'hymenoptera'
+    ```
+    """
+    path = Path(train_data.rstrip("/"))
+    for part in (path, *path.parents):
+        stem = part.name.split(".")[0] if part is path else part.name
+        words = [w for w in stem.replace("-", "_").split("_") if w]
+        kept = [w for w in words if w.lower() not in _SPLIT_WORDS]
+        if kept:
+            return "_".join(kept)
+    return train_data
+
+
 def _default_title(config: SelectionConfig, modality: str) -> str:
     d, m = config.base.data, config.base.model
-    name = Path(d.train_data.rstrip("/")).parent.name or d.train_data
+    name = task_name(d.train_data)
     subset = f", {d.max_train_examples} training examples" if d.max_train_examples else ""
     shape = (f", sequence length {m.sequence_length}" if modality == "text"
              else (f", {m.image_size} px" if m.image_size else ""))

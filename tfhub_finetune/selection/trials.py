@@ -25,7 +25,12 @@ from typing import Any
 
 from tfhub_finetune.selection.config import SelectionConfig
 from tfhub_finetune.selection.halving import SearchPlan, TrialRecord, WorkItem, last_line
-from tfhub_finetune.selection.tuner import TRIAL_HISTORY, TrialHistory, tuner_classes
+from tfhub_finetune.selection.tuner import (
+    TRIAL_HISTORY,
+    TRIAL_PREDICTIONS,
+    TrialHistory,
+    tuner_classes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +72,15 @@ class TrialTrainer:
         recorder = tuner_classes().EpochRecorder(
             history, config.objective, experiment.train.early_stopping_patience, tuner_id
         )
+        # Per-example predictions each epoch (for paired tests); this pass is the validation.
+        predictions = tuner_classes().EvalPredictionsRecorder(
+            task.eval_dataset(), task.eval_targets(),
+            "classification" if experiment.model.task == "single_label" else experiment.model.task,
+            trial_dir)
         # SIGTERM raises errors.Preempted (a BaseException, so KerasTuner does not record a
         # failed trial): the trial stays RUNNING and the next run resumes it from the backup.
-        driver.fit_task(model, task, experiment, trial_dir, [recorder])
+        driver.fit_task(model, task, experiment, trial_dir, [predictions, recorder],
+                        validate=False)
         scores = history.scores()
         if not scores:
             raise RuntimeError("The trial finished without a single evaluated epoch.")
@@ -104,6 +115,9 @@ def _continue_parent(trial_dir: Path, parent_dir: Path | None) -> bool:
     shutil.copytree(parent_dir / "backup", backup, dirs_exist_ok=True)
     if (parent_dir / TRIAL_HISTORY).exists():
         shutil.copy2(parent_dir / TRIAL_HISTORY, trial_dir / TRIAL_HISTORY)
+    if (parent_dir / TRIAL_PREDICTIONS).exists():
+        shutil.copytree(parent_dir / TRIAL_PREDICTIONS, trial_dir / TRIAL_PREDICTIONS,
+                        dirs_exist_ok=True)
     return True
 
 
@@ -184,7 +198,8 @@ def run_search(
         config.objective, list(backbones), dict(learning_rates), config.rungs,
         reduction_factor=s.reduction_factor, budget_epochs=s.budget_epochs,
         budget_seconds=s.budget_minutes * 60.0, brute_force=s.brute_force,
-        weights_ids=dict(weights_ids), eligible=eligible, seed=config.base.train.seed,
+        weights_ids=dict(weights_ids), eligible=eligible, lr_race_rungs=s.lr_race_rungs,
+        seed=config.base.train.seed,
     )
     role = tuner_role()
     tuner = classes.SelectionTuner(
@@ -243,8 +258,9 @@ def _planned_trials(plan: SearchPlan, config: SelectionConfig, shortlisted: int,
     sizes = math.ceil((racing or shortlisted) / s.reduction_factor)
     # The first rung, the leaders' learning-rate checks, then the later rungs.
     total = shortlisted + sizes * (len(s.learning_rates) - 1)
-    for _ in config.rungs[1:]:
-        total += sizes
+    for r, _ in enumerate(config.rungs[1:], start=1):
+        # While the learning rates race, each promoted backbone trains all of them.
+        total += sizes * (len(s.learning_rates) if r <= s.lr_race_rungs else 1)
         sizes = math.ceil(sizes / s.reduction_factor)
     if s.brute_force:
         total += sum(len(v) for v in learning_rates.values())

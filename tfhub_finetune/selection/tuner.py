@@ -33,6 +33,36 @@ from tfhub_finetune.selection.halving import (
 
 # A trial chain's per-epoch scores and times, inside its trial directory.
 TRIAL_HISTORY = "epochs.json"
+# A trial chain's per-epoch eval predictions (`stats.EvalPredictions`), one .npz per epoch.
+TRIAL_PREDICTIONS = "eval_predictions"
+
+
+def trial_predictions(trial_dir: str | Path, epoch: int) -> Any:
+    """The eval predictions a trial chain made after `epoch` epochs, or None if not recorded.
+
+    Example:
+
+    ```python
+    preds = trial_predictions(project / "trial_0003", 2)  # stats.EvalPredictions
+    ```
+    """
+    from tfhub_finetune.stats import EvalPredictions
+
+    path = Path(trial_dir) / TRIAL_PREDICTIONS / f"epoch_{epoch}.npz"
+    return EvalPredictions.load(path) if path.exists() else None
+
+
+def chain_predictions(project_dir: str | Path, record: TrialRecord | None, epochs: int) -> Any:
+    """The predictions behind a chain's score at `epochs`: its best epoch up to then, or None.
+
+    A configuration's score at a rung is the best of its epochs so far
+    (`plan_search`), so its paired comparisons use that epoch's predictions.
+    """
+    if record is None or not record.scores or epochs < 1:
+        return None
+    scores = list(record.scores[:epochs])
+    best = scores.index(max(scores)) + 1
+    return trial_predictions(Path(project_dir) / f"trial_{record.trial_id}", best)
 
 
 def _float(value: Any) -> float | None:
@@ -101,6 +131,8 @@ def tuner_classes() -> types.SimpleNamespace:
             weights_ids: dict or None. Backbone -> weights fingerprint.
             eligible: list of str or None. Backbones that meet the hard
                 constraints (the others get the first rung only); None: all.
+            lr_race_rungs: int. Rungs after the learning-rate check that every
+                learning rate of a promoted backbone continues (`plan_search`).
             seed: int or None.
 
         Example:
@@ -115,7 +147,8 @@ def tuner_classes() -> types.SimpleNamespace:
                      rungs: Sequence[int], *, reduction_factor: int = 2,
                      budget_epochs: int = 0, budget_seconds: float = 0.0,
                      brute_force: bool = False, weights_ids: Mapping[str, str] | None = None,
-                     eligible: Sequence[str] | None = None, seed: int | None = None):
+                     eligible: Sequence[str] | None = None, lr_race_rungs: int = 1,
+                     seed: int | None = None):
             lrs_of = learning_rates_by_backbone(candidates, learning_rates)
             space = keras_tuner.HyperParameters()
             space.Choice("backbone", list(candidates))
@@ -140,6 +173,7 @@ def tuner_classes() -> types.SimpleNamespace:
             self.budget_seconds = budget_seconds
             self.brute_force = brute_force
             self.weights_ids = dict(weights_ids or {})
+            self.lr_race_rungs = lr_race_rungs
             self.on_trial_end: Callable[[TrialRecord], None] | None = None
             self.on_trial_start: Callable[[WorkItem, str], None] | None = None
 
@@ -152,6 +186,7 @@ def tuner_classes() -> types.SimpleNamespace:
                 reduction_factor=self.reduction_factor, budget_epochs=self.budget_epochs,
                 budget_seconds=self.budget_seconds, brute_force=self.brute_force,
                 weights_ids=self.weights_ids, eligible=self.eligible,
+                lr_race_rungs=self.lr_race_rungs,
             )
 
         def populate_space(self, trial_id: str) -> dict[str, Any]:
@@ -277,12 +312,43 @@ def tuner_classes() -> types.SimpleNamespace:
                 self.model.stop_training = True
             self.history.save()
 
-    for cls in (SuccessiveHalvingOracle, SelectionTuner, _EpochRecorder):
+    class EvalPredictionsRecorder(keras.callbacks.Callback):
+        """Saves each epoch's per-example eval predictions, so trials compare on the same examples.
+
+        Writes `<trial_dir>/eval_predictions/epoch_<k>.npz` (`trial_predictions`
+        reads it). When the monitored metric is not in the logs (fit ran
+        without `validation_data`), it puts the metrics it computed there, so
+        this one prediction pass is the validation.
+
+        Args:
+            dataset: tf.data.Dataset. The eval split, in file order.
+            targets: array. The eval targets in the same order.
+            kind: str. `classification`, `regression` or `multi_label`.
+            trial_dir: Path. The trial's directory.
+        """
+
+        def __init__(self, dataset: Any, targets: Any, kind: str, trial_dir: Path):
+            super().__init__()
+            self.dataset, self.targets, self.kind = dataset, targets, kind
+            self.directory = Path(trial_dir) / TRIAL_PREDICTIONS
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            from tfhub_finetune import stats
+
+            outputs = self.model.predict(self.dataset, verbose=0)
+            preds = stats.EvalPredictions.from_outputs(self.kind, self.targets, outputs)
+            preds.save(self.directory / f"epoch_{epoch + 1}.npz")
+            if logs is not None:
+                for name, value in stats.metric_values(preds).items():
+                    logs.setdefault(f"val_{name}", value)
+
+    for cls in (SuccessiveHalvingOracle, SelectionTuner, _EpochRecorder, EvalPredictionsRecorder):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
     return types.SimpleNamespace(
         SuccessiveHalvingOracle=SuccessiveHalvingOracle,
         SelectionTuner=SelectionTuner,
         EpochRecorder=_EpochRecorder,
+        EvalPredictionsRecorder=EvalPredictionsRecorder,
     )
 
 
