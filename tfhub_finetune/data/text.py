@@ -255,13 +255,38 @@ def make_text_dataset(
         {"token_ids": pad, "padding_mask": 0, "segment_ids": 0},
         tf.constant(0, dtype=tf.as_dtype(data.labels.dtype)),
     )
+    return batch_examples(
+        ds, data.lengths, data.sequence_length, padding_values, batch_size=batch_size,
+        training=training, seed=seed, reshuffle_each_iteration=reshuffle_each_iteration,
+        bucketing=bucketing, pad_to_bucket_boundary=pad_to_bucket_boundary,
+    )
+
+
+def batch_examples(
+    ds: tf.data.Dataset,
+    lengths: np.ndarray,
+    sequence_length: int,
+    padding_values,
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    reshuffle_each_iteration: bool = True,
+    bucketing: bool = True,
+    pad_to_bucket_boundary: bool = False,
+) -> tf.data.Dataset:
+    """Shuffles (training), buckets by `token_ids` length or pads, and batches `ds`.
+
+    The one batching rule for text and token datasets: training shuffles
+    (seeded) and, with `bucketing`, groups similar lengths; evaluation keeps
+    order. The cardinality is asserted from `lengths`, so `fit` knows the
+    epoch's steps.
+    """
     bucketed = training and bucketing
     if training:
-        ds = ds.shuffle(
-            len(data), seed=seed, reshuffle_each_iteration=reshuffle_each_iteration
-        )
+        ds = ds.shuffle(len(lengths), seed=seed, reshuffle_each_iteration=reshuffle_each_iteration)
     if bucketed:
-        edges = bucket_boundaries(data.sequence_length)
+        edges = bucket_boundaries(sequence_length)
         ds = ds.bucket_by_sequence_length(
             element_length_func=lambda x, _: tf.shape(x["token_ids"])[0],
             bucket_boundaries=edges,
@@ -271,6 +296,6 @@ def make_text_dataset(
         )
     else:
         ds = ds.padded_batch(batch_size, padding_values=padding_values)
-    n = count_batches(data.lengths, batch_size, bucketed, data.sequence_length)
+    n = count_batches(lengths, batch_size, bucketed, sequence_length)
     ds = ds.apply(tf.data.experimental.assert_cardinality(n))
     return ds.prefetch(tf.data.AUTOTUNE)

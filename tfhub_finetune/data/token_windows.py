@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhub_finetune.backbones.base import TextBackbone, TextTokenizer
-from tfhub_finetune.data.text import bucket_boundaries, count_batches
+from tfhub_finetune.data.text import batch_examples
 
 IGNORE = -1
 
@@ -252,22 +252,9 @@ def make_token_dataset(
     ds = tf.data.Dataset.from_tensor_slices((data.token_ids, data.labels))
     ds = ds.map(inputs, num_parallel_calls=tf.data.AUTOTUNE).cache()
     padding = ({"token_ids": pad_id, "padding_mask": 0, "segment_ids": 0}, IGNORE)
-    bucketed = training and bucketing
-    if training:
-        ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=reshuffle_each_iteration)
-    if bucketed:
-        edges = bucket_boundaries(data.sequence_length)
-        ds = ds.bucket_by_sequence_length(
-            element_length_func=lambda x, _: tf.shape(x["token_ids"])[0],
-            bucket_boundaries=edges,
-            bucket_batch_sizes=[batch_size] * (len(edges) + 1),
-            padding_values=padding,
-        )
-    else:
-        ds = ds.padded_batch(batch_size, padding_values=padding)
-    n = count_batches(data.lengths, batch_size, bucketed, data.sequence_length)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(n))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return batch_examples(ds, data.lengths, data.sequence_length, padding,
+                          batch_size=batch_size, training=training, seed=seed,
+                          reshuffle_each_iteration=reshuffle_each_iteration, bucketing=bucketing)
 
 
 def predict_words(model, dataset: tf.data.Dataset, data: WindowedSentences) -> tuple[np.ndarray, np.ndarray]:
