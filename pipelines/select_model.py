@@ -100,6 +100,9 @@ flags.DEFINE_float("min_metric", None, "Least fine-tuned metric (a fraction for 
 flags.DEFINE_float("profile_min_seconds", 2.0, "Least time spent timing each latency figure.")
 flags.DEFINE_integer("profile_batch_size", 32, "Batch for throughput and FLOPs.")
 flags.DEFINE_integer("profile_threads", None, "TensorFlow intra-op threads while profiling.")
+flags.DEFINE_string("latency_clock", "wall", "What latency counts: wall (elapsed time per "
+                    "request) or cpu (CPU time per request; with --profile_threads=1, figures "
+                    "that stay comparable on a busy machine).")
 flags.DEFINE_string("output_dir", None, "Where report.md, results.json and the plots go.")
 flags.DEFINE_string("cache_dir", "", "Profiles, scores and the KerasTuner project "
                     "(default: <output_dir>/cache). Share it across runs and workers.")
@@ -133,6 +136,7 @@ def config_from_flags() -> SelectionConfig:
     options = ProfileOptions(
         serving_batch_size=f.profile_batch_size, train_batch_size=max(f.batch_size, 1),
         min_seconds=f.profile_min_seconds, threads=f.profile_threads,
+        latency_clock=f.latency_clock,
     )
     config = pipeline_flags.dataclass_from_flags(
         SelectionConfig,

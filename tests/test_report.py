@@ -266,3 +266,17 @@ def test_intervals_and_ties_reach_the_table_and_the_headline(tmp_path):
     assert results["recommendation"]["tied"] == [
         "minilm_l6_h384", "bert_tiny_en_uncased", "bert_small_en_uncased"]
     assert _png_size(Path(paths["pareto"]))[0] > 800
+
+
+def test_wall_latency_timed_on_a_busy_machine_is_flagged(tmp_path):
+    records = _records()[:2]
+    records[0]["figures"] = {**records[0]["figures"], "load_average": 9.6, "cpu_count": 2,
+                             "latency_clock": "wall"}
+    paths = write_report(tmp_path, records, recommend(records))
+    text = paths["report"].read_text()
+    assert "Latency was timed on a busy machine" in text and "9.6 on 2 CPUs" in text
+    assert "--latency_clock=cpu --profile_threads=1" in text
+    records[0]["figures"]["latency_clock"] = "cpu"
+    quiet = write_report(tmp_path / "cpu", records, recommend(records))["report"].read_text()
+    assert "busy machine" not in quiet
+    assert "latency figures are CPU time per request" in quiet

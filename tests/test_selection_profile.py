@@ -344,3 +344,29 @@ def test_profiles_cached_before_the_model_only_figure_still_load(dense_profile):
     loaded = ProfileResult.from_dict(old)
     assert loaded.model_latency_p50_ms is None and loaded.saved_model_dir is None
     assert loaded.latency_p50_ms == dense_profile.latency_p50_ms
+
+
+def test_latency_on_the_cpu_clock_records_both_clocks_and_the_load():
+    model = build_dense()
+    options = dataclasses.replace(FAST, measure_saved_model=False, measure_training=False,
+                                  measure_flops=False, latency_clock="cpu")
+    result = profile_model(model, (64,), name="dense", options=options)
+    assert result.error is None, result.error
+    assert result.latency_clock == "cpu"
+    assert result.latency_p50_ms == result.latency_cpu_p50_ms
+    assert result.latency_wall_p50_ms > 0 and result.latency_cpu_p50_ms >= 0
+    assert result.load_average >= 0 and result.cpu_count >= 1
+    wall = profile_model(model, (64,), name="dense",
+                         options=dataclasses.replace(options, latency_clock="wall"))
+    assert wall.latency_clock == "wall" and wall.latency_p50_ms == wall.latency_wall_p50_ms
+
+
+def test_an_unknown_clock_is_refused_with_the_close_name():
+    with pytest.raises(InputError, match=r"latency_clock.*Did you mean: cpu"):
+        ProfileOptions(latency_clock="cpus")
+
+
+def test_contended_means_more_load_than_cpus_plus_this_process():
+    assert ProfileResult("a", load_average=3.5, cpu_count=2).contended
+    assert not ProfileResult("a", load_average=2.0, cpu_count=2).contended
+    assert not ProfileResult("a").contended

@@ -92,6 +92,7 @@ from tfhub_finetune.io_utils import atomic_write_text
 InputShapes = Sequence[int] | Mapping[str, Sequence[int]]
 
 _MIB = 1024.0 * 1024.0
+LATENCY_CLOCKS = ("wall", "cpu")
 _STDERR_TAIL_CHARS = 2000
 
 
@@ -117,6 +118,16 @@ class ProfileOptions:
             1 when given); None keeps TensorFlow's default. Only applied in a
             fresh process (`profile_in_subprocess`). Defaults to `None`.
         seed: int. Seed for the synthetic inputs. Defaults to 0.
+        latency_clock: str. What the latency figures count: `"wall"`
+            (elapsed time per call, what a client waits on a machine of its
+            own) or `"cpu"` (the process's CPU time per call, all threads).
+            Wall time on a shared machine grows with whatever else runs
+            (2-3x at a load of 10 on 2 cores); CPU time barely moves, and with
+            `threads=1` it equals the wall time the same call takes on a
+            quiet core, so `"cpu"` with `threads=1` gives figures that can be
+            compared across runs of a busy machine. With more threads it also
+            counts the thread pool's spinning. Both clocks are recorded
+            either way (`latency_cpu_p50_ms`). Defaults to `"wall"`.
     """
 
     serving_batch_size: int = 32
@@ -131,6 +142,7 @@ class ProfileOptions:
     measure_saved_model: bool = True
     threads: int | None = None
     seed: int = 0
+    latency_clock: str = "wall"
 
     def __post_init__(self):
         for field in ("serving_batch_size", "train_batch_size", "min_runs", "max_runs"):
@@ -164,6 +176,12 @@ class ProfileOptions:
                 received={"threads": self.threads},
                 fix="Expected a positive integer or None.",
             )
+        if self.latency_clock not in LATENCY_CLOCKS:
+            raise InputError(
+                "Invalid value for `latency_clock`.",
+                received={"latency_clock": self.latency_clock},
+                fix=did_you_mean(str(self.latency_clock), LATENCY_CLOCKS),
+            )
 
 
 @dataclasses.dataclass
@@ -188,6 +206,15 @@ class ProfileResult:
         latency_runs: int or None. Timed calls behind the latency figures.
         latency_stable: bool or None. Whether the medians of the first and
             second half of the timed calls agreed within 5%.
+        latency_clock: str. `wall` or `cpu`: what the `latency_*` and
+            `model_latency_*` figures count (`ProfileOptions.latency_clock`).
+        latency_wall_p50_ms: float or None. Median elapsed time of the same
+            batch-1 calls, whichever the clock.
+        latency_cpu_p50_ms: float or None. Median CPU time of this process
+            (all threads) per batch-1 call, whichever the clock.
+        load_average: float or None. The machine's 1-minute load average
+            when the latency was timed (this process included).
+        cpu_count: int or None. CPUs this process could run on.
         model_latency_p50_ms: float or None. Median batch-1 time of the
             network alone (token ids or pixels in) of an export with
             preprocessing; None when the served signature is the network.
@@ -240,6 +267,11 @@ class ProfileResult:
     latency_mean_ms: float | None = None
     latency_runs: int | None = None
     latency_stable: bool | None = None
+    latency_clock: str = "wall"
+    latency_wall_p50_ms: float | None = None
+    latency_cpu_p50_ms: float | None = None
+    load_average: float | None = None
+    cpu_count: int | None = None
     model_latency_p50_ms: float | None = None
     model_latency_p95_ms: float | None = None
     throughput_eps: float | None = None
@@ -275,6 +307,18 @@ class ProfileResult:
         text = " ".join(str(text).split())[:500]
         entry = f"{stage}: {text}"
         self.error = entry if not self.error else f"{self.error}; {entry}"
+
+    @property
+    def contended(self) -> bool:
+        """True when other work competed for the CPUs while the latency was timed.
+
+        The load average counts this process too (up to one per busy thread),
+        so a machine of its own reads about `threads` or less; a load above
+        the CPU count plus one means something else was running.
+        """
+        if self.load_average is None or not self.cpu_count:
+            return False
+        return self.load_average > self.cpu_count + 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1110,16 +1154,34 @@ def _materialise(outputs: Any) -> None:
         tensor.numpy()
 
 
+@dataclasses.dataclass
+class _Timings:
+    """Per-call seconds of one measurement, on both clocks."""
+
+    wall: list[float]
+    cpu: list[float]
+
+    def on(self, clock: str) -> list[float]:
+        return self.cpu if clock == "cpu" else self.wall
+
+
 def _time_calls(fn: Callable[[Any], Any], inputs: Any, options: ProfileOptions) -> list[float]:
+    """Per-call seconds on `options.latency_clock` (see `_time_calls_both`)."""
+    return _time_calls_both(fn, inputs, options).on(options.latency_clock)
+
+
+def _time_calls_both(fn: Callable[[Any], Any], inputs: Any, options: ProfileOptions) -> _Timings:
     for _ in range(max(options.warmup_runs, 1)):  # The first call traces.
         _materialise(fn(inputs))
-    times: list[float] = []
+    timings = _Timings([], [])
+    times = timings.on(options.latency_clock)  # The clock the stopping rule watches.
     start = time.perf_counter()
     deadline = 4 * options.min_seconds
     while len(times) < options.max_runs:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _materialise(fn(inputs))
-        times.append(time.perf_counter() - t0)
+        timings.cpu.append(time.process_time() - c0)
+        timings.wall.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - start
         if (
             len(times) >= options.min_runs
@@ -1127,7 +1189,7 @@ def _time_calls(fn: Callable[[Any], Any], inputs: Any, options: ProfileOptions) 
             and (_halves_agree(times) or elapsed >= deadline)
         ):
             break
-    return times
+    return timings
 
 
 def _halves_agree(times: Sequence[float], tolerance: float = 0.05) -> bool:
@@ -1156,7 +1218,8 @@ def _throughput(
     while True:
         try:
             inputs = make_inputs(batch)
-            times = _time_calls(forward, inputs, _fewer_runs(options))
+            # Examples per second is a rate on the wall clock whichever clock latency uses.
+            times = _time_calls_both(forward, inputs, _fewer_runs(options)).wall
             return batch, batch * len(times) / sum(times)
         except tf.errors.ResourceExhaustedError:
             # timm's habit: retry smaller rather than lose the candidate.
@@ -1251,7 +1314,14 @@ def _measure_inference(
     """Latency at batch 1, throughput at the serving batch, peak memory over both."""
     meter.reset()
     try:
-        times = _time_calls(forward, make_inputs(1), options)
+        timings = _time_calls_both(forward, make_inputs(1), options)
+        times = timings.on(options.latency_clock)
+        result.latency_clock = options.latency_clock
+        result.latency_wall_p50_ms = _round(1000 * _percentile(timings.wall, 50))
+        result.latency_cpu_p50_ms = _round(1000 * _percentile(timings.cpu, 50))
+        result.load_average = _round(os.getloadavg()[0], 2)
+        result.cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count()
         result.latency_p50_ms = _round(1000 * _percentile(times, 50))
         result.latency_p95_ms = _round(1000 * _percentile(times, 95))
         result.latency_mean_ms = _round(1000 * sum(times) / len(times))

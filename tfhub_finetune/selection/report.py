@@ -582,6 +582,7 @@ def _markdown(
         + (", ".join(rec.pareto) or "empty"),
         f"- Time: {_timing_sentence(payload['timing'])}",
         f"- Written: {payload['created_utc']} (results.json schema {SCHEMA_VERSION})",
+        *_contention_lines(pool),
         "",
     ]
     if search:
@@ -643,6 +644,7 @@ def _markdown(
             "calls (at least the configured count and time, until the two halves' medians agree "
             "within 5%). Model-only: the same network on token ids or pixels (the token-id twin "
             "or `predict_images`), p50.",
+            "- Clock: " + _clock_sentence(pool),
             "- Throughput: examples/s at the serving batch (halved on out-of-memory).",
             "- Memory: " + (_recorded(pool, "memory_method") or "not recorded") + ".",
             "- FLOPs: TF graph profiler on the frozen forward at the task's input shape, per "
@@ -657,6 +659,36 @@ def _markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _contention_lines(pool: Sequence[Candidate]) -> list[str]:
+    """A warning when wall-clock latencies were timed while other work ran."""
+    busy = [c for c in pool if c.figures.get("latency_clock", "wall") == "wall"
+            and _finite(c.figures.get("load_average")) and c.figures.get("cpu_count")
+            and c.figures["load_average"] > c.figures["cpu_count"] + 1]
+    if not busy:
+        return []
+    worst = max(busy, key=lambda c: c.figures["load_average"])
+    return [
+        f"- **Latency was timed on a busy machine** (load average up to "
+        f"{worst.figures['load_average']:.1f} on {worst.figures['cpu_count']} CPUs, for "
+        f"{', '.join(c.name for c in busy)}): wall-clock figures are inflated and differ from "
+        "run to run, so the latency limit may cut the wrong candidates. Profile on a quiet "
+        "machine, or rerun with `--latency_clock=cpu --profile_threads=1 --overwrite` (CPU time "
+        "per request on one thread, steady under load)."
+    ]
+
+
+def _clock_sentence(pool: Sequence[Candidate]) -> str:
+    clocks = {c.figures.get("latency_clock", "wall") for c in pool if c.figures.get("device")}
+    if clocks == {"cpu"}:
+        return ("latency figures are CPU time per request (all of the serving process's "
+                "threads), which on one thread is the wall time of the same request on a quiet "
+                "core and barely moves when other work shares the machine; the wall-clock "
+                "median is in results.json (`latency_wall_p50_ms`).")
+    return ("latency figures are elapsed (wall-clock) time per request; the serving process's "
+            "CPU time per request and the machine's load average while timing are in "
+            "results.json (`latency_cpu_p50_ms`, `load_average`).")
 
 
 def _fidelity_label(c: Candidate, pool: Sequence[Candidate]) -> str:
