@@ -73,6 +73,9 @@ def test_subprocess_profile_records_every_figure(dense_profile):
     assert r.params == build_dense().count_params() == 2410
     assert 0 < r.latency_p50_ms <= r.latency_p95_ms
     assert r.latency_runs >= FAST.min_runs
+    # Every figure the serving child measured reaches the merged result.
+    assert r.latency_wall_p50_ms == r.latency_p50_ms and r.latency_cpu_p50_ms is not None
+    assert r.load_average is not None and r.cpu_count >= 1
     assert r.throughput_eps > 0 and r.serving_batch_size == 8
     assert r.peak_infer_memory_mb > 0 and r.peak_train_memory_mb > 0
     assert r.baseline_memory_mb > 100  # TensorFlow itself is resident before the model.

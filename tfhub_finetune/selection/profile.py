@@ -93,6 +93,9 @@ InputShapes = Sequence[int] | Mapping[str, Sequence[int]]
 
 _MIB = 1024.0 * 1024.0
 LATENCY_CLOCKS = ("wall", "cpu")
+# Field metadata of the figures the inference stage measures: the serving child's
+# result is merged into the build child's by this mark, not by a list kept in step.
+_INFERENCE = {"stage": "inference"}
 _STDERR_TAIL_CHARS = 2000
 
 
@@ -262,24 +265,24 @@ class ProfileResult:
     params: int | None = None
     trainable_params: int | None = None
     flops_per_example: float | None = None
-    latency_p50_ms: float | None = None
-    latency_p95_ms: float | None = None
-    latency_mean_ms: float | None = None
-    latency_runs: int | None = None
-    latency_stable: bool | None = None
-    latency_clock: str = "wall"
-    latency_wall_p50_ms: float | None = None
-    latency_cpu_p50_ms: float | None = None
-    load_average: float | None = None
-    cpu_count: int | None = None
-    model_latency_p50_ms: float | None = None
-    model_latency_p95_ms: float | None = None
-    throughput_eps: float | None = None
-    serving_batch_size: int | None = None
+    latency_p50_ms: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    latency_p95_ms: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    latency_mean_ms: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    latency_runs: int | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    latency_stable: bool | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    latency_clock: str = dataclasses.field(default="wall", metadata=_INFERENCE)
+    latency_wall_p50_ms: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    latency_cpu_p50_ms: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    load_average: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    cpu_count: int | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    model_latency_p50_ms: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    model_latency_p95_ms: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    throughput_eps: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
+    serving_batch_size: int | None = dataclasses.field(default=None, metadata=_INFERENCE)
     train_batch_size: int | None = None
-    peak_infer_memory_mb: float | None = None
+    peak_infer_memory_mb: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
     peak_train_memory_mb: float | None = None
-    peak_infer_device_memory_mb: float | None = None
+    peak_infer_device_memory_mb: float | None = dataclasses.field(default=None, metadata=_INFERENCE)
     peak_train_device_memory_mb: float | None = None
     baseline_memory_mb: float | None = None
     saved_model_mb: float | None = None
@@ -1273,19 +1276,9 @@ def _train_steps(model: Any, specs: Any, options: ProfileOptions) -> bool:
     return True
 
 
-_INFERENCE_FIELDS = (
-    "latency_p50_ms",
-    "latency_p95_ms",
-    "latency_mean_ms",
-    "latency_runs",
-    "latency_stable",
-    "model_latency_p50_ms",
-    "model_latency_p95_ms",
-    "throughput_eps",
-    "serving_batch_size",
-    "peak_infer_memory_mb",
-    "peak_infer_device_memory_mb",
-)
+def _inference_fields() -> tuple[str, ...]:
+    """ProfileResult fields the inference stage fills (marked `_INFERENCE` where declared)."""
+    return tuple(f.name for f in dataclasses.fields(ProfileResult) if f.metadata.get("stage") == "inference")
 
 
 def _new_result(name: str, specs: Any, meter: _PeakMemory, baseline: float) -> ProfileResult:
@@ -1339,7 +1332,7 @@ def _measure_inference(
 
 
 def _merge_inference(result: ProfileResult, served: ProfileResult, where: str) -> None:
-    for field in _INFERENCE_FIELDS:
+    for field in _inference_fields():
         setattr(result, field, getattr(served, field))
     result.inference_measured_on = where if served.latency_p50_ms is not None else ""
     if served.error:
