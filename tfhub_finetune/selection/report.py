@@ -1328,7 +1328,7 @@ def _the_search_section(search: Mapping[str, Any]) -> list[str]:
     taus = ", ".join(f"{k} {_tau(v['tau'])} (n={v['n']})"
                      for k, v in search["kendall_tau"].items())
     if taus:
-        lines += [f"Kendall tau of each transferability score against the search's {metric}: "
+        lines += [f"Kendall tau of each ranker (the scores, then the data-free priors) against the search's {metric}: "
                   f"{taus}. Candidates cut early were fine-tuned for fewer epochs, which the "
                   "ranking includes.", ""]
     return lines
