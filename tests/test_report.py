@@ -136,7 +136,7 @@ def test_results_json_has_the_schema(written):
     assert data["kendall_tau"]["logme"] == {
         "kind": "score", "tau": pytest.approx(2 / 3), "weighted_tau": pytest.approx(0.733333, abs=1e-6),
         "n": 4, "candidates": four, "top_pick": ["minilm_l6_h384"], "best": "minilm_l6_h384",
-        "regret": 0.0, "equal_fidelity": True,
+        "regret": 0.0, "pick_within_noise": None, "equal_fidelity": True,
     }
     # The data-free prior, from the profiles' parameter counts (no FLOPs recorded: no row).
     assert list(data["kendall_tau"]) == ["knn_accuracy", "logme", "params"]
@@ -331,6 +331,12 @@ def test_a_prior_that_beats_logme_is_said_in_words(tmp_path):
     assert "equal-fidelity" not in text
     data = read_results(paths["results"])
     assert data["kendall_tau"]["logme"]["regret"] == pytest.approx(0.02)
+    # LogME's first choice inside the best's 95% interval: not called worse, only said.
+    records[0]["figures"]["metric_interval"] = [0.895, 0.94]
+    verdicts = report_lib.prior_verdicts(transferability_correlations(records), "accuracy")
+    assert verdicts == ["On this task logme ranks worse than parameter count (weighted tau -0.07 "
+                        "vs +1.00), though its first choice is within the best's 95% interval "
+                        "(top-1 regret 2.0 points vs 0.0 points for parameter count)."]
     # Halving cut two candidates early: the table says its figures are of mixed fidelity.
     for record in records[2:]:
         record["figures"]["fine_tune_epochs"] = 1

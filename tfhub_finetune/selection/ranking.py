@@ -61,8 +61,10 @@ def transferability_correlations(
         constant), `n`, `candidates`, `top_pick` (the names the ranker puts
         first; several when tied), `best` (the best fine-tuned candidate among
         them), `regret` (best metric minus the top pick's, the mean over a
-        tie; in the metric's own units) and `equal_fidelity`. Scores first
-        (sorted), then the priors in `PRIORS` order.
+        tie; in the metric's own units), `pick_within_noise` (whether the top
+        pick's metric is inside the best's 95% interval; None without
+        intervals) and `equal_fidelity`. Scores first (sorted), then the
+        priors in `PRIORS` order.
     """
     pool = [c for c in as_candidates(candidates) if not c.error and _finite(c.metric)]
     names = [*sorted({k for c in pool for k in c.scores}),
@@ -74,8 +76,9 @@ def prior_verdicts(table: Mapping[str, Mapping[str, Any]], metric_name: str) -> 
     """One sentence per measured score: does it beat the best data-free prior on this task?
 
     Compares weighted tau with the best prior's, and top-1 regret with the
-    lowest prior regret. A score without a defined tau is said to be
-    incomparable.
+    lowest prior regret; a first choice inside the best candidate's 95%
+    interval is not called worse. A score without a defined tau is said to
+    be incomparable.
 
     Example:
 
@@ -102,8 +105,11 @@ def prior_verdicts(table: Mapping[str, Mapping[str, Any]], metric_name: str) -> 
             continue
         prior, prior_tau = PRIORS[top_tau[0]], top_tau[1]["weighted_tau"]
         tau_worse = tau < prior_tau
+        # A first choice inside the best's 95% interval is not called worse: noise can swap them.
         regret_worse = (regret is not None and top_regret is not None
-                        and regret > top_regret[1]["regret"])
+                        and regret > top_regret[1]["regret"] and not info.get("pick_within_noise"))
+        noisy = (regret is not None and top_regret is not None
+                 and regret > top_regret[1]["regret"] and info.get("pick_within_noise"))
         taus = f"weighted tau {tau:+.2f} vs {prior_tau:+.2f}"
         regrets = "" if regret is None or top_regret is None else (
             f"top-1 regret {_gap(regret, metric_name)} vs {_gap(top_regret[1]['regret'], metric_name)}"
@@ -114,7 +120,9 @@ def prior_verdicts(table: Mapping[str, Mapping[str, Any]], metric_name: str) -> 
                          "better.")
         elif tau_worse:
             lines.append(f"On this task {name} ranks worse than {prior} ({taus})"
-                         + (f", though its first choice is as good ({regrets})." if regrets
+                         + (f", though its first choice is within the best's 95% interval "
+                            f"({regrets})." if noisy else
+                            f", though its first choice is as good ({regrets})." if regrets
                             else "."))
         elif regret_worse:
             lines.append(f"On this task {name} ranks at least as well as the data-free priors "
@@ -141,9 +149,20 @@ def _agreement(name: str, pool: Sequence[Candidate]) -> dict[str, Any]:
         best_c = max(used, key=lambda c: c.metric)
         best = best_c.name
         regret = round(best_c.metric - sum(c.metric for c in picks) / len(picks), 6)
+        low = _interval_low(best_c)
+        within = None if low is None else all(c.metric >= low for c in picks)
     return {"kind": kind, "tau": tau, "weighted_tau": weighted, "n": len(used),
             "candidates": [c.name for c in used], "top_pick": top, "best": best,
-            "regret": regret, "equal_fidelity": _equal_fidelity(used)}
+            "regret": regret, "pick_within_noise": within if used else None,
+            "equal_fidelity": _equal_fidelity(used)}
+
+
+def _interval_low(c: Candidate) -> float | None:
+    """The lower end of the metric's 95% interval (`figures["metric_interval"]`), if recorded."""
+    interval = c.figures.get("metric_interval")
+    if isinstance(interval, (list, tuple)) and len(interval) == 2 and _finite(interval[0]):
+        return float(interval[0])
+    return None
 
 
 def _value(c: Candidate, name: str, kind: str) -> Any:
