@@ -176,10 +176,11 @@ def main(argv):
     for relaxation in answer.relaxations[:2]:
         print(f"  To get one: {relaxation.describe(answer.metric_name)}")
     taus = ", ".join(
-        f"{name} {'undefined' if info['tau'] is None else format(info['tau'], '+.2f')} "
-        f"(n={info['n']})" for name, info in result.kendall_tau.items()
+        f"{name}{' (prior)' if info['kind'] == 'prior' else ''} "
+        f"{'undefined' if info['weighted_tau'] is None else format(info['weighted_tau'], '+.2f')}"
+        f" (n={info['n']})" for name, info in result.kendall_tau.items()
     )
-    print(f"Kendall tau vs fine-tuned {rec.metric_name}: {taus or 'no scores'}")
+    print(f"Weighted Kendall tau vs fine-tuned {rec.metric_name}: {taus or 'no scores'}")
     line = f"Selection: {_duration(result.selection_seconds)} wall"
     # With cached stages, the selection's cost is what they took when they ran.
     cost = result.compute_seconds if result.reused else result.selection_seconds

@@ -131,16 +131,19 @@ def test_results_json_has_the_schema(written):
     assert by_name["minilm_l6_h384"]["feasible"] is False
     assert by_name["distil_bert_base_en_uncased"]["error"].startswith("build: OSError")
     assert data["timing"]["speedup"] == pytest.approx(3100 / 740)
+    four = ["minilm_l6_h384", "bert_tiny_en_uncased", "bert_small_en_uncased",
+            "scratch_text_encoder"]
     assert data["kendall_tau"]["logme"] == {
-        "tau": pytest.approx(2 / 3),
-        "n": 4,
-        "candidates": [
-            "minilm_l6_h384",
-            "bert_tiny_en_uncased",
-            "bert_small_en_uncased",
-            "scratch_text_encoder",
-        ],
+        "kind": "score", "tau": pytest.approx(2 / 3), "weighted_tau": pytest.approx(0.733333, abs=1e-6),
+        "n": 4, "candidates": four, "top_pick": ["minilm_l6_h384"], "best": "minilm_l6_h384",
+        "regret": 0.0, "pick_within_noise": None, "equal_fidelity": True,
     }
+    # The data-free prior, from the profiles' parameter counts (no FLOPs recorded: no row).
+    assert list(data["kendall_tau"]) == ["knn_accuracy", "logme", "params"]
+    assert data["kendall_tau"]["params"]["kind"] == "prior"
+    assert data["kendall_tau"]["params"]["tau"] == pytest.approx(1 / 3)
+    assert data["kendall_tau"]["params"]["top_pick"] == ["bert_small_en_uncased"]
+    assert data["kendall_tau"]["params"]["regret"] == pytest.approx(0.007)
     assert data["extra"] == {"flags": {"seed": 1}}
 
 
@@ -150,7 +153,13 @@ def test_report_md_states_everything_a_reader_needs(written):
     assert f"**Recommendation:** {rec.reason}" in text
     assert "0.4 points below the best (minilm_l6_h384), 3.1x faster" in text
     assert "failed: build: OSError: preset download failed \\| no internet" in text
-    assert "| logme | +0.67 | 4 |" in text
+    assert ("| logme | the task's data (frozen features) | +0.73 | +0.67 | minilm_l6_h384 | 0.0 "
+            "| 4 |") in text
+    assert ("| params (parameter count) | nothing (data-free, from the profile) | +0.20 | +0.33 "
+            "| bert_small_en_uncased | 0.7 | 4 |") in text
+    assert ("On this task logme ranks at least as well as the data-free priors (weighted tau "
+            "+0.73 vs +0.20 for parameter count; top-1 regret 0.0 points vs 0.7 points for "
+            "parameter count).") in text
     assert "| fine_tune_epochs | 18 |" in text
     assert "selection took 12.3 min" in text and "(4.2x longer)" in text
     assert DEVICE in text
@@ -280,3 +289,98 @@ def test_wall_latency_timed_on_a_busy_machine_is_flagged(tmp_path):
     quiet = write_report(tmp_path / "cpu", records, recommend(records))["report"].read_text()
     assert "busy machine" not in quiet
     assert "latency figures are CPU time per request" in quiet
+
+
+def _prior_wins_records():
+    """Recorded figures where the biggest model fine-tunes best and LogME prefers a mid one."""
+    rows = [("big", 100e6, 20e9, 0.92, -0.5, 40.0), ("mid", 50e6, 10e9, 0.90, 0.3, 20.0),
+            ("small", 20e6, 4e9, 0.88, 0.2, 9.0), ("tiny", 5e6, 1e9, 0.80, 0.1, 3.0)]
+    return [{"name": name, "metric": metric, "latency_ms": latency, "memory_mb": 100.0,
+             "params": params, "scores": {"logme": logme},
+             "figures": {"flops_per_example": flops, "seconds_per_epoch": latency * 4,
+                         "fine_tune_epochs": 3}}
+            for name, params, flops, metric, logme, latency in rows]
+
+
+def test_ranking_table_sets_scores_beside_data_free_priors():
+    table = transferability_correlations(_prior_wins_records())
+    assert list(table) == ["logme", "params", "flops_per_example"]
+    logme, params, flops = table["logme"], table["params"], table["flops_per_example"]
+    assert logme["kind"] == "score" and params["kind"] == flops["kind"] == "prior"
+    # scipy.stats.weightedtau / kendalltau on the same figures: -0.0667 / 0.0.
+    assert logme["weighted_tau"] == pytest.approx(-1 / 15) and logme["tau"] == pytest.approx(0.0)
+    assert logme["top_pick"] == ["mid"] and logme["best"] == "big"
+    assert logme["regret"] == pytest.approx(0.02)
+    for prior in (params, flops):
+        assert prior["tau"] == prior["weighted_tau"] == pytest.approx(1.0)
+        assert prior["top_pick"] == ["big"] and prior["regret"] == 0.0 and prior["n"] == 4
+    assert all(info["equal_fidelity"] for info in table.values())
+
+
+def test_a_prior_that_beats_logme_is_said_in_words(tmp_path):
+    records = _prior_wins_records()
+    paths = write_report(tmp_path, records, recommend(records))
+    text = paths["report"].read_text(encoding="utf-8")
+    assert ("| logme | the task's data (frozen features) | -0.07 | +0.00 | mid | 2.0 | 4 |"
+            in text)
+    assert ("| flops_per_example (FLOPs per example) | nothing (data-free, from the profile) "
+            "| +1.00 | +1.00 | big | 0.0 | 4 |") in text
+    assert ("- On this task logme ranks worse than parameter count (weighted tau -0.07 vs "
+            "+1.00), and its first choice is worse too (top-1 regret 2.0 points vs 0.0 points "
+            "for parameter count): the free prior would have served better.") in text
+    assert "equal-fidelity" not in text
+    data = read_results(paths["results"])
+    assert data["kendall_tau"]["logme"]["regret"] == pytest.approx(0.02)
+    # LogME's first choice inside the best's 95% interval: not called worse, only said.
+    records[0]["figures"]["metric_interval"] = [0.895, 0.94]
+    verdicts = report_lib.prior_verdicts(transferability_correlations(records), "accuracy")
+    assert verdicts == ["On this task logme ranks worse than parameter count (weighted tau -0.07 "
+                        "vs +1.00), though its first choice is within the best's 95% interval "
+                        "(top-1 regret 2.0 points vs 0.0 points for parameter count)."]
+    # Halving cut two candidates early: the table says its figures are of mixed fidelity.
+    for record in records[2:]:
+        record["figures"]["fine_tune_epochs"] = 1
+    paths = write_report(tmp_path / "mixed", records, recommend(records))
+    text = paths["report"].read_text(encoding="utf-8")
+    assert "Rerun with `--brute_force` for equal-fidelity figures." in text
+
+
+def test_pareto_has_a_training_cost_panel_with_adaptation_shapes(tmp_path, monkeypatch):
+    figures = []
+    save = report_lib._atomic_save_figure
+
+    def keep(fig, path):
+        figures.append(fig)
+        save(fig, path)
+
+    monkeypatch.setattr(report_lib, "_atomic_save_figure", keep)
+    records = _prior_wins_records()
+    records[1]["figures"]["adaptation"] = "lora:8"
+    records[3]["figures"]["adaptation"] = "head"
+    del records[0]["figures"]["seconds_per_epoch"]  # Not timed: left out of the right panel.
+    rec = recommend(records, max_latency_ms=25)
+    assert rec.name == "mid"
+    path = report_lib.plot_pareto(records, rec, tmp_path / "pareto.png")
+    fig = figures[-1]
+    left, right = fig.axes[:2]
+    assert "latency" in left.get_xlabel() and "training: time per epoch (s" in right.get_xlabel()
+    assert left.get_ylabel().startswith("fine-tuned accuracy")
+    width, height = _png_size(path)
+    assert width >= 2000 and height >= 800
+
+    def offsets(ax):
+        return {tuple(xy) for coll in ax.collections for xy in coll.get_offsets()}
+
+    assert (20.0, 90.0) in offsets(left) and (80.0, 90.0) in offsets(right)
+    assert (40.0, 92.0) in offsets(left) and not any(x == 160.0 for x, _ in offsets(right))
+    # The recommendation is red in both panels.
+    for ax, x in ((left, 20.0), (right, 80.0)):
+        reds = [coll for coll in ax.collections if (x, 90.0) in {tuple(o) for o in
+                coll.get_offsets()} and tuple(coll.get_facecolor()[0][:3]) == (0.8392156862745098,
+                                                                               0.15294117647058825,
+                                                                               0.1568627450980392)]
+        assert reds, ax.get_title()
+    legend_texts = {t.get_text() for legend in fig.legends for t in legend.get_texts()}
+    assert {"full (every weight)", "LoRA rank 8", "head only (backbone frozen)",
+            "recommended: mid"} <= legend_texts
+    assert "No training time (right panel): big" in fig._supxlabel.get_text()

@@ -473,7 +473,13 @@ def test_tiny_run_writes_the_report(tiny_run):
     # Both trained a first rung; the better one also the second.
     rungs = results["extra"]["rungs"]
     assert [len(r["entries"]) for r in rungs] == [2, 1]
-    assert set(results["kendall_tau"]) == {"logme", "knn_accuracy", "linear_probe_accuracy"}
+    # Measured scores, then the data-free priors from the profiles, each with tau and regret.
+    assert list(results["kendall_tau"]) == ["knn_accuracy", "linear_probe_accuracy", "logme",
+                                            "params", "flops_per_example"]
+    for name, info in results["kendall_tau"].items():
+        assert info["kind"] == ("prior" if name in ("params", "flops_per_example") else "score")
+        assert info["n"] == 2 and info["top_pick"] and info["regret"] >= 0.0
+    assert "| params (parameter count) | nothing (data-free, from the profile) |" in text
     assert results["timing"]["brute_force_seconds_estimate"] > 0
 
 

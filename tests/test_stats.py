@@ -18,6 +18,7 @@ from tfhub_finetune.stats import (
     EvalPredictions,
     _evaluate,
     _weights,
+    average_ranks,
     bootstrap_intervals,
     mcnemar_exact,
     paired_test,
@@ -114,6 +115,19 @@ def test_point_values_match_the_metrics_reports():
     expected = multilabel_report(labels, scores, list("wxyz"))
     assert multi["exact_match"].value == pytest.approx(expected["exact_match"])
     assert multi["macro_f1"].value == pytest.approx(expected["macro_f1"])
+
+
+def test_average_ranks_one_code_for_the_sample_and_its_resamples():
+    values = np.array([3.0, 1.0, 3.0, 2.0, 3.0])
+    np.testing.assert_array_equal(average_ranks(values), [4.0, 1.0, 4.0, 2.0, 4.0])
+    np.testing.assert_array_equal(average_ranks(values), _ranks(values))
+    # A resample's rank of each example is its rank in the resample written out.
+    counts = np.array([[2.0, 0.0, 1.0, 1.0, 0.0]])
+    take = np.repeat(np.arange(5), counts[0].astype(int))
+    expanded = _ranks(values[take])
+    ranks = average_ranks(values, counts)[0]
+    for i in np.flatnonzero(counts[0]):
+        assert ranks[i] == expanded[list(take).index(i)]
 
 
 def test_a_resample_scores_like_the_expanded_sample():

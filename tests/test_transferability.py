@@ -17,6 +17,7 @@ from tfhub_finetune.selection.transferability import (
     linear_probe_accuracy,
     logme_score,
     score_transferability,
+    weighted_kendall_tau,
 )
 
 
@@ -254,6 +255,32 @@ def test_kendall_tau_edge_cases():
         kendall_tau([1], [1])
     with pytest.raises(InputError, match="NaN"):
         kendall_tau([1, float("nan")], [1, 2])
+
+
+# Reference values from scipy.stats.weightedtau (hyperbolic weights, additive, rank=True).
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [
+        ([1, 2, 3, 4], [10, 20, 30, 40], 1.0),
+        ([1, 2, 3, 4], [40, 30, 20, 10], -1.0),
+        ([1, 1, 2], [1, 2, 3], 0.8790490729915326),
+        ([0.3, -0.1, 0.2, 0.0], [0.91, 0.85, 0.9, 0.8], 0.8133333333333331),
+        ([12, 2, 1, 12, 2], [1, 4, 7, 1, 0], -0.5669496815368272),  # scipy's docstring example
+    ],
+)
+def test_weighted_kendall_tau_known_values(a, b, expected):
+    assert weighted_kendall_tau(a, b) == pytest.approx(expected, abs=1e-12)
+
+
+def test_weighted_kendall_tau_punishes_a_swap_at_the_top_more():
+    # Plain tau cannot tell which pair was swapped; a selection can: the top is the choice.
+    top = weighted_kendall_tau([1, 2, 3, 4], [1, 2, 4, 3])
+    bottom = weighted_kendall_tau([1, 2, 3, 4], [2, 1, 3, 4])
+    assert top == pytest.approx(0.52) and bottom == pytest.approx(0.8133333333333331)
+    assert kendall_tau([1, 2, 3, 4], [1, 2, 4, 3]) == kendall_tau([1, 2, 3, 4], [2, 1, 3, 4])
+    assert math.isnan(weighted_kendall_tau([2, 2, 2], [1, 2, 3]))
+    with pytest.raises(InputError, match="weighted_kendall_tau needs at least two"):
+        weighted_kendall_tau([1], [1])
 
 
 # --- Feature extraction ---

@@ -291,20 +291,6 @@ def classification_report(
     return report
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties given the mean of their ranks (as `scipy.stats.rankdata`)."""
-    values = np.asarray(values)
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    # Start of each run of equal values, and each position's run.
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    run = np.repeat(np.arange(len(starts)), ends - starts)
-    ranks = np.empty(len(values), np.float64)
-    ranks[order] = ((starts + ends - 1) / 2 + 1)[run]
-    return ranks
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     """Pearson's r; None when either side is constant or has under two values."""
     x, y = np.asarray(x, np.float64).reshape(-1), np.asarray(y, np.float64).reshape(-1)
@@ -316,7 +302,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
     """Spearman's rho: Pearson's r of the tie-averaged ranks (as `scipy.stats.spearmanr`)."""
     x, y = np.asarray(x).reshape(-1), np.asarray(y).reshape(-1)
-    return pearson(average_ranks(x), average_ranks(y)) if len(x) > 1 else None
+    return pearson(stats.average_ranks(x), stats.average_ranks(y)) if len(x) > 1 else None
 
 
 def regression_report(y_true: np.ndarray, scores: np.ndarray) -> dict:

@@ -460,7 +460,7 @@ def _evaluate(p: EvalPredictions, names: Sequence[str], w: np.ndarray) -> dict[s
                 out["pearson"] = _weighted_pearson(p.y_true[None, :], p.y_pred[None, :], w)
             if "spearman" in names:
                 out["spearman"] = _weighted_pearson(
-                    _weighted_ranks(p.y_true, w), _weighted_ranks(p.y_pred, w), w)
+                    average_ranks(p.y_true, w), average_ranks(p.y_pred, w), w)
     return {m: out[m] for m in names}
 
 
@@ -486,15 +486,28 @@ def _tie_groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return order, np.flatnonzero(new), np.cumsum(new) - 1
 
 
-def _weighted_ranks(values: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Average (mid) ranks each example would have in each resample, ties shared."""
+def average_ranks(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """1-based ranks, ties given the mean of their ranks (as `scipy.stats.rankdata`).
+
+    With `weights` (resamples x examples, a resample's count of each
+    example), the mid rank each example has in each resample: the one rank
+    code behind Spearman's rho and its bootstrap.
+
+    Example:
+
+    ```python
+    average_ranks(np.array([3.0, 1.0, 3.0]))  # [2.5, 1.0, 2.5]
+    ```
+    """
+    values = np.asarray(values)
+    w = np.ones((1, len(values))) if weights is None else weights
     order, starts, group = _tie_groups(values)
     per_group = np.add.reduceat(w[:, order], starts, axis=1)
     before = np.cumsum(per_group, axis=1) - per_group
     mid = before + (per_group + 1) / 2
-    ranks = np.empty_like(w)
+    ranks = np.empty_like(w, dtype=np.float64)
     ranks[:, order] = mid[:, group]
-    return ranks
+    return ranks[0] if weights is None else ranks
 
 
 def _weighted_auc(positive: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from tfhub_finetune.selection.profile import (
     profile_model,
     profile_saved_model,
 )
+from tfhub_finetune.selection.ranking import prior_verdicts, transferability_correlations
 from tfhub_finetune.selection.recommend import (
     Candidate,
     ConstraintChange,
@@ -19,11 +20,7 @@ from tfhub_finetune.selection.recommend import (
     pareto_front,
     recommend,
 )
-from tfhub_finetune.selection.report import (
-    read_results,
-    transferability_correlations,
-    write_report,
-)
+from tfhub_finetune.selection.report import read_results, write_report
 from tfhub_finetune.selection.transferability import (
     TransferabilityScore,
     extract_features,
@@ -32,6 +29,7 @@ from tfhub_finetune.selection.transferability import (
     linear_probe_accuracy,
     logme_score,
     score_transferability,
+    weighted_kendall_tau,
 )
 
 __all__ = [
@@ -48,6 +46,7 @@ __all__ = [
     "linear_probe_accuracy",
     "logme_score",
     "pareto_front",
+    "prior_verdicts",
     "profile_in_subprocess",
     "profile_model",
     "profile_saved_model",
@@ -55,5 +54,6 @@ __all__ = [
     "recommend",
     "score_transferability",
     "transferability_correlations",
+    "weighted_kendall_tau",
     "write_report",
 ]
