@@ -354,8 +354,8 @@ def _merged(path: Path, runs: list[dict], systems: list[System], kinds: list[str
             if r.get("kind") not in measured]
     by_name = {s.name: s for s in (*SYSTEMS, *ABLATIONS)}
     names = [s.name for s in systems]
-    extra = [by_name[r["system"]] for r in kept if r["system"] in by_name and r["system"] not in names]
-    return kept + runs, systems + list(dict.fromkeys(extra))
+    extra = dict.fromkeys(r["system"] for r in kept if r["system"] in by_name and r["system"] not in names)
+    return kept + runs, systems + [by_name[name] for name in extra]
 
 
 def probe_bf16(runner: Runner, systems: list[System], kinds: list[str]) -> dict:

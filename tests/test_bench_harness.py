@@ -112,3 +112,20 @@ def test_targets_and_peak_memory_are_summarised_per_repetition():
     assert targets["infer_batch"]["met"] is None
     memory = summary["ratios"]["train_peak_rss_mib"]["torch_fp32"]["ours_vs_peer"]
     assert memory == pytest.approx(1200 / 900)  # >1: ours uses less.
+
+
+def test_a_run_of_some_kinds_keeps_the_kind_files_other_rows(tmp_path):
+    """`--only=train` after `--only=infer`: one file per machine kind holds both."""
+    path = tmp_path / "kind.json"
+    old_runs = [{"kind": "infer", "system": "torch_bf16", "repeat": 0},
+                {"kind": "train", "system": "ours", "repeat": 0}]
+    path.write_text(json.dumps({"date": "2026-12-01", "runs": old_runs}))
+    new_runs = [{"kind": "train", "system": "ours", "repeat": 0, "examples_per_s": 9.0}]
+    systems = [s for s in run_all.SYSTEMS if s.name == "ours"]
+    args = run_all._parse(["--only=train"])
+    runs, merged = run_all._merged(path, new_runs, systems, ["train"], args)
+    assert [(r["kind"], r["system"]) for r in runs] == [("infer", "torch_bf16"), ("train", "ours")]
+    assert runs[1]["examples_per_s"] == 9.0 and runs[0]["date"] == "2026-12-01"
+    assert [s.name for s in merged] == ["ours", "torch_bf16"]
+    args = run_all._parse(["--only=train", "--no-merge"])
+    assert run_all._merged(path, new_runs, systems, ["train"], args)[0] == new_runs
