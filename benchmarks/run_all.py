@@ -646,7 +646,8 @@ def markdown(record: dict, lines: list[str]) -> str:
             f"{record['date']}; `python -m benchmarks.run_all` "
             f"(`--only={record['settings'].get('only')}`, "
             f"`--repeats={record['settings'].get('repeats')}`); every run is in "
-            f"`{record['name']}.json`.\n\n```\n" + "\n".join(lines) + "\n```\n")
+            f"`{record['name']}.json`.\n\n" + (f"{record['notes']}\n\n" if record.get("notes") else "")
+            + "```\n" + "\n".join(lines) + "\n```\n")
 
 
 def write_results(name: str, record: dict, lines: list[str]) -> Path:
