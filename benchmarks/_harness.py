@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -190,6 +191,8 @@ def child_main(modes: dict[str, Callable[[dict], dict]], argv: list[str] | None 
     except Exception as error:  # noqa: BLE001 - reported, never swallowed silently
         traceback.print_exc()
         result = {"error": f"{type(error).__name__}: {_error_line(error)}"}
+    # The whole child's high-water mark: model, data, framework and all.
+    result["peak_rss_mib"] = peak_rss_mib()
     print(RESULT_PREFIX + json.dumps(result, default=_json_default), flush=True)
     return 0
 
@@ -263,17 +266,66 @@ def _write_log(path: Path | None, command: list[str], stdout, stderr) -> None:
 # === Machine ===
 
 
-def machine_summary() -> dict:
-    """CPU model, core count, bfloat16-related ISA flags, memory, OS: recorded with results."""
-    model, flags = platform.processor() or "cpu", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", "cpu", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+# Matmul-relevant ISA features, best first: (name shown, /proc/cpuinfo flag).
+ISA_FEATURES = (
+    ("AMX-BF16", "amx_bf16"),
+    ("AMX-INT8", "amx_int8"),
+    ("AVX512-BF16", "avx512_bf16"),
+    ("AVX512-FP16", "avx512_fp16"),
+    ("AVX512-VNNI", "avx512_vnni"),
+    ("AVX512F", "avx512f"),
+    ("AVX-VNNI", "avx_vnni"),
+    ("AVX2", "avx2"),
+    ("FMA", "fma"),
+)
+# The ISA tier of a machine kind: its first feature in this list.
+ISA_TIERS = (("amx", "amx_bf16"), ("avx512bf16", "avx512_bf16"), ("avx512", "avx512f"),
+             ("avx2", "avx2"))
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """CPU model name and feature flags from `/proc/cpuinfo` text (first processor's)."""
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
+def isa_features(flags: frozenset[str] | set[str]) -> list[str]:
+    """The matmul-relevant features among `flags`, best first (`["AVX2", "FMA"]` on an EPYC 7002)."""
+    return [name for name, flag in ISA_FEATURES if flag in flags]
+
+
+def machine_kind(model: str, flags: frozenset[str] | set[str]) -> str:
+    """A file-name slug for the kind of machine: CPU model plus ISA tier.
+
+    `Intel(R) Xeon(R) Platinum 8488C` with AMX -> `intel-xeon-platinum-8488c-amx`;
+    a VM's generic `Intel(R) Xeon(R) Processor` with AVX512_BF16 ->
+    `intel-xeon-processor-avx512bf16`; `AMD EPYC 7R13 Processor` with AVX2 ->
+    `amd-epyc-7r13-avx2`. One results file per kind keeps the runs of
+    different machines apart (their ratios differ).
+    """
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$", " ", model.lower())
+    name = re.sub(r"\bprocessor\b", " ", name) if len(name.split()) > 3 else name
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-") or platform.machine().lower() or "cpu"
+    tier = next((tier for tier, flag in ISA_TIERS if flag in flags), "baseline")
+    return f"{slug}-{tier}"
+
+
+def machine_summary(cpuinfo: str | None = None) -> dict:
+    """CPU model, kind, ISA features, core count, memory, OS: recorded with every result."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = parse_cpuinfo(cpuinfo)
+    model = model or platform.processor() or "cpu"
     memory_gib = math.nan
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -282,13 +334,60 @@ def machine_summary() -> dict:
         pass
     return {
         "cpu": model,
+        "kind": machine_kind(model, flags),
         "logical_cores": os.cpu_count(),
-        "isa": sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_fp16", "amx", "avx512f"))),
+        "isa": isa_features(flags),
         "memory_gib": memory_gib,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "hostname": platform.node(),
     }
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-memory high-water mark (VmHWM), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1024 if sys.platform != "darwin" else 2**20
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+
+
+# === bfloat16: usable here or not ===
+
+# bfloat16 GEMMs slower than this fraction of float32's are emulated (no bf16
+# hardware: ~2 GFLOP/s in PyTorch on an AVX2 EPYC, 50x below fp32); a
+# configuration that needs them is skipped rather than run for minutes.
+BF16_USEFUL_FRACTION = 0.25
+
+
+def bf16_verdict(probe: dict | None) -> dict:
+    """Whether a library's bfloat16 matmul runs at a useful rate, from `gemm_peak`'s probe.
+
+    Args:
+        probe: dict or None. `{"float32": GFLOP/s, "bfloat16": GFLOP/s}` measured
+            on a small GEMM (`gemm_peak.probe`), or None/`{"error": ...}`.
+
+    Returns:
+        `{"usable": bool | None, "ratio": bf16/fp32 or None, "reason": str}`;
+        `usable` is None when the probe failed (nothing is skipped then).
+    """
+    if not probe or probe.get("error") or not probe.get("float32"):
+        reason = (probe or {}).get("error") or "not probed"
+        return {"usable": None, "ratio": None, "reason": f"bf16 probe failed ({reason})"}
+    ratio = probe.get("bfloat16", 0.0) / probe["float32"]
+    usable = ratio >= BF16_USEFUL_FRACTION
+    reason = (f"bf16 GEMM {probe.get('bfloat16', 0.0):.0f} GFLOP/s = {ratio:.2f}x fp32's "
+              f"{probe['float32']:.0f}")
+    if not usable:
+        reason += f" (< {BF16_USEFUL_FRACTION:g}x: no bf16 hardware; skipped)"
+    return {"usable": usable, "ratio": ratio, "reason": reason}
 
 
 # === Inference protocol ===

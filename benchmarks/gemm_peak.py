@@ -25,7 +25,9 @@ from benchmarks import _harness  # noqa: E402
 
 # (M, K, N): C[M, N] = A[M, K] @ B[K, N].
 SHAPES = ((2048, 384, 1536), (2048, 1536, 384), (2048, 2048, 2048))
-DEFAULTS = {"trials": 3, "min_seconds": 0.25}
+PROBE_SHAPE = (256, 384, 1536)
+DTYPES = ("float32", "bfloat16")
+DEFAULTS = {"trials": 3, "min_seconds": 0.25, "dtypes": list(DTYPES)}
 
 
 def _best_gflops(run: Callable[[], None], flops: float, trials: int, min_seconds: float) -> float:
@@ -52,8 +54,8 @@ def tf_peak(args: dict) -> dict:
     import tensorflow as tf
 
     results = {}
-    for dtype in ("float32", "bfloat16"):
-        for m, k, n in SHAPES:
+    for dtype in args["dtypes"]:
+        for m, k, n in args.get("shapes", SHAPES):
             a = tf.cast(tf.random.normal([m, k]), dtype)
             b = tf.cast(tf.random.normal([k, n]), dtype)
             # Operands are arguments, not captures, so no graph pass can fold the
@@ -72,8 +74,8 @@ def torch_peak(args: dict) -> dict:
     import torch
 
     results = {}
-    for dtype in ("float32", "bfloat16"):
-        for m, k, n in SHAPES:
+    for dtype in args["dtypes"]:
+        for m, k, n in args.get("shapes", SHAPES):
             a = torch.randn(m, k).to(getattr(torch, dtype))
             b = torch.randn(k, n).to(getattr(torch, dtype))
             results[f"{dtype} {m}x{k}x{n}"] = _best_gflops(
@@ -84,15 +86,29 @@ def torch_peak(args: dict) -> dict:
 
 
 def _summary(library: str, results: dict[str, float]) -> dict:
+    peaks = {dtype: [v for k, v in results.items() if k.startswith(dtype + " ")] for dtype in DTYPES}
     return {
         "library": library,
         "gflops": results,
-        "peak_gflops": {
-            dtype: max(v for k, v in results.items() if k.startswith(dtype + " "))
-            for dtype in ("float32", "bfloat16")
-        },
+        # 0.0 for a dtype not measured (bf16 skipped where the probe found it emulated).
+        "peak_gflops": {dtype: max(values, default=0.0) for dtype, values in peaks.items()},
     }
 
 
+def _probe(peak: Callable[[dict], dict], args: dict) -> dict:
+    """fp32 and bf16 GFLOP/s of one small GEMM: one timed call after a warm-up call each."""
+    result = peak({"trials": 1, "min_seconds": 0.05, "shapes": [PROBE_SHAPE], **args})
+    return {"library": result["library"], **result["peak_gflops"]}
+
+
+def probe_tf(args: dict) -> dict:
+    return _probe(tf_peak, args)
+
+
+def probe_torch(args: dict) -> dict:
+    return _probe(torch_peak, args)
+
+
 if __name__ == "__main__":
-    sys.exit(_harness.child_main({"tf": tf_peak, "torch": torch_peak}))
+    sys.exit(_harness.child_main({"tf": tf_peak, "torch": torch_peak, "probe_tf": probe_tf,
+                                  "probe_torch": probe_torch}))

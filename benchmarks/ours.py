@@ -39,6 +39,7 @@ DEFAULTS = {
     "seed": 0,
     "flags": [],
     "stock_adamw": False,
+    "keras_decay_norm": False,
     "inter_op": 0,
     "intra_op": 0,
     "latency_calls": 200,
@@ -93,6 +94,9 @@ def _prepare(args: dict, workdir: Path, texts: list[str], labels):
 
         # Ablation: the pipeline's optimizer before the fused update step.
         training.FusedAdamW = keras.optimizers.AdamW
+    if args["keras_decay_norm"]:
+        # Ablation: the fused update, with Keras' own decay and norm passes.
+        del training.FusedAdamW._apply_weight_decay, training.FusedAdamW._clip_gradients
     config = _config(_write_sample(texts, labels, workdir), workdir / "run", list(args["flags"]))
     training.set_seed(config.train.seed)
     rt = config.runtime
@@ -154,6 +158,7 @@ def train(args: dict) -> dict:
         "params": model.count_params(),
         "flags": list(args["flags"]),
         "stock_adamw": bool(args["stock_adamw"]),
+        "keras_decay_norm": bool(args["keras_decay_norm"]),
     }
 
 

@@ -10,6 +10,9 @@ Protocol (why each piece is there):
 - every configuration runs in its own subprocess, because the dtype policy and
   XLA/oneDNN state are process-global and a warm process would flatter whichever
   configuration runs second;
+- where a short GEMM probe finds TensorFlow's bf16 matmul emulated (below
+  `_harness.BF16_USEFUL_FRACTION` of fp32, e.g. an AVX2-only EPYC), the
+  bf16 configurations are skipped, and the output says so;
 - the order alternates between repetitions (forward, then reversed), so slow
   drift in machine load (this box is shared) does not favour one configuration;
 - `--warmup_steps` untimed steps absorb tracing and XLA compilation (reported
@@ -36,7 +39,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -148,19 +150,19 @@ def _measure(args: argparse.Namespace) -> dict:
 
 
 def _cpu_summary() -> str:
-    from tfhub_finetune.distribute import cpu_features
+    from benchmarks import _harness
 
-    features = cpu_features()
-    shown = sorted(f for f in features if f.startswith(("avx512_bf16", "avx512_fp16", "amx")))
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores, features: {', '.join(shown) or 'none'}"
+    machine = _harness.machine_summary()
+    return (f"{machine['cpu']} (kind {machine['kind']}), {machine['logical_cores']} logical cores, "
+            f"ISA: {', '.join(machine['isa']) or 'none'}")
+
+
+def _bf16_verdict() -> dict:
+    """TensorFlow's bf16 GEMM probe (`gemm_peak.probe_tf`): skip bf16 configs where emulated."""
+    from benchmarks import _harness
+
+    probe = _harness.run_child("benchmarks.gemm_peak", "probe_tf", {}, timeout_s=600)
+    return _harness.bf16_verdict(probe)
 
 
 def _run_child(args: argparse.Namespace, config: str, seq_len: int) -> dict:
@@ -278,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     seq_lens = [int(s) for s in args.seq_lens.split(",") if s]
 
     print(f"CPU: {_cpu_summary()}")
+    if any(CONFIGS[c][0] != "float32" for c in configs):
+        verdict = _bf16_verdict()
+        print(f"bf16: {verdict['reason']}")
+        if verdict["usable"] is False:
+            skipped = [c for c in configs if CONFIGS[c][0] != "float32"]
+            print(f"SKIPPED {', '.join(skipped)}: no bf16 hardware.")
+            configs = [c for c in configs if c not in skipped]
     print(
         f"Model: BertBackbone(layers={args.num_layers}, hidden=384, heads=12, ff=1536) + Dense(2); "
         f"batch {args.batch_size}; {args.warmup_steps} warm-up + {args.timed_steps} timed steps; "

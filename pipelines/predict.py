@@ -73,6 +73,11 @@ def define_flags() -> None:
     flags.DEFINE_string("text_pair_column", "", "Models trained on text pairs: column of the "
                         "second text in .tsv/.csv inputs (index or header name); in .jsonl "
                         "inputs, its key (default `text_pair`).")
+    flags.DEFINE_integer("intra_op_threads", -1, "TensorFlow threads per op: -1 picks (1 at "
+                         "--batch_size=1, else TensorFlow's default), 0 is TensorFlow's default. "
+                         "TF Serving: --tensorflow_intra_op_parallelism.")
+    flags.DEFINE_integer("inter_op_threads", -1, "TensorFlow ops run at once; as "
+                         "--intra_op_threads. TF Serving: --tensorflow_inter_op_parallelism.")
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
@@ -371,8 +376,13 @@ def _named(names: list[str], values) -> dict[str, float]:
 
 
 def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text_column: str = "0",
-        has_header: str = "auto", text_key: str = "text", text_pair_column: str = "") -> dict:
+        has_header: str = "auto", text_key: str = "text", text_pair_column: str = "",
+        intra_op_threads: int = -1, inter_op_threads: int = -1) -> dict:
     """Predicts every input and writes JSON lines; returns `{count, errors, output}`.
+
+    Thread pools are sized by `distribute.set_serving_threads` (one intra-op
+    and one inter-op thread at batch size 1, unless given) before the model
+    loads.
 
     Raises:
         InputError: for bad paths, unreadable inputs, or inputs that do not
@@ -411,6 +421,9 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
     # Read (and check) text inputs before the model loads: a bad row costs a second.
     records = None if source.is_dir() else read_texts(source, text_column, has_header, text_key,
                                                       text_pair_column)
+    from tfhub_finetune.distribute import set_serving_threads
+
+    set_serving_threads(batch_size, intra_op_threads, inter_op_threads)
     predictor = Predictor(saved_model)
     if predictor.modality == "image" and not source.is_dir():
         raise InputError("This is an image model; the input must be a folder of images.",
@@ -487,7 +500,8 @@ def main(argv):
                          fix="Set --saved_model, --input and --output.")
     result = run(FLAGS.saved_model, FLAGS.input, FLAGS.output, FLAGS.batch_size,
                  text_column=FLAGS.text_column, has_header=FLAGS.has_header,
-                 text_key=FLAGS.text_key, text_pair_column=FLAGS.text_pair_column)
+                 text_key=FLAGS.text_key, text_pair_column=FLAGS.text_pair_column,
+                 intra_op_threads=FLAGS.intra_op_threads, inter_op_threads=FLAGS.inter_op_threads)
     note = f", {result['errors']} could not be predicted (see their `error`)" if result["errors"] else ""
     if result["skipped_blank"]:
         note += f"; skipped {result['skipped_blank']} blank line(s)"

@@ -615,3 +615,23 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
     # In-memory data cannot be split by file: FILE is refused, AUTO says it falls back.
     assert "auto_shard=file cannot split this dataset by file" in chief["file_shard_error"]
     assert "falls back from FILE to DATA sharding" in outputs[0]
+
+
+def test_serving_threads_are_one_each_at_batch_1_and_tensorflows_default_otherwise():
+    # A fresh process: thread pools are fixed once TensorFlow's runtime starts.
+    script = (
+        "import tensorflow as tf\n"
+        "from tfhub_finetune.distribute import set_serving_threads\n"
+        "pools = lambda: (tf.config.threading.get_intra_op_parallelism_threads(),"
+        " tf.config.threading.get_inter_op_parallelism_threads())\n"
+        "print(set_serving_threads(64), pools())\n"
+        "print(set_serving_threads(1), pools())\n"
+        "tf.constant(1.0) + 1.0\n"
+        "print(set_serving_threads(1, 2, 2))\n"  # Too late now: left as they are.
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == ["(0, 0) (0, 0)", "(1, 1) (1, 1)", "(1, 1)"]
+    with pytest.raises(InputError, match="intra_op"):
+        distribute.set_serving_threads(1, intra_op=-2)

@@ -31,7 +31,7 @@ from tfhub_finetune.builders.image_classifier import build_image_classifier
 from tfhub_finetune.builders.text_classifier import build_text_classifier
 from tfhub_finetune.data.image import load_image_dataset
 from tfhub_finetune.data.labels import LabelVocabulary
-from tfhub_finetune.data.text import make_text_dataset, tokenize_texts
+from tfhub_finetune.data.text import make_text_dataset, pack_inputs, tokenize_texts
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.text_client import TextClient
 
@@ -341,6 +341,30 @@ def test_bad_text_inputs_return_the_documented_results(text_model, text_export):
     classify = loaded.signatures["classify"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="text"):
         classify(inputs=tf.constant(examples("sentence", [b"a fine film"])))
+
+
+@pytest.mark.parametrize("widths", [None, [8, 16, 24, 32]])
+def test_length_chunked_serving_equals_the_unchunked_call_row_for_row(text_model, dev_texts,
+                                                                       widths):
+    """`serving_default` sorts by length and runs chunks; answers stay in request order."""
+    backbone, model = text_model
+    tok = backbone.tokenizer
+    # Mixed lengths in an order that is not sorted: several chunks of 5, several buckets,
+    # an empty string, whitespace and a text far past the sequence length.
+    texts = ["", LONG_TEXT, *dev_texts[:9], "  ", *TRICKY[:4], "a", *dev_texts[9:14]]
+    inputs = pack_inputs(tok.tokenize(tf.constant(texts)), sequence_length=SEQUENCE_LENGTH,
+                                start_id=tok.start_id, end_id=tok.end_id, pad_id=tok.pad_id)
+    lengths = inputs["padding_mask"].numpy().sum(1)
+    assert len(set(lengths)) > 8 and lengths.max() == SEQUENCE_LENGTH
+    unchunked = export._call_or_empty(model, inputs, tf.shape(inputs["token_ids"])[0]).numpy()
+    # Client-side padding past the longest row (a token-id request) must not change answers.
+    wide = {k: tf.pad(v, [[0, 0], [0, 7]], constant_values=0) for k, v in inputs.items()}
+    for batch in (inputs, wide):
+        chunked = export._call_in_length_chunks(
+            model, batch, pad_id=int(tok.pad_id), chunk_rows=5, widths=widths
+        ).numpy()
+        np.testing.assert_allclose(chunked, unchunked, atol=1e-5)
+    np.testing.assert_allclose(unchunked, reference_probabilities(model, backbone, texts), atol=1e-5)
 
 
 def test_cls_pooled_exports_answer_an_empty_batch(tmp_path, text_model):

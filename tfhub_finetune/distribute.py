@@ -727,6 +727,66 @@ def resolve_jit_compile(
     return any("GPU" in device.upper() for device in _worker_devices(strategy))
 
 
+# === Serving threads ===
+
+# TensorFlow's intra-op / inter-op pools for batch-1 serving: one each. A
+# batch-1 forward pass of a small encoder is a chain of small ops, where
+# handing each op to a pool costs more than the second thread gives back
+# (measured with `benchmarks/serving_levers.py --only=threads` on AVX-512 and
+# AMX Xeons; BUILD_NOTES.md "Serving levers"). TF Serving's flags:
+# `--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1`.
+BATCH1_THREADS = (1, 1)
+
+
+def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1) -> tuple[int, int]:
+    """Sizes TensorFlow's thread pools for serving calls of `batch_size` inputs.
+
+    Must run before TensorFlow's runtime starts (the first op, or loading a
+    SavedModel); later it cannot change them and leaves them as they are
+    (logged).
+
+    Args:
+        batch_size: int. Inputs per call.
+        intra_op: int. Threads per op; 0 is TensorFlow's default (one per
+            core), -1 picks: 1 at batch 1 (`BATCH1_THREADS`), else 0.
+        inter_op: int. Ops run at once; same conventions.
+
+    Returns:
+        The `(intra_op, inter_op)` set, 0 meaning TensorFlow's default.
+
+    Raises:
+        InputError: for a count below -1.
+
+    Example:
+
+    ```python
+    set_serving_threads(1)  # (1, 1): what TF Serving's thread flags should say at batch 1
+    ```
+    """
+    chosen = []
+    for name, value, batch1 in (("intra_op", intra_op, BATCH1_THREADS[0]),
+                                ("inter_op", inter_op, BATCH1_THREADS[1])):
+        if not isinstance(value, int) or value < -1:
+            raise InputError(
+                f"Invalid thread count for `{name}`.",
+                received={name: value},
+                fix="Expected -1 (auto: 1 at batch size 1, else TensorFlow's default), 0 "
+                "(TensorFlow's default) or a positive count.",
+            )
+        chosen.append((batch1 if batch_size == 1 else 0) if value == -1 else value)
+    intra, inter = chosen
+    try:
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:  # The runtime has started: its pools are fixed now.
+        logger.info("TensorFlow's runtime has started; its thread pools stay as they are.")
+        return (tf.config.threading.get_intra_op_parallelism_threads(),
+                tf.config.threading.get_inter_op_parallelism_threads())
+    return intra, inter
+
+
 # === Helpers ===
 
 
