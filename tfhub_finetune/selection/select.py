@@ -2,7 +2,8 @@
 
 `select_model(candidates, train_data, eval_data, output_dir=...)` runs five stages
 over a list of candidate backbones (catalog names, `name@layers=k`, local
-directories, TF Hub handles), for text or image classification. Each stage
+directories, TF Hub handles), for text, text-pair, token (NER) or image
+classification (`modality`, or from the data settings). Each stage
 works on a `_Candidate` (what the user gave, the resolved spec, the profile,
 the scores, the error if any); the modality's task (`tasks/`: single texts,
 text pairs, tokens for NER, images) knows how to build, profile and feed each
@@ -147,12 +148,16 @@ def select_model(candidates: Sequence[str], train_data: str, eval_data: str = ""
         candidates: list of str. Backbones: catalog names (`minilm_l6_h384`),
             `name@layers=k`, directories, TF Hub handles. The from-scratch
             baseline is added when missing.
-        train_data: str. Training file (text) or class-folder directory (images).
+        train_data: str. Training file (texts or text pairs: TSV/CSV/JSONL;
+            tokens: CoNLL or JSONL tagged sentences) or class-folder directory
+            (images).
         eval_data: str. Evaluation data; empty holds out a split.
         output_dir: str. Where the report goes.
         **settings: any field of the selection or training config by name
             (`SelectionConfig.from_settings`), e.g. `learning_rates=(1e-4,)`,
-            `max_epochs=3`, `max_latency_ms=20`, `sequence_length=64`.
+            `max_epochs=3`, `max_latency_ms=20`, `sequence_length=64`,
+            `modality="tokens"` (NER, selected on `entity_f1`),
+            `text_pair_column="sentence2"` (text pairs).
 
     Returns:
         A `SelectionResult`.
