@@ -107,14 +107,23 @@ def define_token_flags() -> None:
     """Flags of `pipelines.token_classify` (CoNLL / JSONL tagging data)."""
     flags.DEFINE_string("text_column", "0", "Token field of CoNLL files (0-based), or the tokens "
                         "key of JSONL (an index means `tokens`).")
+    flags.DEFINE_integer("sequence_length", 128, "Word pieces per window, [CLS]/[SEP] included; "
+                         "longer sentences are split into sliding windows.")
+    flags.DEFINE_bool("bucketing", True, "Bucket training batches by length (much faster on CPU).")
+    define_tag_flags()
+
+
+# The flags only tagging data has: giving one to `select_model` selects for token classification.
+TAG_FLAGS = ("tag_column", "tag_scheme", "window_stride")
+
+
+def define_tag_flags() -> None:
+    """The tagging-only flags (`TAG_FLAGS`), shared by token_classify and select_model."""
     flags.DEFINE_string("tag_column", "-1", "Tag field of CoNLL files (0-based, negative from the "
                         "end; -1: last), or the tags key of JSONL (an index means `tags`).")
     flags.DEFINE_enum("tag_scheme", "iob2", ["iob2", "iob1", "bioes"],
                       "Tag scheme of the files; converted to IOB2.")
-    flags.DEFINE_integer("sequence_length", 128, "Word pieces per window, [CLS]/[SEP] included; "
-                         "longer sentences are split into sliding windows.")
     flags.DEFINE_integer("window_stride", 0, "Word pieces between window starts (0: half a window).")
-    flags.DEFINE_bool("bucketing", True, "Bucket training batches by length (much faster on CPU).")
 
 
 def config_from_flags() -> ExperimentConfig:

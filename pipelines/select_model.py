@@ -2,6 +2,11 @@
 
     python -m pipelines.select_model --flagfile=pipelines/configs/select_sst2.flags
     python -m pipelines.select_model --flagfile=pipelines/configs/select_hymenoptera.flags
+    python -m pipelines.select_model --flagfile=pipelines/configs/select_conll2003.flags
+
+Text, text pairs (`--text_pair_column`), tokens (NER on CoNLL/JSONL: a tag
+flag or `--modality=tokens`; selected on entity F1) and images: each trial
+trains what text_classify, token_classify or image_classify would.
 
 Profiles every candidate as deployed, scores transferability, fine-tunes the
 candidates by successive halving on KerasTuner (cached: a rerun or a wider
@@ -40,6 +45,7 @@ FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags()
 pipeline_flags.define_text_flags()
 pipeline_flags.define_image_flags()
+pipeline_flags.define_tag_flags()
 for _name, _value in SELECTION_DEFAULTS.items():
     FLAGS.set_default(_name, _value)
 # Set per trial by the search (or not used by it): giving one is a mistake worth saying.
@@ -59,9 +65,14 @@ _SET_BY_SELECTION = {
 # === What to compare ===
 flags.DEFINE_list("candidates", [], "Backbones to compare: catalog names, name@layers=k, "
                   "directories, TF Hub handles. The from-scratch baseline is added if missing.")
-flags.DEFINE_enum("modality", "auto", ["auto", "text", "image"], "Task input (auto: from the "
-                  "candidates).")
-flags.DEFINE_enum("metric", "accuracy", ["accuracy", "macro_f1"], "Fine-tuned metric to maximise.")
+# Strings, not enums: SelectionConfig checks them, in one line with the close name.
+flags.DEFINE_string("modality", "auto", "Task input: text, text_pair (two texts: "
+                    "--text_pair_column), tokens (a tag per word, CoNLL/JSONL: NER) or image. "
+                    "auto: tokens when a tag flag (--tag_column, --tag_scheme, --window_stride) "
+                    "is given, text_pair with --text_pair_column, else from the candidates.")
+flags.DEFINE_string("metric", "auto", "Fine-tuned metric to maximise: accuracy, macro_f1, f1 "
+                    "(class 1 of two, GLUE's MRPC F1) or entity_f1 (tokens, as seqeval). auto: "
+                    "entity_f1 for tokens, else accuracy.")
 
 # === Fine-tuning search ===
 flags.DEFINE_list("learning_rates", ["5e-5"], "Peak learning rates of the pretrained candidates "
@@ -138,16 +149,19 @@ def config_from_flags() -> SelectionConfig:
         min_seconds=f.profile_min_seconds, threads=f.profile_threads,
         latency_clock=f.latency_clock,
     )
+    # A tag flag says the data is tagged words: select for token classification.
+    tagging = [n for n in pipeline_flags.TAG_FLAGS if f[n].present]
+    modality = "tokens" if tagging and not f["modality"].present else f.modality
     config = pipeline_flags.dataclass_from_flags(
         SelectionConfig,
         base=pipeline_flags.experiment_config_from_flags(),
         search=pipeline_flags.dataclass_from_flags(
             SearchConfig, candidates=tuple(c.strip() for c in f.candidates),
-            learning_rates=tuple(learning_rates)),
+            learning_rates=tuple(learning_rates), modality=modality),
         constraints=pipeline_flags.dataclass_from_flags(Constraints),
         profile_options=options,
     )
-    return config.validate()
+    return config.resolved().validate()
 
 
 def main(argv):

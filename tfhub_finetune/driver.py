@@ -96,6 +96,30 @@ def training_callbacks(config: ExperimentConfig, model_dir: Path) -> list[keras.
     return callbacks
 
 
+def epoch_metric_callbacks(task: Task, config: ExperimentConfig) -> list[keras.callbacks.Callback]:
+    """Callbacks that add whole-eval-set metrics to each epoch's logs, before anything reads them.
+
+    The task's own (`val_entity_f1` for token classification) and, when it
+    is monitored, `val_spearman` (it needs every validation prediction at
+    once). `run_experiment` and selection's trials put these first, so both
+    monitor the same figures.
+    """
+    callbacks = [
+        ValidationSpearman(task.eval_dataset(), task.eval_targets())
+    ] if config.train.monitor == "val_spearman" else []
+    return callbacks + (task.callbacks() if hasattr(task, "callbacks") else [])
+
+
+def prediction_kind(task: str) -> str | None:
+    """The `stats.EvalPredictions` kind of a model task, or None without one prediction per example.
+
+    Token classification predicts per word and is scored per entity, so it
+    has no per-example predictions (nor paired tests on them).
+    """
+    return {"single_label": "classification", "multi_label": "multi_label",
+            "regression": "regression"}.get(task)
+
+
 def fit_task(model: keras.Model, task: Task, config: ExperimentConfig, model_dir: Path,
              callbacks: list[keras.callbacks.Callback], validate: bool = True) -> dict:
     """`training.fit_resumable` over the task's epoch-seeded batches, as `config` says.
@@ -135,10 +159,8 @@ def evaluate_report(model: keras.Model, task: Task, predictions_path: Path | Non
     targets = task.eval_targets()
     kind = task.config.model.task
     # Tasks with one prediction per example (not per token) have paired tests.
-    paired = {"single_label": "classification", "multi_label": "multi_label",
-              "regression": "regression"}
-    if predictions_path is not None and kind in paired:
-        EvalPredictions.from_outputs(paired[kind], targets, outputs).save(predictions_path)
+    if predictions_path is not None and prediction_kind(kind):
+        EvalPredictions.from_outputs(prediction_kind(kind), targets, outputs).save(predictions_path)
     if kind == "regression":
         return regression_report(targets, outputs)
     if kind == "multi_label":
@@ -203,14 +225,7 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
 
     result: dict = {"backbone": config.model.backbone, "task": config.model.task, **task.summary}
     if config.mode != "eval":
-        # Spearman needs all validation predictions at once: computed by a callback, which
-        # must run before the callbacks that read the monitor.
-        callbacks = [
-            ValidationSpearman(task.eval_dataset(), task.eval_targets())
-        ] if config.train.monitor == "val_spearman" else []
-        # A task's own epoch metrics (val_entity_f1) come before the callbacks that read them.
-        callbacks += task.callbacks() if hasattr(task, "callbacks") else []
-        callbacks += training_callbacks(config, model_dir)
+        callbacks = epoch_metric_callbacks(task, config) + training_callbacks(config, model_dir)
         train_started = time.time()
         outcome = fit_task(model, task, config, model_dir, callbacks)
         train_seconds = time.time() - train_started

@@ -334,16 +334,54 @@ def export_text_classifier(
         latency=latency,
     )
 
-    # === Write and publish ===
+    return publish_text_models(
+        model, backbone, base, model_name, card,
+        raw={"serve_text": serve_text, "serve_examples": serve_examples},
+        raw_signatures=raw_signatures,
+        token_ids={"serve_token_ids": serve_token_ids}, token_id_signatures=ids_signatures,
+    )
+
+
+def publish_text_models(
+    model: keras.Model, backbone: TextBackbone, base: Path, model_name: str,
+    card: dict[str, Any], *, raw: dict[str, Any], raw_signatures: dict[str, Any],
+    token_ids: dict[str, Any], token_id_signatures: dict[str, Any],
+) -> str:
+    """Writes a text model's two SavedModels (strings in, token ids in) and publishes them.
+
+    The one writer behind `export_text_classifier` and
+    `token_export.export_token_classifier`: the raw-string model (the
+    tokenizer's tables saved with it; `tensorflow_text` listed when its ops
+    are needed) at `<base>/<model_name>/<version>`, the core-ops-only
+    token-id twin at `<base>/<model_name>_token_ids/<version>`, each with
+    the model card in `assets.extra/`, staged and renamed under one version.
+
+    Args:
+        model: keras.Model. The trained network.
+        backbone: TextBackbone. Its tokenizer and vocabulary.
+        base: Path. `_export_base(export_dir)`.
+        model_name: str.
+        card: dict. `_model_card(...)`, shared by both models.
+        raw: dict. Attribute name -> tf.function of the raw-string model.
+        raw_signatures: dict. Its signatures (`serving_default`, ...).
+        token_ids: dict. Attribute name -> tf.function of the token-id model.
+        token_id_signatures: dict. Its signatures.
+
+    Returns:
+        The raw-string SavedModel's version folder.
+
+    Raises:
+        RuntimeError: when the token-id model would need non-core ops.
+    """
 
     def write_raw(directory: str) -> None:
         root = tf.Module()
         root.model_variables = list(model.variables)
         # Lookup tables or loaded preprocess models the tokenizer's graph
         # reads must be reachable from the root to be saved.
-        root.tokenizer_state = _tokenizer_trackables(tokenizer)
-        root.serve_text = serve_text
-        root.serve_examples = serve_examples
+        root.tokenizer_state = _tokenizer_trackables(backbone.tokenizer)
+        for name, function in raw.items():
+            setattr(root, name, function)
         _save(root, directory, raw_signatures)
         custom = non_core_ops(directory)
         _write_assets_extra(
@@ -358,8 +396,9 @@ def export_text_classifier(
     def write_token_ids(directory: str) -> None:
         root = tf.Module()
         root.model_variables = list(model.variables)
-        root.serve_token_ids = serve_token_ids
-        _save(root, directory, ids_signatures)
+        for name, function in token_ids.items():
+            setattr(root, name, function)
+        _save(root, directory, token_id_signatures)
         custom = non_core_ops(directory)
         if custom:
             raise RuntimeError(
@@ -370,7 +409,7 @@ def export_text_classifier(
             directory,
             {**card, "input": "token_ids", "custom_ops": [], "requires": [],
              "raw_string_model": model_name,
-             "signatures": _describe_signatures(ids_signatures)},
+             "signatures": _describe_signatures(token_id_signatures)},
             backbone.vocabulary,
         )
 
@@ -1144,7 +1183,8 @@ def sample_request(card: dict[str, Any], batch_size: int, *, seed: int = 0) -> d
 
     Text: English prose of `sequence_length` words per input (at least one
     piece each, so every example fills the trained length, the longest a
-    client can send and what the model-only figure is timed at). Images: a
+    client can send and what the model-only figure is timed at). Tokens
+    (NER): `sequence_length - 2` words, at least one full window. Images: a
     JPEG of `image_size` (smooth colour fields plus noise, the size a photo
     of that side compresses to).
 
@@ -1166,8 +1206,9 @@ def sample_request(card: dict[str, Any], batch_size: int, *, seed: int = 0) -> d
     """
     rng = np.random.default_rng(seed)
     pre = card["preprocessing"]
-    if pre["modality"] == "text":
-        length = int(pre["sequence_length"])
+    if pre["modality"] in ("text", "tokens"):
+        # Tokens: one window's worth of words (a sentence of one-piece words fills it).
+        length = int(pre["sequence_length"]) - (2 if pre["modality"] == "tokens" else 0)
         return {
             name: tf.constant([" ".join(rng.choice(_SAMPLE_WORDS, length))
                                for _ in range(batch_size)])
@@ -1186,8 +1227,9 @@ def model_only_signature(
 ) -> tuple[Path, str, dict[str, list[int]]]:
     """Where an export serves the same network without its preprocessing.
 
-    Text: the token-id twin's `serving_default` (`<model_name>_token_ids`,
-    same version), at the trained sequence length. Images: `predict_images`
+    Text and tokens: the token-id twin's `serving_default`
+    (`<model_name>_token_ids`, same version), at the trained sequence length
+    (one window for tokens). Images: `predict_images`
     of the same SavedModel, at `image_size` (no resize).
 
     Args:
@@ -1198,7 +1240,7 @@ def model_only_signature(
         (SavedModel folder, signature name, input name -> per-example shape).
     """
     folder, pre = Path(saved_model_dir), card["preprocessing"]
-    if pre["modality"] == "text":
+    if pre["modality"] in ("text", "tokens"):
         twin = folder.parent.parent / card["token_id_model"] / folder.name
         length = [int(pre["sequence_length"])]
         return twin, "serving_default", {name: length for name in TEXT_INPUTS}

@@ -55,21 +55,15 @@ from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.data.token_windows import align_words, unknown_id, window_stride, word_pieces
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.export import (
-    TOKEN_IDS_SUFFIX,
     _checked_token_inputs,
     _client_tokenizer_settings,
-    _describe_signatures,
     _export_base,
     _median_ms,
     _model_card,
     _model_name,
     _read_json,
-    _save,
     _sequence_length,
-    _stage_and_publish,
-    _tokenizer_trackables,
-    _write_assets_extra,
-    non_core_ops,
+    publish_text_models,
 )
 
 # Python's str.isspace() characters: words split exactly as `str.split()` splits.
@@ -299,6 +293,7 @@ def export_token_classifier(
             {"text": tf.constant(["George Washington went to Washington ."])})
     preprocessing = {
         "modality": "tokens",
+        "text_inputs": ["text"],
         "words": "whitespace-separated (Python str.split()); punctuation attached to a word "
         "belongs to it",
         "tagging": "each word's tag is predicted on its first word piece",
@@ -325,38 +320,8 @@ def export_token_classifier(
         preprocessing=preprocessing, latency=latency,
     )
 
-    def write_raw(directory: str) -> None:
-        root = tf.Module()
-        root.model_variables = list(model.variables)
-        root.tokenizer_state = _tokenizer_trackables(tokenizer)
-        root.serve_text = serve_text
-        _save(root, directory, raw_signatures)
-        custom = non_core_ops(directory)
-        _write_assets_extra(
-            directory,
-            {**card, "input": "strings", "custom_ops": custom,
-             "requires": ["tensorflow_text"] if custom else [],
-             "token_id_model": model_name + TOKEN_IDS_SUFFIX,
-             "signatures": _describe_signatures(raw_signatures)},
-            backbone.vocabulary,
-        )
-
-    def write_token_ids(directory: str) -> None:
-        root = tf.Module()
-        root.model_variables = list(model.variables)
-        root.serve_token_ids = serve_token_ids
-        _save(root, directory, ids_signatures)
-        custom = non_core_ops(directory)
-        if custom:
-            raise RuntimeError(f"The token-id SavedModel contains non-core ops {custom}.")
-        _write_assets_extra(
-            directory,
-            {**card, "input": "token_ids", "custom_ops": [], "requires": [],
-             "raw_string_model": model_name,
-             "signatures": _describe_signatures(ids_signatures)},
-            backbone.vocabulary,
-        )
-
-    roots = [base / (model_name + TOKEN_IDS_SUFFIX), base / model_name]
-    version = _stage_and_publish(roots, [write_token_ids, write_raw])
-    return str(roots[1] / str(version))
+    return publish_text_models(
+        model, backbone, base, model_name, card,
+        raw={"serve_text": serve_text}, raw_signatures=raw_signatures,
+        token_ids={"serve_token_ids": serve_token_ids}, token_id_signatures=ids_signatures,
+    )

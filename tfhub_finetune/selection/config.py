@@ -32,9 +32,11 @@ from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.selection.halving import lr_key, rung_epochs
 from tfhub_finetune.selection.profile import ProfileOptions
 from tfhub_finetune.selection.recommend import PREFER, validate_constraints
+from tfhub_finetune.tasks import DEFAULT_METRIC, SELECTION_METRICS, data_modality
+from tfhub_finetune.tasks import MODALITIES as TASK_MODALITIES
 
-MODALITIES = ("auto", "text", "image")
-METRICS = ("accuracy", "macro_f1")
+MODALITIES = ("auto", *TASK_MODALITIES)
+METRICS = ("auto", *dict.fromkeys(m for ms in SELECTION_METRICS.values() for m in ms))
 ESTIMATORS = ("logme", "knn_accuracy", "linear_probe_accuracy")
 
 # The base-config fields each trial sets (`trial()`); the cache key leaves them out.
@@ -51,9 +53,15 @@ class SearchConfig:
         candidates: tuple of str. Backbones to compare: catalog names,
             `name@layers=k`, local directories, TF Hub handles. The modality's
             from-scratch baseline is added when missing.
-        modality: str. `auto` (from the candidates), `text` or `image`.
-        metric: str. `accuracy` or `macro_f1` on the evaluation data; trials
-            monitor `val_<metric>`.
+        modality: str. `text`, `text_pair` (two texts per example),
+            `tokens` (a tag per word: token classification) or `image`;
+            `auto` takes `tokens` or `text_pair` from the data settings
+            (`task="token_classification"`, a `text_pair_column`), else text
+            or image from the candidates.
+        metric: str. `accuracy`, `macro_f1`, `f1` (of class 1, two classes:
+            GLUE's MRPC F1) or `entity_f1` (token classification: entity-level
+            F1 as seqeval computes it) on the evaluation data; trials monitor
+            `val_<metric>`. `auto`: `entity_f1` for tokens, else `accuracy`.
         learning_rates: tuple of float. Peak learning rates for the pretrained
             candidates (the secondary choice): every backbone trains the first
             rung at the first one; the leaders of that rung also try the others.
@@ -83,7 +91,7 @@ class SearchConfig:
 
     candidates: tuple[str, ...] = ()
     modality: str = "auto"
-    metric: str = "accuracy"
+    metric: str = "auto"
     learning_rates: tuple[float, ...] = (5e-5,)
     baseline_learning_rate: float = 1e-3
     min_epochs: int = 1
@@ -184,7 +192,44 @@ class SelectionConfig:
             search=SearchConfig(**grouped.get("search", {})),
             constraints=Constraints(**grouped.get("constraints", {})),
             **grouped.get("selection", {}),
-        )
+        ).resolved()
+
+    def resolved(self) -> SelectionConfig:
+        """This config with the modality the data settings name and an `auto` metric resolved.
+
+        `modality="tokens"` trains token classification (the base task
+        becomes `token_classification`); `task="token_classification"` or a
+        `text_pair_column` under `modality="auto"` make `tokens` or
+        `text_pair`; otherwise `auto` stays for the candidates to decide (text
+        or image). An `auto` metric becomes the modality's default
+        (`entity_f1` for tokens, else `accuracy`). Idempotent.
+
+        Raises:
+            InputError: for an unknown modality or metric, or a modality the
+                data settings contradict.
+        """
+        s, base = self.search, self.base
+        _one_of("modality", s.modality, MODALITIES)
+        _one_of("metric", s.metric, METRICS)
+        modality = s.modality
+        if modality == "tokens" and base.model.task == "single_label":  # The default head.
+            base = dataclasses.replace(
+                base, model=dataclasses.replace(base.model, task="token_classification"))
+        named = data_modality(base)
+        if modality == "auto":
+            modality = named or "auto"
+        elif named != modality and (named or modality in ("tokens", "text_pair")):
+            if named:
+                _bad("modality", modality, f"--modality={modality} contradicts the data "
+                     f"settings, which make the inputs {named}.",
+                     f"Give --modality={named} (or auto), or change the data flags.")
+            needs = {"tokens": "the token classification task (not --task)",
+                     "text_pair": "--text_pair_column (the second text's column)"}[modality]
+            _bad("modality", modality, f"--modality={modality} needs {needs}.",
+                 "Fix the data flags, or give --modality=auto.")
+        metric = DEFAULT_METRIC.get(modality, "accuracy") if s.metric == "auto" else s.metric
+        return dataclasses.replace(self, base=base,
+                                   search=dataclasses.replace(s, modality=modality, metric=metric))
 
     # === Derived values ===
 
@@ -245,6 +290,19 @@ class SelectionConfig:
             _bad("output_dir", "", "An output directory is required.", "Set --output_dir.")
         _one_of("modality", s.modality, MODALITIES)
         _one_of("metric", s.metric, METRICS)
+        if s.metric == "auto":
+            _bad("metric", s.metric, "The metric is unresolved.",
+                 "Call SelectionConfig.resolved() first (from_settings does).")
+        # Under `auto` the candidates decide between text and image: their metrics are allowed.
+        allowed = SELECTION_METRICS.get(s.modality) or tuple(dict.fromkeys(
+            SELECTION_METRICS["text"] + SELECTION_METRICS["image"]))
+        if s.metric not in allowed:
+            owner = next(m for m, names in SELECTION_METRICS.items() if s.metric in names)
+            inputs = "text or image" if s.modality == "auto" else s.modality
+            _bad("metric", s.metric, f"`{s.metric}` is not a metric of {inputs} selection.",
+                 f"Expected one of: {', '.join(allowed)}"
+                 + (f"; or select for {owner} (--modality={owner})." if s.modality == "auto"
+                    else "."))
         _one_of("shortlist_score", s.shortlist_score, ESTIMATORS)
         _one_of("prefer", s.prefer, tuple(PREFER))
         if not (isinstance(s.tie_alpha, (int, float)) and 0 <= s.tie_alpha < 1):

@@ -1301,9 +1301,11 @@ def _the_search_section(search: Mapping[str, Any]) -> list[str]:
         + f"Budget: {h['budget_epochs'] or 'no'} epoch limit, "
         f"{h['budget_minutes'] or 'no'} minute limit"
         + (f"; {h['budget_stop']}." if h["budget_stop"] else "."),
-        f"- Transferability: frozen features of {search['transfer_examples']} training examples "
-        "(seeded sample), pooled as the classifier pools them; LogME, 5-NN and a linear probe "
-        "(30% held out).",
+        f"- Transferability: frozen features of {search['transfer_examples']} training "
+        + ("words (seeded sample of sentences), each word's first word piece (where the tag "
+           "is read) labelled with its tag" if search["data"]["modality"] == "tokens" else
+           "examples (seeded sample), pooled as the classifier pools them")
+        + "; LogME, 5-NN and a linear probe (30% held out).",
         f"- Trials: {trials['run']} trained by this run, {trials['reused']} reused from the cache "
         f"(`{trials['cache']}`).",
         "",
@@ -1341,12 +1343,14 @@ def _next_step_section(search: Mapping[str, Any], pool: Sequence[Candidate],
         return []
     lr, backbone = chosen.figures["learning_rate"], chosen.figures.get("backbone", rec.name)
     modality, epochs = search["data"]["modality"], search["brute_force"]["epochs"]
-    module = "text_classify" if modality == "text" else "image_classify"
+    module = search["data"].get("pipeline") or (
+        "text_classify" if modality == "text" else "image_classify")
     if importlib.util.find_spec(f"pipelines.{module}") is not None:
         how = (f"`python -m pipelines.{module} --backbone={backbone} --learning_rate={lr:g} "
                f"--epochs={epochs} ...`")
     else:
-        how = (f"`build_{modality}_classifier(\"{backbone}\", ...)` with AdamW at {lr:g} for "
+        how = (f"`build_{module.removesuffix('_classify')}_classifier(\"{backbone}\", ...)` "
+               f"with AdamW at {lr:g} for "
                f"{epochs} epochs")
     return ["## Next step", "",
             f"Fine-tune the recommendation on all the data: {how} (the search kept the "
@@ -1359,8 +1363,13 @@ def _data_sentence(d: Mapping[str, Any]) -> str:
               if d["max_train_examples"] else "all training examples")
     evaluation = f"evaluated on `{d['eval_data']}`" if d["eval_data"] else \
         f"evaluated on a {d['validation_split']:.0%} held-out split"
-    if d["modality"] == "text":
-        return (f"`{d['train_data']}`, {subset}, {evaluation}; sequence length "
+    if d["modality"] == "tokens":
+        return (f"`{d['train_data']}` (sentences tagged per word), {subset}, {evaluation}; "
+                f"windows of {d['sequence_length']} word pieces (profiled at that length), "
+                "each word tagged on its first piece.")
+    if d["modality"] in ("text", "text_pair"):
+        pairs = " (text pairs, packed as one sequence)" if d["modality"] == "text_pair" else ""
+        return (f"`{d['train_data']}`{pairs}, {subset}, {evaluation}; sequence length "
                 f"{d['sequence_length']} word pieces (profiled at that length), pooling "
                 f"`{d['pooling']}`.")
     side = f"{d['image_size']}" if d["image_size"] else \

@@ -2,10 +2,12 @@
 
 `select_model(candidates, train_data, eval_data, output_dir=...)` runs five stages
 over a list of candidate backbones (catalog names, `name@layers=k`, local
-directories, TF Hub handles), for text or image classification. Each stage
+directories, TF Hub handles), for text, text-pair, token (NER) or image
+classification (`modality`, or from the data settings). Each stage
 works on a `_Candidate` (what the user gave, the resolved spec, the profile,
-the scores, the error if any); the modality's task (`tasks/`) knows how to
-build, profile and feed each one:
+the scores, the error if any); the modality's task (`tasks/`: single texts,
+text pairs, tokens for NER, images) knows how to build, profile and feed each
+one:
 
 1. **Profile** each candidate as deployed (backbone + head at the task's real
    sequence length or image size, exported for TF Serving with its tokenizer
@@ -14,7 +16,8 @@ build, profile and feed each one:
    is end to end (strings or JPEG bytes in), model-only beside it.
 2. **Score transferability** without fine-tuning: frozen features of a seeded
    sample of the training data, pooled exactly as the classifier pools them
-   (`trials.candidate_features`), scored by LogME, kNN and a linear probe.
+   (`trials.candidate_features`; for tokens, each word's first-piece feature
+   with its tag), scored by LogME, kNN and a linear probe.
 3. **Fine-tune by successive halving** on KerasTuner (`tuner.py`, planned by
    `halving.plan_search`, trained by `trials.py`). Every backbone trains the
    first rung at its first learning rate (the baseline at
@@ -25,8 +28,9 @@ build, profile and feed each one:
    breaks `max_latency_ms`, `max_memory_mb` or `max_params` cannot be
    recommended and gets the first rung only. A trial is the base
    `ExperimentConfig` with its backbone, learning rate and epochs replaced,
-   trained by the driver's functions: what `text_classify`/`image_classify`
-   would train.
+   trained by the driver's functions and the task's epoch metrics: what
+   `text_classify`/`token_classify`/`image_classify` would train. NER is
+   selected on entity F1 (`val_entity_f1`, seqeval's).
 4. **Recommend** with `recommend(...)` under the constraints.
 5. **Report** with `write_report` (report.md, results.json, pareto.png,
    transferability.png); report.py tells the search, the from-scratch baseline
@@ -82,6 +86,7 @@ from tfhub_finetune.selection.recommend import (
 )
 from tfhub_finetune.selection.report import transferability_correlations, write_report
 from tfhub_finetune.selection.tuner import chain_predictions
+from tfhub_finetune.tasks import BACKBONE_MODALITY, PIPELINES
 
 SCRATCH_BASELINES = {"text": "scratch_text_encoder", "image": "scratch_cnn"}
 
@@ -143,12 +148,16 @@ def select_model(candidates: Sequence[str], train_data: str, eval_data: str = ""
         candidates: list of str. Backbones: catalog names (`minilm_l6_h384`),
             `name@layers=k`, directories, TF Hub handles. The from-scratch
             baseline is added when missing.
-        train_data: str. Training file (text) or class-folder directory (images).
+        train_data: str. Training file (texts or text pairs: TSV/CSV/JSONL;
+            tokens: CoNLL or JSONL tagged sentences) or class-folder directory
+            (images).
         eval_data: str. Evaluation data; empty holds out a split.
         output_dir: str. Where the report goes.
         **settings: any field of the selection or training config by name
             (`SelectionConfig.from_settings`), e.g. `learning_rates=(1e-4,)`,
-            `max_epochs=3`, `max_latency_ms=20`, `sequence_length=64`.
+            `max_epochs=3`, `max_latency_ms=20`, `sequence_length=64`,
+            `modality="tokens"` (NER, selected on `entity_f1`),
+            `text_pair_column="sentence2"` (text pairs).
 
     Returns:
         A `SelectionResult`.
@@ -177,7 +186,7 @@ def select_model(candidates: Sequence[str], train_data: str, eval_data: str = ""
 
 def run_selection(config: SelectionConfig) -> SelectionResult:
     """Runs a `SelectionConfig` (validated here): the five stages."""
-    config.validate()
+    config = config.resolved().validate()
     started = time.perf_counter()
     role = trials.tuner_role()
     runs = _resolve_candidates(config)
@@ -323,9 +332,10 @@ def _modality_of(config: SelectionConfig, runs: list[_Candidate]) -> str:
         )
     wanted = config.search.modality
     if wanted != "auto":
-        if found and found != {wanted}:
+        if found and found != {BACKBONE_MODALITY[wanted]}:
             raise InputError(
-                f"The candidates are {found.pop()} backbones but --modality is {wanted}.",
+                f"The candidates are {found.pop()} backbones but --modality is {wanted} "
+                f"({BACKBONE_MODALITY[wanted]} backbones).",
                 received={"modality": wanted},
                 fix="Fix --modality or the candidate list.",
             )
@@ -345,7 +355,7 @@ def _add_baseline(runs: list[_Candidate], modality: str) -> list[_Candidate]:
     if any(r.baseline for r in runs):
         return runs
     # The report must answer "is pretraining worth it here?".
-    baseline = SCRATCH_BASELINES[modality]
+    baseline = SCRATCH_BASELINES[BACKBONE_MODALITY[modality]]
     spec = resolve_backbone(baseline)
     run = _Candidate(backbone=baseline, name=baseline, spec=spec,
                      weights_id=cache.weights_fingerprint(spec), baseline=True, added=True)
@@ -737,7 +747,8 @@ def _data_facts(config: SelectionConfig, modality: str, runs: Sequence[_Candidat
     d, m = config.base.data, config.base.model
     sizes = sorted({int(r.profile.input_shapes.get("images", [0])[0]) for r in runs
                     if r.profile and r.profile.input_shapes.get("images")})
-    return {"modality": modality, "train_data": d.train_data, "eval_data": d.eval_data,
+    return {"modality": modality, "pipeline": PIPELINES[modality],
+            "train_data": d.train_data, "eval_data": d.eval_data,
             "max_train_examples": d.max_train_examples, "validation_split": d.validation_split,
             "sequence_length": m.sequence_length, "pooling": m.pooling,
             "image_size": m.image_size, "profiled_sizes": sizes, "augment": d.augment}
@@ -785,7 +796,7 @@ def _default_title(config: SelectionConfig, modality: str) -> str:
     d, m = config.base.data, config.base.model
     name = task_name(d.train_data)
     subset = f", {d.max_train_examples} training examples" if d.max_train_examples else ""
-    shape = (f", sequence length {m.sequence_length}" if modality == "text"
+    shape = (f", sequence length {m.sequence_length}" if BACKBONE_MODALITY[modality] == "text"
              else (f", {m.image_size} px" if m.image_size else ""))
     return f"Model selection: {name} ({modality}{subset}{shape})"
 

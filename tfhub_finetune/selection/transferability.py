@@ -83,7 +83,11 @@ def extract_features(
             features `(batch, dim)`. A dict output must hold `pooled_output`
             (our text encoders) or a single entry; outputs of rank > 2 are
             averaged over all axes but the first and last (global average
-            pooling). Keras models are called with `training=False` inside a
+            pooling), except per-position outputs `(batch, positions, dim)`
+            with integer labels `(batch, positions)`: then every position
+            labelled `>= 0` is one example (token classification; -1 marks
+            padding and pieces without a tag), and `max_examples` counts
+            those. Keras models are called with `training=False` inside a
             `tf.function`.
         dataset: tf.data.Dataset or tuple. A *batched* dataset of `(x, y)` or
             `(x, y, sample_weight)`, or a tuple `(x, y)` of arrays (x may be a
@@ -133,8 +137,7 @@ def extract_features(
                 fix="Map the dataset to (inputs, labels) before extracting features.",
             )
         x, y = element[0], element[1]
-        batch_features = _as_vectors(call(x))
-        batch_labels = np.asarray(y)
+        batch_features, batch_labels = _as_examples(call(x), np.asarray(y))
         take = min(len(batch_features), max_examples - seen)
         features.append(batch_features[:take])
         labels.append(batch_labels[:take])
@@ -161,6 +164,28 @@ def _feature_call(model_or_fn: Any) -> Callable[[Any], Any]:
             received={"model_or_fn": type(model_or_fn).__name__},
         )
     return model_or_fn
+
+
+def _as_examples(outputs: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of one batch: per example, or per labelled position.
+
+    Integer labels `(batch, positions)` beside outputs `(batch, positions,
+    dim)` label positions (token classification): each position labelled
+    `>= 0` is an example, the others (padding, later word pieces: -1) are
+    left out.
+    """
+    array = outputs
+    if isinstance(outputs, Mapping) and len(outputs) == 1:
+        (array,) = outputs.values()
+    if not isinstance(array, Mapping):
+        array = np.asarray(array, dtype=np.float32)
+        positional = (array.ndim == 3 and labels.ndim == 2
+                      and np.issubdtype(labels.dtype, np.integer)
+                      and labels.shape == array.shape[:2])
+        if positional:
+            keep = labels >= 0
+            return array[keep], labels[keep]
+    return _as_vectors(outputs), labels
 
 
 def _as_vectors(outputs: Any) -> np.ndarray:

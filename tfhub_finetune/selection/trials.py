@@ -1,12 +1,14 @@
-"""Selection's trials: each one a `text_classify`/`image_classify` run, driven by KerasTuner.
+"""Selection's trials: each one a `text_classify`/`token_classify`/`image_classify` run, on KerasTuner.
 
 `TrialTrainer.fit_trial` trains one trial exactly as the training pipelines
 train: the task the config names (`tasks.make_task`), the driver's one
 compile recipe (`driver.compile_model`) and `driver.fit_task`
 (`training.fit_resumable` over the task's epoch-seeded batches), on
 `SelectionConfig.trial(...)`: the base config with the trial's backbone,
-learning rate, epochs and model_dir. Only the callbacks differ (the per-epoch
-record and chain-long patience the oracle plans from). `run_search` runs, serves
+learning rate, epochs and model_dir. The task's epoch metrics come from the
+same callbacks (`driver.epoch_metric_callbacks`: `val_entity_f1` for NER);
+only the rest differ (the per-epoch record and chain-long patience the oracle
+plans from, and per-example predictions where the task has them). `run_search` runs, serves
 or works for the KerasTuner search; `candidate_features` extracts frozen
 features for the transferability scores through the same task.
 """
@@ -72,14 +74,16 @@ class TrialTrainer:
         recorder = tuner_classes().EpochRecorder(
             history, config.objective, experiment.train.early_stopping_patience, tuner_id
         )
-        # Per-example predictions each epoch (for paired tests); this pass is the validation.
-        predictions = tuner_classes().EvalPredictionsRecorder(
-            task.eval_dataset(), task.eval_targets(),
-            "classification" if experiment.model.task == "single_label" else experiment.model.task,
-            trial_dir)
+        # The task's epoch metrics first (val_entity_f1), as the training pipelines log them.
+        callbacks = driver.epoch_metric_callbacks(task, experiment)
+        kind = driver.prediction_kind(experiment.model.task)
+        if kind is not None:
+            # Per-example predictions each epoch (for paired tests); this pass is the validation.
+            callbacks.append(tuner_classes().EvalPredictionsRecorder(
+                task.eval_dataset(), task.eval_targets(), kind, trial_dir))
         # SIGTERM raises errors.Preempted (a BaseException, so KerasTuner does not record a
         # failed trial): the trial stays RUNNING and the next run resumes it from the backup.
-        driver.fit_task(model, task, experiment, trial_dir, [predictions, recorder],
+        driver.fit_task(model, task, experiment, trial_dir, [*callbacks, recorder],
                         validate=False)
         scores = history.scores()
         if not scores:
@@ -122,7 +126,12 @@ def _continue_parent(trial_dir: Path, parent_dir: Path | None) -> bool:
 
 
 def candidate_features(config: SelectionConfig, backbone: str, spec: Any) -> tuple[Any, Any, float]:
-    """Frozen features of a seeded training sample, pooled exactly as the classifier pools them.
+    """Frozen features of a seeded training sample: what the classifier's head reads.
+
+    Texts and images: one pooled vector per example, pooled exactly as the
+    classifier pools it. Tokens: one vector per word (its first word piece,
+    where the token head reads its tag), labelled with the word's tag;
+    `transfer_examples` then counts words.
 
     Returns:
         (features, labels, extraction seconds).
@@ -142,7 +151,8 @@ def candidate_features(config: SelectionConfig, backbone: str, spec: Any) -> tup
     task = make_task(experiment, spec)
     task.prepare_train()
     model = task.build_model()
-    # The head's input: masked mean, [CLS] or the pooler for text; global average for images.
+    # The head's input: masked mean, [CLS] or the pooler for text; global average for images;
+    # every position's encoding for tokens (extract_features keeps the labelled ones).
     features_model = keras.Model(model.input, model.get_layer("head_logits").input)
     tic = time.perf_counter()
     features, labels = extract_features(features_model, task.feature_dataset(),

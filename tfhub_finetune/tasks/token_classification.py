@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfhub_finetune.backbones.base import TextBackbone
+from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.catalog import resolve_backbone
 from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.builders.token_classifier import build_token_classifier
@@ -48,6 +48,8 @@ class TokenClassificationTask:
     model = task.build_model()
     ```
     """
+
+    builder = "tfhub_finetune.builders.token_classifier:build_token_classifier"
 
     def __init__(self, config: ExperimentConfig, spec: BackboneSpec | None = None):
         self.config = config
@@ -132,7 +134,29 @@ class TokenClassificationTask:
             "windowed_sentences": {"eval": self.eval_data.windowed_sentences},
         }
 
+    def count_classes(self) -> int:
+        """The tag vocabulary's size, from the training file alone (nothing tokenized)."""
+        train = self._read(self.config.data.train_data)
+        return len(tag_names(entity_types(train.tags)))
+
     # === Model ===
+
+    def profile_request(self, num_classes: int) -> dict:
+        """`profile_in_subprocess` kwargs that rebuild and export this model in a profiling process.
+
+        The export is what `token_export.export_token_classifier` writes for TF
+        Serving (sentences in; words split, tokenized and windowed inside;
+        entities out), so latency and size are those of what a user serves.
+        Windows are `sequence_length` pieces, as trained.
+        """
+        m = self.config.model
+        kwargs = {"backbone": m.backbone, "num_tags": num_classes, "dropout": m.dropout,
+                  "freeze_backbone": m.freeze_backbone}
+        return {"builder": self.builder, "builder_kwargs": kwargs,
+                "input_shapes": {name: [m.sequence_length] for name in TEXT_INPUTS},
+                "exporter": f"{__name__}:export_for_serving",
+                "exporter_kwargs": {"backbone": m.backbone, "sequence_length": m.sequence_length,
+                                    "stride": m.window_stride}}
 
     def build_model(self) -> keras.Model:
         m = self.config.model
@@ -162,6 +186,18 @@ class TokenClassificationTask:
 
     def eval_targets(self) -> np.ndarray:
         return self.eval_data.tag_ids
+
+    def feature_dataset(self, batch_size: int = 64) -> tf.data.Dataset:
+        """Training windows for frozen features (after `prepare_train`), shuffled, not bucketed.
+
+        Labels are per word piece: each word's tag on its first piece, -1
+        elsewhere, so `extract_features` keeps one feature per word (the
+        first piece's, what the head reads) labelled with the word's tag.
+        """
+        return make_token_dataset(
+            self.train_data, pad_id=int(self.backbone.tokenizer.pad_id), batch_size=batch_size,
+            training=True, seed=self.config.train.seed, bucketing=False,
+        )
 
     # === Evaluation ===
 
@@ -204,3 +240,32 @@ class EntityF1(keras.callbacks.Callback):
         print(f"\nEpoch {epoch + 1}: val_entity_f1={report['entity_f1']:.4f} "
               f"(precision {report['entity_precision']:.4f}, recall {report['entity_recall']:.4f})",
               flush=True)
+
+
+def export_for_serving(model: keras.Model, export_dir: str, *, backbone: str,
+                       sequence_length: int, stride: int = 0) -> str:
+    """Writes `model` as `export_token_classifier` does for TF Serving; returns the sentence model.
+
+    The profiler's exporter: entity types are placeholders (`B-T0`, `I-T0`,
+    ...), which change neither size nor speed. The backbone is loaded again
+    for its tokenizer, since the built model does not keep it.
+
+    Example:
+
+    ```python
+    export_for_serving(model, "/tmp/x", backbone="minilm_l6_h384", sequence_length=128)
+    # '/tmp/x/model/1'
+    ```
+    """
+    from tfhub_finetune.token_export import export_token_classifier
+
+    width = int(model.outputs[0].shape[-1])
+    names = tag_names([f"T{i}" for i in range((width - 1) // 2)])
+    if len(names) != width:
+        raise InputError("A token classifier has an odd number of IOB2 tags (O, B-X, I-X).",
+                         received={"tags": width})
+    text = load_text_backbone(resolve_backbone(backbone), sequence_length)
+    return export_token_classifier(
+        model, text, LabelVocabulary(names=names, task="token_classification"), export_dir,
+        model_name="model", sequence_length=sequence_length, stride=stride,
+        measure_latency=False)
