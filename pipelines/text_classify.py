@@ -16,6 +16,7 @@ from pipelines import flags as pipeline_flags
 
 FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags()
+pipeline_flags.define_serving_flags()
 pipeline_flags.define_text_flags()
 
 
@@ -39,6 +40,18 @@ def main(argv):
             model_name=FLAGS.model_name, model_dir=config.model_dir,
         )
         print(f"Exported SavedModel: {path}")
+        if config.export_quantized != "none":
+            from tfhub_finetune.quantized_export import export_quantized_text_classifier
+
+            variant = export_quantized_text_classifier(
+                result["model"], task.backbone, task.labels, FLAGS.export_dir,
+                mode=config.export_quantized, model_name=FLAGS.model_name,
+                model_dir=config.model_dir, quantized_from=path,
+            )
+            print(f"Exported {config.export_quantized} SavedModel: {variant}")
+            pipeline_flags.print_serving_forms(
+                task, {"float32": path, config.export_quantized: variant}, config.model_dir
+            )
     pipeline_flags.print_summary(result, config.model_dir)
 
 
