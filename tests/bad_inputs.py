@@ -213,7 +213,7 @@ CASES: list[Case] = [
          files={"f": b"x"}),
     Case("text_export_quantized_typo", TEXT,
          (*TD, "--export_dir={export_dir}", "--export_quantized=int4"),
-         ("export_quantized=int4", "int8"), subprocess=True),
+         ("export_quantized", "int4", "int8"), subprocess=True),
     Case("text_export_quantized_without_export_dir", TEXT, (*TD, "--export_quantized=int8"),
          ("export_quantized", "export_dir")),
     # --- text_classify: backbones and monitors (after TensorFlow loads, before data) ---

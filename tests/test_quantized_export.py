@@ -144,15 +144,11 @@ def test_int8_image_tflite_runs_in_the_interpreter_and_agrees_with_keras(tmp_pat
     images = np.random.default_rng(1).uniform(0, 255, (16, IMAGE_SIZE, IMAGE_SIZE, 3))
     images = images.astype(np.float32)
     interpreter = export.tflite_interpreter(model_path=str(file))
-    interpreter.allocate_tensors()
-    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    got = []
-    for image in images:
-        interpreter.set_tensor(source["index"], image[None])
-        interpreter.invoke()
-        got.append(interpreter.get_tensor(target["index"])[0])
+    got = np.concatenate([export.run_tflite(interpreter, images[:8]),
+                          export.run_tflite(interpreter, images[8:])])
     expected = model(images, training=False).numpy()
-    assert np.abs(np.stack(got) - expected).max() < 0.1
+    assert np.abs(got - expected).max() < 0.1
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.9
     card = export.read_model_card(path)
     assert card["quantization"]["mode"] == "int8" and card["runtime"] == "tflite"
 

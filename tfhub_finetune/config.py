@@ -301,7 +301,7 @@ class ExperimentConfig:
         _one_of("lr_schedule", t.lr_schedule, LR_SCHEDULES)
         _one_of("verbose", self.runtime.verbose, VERBOSITIES)
         if self.export_quantized not in QUANTIZATIONS:
-            _bad("export_quantized", self.export_quantized, "Unknown serving form.",
+            _bad("export_quantized", self.export_quantized, "Unknown serving form for --export_quantized.",
                  did_you_mean(str(self.export_quantized), QUANTIZATIONS))
         return self
 

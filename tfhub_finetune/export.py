@@ -910,15 +910,8 @@ def export_tflite(
     images = np.random.default_rng(seed).uniform(0, 255, (num_check_images, height, width, 3))
     images = images.astype(np.float32)
     expected = np.asarray(model(images, training=False))
-    interpreter = tflite_interpreter(model_content=flatbuffer)
-    interpreter.allocate_tensors()
-    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    got = []
-    for image in images:
-        interpreter.set_tensor(source["index"], image[None])
-        interpreter.invoke()
-        got.append(interpreter.get_tensor(target["index"])[0])
-    diff = float(np.max(np.abs(np.stack(got) - expected)))
+    got = run_tflite(tflite_interpreter(model_content=flatbuffer), images)
+    diff = float(np.max(np.abs(got - expected)))
     if not diff <= tolerance:
         raise RuntimeError(
             f"TFLite outputs differ from Keras by {diff:.3g} (> tolerance {tolerance:g}); "
@@ -932,14 +925,38 @@ def export_tflite(
 
 
 def tflite_interpreter(**kwargs: Any) -> Any:
-    """`tf.lite.Interpreter(**kwargs)` without its deprecation warning.
+    """`tf.lite.Interpreter(**kwargs)`, tensors allocated, without its deprecation warning.
 
     Deprecated in favour of ai_edge_litert (LiteRT), which is not a
     dependency; the two run the same flatbuffers.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return tf.lite.Interpreter(**kwargs)
+        interpreter = tf.lite.Interpreter(**kwargs)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def run_tflite(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
+    """One batch through a TFLite interpreter: its first output for `inputs` (first input).
+
+    The input tensor is resized to the batch when its shape differs (so
+    consecutive batches of one size allocate once).
+
+    Example:
+
+    ```python
+    probabilities = run_tflite(tflite_interpreter(model_path="model.tflite"), images)
+    ```
+    """
+    source = interpreter.get_input_details()[0]
+    inputs = np.asarray(inputs, dtype=source["dtype"])
+    if list(source["shape"]) != list(inputs.shape):
+        interpreter.resize_tensor_input(source["index"], list(inputs.shape))
+        interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], inputs)
+    interpreter.invoke()
+    return np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
 
 
 # === Outputs shared by every modality ===

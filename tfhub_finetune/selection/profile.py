@@ -604,7 +604,7 @@ def profile_tflite(
     """
     import tensorflow as tf
 
-    from tfhub_finetune.export import tflite_interpreter
+    from tfhub_finetune.export import run_tflite, tflite_interpreter
 
     options = options or ProfileOptions()
     start = time.perf_counter()
@@ -614,17 +614,9 @@ def profile_tflite(
     source = interpreter.get_input_details()[0]
     shape = [int(d) for d in source["shape"][1:]]
     spec = tf.TensorSpec([None, *shape], tf.as_dtype(source["dtype"]), name="images")
-    state = {"batch": None}
 
     def forward(inputs: Any) -> Any:
-        batch = int(inputs.shape[0])
-        if state["batch"] != batch:
-            interpreter.resize_tensor_input(source["index"], [batch, *shape])
-            interpreter.allocate_tensors()
-            state["batch"] = batch
-        interpreter.set_tensor(source["index"], inputs)
-        interpreter.invoke()
-        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        return run_tflite(interpreter, inputs)
 
     result = _new_result(name or Path(path).parent.name, spec, meter, baseline)
     _measure_inference(

@@ -180,22 +180,12 @@ def _open_saved_model(path: Path, options: ProfileOptions) -> tuple[Callable, di
 
 
 def _open_tflite(file: Path, options: ProfileOptions) -> tuple[Callable, dict]:
-    from tfhub_finetune.export import read_model_card, tflite_interpreter
+    from tfhub_finetune.export import read_model_card, run_tflite, tflite_interpreter
 
     interpreter = tflite_interpreter(model_path=str(file), num_threads=os.cpu_count())
-    source = interpreter.get_input_details()[0]
-    shape = [int(d) for d in source["shape"][1:]]
-    state = {"batch": None}
 
     def predict(inputs: Any) -> np.ndarray:
-        images = np.asarray(inputs, dtype=source["dtype"])
-        if state["batch"] != len(images):
-            interpreter.resize_tensor_input(source["index"], [len(images), *shape])
-            interpreter.allocate_tensors()
-            state["batch"] = len(images)
-        interpreter.set_tensor(source["index"], images)
-        interpreter.invoke()
-        return np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+        return run_tflite(interpreter, np.asarray(inputs))
 
     profiled = profile_tflite(file, options=options)
     card = read_model_card(file.parent) or {}
