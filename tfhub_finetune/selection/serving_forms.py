@@ -120,7 +120,7 @@ def write_serving_forms_report(
 
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
     """A small table of `measure_serving_forms`' result, for the pipeline's output."""
-    lines = [f"{'form':<10}{'runtime':<16}{'metric':>16}{'agree':>8}{'p50 ms':>9}{'p95 ms':>9}"
+    lines = [f"{'form':<16}{'runtime':<16}{'metric':>16}{'agree':>8}{'p50 ms':>9}{'p95 ms':>9}"
              f"{'ex/s':>9}{'MB':>8}  vs {report['reference']}"]
     for name, row in report["forms"].items():
         metric = row["eval"].get("accuracy", row["eval"].get("macro_f1", row["eval"].get("rmse")))
@@ -129,7 +129,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
                  f"x{versus.get('latency_p50_ratio', float('nan')):.2f}, size "
                  f"x{versus.get('size_ratio', float('nan')):.2f}") if name != report["reference"] else ""
         lines.append(
-            f"{name:<10}{row['runtime']:<16}{_fmt(metric, 4):>16}"
+            f"{name:<16}{row['runtime']:<16}{_fmt(metric, 4):>16}"
             f"{_fmt(versus.get('agreement'), 3):>8}{_fmt(row['latency_p50_ms'], 1):>9}"
             f"{_fmt(row['latency_p95_ms'], 1):>9}{_fmt(row['throughput_eps'], 1):>9}"
             f"{_fmt(row['size_mb'], 1):>8}  {ratio}"
