@@ -14,7 +14,8 @@ TFRecord files or `tfds:<name>[:<split>]`.
 Writes to --model_dir: params.json, labels.json, best.weights.h5 (+ best.json),
 model.keras (takes raw 0..255 pixels), metrics.json (accuracy, macro-F1,
 per-class figures, confusion matrix, skipped files), training_log.csv, logs/
-(TensorBoard) and backup/ (resume state). Bad input ends with one line on
+(TensorBoard) and backup/ (resume state); with --export_dir and
+--export_quantized=int8 also serving.json (float32 SavedModel vs int8 TFLite). Bad input ends with one line on
 stderr and exit code 2.
 """
 

@@ -4,7 +4,9 @@
 
 Writes to --model_dir: params.json, labels.json, best.weights.h5 (+ best.json),
 model.keras, metrics.json (accuracy, macro-F1, per-class figures, confusion
-matrix), training_log.csv, logs/ (TensorBoard) and backup/ (resume state).
+matrix), training_log.csv, logs/ (TensorBoard) and backup/ (resume state); with
+--export_dir and --export_quantized=int8 also serving.json (each serving form's
+accuracy, latency, throughput and size; see tfhub_finetune/quantized_export.py).
 Bad input ends with one line on stderr and exit code 2.
 """
 

@@ -53,7 +53,8 @@ from tfhub_finetune.selection.profile import (
 REFERENCE = "float32"
 SERVING_FILE = "serving.json"
 # What each form's row shows, in order (also the printed table's columns).
-_TIMING_FIELDS = ("latency_p50_ms", "latency_p95_ms", "throughput_eps", "serving_batch_size")
+_TIMING_FIELDS = ("latency_p50_ms", "latency_p95_ms", "latency_clock", "latency_wall_p50_ms",
+                  "latency_cpu_p50_ms", "load_average", "throughput_eps", "serving_batch_size")
 
 
 def measure_serving_forms(
