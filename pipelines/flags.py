@@ -76,6 +76,18 @@ def define_common_flags(default_monitor: str = "val_accuracy") -> None:
     flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
 
 
+def define_serving_flags() -> None:
+    """Flags of the pipelines whose export has quantized serving forms (text, image)."""
+    # A string, not an enum: `ExperimentConfig.validate()` checks it (one line, close names).
+    flags.DEFINE_string(
+        "export_quantized", "none",
+        "none|int8. With --export_dir, also write an int8 serving form beside the float32 "
+        "export (text: Keras int8 SavedModel <model_name>_int8/<version>; images: TFLite "
+        "dynamic-range <model_name>_int8/<version>/model.tflite) and measure accuracy, "
+        "latency, throughput and size of each into <model_dir>/serving.json.",
+    )
+
+
 def define_text_flags() -> None:
     flags.DEFINE_string("text_column", "0", "Text column: name (needs a header) or 0-based index.")
     flags.DEFINE_string("text_pair_column", "", "Second text of a pair (MRPC, STS-B): column "
@@ -143,6 +155,11 @@ def config_from_flags() -> ExperimentConfig:
     # Before any data is read or model loaded: a bad output folder costs a second, not a run.
     check_output_dir(config.model_dir, "model_dir")  # Eval writes metrics.json there too.
     export_dir = f.export_dir if "export_dir" in f else None
+    if config.export_quantized != "none" and not export_dir:
+        raise InputError("--export_quantized needs --export_dir (the variant is written beside "
+                         "the float32 export).",
+                         received={"export_quantized": config.export_quantized},
+                         fix="Set --export_dir, or drop --export_quantized.")
     if export_dir and config.mode != "eval":
         check_output_dir(export_dir, "export_dir")
         check_export_name(f.model_name or Path(config.model_dir).resolve().name)
@@ -284,6 +301,18 @@ class _MutedLoader(importlib.abc.Loader):
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def print_serving_forms(task, forms: dict, model_dir: str) -> None:
+    """Measures the exported serving forms into `<model_dir>/serving.json` and prints the table."""
+    from tfhub_finetune.selection.serving_forms import summary_lines, write_serving_forms_report
+
+    print("Measuring the serving forms (eval set, batch-1 latency, throughput, size) ...",
+          flush=True)
+    report = write_serving_forms_report(task, forms, model_dir)
+    print("\n".join(summary_lines(report)))
+    print(f"Serving forms: {model_dir}/serving.json (load average "
+          f"{report['load_average']['before']} -> {report['load_average']['after']})")
 
 
 def print_summary(result: dict, model_dir: str) -> None:

@@ -14,7 +14,8 @@ TFRecord files or `tfds:<name>[:<split>]`.
 Writes to --model_dir: params.json, labels.json, best.weights.h5 (+ best.json),
 model.keras (takes raw 0..255 pixels), metrics.json (accuracy, macro-F1,
 per-class figures, confusion matrix, skipped files), training_log.csv, logs/
-(TensorBoard) and backup/ (resume state). Bad input ends with one line on
+(TensorBoard) and backup/ (resume state); with --export_dir and
+--export_quantized=int8 also serving.json (float32 SavedModel vs int8 TFLite). Bad input ends with one line on
 stderr and exit code 2.
 """
 
@@ -26,6 +27,7 @@ from pipelines import flags as pipeline_flags
 
 FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags()
+pipeline_flags.define_serving_flags()
 pipeline_flags.define_image_flags()
 
 def main(argv):
@@ -52,6 +54,19 @@ def main(argv):
             crop_to_aspect_ratio=config.data.crop_to_aspect_ratio,
         )
         print(f"Exported SavedModel: {path}")
+        if config.export_quantized != "none":
+            from tfhub_finetune.quantized_export import export_quantized_image_classifier
+
+            variant = export_quantized_image_classifier(
+                result["model"], task.labels, FLAGS.export_dir, image_size=task.image_size,
+                mode=config.export_quantized, model_name=FLAGS.model_name,
+                model_dir=config.model_dir, quantized_from=path,
+                crop_to_aspect_ratio=config.data.crop_to_aspect_ratio,
+            )
+            print(f"Exported {config.export_quantized} TFLite: {variant}/model.tflite")
+            pipeline_flags.print_serving_forms(
+                task, {"float32": path, config.export_quantized: variant}, config.model_dir
+            )
     pipeline_flags.print_summary(result, config.model_dir)
 
 

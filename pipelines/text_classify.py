@@ -4,7 +4,9 @@
 
 Writes to --model_dir: params.json, labels.json, best.weights.h5 (+ best.json),
 model.keras, metrics.json (accuracy, macro-F1, per-class figures, confusion
-matrix), training_log.csv, logs/ (TensorBoard) and backup/ (resume state).
+matrix), training_log.csv, logs/ (TensorBoard) and backup/ (resume state); with
+--export_dir and --export_quantized=int8 also serving.json (each serving form's
+accuracy, latency, throughput and size; see tfhub_finetune/quantized_export.py).
 Bad input ends with one line on stderr and exit code 2.
 """
 
@@ -16,6 +18,7 @@ from pipelines import flags as pipeline_flags
 
 FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags()
+pipeline_flags.define_serving_flags()
 pipeline_flags.define_text_flags()
 
 
@@ -39,6 +42,18 @@ def main(argv):
             model_name=FLAGS.model_name, model_dir=config.model_dir,
         )
         print(f"Exported SavedModel: {path}")
+        if config.export_quantized != "none":
+            from tfhub_finetune.quantized_export import export_quantized_text_classifier
+
+            variant = export_quantized_text_classifier(
+                result["model"], task.backbone, task.labels, FLAGS.export_dir,
+                mode=config.export_quantized, model_name=FLAGS.model_name,
+                model_dir=config.model_dir, quantized_from=path,
+            )
+            print(f"Exported {config.export_quantized} SavedModel: {variant}")
+            pipeline_flags.print_serving_forms(
+                task, {"float32": path, config.export_quantized: variant}, config.model_dir
+            )
     pipeline_flags.print_summary(result, config.model_dir)
 
 

@@ -25,6 +25,8 @@ AUGMENTATIONS = ("basic", "randaugment", "none")
 TASKS = ("single_label", "multi_label", "regression", "token_classification")
 TAG_SCHEMES = ("iob2", "iob1", "bioes")
 POOLINGS = ("auto", "cls", "pooler", "mean")
+# Serving forms written beside the float32 export (`--export_quantized`).
+QUANTIZATIONS = ("none", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +209,10 @@ class RuntimeConfig:
 class ExperimentConfig:
     """One fine-tuning run. Saved as `<model_dir>/params.json`.
 
+    `export_quantized` (`none` or `int8`): with `--export_dir`, also write an
+    int8 serving form beside the float32 export and measure both
+    (`selection.serving_forms`).
+
     Example:
 
     ```python
@@ -217,6 +223,7 @@ class ExperimentConfig:
 
     mode: str = "train_and_eval"
     model_dir: str = ""
+    export_quantized: str = "none"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -293,6 +300,9 @@ class ExperimentConfig:
         _one_of("jit_compile", self.runtime.jit_compile, ("auto", "true", "false"))
         _one_of("lr_schedule", t.lr_schedule, LR_SCHEDULES)
         _one_of("verbose", self.runtime.verbose, VERBOSITIES)
+        if self.export_quantized not in QUANTIZATIONS:
+            _bad("export_quantized", self.export_quantized, "Unknown serving form for --export_quantized.",
+                 did_you_mean(str(self.export_quantized), QUANTIZATIONS))
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -155,7 +155,15 @@ def evaluate_report(model: keras.Model, task: Task, predictions_path: Path | Non
     """
     if hasattr(task, "report"):  # A task with its own report (token classification).
         return task.report(model)
-    outputs = model.predict(task.eval_dataset(), verbose=0)
+    return outputs_report(task, model.predict(task.eval_dataset(), verbose=0), predictions_path)
+
+
+def outputs_report(task: Task, outputs: np.ndarray, predictions_path: Path | None = None) -> dict:
+    """The eval report of `outputs`, one row per example of `task.eval_dataset()`, in order.
+
+    What `evaluate_report` computes from a Keras model, for predictions made
+    any other way (an exported SavedModel, a TFLite interpreter).
+    """
     targets = task.eval_targets()
     kind = task.config.model.task
     # Tasks with one prediction per example (not per token) have paired tests.

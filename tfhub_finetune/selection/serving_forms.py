@@ -1,0 +1,272 @@
+"""Measure each serving form of one trained model: quality, latency, throughput, size.
+
+A serving form is an export folder: the float32 SavedModel
+(`export.export_*_classifier`), the Keras int8 SavedModel or the TFLite int8
+file (`quantized_export`). Each is measured as it is served, on the same
+inputs:
+
+- Quality: the task's eval set, run through the export's network-only
+  entry (the token-id twin for text, `predict_images` or the TFLite
+  interpreter for images), scored by the same report as training's
+  (`driver.outputs_report`), plus the share of examples whose predicted
+  class agrees with the reference form (float32).
+- Latency and throughput: the network alone (token ids at the trained
+  sequence length, or pixels at the image size), so a SavedModel and a
+  TFLite file are timed on the same work; batch-1 p50/p95 and throughput at
+  `options.serving_batch_size` with `profile.py`'s timer. End-to-end latency
+  of the raw-input signature (tokenizer or JPEG decoding included) comes from
+  the model card, where the export measured it.
+- Size: the served folder (SavedModel files, vocabulary and card included),
+  or the `.tflite` file.
+
+Ratios are each form's figure over the reference's: below 1 is smaller or
+faster for latency and size, above 1 is faster for throughput.
+
+Example:
+
+```python
+forms = {"float32": "exports/sst2/1", "int8": "exports/sst2_int8/1"}
+report = measure_serving_forms(task, forms)
+report["forms"]["int8"]["vs_reference"]["latency_p50_ratio"]
+```
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfhub_finetune.quantized_export import TFLITE_FILE
+from tfhub_finetune.selection.profile import (
+    ProfileOptions,
+    _folder_mb,
+    _round,
+    cpu_description,
+    profile_saved_model,
+    profile_tflite,
+)
+
+REFERENCE = "float32"
+SERVING_FILE = "serving.json"
+# What each form's row shows, in order (also the printed table's columns).
+_TIMING_FIELDS = ("latency_p50_ms", "latency_p95_ms", "latency_clock", "latency_wall_p50_ms",
+                  "latency_cpu_p50_ms", "load_average", "throughput_eps", "serving_batch_size")
+
+
+def measure_serving_forms(
+    task: Any,
+    forms: Mapping[str, str | os.PathLike],
+    *,
+    options: ProfileOptions | None = None,
+    reference: str = REFERENCE,
+) -> dict[str, Any]:
+    """Measures every form in `forms` and compares each with `reference`.
+
+    Args:
+        task: a prepared `Task` (its `eval_dataset()` and `eval_targets()`).
+        forms: form name -> export version folder (a SavedModel with a model
+            card, or a folder holding `model.tflite`), reference first.
+        options: ProfileOptions or None. Timing settings; defaults to
+            batch 64 for throughput and shorter timing than selection uses.
+        reference: str. The form the others are compared with.
+
+    Returns:
+        A JSON-ready dict: `forms` (name -> figures and `vs_reference`
+        ratios), `reference`, `device`, `load_average` at the start and end.
+    """
+    options = options or ProfileOptions(serving_batch_size=64, warmup_runs=3, min_runs=20,
+                                        min_seconds=1.0)
+    load_before = _load_average()
+    measured: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, np.ndarray] = {}
+    for name, path in forms.items():
+        predict, figures = _open_form(Path(path), options)
+        outputs[name] = _predict_eval_set(task, predict)
+        figures["eval"] = _scalars(_outputs_report(task, outputs[name]))
+        measured[name] = {"path": str(path), **figures}
+    if reference in measured:
+        for name, row in measured.items():
+            row["vs_reference"] = _compare(row, measured[reference], outputs[name],
+                                           outputs[reference], task.config.model.task)
+    return {
+        "reference": reference,
+        "device": cpu_description(),
+        "load_average": {"before": load_before, "after": _load_average()},
+        "latency_method": "network alone (token ids / pixels), batch 1: p50/p95 of timed calls "
+        "after warm-up (selection.profile's timer); throughput at serving_batch_size",
+        "forms": measured,
+    }
+
+
+def write_serving_forms_report(
+    task: Any,
+    forms: Mapping[str, str | os.PathLike],
+    model_dir: str | os.PathLike,
+    *,
+    options: ProfileOptions | None = None,
+) -> dict[str, Any]:
+    """`measure_serving_forms`, written to `<model_dir>/serving.json` (atomically)."""
+    import json
+
+    from tfhub_finetune.io_utils import atomic_write_text
+
+    report = measure_serving_forms(task, forms, options=options)
+    atomic_write_text(Path(model_dir) / SERVING_FILE, json.dumps(report, indent=2))
+    return report
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+    """A small table of `measure_serving_forms`' result, for the pipeline's output."""
+    lines = [f"{'form':<16}{'runtime':<16}{'metric':>16}{'agree':>8}{'p50 ms':>9}{'p95 ms':>9}"
+             f"{'ex/s':>9}{'MB':>8}  vs {report['reference']}"]
+    for name, row in report["forms"].items():
+        metric = row["eval"].get("accuracy", row["eval"].get("macro_f1", row["eval"].get("rmse")))
+        versus = row.get("vs_reference") or {}
+        ratio = (f"metric {versus.get('metric_delta', 0):+.4f}, latency "
+                 f"x{versus.get('latency_p50_ratio', float('nan')):.2f}, size "
+                 f"x{versus.get('size_ratio', float('nan')):.2f}") if name != report["reference"] else ""
+        lines.append(
+            f"{name:<16}{row['runtime']:<16}{_fmt(metric, 4):>16}"
+            f"{_fmt(versus.get('agreement'), 3):>8}{_fmt(row['latency_p50_ms'], 1):>9}"
+            f"{_fmt(row['latency_p95_ms'], 1):>9}{_fmt(row['throughput_eps'], 1):>9}"
+            f"{_fmt(row['size_mb'], 1):>8}  {ratio}"
+        )
+    return lines
+
+
+# === One form ===
+
+
+def _open_form(path: Path, options: ProfileOptions) -> tuple[Callable[[Any], np.ndarray], dict]:
+    """(batch -> outputs, timing and size figures) of the export at `path`."""
+    if (path / TFLITE_FILE).exists():
+        return _open_tflite(path / TFLITE_FILE, options)
+    return _open_saved_model(path, options)
+
+
+def _open_saved_model(path: Path, options: ProfileOptions) -> tuple[Callable, dict]:
+    import tensorflow as tf
+
+    from tfhub_finetune.export import model_only_signature, read_model_card, resolve_saved_model
+
+    path = resolve_saved_model(path)
+    card = read_model_card(path) or {}
+    folder, signature, shapes = model_only_signature(path, card)
+    serve = tf.saved_model.load(str(folder)).signatures[signature]
+    declared = serve.structured_input_signature[1]
+
+    def predict(inputs: Any) -> np.ndarray:
+        if isinstance(inputs, Mapping):
+            feed = {k: tf.cast(inputs[k], declared[k].dtype) for k in declared}
+        else:
+            (key,) = declared
+            feed = {key: tf.cast(inputs, declared[key].dtype)}
+        out = serve(**feed)
+        return np.asarray(out["probabilities"] if "probabilities" in out else out["scores"])
+
+    profiled = profile_saved_model(folder, shapes, signature=signature, options=options)
+    served = ((card.get("profile") or {}).get("latency_ms_batch1") or {}).get("serving_default")
+    return predict, {
+        "runtime": "tf_saved_model",
+        "quantization": (card.get("quantization") or {}).get("mode", "none"),
+        **_timing(profiled),
+        "served_latency_p50_ms": served,
+        "size_mb": _round(_folder_mb(path)),
+        "variable_dtypes": _variable_dtypes(folder),
+    }
+
+
+def _open_tflite(file: Path, options: ProfileOptions) -> tuple[Callable, dict]:
+    from tfhub_finetune.export import read_model_card, run_tflite, tflite_interpreter
+
+    interpreter = tflite_interpreter(model_path=str(file), num_threads=os.cpu_count())
+
+    def predict(inputs: Any) -> np.ndarray:
+        return run_tflite(interpreter, np.asarray(inputs))
+
+    profiled = profile_tflite(file, options=options)
+    card = read_model_card(file.parent) or {}
+    return predict, {
+        "runtime": "tflite",
+        "quantization": (card.get("quantization") or {}).get("mode", "none"),
+        **_timing(profiled),
+        "served_latency_p50_ms": None,
+        "size_mb": profiled.saved_model_mb,
+    }
+
+
+def _predict_eval_set(task: Any, predict: Callable[[Any], np.ndarray]) -> np.ndarray:
+    rows = []
+    for batch in task.eval_dataset():
+        inputs = batch[0] if isinstance(batch, tuple) else batch
+        rows.append(predict(inputs))
+    return np.concatenate(rows)
+
+
+def _outputs_report(task: Any, outputs: np.ndarray) -> dict:
+    from tfhub_finetune.driver import outputs_report
+
+    return outputs_report(task, outputs)
+
+
+def _compare(row: dict, ref: dict, outputs: np.ndarray, ref_outputs: np.ndarray,
+             kind: str) -> dict[str, Any]:
+    metric = "accuracy" if "accuracy" in row["eval"] else next(iter(row["eval"]), None)
+    versus: dict[str, Any] = {
+        "metric": metric,
+        "metric_delta": _round(row["eval"].get(metric, np.nan) - ref["eval"].get(metric, np.nan)),
+        "latency_p50_ratio": _ratio(row["latency_p50_ms"], ref["latency_p50_ms"]),
+        "latency_p95_ratio": _ratio(row["latency_p95_ms"], ref["latency_p95_ms"]),
+        "throughput_ratio": _ratio(row["throughput_eps"], ref["throughput_eps"]),
+        "size_ratio": _ratio(row["size_mb"], ref["size_mb"]),
+        "max_abs_output_diff": _round(float(np.max(np.abs(outputs - ref_outputs)))
+                                      if len(outputs) else 0.0),
+    }
+    if kind == "single_label":
+        versus["agreement"] = _round(float(np.mean(
+            np.argmax(outputs, axis=-1) == np.argmax(ref_outputs, axis=-1))))
+    elif kind == "multi_label":
+        versus["agreement"] = _round(float(np.mean((outputs >= 0.5) == (ref_outputs >= 0.5))))
+    return versus
+
+
+# === Small helpers ===
+
+
+def _timing(result: Any) -> dict[str, Any]:
+    figures = {field: getattr(result, field) for field in _TIMING_FIELDS}
+    figures["timing_error"] = result.error
+    return figures
+
+
+def _variable_dtypes(folder: Path) -> list[str]:
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(folder / "variables" / "variables"))
+    return sorted({tf.as_dtype(d).name for d in reader.get_variable_to_dtype_map().values()})
+
+
+def _scalars(report: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in report.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference:
+        return None
+    return _round(value / reference)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
