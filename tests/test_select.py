@@ -538,7 +538,11 @@ def test_distributed_chief_and_two_workers(tiny_sst2, tmp_path):
     flagfile = _flagfile(tmp_path / "tiny.flags", tiny_sst2, tmp_path / "out")
     port = str(_free_port())
     procs = {}
-    for role in ("chief", "tuner0", "tuner1"):
+    # Workers first: each waits for the chief's oracle (gRPC wait_for_ready), so both are
+    # asking when the first rung is handed out. Started after the chief, a worker slowed by
+    # a busy machine could arrive after the other had trained every trial and the chief had
+    # gone, then wait out KerasTuner's hour-long connect timeout.
+    for role in ("tuner0", "tuner1", "chief"):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERASTUNER_TUNER_ID": role,
                "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": port}
         log = open(tmp_path / f"{role}.log", "w")  # noqa: SIM115 (closed below)
