@@ -47,7 +47,10 @@ def define_common_flags(default_monitor: str = "val_accuracy") -> None:
     flags.DEFINE_enum("task", "single_label", ["single_label", "multi_label", "regression"],
                       "Head: softmax, per-label sigmoid, or linear regression.")
     flags.DEFINE_float("dropout", 0.1, "Dropout before the head.")
-    flags.DEFINE_bool("freeze_backbone", False, "Train the head only.")
+    flags.DEFINE_string("adaptation", "full", "How much of the backbone trains: full, head "
+                        "(backbone frozen), top:K (the last K transformer blocks / CNN stages) "
+                        "or lora:R (keras-hub LoRA of rank R, text encoders; merged for export).")
+    flags.DEFINE_bool("freeze_backbone", False, "Deprecated: use --adaptation=head.")
     flags.DEFINE_integer("epochs", 3, "Training epochs.")
     flags.DEFINE_integer("batch_size", 32, "Global batch size (split across replicas).")
     flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate (AdamW, linear warm-up and decay).")
@@ -168,14 +171,27 @@ def config_from_flags() -> ExperimentConfig:
 
 def experiment_config_from_flags() -> ExperimentConfig:
     """`config_from_flags` without `validate()` (model selection fills in the trial fields first)."""
-    return dataclass_from_flags(ExperimentConfig)
+    config = dataclass_from_flags(ExperimentConfig)
+    if "freeze_backbone" in FLAGS and FLAGS.freeze_backbone:
+        # The deprecated spelling of --adaptation=head, kept so old flag files still run.
+        if config.model.adaptation.kind not in ("full", "head"):
+            raise InputError("--freeze_backbone (deprecated) contradicts --adaptation.",
+                             received={"freeze_backbone": True,
+                                       "adaptation": str(config.model.adaptation)},
+                             fix="Drop --freeze_backbone; --adaptation=head is its new name.")
+        logging.warning("--freeze_backbone is deprecated; use --adaptation=head.")
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, adaptation="head"))
+    return config
 
 
 def dataclass_from_flags(cls, **given):
     """An instance of dataclass `cls` with each field read from the flag of its name.
 
-    Nested dataclass fields are read the same way; a field with no flag (or a
-    flag left at None) keeps its default; `given` values win over flags.
+    Nested dataclass fields are read the same way, except value types with a
+    `parse` classmethod (`Adaptation`), which come from the flag of their own
+    name as a string (the dataclass holding them parses it); a field with no
+    flag (or a flag left at None) keeps its default; `given` values win over flags.
     """
     values = dict(given)
     for field in dataclasses.fields(cls):
@@ -183,7 +199,7 @@ def dataclass_from_flags(cls, **given):
                    else field.default)
         if field.name in given:
             continue
-        if dataclasses.is_dataclass(default):
+        if dataclasses.is_dataclass(default) and not hasattr(default, "parse"):
             values[field.name] = dataclass_from_flags(type(default))
         elif field.name in FLAGS and FLAGS[field.name].value is not None:
             value = FLAGS[field.name].value

@@ -76,7 +76,7 @@ def test_lite0_features_give_a_linear_probe_well_above_chance(lite0, tmp_path):
             for path in sorted((root / split / name).iterdir())[:per_class]
         ]
         (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    model = build_image_classifier(lite0, 2, freeze_backbone=True)
+    model = build_image_classifier(lite0, 2, adaptation="head")
     normalise, encoder = model.get_layer("pixel_normalization"), model.get_layer(lite0.encoder.name)
 
     def features(split, names=None):
@@ -99,7 +99,7 @@ def test_lite0_features_give_a_linear_probe_well_above_chance(lite0, tmp_path):
 
 
 def test_frozen_step_keeps_backbone_then_fine_tuning_step_trains_all_but_batchnorm(lite0):
-    model = build_image_classifier(lite0, 2, image_size=SMALL, freeze_backbone=True)
+    model = build_image_classifier(lite0, 2, image_size=SMALL, adaptation="head")
     encoder, head = model.get_layer(lite0.encoder.name), model.get_layer("head_logits")
     frozen, head_before = _weights(encoder), _weights(head)
     _fit_one_step(model, SMALL)

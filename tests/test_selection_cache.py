@@ -42,10 +42,10 @@ def test_a_field_added_to_a_config_dataclass_changes_the_key(config):
 def test_every_trial_setting_is_in_the_key_and_trial_fields_are_not(config):
     key = cache.project_name(config, "text")
     base = config.base
-    # Settings the old hand list missed (clip_norm, freeze_backbone, crop_to_aspect_ratio) count.
+    # Settings the old hand list missed (clip_norm, the adaptation, crop_to_aspect_ratio) count.
     for changed in (
         dataclasses.replace(base, train=dataclasses.replace(base.train, clip_norm=0.5)),
-        dataclasses.replace(base, model=dataclasses.replace(base.model, freeze_backbone=True)),
+        dataclasses.replace(base, model=dataclasses.replace(base.model, adaptation="head")),
         dataclasses.replace(base, data=dataclasses.replace(base.data, crop_to_aspect_ratio=False)),
         dataclasses.replace(base, runtime=dataclasses.replace(base.runtime,
                                                               precision="mixed_bfloat16")),

@@ -57,7 +57,7 @@ def test_a_training_step_changes_backbone_and_head_weights(minilm_l3_dir):
 
 def test_frozen_backbone_trains_only_the_head(minilm_l3_dir):
     backbone = load_backbone(str(minilm_l3_dir))
-    model = build_text_classifier(backbone, num_classes=2, freeze_backbone=True)
+    model = build_text_classifier(backbone, num_classes=2, adaptation="head")
     encoder_before = [w.copy() for w in backbone.encoder.get_weights()]
     x, y = _batch(backbone)
     model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss="sparse_categorical_crossentropy")

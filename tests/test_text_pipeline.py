@@ -48,6 +48,11 @@ def test_fine_tuning_beats_chance_on_real_sst2(trained):
     assert (predictions.y_pred == predictions.y_true).mean() == pytest.approx(metrics["eval"]["accuracy"])
     for name in ("params.json", "labels.json", "best.weights.h5", "model.keras", "training_log.csv"):
         assert (model_dir / name).exists(), name
+    # The training cost, for choosing an adaptation: every weight trains by default.
+    assert metrics["adaptation"] == "full"
+    assert 0.9 * metrics["params"] < metrics["trainable_params"] <= metrics["params"]
+    assert metrics["fit_examples_per_second"] > 0 and 0 < metrics["fit_seconds"] <= metrics["train_seconds"]
+    assert metrics["peak_train_rss_mb"] > metrics["train_rss_growth_mb"] > 0
 
 
 def test_eval_mode_reproduces_the_metrics(trained):

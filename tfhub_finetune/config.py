@@ -27,6 +27,84 @@ TAG_SCHEMES = ("iob2", "iob1", "bioes")
 POOLINGS = ("auto", "cls", "pooler", "mean")
 # Serving forms written beside the float32 export (`--export_quantized`).
 QUANTIZATIONS = ("none", "int8")
+ADAPTATIONS = ("full", "head", "top", "lora")
+_ADAPTATION_FORMS = ("full (every weight trains), head (backbone frozen), top:K (the last K "
+                     "transformer blocks or CNN stages train) or lora:R (LoRA of rank R on the "
+                     "attention query/value projections; text encoders)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptation:
+    """How much of the backbone trains: `full`, `head`, `top:K` or `lora:R`.
+
+    The typed form of `--adaptation`: user strings are parsed once
+    (`Adaptation.parse`, or by `ModelConfig`, which accepts the string), and
+    everything below takes this value.
+
+    Attributes:
+        kind: str. `full` (every weight trains), `head` (the backbone is
+            frozen; only the head trains), `top` (only the last `blocks`
+            transformer blocks / CNN stages and what sits above them train;
+            embeddings and stem frozen) or `lora` (keras-hub's
+            `Backbone.enable_lora(rank)`: low-rank adapters on the attention
+            query/value projections train, the backbone's own weights stay
+            frozen; merged into plain kernels for export).
+        blocks: int. `top` only: how many of the last blocks/stages train.
+        rank: int. `lora` only: the rank of the adapters.
+
+    Example:
+
+    ```python
+    Adaptation.parse("lora:8")  # Adaptation(kind='lora', blocks=0, rank=8)
+    str(Adaptation("top", blocks=2))  # 'top:2'
+    ```
+    """
+
+    kind: str = "full"
+    blocks: int = 0
+    rank: int = 0
+
+    @classmethod
+    def parse(cls, text: str | Adaptation) -> Adaptation:
+        """`full`, `head`, `top:K` or `lora:R` as an `Adaptation` (validated)."""
+        if isinstance(text, Adaptation):
+            return text.validate()
+        value = str(text).strip().lower()
+        kind, _, number = value.partition(":")
+        if kind not in ADAPTATIONS:
+            _bad("adaptation", text, "Unknown adaptation method.",
+                 f"{did_you_mean(kind, ADAPTATIONS)} Forms: {_ADAPTATION_FORMS}.")
+        if kind in ("full", "head"):
+            if number:
+                _bad("adaptation", text, f"`{kind}` takes no number.", f"Use --adaptation={kind}.")
+            return cls(kind).validate()
+        if not number.strip().isdigit():
+            what = "blocks" if kind == "top" else "rank"
+            _bad("adaptation", text, f"`{kind}` needs a positive integer ({what}).",
+                 f"E.g. --adaptation={kind}:{2 if kind == 'top' else 8}.")
+        n = int(number)
+        return (cls(kind, blocks=n) if kind == "top" else cls(kind, rank=n)).validate()
+
+    def validate(self) -> Adaptation:
+        """Checks the value alone; whether the backbone allows it is checked when it loads."""
+        if self.kind not in ADAPTATIONS:
+            _bad("adaptation", self.kind, "Unknown adaptation method.",
+                 f"{did_you_mean(str(self.kind), ADAPTATIONS)} Forms: {_ADAPTATION_FORMS}.")
+        number = {"top": self.blocks, "lora": self.rank}.get(self.kind, 0)
+        if self.kind in ("top", "lora") and not (isinstance(number, int) and number >= 1):
+            _bad("adaptation", str(self), f"`{self.kind}` needs a number >= 1.",
+                 f"E.g. --adaptation={self.kind}:{2 if self.kind == 'top' else 8}.")
+        if (self.kind != "top" and self.blocks) or (self.kind != "lora" and self.rank):
+            _bad("adaptation", f"{self.kind} (blocks={self.blocks}, rank={self.rank})",
+                 "Only top:K sets blocks and only lora:R sets rank.")
+        return self
+
+    def __str__(self) -> str:
+        if self.kind == "top":
+            return f"top:{self.blocks}"
+        if self.kind == "lora":
+            return f"lora:{self.rank}"
+        return self.kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +202,10 @@ class ModelConfig:
             `token_classification`.
         pooling: str. Text pooling: `auto`, `cls`, `pooler` or `mean`.
         dropout: float. Dropout before the head.
-        freeze_backbone: bool. Train the head only.
+        adaptation: Adaptation. How much of the backbone trains (`full`,
+            `head`, `top:K`, `lora:R`); a string is parsed. Replaces the old
+            `freeze_backbone=True` (= `head`), which a params.json written
+            before still loads as.
         sequence_length: int. Max word pieces per text (text models).
         image_size: int. Input side (image models; 0 = the backbone's own).
         window_stride: int. Token classification: word pieces between the
@@ -136,10 +217,17 @@ class ModelConfig:
     task: str = "single_label"
     pooling: str = "auto"
     dropout: float = 0.1
-    freeze_backbone: bool = False
+    adaptation: Adaptation = Adaptation()
     sequence_length: int = 128
     image_size: int = 0
     window_stride: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.adaptation, Adaptation):
+            # The edge: a string from a flag, params.json or a caller becomes the typed value.
+            value = self.adaptation
+            value = Adaptation(**value) if isinstance(value, dict) else Adaptation.parse(value)
+            object.__setattr__(self, "adaptation", value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +373,7 @@ class ExperimentConfig:
         if not 0 <= t.seed < 2**32:
             _bad("seed", t.seed, "--seed must be in [0, 2**32).")
         _one_of("pooling", self.model.pooling, POOLINGS)
+        self.model.adaptation.validate()
         if len(self.data.label_names) == 1 and self.model.task != "regression":
             _bad("label_names", ",".join(self.data.label_names),
                  "--label_names has a single class; a classifier needs at least two.")
@@ -329,7 +418,7 @@ class ExperimentConfig:
         dc["label_names"] = tuple(dc.get("label_names", ()))
         return cls(
             data=DataConfig(**dc),
-            model=ModelConfig(**data.pop("model", {})),
+            model=ModelConfig(**_model_fields(data.pop("model", {}))),
             train=TrainConfig(**data.pop("train", {})),
             runtime=RuntimeConfig(**data.pop("runtime", {})),
             **data,
@@ -338,6 +427,14 @@ class ExperimentConfig:
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
+    """`ModelConfig` kwargs from params.json; one written before `adaptation` had `freeze_backbone`."""
+    model = dict(model)
+    if model.pop("freeze_backbone", False) and "adaptation" not in model:
+        model["adaptation"] = "head"
+    return model
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

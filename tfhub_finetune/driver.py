@@ -17,9 +17,11 @@ import keras
 import numpy as np
 
 from tfhub_finetune import distribute, training
+from tfhub_finetune.adaptation import count_trainable, merge_lora
 from tfhub_finetune.config import ExperimentConfig, keras_verbose
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
+from tfhub_finetune.memory import PeakMemory
 from tfhub_finetune.metrics import (
     ValidationSpearman,
     check_monitor,
@@ -226,18 +228,28 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
             task.prepare_train()
             check_monitor(config.train.monitor, config.model.task, task.labels.num_classes)
             _check_same_run(model_dir, config)
-            config.save(model_dir / PARAMS_FILE)
-            task.labels.save(model_dir / LABELS_FILE)
         model = task.build_model()
         compile_model(model, config, task.steps_per_epoch, task.labels.num_classes, jit)
+        if config.mode != "eval":
+            # After the build: a model the backbone cannot make (top:K too deep) writes nothing.
+            config.save(model_dir / PARAMS_FILE)
+            task.labels.save(model_dir / LABELS_FILE)
 
-    result: dict = {"backbone": config.model.backbone, "task": config.model.task, **task.summary}
+    result: dict = {"backbone": config.model.backbone, "task": config.model.task,
+                    "adaptation": str(config.model.adaptation),
+                    "params": int(model.count_params()),
+                    "trainable_params": count_trainable(model), **task.summary}
     if config.mode != "eval":
         callbacks = epoch_metric_callbacks(task, config) + training_callbacks(config, model_dir)
+        clock = training.TrainClock()
+        meter = PeakMemory()
+        rss_before = meter.current_mb()
+        meter.reset()
         train_started = time.time()
-        outcome = fit_task(model, task, config, model_dir, callbacks)
+        outcome = fit_task(model, task, config, model_dir, [clock, *callbacks])
         train_seconds = time.time() - train_started
         result["train_seconds"] = round(train_seconds, 2)
+        result.update(_train_memory(meter, rss_before))
         result["resumed_from"] = outcome["resumed_from"]
         epochs_run = len(outcome["history"].get("loss", []))
         if epochs_run:
@@ -245,6 +257,10 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
             result["train_examples_per_second"] = round(
                 epochs_run * result.get("train_examples", 0) / train_seconds, 2
             )
+            # The training steps alone (no validation, no checkpoints): what adaptations change.
+            result["fit_seconds"] = round(clock.seconds, 2)
+            result["fit_examples_per_second"] = round(
+                clock.steps * config.train.batch_size / max(clock.seconds, 1e-9), 2)
     best = model_dir / training.BEST_WEIGHTS
     if best.exists():
         model.load_weights(str(best))
@@ -255,6 +271,9 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
                          received={"model_dir": config.model_dir},
                          fix="Train first with --mode=train or --mode=train_and_eval.")
 
+    with strategy.scope():
+        # LoRA adapters become plain kernels: evaluated, saved and exported as served.
+        model = merge_lora(model)
     if config.mode != "train":
         result["eval"] = evaluate_report(model, task, model_dir / PREDICTIONS_FILE if chief else None)
     result["wall_seconds"] = round(time.time() - started, 2)
@@ -265,6 +284,24 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
         atomic_write_text(model_dir / METRICS_FILE, json.dumps(_jsonable(result), indent=2))
     result["model"] = model
     return result
+
+
+def _train_memory(meter: PeakMemory, rss_before: float) -> dict:
+    """The training phase's peak RSS, and how far it rose above the RSS before `fit`.
+
+    The rise is the training's own memory (optimizer slots, gradients,
+    activations, tf.data buffers); the peak includes the loaded model and data.
+    """
+    peak = meter.peak_mb()
+    figures = {"peak_train_rss_mb": round(peak, 1),
+               "train_rss_growth_mb": round(max(peak - rss_before, 0.0), 1),
+               "train_memory_method": ("VmHWM reset at the start of fit (/proc/self/clear_refs)"
+                                       if meter.resets else
+                                       "getrusage ru_maxrss: the process's peak so far")}
+    device = meter.device_peak_mb()
+    if device is not None:
+        figures["peak_train_device_mb"] = device
+    return figures
 
 
 def _check_same_run(model_dir: Path, config: ExperimentConfig) -> None:
@@ -280,7 +317,9 @@ def _check_same_run(model_dir: Path, config: ExperimentConfig) -> None:
         # A field the older params.json does not record (one added to the
         # config since, e.g. data.augment) is unknown, not changed: compare
         # only what it recorded, so a run from before the field still resumes.
-        if before != {name: value for name, value in now.items() if name in before}:
+        # Likewise a field since removed (model.freeze_backbone, now adaptation) is not compared.
+        if ({name: value for name, value in before.items() if name in now}
+                != {name: value for name, value in now.items() if name in before}):
             changed.append(key)
     if changed:
         from tfhub_finetune.errors import InputError

@@ -124,6 +124,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfhub_finetune.adaptation import merge_lora
 from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.data.labels import LabelVocabulary
@@ -231,6 +232,8 @@ def export_text_classifier(
             received={"model": model.name, "inputs": _input_names(model)},
             fix=f"Pass a model from build_text_classifier (inputs {', '.join(TEXT_INPUTS)}).",
         )
+    # LoRA adapters (if any) merged into plain kernels: served as fast as a full fine-tune.
+    model = merge_lora(model)
     names, task = _label_names_and_task(labels, model)
     base = _export_base(export_dir)
     params = _read_json(model_dir, "params.json")

@@ -33,12 +33,15 @@ import logging
 import math
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from tfhub_finetune.adaptation import lora_state, restore_lora_state
 from tfhub_finetune.errors import Preempted
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
 
@@ -330,14 +333,22 @@ class ResumableBackup(keras.callbacks.Callback):
         state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                  "weights": name, "learning_rate": current_learning_rate(self.model.optimizer),
                  "rng_states": [v.numpy().tolist() for v in _rng_state_variables(self.model)]}
+        adapters = lora_state(self.model)
+        if adapters:
+            # Keras saves LoRA layers merged, with A and B dropped: resuming from that alone
+            # would restart the adapters at zero, where they get no gradient.
+            state["lora"] = f"backup-{global_step}.lora.npz"
+            with atomic_path(self.backup_dir / state["lora"]) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, **adapters)
         # The pointer is the commit: until it is replaced, the old backup stays valid.
         atomic_write_text(self.backup_dir / BACKUP_STATE, json.dumps(state))
         # An append-only history, so a run's learning rate at any backed-up step can be
         # compared with another run's (the resume tests do).
         with open(self.backup_dir / BACKUP_LOG, "a", encoding="utf-8") as log:
             log.write(json.dumps(state) + "\n")
-        for old in self.backup_dir.glob("backup-*.weights.h5"):
-            if old.name != name:
+        for old in (*self.backup_dir.glob("backup-*.weights.h5"),
+                    *self.backup_dir.glob("backup-*.lora.npz")):
+            if old.name not in (name, state.get("lora")):
                 old.unlink(missing_ok=True)
         return state
 
@@ -353,6 +364,9 @@ def restore_backup(model: keras.Model, backup_dir: str | Path) -> dict | None:
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         model.load_weights(str(Path(backup_dir) / state["weights"]))
+        if state.get("lora"):
+            with np.load(Path(backup_dir) / state["lora"]) as adapters:
+                restore_lora_state(model, dict(adapters))
         rng = _rng_state_variables(model)
         if len(rng) == len(state.get("rng_states", [])):
             for variable, value in zip(rng, state["rng_states"], strict=True):
@@ -441,6 +455,43 @@ class BestCheckpoint(keras.callbacks.Callback):
         )
         logging.info("New best %s=%.4f at epoch %d.", self.monitor, value, epoch + 1)
         self.best = value
+
+
+class TrainClock(keras.callbacks.Callback):
+    """Seconds and steps spent in training batches, validation and epoch-end work excluded.
+
+    Example:
+
+    ```python
+    clock = TrainClock()
+    model.fit(..., callbacks=[clock])
+    clock.steps / clock.seconds  # training steps per second
+    ```
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = 0.0
+        self.steps = 0
+        self._started: float | None = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._started is None:
+            self._started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+
+    def on_test_begin(self, logs=None):
+        self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
 
 
 class LearningRateLogger(keras.callbacks.Callback):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import keras
 
+from tfhub_finetune.adaptation import apply_adaptation, check_adaptation
 from tfhub_finetune.backbones.base import ImageBackbone
 from tfhub_finetune.backbones.image_source import PIXEL_SCALE_OFFSET, load_image_backbone
 from tfhub_finetune.backbones.spec import BackboneSpec
+from tfhub_finetune.config import Adaptation
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.heads import build_head
 
@@ -20,7 +22,7 @@ def build_image_classifier(
     *,
     task: str = "single_label",
     dropout: float = 0.2,
-    freeze_backbone: bool = False,
+    adaptation: Adaptation | str = "full",
     image_size: int | None = None,
     name: str | None = None,
 ) -> keras.Model:
@@ -47,7 +49,10 @@ def build_image_classifier(
         task: str. `single_label` (softmax), `multi_label` (sigmoid) or
             `regression` (linear). Defaults to `"single_label"`.
         dropout: float. Dropout before the output layer. Defaults to `0.2`.
-        freeze_backbone: bool. Train the head only. Defaults to `False`.
+        adaptation: Adaptation or str. What trains: `full`, `head` (the
+            backbone frozen) or `top:K` (the last K stages and the final conv;
+            keras-hub and keras.applications CNNs). Image CNNs have no LoRA.
+            Defaults to `"full"`.
         image_size: int or None. Input side in pixels; None uses the
             backbone's native size (224 for EfficientNet-Lite0).
         name: str or None. Model name. Defaults to `"image_classifier"`.
@@ -80,7 +85,9 @@ def build_image_classifier(
         )
     encoder = backbone.encoder
     pretrained = backbone.spec.source != "scratch"
-    set_backbone_trainable(encoder, not freeze_backbone, pretrained=pretrained)
+    adaptation = Adaptation.parse(adaptation)
+    check_adaptation(adaptation, backbone.spec)
+    apply_adaptation(encoder, adaptation, pretrained=pretrained)
     fixed_side = encoder.input_shape[1]
     if fixed_side is not None and fixed_side != size:
         raise InputError(
@@ -123,10 +130,4 @@ def set_backbone_trainable(
     model.compile(optimizer=keras.optimizers.Adam(1e-5), loss=...)
     ```
     """
-    encoder.trainable = trainable
-    if trainable and pretrained:
-        # Nested blocks (keras-hub MBConv) hold BatchNorm layers that
-        # `encoder.layers` does not list; `_flatten_layers` walks them all.
-        for layer in encoder._flatten_layers(include_self=False, recursive=True):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
+    apply_adaptation(encoder, "full" if trainable else "head", pretrained=pretrained)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import keras
 
+from tfhub_finetune.adaptation import apply_adaptation, check_adaptation
 from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.loader import load_backbone
 from tfhub_finetune.backbones.spec import BackboneSpec
+from tfhub_finetune.config import Adaptation
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.heads import build_head
 
@@ -45,6 +47,13 @@ class FirstToken(keras.layers.Layer):
         return (sequence_shape[0], sequence_shape[-1])
 
 
+def freeze_pooler(encoder: keras.Model) -> None:
+    """An unused pooler gets no gradients; frozen, AdamW allocates (and warns about) no state for it."""
+    for layer in getattr(encoder, "layers", []):
+        if layer.name == "pooled_dense":
+            layer.trainable = False
+
+
 def build_text_classifier(
     backbone: str | BackboneSpec | TextBackbone,
     num_classes: int,
@@ -52,7 +61,7 @@ def build_text_classifier(
     task: str = "single_label",
     pooling: str = "auto",
     dropout: float = 0.1,
-    freeze_backbone: bool = False,
+    adaptation: Adaptation | str = "full",
     name: str = "text_classifier",
 ) -> keras.Model:
     """Builds a text classifier on a pretrained (or scratch) encoder.
@@ -72,7 +81,10 @@ def build_text_classifier(
             output), `mean` (masked mean) or `auto` (what the encoder was
             trained with, from its spec).
         dropout: float. Dropout before the head.
-        freeze_backbone: bool. Train the head only.
+        adaptation: Adaptation or str. What trains: `full`, `head` (the
+            encoder frozen), `top:K` (the last K transformer blocks) or
+            `lora:R` (keras-hub LoRA adapters; `adaptation.merge_lora` before
+            serving). Defaults to `"full"`.
         name: str. Model name.
 
     Returns:
@@ -101,14 +113,12 @@ def build_text_classifier(
         )
     if pooling == "auto":
         pooling = backbone.spec.default_pooling
+    adaptation = Adaptation.parse(adaptation)
+    check_adaptation(adaptation, backbone.spec)
     encoder = backbone.encoder
-    encoder.trainable = not freeze_backbone
-    if pooling != "pooler" and not freeze_backbone:
-        # An unused pooler gets no gradients; freezing it keeps AdamW from
-        # allocating (and warning about) state for it.
-        for layer in getattr(encoder, "layers", []):
-            if layer.name == "pooled_dense":
-                layer.trainable = False
+    apply_adaptation(encoder, adaptation)
+    if pooling != "pooler":
+        freeze_pooler(encoder)
 
     inputs = {n: keras.Input(shape=(None,), dtype="int32", name=n) for n in TEXT_INPUTS}
     outputs = encoder(inputs)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import keras
 
+from tfhub_finetune.adaptation import apply_adaptation
 from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.loader import load_backbone
 from tfhub_finetune.backbones.spec import BackboneSpec
+from tfhub_finetune.builders.text_classifier import freeze_pooler
+from tfhub_finetune.config import Adaptation
 from tfhub_finetune.errors import InputError
 
 
@@ -15,7 +18,7 @@ def build_token_classifier(
     num_tags: int,
     *,
     dropout: float = 0.1,
-    freeze_backbone: bool = False,
+    adaptation: Adaptation | str = "full",
     name: str = "token_classifier",
 ) -> keras.Model:
     """Builds a token classifier: softmax over tags at every position of the encoder's output.
@@ -32,7 +35,7 @@ def build_token_classifier(
             `build_text_classifier`.
         num_tags: int. Number of tags (IOB2: 1 + 2 x entity types).
         dropout: float. Dropout before the head.
-        freeze_backbone: bool. Train the head only.
+        adaptation: Adaptation or str. As for `build_text_classifier`.
         name: str. Model name.
 
     Returns:
@@ -57,12 +60,8 @@ def build_token_classifier(
     if num_tags < 2:
         raise InputError("A token classifier needs at least 2 tags.", received={"num_tags": num_tags})
     encoder = backbone.encoder
-    encoder.trainable = not freeze_backbone
-    if not freeze_backbone:
-        # The pooler gets no gradient from a per-token head; frozen, AdamW keeps no state for it.
-        for layer in getattr(encoder, "layers", []):
-            if layer.name == "pooled_dense":
-                layer.trainable = False
+    apply_adaptation(encoder, adaptation)
+    freeze_pooler(encoder)  # A per-token head never uses it.
     inputs = {n: keras.Input(shape=(None,), dtype="int32", name=n) for n in TEXT_INPUTS}
     sequence = encoder(inputs)["sequence_output"]
     x = keras.layers.Dropout(dropout, name="head_dropout")(sequence) if dropout else sequence

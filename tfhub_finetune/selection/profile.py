@@ -67,7 +67,6 @@ workspace. On a GPU the allocator's peak
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib
@@ -75,7 +74,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -87,6 +85,7 @@ from typing import Any
 
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.io_utils import atomic_write_text
+from tfhub_finetune.memory import PeakMemory as _PeakMemory
 
 # Per-example input shapes: one shape for a single-input model, or input name -> shape.
 InputShapes = Sequence[int] | Mapping[str, Sequence[int]]
@@ -1018,83 +1017,6 @@ def cpu_description() -> str:
 # --------------------------------------------------------------------------- #
 # Internals
 # --------------------------------------------------------------------------- #
-
-
-class _PeakMemory:
-    """Peak RSS of this process per phase (see the module docstring)."""
-
-    def __init__(self):
-        self._can_reset = _can_reset_hwm()
-        self.method = (
-            "peak RSS (VmHWM, reset per phase via /proc/self/clear_refs) minus the RSS before "
-            "the model was built"
-            if self._can_reset
-            else "peak RSS (getrusage ru_maxrss, monotone; training measured after inference) "
-            "minus the RSS before the model was built"
-        )
-        self._gpu = _first_gpu()
-        if self._gpu:
-            self.method += "; GPU: TF allocator peak (get_memory_info)"
-
-    def current_mb(self) -> float:
-        value = _proc_status_kb("VmRSS")
-        if value is None:
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        return value / 1024.0
-
-    def reset(self) -> None:
-        if self._can_reset:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-                handle.write("5")
-        if self._gpu:
-            import tensorflow as tf
-
-            with contextlib.suppress(Exception):  # Older TF lacks it; peaks then accumulate.
-                tf.config.experimental.reset_memory_stats(self._gpu)
-
-    def peak_mb(self) -> float:
-        value = _proc_status_kb("VmHWM") if self._can_reset else None
-        if value is None:  # ru_maxrss is in KiB on Linux.
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        return value / 1024.0
-
-    def device_peak_mb(self) -> float | None:
-        if not self._gpu:
-            return None
-        import tensorflow as tf
-
-        try:
-            return _round(tf.config.experimental.get_memory_info(self._gpu)["peak"] / _MIB)
-        except Exception:
-            return None
-
-
-def _proc_status_kb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _can_reset_hwm() -> bool:
-    if _proc_status_kb("VmHWM") is None:
-        return False
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _first_gpu() -> str | None:
-    import tensorflow as tf
-
-    return "GPU:0" if tf.config.list_physical_devices("GPU") else None
 
 
 def _normalise_shapes(input_shapes: InputShapes) -> dict[str, list[int]] | list[int]:

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfhub_finetune.adaptation import check_adaptation
 from tfhub_finetune.backbones.base import ImageBackbone
 from tfhub_finetune.backbones.catalog import resolve_backbone
 from tfhub_finetune.backbones.loader import load_backbone
@@ -63,6 +64,8 @@ class ImageClassificationTask:
                 received={"task": config.model.task},
                 fix="Use --task=single_label (class folders give one label per image).",
             )
+        # Before any data is read: an adaptation the backbone cannot do costs a second.
+        check_adaptation(config.model.adaptation, self.spec)
         self.crop_to_aspect_ratio = config.data.crop_to_aspect_ratio
         # Built here, outside the strategy scope and before tf.data traces any
         # epoch function: Keras layers cannot be created inside either.
@@ -166,7 +169,7 @@ class ImageClassificationTask:
         size = m.image_size or self.spec.image_size or 224
         kwargs = {"backbone": m.backbone,
                   "num_classes": num_classes, "task": m.task, "image_size": size,
-                  "dropout": m.dropout, "freeze_backbone": m.freeze_backbone}
+                  "dropout": m.dropout, "adaptation": str(m.adaptation)}
         return {"builder": self.builder, "builder_kwargs": kwargs, "input_shapes": [size, size, 3],
                 "exporter": f"{__name__}:export_for_serving",
                 "exporter_kwargs": {"task": m.task, "image_size": size,
@@ -179,7 +182,7 @@ class ImageClassificationTask:
             self.labels.num_classes,
             task=m.task,
             dropout=m.dropout,
-            freeze_backbone=m.freeze_backbone,
+            adaptation=m.adaptation,
             image_size=self.image_size,
         )
 

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfhub_finetune.adaptation import check_adaptation
 from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.catalog import resolve_backbone
 from tfhub_finetune.backbones.spec import BackboneSpec
@@ -59,6 +60,8 @@ class TextClassificationTask:
                 received={"backbone": config.model.backbone, "modality": self.spec.modality},
                 fix="Use pipelines.image_classify for image backbones.",
             )
+        # Before any data is read: an adaptation the backbone cannot do costs a second.
+        check_adaptation(config.model.adaptation, self.spec)
         self.backbone: TextBackbone | None = None
         self.labels: LabelVocabulary | None = None
         self.train_data: TokenizedTexts | None = None
@@ -172,7 +175,7 @@ class TextClassificationTask:
         m = self.config.model
         kwargs = {"backbone": m.backbone,
                   "num_classes": num_classes, "task": m.task, "pooling": m.pooling,
-                  "dropout": m.dropout, "freeze_backbone": m.freeze_backbone}
+                  "dropout": m.dropout, "adaptation": str(m.adaptation)}
         return {"builder": self.builder, "builder_kwargs": kwargs,
                 "input_shapes": {name: [m.sequence_length] for name in TEXT_INPUTS},
                 "exporter": f"{__name__}:export_for_serving",
@@ -188,7 +191,7 @@ class TextClassificationTask:
             task=m.task,
             pooling=m.pooling,
             dropout=m.dropout,
-            freeze_backbone=m.freeze_backbone,
+            adaptation=m.adaptation,
         )
 
     # === Datasets ===

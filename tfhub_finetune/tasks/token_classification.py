@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfhub_finetune.adaptation import check_adaptation
 from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.catalog import resolve_backbone
 from tfhub_finetune.backbones.spec import BackboneSpec
@@ -59,6 +60,8 @@ class TokenClassificationTask:
                 "Token classification needs a text backbone.",
                 received={"backbone": config.model.backbone, "modality": self.spec.modality},
             )
+        # Before any data is read: an adaptation the backbone cannot do costs a second.
+        check_adaptation(config.model.adaptation, self.spec)
         self.backbone: TextBackbone | None = None
         self.labels: LabelVocabulary | None = None
         self.train_data: WindowedSentences | None = None
@@ -151,7 +154,7 @@ class TokenClassificationTask:
         """
         m = self.config.model
         kwargs = {"backbone": m.backbone, "num_tags": num_classes, "dropout": m.dropout,
-                  "freeze_backbone": m.freeze_backbone}
+                  "adaptation": str(m.adaptation)}
         return {"builder": self.builder, "builder_kwargs": kwargs,
                 "input_shapes": {name: [m.sequence_length] for name in TEXT_INPUTS},
                 "exporter": f"{__name__}:export_for_serving",
@@ -162,7 +165,7 @@ class TokenClassificationTask:
         m = self.config.model
         return build_token_classifier(
             self._load_backbone(), self.labels.num_classes,
-            dropout=m.dropout, freeze_backbone=m.freeze_backbone,
+            dropout=m.dropout, adaptation=m.adaptation,
         )
 
     # === Datasets ===
