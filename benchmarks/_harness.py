@@ -346,17 +346,9 @@ def machine_summary(cpuinfo: str | None = None) -> dict:
 
 def peak_rss_mib() -> float:
     """This process's resident-memory high-water mark (VmHWM), in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    import resource
+    from tfhub_finetune.memory import process_peak_mb  # No TensorFlow import: torch children too.
 
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    scale = 1024 if sys.platform != "darwin" else 2**20
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+    return round(process_peak_mb(), 1)
 
 
 # === bfloat16: usable here or not ===

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import sys
 
 _MIB = 1024.0 * 1024.0
 
@@ -79,6 +80,20 @@ class PeakMemory:
             return round(tf.config.experimental.get_memory_info(self._gpu)["peak"] / _MIB, 4)
         except Exception:
             return None
+
+
+def process_peak_mb() -> float:
+    """This process's RSS high-water mark since it started (or the last reset), MiB.
+
+    `VmHWM` where `/proc` has it, else `ru_maxrss` (KiB on Linux, bytes on
+    macOS). Reads only: unlike `PeakMemory()`, which probes the reset, it
+    leaves the peak in place, so a process can report its whole run's peak.
+    """
+    value = _proc_status_kb("VmHWM")
+    if value is not None:
+        return value / 1024.0
+    scale = _MIB if sys.platform == "darwin" else 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _proc_status_kb(key: str) -> float | None:
