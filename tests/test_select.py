@@ -304,6 +304,14 @@ def test_plan_respects_the_budget_but_always_runs_the_first_rung():
     plan = plan_search(stopped, ["a"], [1e-4], [1, 2, 4])
     assert plan.finished  # An early stop answers every later rung without training.
     assert plan.halving_result("a").epochs == 2
+    # A continuation that stopped at once (no epoch beyond its parent's) ends the chain too;
+    # planning it again would loop forever.
+    at_once = [_record("0", "a", 1e-4, 2, [0.9, 0.8]),
+               dataclasses.replace(_record("1", "a", 1e-4, 4, [0.9, 0.8], initial=2, parent="0"),
+                                   stopped_early=True)]
+    for records in (at_once, at_once[::-1]):
+        plan = plan_search(records, ["a"], [1e-4], [1, 2, 4])
+        assert plan.finished and plan.halving_result("a").epochs == 2
 
 
 def test_plan_brute_force_completes_every_configuration_after_the_search():

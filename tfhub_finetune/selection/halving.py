@@ -297,7 +297,9 @@ def plan_search(
     def state(backbone: str, lr: float, epochs: int) -> ConfigState:
         chain = chains[(backbone, lr_key(lr))]
         completed = [r for r in chain if r.status == "COMPLETED" and r.scores]
-        longest = max(completed, key=lambda r: r.epochs_trained, default=None)
+        # A continuation that ended where its parent did (early stopping fired
+        # at once) ties on epochs with the parent; it is the one that ends the chain.
+        longest = max(completed, key=lambda r: (r.epochs_trained, r.stopped_early), default=None)
         if longest and (longest.epochs_trained >= epochs or longest.stopped_early):
             reached = min(epochs, longest.epochs_trained)
             return ConfigState(backbone, lr, "done", max(longest.scores[:reached]), reached, longest)
