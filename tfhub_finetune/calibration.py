@@ -221,22 +221,34 @@ def default_cache_dir() -> Path:
     return Path(base) / "tfhub_finetune"
 
 
-def _cpu_identity() -> tuple[str, frozenset[str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """CPU model name and feature flags from `/proc/cpuinfo` text (the first processor's).
 
-        return platform.processor() or platform.machine() or "cpu", frozenset()
+    Example:
+
+    ```python
+    parse_cpuinfo(Path("/proc/cpuinfo").read_text())  # ('Intel(R) Xeon(R) ...', {'avx2', ...})
+    ```
+    """
     model, flags = "", frozenset()
     for line in text.splitlines():
-        name, _, value = line.partition(":")
-        name = name.strip()
-        if name in ("model name", "Model", "CPU part") and not model:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
             model = value.strip()
-        elif name in ("flags", "Features") and not flags:
+        elif key in ("flags", "Features") and not flags:
             flags = frozenset(value.split())
-    return model or "cpu", flags
+    return model, flags
+
+
+def _cpu_identity() -> tuple[str, frozenset[str]]:
+    import platform
+
+    try:
+        model, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        model, flags = "", frozenset()
+    return model or platform.processor() or platform.machine() or "cpu", flags
 
 
 def _cache_name(key: dict) -> str:

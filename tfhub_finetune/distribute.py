@@ -737,7 +737,8 @@ def resolve_jit_compile(
 # handing each op to a pool costs more than the second thread gives back
 # (measured with `benchmarks/serving_levers.py --only=threads` on AVX-512 and
 # AMX Xeons; BUILD_NOTES.md "Serving levers"). TF Serving's flags:
-# `--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1`.
+# `--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1`
+# (or `--tensorflow_session_parallelism=1` alone, which sets both).
 BATCH1_THREADS = (1, 1)
 
 

@@ -29,7 +29,10 @@ TF Text ops; the exact op list is in the model card under `custom_ops`):
   of `SERVING_CHUNK_ROWS`, each padded to its own longest row, and answers
   come back in request order (the same values as one padded batch, to float
   rounding; ~1.8x less CPU on a batch of 64 SST-2 sentences). Both
-  text models do this, so TF Serving gets it with no client change. A model trained on
+  text models do this, so TF Serving gets it with no client change. With
+  `serving_jit_compile=True` the model call is XLA-compiled on chunks padded
+  to `serving_shapes` (opt-in: TF Serving must then be started with
+  `--xla_cpu_compilation_enabled`, or every request fails). A model trained on
   pairs takes `serving_default(text: string[batch], text_pair:
   string[batch])`, packed `[CLS] text [SEP] text_pair [SEP]` with segment
   ids 0/1, the longer text truncated first.
