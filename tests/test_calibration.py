@@ -31,19 +31,21 @@ def test_calibration_is_measured_once_then_read_from_the_cache(measured):
     assert all(value > 0 for value in measured.seconds.values())
     stamp, text = measured.path.stat().st_mtime_ns, measured.path.read_text()
     record = json.loads(text)
-    assert record["key"]["hidden_size"] == HIDDEN and record["seconds"] == measured.seconds
+    assert record["key"]["hidden_size"] == HIDDEN
+    assert record["runs"] == {"float32|mixed_bfloat16": measured.seconds}
 
     again = calibration.cpu_calibration(HIDDEN, cache_dir=measured.path.parent)
     assert not again.measured and again.seconds == measured.seconds
     # Not re-measured: the file was neither rewritten nor touched.
     assert measured.path.stat().st_mtime_ns == stamp and measured.path.read_text() == text
-    # Asking for more (XLA) measures those beside their baseline, merged into the same file.
+    # Another set (XLA) is measured in its own rotation and kept beside the first in the file.
     xla = calibration.cpu_calibration(HIDDEN, ("float32", "float32+xla"),
                                       cache_dir=measured.path.parent)
     assert xla.measured and xla.path == measured.path
-    assert set(json.loads(xla.path.read_text())["seconds"]) == {
-        "float32", "mixed_bfloat16", "float32+xla"}
-    assert xla.seconds["mixed_bfloat16"] == measured.seconds["mixed_bfloat16"]
+    assert set(xla.seconds) == {"float32", "float32+xla"}
+    assert json.loads(xla.path.read_text())["runs"] == {
+        "float32|mixed_bfloat16": measured.seconds, "float32|float32+xla": xla.seconds}
+    assert calibration.cpu_calibration(HIDDEN, cache_dir=xla.path.parent).seconds == measured.seconds
     # Another hidden size is another workload: another file.
     assert calibration._cache_name({**record["key"], "hidden_size": 128}) != measured.path.name
 
@@ -53,7 +55,7 @@ def test_a_corrupted_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch
     first.path.write_text('{"key": {"cpu": "trunc')
     redone = calibration.cpu_calibration(HIDDEN, cache_dir=tmp_path)
     assert redone.measured and redone.path == first.path
-    assert json.loads(first.path.read_text())["seconds"] == redone.seconds
+    assert json.loads(first.path.read_text())["runs"]["float32|mixed_bfloat16"] == redone.seconds
     # The environment variable forces a new measurement of a valid cache.
     stamp = first.path.stat().st_mtime_ns
     monkeypatch.setenv(calibration.RECALIBRATE_ENV, "1")

@@ -49,7 +49,7 @@ from tfhub_finetune.io_utils import atomic_write_text
 logger = logging.getLogger(__name__)
 
 # Bumped when the workload changes, so figures of another workload are not reused.
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 RECALIBRATE_ENV = "TFHUB_FINETUNE_RECALIBRATE"
 CONFIGS = ("float32", "mixed_bfloat16", "float32+xla", "mixed_bfloat16+xla")
 # bf16 or XLA is chosen only when the calibration step is at least this much
@@ -64,7 +64,7 @@ MARGIN = 1.3
 # float32's is emulated (bf16 without bf16 hardware): it is not timed again.
 _HOPELESS = 4.0
 _BATCH, _SEQ, _HEAD_DIM = 16, 64, 64
-_ROUNDS = 5
+_ROUNDS = 7
 # Flags that change which matmul kernels run: part of the cache key.
 DEFAULT_HIDDEN_SIZE = 384  # MiniLM-L6's width; the driver passes none yet.
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
@@ -166,9 +166,9 @@ def cpu_calibration(
 
     Only what is asked is measured, since XLA's compilation is most of the
     cost (~1-2 s for the two precisions without XLA; 3-6 s more per XLA
-    configuration on a loaded 2-core Xeon). Configurations compared by a
-    decision are always measured in one rotation: asking for ones not in
-    the cache measures all of `configs` again and merges them into it.
+    configuration on a loaded 2-core Xeon). Figures are compared only
+    within the rotation that measured them, so the cache keeps one entry
+    per set of `configs` (a new set is measured and added beside the others).
 
     Args:
         hidden_size: int. The model's hidden width (a multiple of 64 is
@@ -201,12 +201,16 @@ def cpu_calibration(
            "tensorflow": tf.__version__, "hidden_size": int(hidden_size)}
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / _cache_name(key)
+    configs = list(dict.fromkeys(configs))
+    group = "|".join(sorted(configs))
     cached = _read_cache(path, key)
-    if not recalibrate and cached is not None and set(configs) <= set(cached):
-        return Calibration(seconds=cached, key=key, path=path, measured=False)
+    if not recalibrate and cached is not None and group in cached:
+        return Calibration(seconds=cached[group], key=key, path=path, measured=False)
     started = time.perf_counter()
-    seconds = {**(cached or {}), **_measure(int(hidden_size), list(dict.fromkeys(configs)))}
-    record = {"key": key, "seconds": seconds, "measured_s": round(time.perf_counter() - started, 1),
+    seconds = _measure(int(hidden_size), configs)
+    # Figures are compared only within the rotation that measured them: one entry per set.
+    record = {"key": key, "runs": {**(cached or {}), group: seconds},
+              "measured_s": round(time.perf_counter() - started, 1),
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,18 +262,23 @@ def _cache_name(key: dict) -> str:
     return f"cpu-calibration-{slug}-{digest}.json"
 
 
-def _read_cache(path: Path, key: dict) -> dict[str, float] | None:
+def _read_cache(path: Path, key: dict) -> dict[str, dict[str, float]] | None:
+    """The cached runs (`"float32|mixed_bfloat16"` -> seconds), or None to measure."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        seconds = {str(k): float(v) for k, v in record["seconds"].items()}
-        if record["key"] != key or not set(seconds) <= set(CONFIGS):
+        runs = {str(group): {str(k): float(v) for k, v in seconds.items()}
+                for group, seconds in record["runs"].items()}
+        if record["key"] != key:
             raise ValueError("made for another machine, TensorFlow or workload")
+        if any(group != "|".join(sorted(seconds)) or not set(seconds) <= set(CONFIGS)
+               for group, seconds in runs.items()):
+            raise ValueError("unknown configurations")
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         logger.warning("Measuring the CPU calibration again: %s unusable (%s).", path, error)
         return None
-    return seconds
+    return runs
 
 
 def _measure(hidden: int, configs: list[str]) -> dict[str, float]:
