@@ -546,8 +546,9 @@ def resolve_precision(
       this CPU (seconds, once; cached per CPU model, ISA flags and TensorFlow
       version) and `calibration.decide` picks `mixed_bfloat16` only when it
       is at least `calibration.MARGIN` (1.3x) faster. Measured so far
-      (BUILD_NOTES.md "Precision and XLA on CPU"): 1.7x on an AMX Xeon
-      (end to end 1.6x less CPU per example on MiniLM-L6: bf16 chosen); an
+      (BUILD_NOTES.md "Precision and XLA on CPU"): 1.3-1.7x on an AMX Xeon
+      under load (end to end 1.3-1.5x less CPU per example on MiniLM-L6:
+      bf16 chosen); an
       AVX512_BF16 Xeon without AMX ran bf16 at ~0.5x float32 in
       `benchmarks/precision_cpu.py` (float32 chosen); an AVX2-only EPYC
       emulates bf16 (float32 chosen, after one timed call).
@@ -645,7 +646,8 @@ def resolve_jit_compile(
       compile time, paid again for every batch shape (bucketed training:
       a full and a remainder batch per bucket, 427 s of warm-up for 12
       steps once on a loaded 2-core Xeon), which the margin must cover;
-      measured so far 1.08x on an AMX Xeon (off), ~1.05x in
+      measured so far on an AMX Xeon 1.08x at float32 and 0.57-0.59x at
+      mixed_bfloat16 (off), ~1.05x in
       `benchmarks/precision_cpu.py` on an AVX-512 Xeon (off);
     - several replicas (`mirrored`, `multi_worker`): off, and an explicit
       `True` is an error. Keras 3 itself disables XLA under `tf.distribute`, and
