@@ -285,15 +285,9 @@ ISA_TIERS = (("amx", "amx_bf16"), ("avx512bf16", "avx512_bf16"), ("avx512", "avx
 
 def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
     """CPU model name and feature flags from `/proc/cpuinfo` text (first processor's)."""
-    model, flags = "", frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not model:
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = frozenset(value.split())
-    return model, flags
+    from tfhub_finetune.calibration import parse_cpuinfo as parse  # No TensorFlow import.
+
+    return parse(text)
 
 
 def isa_features(flags: frozenset[str] | set[str]) -> list[str]:

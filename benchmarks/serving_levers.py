@@ -17,7 +17,11 @@ Two questions, each answered in one run so the machine's load is shared:
    `--tensorflow_inter_op_parallelism` would (`tf.config.threading`, before the
    runtime starts: the same session options).
 
-Usage: `python -m benchmarks.serving_levers [--repeats=3] [--only=chunks,threads]`.
+`chunk16_xla` is the opt-in XLA export (`serving_jit_compile=True`); its
+warm-up column is mostly XLA compilation (one per chunk shape met).
+
+Usage: `python -m benchmarks.serving_levers [--repeats=3] [--only=chunks,threads]
+[--variants=chunk16_exact,chunk16_xla]`.
 """
 
 from __future__ import annotations
@@ -32,12 +36,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import _harness  # noqa: E402
 
-VARIANTS = {  # name: (chunk_rows, pad to the training buckets' edges); 0 rows = unchunked.
-    "unchunked": (0, False),
-    "chunk16_exact": (16, False),
-    "chunk16_bucket": (16, True),
-    "chunk8_exact": (8, False),
-    "chunk32_exact": (32, False),
+# name: (chunk_rows, pad to the training buckets' edges, XLA); 0 rows = unchunked.
+VARIANTS = {
+    "unchunked": (0, False, False),
+    "chunk16_exact": (16, False, False),  # What the default export ships.
+    "chunk16_bucket": (16, True, False),
+    "chunk8_exact": (8, False, False),
+    "chunk32_exact": (32, False, False),
+    # `export_text_classifier(serving_jit_compile=True)`: bucket widths, power-of-two rows, XLA.
+    "chunk16_xla": (16, True, True),
 }
 THREADS = ((0, 0), (1, 1), (2, 1), (1, 2))  # (intra, inter); 0 = TensorFlow's default.
 DEFAULTS = {"infer_examples": 512, "latency_calls": 100, "infer_batch_size": 64, "seed": 7,
@@ -59,14 +66,20 @@ def _serve_functions(variants: list[str]):
     max_positions = int(backbone.max_sequence_length)
     widths = [*bucket_boundaries(max_positions)[:-1], max_positions]
 
-    def make(rows: int, bucket: bool):
+    def make(rows: int, bucket: bool, jit: bool):
+        # The XLA variant is built as the export builds it (`serving_shapes`, one jit function).
+        row_counts, xla_widths = export.serving_shapes(128) if jit else (None, None)
+        call = tf.function(lambda x: model(x, training=False), jit_compile=True) if jit else None
+
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
         def serve(text):
             inputs = pack_inputs(tok.tokenize(text), sequence_length=128, **ids)
             if not rows:
                 return export._call_or_empty(model, inputs, tf.shape(inputs["token_ids"])[0])
-            return export._call_in_length_chunks(model, inputs, pad_id=ids["pad_id"],
-                                                 chunk_rows=rows, widths=widths if bucket else None)
+            return export._call_in_length_chunks(
+                model, inputs, pad_id=ids["pad_id"], chunk_rows=rows,
+                widths=xla_widths or (widths if bucket else None), row_counts=row_counts,
+                call=call)
         return serve
 
     return {name: make(*VARIANTS[name]) for name in variants}
@@ -95,11 +108,14 @@ def chunks(args: dict) -> dict:
     reference = functions["unchunked"](texts[:64]) if "unchunked" in functions else None
     diffs = {name: float(np.max(np.abs(f(texts[:64]) - reference)))
              for name, f in functions.items() if reference is not None}
-    for f in functions.values():  # Warm-up: every batch shape once, then singles.
+    warmup_s = {}
+    for name, f in functions.items():  # Warm-up: every batch and single once (XLA compiles).
+        started = time.perf_counter()
         for start in range(0, len(texts), 64):
             f(texts[start:start + 64])
-        for text in texts[:10]:
+        for text in texts[: int(args["latency_calls"])]:
             f([text])
+        warmup_s[name] = time.perf_counter() - started
     wall = dict.fromkeys(names, 0.0)
     cpu = dict.fromkeys(names, 0.0)
     single = {name: [] for name in names}
@@ -122,6 +138,7 @@ def chunks(args: dict) -> dict:
     return {
         "variants": {name: {"batch_examples_per_s": n / wall[name],
                             "batch_cpu_ms_per_example": 1000.0 * cpu[name] / n,
+                            "warmup_s": warmup_s[name],
                             **_harness.latency_stats(single[name])} for name in names},
         "max_abs_diff_vs_unchunked": diffs,
     }
@@ -165,25 +182,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="chunks,threads")
     parser.add_argument("--infer_examples", type=int, default=512)
     parser.add_argument("--latency_calls", type=int, default=100)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="Comma-separated variants of mode `chunks`.")
     args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        parser.error(f"unknown --variants {sorted(set(variants) - set(VARIANTS))}; expected "
+                     f"some of {list(VARIANTS)}")
     common = {"infer_examples": args.infer_examples, "latency_calls": args.latency_calls}
     print(f"Machine: {_harness.machine_summary()['cpu']}; load {_harness.loadavg_1m()}", flush=True)
     if "chunks" in args.only:
         started = time.perf_counter()
         result = _harness.run_child("benchmarks.serving_levers", "chunks",
-                                    {**common, "repeats": args.repeats}, timeout_s=1800)
+                                    {**common, "repeats": args.repeats, "variants": variants},
+                                    timeout_s=1800)
         if result.get("error"):
             print("chunks: ERROR", result["error"])
         else:
-            base = result["variants"].get("unchunked")
-            print(f"\n{'variant':<16} {'b64 ex/s':>9} {'vs unchunked':>12} {'b64 cpu ms/ex':>13} "
-                  f"{'b1 p50 ms':>9} {'b1 p95 ms':>9} {'max |diff|':>10}")
+            base_name = next(n for n in ("unchunked", *variants) if n in result["variants"])
+            base = result["variants"][base_name]
+            print(f"\n{'variant':<16} {'b64 ex/s':>9} {'vs ' + base_name:>17} {'b64 cpu ms/ex':>13} "
+                  f"{'b1 p50 ms':>9} {'b1 p95 ms':>9} {'warm-up s':>9} {'max |diff|':>10}")
             for name, v in result["variants"].items():
-                ratio = v["batch_examples_per_s"] / base["batch_examples_per_s"] if base else float("nan")
+                ratio = v["batch_examples_per_s"] / base["batch_examples_per_s"]
                 diff = result["max_abs_diff_vs_unchunked"].get(name, float("nan"))
-                print(f"{name:<16} {v['batch_examples_per_s']:>9.1f} {ratio:>11.2f}x "
+                print(f"{name:<16} {v['batch_examples_per_s']:>9.1f} {ratio:>16.2f}x "
                       f"{v['batch_cpu_ms_per_example']:>13.2f} {v['p50_ms']:>9.2f} "
-                      f"{v['p95_ms']:>9.2f} {diff:>10.1e}")
+                      f"{v['p95_ms']:>9.2f} {v['warmup_s']:>9.1f} {diff:>10.1e}")
             print(f"({(time.perf_counter() - started) / 60:.1f} min, load {_harness.loadavg_1m()})")
     if "threads" in args.only:
         rows: dict[tuple[int, int], list[dict]] = {t: [] for t in THREADS}

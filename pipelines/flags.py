@@ -91,6 +91,17 @@ def define_serving_flags() -> None:
     )
 
 
+def define_text_serving_flags() -> None:
+    """Flags of the text classifier's export only."""
+    flags.DEFINE_bool(
+        "serving_jit_compile", False,
+        "With --export_dir, compile the exported serving functions' model call with XLA, on "
+        "length chunks padded to a few bucketed shapes. TF Serving must then run with "
+        "--xla_cpu_compilation_enabled, or every request fails. Opt-in: see BUILD_NOTES.md "
+        "'Serving levers' for what it measured.",
+    )
+
+
 def define_text_flags() -> None:
     flags.DEFINE_string("text_column", "0", "Text column: name (needs a header) or 0-based index.")
     flags.DEFINE_string("text_pair_column", "", "Second text of a pair (MRPC, STS-B): column "
@@ -163,6 +174,10 @@ def config_from_flags() -> ExperimentConfig:
                          "the float32 export).",
                          received={"export_quantized": config.export_quantized},
                          fix="Set --export_dir, or drop --export_quantized.")
+    if config.serving_jit_compile and not export_dir:
+        raise InputError("--serving_jit_compile needs --export_dir (it changes the export).",
+                         received={"serving_jit_compile": True},
+                         fix="Set --export_dir, or drop --serving_jit_compile.")
     if export_dir and config.mode != "eval":
         check_output_dir(export_dir, "export_dir")
         check_export_name(f.model_name or Path(config.model_dir).resolve().name)

@@ -423,7 +423,7 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
                                                       text_pair_column)
     from tfhub_finetune.distribute import set_serving_threads
 
-    set_serving_threads(batch_size, intra_op_threads, inter_op_threads)
+    threads = set_serving_threads(batch_size, intra_op_threads, inter_op_threads)
     predictor = Predictor(saved_model)
     if predictor.modality == "image" and not source.is_dir():
         raise InputError("This is an image model; the input must be a folder of images.",
@@ -457,7 +457,8 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
                                      ensure_ascii=False) + "\n")
             progress.update(len(batch))
     return {"count": len(records), "errors": errors, "output": str(target),
-            "skipped_blank": getattr(records, "skipped_blank", 0)}
+            "skipped_blank": getattr(records, "skipped_blank", 0),
+            "threads": {"intra_op": threads[0], "inter_op": threads[1]}}
 
 
 def _predict_batch(predictor: Predictor, batch: list[dict]) -> list[dict]:
@@ -506,6 +507,11 @@ def main(argv):
     if result["skipped_blank"]:
         note += f"; skipped {result['skipped_blank']} blank line(s)"
     print(f"Wrote {result['count']} predictions to {result['output']}{note}.")
+    # What TF Serving's flags should say for the same batch size (0: TensorFlow's default).
+    intra, inter = result["threads"]["intra_op"], result["threads"]["inter_op"]
+    print(f"TensorFlow threads: intra-op {intra or 'default'}, inter-op {inter or 'default'} "
+          f"(TF Serving: --tensorflow_intra_op_parallelism={intra} "
+          f"--tensorflow_inter_op_parallelism={inter}).")
 
 
 def cli() -> None:

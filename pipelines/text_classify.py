@@ -19,6 +19,7 @@ from pipelines import flags as pipeline_flags
 FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags()
 pipeline_flags.define_serving_flags()
+pipeline_flags.define_text_serving_flags()
 pipeline_flags.define_text_flags()
 
 
@@ -40,8 +41,11 @@ def main(argv):
         path = export_text_classifier(
             result["model"], task.backbone, task.labels, FLAGS.export_dir,
             model_name=FLAGS.model_name, model_dir=config.model_dir,
+            serving_jit_compile=config.serving_jit_compile,
         )
-        print(f"Exported SavedModel: {path}")
+        print(f"Exported SavedModel: {path}"
+              + (" (XLA; serve with --xla_cpu_compilation_enabled)"
+                 if config.serving_jit_compile else ""))
         if config.export_quantized != "none":
             from tfhub_finetune.quantized_export import export_quantized_text_classifier
 

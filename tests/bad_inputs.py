@@ -224,6 +224,8 @@ CASES: list[Case] = [
          ("export_quantized", "int4", "int8"), subprocess=True),
     Case("text_export_quantized_without_export_dir", TEXT, (*TD, "--export_quantized=int8"),
          ("export_quantized", "export_dir")),
+    Case("text_serving_jit_compile_without_export_dir", TEXT, (*TD, "--serving_jit_compile"),
+         ("serving_jit_compile", "export_dir")),
     # --- text_classify: backbones and monitors (after TensorFlow loads, before data) ---
     Case("text_unknown_backbone", TEXT, ("--backbone=minilm_l7", "--model_dir={model_dir}",
                                          "--train_data={good_tsv}"), ("minilm_l7",)),

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfhub_finetune import distribute
+from tfhub_finetune import calibration, distribute
 from tfhub_finetune.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -264,24 +264,44 @@ def test_mixed_float16_compile_adds_loss_scaling_and_bfloat16_does_not(restore_d
         assert np.isfinite(loss)
 
 
-def test_auto_precision_matches_the_hardware(restore_dtype_policy):
-    chosen = distribute.set_precision("auto")
+@pytest.fixture(scope="module")
+def calibration_cache(tmp_path_factory):
+    """One CPU calibration cache for this module's `auto` tests (never the user's)."""
+    return tmp_path_factory.mktemp("calibration_cache")
+
+
+def test_auto_precision_follows_the_measurement(restore_dtype_policy, calibration_cache,
+                                                monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(calibration_cache))
+    with caplog.at_level("INFO", logger="tfhub_finetune.distribute"):
+        chosen = distribute.set_precision("auto")
     assert chosen == distribute.resolve_precision("auto")
+    assert keras.config.dtype_policy().name == chosen
     if not tf.config.list_physical_devices("GPU"):
-        # Measured by benchmarks/precision_cpu.py: float32 is the fastest on CPUs we have.
-        assert chosen == "float32"
+        # The CPU's own calibration decides, cached under XDG_CACHE_HOME.
+        figures = calibration.cpu_calibration()
+        assert not figures.measured
+        assert figures.path.parent == calibration_cache / "tfhub_finetune"
+        assert chosen == calibration.decide(figures.seconds, jit_compile=False).precision
+        line = next(r.getMessage() for r in caplog.records if "precision=auto" in r.getMessage())
+        assert "mixed_bfloat16" in line and "x float32" in line and str(figures.path) in line
     else:
         assert chosen in ("mixed_float16", "float32")
     assert "Did you mean: mixed_float16" in _error(lambda: distribute.set_precision("mixed_float"))
 
 
-def test_resolve_jit_compile_on_one_device():
+def test_resolve_jit_compile_on_one_device(calibration_cache, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(calibration_cache))
     strategy = distribute.get_distribution_strategy("cpu")
     assert distribute.resolve_jit_compile("TRUE", strategy) is True
     assert distribute.resolve_jit_compile(False, strategy) is False
-    expected = bool(tf.config.list_logical_devices("GPU"))
-    assert distribute.resolve_jit_compile("auto", strategy) is False  # explicit CPU device
-    assert distribute.resolve_jit_compile("auto") is expected
+    # An explicit CPU device: the calibration decides, at the policy in force.
+    chosen = distribute.resolve_jit_compile("auto", strategy)
+    figures = calibration.cpu_calibration(configs=("float32", "float32+xla"))
+    assert not figures.measured  # resolve_jit_compile measured and cached them
+    assert chosen is calibration.decide(figures.seconds, precision="float32").jit_compile
+    if tf.config.list_logical_devices("GPU"):
+        assert distribute.resolve_jit_compile("auto") is True
     assert "Invalid value for `jit_compile`" in _error(
         lambda: distribute.resolve_jit_compile("xla")
     )
@@ -298,7 +318,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras
 import numpy as np
-from tfhub_finetune import distribute
+from tfhub_finetune import calibration, distribute
 from tfhub_finetune.errors import InputError
 
 
@@ -411,7 +431,7 @@ import json, os, socket
 import keras
 import numpy as np
 import tensorflow as tf
-from tfhub_finetune import distribute
+from tfhub_finetune import calibration, distribute
 from tfhub_finetune.errors import InputError
 
 
@@ -464,7 +484,7 @@ _WORKER_SCRIPT = """
 import json, logging, os, sys
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from tfhub_finetune import distribute
+from tfhub_finetune import calibration, distribute
 
 # First TensorFlow call of the program: collective ops must be configured before
 # the runtime starts.

@@ -343,9 +343,10 @@ def test_bad_text_inputs_return_the_documented_results(text_model, text_export):
         classify(inputs=tf.constant(examples("sentence", [b"a fine film"])))
 
 
-@pytest.mark.parametrize("widths", [None, [8, 16, 24, 32]])
+@pytest.mark.parametrize("widths,row_counts", [(None, None), ([8, 16, 24, 32], None),
+                                               ([8, 16, 24, 32], [1, 2, 4, 5])])
 def test_length_chunked_serving_equals_the_unchunked_call_row_for_row(text_model, dev_texts,
-                                                                       widths):
+                                                                       widths, row_counts):
     """`serving_default` sorts by length and runs chunks; answers stay in request order."""
     backbone, model = text_model
     tok = backbone.tokenizer
@@ -361,10 +362,44 @@ def test_length_chunked_serving_equals_the_unchunked_call_row_for_row(text_model
     wide = {k: tf.pad(v, [[0, 0], [0, 7]], constant_values=0) for k, v in inputs.items()}
     for batch in (inputs, wide):
         chunked = export._call_in_length_chunks(
-            model, batch, pad_id=int(tok.pad_id), chunk_rows=5, widths=widths
+            model, batch, pad_id=int(tok.pad_id), chunk_rows=5, widths=widths,
+            row_counts=row_counts,
         ).numpy()
         np.testing.assert_allclose(chunked, unchunked, atol=1e-5)
     np.testing.assert_allclose(unchunked, reference_probabilities(model, backbone, texts), atol=1e-5)
+
+
+def test_xla_serving_export_reloads_and_predicts_as_the_default_export(
+        tmp_path, text_model, text_export, dev_texts):
+    backbone, model = text_model
+    raw = Path(export.export_text_classifier(
+        model, backbone, LabelVocabulary(LABELS), tmp_path, model_name="xla",
+        sequence_length=SEQUENCE_LENGTH, measure_latency=False, serving_jit_compile=True))
+    ids = tmp_path / "xla_token_ids" / raw.name
+    # The model call is an XLA function in both SavedModels, and only in the opt-in export.
+    for path in (raw, ids):
+        assert b"_XlaMustCompile" in (path / "saved_model.pb").read_bytes()
+    assert b"_XlaMustCompile" not in (text_export[0] / "saved_model.pb").read_bytes()
+    card = json.loads((raw / "assets.extra" / "model_card.json").read_text())
+    assert card["preprocessing"]["jit_compile"] is True
+    assert card["preprocessing"]["tf_serving_flags"] == ["--xla_cpu_compilation_enabled"]
+
+    texts = ["", LONG_TEXT, *dev_texts[:18], "a"]  # 21 rows: chunks of 16 and 5 (filled to 8).
+    default = tf.saved_model.load(str(text_export[0])).signatures["serving_default"]
+    xla = tf.saved_model.load(str(raw)).signatures["serving_default"]
+    for batch in (texts, texts[2:3]):
+        expected = default(text=tf.constant(batch))
+        got = xla(text=tf.constant(batch))
+        np.testing.assert_allclose(got["probabilities"].numpy(),
+                                   expected["probabilities"].numpy(), atol=1e-5)
+        assert got["label_names"].numpy().tolist() == expected["label_names"].numpy().tolist()
+    tok = backbone.tokenizer
+    packed = pack_inputs(tok.tokenize(tf.constant(texts)), sequence_length=SEQUENCE_LENGTH,
+                         start_id=tok.start_id, end_id=tok.end_id, pad_id=tok.pad_id)
+    xla_ids = tf.saved_model.load(str(ids)).signatures["serving_default"]
+    np.testing.assert_allclose(xla_ids(**packed)["probabilities"].numpy(),
+                               reference_probabilities(model, backbone, texts), atol=1e-5)
+    assert xla(text=tf.constant([], tf.string))["probabilities"].shape == (0, 2)
 
 
 def test_cls_pooled_exports_answer_an_empty_batch(tmp_path, text_model):

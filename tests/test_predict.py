@@ -96,9 +96,12 @@ def test_image_folder_predictions_and_per_image_errors(tmp_path, image_export, i
 def test_the_cli_writes_predictions_and_exits_0(tmp_path, image_export, image_folder):
     output = tmp_path / "out.jsonl"
     proc = run_pipeline("pipelines.predict", f"--saved_model={image_export}/1",
-                        f"--input={image_folder}", f"--output={output}", "--batch_size=2")
+                        f"--input={image_folder}", f"--output={output}", "--batch_size=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Wrote 5 predictions" in proc.stdout and "2 could not be predicted" in proc.stdout
+    # Batch size 1: one intra-op and one inter-op thread, as TF Serving should be started.
+    assert "TensorFlow threads: intra-op 1, inter-op 1" in proc.stdout
+    assert "--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1" in proc.stdout
     assert "Predicting" in proc.stderr  # The progress bar.
     assert len(read_jsonl(output)) == 5
 

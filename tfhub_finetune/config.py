@@ -299,7 +299,10 @@ class ExperimentConfig:
 
     `export_quantized` (`none` or `int8`): with `--export_dir`, also write an
     int8 serving form beside the float32 export and measure both
-    (`selection.serving_forms`).
+    (`selection.serving_forms`). `serving_jit_compile` (text): compile the
+    exported serving functions' model call with XLA
+    (`export.export_text_classifier(serving_jit_compile=True)`); TF Serving
+    then needs `--xla_cpu_compilation_enabled`.
 
     Example:
 
@@ -312,6 +315,7 @@ class ExperimentConfig:
     mode: str = "train_and_eval"
     model_dir: str = ""
     export_quantized: str = "none"
+    serving_jit_compile: bool = False
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -529,24 +529,9 @@ def distribute_dataset(
 # === Precision and XLA ===
 
 
-def cpu_features() -> frozenset[str]:
-    """The CPU's feature flags from `/proc/cpuinfo` (`avx512_bf16`, `amx_bf16`, ...).
-
-    Empty where `/proc/cpuinfo` does not exist (macOS, Windows), which makes the
-    `auto` choices below fall back to float32.
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
 def resolve_precision(
-    precision: str = "auto", strategy: tf.distribute.Strategy | None = None
+    precision: str = "auto", strategy: tf.distribute.Strategy | None = None,
+    hidden_size: int | None = None,
 ) -> str:
     """Turns a `--precision` value into a Keras dtype policy name.
 
@@ -556,33 +541,25 @@ def resolve_precision(
     - GPUs, all of compute capability >= 7.0 (Volta and later, with float16
       Tensor Cores): `mixed_float16`. Keras `compile` adds dynamic loss scaling.
     - Older GPUs: `float32` (float16 there is emulated and slower).
-    - CPU: `float32`. Measured with `benchmarks/precision_cpu.py` (BERT encoder,
-      4 layers, hidden 384, 12 heads + dense head, batch 32, Keras `fit` on
-      random token ids; each configuration in its own subprocess, order
-      alternating, 3 repeats) on a 2-core Xeon (Sapphire Rapids: AVX512_BF16
-      and AVX512_FP16, no AMX), shared with other jobs (load average 5-10).
-      Cells: median training examples/s (min-max) / CPU ms per example, the
-      latter being the figure other jobs on the cores disturb least:
-
-      | seq | float32             | mixed_bfloat16     | float32+XLA         | mixed_bfloat16+XLA |
-      |-----|---------------------|--------------------|---------------------|--------------------|
-      | 64  | 17.7 (12.5-18.7)/39 | 8.7 (6.7-11.5)/55  | 15.9 (11.6-21.4)/37 | 8.0 (7.4-13.4)/43  |
-      | 128 | 5.1 (4.6-6.3)/85    | 3.0 (2.4-3.4)/115  | 3.5 (2.4-4.0)/89    | 3.7 (3.7-6.4)/97   |
-
-      Single runs on the idle machine (seq 64) agree: 44.7, 17.5, 42.4 and
-      20.2 examples/s. mixed_bfloat16 costs 35-41% more CPU per example (10-14%
-      with XLA): without AMX, TensorFlow's bfloat16 matmuls run below float32
-      speed here (~150 vs ~240 GFLOP/s for a 2048x384x1536 matmul), and every
-      layer adds casts. AMX CPUs (flag `amx_bf16`) are where oneDNN's bfloat16
-      kernels are reported to win, but that is unmeasured, so `auto` stays on
-      float32 for them too; run the benchmark there and pass
-      `--precision=mixed_bfloat16` if it wins.
+    - CPU: measured, not looked up. `calibration.cpu_calibration` times an
+      encoder layer's forward + backward in float32 and mixed_bfloat16 on
+      this CPU (seconds, once; cached per CPU model, ISA flags and TensorFlow
+      version) and `calibration.decide` picks `mixed_bfloat16` only when it
+      is at least `calibration.MARGIN` (1.3x) faster. Measured so far
+      (BUILD_NOTES.md "Precision and XLA on CPU"): 1.3-1.7x on an AMX Xeon
+      under load (end to end 1.3-1.5x less CPU per example on MiniLM-L6:
+      bf16 chosen); an
+      AVX512_BF16 Xeon without AMX ran bf16 at ~0.5x float32 in
+      `benchmarks/precision_cpu.py` (float32 chosen); an AVX2-only EPYC
+      emulates bf16 (float32 chosen, after one timed call).
 
     Args:
         precision: str. One of `auto`, `float32`, `mixed_bfloat16`,
             `mixed_float16`. Defaults to `"auto"`.
         strategy: tf.distribute.Strategy or None. Lets `auto` recognise TPUs.
             Defaults to `None`.
+        hidden_size: int or None. The model's hidden width for the CPU
+            calibration. Defaults to `calibration.DEFAULT_HIDDEN_SIZE` (384).
 
     Returns:
         A Keras dtype policy name: `float32`, `mixed_bfloat16` or `mixed_float16`.
@@ -593,16 +570,19 @@ def resolve_precision(
     Example:
 
     ```python
-    resolve_precision("auto")  # 'float32' on a CPU, 'mixed_float16' on an A100
+    resolve_precision("auto")  # 'mixed_bfloat16' on an AMX Xeon, 'mixed_float16' on an A100
     ```
     """
     precision = _choice("precision", precision, PRECISIONS)
     if precision != "auto":
         return precision
-    return _auto_precision(strategy)[0]
+    return _auto_precision(strategy, hidden_size)[0]
 
 
-def set_precision(precision: str = "auto", strategy: tf.distribute.Strategy | None = None) -> str:
+def set_precision(
+    precision: str = "auto", strategy: tf.distribute.Strategy | None = None,
+    hidden_size: int | None = None,
+) -> str:
     """Sets the global Keras dtype policy; call it before building the model.
 
     Layers take the global policy when they are created, so a model built
@@ -620,6 +600,8 @@ def set_precision(precision: str = "auto", strategy: tf.distribute.Strategy | No
             Defaults to `"auto"`.
         strategy: tf.distribute.Strategy or None. Lets `auto` recognise TPUs.
             Defaults to `None`.
+        hidden_size: int or None. The model's hidden width for the CPU
+            calibration (`resolve_precision`). Defaults to 384.
 
     Returns:
         The policy name that was set.
@@ -639,8 +621,8 @@ def set_precision(precision: str = "auto", strategy: tf.distribute.Strategy | No
 
     precision = _choice("precision", precision, PRECISIONS)
     if precision == "auto":
-        chosen, reason = _auto_precision(strategy)
-        logger.info("precision=auto -> %s (%s)", chosen, reason)
+        chosen, reason = _auto_precision(strategy, hidden_size)
+        logger.info("precision=auto -> %s: %s", chosen, reason)
     else:
         chosen = precision
     keras.mixed_precision.set_dtype_policy(chosen)
@@ -648,18 +630,25 @@ def set_precision(precision: str = "auto", strategy: tf.distribute.Strategy | No
 
 
 def resolve_jit_compile(
-    flag: bool | str = "auto", strategy: tf.distribute.Strategy | None = None
+    flag: bool | str = "auto", strategy: tf.distribute.Strategy | None = None,
+    hidden_size: int | None = None,
 ) -> bool:
     """Turns a `--jit_compile` value into the `jit_compile` argument of `compile`.
 
     `auto` means XLA only where it pays and works:
 
     - one GPU: on (fused kernels; what Keras itself does on GPU);
-    - CPU: off. Measured by `benchmarks/precision_cpu.py` (table in
-      `resolve_precision`), float32+XLA used within about 5% of the CPU per
-      example of plain float32 (less at seq 64, more at 128) while its first
-      step took 2-3x longer (21-67 s vs 14-41 s); with length bucketing every
-      new sequence length compiles again;
+    - CPU: measured. The same calibration as `resolve_precision`
+      (`calibration.cpu_calibration`, cached) times the encoder layer with
+      and without XLA at the dtype policy in force (call `set_precision`
+      first) and turns XLA on only when it is at least `calibration.MARGIN`
+      (1.3x) faster. The calibration's steady state leaves out XLA's
+      compile time, paid again for every batch shape (bucketed training:
+      a full and a remainder batch per bucket, 427 s of warm-up for 12
+      steps once on a loaded 2-core Xeon), which the margin must cover;
+      measured so far on an AMX Xeon 1.08x at float32 and 0.57-0.59x at
+      mixed_bfloat16 (off), ~1.05x in
+      `benchmarks/precision_cpu.py` on an AVX-512 Xeon (off);
     - several replicas (`mirrored`, `multi_worker`): off, and an explicit
       `True` is an error. Keras 3 itself disables XLA under `tf.distribute`, and
       forcing it fails in `fit` with "Trying to access resource ... located in
@@ -671,6 +660,8 @@ def resolve_jit_compile(
         flag: bool or str. `True`/`False`, or `auto`, `true`, `false`, `1`, `0`,
             `yes`, `no` (case-insensitive). Defaults to `"auto"`.
         strategy: tf.distribute.Strategy or None. Defaults to the current strategy.
+        hidden_size: int or None. The model's hidden width for the CPU
+            calibration. Defaults to 384.
 
     Returns:
         Whether to compile the train step with XLA.
@@ -724,7 +715,21 @@ def resolve_jit_compile(
         return flag
     if multi_replica:
         return False
-    return any("GPU" in device.upper() for device in _worker_devices(strategy))
+    if any("GPU" in device.upper() for device in _worker_devices(strategy)):
+        return True
+    import keras
+
+    from tfhub_finetune import calibration
+
+    policy = keras.config.dtype_policy().name
+    if policy not in ("float32", "mixed_bfloat16"):  # mixed_float16 on a CPU: not calibrated.
+        return False
+    figures = calibration.cpu_calibration(hidden_size or calibration.DEFAULT_HIDDEN_SIZE,
+                                          (policy, policy + "+xla"))
+    decision = calibration.decide(figures.seconds, precision=policy, jit_compile="auto")
+    logger.info("jit_compile=auto -> %s: %s; %s", decision.jit_compile, decision.reason,
+                _calibration_source(figures))
+    return decision.jit_compile
 
 
 # === Serving threads ===
@@ -734,7 +739,8 @@ def resolve_jit_compile(
 # handing each op to a pool costs more than the second thread gives back
 # (measured with `benchmarks/serving_levers.py --only=threads` on AVX-512 and
 # AMX Xeons; BUILD_NOTES.md "Serving levers"). TF Serving's flags:
-# `--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1`.
+# `--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1`
+# (or `--tensorflow_session_parallelism=1` alone, which sets both).
 BATCH1_THREADS = (1, 1)
 
 
@@ -1061,28 +1067,48 @@ def _file_sources(dataset: tf.data.Dataset) -> tuple[bool, int | None]:
     return True, None
 
 
-def _auto_precision(strategy: tf.distribute.Strategy | None) -> tuple[str, str]:
-    if isinstance(strategy, tf.distribute.TPUStrategy):
-        return "mixed_bfloat16", "TPU"
+def _auto_precision(
+    strategy: tf.distribute.Strategy | None, hidden_size: int | None = None
+) -> tuple[str, str]:
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        capabilities = [
-            tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
-            for gpu in gpus
-        ]
-        lowest = min(capabilities)
-        if lowest >= (7, 0):
-            return (
-                "mixed_float16",
-                f"GPU compute capability {lowest[0]}.{lowest[1]} has float16 Tensor Cores",
-            )
+    capabilities = [
+        tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
+        for gpu in gpus
+    ]
+    chosen = accelerator_precision(isinstance(strategy, tf.distribute.TPUStrategy), capabilities)
+    if chosen is not None:
+        return chosen
+    from tfhub_finetune import calibration
+
+    figures = calibration.cpu_calibration(hidden_size or calibration.DEFAULT_HIDDEN_SIZE)
+    decision = calibration.decide(figures.seconds, precision="auto", jit_compile=False)
+    return decision.precision, f"{decision.reason}; {_calibration_source(figures)}"
+
+
+def accelerator_precision(
+    tpu: bool, gpu_capabilities: list[tuple[int, int]]
+) -> tuple[str, str] | None:
+    """`auto`'s policy and reason on a TPU or GPUs, from what they are; None on CPU.
+
+    Example:
+
+    ```python
+    accelerator_precision(False, [(8, 0)])  # ('mixed_float16', 'GPU compute capability 8.0 ...')
+    ```
+    """
+    if tpu:
+        return "mixed_bfloat16", "TPU"
+    if not gpu_capabilities:
+        return None
+    lowest = min(tuple(c) for c in gpu_capabilities)
+    if lowest >= (7, 0):
         return (
-            "float32",
-            f"GPU compute capability {lowest[0]}.{lowest[1]} < 7.0 has no fast float16",
+            "mixed_float16",
+            f"GPU compute capability {lowest[0]}.{lowest[1]} has float16 Tensor Cores",
         )
-    features = cpu_features()
-    if "amx_bf16" in features:
-        return "float32", "CPU with AMX: bfloat16 unmeasured here, run benchmarks/precision_cpu.py"
-    if "avx512_bf16" in features:
-        return "float32", "CPU with AVX512_BF16 but no AMX: mixed_bfloat16 measured slower"
-    return "float32", "CPU without bfloat16 instructions"
+    return "float32", f"GPU compute capability {lowest[0]}.{lowest[1]} < 7.0 has no fast float16"
+
+
+def _calibration_source(figures) -> str:
+    how = "measured now, cached in" if figures.measured else "calibration cached in"
+    return f"{how} {figures.path} (set TFHUB_FINETUNE_RECALIBRATE=1 to measure again)"

@@ -29,7 +29,10 @@ TF Text ops; the exact op list is in the model card under `custom_ops`):
   of `SERVING_CHUNK_ROWS`, each padded to its own longest row, and answers
   come back in request order (the same values as one padded batch, to float
   rounding; ~1.8x less CPU on a batch of 64 SST-2 sentences). Both
-  text models do this, so TF Serving gets it with no client change. A model trained on
+  text models do this, so TF Serving gets it with no client change. With
+  `serving_jit_compile=True` the model call is XLA-compiled on chunks padded
+  to `serving_shapes` (opt-in: TF Serving must then be started with
+  `--xla_cpu_compilation_enabled`, or every request fails). A model trained on
   pairs takes `serving_default(text: string[batch], text_pair:
   string[batch])`, packed `[CLS] text [SEP] text_pair [SEP]` with segment
   ids 0/1, the longer text truncated first.
@@ -128,7 +131,7 @@ from tfhub_finetune.adaptation import merge_lora
 from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.data.labels import LabelVocabulary
-from tfhub_finetune.data.text import pack_inputs
+from tfhub_finetune.data.text import bucket_boundaries, pack_inputs
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import atomic_path, check_export_name, staging_dir
 
@@ -165,6 +168,7 @@ def export_text_classifier(
     sequence_length: int | None = None,
     text_pair: bool | None = None,
     measure_latency: bool = True,
+    serving_jit_compile: bool = False,
 ) -> str:
     """Writes a text classifier as two TF Serving SavedModels: raw strings and token ids.
 
@@ -201,6 +205,13 @@ def export_text_classifier(
             set), else False.
         measure_latency: bool. Time batch-1 calls for the model card (about
             a second). Defaults to `True`.
+        serving_jit_compile: bool. Compile the model call inside both
+            serving functions with XLA (`jit_compile=True`), on chunks padded
+            to `serving_shapes(sequence_length)` so compilation is bounded.
+            TF Serving then needs `--xla_cpu_compilation_enabled`: without it
+            every request fails ("bad Status on first compilation request").
+            Opt-in: measured in BUILD_NOTES.md "Serving levers". Defaults to
+            `False`.
 
     Returns:
         The raw-string SavedModel's version folder.
@@ -247,6 +258,13 @@ def export_text_classifier(
     max_positions = int(backbone.max_sequence_length)
     num_segments = getattr(backbone.encoder, "num_segments", None)
     names_tensor = tf.constant(names)
+    rows, widths = serving_shapes(sequence_length) if serving_jit_compile else (None, None)
+    # One XLA function for both signatures; it compiles once per (rows, width) it meets.
+    jitted = tf.function(lambda x: model(x, training=False), jit_compile=True) if widths else None
+
+    def call_model(inputs: dict[str, tf.Tensor]) -> tf.Tensor:
+        return _call_in_length_chunks(model, inputs, pad_id=pad_id, widths=widths,
+                                      row_counts=rows, call=jitted)
 
     # === Functions ===
 
@@ -261,7 +279,7 @@ def export_text_classifier(
     def from_strings(*texts: tf.Tensor) -> tf.Tensor:
         inputs = pack_inputs(*(pieces(t) for t in texts), sequence_length=sequence_length,
                              start_id=start_id, end_id=end_id, pad_id=pad_id)
-        return _call_in_length_chunks(model, inputs, pad_id=pad_id)
+        return call_model(inputs)
 
     string_inputs = (TEXT_FEATURE, TEXT_PAIR_FEATURE) if text_pair else (TEXT_FEATURE,)
     string_specs = [tf.TensorSpec([None], tf.string, name=n) for n in string_inputs]
@@ -284,8 +302,7 @@ def export_text_classifier(
     @tf.function(input_signature=[token_spec])
     def serve_token_ids(inputs):
         checked = _checked_token_inputs(inputs, vocab_size, max_positions, num_segments)
-        outputs = _call_in_length_chunks(model, checked, pad_id=pad_id)
-        return _prediction_outputs(outputs, task, names_tensor)
+        return _prediction_outputs(call_model(checked), task, names_tensor)
 
     raw_signatures = {"serving_default": serve_text.get_concrete_function()}
     raw_signatures.update(_example_signature(serve_examples, task, len(names)))
@@ -316,7 +333,11 @@ def export_text_classifier(
         "longer text loses word pieces first" if text_pair else "word pieces beyond "
         "sequence_length - 2 are dropped; [CLS] and [SEP] are always added",
         "padding": f"rows sorted by length, run in chunks of {SERVING_CHUNK_ROWS}, each "
-        "padded to its longest row; outputs in request order",
+        + (f"padded to the first of {widths} covering its longest row and to {rows} rows "
+           "(XLA: bounded shapes)" if widths else "padded to its longest row")
+        + "; outputs in request order",
+        "jit_compile": bool(serving_jit_compile),
+        "tf_serving_flags": ["--xla_cpu_compilation_enabled"] if serving_jit_compile else [],
         "start_id": start_id,
         "end_id": end_id,
         "pad_id": pad_id,
@@ -427,6 +448,25 @@ def publish_text_models(
 SERVING_CHUNK_ROWS = 16
 
 
+def serving_shapes(sequence_length: int) -> tuple[list[int], list[int]]:
+    """The chunk shapes an XLA serving function compiles for: row counts and widths.
+
+    Rows: powers of two up to `SERVING_CHUNK_ROWS` (a batch of 1 stays 1
+    row); widths: the training buckets' edges up to `sequence_length`. At
+    most `len(rows) * len(widths)` compilations (5 x 8 at length 128), each
+    once per served model.
+
+    Example:
+
+    ```python
+    serving_shapes(128)  # ([1, 2, 4, 8, 16], [8, 16, 24, 32, 48, 64, 96, 128])
+    ```
+    """
+    rows = [1 << i for i in range(SERVING_CHUNK_ROWS.bit_length()) if 1 << i < SERVING_CHUNK_ROWS]
+    widths = [*bucket_boundaries(sequence_length)[:-1], sequence_length]
+    return [*rows, SERVING_CHUNK_ROWS], widths
+
+
 def _call_in_length_chunks(
     model: keras.Model,
     inputs: dict[str, tf.Tensor],
@@ -434,6 +474,8 @@ def _call_in_length_chunks(
     pad_id: int,
     chunk_rows: int = SERVING_CHUNK_ROWS,
     widths: Sequence[int] | None = None,
+    row_counts: Sequence[int] | None = None,
+    call: Callable[[dict[str, tf.Tensor]], tf.Tensor] | None = None,
 ) -> tf.Tensor:
     """`model(inputs)` run on length-sorted chunks of the batch, in the batch's order.
 
@@ -448,7 +490,10 @@ def _call_in_length_chunks(
     first width covering its longest row instead: a bounded set of shapes,
     which XLA needs; without XLA it measured slower than exact widths
     (oneDNN's primitive cache gains less than the extra padding costs;
-    BUILD_NOTES.md "Serving levers").
+    BUILD_NOTES.md "Serving levers"). With `row_counts` (ascending, the
+    last `chunk_rows`), a chunk is also filled up to the first count covering
+    its rows (copies of its last row, dropped from the outputs). `call`
+    replaces `model(rows, training=False)` (an XLA-compiled function).
 
     A row with no real token keeps the full width: its (meaningless) output
     then also matches the unchunked call's. An empty batch returns
@@ -475,13 +520,22 @@ def _call_in_length_chunks(
             # The first edge >= longest; a row longer than every edge keeps its length.
             index = tf.searchsorted(edges, longest[None], side="left")[0]
             target = tf.concat([edges, longest[None]], 0)[index]
+        count = stop - start
+        take = None
+        if row_counts:
+            # Repeat the last row up to the first allowed count (outputs dropped below).
+            fill_to = tf.constant(list(row_counts), tf.int32)
+            filled = fill_to[tf.searchsorted(fill_to, count[None], side="left")[0]]
+            take = tf.minimum(start + tf.range(filled), stop - 1)
         rows = {}
         for name, value in ordered.items():
-            part = value[start:stop, : tf.minimum(target, width)]
+            part = value[start:stop] if take is None else tf.gather(value, take)
+            part = part[:, : tf.minimum(target, width)]
             fill = pad_id if name == "token_ids" else 0
             rows[name] = tf.pad(part, [[0, 0], [0, target - tf.shape(part)[1]]],
                                 constant_values=fill)
-        return i + 1, outputs.write(i, tf.cast(model(rows, training=False), tf.float32))
+        result = call(rows) if call is not None else model(rows, training=False)
+        return i + 1, outputs.write(i, tf.cast(result, tf.float32)[:count])
 
     def run() -> tf.Tensor:
         results = tf.TensorArray(tf.float32, size=num_chunks, infer_shape=False,

@@ -1,0 +1,128 @@
+"""The CPU calibration behind `--precision=auto` / `--jit_compile=auto`: cache, decision, wiring."""
+
+import json
+import os
+
+import keras
+import pytest
+
+from tfhub_finetune import calibration, distribute
+
+# A narrow layer keeps each real measurement to a few seconds.
+HIDDEN = 64
+
+
+@pytest.fixture
+def restore_dtype_policy():
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """One real calibration into a fresh cache folder."""
+    cache = tmp_path_factory.mktemp("calibration")
+    return calibration.cpu_calibration(HIDDEN, cache_dir=cache, recalibrate=False)
+
+
+def test_calibration_is_measured_once_then_read_from_the_cache(measured):
+    assert measured.measured
+    assert set(measured.seconds) == {"float32", "mixed_bfloat16"}
+    assert all(value > 0 for value in measured.seconds.values())
+    stamp, text = measured.path.stat().st_mtime_ns, measured.path.read_text()
+    record = json.loads(text)
+    assert record["key"]["hidden_size"] == HIDDEN
+    assert record["runs"] == {"float32|mixed_bfloat16": measured.seconds}
+
+    again = calibration.cpu_calibration(HIDDEN, cache_dir=measured.path.parent)
+    assert not again.measured and again.seconds == measured.seconds
+    # Not re-measured: the file was neither rewritten nor touched.
+    assert measured.path.stat().st_mtime_ns == stamp and measured.path.read_text() == text
+    # Another set (XLA) is measured in its own rotation and kept beside the first in the file.
+    xla = calibration.cpu_calibration(HIDDEN, ("float32", "float32+xla"),
+                                      cache_dir=measured.path.parent)
+    assert xla.measured and xla.path == measured.path
+    assert set(xla.seconds) == {"float32", "float32+xla"}
+    assert json.loads(xla.path.read_text())["runs"] == {
+        "float32|mixed_bfloat16": measured.seconds, "float32|float32+xla": xla.seconds}
+    assert calibration.cpu_calibration(HIDDEN, cache_dir=xla.path.parent).seconds == measured.seconds
+    # Another hidden size is another workload: another file.
+    assert calibration._cache_name({**record["key"], "hidden_size": 128}) != measured.path.name
+
+
+def test_a_corrupted_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch):
+    first = calibration.cpu_calibration(HIDDEN, cache_dir=tmp_path)
+    first.path.write_text('{"key": {"cpu": "trunc')
+    redone = calibration.cpu_calibration(HIDDEN, cache_dir=tmp_path)
+    assert redone.measured and redone.path == first.path
+    assert json.loads(first.path.read_text())["runs"]["float32|mixed_bfloat16"] == redone.seconds
+    # The environment variable forces a new measurement of a valid cache.
+    stamp = first.path.stat().st_mtime_ns
+    monkeypatch.setenv(calibration.RECALIBRATE_ENV, "1")
+    assert calibration.cpu_calibration(HIDDEN, cache_dir=tmp_path).measured
+    assert first.path.stat().st_mtime_ns != stamp
+
+
+def test_the_cache_file_honours_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = calibration.cpu_calibration(HIDDEN, cache_dir=tmp_path / "new").path
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert calibration.default_cache_dir() == tmp_path / "tfhub_finetune"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert calibration.default_cache_dir() == (
+        calibration.Path(os.path.expanduser("~")) / ".cache" / "tfhub_finetune")
+
+
+# Recorded figures (seconds per step) of the three CPU kinds we land on.
+AMX = {"float32": 0.40, "mixed_bfloat16": 0.10, "float32+xla": 0.38, "mixed_bfloat16+xla": 0.12}
+AVX512 = {"float32": 0.20, "mixed_bfloat16": 0.40, "float32+xla": 0.19, "mixed_bfloat16+xla": 0.35}
+AVX2 = {"float32": 0.20, "mixed_bfloat16": 10.0, "float32+xla": 0.21, "mixed_bfloat16+xla": 9.0}
+
+
+def test_decide_is_a_pure_function_of_the_figures():
+    amx = calibration.decide(AMX, precision="auto", jit_compile=False)
+    assert (amx.precision, amx.jit_compile) == ("mixed_bfloat16", False)
+    assert "4.00x" in amx.reason
+    assert calibration.decide(AVX512, jit_compile=False).precision == "float32"
+    assert calibration.decide(AVX2, jit_compile=False).precision == "float32"
+    # Just under / at the margin.
+    near = {"float32": 1.29, "mixed_bfloat16": 1.0}
+    assert calibration.decide(near, jit_compile=False).precision == "float32"
+    assert calibration.decide(near, jit_compile=False, margin=1.25).precision == "mixed_bfloat16"
+    # XLA: on only when it clears the margin at the chosen precision.
+    both = calibration.decide(AMX)
+    assert (both.precision, both.jit_compile) == ("mixed_bfloat16", False)
+    xla_wins = {**AVX512, "float32+xla": 0.10}
+    assert calibration.decide(xla_wins, precision="float32").jit_compile is True
+    # Precision with XLA forced on compares the XLA figures.
+    assert calibration.decide(AVX2, jit_compile=True).precision == "float32"
+    # Missing figures never switch anything on; fixed choices pass through.
+    assert calibration.decide({}, jit_compile="auto") == calibration.Decision(
+        "float32", False, calibration.decide({}).reason)
+    fixed = calibration.decide(AMX, precision="float32", jit_compile=True)
+    assert (fixed.precision, fixed.jit_compile) == ("float32", True)
+
+
+def test_accelerators_are_decided_without_measuring():
+    assert distribute.accelerator_precision(True, [])[0] == "mixed_bfloat16"
+    assert distribute.accelerator_precision(False, [(8, 0), (7, 5)])[0] == "mixed_float16"
+    assert distribute.accelerator_precision(False, [(8, 0), (6, 1)])[0] == "float32"
+    assert distribute.accelerator_precision(False, []) is None
+
+
+def test_explicit_precision_and_jit_never_calibrate(tmp_path, monkeypatch, restore_dtype_policy):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    strategy = distribute.get_distribution_strategy("cpu")
+    assert distribute.set_precision("float32", strategy) == "float32"
+    assert distribute.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert distribute.resolve_jit_compile("false", strategy) is False
+    assert distribute.resolve_jit_compile(True, strategy) is True
+    assert not any(tmp_path.rglob("*"))
+    assert keras.config.dtype_policy().name == "float32"

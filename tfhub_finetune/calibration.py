@@ -1,0 +1,357 @@
+"""A seconds-long CPU measurement behind `--precision=auto` and `--jit_compile=auto`.
+
+Whether bfloat16 or XLA trains faster on a CPU depends on the CPU: bf16 GEMMs
+run ~4x float32 on an AMX Xeon, ~0.5x on an AVX-512 Xeon without AMX, and are
+emulated (unusable) on an AVX2-only EPYC. So `auto` on CPU is decided by
+measuring, never from a table of machine names: `cpu_calibration` times one
+transformer encoder layer's forward and backward pass (fused QKV projection,
+attention with heads of 64, output projection, GELU feed-forward, two
+LayerNorms; batch 16 x 64 tokens at the model's hidden size) in the
+configurations a decision compares, out of `float32`, `mixed_bfloat16`
+(float32 weights cast to bfloat16 for compute, LayerNorm and softmax in
+float32, as Keras' policy does) and each with XLA, calls in rotation so the
+load of shared cores falls on all alike, by process-CPU time (which other
+jobs on the cores disturb far less than wall time). `decide` turns the figures into a
+choice with a margin (`MARGIN`).
+
+The figures are cached per CPU model + matmul-relevant ISA flags +
+TensorFlow version + hidden size, as JSON under the user cache folder
+(`$XDG_CACHE_HOME/tfhub_finetune`, else `~/.cache/tfhub_finetune`), written
+atomically and readable as the umask allows. A missing, unreadable or
+corrupted file is measured again; so is any file when
+`TFHUB_FINETUNE_RECALIBRATE=1` or `recalibrate=True`.
+
+Example:
+
+```python
+from tfhub_finetune import calibration
+
+figures = calibration.cpu_calibration(hidden_size=384)  # float32 and mixed_bfloat16
+calibration.decide(figures.seconds, precision="auto", jit_compile=False)
+# Decision(precision='mixed_bfloat16', jit_compile=False, reason='mixed_bfloat16 3.9x float32 ...')
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from tfhub_finetune.io_utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+# Bumped when the workload changes, so figures of another workload are not reused.
+CALIBRATION_VERSION = 3
+RECALIBRATE_ENV = "TFHUB_FINETUNE_RECALIBRATE"
+CONFIGS = ("float32", "mixed_bfloat16", "float32+xla", "mixed_bfloat16+xla")
+# bf16 or XLA is chosen only when the calibration step is at least this much
+# faster. The calibration times the precision-sensitive part of a step; the
+# optimizer update (float32 under either policy, ~20-35% of a MiniLM step on
+# CPU) and the input pipeline do not speed up, so a 1.3x calibration gain is
+# ~1.15-1.2x end to end, about the smallest gain worth bf16's rounding or
+# XLA's per-shape compile time; it also keeps a seconds-long measurement on
+# shared cores (run-to-run spread ~10%) from flipping the choice on noise.
+MARGIN = 1.3
+# A configuration whose first timed call is this many times slower than
+# float32's is emulated (bf16 without bf16 hardware): it is not timed again.
+_HOPELESS = 4.0
+_BATCH, _SEQ, _HEAD_DIM = 16, 64, 64
+_ROUNDS = 7
+# Flags that change which matmul kernels run: part of the cache key.
+DEFAULT_HIDDEN_SIZE = 384  # MiniLM-L6's width; the driver passes none yet.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+              "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "bf16", "i8mm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Seconds per calibration step of each configuration, and where they are kept.
+
+    Attributes:
+        seconds: dict. Configuration (`CONFIGS`) -> least process-CPU seconds
+            of one forward + backward step over the rounds.
+        key: dict. What the figures depend on (CPU, ISA flags, TensorFlow
+            version, hidden size, workload version).
+        path: Path. The cache file.
+        measured: bool. True when measured by this call, False when read
+            from the cache.
+    """
+
+    seconds: dict[str, float]
+    key: dict
+    path: Path
+    measured: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What `decide` chose: a Keras dtype policy name, XLA on/off, and why (one line)."""
+
+    precision: str
+    jit_compile: bool
+    reason: str
+
+
+def decide(
+    seconds: Mapping[str, float],
+    *,
+    precision: str = "auto",
+    jit_compile: bool | str = "auto",
+    margin: float = MARGIN,
+) -> Decision:
+    """Chooses precision and XLA from measured step times: a pure function of the figures.
+
+    `precision="auto"` picks `mixed_bfloat16` only when its step is at least
+    `margin` times faster than float32's at the same XLA setting (without
+    XLA when that is `auto` too); `jit_compile="auto"` picks XLA only when it
+    is `margin` times faster at the chosen precision. A configuration missing
+    from `seconds` (or not positive) counts as not faster.
+
+    Args:
+        seconds: mapping. Configuration name (`CONFIGS`) -> seconds per step.
+        precision: str. `auto`, or a fixed policy name.
+        jit_compile: bool or str. `auto`, or a fixed bool.
+        margin: float. The speed-up a non-default choice needs.
+
+    Returns:
+        A Decision; its `reason` names the measured ratios.
+
+    Example:
+
+    ```python
+    decide({"float32": 0.4, "mixed_bfloat16": 0.1}, jit_compile=False).precision
+    # 'mixed_bfloat16'
+    ```
+    """
+
+    def key(policy: str, jit: bool) -> str:
+        return policy + ("+xla" if jit else "")
+
+    def speedup(faster: str, slower: str) -> float:
+        a, b = seconds.get(faster, 0.0), seconds.get(slower, 0.0)
+        return b / a if a > 0 and b > 0 else 0.0
+
+    reasons = []
+    chosen = precision
+    if precision == "auto":
+        at_jit = jit_compile is True
+        ratio = speedup(key("mixed_bfloat16", at_jit), key("float32", at_jit))
+        chosen = "mixed_bfloat16" if ratio >= margin else "float32"
+        reasons.append(f"mixed_bfloat16 {ratio:.2f}x float32{' with XLA' if at_jit else ''}")
+    jit = jit_compile
+    if jit_compile == "auto":
+        ratio = speedup(key(chosen, True), key(chosen, False))
+        jit = ratio >= margin
+        reasons.append(f"XLA {ratio:.2f}x no XLA at {chosen}")
+    reason = "; ".join(reasons) + f" (choose at >= {margin:.2f}x)"
+    return Decision(precision=chosen, jit_compile=bool(jit), reason=reason)
+
+
+def cpu_calibration(
+    hidden_size: int = DEFAULT_HIDDEN_SIZE,
+    configs: Sequence[str] = ("float32", "mixed_bfloat16"),
+    *,
+    recalibrate: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Calibration:
+    """This CPU's step times for `configs`: from the cache, else measured (seconds) and cached.
+
+    Only what is asked is measured, since XLA's compilation is most of the
+    cost (~1-2 s for the two precisions without XLA; 3-6 s more per XLA
+    configuration on a loaded 2-core Xeon). Figures are compared only
+    within the rotation that measured them, so the cache keeps one entry
+    per set of `configs` (a new set is measured and added beside the others).
+
+    Args:
+        hidden_size: int. The model's hidden width (a multiple of 64 is
+            typical); the feed-forward is 4x it.
+        configs: sequence of str. Names from `CONFIGS`. Defaults to the two
+            precisions without XLA.
+        recalibrate: bool or None. Measure even when cached. Defaults to
+            the `TFHUB_FINETUNE_RECALIBRATE` environment variable (`1`).
+        cache_dir: str, path or None. Defaults to `default_cache_dir()`.
+
+    Returns:
+        A Calibration with (at least) `configs` in its `seconds`.
+
+    Example:
+
+    ```python
+    cpu_calibration(384).seconds["mixed_bfloat16"]
+    ```
+    """
+    import tensorflow as tf
+
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or not configs:
+        raise ValueError(f"Unknown calibration configurations {unknown}; expected some of "
+                         f"{list(CONFIGS)}.")
+    if recalibrate is None:
+        recalibrate = os.environ.get(RECALIBRATE_ENV, "").strip().lower() in ("1", "true", "yes")
+    model, flags = _cpu_identity()
+    key = {"version": CALIBRATION_VERSION, "cpu": model, "isa": sorted(set(_ISA_FLAGS) & flags),
+           "tensorflow": tf.__version__, "hidden_size": int(hidden_size)}
+    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = path / _cache_name(key)
+    configs = list(dict.fromkeys(configs))
+    group = "|".join(sorted(configs))
+    cached = _read_cache(path, key)
+    if not recalibrate and cached is not None and group in cached:
+        return Calibration(seconds=cached[group], key=key, path=path, measured=False)
+    started = time.perf_counter()
+    seconds = _measure(int(hidden_size), configs)
+    # Figures are compared only within the rotation that measured them: one entry per set.
+    record = {"key": key, "runs": {**(cached or {}), group: seconds},
+              "measured_s": round(time.perf_counter() - started, 1),
+              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    except OSError as error:  # A read-only home must not stop training.
+        logger.warning("Could not cache the CPU calibration at %s: %s", path, error)
+    return Calibration(seconds=seconds, key=key, path=path, measured=True)
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/tfhub_finetune`, else `~/.cache/tfhub_finetune`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tfhub_finetune"
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """CPU model name and feature flags from `/proc/cpuinfo` text (the first processor's).
+
+    Example:
+
+    ```python
+    parse_cpuinfo(Path("/proc/cpuinfo").read_text())  # ('Intel(R) Xeon(R) ...', {'avx2', ...})
+    ```
+    """
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
+def _cpu_identity() -> tuple[str, frozenset[str]]:
+    import platform
+
+    try:
+        model, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        model, flags = "", frozenset()
+    return model or platform.processor() or platform.machine() or "cpu", flags
+
+
+def _cache_name(key: dict) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", key["cpu"].lower()).strip("-")[:48] or "cpu"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return f"cpu-calibration-{slug}-{digest}.json"
+
+
+def _read_cache(path: Path, key: dict) -> dict[str, dict[str, float]] | None:
+    """The cached runs (`"float32|mixed_bfloat16"` -> seconds), or None to measure."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        runs = {str(group): {str(k): float(v) for k, v in seconds.items()}
+                for group, seconds in record["runs"].items()}
+        if record["key"] != key:
+            raise ValueError("made for another machine, TensorFlow or workload")
+        if any(group != "|".join(sorted(seconds)) or not set(seconds) <= set(CONFIGS)
+               for group, seconds in runs.items()):
+            raise ValueError("unknown configurations")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.warning("Measuring the CPU calibration again: %s unusable (%s).", path, error)
+        return None
+    return runs
+
+
+def _measure(hidden: int, configs: list[str]) -> dict[str, float]:
+    """Least process-CPU seconds per step of each configuration, calls in rotation.
+
+    CPU time, not wall time: on shared cores a nice'd process is preempted
+    for long stretches, and the least wall time of a few rounds then favours
+    the configuration with the shorter step (an AMX Xeon: bf16 4.1x float32
+    by wall time at load 7, 1.7x at load 2; end to end 1.5x less CPU per
+    example).
+    """
+    steps = {name: _step(hidden, name) for name in configs}
+    for step in steps.values():  # Tracing, XLA compilation, oneDNN primitive creation.
+        step()
+    first = {name: _timed(step) for name, step in steps.items()}
+
+    def hopeless(name: str) -> bool:
+        # Emulated bf16 would spend minutes here: its first timed call already says enough.
+        twin = name.replace("mixed_bfloat16", "float32")
+        return twin in first and first[name] > _HOPELESS * first[twin]
+
+    live = [name for name in configs if not hopeless(name)]
+    best = dict(first)
+    for turn in range(_ROUNDS):
+        for name in live[turn % len(live):] + live[: turn % len(live)]:
+            best[name] = min(best[name], _timed(steps[name]))
+    return {name: round(value, 6) for name, value in best.items()}
+
+
+def _timed(step) -> float:
+    started = time.process_time()
+    step()
+    return time.process_time() - started
+
+
+def _step(hidden: int, config: str):
+    """One encoder layer's forward + backward under `config`, as a no-argument callable."""
+    import tensorflow as tf
+
+    policy, _, xla = config.partition("+")
+    compute = tf.bfloat16 if policy == "mixed_bfloat16" else tf.float32
+    heads = max(1, hidden // _HEAD_DIM)
+    init = tf.random.stateless_normal
+    weights = [tf.Variable(0.02 * init(shape, seed=(i, 0)), name=f"w{i}") for i, shape in enumerate(
+        [(hidden, 3 * hidden), (hidden, hidden), (hidden, 4 * hidden), (4 * hidden, hidden)])]
+    biases = [tf.Variable(tf.zeros([n])) for n in (3 * hidden, hidden, 4 * hidden, hidden)]
+    norms = [tf.Variable(tf.ones([hidden])) for _ in range(2)] + [tf.Variable(tf.zeros([hidden]))
+                                                                   for _ in range(2)]
+    variables = weights + biases + norms
+    x = init((_BATCH, _SEQ, hidden), seed=(9, 9))
+
+    def layer_norm(value, gain, bias):
+        value = tf.cast(value, tf.float32)  # Keras computes LayerNorm in float32 under bf16.
+        mean, variance = tf.nn.moments(value, axes=[-1], keepdims=True)
+        return tf.cast((value - mean) * tf.math.rsqrt(variance + 1e-12) * gain + bias, compute)
+
+    def dense(value, i):
+        return tf.matmul(value, tf.cast(weights[i], compute)) + tf.cast(biases[i], compute)
+
+    @tf.function(jit_compile=bool(xla))
+    def step():
+        with tf.GradientTape() as tape:
+            h = tf.cast(x, compute)
+            qkv = tf.reshape(dense(h, 0), [_BATCH, _SEQ, 3, heads, hidden // heads])
+            q, k, v = tf.unstack(qkv, axis=2)
+            scores = tf.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / (hidden // heads) ** 0.5)
+            probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32)), compute)
+            attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", probs, v), [_BATCH, _SEQ, hidden])
+            h = layer_norm(h + dense(attended, 1), norms[0], norms[2])
+            ff = dense(tf.nn.gelu(dense(h, 2), approximate=False), 3)
+            out = layer_norm(h + ff, norms[1], norms[3])
+            loss = tf.reduce_mean(tf.square(tf.cast(out, tf.float32)))
+        grads = tape.gradient(loss, variables)
+        return tf.add_n([tf.reduce_sum(g) for g in grads])
+
+    return lambda: step().numpy()
