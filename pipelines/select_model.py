@@ -52,6 +52,8 @@ for _name, _value in SELECTION_DEFAULTS.items():
 _SET_BY_SELECTION = {
     **{name.rpartition(".")[2]: "the search sets it per trial" for name in TRIAL_FIELDS},
     "backbone": "list the backbones in --candidates",
+    "adaptation": "list the adaptations to compare in --adaptations",
+    "freeze_backbone": "give --adaptations=head (or include head in the list)",
     "learning_rate": "give --learning_rates (and --baseline_learning_rate)",
     "epochs": "give --min_epochs and --max_epochs",
     "monitor": "trials monitor val_<--metric>",
@@ -77,6 +79,14 @@ flags.DEFINE_string("metric", "auto", "Fine-tuned metric to maximise: accuracy, 
 # === Fine-tuning search ===
 flags.DEFINE_list("learning_rates", ["5e-5"], "Peak learning rates of the pretrained candidates "
                   "(secondary choice): the first rung runs the first; its leaders try the rest.")
+flags.DEFINE_list("adaptations", [], "How much of each pretrained backbone trains, compared "
+                  "with the backbone: full, head (frozen backbone; trains on cached features), "
+                  "top:K (the last K transformer blocks / CNN stages), lora:R (keras-hub LoRA, "
+                  "text encoders). Default: full,lora:8,head for text, tokens and text pairs; "
+                  "full,top:2,head for images. The from-scratch baseline trains full only.")
+flags.DEFINE_list("adaptation_learning_rates", [], "An adaptation's own learning rates, e.g. "
+                  "head=1e-2/3e-3,lora=1e-3 (a kind names every rank or K; lora:8=... one). "
+                  "Default: --learning_rates x 10 for lora, x 100 for head, x 1 for full and top.")
 flags.DEFINE_float("baseline_learning_rate", 1e-3, "Learning rate of the from-scratch baseline.")
 flags.DEFINE_integer("min_epochs", 1, "Epochs of the first rung (every candidate gets it).")
 flags.DEFINE_integer("max_epochs", 4, "Epochs of a full fine-tuning (the last rung; brute force).")
@@ -106,6 +116,11 @@ flags.DEFINE_float("max_latency_ms", None, "Most p50 latency at batch 1 (ms).")
 flags.DEFINE_float("max_memory_mb", None, "Most peak inference memory (MB).")
 flags.DEFINE_float("max_params", None, "Most parameters (e.g. 20e6).")
 flags.DEFINE_float("min_metric", None, "Least fine-tuned metric (a fraction for accuracy).")
+flags.DEFINE_float("max_train_minutes", None, "Most minutes a full fine-tuning of a configuration "
+                   "may take, projected from its first rung (seconds per epoch x --max_epochs); "
+                   "configurations over it are not promoted.")
+flags.DEFINE_float("max_train_memory_mb", None, "Most peak training RSS (MB) of a configuration's "
+                   "trials; configurations over it are not promoted.")
 
 # === Profiling, output, cache ===
 flags.DEFINE_float("profile_min_seconds", 2.0, "Least time spent timing each latency figure.")

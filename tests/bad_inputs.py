@@ -479,6 +479,12 @@ CASES: list[Case] = [
             ("backup_every_steps", ("--backup_every_steps=-1",), ("backup_every_steps",)),
             ("has_header", ("--has_header=maybe",), ("has_header",)),
             ("cache_dir_not_writable", ("--cache_dir=/sys/h14cache",), ("cache_dir",)),
+            ("adaptations_typo", ("--adaptations=full,lorra:8",), ("adaptation", "lora")),
+            ("adaptation_given", ("--adaptation=head",), ("adaptation", "--adaptations")),
+            ("adaptation_learning_rates", ("--adaptation_learning_rates=head:1e-2",),
+             ("adaptation_learning_rates", "ADAPTATION=LR")),
+            ("max_train_minutes", ("--max_train_minutes=0",), ("max_train_minutes",)),
+            ("max_train_memory_mb", ("--max_train_memory_mb=-1",), ("max_train_memory_mb",)),
         ]
     ],
     Case("select_no_train_data", SELECT, ("--candidates=scratch_text_encoder",

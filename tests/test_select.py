@@ -41,7 +41,7 @@ FAST_PROFILE = ProfileOptions(
 TINY_SETTINGS = dict(
     label_names=("negative", "positive"), sequence_length=32, batch_size=16,
     learning_rates=(1e-3,), min_epochs=1, max_epochs=2, transfer_examples=200,
-    profile_options=FAST_PROFILE, progress=False,
+    profile_options=FAST_PROFILE, progress=False, adaptations=("full",),
 )
 
 
@@ -105,7 +105,7 @@ def _flagfile(path: Path, data: dict[str, str], output_dir: Path, **extra: str) 
         "label_names": "negative,positive", "sequence_length": "32", "batch_size": "16",
         "learning_rates": "1e-3", "min_epochs": "1", "max_epochs": "2",
         "transfer_examples": "200", "profile_min_seconds": "0.2", "profile_batch_size": "8",
-        "output_dir": str(output_dir), "progress": "false", **extra,
+        "output_dir": str(output_dir), "progress": "false", "adaptations": "full", **extra,
     }
     path.write_text("".join(f"--{k}={v}\n" for k, v in flags.items()), encoding="utf-8")
     return path

@@ -50,7 +50,8 @@ def _conll(path: Path, copies: int) -> tuple[Path, list[str]]:
 
 def _settings(**extra):
     return dict(sequence_length=16, batch_size=8, learning_rates=(1e-3,), min_epochs=1,
-                max_epochs=1, profile_options=FAST_PROFILE, progress=False, **extra)
+                max_epochs=1, profile_options=FAST_PROFILE, progress=False, adaptations=("full",),
+                **extra)
 
 
 # --------------------------------------------------------------------------- #

@@ -42,10 +42,9 @@ def test_a_field_added_to_a_config_dataclass_changes_the_key(config):
 def test_every_trial_setting_is_in_the_key_and_trial_fields_are_not(config):
     key = cache.project_name(config, "text")
     base = config.base
-    # Settings the old hand list missed (clip_norm, the adaptation, crop_to_aspect_ratio) count.
+    # Settings the old hand list missed (clip_norm, crop_to_aspect_ratio) count.
     for changed in (
         dataclasses.replace(base, train=dataclasses.replace(base.train, clip_norm=0.5)),
-        dataclasses.replace(base, model=dataclasses.replace(base.model, adaptation="head")),
         dataclasses.replace(base, data=dataclasses.replace(base.data, crop_to_aspect_ratio=False)),
         dataclasses.replace(base, runtime=dataclasses.replace(base.runtime,
                                                               precision="mixed_bfloat16")),
@@ -58,6 +57,9 @@ def test_every_trial_setting_is_in_the_key_and_trial_fields_are_not(config):
         dataclasses.replace(base, train=dataclasses.replace(base.train, learning_rate=0.3,
                                                             epochs=9, backup_every_steps=7)),
         dataclasses.replace(base, model_dir="elsewhere", mode="train"),
+        # The adaptation is a trial hyperparameter (`--adaptations`); the key keeps `full`, so
+        # a project made before it was one is the same project.
+        dataclasses.replace(base, model=dataclasses.replace(base.model, adaptation="head")),
     ):
         assert cache.project_name(dataclasses.replace(config, base=same), "text") == key
     # The data's content counts, not its path.
@@ -78,6 +80,11 @@ def test_settings_route_to_their_dataclass_and_unknown_ones_suggest(config):
     with pytest.raises(InputError, match="Did you mean: learning_rates"):
         SelectionConfig.from_settings(["scratch_text_encoder"], "t.tsv", output_dir="o",
                                       learning_rate=1e-4)
+    # The search sets each trial's adaptation; the setting is the list it compares.
+    with pytest.raises(InputError, match="Did you mean: adaptations"):
+        SelectionConfig.from_settings(["scratch_text_encoder"], "t.tsv", output_dir="o",
+                                      adaptation="head")
+    assert str(config.trial("x", 1e-3, 1, "t", adaptation="lora:8").model.adaptation) == "lora:8"
     # One set of bounds: the training pipelines' (validation_split up to 0.9).
     with pytest.raises(InputError, match=r"--validation_split must be in \[0.0, 0.9\]"):
         SelectionConfig.from_settings(["scratch_text_encoder"], "t.tsv", output_dir="o",

@@ -38,7 +38,12 @@ def hash_json(value: Any) -> str:
 
 def trial_settings(config: SelectionConfig, modality: str) -> dict[str, Any]:
     """Everything that changes what a trial computes, except its hyperparameters."""
-    template = config.trial(backbone="", learning_rate=0.0, epochs=0, model_dir="").flat()
+    # The template trains `full`: the adaptation is a trial hyperparameter (it keys trials inside
+    # the project), and its fields stay here at that constant (`model.adaptation.kind` is not the
+    # trial field `model.adaptation`), so a project made before it was one keeps its key and its
+    # trials serve the `full` configurations.
+    template = config.trial(backbone="", learning_rate=0.0, epochs=0, model_dir="",
+                            adaptation="full").flat()
     settings = {k: v for k, v in template.items() if k not in TRIAL_FIELDS + NOT_COMPUTED}
     return {"modality": modality, "config": settings, "data": data_fingerprint(config)}
 

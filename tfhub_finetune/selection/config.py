@@ -17,6 +17,7 @@ config = SelectionConfig.from_settings(
     output_dir="runs/select", sequence_length=64, learning_rates=(1e-4,), max_latency_ms=20,
 ).validate()
 config.trial("minilm_l6_h384@layers=2", 1e-4, epochs=2, model_dir="runs/t0").train.epochs  # 2
+config.trial("minilm_l6_h384", 1e-3, 1, "runs/t1", adaptation="lora:8").model.adaptation.rank  # 8
 ```
 """
 
@@ -24,14 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tfhub_finetune.config import ExperimentConfig
+from tfhub_finetune.config import Adaptation, ExperimentConfig
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.selection.halving import lr_key, rung_epochs
 from tfhub_finetune.selection.profile import ProfileOptions
-from tfhub_finetune.selection.recommend import PREFER, validate_constraints
+from tfhub_finetune.selection.recommend import CONSTRAINTS, PREFER, validate_constraints
 from tfhub_finetune.tasks import DEFAULT_METRIC, SELECTION_METRICS, data_modality
 from tfhub_finetune.tasks import MODALITIES as TASK_MODALITIES
 
@@ -40,7 +42,19 @@ METRICS = ("auto", *dict.fromkeys(m for ms in SELECTION_METRICS.values() for m i
 ESTIMATORS = ("logme", "knn_accuracy", "linear_probe_accuracy")
 
 # The base-config fields each trial sets (`trial()`); the cache key leaves them out.
-TRIAL_FIELDS = ("mode", "model_dir", "model.backbone", "train.learning_rate", "train.epochs")
+TRIAL_FIELDS = ("mode", "model_dir", "model.backbone", "model.adaptation", "train.learning_rate",
+                "train.epochs")
+# What a search compares when --adaptations is not given, by backbone modality: LoRA is
+# keras-hub's adapter for transformers; CNNs have none, their usual partial fine-tune is the top
+# stages. `head` rides on cached features (about one forward pass), so it is always worth a rung.
+DEFAULT_ADAPTATIONS = {"text": ("full", "lora:8", "head"), "image": ("full", "top:2", "head")}
+# Each adaptation's learning rates: `learning_rates` (full's) times this, unless
+# `adaptation_learning_rates` names its own. Fewer trained weights take larger steps: on the SST-2
+# demo after one epoch LoRA r=8 reached 0.835 at 1e-3 but 0.585 at 1e-4, the head 0.794 at 1e-2
+# but 0.502 at 1e-4 (BUILD_NOTES); top:K trains whole blocks, as full does.
+ADAPTATION_LR_SCALE = {"full": 1.0, "top": 1.0, "lora": 10.0, "head": 100.0}
+# Limits on a configuration's training cost, known after its first rung (`plan_search`).
+TRAINING_CONSTRAINTS = ("max_train_minutes", "max_train_memory_mb")
 # Base-config defaults that differ for selection (the pipeline sets the same flag defaults).
 SELECTION_DEFAULTS = {"early_stopping_patience": 2}
 
@@ -63,8 +77,18 @@ class SearchConfig:
             F1 as seqeval computes it) on the evaluation data; trials monitor
             `val_<metric>`. `auto`: `entity_f1` for tokens, else `accuracy`.
         learning_rates: tuple of float. Peak learning rates for the pretrained
-            candidates (the secondary choice): every backbone trains the first
-            rung at the first one; the leaders of that rung also try the others.
+            candidates trained `full` (the secondary choice): every
+            configuration trains the first rung at its first one; the leaders
+            of that rung also try the others. Other adaptations scale them
+            (`ADAPTATION_LR_SCALE`) unless `adaptation_learning_rates` names theirs.
+        adaptations: tuple of Adaptation. How much of each pretrained backbone
+            trains, compared with the backbone (strings are parsed); empty:
+            the modality's `DEFAULT_ADAPTATIONS`. The from-scratch baseline
+            trains `full` only.
+        adaptation_learning_rates: tuple of (str, tuple of float). An
+            adaptation (`lora:8`) or kind (`lora`, `head`) -> its own learning
+            rates, overriding the scaled ones; given as a dict or as
+            `head=1e-2/3e-3` strings (the flag's form).
         baseline_learning_rate: float. The from-scratch baseline's rate.
         min_epochs: int. Epochs of the first rung.
         max_epochs: int. Epochs of a full fine-tuning (the last rung, and what
@@ -93,6 +117,8 @@ class SearchConfig:
     modality: str = "auto"
     metric: str = "auto"
     learning_rates: tuple[float, ...] = (5e-5,)
+    adaptations: tuple[Adaptation, ...] = ()
+    adaptation_learning_rates: tuple[tuple[str, tuple[float, ...]], ...] = ()
     baseline_learning_rate: float = 1e-3
     min_epochs: int = 1
     max_epochs: int = 4
@@ -107,9 +133,45 @@ class SearchConfig:
     shortlist_score: str = "logme"
     transfer_examples: int = 500
 
+    def __post_init__(self):
+        # The edge: strings from flags or callers become typed values, once.
+        object.__setattr__(self, "adaptations",
+                           tuple(Adaptation.parse(a) for a in self.adaptations))
+        object.__setattr__(self, "adaptation_learning_rates",
+                           _parse_adaptation_rates(self.adaptation_learning_rates))
+
     @property
     def rungs(self) -> list[int]:
         return rung_epochs(self.min_epochs, self.max_epochs, self.reduction_factor)
+
+    def adaptations_for(self, modality: str) -> tuple[Adaptation, ...]:
+        """The adaptations compared: the given ones, else the modality's default.
+
+        Args:
+            modality: str. A selection modality (`text`, `image`, ...) or a
+                backbone modality (`text`, `image`).
+        """
+        if self.adaptations:
+            return self.adaptations
+        kind = "image" if modality == "image" else "text"
+        return tuple(Adaptation.parse(a) for a in DEFAULT_ADAPTATIONS[kind])
+
+    def learning_rates_for(self, adaptation: Adaptation | str) -> tuple[float, ...]:
+        """An adaptation's learning rates, first first: its own if given, else full's scaled.
+
+        Example:
+
+        ```python
+        SearchConfig(learning_rates=(1e-4, 3e-5)).learning_rates_for("lora:8")  # (0.001, 0.0003)
+        ```
+        """
+        adaptation = Adaptation.parse(adaptation)
+        given = dict(self.adaptation_learning_rates)
+        for name in (str(adaptation), adaptation.kind):
+            if name in given:
+                return given[name]
+        scale = ADAPTATION_LR_SCALE[adaptation.kind]
+        return tuple(lr_key(lr * scale) for lr in self.learning_rates)
 
     @property
     def tie_rule(self) -> dict[str, Any]:
@@ -125,9 +187,23 @@ class Constraints:
     max_memory_mb: float | None = None
     max_params: float | None = None
     min_metric: float | None = None
+    max_train_minutes: float | None = None
+    max_train_memory_mb: float | None = None
 
     def as_kwargs(self) -> dict[str, float | None]:
         return dataclasses.asdict(self)
+
+    def recommend_kwargs(self) -> dict[str, float | None]:
+        """The constraints `recommend` knows (its `CONSTRAINTS` table), as its keyword arguments.
+
+        The training limits are the search's own (`plan_search` promotes no
+        configuration over them); `recommend` gets them once its table has them.
+        """
+        return {k: v for k, v in self.as_kwargs().items() if k in CONSTRAINTS}
+
+    def training(self) -> dict[str, float | None]:
+        """The training limits, `plan_search`'s keyword arguments."""
+        return {name: getattr(self, name) for name in TRAINING_CONSTRAINTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,17 +327,19 @@ class SelectionConfig:
         return self.profile_options or ProfileOptions(train_batch_size=self.base.train.batch_size)
 
     def trial(self, backbone: str, learning_rate: float, epochs: int,
-              model_dir: str | Path) -> ExperimentConfig:
+              model_dir: str | Path, adaptation: Adaptation | str = "full") -> ExperimentConfig:
         """The `ExperimentConfig` one trial (or a feature extraction) runs with.
 
-        The base with the trial's fields replaced, monitoring the search's
-        metric, the rate constant after warm-up (so k epochs are the start of
-        any longer trial) and no progress bar (selection draws its own).
+        The base with the trial's fields (`TRIAL_FIELDS`) replaced, monitoring
+        the search's metric, the rate constant after warm-up (so k epochs are
+        the start of any longer trial) and no progress bar (selection draws
+        its own).
         """
         b = self.base
         return dataclasses.replace(
             b, mode="train_and_eval", model_dir=str(model_dir),
-            model=dataclasses.replace(b.model, backbone=backbone),
+            model=dataclasses.replace(b.model, backbone=backbone,
+                                      adaptation=Adaptation.parse(adaptation)),
             train=dataclasses.replace(b.train, learning_rate=learning_rate, epochs=epochs,
                                       monitor=self.objective, lr_schedule="constant"),
             runtime=dataclasses.replace(b.runtime, verbose="0"),
@@ -334,6 +412,21 @@ class SelectionConfig:
                      "Learning rates must be numbers in (0, 1).", "E.g. --learning_rates=1e-4,3e-5.")
         if len({lr_key(lr) for lr in s.learning_rates}) != len(s.learning_rates):
             _bad("learning_rates", list(s.learning_rates), "A learning rate is listed twice.")
+        duplicated = sorted({str(a) for a in s.adaptations if s.adaptations.count(a) > 1})
+        if duplicated:
+            _bad("adaptations", ",".join(duplicated), "An adaptation is listed twice.",
+                 "List each once, e.g. --adaptations=full,lora:8,head.")
+        for name, rates in s.adaptation_learning_rates:
+            if not rates or not all(_rate(lr) for lr in rates):
+                _bad("adaptation_learning_rates", f"{name}={'/'.join(map(str, rates))}",
+                     "Learning rates must be numbers in (0, 1).", "E.g. head=1e-2/3e-3.")
+        for adaptation in s.adaptations_for(s.modality):
+            rates = s.learning_rates_for(adaptation)
+            if not all(_rate(lr) for lr in rates):
+                _bad("learning_rates", list(s.learning_rates),
+                     f"Scaled for {adaptation} (x{ADAPTATION_LR_SCALE[adaptation.kind]:g}) a "
+                     "learning rate leaves (0, 1).",
+                     f"Give {adaptation}'s own: --adaptation_learning_rates={adaptation.kind}=1e-2.")
         if not _rate(s.baseline_learning_rate):
             _bad("baseline_learning_rate", s.baseline_learning_rate,
                  "The learning rate must be a number in (0, 1).",
@@ -343,7 +436,13 @@ class SelectionConfig:
         if not self.profile_timeout_s > 0:
             _bad("profile_timeout_s", self.profile_timeout_s, "`profile_timeout_s` must be positive.")
         # The same rules `recommend` applies, checked before hours of work.
-        validate_constraints(self.constraints.as_kwargs(), s.metric)
+        validate_constraints(self.constraints.recommend_kwargs(), s.metric)
+        for name in TRAINING_CONSTRAINTS:
+            value = getattr(self.constraints, name)
+            if value is not None and not (isinstance(value, (int, float))
+                                          and math.isfinite(value) and value > 0):
+                _bad(name, value, f"`{name}` must be positive; no training fits a budget of "
+                     f"{value}.", "Give a positive budget or leave it unset.")
         # The base, with the bounds every pipeline uses, as the first trial would run it.
         self.trial(s.candidates[0], s.learning_rates[0], s.max_epochs, self.cache_root).validate()
         return self
@@ -362,6 +461,29 @@ def _setting_owners() -> dict[str, str]:
     owners.update({f.name: "selection" for f in dataclasses.fields(SelectionConfig)
                    if f.name not in ("base", "search", "constraints")})
     return owners
+
+
+def _parse_adaptation_rates(given: Any) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """`adaptation_learning_rates` from a dict, pairs or `head=1e-2/3e-3` strings, canonical."""
+    pairs = given.items() if isinstance(given, Mapping) else given
+    parsed: dict[str, tuple[float, ...]] = {}
+    for pair in pairs:
+        if isinstance(pair, str):
+            name, sep, text = pair.partition("=")
+            try:
+                rates = tuple(float(v) for v in text.split("/") if v.strip())
+            except ValueError:
+                rates = ()
+            if not sep or not rates:
+                _bad("adaptation_learning_rates", pair, "Expected ADAPTATION=LR[/LR...].",
+                     "E.g. --adaptation_learning_rates=head=1e-2/3e-3,lora=1e-3.")
+        else:
+            name, rates = pair
+        name = str(name).strip().lower()
+        # A kind alone (`lora`) names every rank; else it is one adaptation (`lora:8`).
+        key = name if name in ADAPTATION_LR_SCALE else str(Adaptation.parse(name))
+        parsed[key] = tuple(float(lr) for lr in rates)
+    return tuple(sorted(parsed.items()))
 
 
 def _rate(value: Any) -> bool:

@@ -1,8 +1,12 @@
-"""Successive halving over backbones, planned from finished trials alone.
+"""Successive halving over configurations (backbone x adaptation), planned from finished trials alone.
 
 `plan_search(records, ...)` is a pure function: given the trials a KerasTuner
-project holds (as `TrialRecord`s), it says which rung each (backbone, learning
-rate) has reached, who was promoted, and which trials to start next. The
+project holds (as `TrialRecord`s), it says which rung each (configuration,
+learning rate) has reached, who was promoted, and which trials to start next.
+A configuration is a backbone and how much of it trains (`full`, `head`,
+`top:K`, `lora:R`), named by one string, `config_key(backbone, adaptation)`:
+a `full` configuration's key is the bare backbone, so trials of a search made
+before adaptations were a choice are the `full` configurations' trials. The
 oracle in `tuner.py` calls it on every request, so a rerun, a wider budget or
 another candidate list reuses whatever finished trials fit, and nothing here
 imports TensorFlow.
@@ -10,8 +14,8 @@ imports TensorFlow.
 Example:
 
 ```python
-plan = plan_search([], ["a", "b", "c"], [1e-4], rung_epochs(1, 4, 2))
-[(w.backbone, w.target_epochs) for w in plan.todo]  # [('a', 1), ('b', 1), ('c', 1)]
+plan = plan_search([], ["a", "b", "c|head"], [1e-4], rung_epochs(1, 4, 2))
+[(w.config, w.target_epochs) for w in plan.todo]  # [('a', 1), ('b', 1), ('c|head', 1)]
 ```
 """
 
@@ -26,6 +30,40 @@ from collections.abc import Collection, Mapping, Sequence
 # Phases of a trial: the search itself, or completing every configuration
 # to `max_epochs` for the brute-force comparison.
 HALVING, BRUTE_FORCE = "halving", "brute_force"
+# Between a configuration key's backbone and adaptation (not in catalog names, paths or handles).
+_KEY_SEPARATOR = "|"
+FULL = "full"
+
+
+def config_key(backbone: str, adaptation: str = FULL) -> str:
+    """The one string naming a (backbone, adaptation) configuration in the search.
+
+    `full` is the bare backbone: the key every trial had before the adaptation
+    was a choice, so such a cache is reused for `full` (and never for another).
+
+    Example:
+
+    ```python
+    config_key("minilm_l6_h384")            # 'minilm_l6_h384'
+    config_key("minilm_l6_h384", "lora:8")  # 'minilm_l6_h384|lora:8'
+    ```
+    """
+    adaptation = str(adaptation or FULL)
+    return backbone if adaptation == FULL else f"{backbone}{_KEY_SEPARATOR}{adaptation}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(backbone, adaptation) of a `config_key`.
+
+    Example:
+
+    ```python
+    split_key("minilm_l6_h384|lora:8")  # ('minilm_l6_h384', 'lora:8')
+    split_key("minilm_l6_h384")         # ('minilm_l6_h384', 'full')
+    ```
+    """
+    backbone, sep, adaptation = key.rpartition(_KEY_SEPARATOR)
+    return (backbone, adaptation) if sep else (key, FULL)
 
 
 def lr_key(lr: float) -> float:
@@ -67,6 +105,8 @@ class TrialRecord:
         trial_id: str.
         backbone: str. The `backbone` hyperparameter.
         learning_rate: float. The `learning_rate` hyperparameter.
+        adaptation: str. The `adaptation` hyperparameter (`full` for a
+            trial made before it was one).
         status: str. KerasTuner's `TrialStatus` (`COMPLETED`, `RUNNING`, ...).
         target_epochs: int. `tuner/epochs`: the chain's epochs when done.
         initial_epoch: int. `tuner/initial_epoch`: epochs inherited.
@@ -80,6 +120,8 @@ class TrialRecord:
         epoch_seconds: dict. Epoch number -> measured seconds, for the
             epochs this trial trained (training plus evaluation).
         message: str or None. Why it failed.
+        peak_train_rss_mb: float or None. The trial's peak training RSS.
+        trainable_params: int or None. Weights the trial trained.
     """
 
     trial_id: str
@@ -96,13 +138,35 @@ class TrialRecord:
     scores: tuple[float, ...] = ()
     epoch_seconds: Mapping[int, float] = dataclasses.field(default_factory=dict)
     message: str | None = None
+    adaptation: str = FULL
+    peak_train_rss_mb: float | None = None
+    trainable_params: int | None = None
+
+    @property
+    def config(self) -> str:
+        """The configuration's key (`config_key`)."""
+        return config_key(self.backbone, self.adaptation)
+
+
+class _KeyParts:
+    """`backbone` and `adaptation` of an object whose `config` is a `config_key`."""
+
+    config: str
+
+    @property
+    def backbone(self) -> str:
+        return split_key(self.config)[0]
+
+    @property
+    def adaptation(self) -> str:
+        return split_key(self.config)[1]
 
 
 @dataclasses.dataclass(frozen=True)
-class WorkItem:
+class WorkItem(_KeyParts):
     """A trial the oracle should hand out next."""
 
-    backbone: str
+    config: str
     learning_rate: float
     target_epochs: int
     rung: int
@@ -115,8 +179,8 @@ class WorkItem:
 
 
 @dataclasses.dataclass
-class ConfigState:
-    """Where one (backbone, learning rate) stands at a number of epochs.
+class ConfigState(_KeyParts):
+    """Where one (configuration, learning rate) stands at a number of epochs.
 
     Attributes:
         status: str. `done`, `running`, `todo`, `failed` or `skipped` (the
@@ -127,7 +191,7 @@ class ConfigState:
         message: str or None. Why it failed.
     """
 
-    backbone: str
+    config: str
     learning_rate: float
     status: str
     score: float | None = None
@@ -160,8 +224,15 @@ class SearchPlan:
         planned_epochs: int. Epochs the halving plan spends (cached ones included).
         brute_force: list of ConfigState. Every configuration at
             `max_epochs` (only when brute force is on).
-        epoch_seconds: dict. (backbone, learning rate) -> epoch -> measured
-            seconds, over every trial of that configuration's chain.
+        epoch_seconds: dict. (configuration, learning rate) -> epoch ->
+            measured seconds, over every trial of that chain.
+        training: dict. Configuration -> its training-cost figures, once its
+            first rung has trained: `train_minutes_projected` (the first
+            rung's seconds per epoch times the last rung's epochs) and
+            `peak_train_rss_mb` (the highest of its trials).
+        training_breaks: dict. Configuration -> {constraint: figure} for the
+            training limits it breaks (`max_train_minutes`,
+            `max_train_memory_mb`): such a configuration is not promoted.
     """
 
     todo: list[WorkItem]
@@ -174,27 +245,29 @@ class SearchPlan:
     epoch_seconds: dict[tuple[str, float], dict[int, float]] = dataclasses.field(
         default_factory=dict
     )
+    training: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    training_breaks: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
-    def seconds(self, backbone: str, learning_rate: float) -> dict[int, float]:
+    def seconds(self, config: str, learning_rate: float) -> dict[int, float]:
         """Epoch -> measured seconds of one configuration (empty if never trained)."""
-        return self.epoch_seconds.get((backbone, lr_key(learning_rate)), {})
+        return self.epoch_seconds.get((config, lr_key(learning_rate)), {})
 
     @property
     def finished(self) -> bool:
         return not self.todo and not self.running
 
-    def halving_result(self, backbone: str) -> ConfigState | None:
-        """The backbone's best configuration at the deepest rung it reached."""
+    def halving_result(self, config: str) -> ConfigState | None:
+        """The configuration's best learning rate at the deepest rung it reached."""
         for rung in reversed(self.rungs):
-            done = [s for s in rung.entries if s.backbone == backbone and s.status == "done"]
+            done = [s for s in rung.entries if s.config == config and s.status == "done"]
             if done:
                 return max(done, key=lambda s: s.score)
         failed = [s for r in self.rungs for s in r.entries
-                  if s.backbone == backbone and s.status == "failed"]
+                  if s.config == config and s.status == "failed"]
         return failed[0] if failed else None
 
-    def brute_force_result(self, backbone: str) -> ConfigState | None:
-        done = [s for s in self.brute_force if s.backbone == backbone and s.status == "done"]
+    def brute_force_result(self, config: str) -> ConfigState | None:
+        done = [s for s in self.brute_force if s.config == config and s.status == "done"]
         return max(done, key=lambda s: s.score) if done else None
 
 
@@ -211,48 +284,57 @@ def plan_search(
     weights_ids: Mapping[str, str] | None = None,
     eligible: Collection[str] | None = None,
     lr_race_rungs: int = 1,
+    max_train_minutes: float | None = None,
+    max_train_memory_mb: float | None = None,
 ) -> SearchPlan:
     """Derives the successive-halving search's state and next trials from finished trials.
 
-    The backbone is the main choice and the learning rate a secondary one:
+    The configuration (a backbone and its adaptation, one `config_key`) is
+    the main choice and the learning rate a secondary one:
 
-    1. Rung 0 trains every backbone at its first learning rate.
-    2. The best `ceil(n / reduction_factor)` of the `n` eligible backbones
-       (ranked on that rung) also try their other learning rates for the same
-       epochs, the "learning-rate check".
-    3. At each later rung the best `ceil(n / reduction_factor)` backbones
-       (each scored by its best learning rate) continue from their
-       checkpoints to the next rung's epochs: for `lr_race_rungs` rungs
+    1. Rung 0 trains every configuration at its first learning rate.
+    2. The best `ceil(n / reduction_factor)` of the `n` eligible
+       configurations (ranked on that rung) also try their other learning
+       rates for the same epochs, the "learning-rate check".
+    3. At each later rung the best `ceil(n / reduction_factor)`
+       configurations (each scored by its best learning rate) continue from
+       their checkpoints to the next rung's epochs: for `lr_race_rungs` rungs
        after the check with every learning rate that trained, then with the
        best one alone. A lower learning rate starts slower, so deciding it
        on the check's one-epoch scores would drop the rate that ends best.
 
-    A backbone outside `eligible` (one that breaks a hard constraint such as
-    latency or size, known from profiling before any training) cannot be
-    recommended, so it gets rung 0 only: enough to place it in the report
-    and on the Pareto plot, none of the budget the choice needs. When no
-    backbone is eligible, all compete (the report then says which constraint
-    to relax, on fully trained figures).
+    A configuration outside `eligible` (one whose backbone breaks a hard
+    constraint such as latency or size, known from profiling before any
+    training) cannot be recommended, so it gets rung 0 only: enough to place
+    it in the report and on the Pareto plot, none of the budget the choice
+    needs. When no configuration is eligible, all compete (the report then
+    says which constraint to relax, on fully trained figures). The training
+    limits (`max_train_minutes`: the first rung's measured seconds per epoch
+    projected to the last rung's epochs; `max_train_memory_mb`: the peak
+    training RSS its trials recorded) are known once a configuration has
+    trained its first rung: one that breaks them is ranked like a failed
+    one, never promoted (`SearchPlan.training_breaks` says why).
 
-    A backbone is promoted as soon as enough of its rung has finished to
-    guarantee it a place (more finished than will be dropped; KerasTuner
+    A configuration is promoted as soon as enough of its rung has finished
+    to guarantee it a place (more finished than will be dropped; KerasTuner
     Hyperband's rule), so parallel workers need not wait for the slowest. A
     trial that stopped early keeps its final score at every later rung
     without training. A rung after the first runs whole or not at all: only
     if its planned cost (epochs, or epochs times each configuration's seconds
     per epoch measured on the first rung) fits in what the budget has left;
     the first rung (with its learning-rate checks) always runs. With
-    `brute_force`, once the search is done, every configuration (every
-    backbone at each of its learning rates) is trained to the last rung.
+    `brute_force`, once the search is done, every configuration at each of
+    its learning rates is trained to the last rung.
 
     Being a function of the trials (not of saved oracle state) is what lets a
     rerun, a wider budget or another candidate list reuse finished trials.
 
     Args:
         records: TrialRecords of the project's trials.
-        candidates: list of str. Backbones, in the order rung 0 runs them.
-        learning_rates: list of float (the same for every backbone), or dict
-            backbone -> list of float. The first is the backbone's first try.
+        candidates: list of str. Configuration keys (`config_key`; a bare
+            backbone is its `full` configuration), in the order rung 0 runs them.
+        learning_rates: list of float (the same for every configuration), or
+            dict configuration -> list of float. The first is its first try.
         rungs: list of int. Cumulative epochs per rung (`rung_epochs`).
         reduction_factor: int. Defaults to 2.
         budget_epochs: int. 0 means no limit.
@@ -260,12 +342,15 @@ def plan_search(
         brute_force: bool. Defaults to `False`.
         weights_ids: dict or None. Backbone -> weights fingerprint; trials
             made with other weights are ignored.
-        eligible: collection of str or None. Backbones that may be chosen;
-            None means all.
+        eligible: collection of str or None. Configurations that may be
+            chosen; None means all.
         lr_race_rungs: int. Rungs after the learning-rate check through which
-            a promoted backbone's learning rates all continue before the best
-            is kept: 0 decides at the check's epochs, a number at least
+            a promoted configuration's learning rates all continue before the
+            best is kept: 0 decides at the check's epochs, a number at least
             `len(rungs)` at the last rung. Defaults to 1.
+        max_train_minutes: float or None. Most projected minutes of a full
+            fine-tuning (`rungs[-1]` epochs at one learning rate).
+        max_train_memory_mb: float or None. Most peak training RSS.
 
     Returns:
         A `SearchPlan`.
@@ -274,18 +359,18 @@ def plan_search(
 
     ```python
     plan = plan_search([], ["a", "b", "c"], [1e-4, 3e-5], [1, 2])
-    [(w.backbone, w.learning_rate) for w in plan.todo]
+    [(w.config, w.learning_rate) for w in plan.todo]
     # [('a', 0.0001), ('b', 0.0001), ('c', 0.0001)]: the 3e-5 checks wait for the ranking
     ```
     """
     weights_ids = weights_ids or {}
     lrs_of = learning_rates_by_backbone(candidates, learning_rates)
-    competing = [b for b in candidates if eligible is None or b in eligible] or list(candidates)
-    keys_of = {b: {lr_key(lr) for lr in lrs} for b, lrs in lrs_of.items()}
+    competing = [c for c in candidates if eligible is None or c in eligible] or list(candidates)
+    keys_of = {c: {lr_key(lr) for lr in lrs} for c, lrs in lrs_of.items()}
     chains: dict[tuple[str, float], list[TrialRecord]] = defaultdict(list)
     for rec in records:
-        key = (rec.backbone, lr_key(rec.learning_rate))
-        if (key[1] in keys_of.get(rec.backbone, ())
+        key = (rec.config, lr_key(rec.learning_rate))
+        if (key[1] in keys_of.get(rec.config, ())
                 and rec.weights_id == weights_ids.get(rec.backbone, rec.weights_id)):
             chains[key].append(rec)
 
@@ -294,23 +379,23 @@ def plan_search(
         for rec in sorted(chain, key=lambda r: r.trial_id):
             epoch_seconds.setdefault(key, {}).update(rec.epoch_seconds)
 
-    def state(backbone: str, lr: float, epochs: int) -> ConfigState:
-        chain = chains[(backbone, lr_key(lr))]
+    def state(config: str, lr: float, epochs: int) -> ConfigState:
+        chain = chains[(config, lr_key(lr))]
         completed = [r for r in chain if r.status == "COMPLETED" and r.scores]
         # A continuation that ended where its parent did (early stopping fired
         # at once) ties on epochs with the parent; it is the one that ends the chain.
         longest = max(completed, key=lambda r: (r.epochs_trained, r.stopped_early), default=None)
         if longest and (longest.epochs_trained >= epochs or longest.stopped_early):
             reached = min(epochs, longest.epochs_trained)
-            return ConfigState(backbone, lr, "done", max(longest.scores[:reached]), reached, longest)
+            return ConfigState(config, lr, "done", max(longest.scores[:reached]), reached, longest)
         if any(r.status in ("RUNNING", "INVALID", "IDLE") for r in chain):
-            return ConfigState(backbone, lr, "running", record=longest)
+            return ConfigState(config, lr, "running", record=longest)
         have = longest.epochs_trained if longest else 0
         failed = [r for r in chain if r.status == "FAILED" and r.target_epochs > have]
         if failed:
-            return ConfigState(backbone, lr, "failed", record=longest,
+            return ConfigState(config, lr, "failed", record=longest,
                                message=last_line(failed[0].message))
-        return ConfigState(backbone, lr, "todo", epochs=have, record=longest)
+        return ConfigState(config, lr, "todo", epochs=have, record=longest)
 
     # Seconds per epoch from the first rung only: fixed once it is done, so a
     # budget decision made then is the same in every later rerun.
@@ -318,14 +403,16 @@ def plan_search(
         key: statistics.median(v for k, v in seconds.items() if k <= rungs[0])
         for key, seconds in epoch_seconds.items() if any(k <= rungs[0] for k in seconds)
     }
-    per_backbone: dict[str, float] = {}
-    for (backbone, _), seconds in sorted(per_epoch.items()):
-        per_backbone.setdefault(backbone, seconds)
+    per_config: dict[str, float] = {}
+    for (config, _), seconds in sorted(per_epoch.items()):
+        per_config.setdefault(config, seconds)
     slowest = max(per_epoch.values(), default=0.0)
+    training, training_breaks = _training_figures(
+        chains, per_config, rungs[-1], max_train_minutes, max_train_memory_mb)
 
-    def first_rung_seconds(backbone: str, lr: float) -> float:
-        # A learning rate not tried yet costs what the backbone's others did.
-        return per_epoch.get((backbone, lr_key(lr)), per_backbone.get(backbone, slowest))
+    def first_rung_seconds(config: str, lr: float) -> float:
+        # A learning rate not tried yet costs what the configuration's others did.
+        return per_epoch.get((config, lr_key(lr)), per_config.get(config, slowest))
 
     todo: list[WorkItem] = []
     running = 0
@@ -334,14 +421,14 @@ def plan_search(
     spent_epochs, spent_seconds = 0, 0.0
     halving_complete = True
     entering, size = list(candidates), len(competing)
-    live: dict[str, list[float]] = {}  # Backbone -> the learning rates it still trains.
-    order = {b: i for i, b in enumerate(candidates)}
+    live: dict[str, list[float]] = {}  # Configuration -> the learning rates it still trains.
+    order = {c: i for i, c in enumerate(candidates)}
 
-    def enter(backbone: str, lr: float, epochs: int, previous: int, r: int) -> ConfigState:
+    def enter(config: str, lr: float, epochs: int, previous: int, r: int) -> ConfigState:
         nonlocal running, halving_complete, spent_epochs, spent_seconds
-        st = state(backbone, lr, epochs)
+        st = state(config, lr, epochs)
         if st.status == "todo":
-            todo.append(WorkItem(backbone, lr, epochs, r, HALVING, st.record))
+            todo.append(WorkItem(config, lr, epochs, r, HALVING, st.record))
         if st.status in ("todo", "running"):
             halving_complete = False
             running += st.status == "running"
@@ -349,20 +436,20 @@ def plan_search(
             # Planned cost; an early stop only ever makes it smaller.
             trained = max((st.epochs if st.status == "done" else epochs) - previous, 0)
             spent_epochs += trained
-            spent_seconds += trained * first_rung_seconds(backbone, lr)
+            spent_seconds += trained * first_rung_seconds(config, lr)
         return st
 
     for r, epochs in enumerate(rungs):
         previous = rungs[r - 1] if r else 0
         step = epochs - previous
-        configs = ([(b, lrs_of[b][0]) for b in entering] if r == 0
-                   else [(b, lr) for b in entering for lr in live[b]])
+        configs = ([(c, lrs_of[c][0]) for c in entering] if r == 0
+                   else [(c, lr) for c in entering for lr in live[c]])
         if r > 0 and (budget_epochs or budget_seconds):
             # A rung runs whole or not at all (the first rung always runs).
             # Slots not yet promoted are costed at the slowest configuration,
-            # with as many learning rates as a promoted backbone brings.
-            open_slots = (size - len(entering)) * max(len(live[b]) for b in entering)
-            rung_seconds = step * (sum(first_rung_seconds(b, lr) for b, lr in configs)
+            # with as many learning rates as a promoted configuration brings.
+            open_slots = (size - len(entering)) * max(len(live[c]) for c in entering)
+            rung_seconds = step * (sum(first_rung_seconds(c, lr) for c, lr in configs)
                                    + open_slots * slowest)
             needed = (len(configs) + open_slots) * step
             over_epochs = budget_epochs and spent_epochs + needed > budget_epochs
@@ -371,22 +458,24 @@ def plan_search(
                 limit = f"{budget_epochs} epochs" if over_epochs else f"{budget_seconds / 60:.1f} min"
                 budget_stop = (f"the budget ({limit}) ran out before rung {r + 1} ({epochs} "
                                f"epochs): {spent_epochs} epochs spent, {needed} more needed")
-                entries = [ConfigState(b, lr, "skipped") for b, lr in configs]
+                entries = [ConfigState(c, lr, "skipped") for c, lr in configs]
                 summaries.append(RungSummary(r, epochs, entries, [], False))
                 break
-        entries = [enter(b, lr, epochs, previous, r) for b, lr in configs]
+        entries = [enter(c, lr, epochs, previous, r) for c, lr in configs]
         last = r == len(rungs) - 1
         keep = math.ceil(size / reduction_factor)
-        by_backbone: dict[str, list[ConfigState]] = defaultdict(list)
+        by_config: dict[str, list[ConfigState]] = defaultdict(list)
         for st in entries:
-            by_backbone[st.backbone].append(st)
-        racing = [b for b in entering if b in competing]
-        finished = [b for b in racing
-                    if all(s.status in ("done", "failed") for s in by_backbone[b])]
-        scored = {b: max((s.score for s in by_backbone[b] if s.status == "done"), default=None)
-                  for b in finished}
-        ranked = sorted((b for b in finished if scored[b] is not None),
-                        key=lambda b: (-scored[b], order[b]))
+            by_config[st.config].append(st)
+        racing = [c for c in entering if c in competing]
+        finished = [c for c in racing
+                    if all(s.status in ("done", "failed") for s in by_config[c])]
+        # Over a training limit: finished, but ranked like a failed configuration.
+        scored = {c: None if c in training_breaks else max(
+            (s.score for s in by_config[c] if s.status == "done"), default=None)
+            for c in finished}
+        ranked = sorted((c for c in finished if scored[c] is not None),
+                        key=lambda c: (-scored[c], order[c]))
         complete = len(racing) == size and len(finished) == size
         # Promotable once at most `keep` can end above it: more finished than dropped.
         # A time budget is decided on complete rungs only (their times are all known).
@@ -397,20 +486,20 @@ def plan_search(
         if r == 0:
             # The learning-rate check: the leaders also try their other rates.
             ready = []
-            for b in leaders:
-                checks = [enter(b, lr, epochs, previous, r) for lr in lrs_of[b][1:]]
+            for c in leaders:
+                checks = [enter(c, lr, epochs, previous, r) for lr in lrs_of[c][1:]]
                 entries.extend(checks)
-                by_backbone[b].extend(checks)
+                by_config[c].extend(checks)
                 if all(s.status in ("done", "failed") for s in checks):
-                    ready.append(b)
+                    ready.append(c)
             complete = complete and len(ready) == len(leaders)
         else:
             ready = leaders
         promoted = [] if last else ready
-        for b in ready:
-            done = [s for s in by_backbone[b] if s.status == "done"]
+        for c in ready:
+            done = [s for s in by_config[c] if s.status == "done"]
             # Until the race is over every learning rate that trained goes on.
-            live[b] = ([max(done, key=lambda s: s.score).learning_rate] if r >= lr_race_rungs
+            live[c] = ([max(done, key=lambda s: s.score).learning_rate] if r >= lr_race_rungs
                        else [s.learning_rate for s in done])
         summaries.append(RungSummary(r, epochs, entries, promoted, complete))
         if last or not promoted:
@@ -420,22 +509,48 @@ def plan_search(
 
     brute: list[ConfigState] = []
     if brute_force:
-        for backbone in candidates:
-            for lr in lrs_of[backbone]:
-                st = state(backbone, lr, rungs[-1])
+        for config in candidates:
+            for lr in lrs_of[config]:
+                st = state(config, lr, rungs[-1])
                 if st.status == "todo" and halving_complete:
-                    todo.append(WorkItem(backbone, lr, rungs[-1], len(rungs) - 1, BRUTE_FORCE,
+                    todo.append(WorkItem(config, lr, rungs[-1], len(rungs) - 1, BRUTE_FORCE,
                                          st.record))
                 running += st.status == "running" and halving_complete
                 brute.append(st)
     return SearchPlan(todo, running, summaries, halving_complete, budget_stop, spent_epochs, brute,
-                      epoch_seconds)
+                      epoch_seconds, training, training_breaks)
+
+
+def _training_figures(
+    chains: Mapping[tuple[str, float], Sequence[TrialRecord]], per_config: Mapping[str, float],
+    max_epochs: int, max_minutes: float | None, max_memory_mb: float | None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Configuration -> its training-cost figures, and -> the training limits it breaks."""
+    peaks: dict[str, float] = {}
+    for (config, _), chain in chains.items():
+        for rec in chain:
+            if rec.status == "COMPLETED" and rec.peak_train_rss_mb is not None:
+                peaks[config] = max(peaks.get(config, 0.0), float(rec.peak_train_rss_mb))
+    figures: dict[str, dict[str, float]] = defaultdict(dict)
+    for config, seconds in per_config.items():
+        figures[config]["train_minutes_projected"] = round(seconds * max_epochs / 60.0, 3)
+    for config, peak in peaks.items():
+        figures[config]["peak_train_rss_mb"] = round(peak, 1)
+    limits = {"max_train_minutes": ("train_minutes_projected", max_minutes),
+              "max_train_memory_mb": ("peak_train_rss_mb", max_memory_mb)}
+    breaks: dict[str, dict[str, float]] = {}
+    for config, values in figures.items():
+        broken = {name: values[field] for name, (field, limit) in limits.items()
+                  if limit is not None and field in values and values[field] > limit}
+        if broken:
+            breaks[config] = broken
+    return dict(figures), breaks
 
 
 def learning_rates_by_backbone(
     candidates: Sequence[str], learning_rates: Sequence[float] | Mapping[str, Sequence[float]]
 ) -> dict[str, list[float]]:
-    """Backbone -> its learning rates (first = first try), from a list or a dict.
+    """Configuration -> its learning rates (first = first try), from a list or a dict.
 
     Example:
 

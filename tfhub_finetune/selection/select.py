@@ -74,7 +74,7 @@ from typing import Any
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.selection import cache, trials
 from tfhub_finetune.selection.config import ESTIMATORS, SelectionConfig
-from tfhub_finetune.selection.halving import RungSummary, SearchPlan
+from tfhub_finetune.selection.halving import FULL, RungSummary, SearchPlan, split_key
 from tfhub_finetune.selection.profile import ProfileResult, profile_in_subprocess
 from tfhub_finetune.selection.recommend import (
     Candidate,
@@ -194,6 +194,8 @@ def run_selection(config: SelectionConfig) -> SelectionResult:
     runs = _add_baseline(runs, modality)
     project = cache.project_name(config, modality)
     usable = [r for r in runs if r.spec is not None]
+    # Before any work: an adaptation the modality cannot do (LoRA on CNNs) fails here.
+    _set_configurations(config, usable, modality)
 
     if role == "worker":
         # A worker trains what the chief's oracle hands it; the chief does the rest.
@@ -273,6 +275,8 @@ class _Candidate:
     added: bool = False
     # Hard constraints the profile breaks (constraint -> figure): first rung only.
     breaks: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Its configurations in the search: config key -> display name (`_set_configurations`).
+    configs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def fail(self, stage: str, reason: str) -> None:
         reason = " ".join(str(reason).split())[:400]
@@ -363,6 +367,23 @@ def _add_baseline(runs: list[_Candidate], modality: str) -> list[_Candidate]:
     runs = [*runs, run]
     _set_display_names(runs)
     return runs
+
+
+def _set_configurations(config: SelectionConfig, runs: Sequence[_Candidate],
+                        modality: str) -> None:
+    """Each candidate's (backbone, adaptation) configurations and their display names.
+
+    A search over `full` alone names configurations by backbone, as before
+    adaptations were a choice; otherwise `<name> <adaptation>`.
+    """
+    keys = trials.configurations_of(
+        config, [(r.backbone, r.spec) for r in runs], {r.backbone for r in runs if r.baseline},
+        modality)
+    adaptations = config.search.adaptations_for(modality)
+    plain = [str(a) for a in adaptations] == [FULL]
+    for run in runs:
+        run.configs = {k: run.name if plain else f"{run.name} {split_key(k)[1]}"
+                       for k in keys if split_key(k)[0] == run.backbone}
 
 
 def _any_given(runs: Sequence[_Candidate]) -> bool:
@@ -460,7 +481,7 @@ def _shortlist(runs: list[_Candidate], config: SelectionConfig) -> list[_Candida
         keep = {id(r) for r in sorted(pretrained, key=rank)[: s.shortlist_size]}
         pretrained = [r for r in pretrained if id(r) in keep]
     chosen = [*pretrained, *[r for r in ok if r.baseline]]
-    hard = {k: v for k, v in config.constraints.as_kwargs().items()
+    hard = {k: v for k, v in config.constraints.recommend_kwargs().items()
             if v is not None and k != "min_metric"}
     for run in chosen:
         run.shortlisted = True
@@ -471,21 +492,21 @@ def _shortlist(runs: list[_Candidate], config: SelectionConfig) -> list[_Candida
 
 def _search(config: SelectionConfig, project: str, shortlist: Sequence[_Candidate],
             bar: Any) -> tuple[SearchPlan | None, int, int]:
-    backbones = [r.backbone for r in shortlist]
-    eligible = [r.backbone for r in shortlist if not r.breaks] if any(
+    keys = [k for r in shortlist for k in r.configs]
+    eligible = [k for r in shortlist if not r.breaks for k in r.configs] if any(
         r.breaks for r in shortlist) else None
     return trials.run_search(
-        config, project, backbones,
+        config, project, keys,
         learning_rates=_learning_rates(config, shortlist), eligible=eligible,
         weights_ids={r.backbone: r.weights_id for r in shortlist},
         specs={r.backbone: r.spec for r in shortlist},
-        names={r.backbone: r.name for r in shortlist},
+        names={k: name for r in shortlist for k, name in r.configs.items()},
         bar=bar, echo=lambda line: _echo(bar, line),
     )
 
 
 def _learning_rates(config: SelectionConfig, runs: Sequence[_Candidate]) -> dict[str, list[float]]:
-    return trials.learning_rates_of(config, [r.backbone for r in runs],
+    return trials.learning_rates_of(config, [k for r in runs for k in r.configs],
                                     {r.backbone for r in runs if r.baseline})
 
 
@@ -500,15 +521,18 @@ def _recommend_and_report(
     trials_run: int, trials_reused: int,
 ) -> SelectionResult:
     s, metric = config.search, config.search.metric
-    constraints = config.constraints.as_kwargs()
-    records = [_record(run, plan, config, brute=False) for run in runs]
-    brute_records = [_record(run, plan, config, brute=True) for run in runs]
+    constraints = config.constraints.recommend_kwargs()
+    # One record per configuration (one per candidate that has none: failed, not shortlisted).
+    slots = [(run, key) for run in runs
+             for key in ((run.configs or [None]) if run.shortlisted else [None])]
+    records = [_record(run, key, plan, config, brute=False) for run, key in slots]
+    brute_records = [_record(run, key, plan, config, brute=True) for run, key in slots]
     project_dir = config.cache_root / "tuner" / project
     # The predictions behind each figure: its interval, and the paired tests of the tie rule.
-    evidence = {r.name: _attach_evidence(c, r, plan, config, project_dir, brute=False)
-                for r, c in zip(runs, records, strict=True)}
-    brute_evidence = {r.name: _attach_evidence(c, r, plan, config, project_dir, brute=True)
-                      for r, c in zip(runs, brute_records, strict=True)}
+    evidence = {c.name: _attach_evidence(c, r, k, plan, config, project_dir, brute=False)
+                for (r, k), c in zip(slots, records, strict=True)}
+    brute_evidence = {c.name: _attach_evidence(c, r, k, plan, config, project_dir, brute=True)
+                      for (r, k), c in zip(slots, brute_records, strict=True)}
     rec = recommend(records, **constraints, metric_name=metric, **s.tie_rule,
                     paired_p_value=paired_tester(evidence, metric))
 
@@ -521,7 +545,7 @@ def _recommend_and_report(
         "transferability": sum(v for r in runs for k, v in r.transfer.items()
                                if k.endswith("_seconds") and isinstance(v, (int, float))),
         "fine-tuning search": sum(
-            plan.seconds(e.backbone, e.learning_rate).get(k, 0.0)
+            plan.seconds(e.config, e.learning_rate).get(k, 0.0)
             for rung in plan.rungs for e in rung.entries if e.status == "done"
             for k in range((plan.rungs[rung.rung - 1].epochs if rung.rung else 0) + 1,
                            e.epochs + 1)
@@ -530,7 +554,7 @@ def _recommend_and_report(
     measured = brute_rec = None
     if s.brute_force and plan.finished:
         measured = profile_seconds + sum(
-            sum(plan.seconds(e.backbone, e.learning_rate).get(k, 0.0)
+            sum(plan.seconds(e.config, e.learning_rate).get(k, 0.0)
                 for k in range(1, e.epochs + 1))
             for e in plan.brute_force if e.status == "done"
         )
@@ -541,7 +565,7 @@ def _recommend_and_report(
     selection_seconds = time.perf_counter() - started
     reused = _reused(runs, trials_reused)
     rungs = [_rung_dict(r, runs) for r in plan.rungs]
-    correlations = transferability_correlations(answer_records)
+    correlations = transferability_correlations(_per_backbone(answer_records))
     brute = {
         "estimated_seconds": estimate,
         "measured_seconds": measured,
@@ -557,7 +581,8 @@ def _recommend_and_report(
                                         for c in records}},
         "metrics": {c.name: c.metric for c in brute_records} if brute_rec else None,
         "fine_tune_epochs": {c.name: c.figures.get("fine_tune_epochs") for c in brute_records},
-        "kendall_tau": transferability_correlations(brute_records) if brute_rec else None,
+        "kendall_tau": (transferability_correlations(_per_backbone(brute_records))
+                        if brute_rec else None),
         "requested": s.brute_force,
         "learning_rates": len(s.learning_rates),
         "epochs": s.max_epochs,
@@ -565,6 +590,8 @@ def _recommend_and_report(
     budget = {
         "rungs (cumulative epochs)": config.rungs,
         "learning rates": list(s.learning_rates),
+        "adaptations": {str(a): list(s.learning_rates_for(a))
+                        for a in s.adaptations_for(modality)},
         "baseline learning rate": s.baseline_learning_rate,
         "fine-tuning epochs (search plan)": plan.planned_epochs,
         "fine-tuning epochs (brute force)": s.max_epochs * sum(
@@ -609,15 +636,15 @@ def _recommend_and_report(
     )
 
 
-def _attach_evidence(record: Candidate, run: _Candidate, plan: SearchPlan,
+def _attach_evidence(record: Candidate, run: _Candidate, key: str | None, plan: SearchPlan,
                      config: SelectionConfig, project_dir: Path, brute: bool) -> Any:
-    """Loads the predictions behind a candidate's figure; records its interval; returns them."""
+    """Loads the predictions behind a configuration's figure; records its interval; returns them."""
     from tfhub_finetune.stats import bootstrap_intervals
 
     metric = config.search.metric
-    if record.metric is None or run.error is not None or not run.shortlisted:
+    if record.metric is None or run.error is not None or not run.shortlisted or key is None:
         return None
-    state = plan.brute_force_result(run.backbone) if brute else plan.halving_result(run.backbone)
+    state = plan.brute_force_result(key) if brute else plan.halving_result(key)
     predictions = chain_predictions(project_dir, state.record if state else None,
                                     state.epochs if state else 0)
     if predictions is not None and metric in predictions.metrics:
@@ -650,11 +677,13 @@ def _search_facts(config: SelectionConfig, modality: str, runs: Sequence[_Candid
         "reused": {"trials": trials_reused, "profiles": sum(r.profile_cached for r in runs),
                    "transferability": sum(r.transfer_cached for r in runs)}
         if _reused(runs, trials_reused) else None,
-        "baseline": next((r.name for r in runs if r.baseline), None),
+        "baseline": next((next(iter(r.configs.values()), r.name) for r in runs if r.baseline),
+                         None),
         "data": _data_facts(config, modality, runs),
         "training": {"batch_size": config.base.train.batch_size,
                      "weight_decay": config.base.train.weight_decay,
                      "learning_rates": list(s.learning_rates),
+                     "adaptations": [str(a) for a in s.adaptations_for(modality)],
                      "baseline_learning_rate": s.baseline_learning_rate,
                      "warmup_ratio": config.base.train.warmup_ratio,
                      "seed": config.base.train.seed,
@@ -662,7 +691,11 @@ def _search_facts(config: SelectionConfig, modality: str, runs: Sequence[_Candid
                      "objective": config.objective},
         "halving": {"rungs": config.rungs, "reduction_factor": s.reduction_factor,
                     "lr_race_rungs": s.lr_race_rungs,
-                    "first_rung_only": {r.name: sorted(r.breaks) for r in runs if r.breaks},
+                    "first_rung_only": {
+                        **{name: sorted(r.breaks) for r in runs if r.breaks
+                           for name in (r.configs.values() or [r.name])},
+                        **{_config_name(runs, k): sorted(b)
+                           for k, b in plan.training_breaks.items()}},
                     "budget_epochs": s.budget_epochs, "budget_minutes": s.budget_minutes,
                     "budget_stop": plan.budget_stop},
         "transfer_examples": s.transfer_examples,
@@ -675,23 +708,33 @@ def _reused(runs: Sequence[_Candidate], trials_reused: int) -> bool:
     return bool(trials_reused or any(r.profile_cached or r.transfer_cached for r in runs))
 
 
-def _record(run: _Candidate, plan: SearchPlan, config: SelectionConfig, brute: bool) -> Candidate:
+def _record(run: _Candidate, key: str | None, plan: SearchPlan, config: SelectionConfig,
+            brute: bool) -> Candidate:
+    """One configuration's record (`key`), or a candidate's that has none (`key=None`)."""
+    adaptation = split_key(key)[1] if key else FULL
     figures: dict[str, Any] = {
         "backbone": run.backbone,
+        "adaptation": adaptation,
         "pretrained": None if run.spec is None else run.spec.source != "scratch",
         "shortlisted": run.shortlisted,
         **run.transfer,
+        # Training cost: projected minutes of a full fine-tuning (the first rung's seconds per
+        # epoch x max_epochs) and the peak RSS its trials recorded.
+        **(plan.training.get(key, {}) if key else {}),
     }
-    if run.breaks:
-        figures["breaks_constraints"] = sorted(run.breaks)
+    breaks = sorted({*run.breaks, *(plan.training_breaks.get(key, {}) if key else {})})
+    if breaks:
+        figures["breaks_constraints"] = breaks
     if run.spec is not None:
         figures["description"] = run.spec.description
     error, metric = run.error, None
-    if run.error is None and run.shortlisted:
-        state = plan.brute_force_result(run.backbone) if brute else plan.halving_result(run.backbone)
+    if run.error is None and run.shortlisted and key is not None:
+        state = plan.brute_force_result(key) if brute else plan.halving_result(key)
+        if state is not None and state.record is not None:
+            figures["trainable_params"] = state.record.trainable_params
         if state is not None and state.status == "done":
             metric = state.score
-            seconds = plan.seconds(run.backbone, state.learning_rate)
+            seconds = plan.seconds(key, state.learning_rate)
             figures.update({
                 "fine_tune_epochs": state.epochs,
                 "learning_rate": state.learning_rate,
@@ -707,13 +750,27 @@ def _record(run: _Candidate, plan: SearchPlan, config: SelectionConfig, brute: b
             error = "fine-tuning: no finished trial"
     elif run.error is None:
         figures["status"] = f"not shortlisted (by {config.search.shortlist_score})"
+    name = run.configs.get(key, run.name) if key else run.name
     if run.profile is not None:
         return Candidate.from_profile(
-            dataclasses.replace(run.profile, name=run.name), metric=metric, scores=run.scores,
+            dataclasses.replace(run.profile, name=name), metric=metric, scores=run.scores,
             error=error, figures=figures,
         )
-    return Candidate(name=run.name, metric=metric, error=error, figures=figures,
+    return Candidate(name=name, metric=metric, error=error, figures=figures,
                      scores=dict(run.scores))
+
+
+def _per_backbone(records: Sequence[Candidate]) -> list[Candidate]:
+    """One record per backbone for the transferability correlations: its `full` configuration.
+
+    The scores rank backbones (features before any training), so they are
+    checked against the full fine-tunes, not once per adaptation.
+    """
+    return [c for c in records if c.figures.get("adaptation", FULL) == FULL]
+
+
+def _config_name(runs: Sequence[_Candidate], key: str) -> str:
+    return next((r.configs[key] for r in runs if key in r.configs), key)
 
 
 def _brute_force_estimate(plan: SearchPlan, config: SelectionConfig,
@@ -731,11 +788,11 @@ def _brute_force_estimate(plan: SearchPlan, config: SelectionConfig,
 
 
 def _rung_dict(rung: RungSummary, runs: Sequence[_Candidate]) -> dict[str, Any]:
-    names = {r.backbone: r.name for r in runs}
+    names = {k: name for r in runs for k, name in r.configs.items()}
     return {
         "rung": rung.rung + 1,
         "epochs": rung.epochs,
-        "entries": [{"candidate": names.get(e.backbone, e.backbone),
+        "entries": [{"candidate": names.get(e.config, e.config),
                      "learning_rate": e.learning_rate, "status": e.status,
                      "score": e.score, "epochs": e.epochs} for e in rung.entries],
         "promoted": [names.get(b, b) for b in rung.promoted],
@@ -759,8 +816,8 @@ def _write_failed_report(config: SelectionConfig, runs: Sequence[_Candidate], mo
     records = [Candidate(name=r.name, error=r.error or "not fine-tuned: every listed candidate "
                          "failed", figures={"backbone": r.backbone}, scores=dict(r.scores))
                for r in runs]
-    rec = recommend(records, **config.constraints.as_kwargs(), metric_name=config.search.metric,
-                    **config.search.tie_rule)
+    rec = recommend(records, **config.constraints.recommend_kwargs(),
+                    metric_name=config.search.metric, **config.search.tie_rule)
     paths = write_report(config.output_dir, records, rec,
                          selection_seconds=time.perf_counter() - started,
                          title=config.title or _default_title(config, modality))

@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from tfhub_finetune.selection.config import SelectionConfig
-from tfhub_finetune.selection.halving import SearchPlan, TrialRecord, WorkItem, last_line
+from tfhub_finetune.selection.halving import (
+    FULL,
+    SearchPlan,
+    TrialRecord,
+    WorkItem,
+    config_key,
+    last_line,
+    split_key,
+)
 from tfhub_finetune.selection.tuner import (
     TRIAL_HISTORY,
     TRIAL_PREDICTIONS,
@@ -54,10 +62,13 @@ class TrialTrainer:
         import keras
 
         from tfhub_finetune import driver, training
+        from tfhub_finetune.adaptation import count_trainable
+        from tfhub_finetune.memory import PeakMemory
         from tfhub_finetune.tasks import make_task
 
         config = self.config
         backbone, lr = str(values["backbone"]), float(values["learning_rate"])
+        adaptation = str(values.get("adaptation", FULL))
         target, initial = int(values["tuner/epochs"]), int(values.get("tuner/initial_epoch", 0))
         history_path = trial_dir / TRIAL_HISTORY
         if not _continue_parent(trial_dir, parent_dir):
@@ -65,7 +76,9 @@ class TrialTrainer:
         history = TrialHistory(history_path)
 
         keras.backend.clear_session()
-        experiment = config.trial(backbone, lr, target, trial_dir).validate()
+        # A fresh model per trial (cleared session): keras-hub's enable_lora runs once per layer,
+        # and a continued LoRA trial gets its adapters back from the parent's backup.
+        experiment = config.trial(backbone, lr, target, trial_dir, adaptation).validate()
         training.set_seed(experiment.train.seed)
         task = make_task(experiment, self.specs.get(backbone))
         task.prepare_train()
@@ -83,8 +96,11 @@ class TrialTrainer:
                 task.eval_dataset(), task.eval_targets(), kind, trial_dir))
         # SIGTERM raises errors.Preempted (a BaseException, so KerasTuner does not record a
         # failed trial): the trial stays RUNNING and the next run resumes it from the backup.
+        meter = PeakMemory()
+        meter.reset()
         driver.fit_task(model, task, experiment, trial_dir, [*callbacks, recorder],
                         validate=False)
+        peak_mb = meter.peak_mb()
         scores = history.scores()
         if not scores:
             raise RuntimeError("The trial finished without a single evaluated epoch.")
@@ -92,6 +108,9 @@ class TrialTrainer:
             config.objective: max(scores),
             "epochs_trained": float(len(scores)),
             "stopped_early": float(history.stopped_at is not None),
+            # What a configuration's training costs in memory and size (`max_train_memory_mb`).
+            "peak_train_rss_mb": round(peak_mb, 1),
+            "trainable_params": float(count_trainable(model)),
         }
         for k in sorted(history.epochs):
             metrics[f"{config.objective}_epoch_{k}"] = float(history.epochs[k]["score"])
@@ -164,12 +183,58 @@ def candidate_features(config: SelectionConfig, backbone: str, spec: Any) -> tup
     return features, labels, seconds
 
 
-def learning_rates_of(config: SelectionConfig, backbones: Sequence[str],
+def learning_rates_of(config: SelectionConfig, configurations: Sequence[str],
                       baselines: set[str]) -> dict[str, list[float]]:
-    """Backbone -> learning rates to try, the first first (the baseline has its own)."""
+    """Configuration -> learning rates to try, the first first (the baseline has its own).
+
+    Each adaptation has its own (`SearchConfig.learning_rates_for`): a head or
+    LoRA wants steps 10-100x a full fine-tune's.
+    """
     s = config.search
-    return {b: [s.baseline_learning_rate] if b in baselines else list(s.learning_rates)
-            for b in backbones}
+    out = {}
+    for key in configurations:
+        backbone, adaptation = split_key(key)
+        out[key] = ([s.baseline_learning_rate] if backbone in baselines
+                    else list(s.learning_rates_for(adaptation)))
+    return out
+
+
+def configurations_of(config: SelectionConfig, backbones: Sequence[tuple[str, Any]],
+                      baselines: set[str], modality: str,
+                      echo: Callable[[str], None] = print) -> list[str]:
+    """The configuration keys the search compares: each backbone x each adaptation it can do.
+
+    The from-scratch baseline trains `full` only (its features are random:
+    freezing or adapting them answers nothing). A backbone that cannot do an
+    adaptation its modality can (a TF Hub SavedModel, one opaque layer, has
+    no `top:K` or `lora:R`) skips it with a line saying so; an adaptation the
+    whole modality cannot do (`lora:R` on image CNNs) fails the run before
+    any work, with `check_adaptation`'s one-line error.
+
+    Args:
+        backbones: list of (backbone string, resolved `BackboneSpec`).
+        baselines: set of str. The from-scratch baselines among them.
+        modality: str. The selection modality.
+    """
+    from tfhub_finetune.adaptation import check_adaptation
+    from tfhub_finetune.errors import InputError
+
+    adaptations = config.search.adaptations_for(modality)
+    keys = []
+    for backbone, spec in backbones:
+        if backbone in baselines:
+            keys.append(config_key(backbone))
+            continue
+        for adaptation in adaptations:
+            if adaptation.kind == "lora" and spec.modality == "image":
+                check_adaptation(adaptation, spec)  # Raises: no image CNN has LoRA.
+            try:
+                check_adaptation(adaptation, spec)
+            except InputError as err:
+                echo(f"skip      {backbone} {adaptation}: {str(err).splitlines()[0]}")
+                continue
+            keys.append(config_key(backbone, str(adaptation)))
+    return keys
 
 
 def tuner_role() -> str:
@@ -190,7 +255,7 @@ def tuner_role() -> str:
 
 
 def run_search(
-    config: SelectionConfig, project: str, backbones: Sequence[str], *,
+    config: SelectionConfig, project: str, configurations: Sequence[str], *,
     learning_rates: Mapping[str, list[float]], eligible: list[str] | None,
     weights_ids: Mapping[str, str], specs: Mapping[str, Any], names: Mapping[str, str],
     bar: Any = None, echo: Callable[[str], None] = print,
@@ -198,18 +263,21 @@ def run_search(
     """Runs (or serves, or works for) the KerasTuner search; returns (plan, run, reused).
 
     Args:
-        eligible: backbones that may be recommended (None: all); the others
-            get the first rung only.
+        configurations: configuration keys (`config_key`), in rung-0 order.
+        eligible: configurations that may be recommended (None: all); the
+            others get the first rung only.
+        weights_ids, specs: by backbone.
+        names: display name by configuration key.
         bar: tqdm bar or None (a worker, or no progress shown).
     """
     classes = tuner_classes()
     s = config.search
     oracle = classes.SuccessiveHalvingOracle(
-        config.objective, list(backbones), dict(learning_rates), config.rungs,
+        config.objective, list(configurations), dict(learning_rates), config.rungs,
         reduction_factor=s.reduction_factor, budget_epochs=s.budget_epochs,
         budget_seconds=s.budget_minutes * 60.0, brute_force=s.brute_force,
         weights_ids=dict(weights_ids), eligible=eligible, lr_race_rungs=s.lr_race_rungs,
-        seed=config.base.train.seed,
+        **config.constraints.training(), seed=config.base.train.seed,
     )
     role = tuner_role()
     tuner = classes.SelectionTuner(
@@ -224,8 +292,8 @@ def run_search(
 
     reused = sum(1 for t in oracle.trials.values() if t.status == "COMPLETED")
     if bar is not None:
-        racing = len(eligible) if eligible is not None else len(backbones)
-        bar.total = bar.n + _planned_trials(oracle.plan(), config, len(backbones), racing,
+        racing = len(eligible) if eligible is not None else len(configurations)
+        bar.total = bar.n + _planned_trials(oracle.plan(), config, len(configurations), racing,
                                             learning_rates) + 1
         bar.refresh()
         oracle.on_trial_start, oracle.on_trial_end = _progress_callbacks(config, names, bar, echo)
@@ -242,12 +310,12 @@ def run_search(
 def _progress_callbacks(config: SelectionConfig, names: Mapping[str, str], bar: Any,
                         echo: Callable[[str], None]):
     def started(item: WorkItem, trial_id: str) -> None:
-        bar.set_description(f"fine-tune {names.get(item.backbone, item.backbone)} "
+        bar.set_description(f"fine-tune {names.get(item.config, item.config)} "
                             f"lr={item.learning_rate:g} to {item.target_epochs} ep")
 
     def ended(record: TrialRecord) -> None:
         bar.update(1)
-        name = names.get(record.backbone, record.backbone)
+        name = names.get(record.config, record.config)
         took = sum(record.epoch_seconds.values())
         if record.status == "COMPLETED" and record.scores:
             stop = " (stopped early)" if record.stopped_early else ""

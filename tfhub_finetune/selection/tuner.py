@@ -23,12 +23,14 @@ from typing import Any
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import atomic_write_text
 from tfhub_finetune.selection.halving import (
+    FULL,
     HALVING,
     SearchPlan,
     TrialRecord,
     WorkItem,
     learning_rates_by_backbone,
     plan_search,
+    split_key,
 )
 
 # A trial chain's per-epoch scores and times, inside its trial directory.
@@ -96,6 +98,11 @@ def record_from_trial(trial: Any, objective: str) -> TrialRecord:
         scores=tuple(s for s in scores if s is not None) if None not in scores else (),
         epoch_seconds={k: v for k, v in seconds.items() if v is not None},
         message=trial.message,
+        # A trial made before the adaptation was a hyperparameter trained every weight.
+        adaptation=str(values.get("adaptation", FULL)),
+        peak_train_rss_mb=_float(metric("peak_train_rss_mb")),
+        trainable_params=(None if metric("trainable_params") is None
+                          else int(metric("trainable_params"))),
     )
 
 
@@ -108,8 +115,9 @@ def tuner_classes() -> types.SimpleNamespace:
     class SuccessiveHalvingOracle(keras_tuner.Oracle):
         """Successive halving where every candidate gets the first rung (see `plan_search`).
 
-        The search space is `backbone` (a `Choice` over the candidates, the
-        main choice) and `learning_rate` (a `Choice`, secondary). Trials
+        The search space is `backbone` and `adaptation` (`Choice`s; together
+        the configuration, the main choice: `candidates` are their
+        `config_key`s) and `learning_rate` (a `Choice`, secondary). Trials
         carry Hyperband's `tuner/epochs`, `tuner/initial_epoch`,
         `tuner/trial_id` (the trial to continue) and `tuner/round` (the
         rung), plus `selection/phase` and `selection/weights_id`. Which trial
@@ -120,25 +128,28 @@ def tuner_classes() -> types.SimpleNamespace:
 
         Args:
             objective: str. Validation metric to maximise, e.g. `val_accuracy`.
-            candidates: list of str. Backbones (rung 0 runs them in this order).
-            learning_rates: list of float, or dict backbone -> list of float
-                (the first is the backbone's first try; see `plan_search`).
+            candidates: list of str. Configuration keys (`config_key`: a bare
+                backbone is its `full` one; rung 0 runs them in this order).
+            learning_rates: list of float, or dict configuration -> list of
+                float (the first is its first try; see `plan_search`).
             rungs: list of int. Cumulative epochs per rung.
             reduction_factor: int. Defaults to 2.
             budget_epochs: int. 0: no limit.
             budget_seconds: float. 0: no limit.
             brute_force: bool. Complete every configuration afterwards.
             weights_ids: dict or None. Backbone -> weights fingerprint.
-            eligible: list of str or None. Backbones that meet the hard
+            eligible: list of str or None. Configurations that meet the hard
                 constraints (the others get the first rung only); None: all.
             lr_race_rungs: int. Rungs after the learning-rate check that every
-                learning rate of a promoted backbone continues (`plan_search`).
+                learning rate of a promoted configuration continues (`plan_search`).
+            max_train_minutes: float or None. Training limits (`plan_search`).
+            max_train_memory_mb: float or None.
             seed: int or None.
 
         Example:
 
         ```python
-        oracle = SuccessiveHalvingOracle("val_accuracy", ["a", "b"], [1e-4], rungs=[1, 2])
+        oracle = SuccessiveHalvingOracle("val_accuracy", ["a", "a|head"], [1e-4], rungs=[1, 2])
         ```
         """
 
@@ -148,10 +159,13 @@ def tuner_classes() -> types.SimpleNamespace:
                      budget_epochs: int = 0, budget_seconds: float = 0.0,
                      brute_force: bool = False, weights_ids: Mapping[str, str] | None = None,
                      eligible: Sequence[str] | None = None, lr_race_rungs: int = 1,
-                     seed: int | None = None):
+                     max_train_minutes: float | None = None,
+                     max_train_memory_mb: float | None = None, seed: int | None = None):
             lrs_of = learning_rates_by_backbone(candidates, learning_rates)
+            parts = [split_key(c) for c in candidates]
             space = keras_tuner.HyperParameters()
-            space.Choice("backbone", list(candidates))
+            space.Choice("backbone", list(dict.fromkeys(b for b, _ in parts)))
+            space.Choice("adaptation", list(dict.fromkeys(a for _, a in parts)))
             space.Choice("learning_rate",
                          sorted({lr for lrs in lrs_of.values() for lr in lrs}, reverse=True))
             super().__init__(
@@ -174,6 +188,8 @@ def tuner_classes() -> types.SimpleNamespace:
             self.brute_force = brute_force
             self.weights_ids = dict(weights_ids or {})
             self.lr_race_rungs = lr_race_rungs
+            self.max_train_minutes = max_train_minutes
+            self.max_train_memory_mb = max_train_memory_mb
             self.on_trial_end: Callable[[TrialRecord], None] | None = None
             self.on_trial_start: Callable[[WorkItem, str], None] | None = None
 
@@ -186,7 +202,8 @@ def tuner_classes() -> types.SimpleNamespace:
                 reduction_factor=self.reduction_factor, budget_epochs=self.budget_epochs,
                 budget_seconds=self.budget_seconds, brute_force=self.brute_force,
                 weights_ids=self.weights_ids, eligible=self.eligible,
-                lr_race_rungs=self.lr_race_rungs,
+                lr_race_rungs=self.lr_race_rungs, max_train_minutes=self.max_train_minutes,
+                max_train_memory_mb=self.max_train_memory_mb,
             )
 
         def populate_space(self, trial_id: str) -> dict[str, Any]:
@@ -195,6 +212,7 @@ def tuner_classes() -> types.SimpleNamespace:
                 item = plan.todo[0]
                 values: dict[str, Any] = {
                     "backbone": item.backbone,
+                    "adaptation": item.adaptation,
                     "learning_rate": item.learning_rate,
                     "tuner/epochs": item.target_epochs,
                     "tuner/initial_epoch": item.initial_epoch,
@@ -220,7 +238,7 @@ def tuner_classes() -> types.SimpleNamespace:
 
         def set_state(self, state: dict[str, Any]) -> None:
             super().set_state(state)
-            # The space is this run's candidates and learning rates, not the saved run's.
+            # The space is this run's configurations and learning rates, not the saved run's.
             self.hyperparameters = self._space.copy()
 
         def reload(self) -> None:

@@ -1,0 +1,161 @@
+"""Selection over backbone x adaptation: planning over configurations (pure), settings, a real run.
+
+The planner is a pure function of the trials (`plan_search`), so most of the
+grid is tested on recorded `TrialRecord`s; one small real run fine-tunes a
+tiny encoder `full` and `head` on 200 SST-2 sentences.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_shared_path
+from tfhub_finetune.config import Adaptation
+from tfhub_finetune.errors import InputError
+from tfhub_finetune.selection.config import SearchConfig, SelectionConfig
+from tfhub_finetune.selection.halving import TrialRecord, config_key, plan_search, split_key
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:currentThread:DeprecationWarning", "ignore:getName:DeprecationWarning",
+)
+
+
+def _record(trial_id, config, lr, scores, *, seconds=10.0, peak=None, initial=0, parent=None):
+    backbone, adaptation = split_key(config)
+    return TrialRecord(
+        trial_id=trial_id, backbone=backbone, adaptation=adaptation, learning_rate=lr,
+        status="COMPLETED", target_epochs=len(scores), initial_epoch=initial, parent_id=parent,
+        epochs_trained=len(scores), scores=tuple(scores),
+        epoch_seconds={k: seconds for k in range(initial + 1, len(scores) + 1)},
+        peak_train_rss_mb=peak,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Configuration keys and the plan over configurations
+# --------------------------------------------------------------------------- #
+
+
+def test_a_full_configuration_is_the_bare_backbone_and_keys_round_trip():
+    assert config_key("minilm_l6_h384") == config_key("minilm_l6_h384", "full") == "minilm_l6_h384"
+    for backbone in ("minilm_l6_h384@layers=2", "../shared/weights/efficientnet_lite0",
+                     "https://tfhub.dev/google/x/1"):
+        for adaptation in ("full", "head", "top:2", "lora:8"):
+            assert split_key(config_key(backbone, adaptation)) == (backbone, adaptation)
+
+
+def test_halving_races_configurations_each_with_its_own_learning_rates():
+    configs = ["a", "a|head", "b", "b|lora:8"]
+    rates = {"a": [1e-4, 3e-5], "a|head": [1e-2, 3e-3], "b": [1e-4, 3e-5],
+             "b|lora:8": [1e-3, 3e-4]}
+    plan = plan_search([], configs, rates, [1, 2])
+    # Rung 0: every configuration at its own first learning rate.
+    assert [(w.config, w.learning_rate) for w in plan.todo] == [
+        ("a", 1e-4), ("a|head", 1e-2), ("b", 1e-4), ("b|lora:8", 1e-3)]
+    assert [(w.backbone, w.adaptation) for w in plan.todo][1] == ("a", "head")
+    first = [_record("0", "a", 1e-4, [0.70]), _record("1", "a|head", 1e-2, [0.90]),
+             _record("2", "b", 1e-4, [0.60]), _record("3", "b|lora:8", 1e-3, [0.80])]
+    plan = plan_search(first, configs, rates, [1, 2])
+    # The better half of the configurations (a head, b LoRA) check their other rates.
+    assert sorted((w.config, w.learning_rate) for w in plan.todo) == [
+        ("a|head", 3e-3), ("b|lora:8", 3e-4)]
+    checks = [_record("4", "a|head", 3e-3, [0.85]), _record("5", "b|lora:8", 3e-4, [0.82])]
+    plan = plan_search(first + checks, configs, rates, [1, 2])
+    assert plan.rungs[0].promoted == ["a|head", "b|lora:8"]
+    # Both rates of each promoted configuration go on (the learning-rate race), from their parents.
+    assert sorted((w.config, w.learning_rate, w.base.trial_id) for w in plan.todo) == [
+        ("a|head", 3e-3, "4"), ("a|head", 1e-2, "1"), ("b|lora:8", 3e-4, "5"),
+        ("b|lora:8", 1e-3, "3")]
+    assert plan.halving_result("a|head").score == pytest.approx(0.90)
+    assert plan.halving_result("a").epochs == 1
+
+
+def test_trials_from_before_adaptations_serve_full_only():
+    # A cache made by a search over backbones: its records carry no adaptation (read as full).
+    old = [_record("0", "a", 1e-4, [0.7, 0.75]), _record("1", "b", 1e-4, [0.6, 0.65])]
+    plan = plan_search(old, ["a", "a|head", "b"], {"a": [1e-4], "a|head": [1e-2], "b": [1e-4]},
+                       [1, 2])
+    assert [(w.config, w.learning_rate) for w in plan.todo] == [("a|head", 1e-2)]
+    # `a` is sure of its place already (only `a|head` is left to rank): its 2-epoch trial counts.
+    assert plan.rungs[0].promoted == ["a"] and plan.halving_result("a").score == pytest.approx(0.75)
+    # And never for another adaptation at the same learning rate.
+    plan = plan_search(old, ["a|top:2"], [1e-4], [1, 2])
+    assert [w.config for w in plan.todo] == ["a|top:2"] and plan.halving_result("a|top:2") is None
+
+
+def test_training_limits_stop_promotion_after_the_first_rung():
+    configs = ["a", "a|head", "b", "b|head"]
+    first = [_record("0", "a", 1e-4, [0.90], seconds=120.0, peak=2000.0),
+             _record("1", "a|head", 1e-4, [0.80], seconds=30.0, peak=1200.0),
+             _record("2", "b", 1e-4, [0.85], seconds=60.0, peak=1900.0),
+             _record("3", "b|head", 1e-4, [0.70], seconds=20.0, peak=1100.0)]
+    free = plan_search(first, configs, [1e-4], [1, 2, 4])
+    assert free.rungs[0].promoted == ["a", "b"] and not free.training_breaks
+    # Projected full fine-tune: first-rung seconds per epoch x the last rung's 4 epochs.
+    assert free.training["a"] == {"train_minutes_projected": 8.0, "peak_train_rss_mb": 2000.0}
+    assert free.training["b|head"]["train_minutes_projected"] == pytest.approx(20 * 4 / 60, abs=1e-3)
+
+    timed = plan_search(first, configs, [1e-4], [1, 2, 4], max_train_minutes=5.0)
+    assert timed.training_breaks == {"a": {"max_train_minutes": 8.0}}
+    # `a` scored best but would take 8 min: ranked like a failed one, the next two go on.
+    assert timed.rungs[0].promoted == ["b", "a|head"]
+    memory = plan_search(first, configs, [1e-4], [1, 2, 4], max_train_memory_mb=1500.0)
+    assert set(memory.training_breaks) == {"a", "b"}
+    assert memory.rungs[0].promoted == ["a|head", "b|head"]
+    # Brute force still trains every configuration (it is the comparison, not the choice).
+    brute = plan_search(first, configs, [1e-4], [1, 2, 4], max_train_memory_mb=1500.0,
+                        brute_force=True)
+    assert len(brute.brute_force) == 4
+
+
+# --------------------------------------------------------------------------- #
+# Settings: adaptations and their learning rates
+# --------------------------------------------------------------------------- #
+
+
+def test_adaptations_default_by_modality_and_parse_once():
+    s = SearchConfig(learning_rates=(1e-4, 3e-5))
+    assert [str(a) for a in s.adaptations_for("text")] == ["full", "lora:8", "head"]
+    assert [str(a) for a in s.adaptations_for("text_pair")] == ["full", "lora:8", "head"]
+    assert [str(a) for a in s.adaptations_for("image")] == ["full", "top:2", "head"]
+    given = SearchConfig(adaptations=("full", "top:2"))
+    assert given.adaptations == (Adaptation("full"), Adaptation("top", blocks=2))
+    # One place derives each adaptation's rates from full's; a given list wins.
+    assert s.learning_rates_for("full") == s.learning_rates_for("top:2") == (1e-4, 3e-5)
+    assert s.learning_rates_for("lora:8") == pytest.approx((1e-3, 3e-4))
+    assert s.learning_rates_for("head") == pytest.approx((1e-2, 3e-3))
+    own = SearchConfig(learning_rates=(1e-4,),
+                       adaptation_learning_rates=("head=5e-3/1e-2", "lora:16=2e-3"))
+    assert own.learning_rates_for("head") == (5e-3, 1e-2)
+    assert own.learning_rates_for("lora:16") == (2e-3,)
+    assert own.learning_rates_for("lora:8") == pytest.approx((1e-3,))  # Not named: scaled.
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"adaptations": ("full", "lorra:8")}, "Unknown adaptation method"),
+    ({"adaptations": ("head", "head")}, "An adaptation is listed twice"),
+    ({"adaptation_learning_rates": ("head:1e-2",)}, r"Expected ADAPTATION=LR"),
+    ({"adaptation_learning_rates": ("head=2",)}, r"Learning rates must be numbers in \(0, 1\)"),
+    ({"learning_rates": (0.02,), "adaptations": ("head",)}, "Scaled for head"),
+    ({"max_train_minutes": 0}, "`max_train_minutes` must be positive"),
+    ({"max_train_memory_mb": -5}, "`max_train_memory_mb` must be positive"),
+])
+def test_bad_adaptation_settings_are_one_line_errors(tmp_path, settings, match):
+    with pytest.raises(InputError, match=match) as err:
+        SelectionConfig.from_settings(["scratch_text_encoder"], "t.tsv",
+                                      output_dir=str(tmp_path), **settings).validate()
+    assert "\n" not in str(err.value).strip()
+
+
+def test_lora_on_image_candidates_is_refused_before_any_work(tmp_path):
+    from tfhub_finetune.selection.select import select_model
+
+    lite0 = require_shared_path("weights/efficientnet_lite0")
+    # The data folder is empty: the refusal comes before anything reads it.
+    with pytest.raises(InputError, match="keras-hub has no LoRA for image CNNs") as err:
+        select_model([str(lite0)], str(tmp_path), output_dir=str(tmp_path / "out"),
+                     adaptations=("full", "lora:8"), progress=False)
+    assert "full, head or top:K" in str(err.value)
