@@ -7,9 +7,6 @@ tiny encoder `full` and `head` on 200 SST-2 sentences.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from tests.conftest import require_shared_path
