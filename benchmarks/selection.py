@@ -1,7 +1,7 @@
 """Does the search choose what brute force would, for how much less? (`make bench-selection`)
 
 For each task one `pipelines.select_model --brute_force` run fine-tunes every
-configuration (backbone x learning rate) to `max_epochs` and records, per
+configuration (backbone x adaptation x learning rate) to `max_epochs` and records, per
 epoch, the validation score, the epoch's seconds and (where the trials save
 them) the per-example predictions. The search's trials are exact prefixes of
 those chains (the learning rate is constant after warm-up and epoch k's batch
@@ -50,9 +50,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tfhub_finetune.paths import shared_dir  # noqa: E402
+from tfhub_finetune.selection.config import Constraints, SearchConfig  # noqa: E402
 from tfhub_finetune.selection.halving import (  # noqa: E402
+    FULL,
     SearchPlan,
     TrialRecord,
+    config_key,
     lr_key,
     plan_search,
     rung_epochs,
@@ -128,16 +131,27 @@ def run_brute_force(task: Task, out: Path) -> dict[str, Any]:
 class Chain:
     """One configuration's measured epochs, from its longest trial."""
 
-    backbone: str
+    config: str  # `config_key(backbone, adaptation)`
     learning_rate: float
     scores: list[float]
     seconds: list[float]
     stopped_early: bool
     trial_dir: Path
+    peak_train_rss_mb: float | None = None
+    setup_seconds: float = 0.0
+
+
+def _last_metric(meta: Mapping[str, Any], name: str) -> float | None:
+    """A metric's last value in a KerasTuner trial.json, or None."""
+    observations = meta.get("metrics", {}).get("metrics", {}).get(name, {}).get("observations")
+    return float(observations[-1]["value"][0]) if observations else None
 
 
 def load_chains(project: Path) -> dict[tuple[str, float], Chain]:
-    """(backbone, learning rate) -> its longest completed chain in a KerasTuner project."""
+    """(configuration, learning rate) -> its longest completed chain in a KerasTuner project.
+
+    A trial made before the adaptation was a hyperparameter has none: it trained `full`.
+    """
     chains: dict[tuple[str, float], Chain] = {}
     for trial_dir in sorted(project.glob("trial_*")):
         meta_path, history_path = trial_dir / "trial.json", trial_dir / TRIAL_HISTORY
@@ -150,10 +164,12 @@ def load_chains(project: Path) -> dict[tuple[str, float], Chain]:
         history = json.loads(history_path.read_text(encoding="utf-8"))
         epochs = {int(k): v for k, v in history["epochs"].items()}
         ordered = [epochs[k] for k in sorted(epochs)]
-        key = (str(values["backbone"]), lr_key(values["learning_rate"]))
+        key = (config_key(str(values["backbone"]), str(values.get("adaptation", FULL))),
+               lr_key(values["learning_rate"]))
         chain = Chain(key[0], key[1], [e["score"] for e in ordered],
                       [e["seconds"] for e in ordered], history.get("stopped_at") is not None,
-                      trial_dir)
+                      trial_dir, _last_metric(meta, "peak_train_rss_mb"),
+                      _last_metric(meta, "setup_seconds") or 0.0)
         if key not in chains or len(chain.scores) > len(chains[key].scores):
             chains[key] = chain
     return chains
@@ -165,32 +181,40 @@ def load_chains(project: Path) -> dict[tuple[str, float], Chain]:
 def replay(chains: Mapping[tuple[str, float], Chain], candidates: Sequence[str],
            learning_rates: Mapping[str, Sequence[float]], rungs: Sequence[int],
            reduction_factor: int, eligible: Sequence[str] | None,
-           lr_race_rungs: int) -> tuple[SearchPlan, float]:
-    """The search's plan from the brute-force curves, and the seconds it would train."""
+           lr_race_rungs: int, training: Mapping[str, float | None] | None = None,
+           ) -> tuple[SearchPlan, float]:
+    """The search's plan from the brute-force curves, and the seconds it would train.
+
+    Args:
+        candidates: configuration keys (`config_key`).
+        training: `max_train_minutes` / `max_train_memory_mb` (`plan_search`).
+    """
     records: list[TrialRecord] = []
     while True:
         plan = plan_search(records, candidates, learning_rates, rungs,
                            reduction_factor=reduction_factor, eligible=eligible,
-                           lr_race_rungs=lr_race_rungs)
+                           lr_race_rungs=lr_race_rungs, **(training or {}))
         if not plan.todo:
             return plan, sum(v for r in records for v in r.epoch_seconds.values())
         for item in plan.todo:
-            chain = chains.get((item.backbone, lr_key(item.learning_rate)))
-            trial_id = f"{len(records):04d}"
-            parent = item.base.trial_id if item.base else None
+            chain = chains.get((item.config, lr_key(item.learning_rate)))
+            common = dict(trial_id=f"{len(records):04d}", backbone=item.backbone,
+                          adaptation=item.adaptation, learning_rate=item.learning_rate,
+                          target_epochs=item.target_epochs, initial_epoch=item.initial_epoch,
+                          parent_id=item.base.trial_id if item.base else None)
             if chain is None:
-                records.append(TrialRecord(trial_id, item.backbone, item.learning_rate, "FAILED",
-                                           item.target_epochs, item.initial_epoch, parent,
+                records.append(TrialRecord(**common, status="FAILED",
                                            message="not in the brute-force cache"))
                 continue
             reached = min(item.target_epochs, len(chain.scores))
             records.append(TrialRecord(
-                trial_id, item.backbone, item.learning_rate, "COMPLETED", item.target_epochs,
-                item.initial_epoch, parent, epochs_trained=reached,
+                **common, status="COMPLETED", epochs_trained=reached,
                 stopped_early=chain.stopped_early and reached < item.target_epochs,
                 scores=tuple(chain.scores[:reached]),
                 epoch_seconds={k: chain.seconds[k - 1]
                                for k in range(item.initial_epoch + 1, reached + 1)},
+                peak_train_rss_mb=chain.peak_train_rss_mb,
+                setup_seconds=chain.setup_seconds if item.initial_epoch == 0 else 0.0,
             ))
 
 
@@ -219,33 +243,43 @@ def compare(results: Mapping[str, Any], project: Path, constraints: Mapping[str,
     metric = settings["metric"]
     records = [c for c in results["candidates"]
                if c.get("figures", {}).get("shortlisted") and not c.get("error")]
-    backbone_of = {c["name"]: c["figures"]["backbone"] for c in records}
-    lrs = {c["figures"]["backbone"]: ([settings["baseline_learning_rate"]]
-                                      if c["figures"].get("pretrained") is False
-                                      else list(settings["learning_rates"])) for c in records}
+    # One record per configuration; a results.json from before adaptations has full ones only.
+    key_of = {c["name"]: config_key(c["figures"]["backbone"], c["figures"].get("adaptation", FULL))
+              for c in records}
+    # Each adaptation's learning rates, derived as the search derives them.
+    rates = SearchConfig(learning_rates=tuple(settings["learning_rates"]),
+                         adaptation_learning_rates=tuple(
+                             (k, tuple(v)) for k, v in settings.get("adaptation_learning_rates", ())))
+    lrs = {key_of[c["name"]]: ([settings["baseline_learning_rate"]]
+                               if c["figures"].get("pretrained") is False
+                               else list(rates.learning_rates_for(
+                                   c["figures"].get("adaptation", FULL)))) for c in records}
     rungs = rung_epochs(settings["min_epochs"], settings["max_epochs"],
                         settings["reduction_factor"])
-    hard = {k: v for k, v in constraints.items() if k != "min_metric"}
+    limits = Constraints(**constraints)
+    hard = {k: v for k, v in limits.recommend_kwargs().items()
+            if v is not None and k != "min_metric"}
     breaks = [c["name"] for c in records if violations(Candidate.from_dict(c), hard)]
-    eligible = [backbone_of[c["name"]] for c in records if c["name"] not in breaks] if breaks else None
+    eligible = [key_of[c["name"]] for c in records if c["name"] not in breaks] if breaks else None
     chains = load_chains(project)
-    plan, search_train = replay(chains, [backbone_of[c["name"]] for c in records], lrs, rungs,
-                                settings["reduction_factor"], eligible, lr_race_rungs)
+    plan, search_train = replay(chains, [key_of[c["name"]] for c in records], lrs, rungs,
+                                settings["reduction_factor"], eligible, lr_race_rungs,
+                                limits.training())
 
     search, brute, search_preds, brute_preds = [], [], {}, {}
     for record in records:
-        backbone = backbone_of[record["name"]]
-        state = plan.halving_result(backbone)
-        chain = chains.get((backbone, lr_key(state.learning_rate))) if state else None
+        key = key_of[record["name"]]
+        state = plan.halving_result(key)
+        chain = chains.get((key, lr_key(state.learning_rate))) if state else None
         done = state is not None and state.status == "done"
         search.append(_candidate(record, chain if done else None, state.epochs if done else 0))
         search_preds[record["name"]] = _predictions(chain, state.epochs) if done else None
-        full = [chains[(backbone, lr_key(lr))] for lr in lrs[backbone]
-                if (backbone, lr_key(lr)) in chains]
+        full = [chains[(key, lr_key(lr))] for lr in lrs[key] if (key, lr_key(lr)) in chains]
         top = max(full, key=lambda c: max(c.scores[:rungs[-1]]), default=None)
         brute.append(_candidate(record, top, rungs[-1]))
         brute_preds[record["name"]] = _predictions(top, rungs[-1])
-    kwargs = dict(constraints, metric_name=metric, tie_alpha=tie_alpha)
+    kwargs = dict({k: v for k, v in limits.recommend_kwargs().items() if v is not None},
+                  metric_name=metric, tie_alpha=tie_alpha)
     search_rec = recommend(search, **kwargs, paired_p_value=paired_tester(search_preds, metric))
     brute_rec = recommend(brute, **kwargs, paired_p_value=paired_tester(brute_preds, metric))
 

@@ -33,6 +33,16 @@ def sst2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sst2(tmp_path_factory, sst2_dir) -> dict[str, str]:
+    """The first 200 training and 100 dev sentences of SST-2 (selection's tiny runs)."""
+    folder = tmp_path_factory.mktemp("sst2_tiny")
+    for name, count in (("train", 200), ("dev", 100)):
+        lines = (sst2_dir / f"{name}.tsv").read_text(encoding="utf-8").splitlines()[:count]
+        (folder / f"{name}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"train": str(folder / "train.tsv"), "dev": str(folder / "dev.tsv")}
+
+
+@pytest.fixture(scope="session")
 def minilm_l3_dir() -> Path:
     return require_shared_path("weights/paraphrase_minilm_l3_v2")
 

@@ -50,16 +50,6 @@ TINY_SETTINGS = dict(
 # --------------------------------------------------------------------------- #
 
 
-@pytest.fixture(scope="module")
-def tiny_sst2(tmp_path_factory, sst2_dir) -> dict[str, str]:
-    """The first 200 training and 100 dev sentences of SST-2."""
-    folder = tmp_path_factory.mktemp("sst2_tiny")
-    for name, count in (("train", 200), ("dev", 100)):
-        lines = (sst2_dir / f"{name}.tsv").read_text(encoding="utf-8").splitlines()[:count]
-        (folder / f"{name}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"train": str(folder / "train.tsv"), "dev": str(folder / "dev.tsv")}
-
-
 def _oracle(candidates, learning_rates, rungs, directory, **kwargs):
     from tfhub_finetune.selection.tuner import SuccessiveHalvingOracle
 

@@ -7,9 +7,13 @@ tiny encoder `full` and `head` on 200 SST-2 sentences.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import require_shared_path
+from tests.test_select import TINY_SETTINGS
 from tfhub_finetune.config import Adaptation
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.selection.config import SearchConfig, SelectionConfig
@@ -156,3 +160,108 @@ def test_lora_on_image_candidates_is_refused_before_any_work(tmp_path):
         select_model([str(lite0)], str(tmp_path), output_dir=str(tmp_path / "out"),
                      adaptations=("full", "lora:8"), progress=False)
     assert "full, head or top:K" in str(err.value)
+
+
+# --------------------------------------------------------------------------- #
+# Real trials: head on cached features, LoRA continued from its parent, a small grid run
+# --------------------------------------------------------------------------- #
+
+ENCODER = "minilm_l6_h384@layers=1"
+
+
+def _tiny_config(data, out, **settings) -> SelectionConfig:
+    return SelectionConfig.from_settings(
+        ["scratch_text_encoder", ENCODER], data["train"], data["dev"], output_dir=str(out),
+        **{**TINY_SETTINGS, **settings}).validate()
+
+
+def test_a_head_trained_on_cached_features_is_the_real_models_head(tiny_sst2, tmp_path):
+    import numpy as np
+
+    from tfhub_finetune import training
+    from tfhub_finetune.selection import trials
+    from tfhub_finetune.selection.tuner import TrialHistory, tuner_classes
+    from tfhub_finetune.tasks import make_task
+
+    config = _tiny_config(tiny_sst2, tmp_path / "out")
+    experiment = config.trial(ENCODER, 1e-2, 2, tmp_path / "trial", adaptation="head").validate()
+    assert trials.rides_on_features(experiment)
+    training.set_seed(experiment.train.seed)
+    task = make_task(experiment)
+    task.prepare_train()
+    model = task.build_model()
+    before = model.get_layer("head_logits").get_weights()[0].copy()
+    encoder_before = [w.copy() for w in model.get_weights()]
+    history = TrialHistory(tmp_path / "trial" / "epochs.json")
+    recorder = tuner_classes().EpochRecorder(history, "val_accuracy", 0, "test")
+    _, seconds = trials.fit_head_on_features(model, task, experiment, tmp_path / "trial",
+                                             tmp_path / "features", [recorder])
+    cached = list((tmp_path / "features").glob("*.npz"))
+    assert seconds > 0 and len(cached) == 1
+    with np.load(cached[0]) as data:
+        assert data["train_x"].shape == (200, 384) and data["eval_x"].shape == (100, 384)
+    # The head's weights changed in the real model; the encoder's did not.
+    assert not np.allclose(before, model.get_layer("head_logits").get_weights()[0])
+    frozen = {id(w) for w in model.get_layer("head_logits").weights}
+    for w, old in zip(model.weights, encoder_before, strict=True):
+        if id(w) not in frozen:
+            np.testing.assert_array_equal(w.numpy(), old)
+    # Raw sentences through the whole model (tokenizer inputs, frozen encoder, trained head)
+    # score what the trial recorded from the features.
+    probabilities = model.predict(task.eval_dataset(), verbose=0)
+    accuracy = float(np.mean(probabilities.argmax(-1) == task.eval_targets()))
+    assert accuracy == pytest.approx(history.scores()[-1], abs=0.0101)
+    assert len(history.scores()) == 2 and (tmp_path / "trial" / "eval_predictions").is_dir()
+
+
+@pytest.mark.slow
+def test_a_continued_lora_trial_resumes_its_adapters(tiny_sst2, tmp_path):
+    from tfhub_finetune.backbones.catalog import resolve_backbone
+    from tfhub_finetune.selection.trials import TrialTrainer
+    from tfhub_finetune.selection.tuner import TrialHistory
+
+    config = _tiny_config(tiny_sst2, tmp_path / "out")
+    trainer = TrialTrainer(config, {ENCODER: resolve_backbone(ENCODER)})
+    values = {"backbone": ENCODER, "adaptation": "lora:4", "learning_rate": 1e-3}
+    parent, child, whole = (tmp_path / n for n in ("trial_0", "trial_1", "trial_2"))
+    first = trainer.fit_trial({**values, "tuner/epochs": 1}, parent, None, "t")
+    # Continued from the parent's backup (weights, optimizer, the unmerged LoRA adapters) ...
+    continued = trainer.fit_trial({**values, "tuner/epochs": 2, "tuner/initial_epoch": 1},
+                                  child, parent, "t")
+    # ... it trains what one uninterrupted two-epoch trial trains.
+    uninterrupted = trainer.fit_trial({**values, "tuner/epochs": 2}, whole, None, "t")
+    assert "epoch_1_seconds" not in continued and "epoch_2_seconds" in continued
+    assert continued["val_accuracy_epoch_1"] == first["val_accuracy_epoch_1"]
+    assert continued["val_accuracy_epoch_2"] == pytest.approx(
+        uninterrupted["val_accuracy_epoch_2"], abs=1e-9)
+    assert TrialHistory(child / "epochs.json").scores() == TrialHistory(whole / "epochs.json").scores()
+    # LoRA trains a sliver of the weights.
+    assert continued["trainable_params"] < 0.1 * 12e6
+
+
+def test_a_grid_run_over_full_and_head_records_each_configuration(tiny_sst2, tmp_path):
+    from tfhub_finetune.selection.select import select_model
+
+    settings = {**TINY_SETTINGS, "adaptations": ("full", "head"),
+                "adaptation_learning_rates": ("head=1e-2",)}
+    result = select_model(["scratch_text_encoder", ENCODER], tiny_sst2["train"],
+                          tiny_sst2["dev"], output_dir=str(tmp_path / "report"),
+                          max_latency_ms=1000.0, **settings)
+    results = json.loads(Path(result.paths["results"]).read_text(encoding="utf-8"))
+    records = {c["name"]: c for c in results["candidates"]}
+    # The baseline trains full only; the encoder both ways.
+    assert set(records) == {"scratch_text_encoder full", f"{ENCODER} full", f"{ENCODER} head"}
+    full, head = records[f"{ENCODER} full"], records[f"{ENCODER} head"]
+    for record in records.values():
+        figures = record["figures"]
+        assert 0.0 <= record["metric"] <= 1.0
+        assert figures["train_minutes_projected"] > 0 and figures["peak_train_rss_mb"] > 100
+        assert figures["trainable_params"] > 0
+    assert (full["figures"]["adaptation"], head["figures"]["adaptation"]) == ("full", "head")
+    assert head["figures"]["learning_rate"] == pytest.approx(1e-2)
+    assert head["figures"]["trainable_params"] == 384 * 2 + 2
+    assert full["figures"]["trainable_params"] > 1000 * head["figures"]["trainable_params"]
+    # The head rode on features cached in the project, one file for the encoder.
+    project = next((tmp_path / "report" / "cache" / "tuner").iterdir())
+    assert len(list((project / "features").glob("*.npz"))) == 1
+    assert result.recommendation.name in records

@@ -122,6 +122,8 @@ class TrialRecord:
         message: str or None. Why it failed.
         peak_train_rss_mb: float or None. The trial's peak training RSS.
         trainable_params: int or None. Weights the trial trained.
+        setup_seconds: float. One-off seconds outside its epochs (a `head`
+            trial's feature pass), counted once in the projected time.
     """
 
     trial_id: str
@@ -141,6 +143,7 @@ class TrialRecord:
     adaptation: str = FULL
     peak_train_rss_mb: float | None = None
     trainable_params: int | None = None
+    setup_seconds: float = 0.0
 
     @property
     def config(self) -> str:
@@ -228,7 +231,8 @@ class SearchPlan:
             measured seconds, over every trial of that chain.
         training: dict. Configuration -> its training-cost figures, once its
             first rung has trained: `train_minutes_projected` (the first
-            rung's seconds per epoch times the last rung's epochs) and
+            rung's seconds per epoch times the last rung's epochs, plus any
+            one-off setup such as a head's feature pass) and
             `peak_train_rss_mb` (the highest of its trials).
         training_breaks: dict. Configuration -> {constraint: figure} for the
             training limits it breaks (`max_train_minutes`,
@@ -527,13 +531,16 @@ def _training_figures(
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Configuration -> its training-cost figures, and -> the training limits it breaks."""
     peaks: dict[str, float] = {}
+    setup: dict[str, float] = defaultdict(float)
     for (config, _), chain in chains.items():
         for rec in chain:
             if rec.status == "COMPLETED" and rec.peak_train_rss_mb is not None:
                 peaks[config] = max(peaks.get(config, 0.0), float(rec.peak_train_rss_mb))
+            setup[config] = max(setup[config], float(rec.setup_seconds or 0.0))
     figures: dict[str, dict[str, float]] = defaultdict(dict)
     for config, seconds in per_config.items():
-        figures[config]["train_minutes_projected"] = round(seconds * max_epochs / 60.0, 3)
+        figures[config]["train_minutes_projected"] = round(
+            (setup[config] + seconds * max_epochs) / 60.0, 3)
     for config, peak in peaks.items():
         figures[config]["peak_train_rss_mb"] = round(peak, 1)
     limits = {"max_train_minutes": ("train_minutes_projected", max_minutes),

@@ -19,14 +19,19 @@ one:
    (`trials.candidate_features`; for tokens, each word's first-piece feature
    with its tag), scored by LogME, kNN and a linear probe.
 3. **Fine-tune by successive halving** on KerasTuner (`tuner.py`, planned by
-   `halving.plan_search`, trained by `trials.py`). Every backbone trains the
-   first rung at its first learning rate (the baseline at
-   `baseline_learning_rate`); the better `1/reduction_factor` of the
-   backbones that meet the hard constraints also try the other rates for the
+   `halving.plan_search`, trained by `trials.py`) over configurations: each
+   backbone x each of `adaptations` (`full`, `head`, `top:K`, `lora:R`; the
+   baseline `full` only). Every configuration trains the first rung at its
+   adaptation's first learning rate (`SearchConfig.learning_rates_for`; the
+   baseline at `baseline_learning_rate`); the better `1/reduction_factor` of
+   those that meet the hard constraints also try their other rates for the
    same epochs, then continue with their best rate from their checkpoint,
    halving again at each rung up to `max_epochs`. A candidate whose profile
    breaks `max_latency_ms`, `max_memory_mb` or `max_params` cannot be
-   recommended and gets the first rung only. A trial is the base
+   recommended and its configurations get the first rung only; one over
+   `max_train_minutes` / `max_train_memory_mb` after its first rung is not
+   promoted. `head` trials train on the frozen backbone's cached features
+   (`trials.fit_head_on_features`). A trial is the base
    `ExperimentConfig` with its backbone, learning rate and epochs replaced,
    trained by the driver's functions and the task's epoch metrics: what
    `text_classify`/`token_classify`/`image_classify` would train. NER is
@@ -245,8 +250,8 @@ def run_selection(config: SelectionConfig) -> SelectionResult:
         bar.update(1)
     finally:
         bar.close()
-    trained = {c.name for c in result.candidates if c.metric is not None}
-    if not _any_given([r for r in runs if r.name in trained]):
+    trained = {c.figures.get("backbone") for c in result.candidates if c.metric is not None}
+    if not _any_given([r for r in runs if r.backbone in trained]):
         _fail_all(runs, report=result.paths.get("report"))
     return result
 

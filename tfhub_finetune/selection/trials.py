@@ -83,23 +83,35 @@ class TrialTrainer:
         task = make_task(experiment, self.specs.get(backbone))
         task.prepare_train()
         model = task.build_model()
-        driver.compile_model(model, experiment, task.steps_per_epoch, task.labels.num_classes)
         recorder = tuner_classes().EpochRecorder(
             history, config.objective, experiment.train.early_stopping_patience, tuner_id
         )
-        # The task's epoch metrics first (val_entity_f1), as the training pipelines log them.
-        callbacks = driver.epoch_metric_callbacks(task, experiment)
-        kind = driver.prediction_kind(experiment.model.task)
-        if kind is not None:
-            # Per-example predictions each epoch (for paired tests); this pass is the validation.
-            callbacks.append(tuner_classes().EvalPredictionsRecorder(
-                task.eval_dataset(), task.eval_targets(), kind, trial_dir))
-        # SIGTERM raises errors.Preempted (a BaseException, so KerasTuner does not record a
-        # failed trial): the trial stays RUNNING and the next run resumes it from the backup.
         meter = PeakMemory()
         meter.reset()
-        driver.fit_task(model, task, experiment, trial_dir, [*callbacks, recorder],
-                        validate=False)
+        setup_seconds = 0.0
+        # SIGTERM raises errors.Preempted (a BaseException, so KerasTuner does not record a
+        # failed trial): the trial stays RUNNING and the next run resumes it from the backup.
+        if rides_on_features(experiment):
+            # The frozen backbone's features once per backbone (cached in the project); the
+            # head trains on them and, sharing its layers with `model`, is `model`'s head.
+            _, setup_seconds = fit_head_on_features(
+                model, task, experiment, trial_dir, trial_dir.parent / FEATURES_DIR,
+                [recorder])
+            # What a run of this configuration costs once: one forward pass (however cached).
+            setup_seconds = setup_seconds if initial == 0 else 0.0
+        else:
+            driver.compile_model(model, experiment, task.steps_per_epoch,
+                                 task.labels.num_classes)
+            # The task's epoch metrics first (val_entity_f1), as the training pipelines log them.
+            callbacks = driver.epoch_metric_callbacks(task, experiment)
+            kind = driver.prediction_kind(experiment.model.task)
+            if kind is not None:
+                # Per-example predictions each epoch (for paired tests); this pass is the
+                # validation.
+                callbacks.append(tuner_classes().EvalPredictionsRecorder(
+                    task.eval_dataset(), task.eval_targets(), kind, trial_dir))
+            driver.fit_task(model, task, experiment, trial_dir, [*callbacks, recorder],
+                            validate=False)
         peak_mb = meter.peak_mb()
         scores = history.scores()
         if not scores:
@@ -111,6 +123,8 @@ class TrialTrainer:
             # What a configuration's training costs in memory and size (`max_train_memory_mb`).
             "peak_train_rss_mb": round(peak_mb, 1),
             "trainable_params": float(count_trainable(model)),
+            # One-off cost outside the epochs (a head's feature pass), for the projected time.
+            "setup_seconds": round(setup_seconds, 3),
         }
         for k in sorted(history.epochs):
             metrics[f"{config.objective}_epoch_{k}"] = float(history.epochs[k]["score"])
@@ -122,6 +136,134 @@ class TrialTrainer:
             # The parent is superseded: later trials continue from this one.
             shutil.rmtree(parent_dir / "backup", ignore_errors=True)
         return metrics
+
+
+# Inside a KerasTuner project: each backbone's frozen features, for its `head` trials.
+FEATURES_DIR = "features"
+
+
+def rides_on_features(experiment: Any) -> bool:
+    """Whether a trial trains its head on cached features: `head`, one label per example.
+
+    The frozen backbone computes the same features every epoch, so they are
+    computed once; a `head` trial then costs about one forward pass. Token
+    classification (a tag per word piece) and regression/multi-label keep the
+    normal path. Training images are not augmented on this path (the
+    features are of the images as they are).
+    """
+    m = experiment.model
+    return m.adaptation.kind == "head" and m.task == "single_label"
+
+
+def features_model(model: Any) -> Any:
+    """`model` up to its head's input: the pooled features the head reads.
+
+    Masked mean, [CLS] or the pooler for text, global average for images,
+    every position's encoding for tokens, as the classifier pools them.
+    """
+    import keras
+
+    return keras.Model(model.input, model.get_layer("head_logits").input)
+
+
+def head_model(model: Any) -> Any:
+    """The classifier's head alone, on a features input, sharing `model`'s head layers.
+
+    Training it trains `model`'s head: the same `head_dropout`, `head_logits`
+    and output activation objects, so `model` then predicts with the new weights.
+    """
+    import keras
+
+    logits = model.get_layer("head_logits")
+    features = keras.Input(tuple(logits.input.shape[1:]), name="features")
+    names = {layer.name for layer in model.layers}
+    x = model.get_layer("head_dropout")(features) if "head_dropout" in names else features
+    output = "probabilities" if "probabilities" in names else "scores"
+    return keras.Model(features, model.get_layer(output)(logits(x)), name="head_on_features")
+
+
+def cached_features(model: Any, task: Any, directory: Path, key: str) -> dict[str, Any]:
+    """Frozen features of the whole training and evaluation data, computed once per `key`.
+
+    Reuses the transferability stage's extractor (`extract_features`) over
+    the task's own datasets: the training split unaugmented, the evaluation
+    split in file order (so predictions line up with `eval_targets`). Saved
+    as `<directory>/<key>.npz`, written atomically.
+
+    Returns:
+        dict: `train_x`, `train_y`, `eval_x` (float32 / class ids) and
+        `seconds` (the extraction's time when it ran).
+    """
+    import numpy as np
+
+    from tfhub_finetune.selection.transferability import extract_features
+
+    path = directory / f"{key}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            return {name: data[name] for name in data.files} | {
+                "seconds": float(data["seconds"])}
+    tic = time.perf_counter()
+    extractor = features_model(model)
+    everything = 2**62  # extract_features stops at the end of the data.
+    train_x, train_y = extract_features(extractor, task.feature_dataset(), everything)
+    eval_x, _ = extract_features(extractor, task.eval_dataset(), everything)
+    seconds = time.perf_counter() - tic
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{key}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, train_x=train_x, train_y=train_y, eval_x=eval_x, seconds=seconds)
+    os.replace(tmp, path)
+    return {"train_x": train_x, "train_y": train_y, "eval_x": eval_x, "seconds": seconds}
+
+
+def fit_head_on_features(model: Any, task: Any, experiment: Any, trial_dir: Path,
+                         features_dir: Path, callbacks: list) -> tuple[Any, float]:
+    """Trains `model`'s head on cached frozen features, as `driver.fit_task` would train it.
+
+    The same compile recipe (`driver.compile_model`), `training.fit_resumable`
+    (backups, resume, continuation from a parent's backup), epoch-seeded
+    shuffles and per-epoch eval predictions (`EvalPredictionsRecorder`, which
+    puts `val_<metric>` in the logs); only the inputs are features.
+
+    Returns:
+        (the head model, the feature extraction's seconds).
+    """
+    import math
+
+    import numpy as np
+    import tensorflow as tf
+
+    from tfhub_finetune import driver, training
+    from tfhub_finetune.config import keras_verbose
+    from tfhub_finetune.selection.cache import hash_json
+    from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size
+
+    m = experiment.model
+    # The project fixes every other setting the features depend on (data, length, pooling).
+    key = hash_json({"backbone": m.backbone, "spec": task.spec.to_dict()})
+    data = cached_features(model, task, features_dir, key)
+    head = head_model(model)
+    batch = experiment.train.batch_size
+    steps = math.ceil(len(data["train_x"]) / batch)
+    driver.compile_model(head, experiment, steps, task.labels.num_classes)
+
+    def epoch_dataset(epoch: int) -> tf.data.Dataset:
+        order = np.random.default_rng(epoch_seed(experiment, epoch)).permutation(
+            len(data["train_x"]))
+        return tf.data.Dataset.from_tensor_slices(
+            (data["train_x"][order], data["train_y"][order])).batch(batch)
+
+    evaluation = tf.data.Dataset.from_tensor_slices(data["eval_x"]).batch(
+        eval_batch_size(experiment))
+    recorder = tuner_classes().EvalPredictionsRecorder(
+        evaluation, task.eval_targets(), driver.prediction_kind(m.task), trial_dir)
+    training.fit_resumable(
+        head, epoch_dataset, epochs=experiment.train.epochs, steps_per_epoch=steps,
+        model_dir=trial_dir, callbacks=[recorder, *callbacks],
+        backup_every_steps=experiment.train.backup_every_steps,
+        verbose=keras_verbose(experiment.runtime.verbose),
+    )
+    return head, data["seconds"]
 
 
 def _continue_parent(trial_dir: Path, parent_dir: Path | None) -> bool:
@@ -170,14 +312,13 @@ def candidate_features(config: SelectionConfig, backbone: str, spec: Any) -> tup
     task = make_task(experiment, spec)
     task.prepare_train()
     model = task.build_model()
-    # The head's input: masked mean, [CLS] or the pooler for text; global average for images;
-    # every position's encoding for tokens (extract_features keeps the labelled ones).
-    features_model = keras.Model(model.input, model.get_layer("head_logits").input)
+    # For tokens, every position's encoding (extract_features keeps the labelled ones).
+    extractor = features_model(model)
     tic = time.perf_counter()
-    features, labels = extract_features(features_model, task.feature_dataset(),
+    features, labels = extract_features(extractor, task.feature_dataset(),
                                         config.search.transfer_examples)
     seconds = time.perf_counter() - tic
-    del model, features_model, task
+    del model, extractor, task
     keras.backend.clear_session()
     gc.collect()
     return features, labels, seconds

@@ -103,6 +103,7 @@ def record_from_trial(trial: Any, objective: str) -> TrialRecord:
         peak_train_rss_mb=_float(metric("peak_train_rss_mb")),
         trainable_params=(None if metric("trainable_params") is None
                           else int(metric("trainable_params"))),
+        setup_seconds=float(metric("setup_seconds") or 0.0),
     )
 
 
