@@ -526,6 +526,36 @@ def test_a_candidate_over_a_hard_constraint_gets_the_first_rung_only(tiny_run):
     assert "first rung only: minilm_l6_h384@layers=1 (max_params)" in text
 
 
+def test_a_grid_over_full_and_head_reuses_the_full_only_cache(tiny_run, tmp_path):
+    """Backbone x adaptation on the cache of the backbone-only run: only the head trains."""
+    settings = {**TINY_SETTINGS, "adaptations": ("full", "head"),
+                "adaptation_learning_rates": ("head=1e-2",)}
+    before = tiny_run["result"].trials_run
+    result = select_model(list(TINY), tiny_run["data"]["train"], tiny_run["data"]["dev"],
+                          output_dir=str(tmp_path / "grid"), max_latency_ms=1000.0,
+                          cache_dir=str(tiny_run["out"] / "report" / "cache"), **settings)
+    # Same project: its full trials (no `adaptation` hyperparameter) are the full configurations.
+    assert result.trials_reused >= before == 3 and 1 <= result.trials_run <= 2
+    results = json.loads(Path(result.paths["results"]).read_text(encoding="utf-8"))
+    records = {c["name"]: c for c in results["candidates"]}
+    encoder = "minilm_l6_h384@layers=1"
+    # The baseline trains full only; the encoder both ways.
+    assert set(records) == {"scratch_text_encoder full", f"{encoder} full", f"{encoder} head"}
+    full, head = records[f"{encoder} full"], records[f"{encoder} head"]
+    for record in records.values():
+        figures = record["figures"]
+        assert 0.0 <= record["metric"] <= 1.0
+        assert figures["train_minutes_projected"] > 0 and figures["trainable_params"] > 0
+    assert (full["figures"]["adaptation"], head["figures"]["adaptation"]) == ("full", "head")
+    assert head["figures"]["learning_rate"] == pytest.approx(1e-2)
+    assert head["figures"]["trainable_params"] == 384 * 2 + 2
+    assert head["figures"]["peak_train_rss_mb"] > 100
+    # The head rode on features cached in the project, one file for the encoder.
+    project = next((tiny_run["out"] / "report" / "cache" / "tuner").iterdir())
+    assert len(list((project / "features").glob("*.npz"))) == 1
+    assert result.recommendation.name in records
+
+
 # --------------------------------------------------------------------------- #
 # Slow: distributed tuning, kill and resume
 # --------------------------------------------------------------------------- #

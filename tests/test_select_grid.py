@@ -1,14 +1,12 @@
-"""Selection over backbone x adaptation: planning over configurations (pure), settings, a real run.
+"""Selection over backbone x adaptation: planning over configurations (pure), settings, trials.
 
 The planner is a pure function of the trials (`plan_search`), so most of the
-grid is tested on recorded `TrialRecord`s; one small real run fine-tunes a
-tiny encoder `full` and `head` on 200 SST-2 sentences.
+grid is tested on recorded `TrialRecord`s; real trials check the head trained
+on cached features and a continued LoRA trial (slow). The small real grid run
+(full x head on the tiny run's cache) is in `test_select.py`, beside that run.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 
@@ -110,6 +108,28 @@ def test_training_limits_stop_promotion_after_the_first_rung():
     brute = plan_search(first, configs, [1e-4], [1, 2, 4], max_train_memory_mb=1500.0,
                         brute_force=True)
     assert len(brute.brute_force) == 4
+
+
+def test_the_selection_benchmark_replays_configurations_from_brute_force_chains(tmp_path):
+    from benchmarks.selection import Chain, replay
+
+    chains = {
+        ("a", 1e-4): Chain("a", 1e-4, [0.70, 0.80], [10.0, 10.0], False, tmp_path, 2000.0),
+        ("a|head", 1e-2): Chain("a|head", 1e-2, [0.75, 0.76], [1.0, 1.0], False, tmp_path,
+                                900.0, setup_seconds=5.0),
+        ("b", 1e-4): Chain("b", 1e-4, [0.60, 0.65], [20.0, 20.0], False, tmp_path, 1900.0),
+    }
+    rates = {"a": [1e-4], "a|head": [1e-2], "b": [1e-4]}
+    plan, seconds = replay(chains, ["a", "a|head", "b"], rates, [1, 2], 2, None, 1)
+    assert plan.rungs[0].promoted == ["a|head", "a"]
+    assert plan.halving_result("a").score == pytest.approx(0.80)
+    assert seconds == pytest.approx(10 + 1 + 20 + 10 + 1)
+    # The head's feature pass counts once in its projected time: (5 + 1 x 2 epochs) s.
+    assert plan.training["a|head"]["train_minutes_projected"] == pytest.approx(7 / 60, abs=1e-3)
+    limited, _ = replay(chains, ["a", "a|head", "b"], rates, [1, 2], 2, None, 1,
+                        {"max_train_memory_mb": 1950.0})
+    assert limited.training_breaks == {"a": {"max_train_memory_mb": 2000.0}}
+    assert limited.rungs[0].promoted == ["a|head", "b"]
 
 
 # --------------------------------------------------------------------------- #
@@ -237,31 +257,3 @@ def test_a_continued_lora_trial_resumes_its_adapters(tiny_sst2, tmp_path):
     assert TrialHistory(child / "epochs.json").scores() == TrialHistory(whole / "epochs.json").scores()
     # LoRA trains a sliver of the weights.
     assert continued["trainable_params"] < 0.1 * 12e6
-
-
-def test_a_grid_run_over_full_and_head_records_each_configuration(tiny_sst2, tmp_path):
-    from tfhub_finetune.selection.select import select_model
-
-    settings = {**TINY_SETTINGS, "adaptations": ("full", "head"),
-                "adaptation_learning_rates": ("head=1e-2",)}
-    result = select_model(["scratch_text_encoder", ENCODER], tiny_sst2["train"],
-                          tiny_sst2["dev"], output_dir=str(tmp_path / "report"),
-                          max_latency_ms=1000.0, **settings)
-    results = json.loads(Path(result.paths["results"]).read_text(encoding="utf-8"))
-    records = {c["name"]: c for c in results["candidates"]}
-    # The baseline trains full only; the encoder both ways.
-    assert set(records) == {"scratch_text_encoder full", f"{ENCODER} full", f"{ENCODER} head"}
-    full, head = records[f"{ENCODER} full"], records[f"{ENCODER} head"]
-    for record in records.values():
-        figures = record["figures"]
-        assert 0.0 <= record["metric"] <= 1.0
-        assert figures["train_minutes_projected"] > 0 and figures["peak_train_rss_mb"] > 100
-        assert figures["trainable_params"] > 0
-    assert (full["figures"]["adaptation"], head["figures"]["adaptation"]) == ("full", "head")
-    assert head["figures"]["learning_rate"] == pytest.approx(1e-2)
-    assert head["figures"]["trainable_params"] == 384 * 2 + 2
-    assert full["figures"]["trainable_params"] > 1000 * head["figures"]["trainable_params"]
-    # The head rode on features cached in the project, one file for the encoder.
-    project = next((tmp_path / "report" / "cache" / "tuner").iterdir())
-    assert len(list((project / "features").glob("*.npz"))) == 1
-    assert result.recommendation.name in records

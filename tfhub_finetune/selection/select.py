@@ -696,11 +696,11 @@ def _search_facts(config: SelectionConfig, modality: str, runs: Sequence[_Candid
                      "objective": config.objective},
         "halving": {"rungs": config.rungs, "reduction_factor": s.reduction_factor,
                     "lr_race_rungs": s.lr_race_rungs,
-                    "first_rung_only": {
-                        **{name: sorted(r.breaks) for r in runs if r.breaks
-                           for name in (r.configs.values() or [r.name])},
-                        **{_config_name(runs, k): sorted(b)
-                           for k, b in plan.training_breaks.items()}},
+                    "first_rung_only": {name: sorted(r.breaks) for r in runs if r.breaks
+                                        for name in (r.configs.values() or [r.name])},
+                    # Not promoted past the first rung: over --max_train_minutes/_memory_mb.
+                    "over_training_limits": {_config_name(runs, k): sorted(b)
+                                             for k, b in plan.training_breaks.items()},
                     "budget_epochs": s.budget_epochs, "budget_minutes": s.budget_minutes,
                     "budget_stop": plan.budget_stop},
         "transfer_examples": s.transfer_examples,
@@ -769,9 +769,16 @@ def _per_backbone(records: Sequence[Candidate]) -> list[Candidate]:
     """One record per backbone for the transferability correlations: its `full` configuration.
 
     The scores rank backbones (features before any training), so they are
-    checked against the full fine-tunes, not once per adaptation.
+    checked once per backbone against its full fine-tune (its first
+    configuration when the search has no `full`), not once per adaptation.
     """
-    return [c for c in records if c.figures.get("adaptation", FULL) == FULL]
+    chosen: dict[Any, Candidate] = {}
+    for c in records:
+        backbone = c.figures.get("backbone", c.name)
+        if backbone not in chosen or (c.figures.get("adaptation", FULL) == FULL
+                                      and chosen[backbone].figures.get("adaptation") != FULL):
+            chosen[backbone] = c
+    return list(chosen.values())
 
 
 def _config_name(runs: Sequence[_Candidate], key: str) -> str:
