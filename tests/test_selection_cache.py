@@ -57,6 +57,7 @@ def test_every_trial_setting_is_in_the_key_and_trial_fields_are_not(config):
         dataclasses.replace(base, train=dataclasses.replace(base.train, learning_rate=0.3,
                                                             epochs=9, backup_every_steps=7)),
         dataclasses.replace(base, model_dir="elsewhere", mode="train"),
+        dataclasses.replace(base, serving_jit_compile=True),
         # The adaptation is a trial hyperparameter (`--adaptations`); the key keeps `full`, so
         # a project made before it was one is the same project.
         dataclasses.replace(base, model=dataclasses.replace(base.model, adaptation="head")),

@@ -27,8 +27,10 @@ from tfhub_finetune.selection.config import TRIAL_FIELDS, SelectionConfig
 # Bumped when what a trial computes changes outside the config, so old caches are not reused.
 CACHE_VERSION = 2
 # Fields that cannot change a result: where the data lives (its content is
-# fingerprinted instead), how often backups are written, progress output.
-NOT_COMPUTED = ("data.train_data", "data.eval_data", "train.backup_every_steps", "runtime.verbose")
+# fingerprinted instead), how often backups are written, progress output, and how
+# the export is compiled for serving (trials never export).
+NOT_COMPUTED = ("data.train_data", "data.eval_data", "train.backup_every_steps", "runtime.verbose",
+                "serving_jit_compile")
 
 
 def hash_json(value: Any) -> str:
