@@ -92,7 +92,8 @@ flags.DEFINE_integer("lr_race_rungs", 1, "Rungs after the learning-rate check th
                      "(0: decide on the check's scores).")
 flags.DEFINE_enum("prefer", "latency", ["latency", "params", "memory", "train_time"],
                   "Cost that breaks ties: the cheapest of the candidates within noise of the "
-                  "best is recommended.")
+                  "best is recommended (train_time: the projected full fine-tune minutes "
+                  "--max_train_minutes limits).")
 flags.DEFINE_float("tie_alpha", 0.05, "Significance of the paired test that decides a tie with "
                    "the best (0: no ties, the highest figure wins).")
 flags.DEFINE_integer("shortlist_size", 0, "Fine-tune only the best N by --shortlist_score "
@@ -106,6 +107,14 @@ flags.DEFINE_float("max_latency_ms", None, "Most p50 latency at batch 1 (ms).")
 flags.DEFINE_float("max_memory_mb", None, "Most peak inference memory (MB).")
 flags.DEFINE_float("max_params", None, "Most parameters (e.g. 20e6).")
 flags.DEFINE_float("min_metric", None, "Least fine-tuned metric (a fraction for accuracy).")
+flags.DEFINE_float("max_train_minutes", None, "Most minutes of a full fine-tuning (--max_epochs), "
+                   "projected from the first rung's measured epoch time.")
+flags.DEFINE_float("max_train_memory_mb", None, "Most peak training memory (RSS high-water mark "
+                   "of the training process, MB).")
+flags.DEFINE_list("serving_forms", ["float32"], "Serving forms the recommendation may use: "
+                  "float32 (the export) and int8 (Keras int8 for text, TFLite dynamic range for "
+                  "images: one more export and eval-set pass per finalist, each its own "
+                  "candidate row with its own latency, memory and accuracy).")
 
 # === Profiling, output, cache ===
 flags.DEFINE_float("profile_min_seconds", 2.0, "Least time spent timing each latency figure.")
