@@ -95,6 +95,20 @@ def test_int8_rows_carry_their_own_serving_figures_and_the_configurations_traini
     assert int8.label == "minilm_l6_h384, LoRA r=8, int8"
 
 
+def test_a_form_measured_on_later_weights_than_the_figure_carries_the_measured_change():
+    reference = float_row(L6, "full")
+    report = serving_report(reference, -0.004)
+    # The kept (last-epoch) weights score 0.80, not the figure's 0.912 from an earlier epoch.
+    report["forms"]["float32"]["eval"]["accuracy"] = 0.80
+    report["forms"]["int8"]["eval"]["accuracy"] = 0.796
+    row = form_candidate(reference, report, "int8", "accuracy", same_weights=False)
+    assert row.metric == pytest.approx(0.912 - 0.004)
+    assert row.figures["float32_same_weights_metric"] == 0.80
+    assert "same (later epoch's) weights" in row.figures["metric_method"]
+    measured = form_candidate(reference, report, "int8", "accuracy")
+    assert measured.metric == pytest.approx(0.796)
+
+
 @pytest.mark.parametrize("constraints, expected", [
     ({}, (L6, "full", "float32")),
     ({"max_latency_ms": 8}, (L6, "full", "int8")),

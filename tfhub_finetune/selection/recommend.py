@@ -61,8 +61,6 @@ CONSTRAINTS: dict[str, tuple[str, str, str]] = {
     "max_train_minutes": ("train_minutes_projected", "max", "min"),
     "max_train_memory_mb": ("peak_train_rss_mb", "max", "MB"),
 }
-# Constraints on what training costs (the rest are on the served model).
-TRAIN_CONSTRAINTS = ("max_train_minutes", "max_train_memory_mb")
 # The serving form every export has; others (`int8`) are measured from it.
 REFERENCE_FORM = "float32"
 

@@ -356,7 +356,7 @@ def plot_pareto(
                            edgecolors="tab:red" if hollow else "black", linewidths=2.5,
                            zorder=5)
         # Constraints this panel's x-axis cannot show: cross out who breaks them.
-        drawn = {"max_latency_ms", "min_metric"} if key == "latency_ms" else {"min_metric"}
+        drawn = {"min_metric", _X_LIMITS.get(key)}
         hidden_limits = {k: v for k, v in recommendation.constraints.items() if k not in drawn}
         breaking = [i for i, c in enumerate(shown) if violations(c, hidden_limits)]
         if breaking:
@@ -378,8 +378,8 @@ def plot_pareto(
             ax.set_xscale("log")
             # Plain numbers (1, 10, 100 ms), not powers of ten.
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        _set_limits(ax, xs, all_ys, log_x, recommendation, latency=key == "latency_ms")
-        _draw_constraints(ax, recommendation, scale, latency=key == "latency_ms")
+        _set_limits(ax, xs, all_ys, log_x, recommendation, x_limit=_X_LIMITS.get(key))
+        _draw_constraints(ax, recommendation, scale, x_limit=_X_LIMITS.get(key))
         ax.grid(True, which="both", alpha=0.3)
         scale_note = ", log scale" if log_x else ""
         if key == "latency_ms":
@@ -426,6 +426,12 @@ _TRAIN_COST = "seconds_per_epoch"
 _ADAPTATION_MARKERS = {"full": "o", "head": "s", "top": "^v<>", "lora": "DdPX"}
 _ADAPTATION_LABELS = {"full": "full (every weight)", "head": "head only (backbone frozen)",
                       "top": "top {} layers", "lora": "LoRA rank {}"}
+
+
+# The constraint each panel's x-axis draws, and how its line is labelled.
+_X_LIMITS = {"latency_ms": "max_latency_ms", "train_minutes_projected": "max_train_minutes"}
+_X_LIMIT_WORDS = {"max_latency_ms": ("max latency", "ms"),
+                  "max_train_minutes": ("max training", "min")}
 
 
 def _point_colour(c: Candidate, front: set[str], chosen: str | None) -> str:
@@ -489,7 +495,7 @@ def _pareto_legends(fig: Any, rec: Recommendation, markers: Mapping[str, str],
         handles.append(handle(f"recommended: {rec.name}", color="tab:red", marker="o",
                               markersize=11, markeredgewidth=2.0))
     if rec.constraints:
-        handles.append(Patch(color="tab:green", alpha=0.12, label="within the limits (left)"))
+        handles.append(Patch(color="tab:green", alpha=0.12, label="within the axis's limits"))
     if crossed:
         names = ", ".join(sorted(k.removeprefix("max_").removesuffix("_mb")
                                  .removesuffix("_ms") for k in crossed))
@@ -506,16 +512,18 @@ def _pareto_legends(fig: Any, rec: Recommendation, markers: Mapping[str, str],
                title_fontsize=9)
     shapes = [handle(_adaptation_label(a), color="white", marker=m, markersize=9)
               for a, m in markers.items()]
-    fig.legend(handles=shapes, loc="outside right center", fontsize=9,
-               title="shape = adaptation", title_fontsize=9)
     forms = sorted({c.serving_form for _, group in panels for c in group},
                    key=lambda f: (f != REFERENCE_FORM, f))
+    title = "shape = adaptation"
     if forms != [REFERENCE_FORM]:
-        fills = [handle(form, color="0.6" if form == REFERENCE_FORM else "white", marker="o",
-                        markersize=9, markeredgewidth=0.8 if form == REFERENCE_FORM else 2.0)
-                 for form in forms]
-        fig.legend(handles=fills, loc="outside right center", fontsize=9,
-                   title="fill = serving form", title_fontsize=9)
+        # One legend (two at the same spot would overlap): the shapes, then the fills.
+        shapes += [handle(f"{form} (filled)" if form == REFERENCE_FORM else f"{form} (hollow)",
+                          color="0.6" if form == REFERENCE_FORM else "white", marker="o",
+                          markersize=9, markeredgewidth=0.8 if form == REFERENCE_FORM else 2.0)
+                   for form in forms]
+        title += "\nfill = serving form"
+    fig.legend(handles=shapes, loc="outside right center", fontsize=9, title=title,
+               title_fontsize=9)
     shown = list({c.name: c for _, group in panels for c in group}.values())
     sizes = [handle(f"{_count(value)} params", color="white", marker="o",
                     markersize=math.sqrt(max(25.0, 1400.0 * value / max_params)))
@@ -875,10 +883,10 @@ def _table_order(c: Candidate, rec: Recommendation) -> tuple:
 
 
 def _set_limits(ax: Any, xs: list[float], ys: list[float], log_x: bool, rec: Recommendation,
-                latency: bool = True):
+                x_limit: str | None = "max_latency_ms"):
     # A constraint widens the view only when it is near the data; a far one
     # would squash every point into a corner (it is noted at the edge instead).
-    limit = rec.constraints.get("max_latency_ms") if latency else None
+    limit = rec.constraints.get(x_limit) if x_limit else None
     near = limit is not None and (
         min(xs) / 3 <= limit <= max(xs) * 3
         if log_x
@@ -898,13 +906,14 @@ def _set_limits(ax: Any, xs: list[float], ys: list[float], log_x: bool, rec: Rec
     ax.set_ylim(min(ys_all) - 0.2 * span, max(ys_all) + 0.2 * span)
 
 
-def _draw_constraints(ax: Any, rec: Recommendation, scale: float, latency: bool = True) -> None:
-    """The latency limit (when `latency`: the x-axis is latency), the metric floor, the shade."""
+def _draw_constraints(ax: Any, rec: Recommendation, scale: float,
+                      x_limit: str | None = "max_latency_ms") -> None:
+    """The x-axis's limit (`x_limit`: latency or training minutes), the metric floor, the shade."""
     style = {"color": "tab:red", "fontsize": 9}
-    if rec.constraints and latency:
+    if rec.constraints and x_limit:
         # Shade where a candidate would have to sit to be admitted.
         (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-        right = min(x1, rec.constraints.get("max_latency_ms", x1)) if latency else x1
+        right = min(x1, rec.constraints.get(x_limit, x1))
         floor = rec.constraints.get("min_metric")
         bottom = y0 if floor is None else max(y0, floor * scale)
         if right > x0 and bottom < y1:
@@ -913,7 +922,8 @@ def _draw_constraints(ax: Any, rec: Recommendation, scale: float, latency: bool 
             )
             ax.set_xlim(x0, x1)
             ax.set_ylim(y0, y1)
-    limit = rec.constraints.get("max_latency_ms") if latency else None
+    limit = rec.constraints.get(x_limit) if x_limit else None
+    what, unit = _X_LIMIT_WORDS.get(x_limit, ("", ""))
     if limit:
         low, high = ax.get_xlim()
         if low <= limit <= high:
@@ -921,7 +931,7 @@ def _draw_constraints(ax: Any, rec: Recommendation, scale: float, latency: bool 
             ax.text(
                 limit,
                 0.99,
-                f" max latency {limit:g} ms",
+                f" {what} {limit:g} {unit}",
                 va="top",
                 ha="left",
                 transform=ax.get_xaxis_transform(),
@@ -932,7 +942,7 @@ def _draw_constraints(ax: Any, rec: Recommendation, scale: float, latency: bool 
             ax.text(
                 0.99 if side == "right" else 0.01,
                 0.99,
-                f"max latency {limit:g} ms (off the {side} edge)",
+                f"{what} {limit:g} {unit} (off the {side} edge)",
                 va="top",
                 ha=side,
                 transform=ax.transAxes,

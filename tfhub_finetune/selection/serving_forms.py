@@ -242,7 +242,7 @@ def form_name(configuration_name: str, form: str) -> str:
 
 
 def form_candidate(reference: Any, report: Mapping[str, Any], form: str,
-                   metric_name: str) -> Any:
+                   metric_name: str, *, same_weights: bool = True) -> Any:
     """The candidate row of serving form `form`, from its float32 row and a serving report.
 
     Pure (no TensorFlow): `reference` is the configuration's float32
@@ -250,7 +250,11 @@ def form_candidate(reference: Any, report: Mapping[str, Any], form: str,
     `measure_serving_forms` measured for both forms of the same weights, side
     by side. The row's figures are the form's own:
 
-    - metric: the form's `metric_name` on the eval set, measured;
+    - metric: the form's `metric_name` on the eval set, measured, when the
+      measured weights are those behind `reference.metric` (`same_weights`);
+      otherwise (a search figure from an earlier, better epoch than the one
+      whose weights were kept) the reference's figure plus the form's measured
+      change on the same weights, since the change is what carries over;
     - latency: the reference's end-to-end p50 (p95) with its network share
       (`model_latency_p50_ms`) scaled by the form's measured network ratio;
       tokenizing or decoding costs what it did;
@@ -267,6 +271,8 @@ def form_candidate(reference: Any, report: Mapping[str, Any], form: str,
             `float32`.
         form: str. E.g. `int8`.
         metric_name: str. The selection metric (a `val_` prefix is dropped).
+        same_weights: bool. Whether `report` measured the weights behind
+            `reference.metric` (then the form's predictions may join paired tests).
 
     Returns:
         A `Candidate` named `form_name(reference.name, form)`; with `error`
@@ -287,6 +293,10 @@ def form_candidate(reference: Any, report: Mapping[str, Any], form: str,
     figures = {k: v for k, v in reference.figures.items() if k not in _SERVING_FIGURES}
     error = None
     value = (mine.get("eval") or {}).get(metric)
+    float_value = (ref.get("eval") or {}).get(metric)
+    if value is not None and not same_weights:
+        value = (None if float_value is None or not _number(reference.metric)
+                 else float(reference.metric) + float(value) - float(float_value))
     if value is None:
         error = f"serving form {form}: no {metric} on the eval set"
     elif mine.get("timing_error") or mine.get("latency_p50_ms") is None:
@@ -317,7 +327,9 @@ def form_candidate(reference: Any, report: Mapping[str, Any], form: str,
         "serving_vs_float32": {k: versus.get(k) for k in (
             "metric_delta", "agreement", "latency_p50_ratio", "latency_p95_ratio",
             "throughput_ratio", "size_ratio")},
-        "float32_same_weights_metric": (ref.get("eval") or {}).get(metric),
+        "float32_same_weights_metric": float_value,
+        "metric_method": f"{form} on the eval set" if same_weights else (
+            f"float32 figure + ({form} - float32) on the same (later epoch's) weights"),
         "latency_method": "float32 profile (end to end) with its network share scaled by "
         f"the {form}/float32 network latency ratio measured side by side",
         "memory_method": f"float32 profile + ({form} - float32) peak measured side by side",
