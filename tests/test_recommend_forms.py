@@ -128,8 +128,8 @@ def test_each_backbone_adaptation_and_form_is_the_answer_under_some_constraints(
 def test_the_sentence_names_backbone_adaptation_and_form():
     rec = recommend(grid(), max_train_minutes=20, max_latency_ms=8)
     assert rec.reason == (
-        "minilm_l6_h384, LoRA r=8, int8: 0.8 points below the best (minilm_l6_h384 (full "
-        "fine-tune, float32)), serves in 6 ms (2.0x faster), trains 2.5x faster, best of 4 "
+        "minilm_l6_h384, LoRA r=8, int8: 0.8 points below the best (minilm_l6_h384, full "
+        "fine-tune, float32), serves in 6 ms (2.0x faster), trains 2.5x faster, best of 4 "
         "under 8 ms and training in under 20 min."
     )
 

@@ -805,9 +805,11 @@ def _reason(
     prefer: str = "latency",
     varied: frozenset[str] = frozenset(),
 ) -> str:
-    def show(c: Candidate) -> str:
-        # Backbone alone while every candidate shares the adaptation and serving form.
-        return f"{c.backbone} ({c.label.partition(', ')[2]})" if varied else c.name
+    def show(c: Candidate, bracketed: bool = False) -> str:
+        # The name alone while every candidate shares the adaptation and serving form.
+        if not varied:
+            return c.name
+        return c.label if bracketed else f"{c.backbone} ({c.label.partition(', ')[2]})"
 
     # "The best" is a figure from at least as many epochs as the chosen one's.
     comparable = [c for c in valid if not _fewer_epochs(c, chosen)]
@@ -822,7 +824,7 @@ def _reason(
             parts[-1] += "; " + ", ".join(costs)
         if top is not best and top.metric > best.metric:
             gap = _format_gap(top.metric - chosen.metric, metric_name)
-            parts.append(f"{gap} below the best ({show(top)})")
+            parts.append(f"{gap} below the best ({show(top, bracketed=True)})")
     elif chosen.metric >= top.metric:
         shown = _format_metric(chosen.metric, metric_name)
         if early:
@@ -848,7 +850,7 @@ def _reason(
                 parts.append("and the fastest")
     else:
         gap = _format_gap(top.metric - chosen.metric, metric_name)
-        parts.append(f"{gap} below the best ({show(top)})")
+        parts.append(f"{gap} below the best ({show(top, bracketed=True)})")
         parts.extend(_comparisons(chosen, top, constraints, prefer, varied))
         if tolerance > 0 and top in feasible:
             parts.append(f"within the {_format_gap(tolerance, metric_name)} tolerance")
