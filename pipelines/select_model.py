@@ -102,7 +102,8 @@ flags.DEFINE_integer("lr_race_rungs", 1, "Rungs after the learning-rate check th
                      "(0: decide on the check's scores).")
 flags.DEFINE_enum("prefer", "latency", ["latency", "params", "memory", "train_time"],
                   "Cost that breaks ties: the cheapest of the candidates within noise of the "
-                  "best is recommended.")
+                  "best is recommended (train_time: the projected full fine-tune minutes "
+                  "--max_train_minutes limits).")
 flags.DEFINE_float("tie_alpha", 0.05, "Significance of the paired test that decides a tie with "
                    "the best (0: no ties, the highest figure wins).")
 flags.DEFINE_integer("shortlist_size", 0, "Fine-tune only the best N by --shortlist_score "
@@ -121,6 +122,10 @@ flags.DEFINE_float("max_train_minutes", None, "Most minutes a full fine-tuning o
                    "configurations over it are not promoted.")
 flags.DEFINE_float("max_train_memory_mb", None, "Most peak training RSS (MB) of a configuration's "
                    "trials; configurations over it are not promoted.")
+flags.DEFINE_list("serving_forms", ["float32"], "Serving forms the recommendation may use: "
+                  "float32 (the export) and int8 (Keras int8 for text, TFLite dynamic range for "
+                  "images: one more export and eval-set pass per finalist, each its own "
+                  "candidate row with its own latency, memory and accuracy).")
 
 # === Profiling, output, cache ===
 flags.DEFINE_float("profile_min_seconds", 2.0, "Least time spent timing each latency figure.")

@@ -26,6 +26,8 @@ from tfhub_finetune.errors import InputError
 from tfhub_finetune.selection.halving import TrialRecord, plan_search, rung_epochs
 from tfhub_finetune.selection.profile import ProfileOptions
 from tfhub_finetune.selection.select import SelectionConfig, select_model
+from tfhub_finetune.selection.tuner import trial_predictions
+from tfhub_finetune.stats import EvalPredictions
 
 pytestmark = pytest.mark.filterwarnings(
     # KerasTuner 1.4.8's `synchronized` uses deprecated threading names.
@@ -507,6 +509,56 @@ def test_rerun_reuses_finished_trials_without_training(tiny_run):
         c.name: c.metric for c in first.candidates}
     # Profiles and scores come from the cache too; only the broken one is redone.
     assert seconds < tiny_run["seconds"] / 2, (seconds, tiny_run["seconds"])
+
+
+def test_int8_forms_of_the_contenders_are_measured_candidates_and_cached(tiny_run):
+    settings = dict(output_dir=str(tiny_run["out"] / "report"), max_latency_ms=1000.0,
+                    serving_forms=("float32", "int8"), **TINY_SETTINGS)
+    result = select_model(tiny_run["candidates"], tiny_run["data"]["train"],
+                          tiny_run["data"]["dev"], **settings)
+    assert result.trials_run == 0
+    records = {c.name: c for c in result.candidates}
+    forms = [c for c in records.values() if c.serving_form == "int8"]
+    # Only the configuration on the last rung is a contender; the other was cut on float32.
+    (row,) = forms
+    reference = records[row.figures["serving_form_of"]]
+    assert row.error is None, row.error
+    assert reference.figures["fine_tune_epochs"] == 2 and row.name == f"{reference.name} int8"
+    assert (row.backbone, row.adaptation) == (reference.backbone, reference.adaptation)
+    # Its own figures, measured on the 100 dev sentences from the trial's last-epoch weights:
+    # the float32 export of those weights predicts what the trial did at that epoch.
+    versus, epoch = row.figures["serving_vs_float32"], row.figures["weights_epoch"]
+    assert epoch == 2
+    cached = next((tiny_run["out"] / "report" / "cache" / "serving_forms").iterdir())
+    project = next((tiny_run["out"] / "report" / "cache" / "tuner").iterdir())
+    trial = trial_predictions(project / f"trial_{row.figures['weights_trial']}", epoch)
+    exported = EvalPredictions.load(cached / "float32.npz")
+    assert (exported.y_pred == trial.y_pred).mean() >= 0.98
+    assert row.figures["float32_same_weights_metric"] == pytest.approx(
+        float((trial.y_pred == trial.y_true).mean()), abs=0.02)
+    assert versus["agreement"] >= 0.8, versus
+    assert versus["size_ratio"] < 1 and row.latency_ms > 0 and row.memory_mb > 0
+    # The form's quality change on the same weights carries over to the configuration's figure.
+    assert row.metric == pytest.approx(reference.metric + versus["metric_delta"], abs=0.02)
+    rec = result.recommendation
+    if row.figures["scored_epoch"] == epoch:
+        # The figure's own weights: the form's own interval and paired test.
+        low, high = row.figures["metric_interval"]
+        assert low <= row.metric <= high
+        assert row.name == rec.best or row.name in rec.p_values
+    else:
+        # The figure is an earlier epoch's: no paired test on predictions of other weights.
+        assert "metric_interval" not in row.figures and row.name not in rec.p_values
+    results = json.loads(Path(result.paths["results"]).read_text(encoding="utf-8"))
+    assert {c["serving_form"] for c in results["candidates"]} == {"float32", "int8"}
+    # Cached per trial: a rerun measures nothing and records the same figures.
+    assert {p.name for p in cached.iterdir()} == {"report.json", "float32.npz", "int8.npz"}
+    stamp = (cached / "report.json").stat().st_mtime_ns
+    again = select_model(tiny_run["candidates"], tiny_run["data"]["train"],
+                         tiny_run["data"]["dev"], **settings)
+    assert (cached / "report.json").stat().st_mtime_ns == stamp
+    assert {c.name: c.metric for c in again.candidates} == {c.name: c.metric for c in
+                                                           result.candidates}
 
 
 def test_a_candidate_over_a_hard_constraint_gets_the_first_rung_only(tiny_run):

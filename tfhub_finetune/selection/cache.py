@@ -70,6 +70,13 @@ def profile_key(request: dict[str, Any], weights_id: str, options: dict[str, Any
                       "options": options, "machine": machine()})
 
 
+def serving_forms_key(project: str, trial_id: str, epochs: int, forms, options: dict[str, Any]) -> str:
+    """One trial's measured serving forms: its weights (project, trial, epochs), forms, machine."""
+    return hash_json({"version": CACHE_VERSION, "project": project, "trial": trial_id,
+                      "epochs": epochs, "forms": list(forms), "options": options,
+                      "machine": machine()})
+
+
 def read(path: Path, overwrite: bool) -> Any | None:
     """The cached JSON at `path`, or None (missing, or `overwrite`)."""
     if overwrite or not path.exists():

@@ -33,13 +33,20 @@ from tfhub_finetune.config import Adaptation, ExperimentConfig
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.selection.halving import lr_key, rung_epochs
 from tfhub_finetune.selection.profile import ProfileOptions
-from tfhub_finetune.selection.recommend import CONSTRAINTS, PREFER, validate_constraints
+from tfhub_finetune.selection.recommend import (
+    CONSTRAINTS,
+    PREFER,
+    REFERENCE_FORM,
+    validate_constraints,
+)
 from tfhub_finetune.tasks import DEFAULT_METRIC, SELECTION_METRICS, data_modality
 from tfhub_finetune.tasks import MODALITIES as TASK_MODALITIES
 
 MODALITIES = ("auto", *TASK_MODALITIES)
 METRICS = ("auto", *dict.fromkeys(m for ms in SELECTION_METRICS.values() for m in ms))
 ESTIMATORS = ("logme", "knn_accuracy", "linear_probe_accuracy")
+# What `--serving_forms` may list (`quantized_export.MODES` after the float32 export).
+SERVING_FORMS = (REFERENCE_FORM, "int8")
 
 # The base-config fields each trial sets (`trial()`); the cache key leaves them out.
 TRIAL_FIELDS = ("mode", "model_dir", "model.backbone", "model.adaptation", "train.learning_rate",
@@ -224,6 +231,9 @@ class SelectionConfig:
         title: str. Report title; empty derives one from the data.
         progress: bool. Show a tqdm progress bar on stderr.
         profile_timeout_s: float. Limit per candidate's profile.
+        serving_forms: tuple of str. Forms the recommendation may serve:
+            `float32` (the export, always) and `int8` (`quantized_export`:
+            measured for each contender, its own candidate row).
     """
 
     base: ExperimentConfig
@@ -236,6 +246,7 @@ class SelectionConfig:
     title: str = ""
     progress: bool = True
     profile_timeout_s: float = 1800.0
+    serving_forms: tuple[str, ...] = (REFERENCE_FORM,)
 
     @classmethod
     def from_settings(cls, candidates, train_data: str, eval_data: str = "", *,
@@ -433,6 +444,17 @@ class SelectionConfig:
                  "E.g. --baseline_learning_rate=1e-3.")
         if not (isinstance(s.budget_minutes, (int, float)) and s.budget_minutes >= 0):
             _bad("budget_minutes", s.budget_minutes, "`budget_minutes` must be >= 0 (0: no limit).")
+        forms = self.serving_forms
+        for form in forms:
+            _one_of("serving_forms", form, SERVING_FORMS)
+        if REFERENCE_FORM not in forms or len(set(forms)) != len(forms):
+            _bad("serving_forms", ",".join(forms), f"List each serving form once, {REFERENCE_FORM} "
+                 "included: the other forms are measured against it.",
+                 f"E.g. --serving_forms={','.join(SERVING_FORMS)}.")
+        if len(forms) > 1 and s.modality == "tokens":
+            _bad("serving_forms", ",".join(forms), "int8 serving forms are exported for text, "
+                 "text-pair and image classification, not token classification.",
+                 f"Give --serving_forms={REFERENCE_FORM} for tokens.")
         if not self.profile_timeout_s > 0:
             _bad("profile_timeout_s", self.profile_timeout_s, "`profile_timeout_s` must be positive.")
         # The same rules `recommend` applies, checked before hours of work.

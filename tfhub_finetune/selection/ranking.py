@@ -36,7 +36,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from tfhub_finetune.selection.recommend import Candidate, as_candidates, is_fraction_metric
+from tfhub_finetune.selection.recommend import (
+    REFERENCE_FORM,
+    Candidate,
+    as_candidates,
+    is_fraction_metric,
+)
 from tfhub_finetune.selection.transferability import kendall_tau, weighted_kendall_tau
 
 # Figure (Candidate.value key) -> what it is in words. Larger ranks higher.
@@ -66,7 +71,9 @@ def transferability_correlations(
         intervals) and `equal_fidelity`. Scores first (sorted), then the
         priors in `PRIORS` order.
     """
-    pool = [c for c in as_candidates(candidates) if not c.error and _finite(c.metric)]
+    # A serving form other than the export is the same fine-tuned weights, not another ranking.
+    pool = [c for c in as_candidates(candidates) if not c.error and _finite(c.metric)
+            and c.serving_form == REFERENCE_FORM]
     names = [*sorted({k for c in pool for k in c.scores}),
              *[p for p in PRIORS if any(_finite(c.value(p)) for c in pool)]]
     return {name: _agreement(name, pool) for name in names}

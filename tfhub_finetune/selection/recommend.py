@@ -43,7 +43,9 @@ PREFER: dict[str, str] = {
     "latency": "latency_ms",
     "params": "params",
     "memory": "memory_mb",
-    "train_time": "seconds_per_epoch",
+    # The figure `max_train_minutes` limits: a full fine-tuning's minutes, projected from
+    # the first rung (`figures["train_minutes_projected"]`).
+    "train_time": "train_minutes_projected",
 }
 DEFAULT_TIE_ALPHA = 0.05
 # Cost figures closer than this ratio are the same cost (latency is measured with noise too).
@@ -55,7 +57,12 @@ CONSTRAINTS: dict[str, tuple[str, str, str]] = {
     "max_memory_mb": ("memory_mb", "max", "MB"),
     "max_params": ("params", "max", "parameters"),
     "min_metric": ("metric", "min", ""),
+    # Training costs: recorded per (backbone, adaptation) by the search.
+    "max_train_minutes": ("train_minutes_projected", "max", "min"),
+    "max_train_memory_mb": ("peak_train_rss_mb", "max", "MB"),
 }
+# The serving form every export has; others (`int8`) are measured from it.
+REFERENCE_FORM = "float32"
 
 
 @dataclasses.dataclass
@@ -72,6 +79,12 @@ class Candidate:
         figures: dict. Every other recorded figure, unit-suffixed
             (`throughput_eps`, `flops_per_example`, `saved_model_mb`, ...).
         scores: dict. Transferability scores by estimator name.
+        backbone: str. The backbone's display name; empty: `name` (records
+            from before adaptations and serving forms were chosen).
+        adaptation: str. How it was fine-tuned: `full`, `head`, `top:K` or
+            `lora:R`; empty: `figures["adaptation"]`, else `full`.
+        serving_form: str. How it is served: `float32` (the export) or
+            `int8` (`quantized_export`; its serving figures are its own).
     """
 
     name: str
@@ -82,6 +95,25 @@ class Candidate:
     error: str | None = None
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     scores: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    backbone: str = ""
+    adaptation: str = ""
+    serving_form: str = REFERENCE_FORM
+
+    def __post_init__(self) -> None:
+        # Older records (and a search that names only backbones) carry neither field.
+        self.backbone = self.backbone or self.name
+        self.adaptation = str(self.adaptation or self.figures.get("adaptation") or "full")
+        self.serving_form = str(self.serving_form or REFERENCE_FORM)
+
+    @property
+    def configuration(self) -> tuple[str, str]:
+        """(backbone, adaptation): what was fine-tuned, whatever form serves it."""
+        return self.backbone, self.adaptation
+
+    @property
+    def label(self) -> str:
+        """`minilm_l6_h384, LoRA r=8, int8`: backbone, adaptation and serving form in words."""
+        return f"{self.backbone}, {adaptation_label(self.adaptation)}, {self.serving_form}"
 
     @classmethod
     def from_profile(
@@ -166,6 +198,13 @@ class Candidate:
 
 
 _FIELD_NAMES = {f.name for f in dataclasses.fields(Candidate)} - {"figures", "scores"}
+
+
+def adaptation_label(adaptation: str) -> str:
+    """`lora:8` -> `LoRA r=8`, `top:2` -> `top 2 blocks`, `head` -> `head only`."""
+    kind, _, number = str(adaptation).partition(":")
+    return {"full": "full fine-tune", "head": "head only", "top": f"top {number} blocks",
+            "lora": f"LoRA r={number}"}.get(kind, str(adaptation))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +423,8 @@ def recommend(
     max_memory_mb: float | None = None,
     max_params: float | None = None,
     min_metric: float | None = None,
+    max_train_minutes: float | None = None,
+    max_train_memory_mb: float | None = None,
     *,
     metric_name: str = "accuracy",
     metric_tolerance: float = 0.0,
@@ -416,13 +457,17 @@ def recommend(
         max_params: float or None. Parameter budget.
         min_metric: float or None. Least acceptable metric (a fraction for
             fraction metrics such as accuracy: 0.85, not 85).
+        max_train_minutes: float or None. Most minutes of a full fine-tuning
+            (`figures["train_minutes_projected"]`, projected from the first rung).
+        max_train_memory_mb: float or None. Most peak training RSS
+            (`figures["peak_train_rss_mb"]`).
         metric_name: str. What the metric is, for messages and validation.
             Defaults to `"accuracy"`.
         metric_tolerance: float. Metric difference treated as a tie.
             Defaults to 0.0.
         prefer: str. The cost ties are broken on: `latency` (batch-1 p50,
-            the default), `params`, `memory` or `train_time` (seconds per
-            fine-tuning epoch).
+            the default), `params`, `memory` or `train_time` (projected
+            minutes of a full fine-tuning, the figure `max_train_minutes` limits).
         tie_alpha: float. Significance level in [0, 1): a candidate whose
             paired test against the best gives p >= tie_alpha ties with it.
             0 turns the rule off. Defaults to 0.05.
@@ -455,6 +500,8 @@ def recommend(
             "max_memory_mb": max_memory_mb,
             "max_params": max_params,
             "min_metric": min_metric,
+            "max_train_minutes": max_train_minutes,
+            "max_train_memory_mb": max_train_memory_mb,
         },
         metric_name,
     )
@@ -525,7 +572,8 @@ def recommend(
             or p_values.get(c.name, -1.0) >= tie_alpha]
     chosen = _cheapest(tied, prefer) if len(tied) > 1 else best
     reason = _reason(chosen, valid, feasible, constraints, metric_name, metric_tolerance,
-                     best=best, p_value=p_values.get(chosen.name), prefer=prefer)
+                     best=best, p_value=p_values.get(chosen.name), prefer=prefer,
+                     varied=_varied(valid))
     ordered = [chosen.name] + [c.name for c in feasible if c is not chosen]
     return Recommendation(chosen.name, reason, metric_name, constraints, ordered, pareto, excluded,
                           best=best.name, tied=[c.name for c in tied], p_values=p_values,
@@ -755,7 +803,14 @@ def _reason(
     best: Candidate | None = None,
     p_value: float | None = None,
     prefer: str = "latency",
+    varied: frozenset[str] = frozenset(),
 ) -> str:
+    def show(c: Candidate, bracketed: bool = False) -> str:
+        # The name alone while every candidate shares the adaptation and serving form.
+        if not varied:
+            return c.name
+        return c.label if bracketed else f"{c.backbone} ({c.label.partition(', ')[2]})"
+
     # "The best" is a figure from at least as many epochs as the chosen one's.
     comparable = [c for c in valid if not _fewer_epochs(c, chosen)]
     top = min(comparable, key=_rank_key)
@@ -763,13 +818,13 @@ def _reason(
     parts = []
     if best is not None and chosen is not best and p_value is not None:
         gap = _format_gap(best.metric - chosen.metric, metric_name)
-        parts.append(f"tied with {best.name} within noise ({gap} lower, p={p_value:.2g})")
-        costs = _comparisons(chosen, best, constraints, prefer)
+        parts.append(f"tied with {show(best)} within noise ({gap} lower, p={p_value:.2g})")
+        costs = _comparisons(chosen, best, constraints, prefer, varied)
         if costs:
             parts[-1] += "; " + ", ".join(costs)
         if top is not best and top.metric > best.metric:
             gap = _format_gap(top.metric - chosen.metric, metric_name)
-            parts.append(f"{gap} below the best ({top.name})")
+            parts.append(f"{gap} below the best ({show(top, bracketed=True)})")
     elif chosen.metric >= top.metric:
         shown = _format_metric(chosen.metric, metric_name)
         if early:
@@ -790,18 +845,18 @@ def _reason(
                 ratio = chosen.latency_ms / alt.latency_ms
                 gap = _format_gap(chosen.metric - alt.metric, metric_name)
                 note = f" ({_epoch_note(alt)})" if _fewer_epochs(alt, chosen) else ""
-                parts.append(f"{alt.name} is {ratio:.1f}x faster but {gap} lower{note}")
+                parts.append(f"{show(alt)} is {ratio:.1f}x faster but {gap} lower{note}")
             elif not quicker and sum(_finite(c.latency_ms) for c in valid) > 1:
                 parts.append("and the fastest")
     else:
         gap = _format_gap(top.metric - chosen.metric, metric_name)
-        parts.append(f"{gap} below the best ({top.name})")
-        parts.extend(_comparisons(chosen, top, constraints, prefer))
+        parts.append(f"{gap} below the best ({show(top, bracketed=True)})")
+        parts.extend(_comparisons(chosen, top, constraints, prefer, varied))
         if tolerance > 0 and top in feasible:
             parts.append(f"within the {_format_gap(tolerance, metric_name)} tolerance")
     for c in sorted(early, key=_rank_key)[:1]:
         # Not comparable: it stopped training earlier (e.g. cut for breaking a constraint).
-        parts.append(f"{c.name} scored {_format_metric(c.metric, metric_name)} {_epoch_note(c)} "
+        parts.append(f"{show(c)} scored {_format_metric(c.metric, metric_name)} {_epoch_note(c)} "
                      f"(this one: {_epochs_of(chosen)})")
     if constraints:
         phrase = _constraint_phrase(constraints, metric_name, short=True)
@@ -811,31 +866,48 @@ def _reason(
             parts.append(f"one of {len(feasible)} {phrase}")
         else:
             parts.append(f"best of {len(feasible)} {phrase}")
-    return f"{chosen.name}: {', '.join(parts)}."
+    return f"{chosen.label if varied else chosen.name}: {', '.join(parts)}."
 
 
 def _comparisons(chosen: Candidate, best: Candidate, constraints: Mapping[str, float],
-                 prefer: str = "latency") -> list[str]:
-    """How the chosen one beats the best-metric one on cost figures (`prefer`'s first)."""
+                 prefer: str = "latency", varied: frozenset[str] = frozenset()) -> list[str]:
+    """How the chosen one beats the best-metric one on cost figures (`prefer`'s first).
+
+    Where adaptations or serving forms differ, latency reads as serving
+    (`serves in 7 ms (1.8x faster)`) beside training (`trains 2.4x faster`).
+    """
     out = []
-    pairs = [("latency_ms", "faster", "slower")]
+    # (figure, phrase when cheaper, phrase when dearer); {} is the ratio.
+    pairs = [("latency_ms", "{:.1f}x faster", "{:.1f}x slower")]
     if "max_memory_mb" in constraints or prefer == "memory":
-        pairs.append(("memory_mb", "less memory", "more memory"))
+        pairs.append(("memory_mb", "{:.1f}x less memory", "{:.1f}x more memory"))
     if "max_params" in constraints or prefer == "params":
-        pairs.append(("params", "fewer parameters", "more parameters"))
-    if prefer == "train_time":
-        pairs.append(("seconds_per_epoch", "less training time", "more training time"))
+        pairs.append(("params", "{:.1f}x fewer parameters", "{:.1f}x more parameters"))
+    if prefer == "train_time" or "max_train_minutes" in constraints or "adaptation" in varied:
+        pairs.append(("train_minutes_projected", "trains {:.1f}x faster", "trains {:.1f}x slower"))
+    if "max_train_memory_mb" in constraints:
+        pairs.append(("peak_train_rss_mb", "{:.1f}x less training memory",
+                      "{:.1f}x more training memory"))
     pairs.sort(key=lambda pair: pair[0] != PREFER[prefer])
     for field, better, worse in pairs:
         mine, theirs = chosen.value(field), best.value(field)
         if not (_finite(mine) and _finite(theirs)) or mine <= 0 or theirs <= 0:
             continue
         ratio = theirs / mine
-        if ratio >= 1.05:
-            out.append(f"{ratio:.1f}x {better}")
-        elif ratio <= 1 / 1.05:
-            out.append(f"{1 / ratio:.1f}x {worse}")
+        phrase = (better.format(ratio) if ratio >= 1.05
+                  else worse.format(1 / ratio) if ratio <= 1 / 1.05 else "")
+        if field == "latency_ms" and varied:
+            serves = f"serves in {_format_quantity(float(mine), 'ms')}"
+            phrase = f"{serves} ({phrase})" if phrase else serves
+        if phrase:
+            out.append(phrase)
     return out
+
+
+def _varied(valid: Sequence[Candidate]) -> frozenset[str]:
+    """Which of adaptation and serving form differ among the candidates."""
+    return frozenset(key for key in ("adaptation", "serving_form")
+                     if len({getattr(c, key) for c in valid}) > 1)
 
 
 def _constraint_phrase(
@@ -846,6 +918,10 @@ def _constraint_phrase(
         _, _, unit = CONSTRAINTS[key]
         if key == "min_metric" and short:
             pieces.append(f"at or above {_format_metric(limit, metric_name)} {metric_name}")
+        elif key == "max_train_minutes" and short:
+            pieces.append(f"training in under {_format_quantity(limit, unit)}")
+        elif key == "max_train_memory_mb" and short:
+            pieces.append(f"under {_format_quantity(limit, unit)} training memory")
         elif key == "min_metric":
             pieces.append(f"min_metric={_format_metric(limit, metric_name)}")
         elif short:

@@ -43,8 +43,10 @@ from tfhub_finetune.selection.ranking import (
     transferability_correlations,
 )
 from tfhub_finetune.selection.recommend import (
+    REFERENCE_FORM,
     Candidate,
     Recommendation,
+    adaptation_label,
     as_candidates,
     is_fraction_metric,
     pareto_front,
@@ -78,7 +80,19 @@ _CORE_COLUMNS = (
     ("memory_mb", "peak infer mem (MB)", "float"),
     ("peak_train_memory_mb", "peak train mem (MB)", "float"),
     ("saved_model_mb", "SavedModel (MB)", "float"),
+    ("train_minutes_projected", "full fine-tune (min, projected)", "float"),
+    ("peak_train_rss_mb", "peak train RSS (MB)", "float"),
 )
+# What each constraint limits, in words (the report's constraint lines).
+_CONSTRAINT_FIGURES = {
+    "max_latency_ms": "batch-1 p50 latency of the serving form",
+    "max_memory_mb": "peak inference memory of the serving form",
+    "max_params": "parameters",
+    "min_metric": "fine-tuned metric of the serving form",
+    "max_train_minutes": "projected minutes of a full fine-tuning (the first rung's epoch time "
+    "x max_epochs)",
+    "max_train_memory_mb": "peak training RSS of the trial's process",
+}
 _SCORE_LABELS = {
     "logme": "LogME (per example)",
     "knn_accuracy": "kNN accuracy (held-out)",
@@ -273,9 +287,10 @@ def plot_pareto(
     fraction = is_fraction_metric(metric_name)
     scale = 100.0 if fraction else 1.0
     fine_tuned = [c for c in pool if not c.error and _finite(c.metric)]
+    train_cost = _train_cost(fine_tuned)
     panels = [
         ("latency_ms", [c for c in fine_tuned if _finite(c.latency_ms)]),
-        (_TRAIN_COST, [c for c in fine_tuned if _finite(c.value(_TRAIN_COST))]),
+        (train_cost, [c for c in fine_tuned if _finite(c.value(train_cost))]),
     ]
     fig = _new_figure((18.0, 7.0))
     axes = fig.subplots(1, 2, sharey=True)
@@ -302,17 +317,25 @@ def plot_pareto(
                     va="center", transform=ax.transAxes, fontsize=12)
             ax.set_xticks([])
             continue
-        divisor = 1.0 if key == "latency_ms" else _train_unit(shown)[1]
+        divisor = 1.0 if key != _TRAIN_COST else _train_unit(shown)[1]
         xs = [float(c.value(key)) / divisor for c in shown]
         ys = [float(c.metric) * scale for c in shown]
         front = {c.name for c in pareto_front(shown, {"metric": "max", key: "min"})}
         for marker in dict.fromkeys(markers.values()):
-            group = [i for i, c in enumerate(shown) if markers[_adaptation(c)] == marker]
-            if group:
+            for hollow in (False, True):
+                group = [i for i, c in enumerate(shown) if markers[_adaptation(c)] == marker
+                         and (c.serving_form != REFERENCE_FORM) == hollow]
+                if not group:
+                    continue
+                colours = [_point_colour(shown[i], front, chosen) for i in group]
+                # Fill = serving form: float32 filled, a quantized form hollow (its colour
+                # on the edge), so the two forms of one model read as a pair.
                 ax.scatter([xs[i] for i in group], [ys[i] for i in group],
                            s=[area(shown[i]) for i in group], marker=marker,
-                           c=[_point_colour(shown[i], front, chosen) for i in group],
-                           alpha=0.55, edgecolors="black", linewidths=0.8, zorder=3)
+                           facecolors="white" if hollow else colours,
+                           edgecolors=colours if hollow else "black",
+                           alpha=0.9 if hollow else 0.55, linewidths=2.0 if hollow else 0.8,
+                           zorder=3)
         _error_bars(ax, shown, xs, ys, scale)
         line = sorted((i for i, c in enumerate(shown) if c.name in front), key=lambda i: xs[i])
         steps = []  # The drawn steps-post line, so labels keep off it.
@@ -325,11 +348,15 @@ def plot_pareto(
                     linewidth=2, zorder=2, drawstyle="steps-post")
         for i, c in enumerate(shown):
             if c.name == chosen:
-                # Its own shape and size, red and outlined: the adaptation stays readable.
+                # Its own shape, size and fill, red and outlined: adaptation and form stay
+                # readable.
+                hollow = c.serving_form != REFERENCE_FORM
                 ax.scatter([xs[i]], [ys[i]], marker=markers[_adaptation(c)], s=area(c),
-                           facecolors="tab:red", edgecolors="black", linewidths=2.0, zorder=5)
+                           facecolors="white" if hollow else "tab:red",
+                           edgecolors="tab:red" if hollow else "black", linewidths=2.5,
+                           zorder=5)
         # Constraints this panel's x-axis cannot show: cross out who breaks them.
-        drawn = {"max_latency_ms", "min_metric"} if key == "latency_ms" else {"min_metric"}
+        drawn = {"min_metric", _X_LIMITS.get(key)}
         hidden_limits = {k: v for k, v in recommendation.constraints.items() if k not in drawn}
         breaking = [i for i, c in enumerate(shown) if violations(c, hidden_limits)]
         if breaking:
@@ -351,16 +378,20 @@ def plot_pareto(
             ax.set_xscale("log")
             # Plain numbers (1, 10, 100 ms), not powers of ten.
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        _set_limits(ax, xs, all_ys, log_x, recommendation, latency=key == "latency_ms")
-        _draw_constraints(ax, recommendation, scale, latency=key == "latency_ms")
+        _set_limits(ax, xs, all_ys, log_x, recommendation, x_limit=_X_LIMITS.get(key))
+        _draw_constraints(ax, recommendation, scale, x_limit=_X_LIMITS.get(key))
         ax.grid(True, which="both", alpha=0.3)
         scale_note = ", log scale" if log_x else ""
         if key == "latency_ms":
             ax.set_xlabel(f"serving: p50 latency at batch 1 (ms{scale_note})", fontsize=11)
             ax.set_title(f"Fine-tuned {metric_name} vs serving latency", fontsize=12)
-        else:
+        elif key == _TRAIN_COST:
             unit = _train_unit(shown)[0]
             ax.set_xlabel(f"training: time per epoch ({unit}, median measured epoch"
+                          f"{scale_note})", fontsize=11)
+            ax.set_title(f"Fine-tuned {metric_name} vs training time", fontsize=12)
+        else:
+            ax.set_xlabel(f"training: a full fine-tuning (min, projected from the first rung"
                           f"{scale_note})", fontsize=11)
             ax.set_title(f"Fine-tuned {metric_name} vs training time", fontsize=12)
         ax.tick_params(labelleft=True)
@@ -397,6 +428,12 @@ _ADAPTATION_LABELS = {"full": "full (every weight)", "head": "head only (backbon
                       "top": "top {} layers", "lora": "LoRA rank {}"}
 
 
+# The constraint each panel's x-axis draws, and how its line is labelled.
+_X_LIMITS = {"latency_ms": "max_latency_ms", "train_minutes_projected": "max_train_minutes"}
+_X_LIMIT_WORDS = {"max_latency_ms": ("max latency", "ms"),
+                  "max_train_minutes": ("max training", "min")}
+
+
 def _point_colour(c: Candidate, front: set[str], chosen: str | None) -> str:
     if c.name == chosen:
         return "tab:red"
@@ -404,7 +441,14 @@ def _point_colour(c: Candidate, front: set[str], chosen: str | None) -> str:
 
 
 def _adaptation(c: Candidate) -> str:
-    return str(c.figures.get("adaptation") or "full")
+    return c.adaptation
+
+
+def _train_cost(fine_tuned: Sequence[Candidate]) -> str:
+    """The right panel's x: projected full fine-tune minutes where recorded (what
+    `max_train_minutes` and `prefer=train_time` use), else the median epoch time."""
+    projected = "train_minutes_projected"
+    return projected if any(_finite(c.value(projected)) for c in fine_tuned) else _TRAIN_COST
 
 
 def _adaptation_markers(shown: Iterable[Candidate]) -> dict[str, str]:
@@ -451,7 +495,7 @@ def _pareto_legends(fig: Any, rec: Recommendation, markers: Mapping[str, str],
         handles.append(handle(f"recommended: {rec.name}", color="tab:red", marker="o",
                               markersize=11, markeredgewidth=2.0))
     if rec.constraints:
-        handles.append(Patch(color="tab:green", alpha=0.12, label="within the limits (left)"))
+        handles.append(Patch(color="tab:green", alpha=0.12, label="within the axis's limits"))
     if crossed:
         names = ", ".join(sorted(k.removeprefix("max_").removesuffix("_mb")
                                  .removesuffix("_ms") for k in crossed))
@@ -468,8 +512,18 @@ def _pareto_legends(fig: Any, rec: Recommendation, markers: Mapping[str, str],
                title_fontsize=9)
     shapes = [handle(_adaptation_label(a), color="white", marker=m, markersize=9)
               for a, m in markers.items()]
-    fig.legend(handles=shapes, loc="outside right center", fontsize=9,
-               title="shape = adaptation", title_fontsize=9)
+    forms = sorted({c.serving_form for _, group in panels for c in group},
+                   key=lambda f: (f != REFERENCE_FORM, f))
+    title = "shape = adaptation"
+    if forms != [REFERENCE_FORM]:
+        # One legend (two at the same spot would overlap): the shapes, then the fills.
+        shapes += [handle(f"{form} (filled)" if form == REFERENCE_FORM else f"{form} (hollow)",
+                          color="0.6" if form == REFERENCE_FORM else "white", marker="o",
+                          markersize=9, markeredgewidth=0.8 if form == REFERENCE_FORM else 2.0)
+                   for form in forms]
+        title += "\nfill = serving form"
+    fig.legend(handles=shapes, loc="outside right center", fontsize=9, title=title,
+               title_fontsize=9)
     shown = list({c.name: c for _, group in panels for c in group}.values())
     sizes = [handle(f"{_count(value)} params", color="white", marker="o",
                     markersize=math.sqrt(max(25.0, 1400.0 * value / max_params)))
@@ -550,10 +604,12 @@ def _markdown(
         lines += [f"**Recommendation:** {_md(rec.reason)}", ""]
     else:
         lines += [f"**No recommendation.** {_md(rec.reason)}", ""]
-    constraints = ", ".join(f"`{k}={v:g}`" for k, v in rec.constraints.items()) or "none"
+    constraints = ", ".join(f"`{k}={v:g}` ({_CONSTRAINT_FIGURES.get(k, k)})"
+                            for k, v in rec.constraints.items()) or "none"
     lines += _tie_lines(rec)
     lines += [
         f"- Constraints: {constraints}",
+        *_serving_form_lines(pool, rec),
         f"- Metric: fine-tuned `{metric_name}` (higher is better)",
         f"- Device: {payload['device'] or 'not recorded'}",
         f"- Pareto front ({metric_name} up; latency, memory, params down): "
@@ -577,7 +633,7 @@ def _markdown(
     shown_metric = f"{metric_name} [95% interval]" if any(
         _interval(c) for c in pool) else metric_name
     headers = ["candidate", "status", shown_metric, *(["epochs"] if show_epochs else []),
-               *score_names] + [h for _, h, _ in _CORE_COLUMNS]
+               "adaptation", "serving form", *score_names] + [h for _, h, _ in _CORE_COLUMNS]
     lines += ["## Candidates", "", "| " + " | ".join(headers) + " |"]
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|")
     for c in sorted(pool, key=lambda c: _table_order(c, rec)):
@@ -585,6 +641,7 @@ def _markdown(
         cells.append(_metric_cell(c, metric_name))
         if show_epochs:
             cells.append("—" if epochs[c.name] is None else str(epochs[c.name]))
+        cells += [adaptation_label(c.adaptation), c.serving_form]
         cells += [_fmt(c.scores.get(s), "score") for s in score_names]
         cells += [_fmt(c.value(key), kind) for key, _, kind in _CORE_COLUMNS]
         lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
@@ -624,6 +681,24 @@ def _markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _serving_form_lines(pool: Sequence[Candidate], rec: Recommendation) -> list[str]:
+    """How the forms other than float32 were measured, or a hint when only float32 was."""
+    forms = [c for c in pool if c.serving_form != REFERENCE_FORM and not c.error]
+    if forms:
+        return [f"- Serving forms: {', '.join(sorted({c.serving_form for c in forms}))} rows are "
+                "the same fine-tuned weights (the trial's last epoch) exported and measured beside "
+                "float32: their metric on the eval set is their own; latency is the float32 "
+                "profile's with its network share scaled by the measured ratio, memory the "
+                "float32 profile's plus the measured difference (`serving_vs_float32` in "
+                "results.json)."]
+    serving = {"max_latency_ms", "max_memory_mb"} & set(rec.constraints)
+    if serving and rec.name is None:
+        return ["- Serving forms: float32 only; an int8 form may meet "
+                + " and ".join(f"`{k}`" for k in sorted(serving))
+                + ": rerun with `--serving_forms=float32,int8` (the cache keeps the trials)."]
+    return []
 
 
 def _contention_lines(pool: Sequence[Candidate]) -> list[str]:
@@ -808,10 +883,10 @@ def _table_order(c: Candidate, rec: Recommendation) -> tuple:
 
 
 def _set_limits(ax: Any, xs: list[float], ys: list[float], log_x: bool, rec: Recommendation,
-                latency: bool = True):
+                x_limit: str | None = "max_latency_ms"):
     # A constraint widens the view only when it is near the data; a far one
     # would squash every point into a corner (it is noted at the edge instead).
-    limit = rec.constraints.get("max_latency_ms") if latency else None
+    limit = rec.constraints.get(x_limit) if x_limit else None
     near = limit is not None and (
         min(xs) / 3 <= limit <= max(xs) * 3
         if log_x
@@ -831,13 +906,14 @@ def _set_limits(ax: Any, xs: list[float], ys: list[float], log_x: bool, rec: Rec
     ax.set_ylim(min(ys_all) - 0.2 * span, max(ys_all) + 0.2 * span)
 
 
-def _draw_constraints(ax: Any, rec: Recommendation, scale: float, latency: bool = True) -> None:
-    """The latency limit (when `latency`: the x-axis is latency), the metric floor, the shade."""
+def _draw_constraints(ax: Any, rec: Recommendation, scale: float,
+                      x_limit: str | None = "max_latency_ms") -> None:
+    """The x-axis's limit (`x_limit`: latency or training minutes), the metric floor, the shade."""
     style = {"color": "tab:red", "fontsize": 9}
-    if rec.constraints and latency:
+    if rec.constraints and x_limit:
         # Shade where a candidate would have to sit to be admitted.
         (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-        right = min(x1, rec.constraints.get("max_latency_ms", x1)) if latency else x1
+        right = min(x1, rec.constraints.get(x_limit, x1))
         floor = rec.constraints.get("min_metric")
         bottom = y0 if floor is None else max(y0, floor * scale)
         if right > x0 and bottom < y1:
@@ -846,7 +922,8 @@ def _draw_constraints(ax: Any, rec: Recommendation, scale: float, latency: bool 
             )
             ax.set_xlim(x0, x1)
             ax.set_ylim(y0, y1)
-    limit = rec.constraints.get("max_latency_ms") if latency else None
+    limit = rec.constraints.get(x_limit) if x_limit else None
+    what, unit = _X_LIMIT_WORDS.get(x_limit, ("", ""))
     if limit:
         low, high = ax.get_xlim()
         if low <= limit <= high:
@@ -854,7 +931,7 @@ def _draw_constraints(ax: Any, rec: Recommendation, scale: float, latency: bool 
             ax.text(
                 limit,
                 0.99,
-                f" max latency {limit:g} ms",
+                f" {what} {limit:g} {unit}",
                 va="top",
                 ha="left",
                 transform=ax.get_xaxis_transform(),
@@ -865,7 +942,7 @@ def _draw_constraints(ax: Any, rec: Recommendation, scale: float, latency: bool 
             ax.text(
                 0.99 if side == "right" else 0.01,
                 0.99,
-                f"max latency {limit:g} ms (off the {side} edge)",
+                f"{what} {limit:g} {unit} (off the {side} edge)",
                 va="top",
                 ha=side,
                 transform=ax.transAxes,
@@ -1242,7 +1319,9 @@ def _pretraining_section(search: Mapping[str, Any], pool: Sequence[Candidate]) -
     lines = ["## Is pretraining worth it here?", ""]
     by_name = {c.name: c for c in pool}
     baseline = by_name.get(search["baseline"])
-    pretrained = [c for c in pool if c.figures.get("pretrained") and c.metric is not None]
+    # Training answers this: each configuration's float32 row.
+    pretrained = [c for c in pool if c.figures.get("pretrained") and c.metric is not None
+                  and c.serving_form == REFERENCE_FORM]
     if baseline is None or baseline.metric is None or not pretrained:
         return [*lines, "Not answered: the baseline or every pretrained candidate has no "
                 f"fine-tuned {metric}.", ""]
@@ -1345,9 +1424,12 @@ def _next_step_section(search: Mapping[str, Any], pool: Sequence[Candidate],
     modality, epochs = search["data"]["modality"], search["brute_force"]["epochs"]
     module = search["data"].get("pipeline") or (
         "text_classify" if modality == "text" else "image_classify")
+    served = "" if chosen.serving_form == REFERENCE_FORM else (
+        f" --export_dir=... --export_quantized={chosen.serving_form}")
+    adapted = "" if chosen.adaptation == "full" else f" --adaptation={chosen.adaptation}"
     if importlib.util.find_spec(f"pipelines.{module}") is not None:
-        how = (f"`python -m pipelines.{module} --backbone={backbone} --learning_rate={lr:g} "
-               f"--epochs={epochs} ...`")
+        how = (f"`python -m pipelines.{module} --backbone={backbone}{adapted} "
+               f"--learning_rate={lr:g} --epochs={epochs}{served} ...`")
     else:
         how = (f"`build_{module.removesuffix('_classify')}_classifier(\"{backbone}\", ...)` "
                f"with AdamW at {lr:g} for "

@@ -82,6 +82,7 @@ from tfhub_finetune.selection.config import ESTIMATORS, SelectionConfig
 from tfhub_finetune.selection.halving import FULL, RungSummary, SearchPlan, split_key
 from tfhub_finetune.selection.profile import ProfileResult, profile_in_subprocess
 from tfhub_finetune.selection.recommend import (
+    REFERENCE_FORM,
     Candidate,
     Recommendation,
     is_fraction_metric,
@@ -538,6 +539,11 @@ def _recommend_and_report(
                 for (r, k), c in zip(slots, records, strict=True)}
     brute_evidence = {c.name: _attach_evidence(c, r, k, plan, config, project_dir, brute=True)
                       for (r, k), c in zip(slots, brute_records, strict=True)}
+    # Each contender's other serving forms: rows of their own, with their own predictions.
+    _add_serving_forms(records, evidence, slots, plan, config, project, brute=False)
+    if s.brute_force and plan.finished:
+        _add_serving_forms(brute_records, brute_evidence, slots, plan, config, project,
+                           brute=True)
     rec = recommend(records, **constraints, metric_name=metric, **s.tie_rule,
                     paired_p_value=paired_tester(evidence, metric))
 
@@ -644,15 +650,105 @@ def _recommend_and_report(
 def _attach_evidence(record: Candidate, run: _Candidate, key: str | None, plan: SearchPlan,
                      config: SelectionConfig, project_dir: Path, brute: bool) -> Any:
     """Loads the predictions behind a configuration's figure; records its interval; returns them."""
+    if record.metric is None or run.error is not None or not run.shortlisted or key is None:
+        return None
+    state = _final_state(plan, key, brute)
+    predictions = chain_predictions(project_dir, state.record if state else None,
+                                    state.epochs if state else 0)
+    return _with_interval(record, predictions, config)
+
+
+def _final_state(plan: SearchPlan, key: str, brute: bool) -> Any:
+    """The configuration's state behind its figures: the search's answer, or brute force's."""
+    return plan.brute_force_result(key) if brute else plan.halving_result(key)
+
+
+def _add_serving_forms(records: list[Candidate], evidence: dict[str, Any],
+                       slots: Sequence[tuple[_Candidate, str | None]], plan: SearchPlan,
+                       config: SelectionConfig,
+                       project: str, brute: bool) -> None:
+    """Appends a row per extra serving form (`--serving_forms`) of each contender.
+
+    Contenders are the configurations on the deepest rung reached (every one
+    under brute force): the rest were cut on their float32 figure, which a quantized copy
+    does not raise. Each form is exported from the trial's own weights and
+    measured beside float32 (`serving_forms.measure_trial_forms`), cached per
+    (trial, epochs, machine); its eval-set predictions join the paired tests.
+    """
+    from tfhub_finetune.selection.serving_forms import form_candidate, form_name
+
+    forms = [f for f in config.serving_forms if f != REFERENCE_FORM]
+    # The deepest rung reached (a budget may stop the search before the planned last one).
+    reached = [r for r in plan.rungs if any(e.status == "done" for e in r.entries)]
+    last = {e.config for e in reached[-1].entries if e.status == "done"} if reached else set()
+    for (run, key), record in list(zip(slots, records, strict=True)):
+        state = None if key is None else _final_state(plan, key, brute)
+        if (not forms or record.metric is None or record.error or state is None
+                or state.record is None or not (brute or key in last)):
+            continue
+        try:
+            report, predictions = _measured_forms(config, project, run, key, state, forms)
+        except Exception as err:  # A form that cannot be exported is reported, not fatal.
+            for form in forms:
+                records.append(Candidate(
+                    name=form_name(record.name, form), error=f"serving form {form}: "
+                    f"{type(err).__name__}: {' '.join(str(err).split())[:300]}",
+                    figures={"serving_form_of": record.name}, backbone=record.backbone,
+                    adaptation=record.adaptation, serving_form=form))
+            continue
+        # The kept weights are the chain's last epoch; its figure may be an earlier epoch's.
+        scores = [v for v in state.record.scores[:state.epochs] if v is not None]
+        scored = scores.index(max(scores)) + 1 if len(scores) == state.epochs > 0 else None
+        same = scored == report.get("weights_epoch")
+        for form in forms:
+            row = form_candidate(record, report, form, config.search.metric, same_weights=same)
+            row.figures.update(weights_trial=state.record.trial_id,
+                               weights_epoch=report.get("weights_epoch"), scored_epoch=scored)
+            records.append(row)
+            # Predictions of other weights than the figure's would make the paired test lie.
+            evidence[row.name] = _with_interval(row, predictions.get(form), config) if same \
+                else None
+
+
+def _measured_forms(config: SelectionConfig, project: str, run: _Candidate, key: str,
+                    state: Any, forms: Sequence[str]) -> tuple[dict, dict[str, Any]]:
+    """(serving report, form -> EvalPredictions) of one trial's weights, from the cache or measured."""
+    import shutil
+    import tempfile
+
+    from tfhub_finetune.selection.serving_forms import measure_trial_forms
+    from tfhub_finetune.stats import EvalPredictions
+
+    record, options = state.record, config.profile
+    entry = cache.serving_forms_key(project, record.trial_id, record.epochs_trained,
+                                    [REFERENCE_FORM, *forms], dataclasses.asdict(options))
+    folder = config.cache_root / "serving_forms" / entry
+    report = cache.read(folder / "report.json", config.overwrite)
+    if report is None:
+        trial_dir = config.cache_root / "tuner" / project / f"trial_{record.trial_id}"
+        experiment = config.trial(run.backbone, state.learning_rate, record.epochs_trained,
+                                  trial_dir, adaptation=split_key(key)[1])
+        folder.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="forms_", dir=folder))
+        try:
+            report = measure_trial_forms(experiment, run.spec, trial_dir,
+                                         [REFERENCE_FORM, *forms], work, options=options)
+            for file in work.glob("*.npz"):
+                file.replace(folder / file.name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        cache.write(folder / "report.json", report)  # Last: the entry's commit.
+    predictions = {f: EvalPredictions.load(folder / f"{f}.npz") for f in forms
+                   if (folder / f"{f}.npz").exists()}
+    return report, predictions
+
+
+def _with_interval(record: Candidate, predictions: Any, config: SelectionConfig) -> Any:
+    """Records the metric's 95% interval from `predictions`; returns them."""
     from tfhub_finetune.stats import bootstrap_intervals
 
     metric = config.search.metric
-    if record.metric is None or run.error is not None or not run.shortlisted or key is None:
-        return None
-    state = plan.brute_force_result(key) if brute else plan.halving_result(key)
-    predictions = chain_predictions(project_dir, state.record if state else None,
-                                    state.epochs if state else 0)
-    if predictions is not None and metric in predictions.metrics:
+    if predictions is not None and metric in predictions.metrics and record.metric is not None:
         interval = bootstrap_intervals(predictions, [metric], seed=config.base.train.seed)
         record.figures["metric_interval"] = interval[metric].to_list()
     return predictions
@@ -734,7 +830,7 @@ def _record(run: _Candidate, key: str | None, plan: SearchPlan, config: Selectio
         figures["description"] = run.spec.description
     error, metric = run.error, None
     if run.error is None and run.shortlisted and key is not None:
-        state = plan.brute_force_result(key) if brute else plan.halving_result(key)
+        state = _final_state(plan, key, brute)
         if state is not None and state.record is not None:
             figures["trainable_params"] = state.record.trainable_params
         if state is not None and state.status == "done":
@@ -757,12 +853,14 @@ def _record(run: _Candidate, key: str | None, plan: SearchPlan, config: Selectio
         figures["status"] = f"not shortlisted (by {config.search.shortlist_score})"
     name = run.configs.get(key, run.name) if key else run.name
     if run.profile is not None:
-        return Candidate.from_profile(
+        record = Candidate.from_profile(
             dataclasses.replace(run.profile, name=name), metric=metric, scores=run.scores,
             error=error, figures=figures,
         )
+        record.backbone = run.name
+        return record
     return Candidate(name=name, metric=metric, error=error, figures=figures,
-                     scores=dict(run.scores))
+                     scores=dict(run.scores), backbone=run.name)
 
 
 def _per_backbone(records: Sequence[Candidate]) -> list[Candidate]:

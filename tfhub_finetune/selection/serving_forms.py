@@ -34,13 +34,12 @@ report["forms"]["int8"]["vs_reference"]["latency_p50_ratio"]
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tfhub_finetune.quantized_export import TFLITE_FILE
 from tfhub_finetune.selection.profile import (
     ProfileOptions,
     _folder_mb,
@@ -54,7 +53,8 @@ REFERENCE = "float32"
 SERVING_FILE = "serving.json"
 # What each form's row shows, in order (also the printed table's columns).
 _TIMING_FIELDS = ("latency_p50_ms", "latency_p95_ms", "latency_clock", "latency_wall_p50_ms",
-                  "latency_cpu_p50_ms", "load_average", "throughput_eps", "serving_batch_size")
+                  "latency_cpu_p50_ms", "load_average", "throughput_eps", "serving_batch_size",
+                  "peak_infer_memory_mb")
 
 
 def measure_serving_forms(
@@ -63,6 +63,7 @@ def measure_serving_forms(
     *,
     options: ProfileOptions | None = None,
     reference: str = REFERENCE,
+    predictions_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Measures every form in `forms` and compares each with `reference`.
 
@@ -73,6 +74,9 @@ def measure_serving_forms(
         options: ProfileOptions or None. Timing settings; defaults to
             batch 64 for throughput and shorter timing than selection uses.
         reference: str. The form the others are compared with.
+        predictions_dir: str, path or None. Where to save each form's
+            per-example predictions (`<form>.npz`, `stats.EvalPredictions`)
+            for paired tests.
 
     Returns:
         A JSON-ready dict: `forms` (name -> figures and `vs_reference`
@@ -86,7 +90,8 @@ def measure_serving_forms(
     for name, path in forms.items():
         predict, figures = _open_form(Path(path), options)
         outputs[name] = _predict_eval_set(task, predict)
-        figures["eval"] = _scalars(_outputs_report(task, outputs[name]))
+        saved = None if predictions_dir is None else Path(predictions_dir) / f"{name}.npz"
+        figures["eval"] = _scalars(_outputs_report(task, outputs[name], saved))
         measured[name] = {"path": str(path), **figures}
     if reference in measured:
         for name, row in measured.items():
@@ -138,11 +143,216 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+# === Selection: a trial's serving forms ===
+
+
+def export_forms(task: Any, model: Any, forms: Sequence[str],
+                 export_dir: str | os.PathLike) -> dict[str, str]:
+    """Exports `model` in each serving form as its training pipeline would; form -> version folder.
+
+    Text: the float32 SavedModel and the Keras int8 one; images: the float32
+    SavedModel and the TFLite int8 file (`quantized_export`). Export-time
+    latency is not measured: `measure_serving_forms` times every form alike.
+    """
+    from tfhub_finetune import export, quantized_export
+    from tfhub_finetune.tasks.image_classification import ImageClassificationTask
+
+    image = isinstance(task, ImageClassificationTask)
+    crop = task.config.data.crop_to_aspect_ratio
+    if image:
+        path = export.export_image_classifier(model, task.labels, export_dir,
+                                              image_size=task.image_size, model_name="model",
+                                              crop_to_aspect_ratio=crop, measure_latency=False)
+    else:
+        path = export.export_text_classifier(model, task.backbone, task.labels, export_dir,
+                                             model_name="model", measure_latency=False)
+    paths = {REFERENCE: path}
+    for form in forms:
+        if form == REFERENCE:
+            continue
+        if image:
+            paths[form] = quantized_export.export_quantized_image_classifier(
+                model, task.labels, export_dir, image_size=task.image_size, mode=form,
+                model_name="model", quantized_from=path, crop_to_aspect_ratio=crop)
+        else:
+            paths[form] = quantized_export.export_quantized_text_classifier(
+                model, task.backbone, task.labels, export_dir, mode=form, model_name="model",
+                quantized_from=path, measure_latency=False)
+    return paths
+
+
+def measure_trial_forms(experiment: Any, spec: Any, trial_dir: str | os.PathLike,
+                        forms: Sequence[str], work_dir: str | os.PathLike, *,
+                        options: ProfileOptions | None = None) -> dict[str, Any]:
+    """Every serving form of one selection trial's fine-tuned weights, measured side by side.
+
+    Rebuilds the trial's model from its config (`experiment`, as
+    `SelectionConfig.trial` made it), loads the weights of its committed
+    backup (the last epoch trained), exports each form into `work_dir` and
+    measures them (`measure_serving_forms`, the non-reference forms first),
+    saving each form's predictions to `work_dir/<form>.npz`.
+
+    Returns:
+        The serving report, plus `weights_epoch` (the epoch the weights are from).
+
+    Raises:
+        InputError: when the trial has no committed backup.
+    """
+    import keras
+
+    from tfhub_finetune import driver, training
+    from tfhub_finetune.adaptation import merge_lora
+    from tfhub_finetune.errors import InputError
+    from tfhub_finetune.tasks import make_task
+
+    keras.backend.clear_session()
+    training.set_seed(experiment.train.seed)
+    task = make_task(experiment, spec)
+    task.prepare_train()
+    model = task.build_model()
+    driver.compile_model(model, experiment, task.steps_per_epoch, task.labels.num_classes)
+    state = training.restore_backup(model, Path(trial_dir) / "backup")
+    if state is None:
+        raise InputError("The trial has no committed backup to export.",
+                         received={"trial_dir": str(trial_dir)},
+                         fix="Rerun the selection with --overwrite to retrain it.")
+    # As the pipelines export: LoRA adapters merged into plain kernels.
+    paths = export_forms(task, merge_lora(model), forms, Path(work_dir) / "exports")
+    # The other forms first: memory a form frees is reused by the next one measured.
+    ordered = {**{f: paths[f] for f in paths if f != REFERENCE}, REFERENCE: paths[REFERENCE]}
+    report = measure_serving_forms(task, ordered, options=options, predictions_dir=work_dir)
+    report["weights_epoch"] = int(state["epoch"])
+    del model, task
+    keras.backend.clear_session()
+    return report
+
+
+# === A serving form as a recommendation candidate ===
+
+# Figures of the reference row that describe its serving, not its training: a form row
+# gets its own (derived below) or none.
+_SERVING_FIGURES = ("latency_p95_ms", "model_latency_p50_ms", "model_latency_p95_ms",
+                    "throughput_eps", "saved_model_mb", "metric_interval", "memory_method",
+                    "latency_wall_p50_ms", "latency_cpu_p50_ms", "inference_measured_on")
+
+
+def form_name(configuration_name: str, form: str) -> str:
+    """The candidate name of `form` of a fine-tuned configuration (`minilm int8`)."""
+    return configuration_name if form == REFERENCE else f"{configuration_name} {form}"
+
+
+def form_candidate(reference: Any, report: Mapping[str, Any], form: str,
+                   metric_name: str, *, same_weights: bool = True) -> Any:
+    """The candidate row of serving form `form`, from its float32 row and a serving report.
+
+    Pure (no TensorFlow): `reference` is the configuration's float32
+    `Candidate` (profiled end to end in its own process), `report` what
+    `measure_serving_forms` measured for both forms of the same weights, side
+    by side. The row's figures are the form's own:
+
+    - metric: the form's `metric_name` on the eval set, measured, when the
+      measured weights are those behind `reference.metric` (`same_weights`);
+      otherwise (a search figure from an earlier, better epoch than the one
+      whose weights were kept) the reference's figure plus the form's measured
+      change on the same weights, since the change is what carries over;
+    - latency: the reference's end-to-end p50 (p95) with its network share
+      (`model_latency_p50_ms`) scaled by the form's measured network ratio;
+      tokenizing or decoding costs what it did;
+    - memory: the reference's peak inference memory plus the difference the
+      two forms measured (the form measured first, so an allocator that
+      reuses freed pages flatters the reference, never the form);
+    - size: the form's own files; throughput scaled by the measured ratio;
+    - training figures (epochs, minutes, training memory) and parameters are
+      the configuration's: the same training made both.
+
+    Args:
+        reference: Candidate. The float32 row.
+        report: dict. `measure_serving_forms` output holding `form` and
+            `float32`.
+        form: str. E.g. `int8`.
+        metric_name: str. The selection metric (a `val_` prefix is dropped).
+        same_weights: bool. Whether `report` measured the weights behind
+            `reference.metric` (then the form's predictions may join paired tests).
+
+    Returns:
+        A `Candidate` named `form_name(reference.name, form)`; with `error`
+        set when the form's metric or timing is missing.
+
+    Example:
+
+    ```python
+    row = form_candidate(float_row, measure_serving_forms(task, forms), "int8", "accuracy")
+    row.serving_form, row.latency_ms  # ('int8', 6.9)
+    ```
+    """
+    from tfhub_finetune.selection.recommend import Candidate
+
+    metric = metric_name.removeprefix("val_")
+    mine, ref = report["forms"][form], report["forms"][REFERENCE]
+    versus = mine.get("vs_reference") or {}
+    figures = {k: v for k, v in reference.figures.items() if k not in _SERVING_FIGURES}
+    error = None
+    value = (mine.get("eval") or {}).get(metric)
+    float_value = (ref.get("eval") or {}).get(metric)
+    if value is not None and not same_weights:
+        value = (None if float_value is None or not _number(reference.metric)
+                 else float(reference.metric) + float(value) - float(float_value))
+    if value is None:
+        error = f"serving form {form}: no {metric} on the eval set"
+    elif mine.get("timing_error") or mine.get("latency_p50_ms") is None:
+        error = f"serving form {form}: timing failed ({mine.get('timing_error')})"
+
+    def scaled(total: Any, ratio: Any) -> float | None:
+        if not (_number(total) and _number(ratio)):
+            return None
+        network = reference.figures.get("model_latency_p50_ms")
+        network = float(network) if _number(network) and network <= total else float(total)
+        return _round(float(total) - network * (1.0 - float(ratio)))
+
+    memory = None
+    if _number(reference.memory_mb) and _number(mine.get("peak_infer_memory_mb")) and _number(
+            ref.get("peak_infer_memory_mb")):
+        memory = _round(max(float(reference.memory_mb) + mine["peak_infer_memory_mb"]
+                            - ref["peak_infer_memory_mb"], mine.get("size_mb") or 0.0))
+    throughput = reference.figures.get("throughput_eps")
+    figures.update({
+        "serving_form_of": reference.name,
+        "runtime": mine.get("runtime"),
+        "quantization": mine.get("quantization"),
+        "latency_p95_ms": scaled(reference.figures.get("latency_p95_ms"),
+                                 versus.get("latency_p95_ratio")),
+        "throughput_eps": _round(throughput * versus["throughput_ratio"])
+        if _number(throughput) and _number(versus.get("throughput_ratio")) else None,
+        "saved_model_mb": mine.get("size_mb"),
+        "serving_vs_float32": {k: versus.get(k) for k in (
+            "metric_delta", "agreement", "latency_p50_ratio", "latency_p95_ratio",
+            "throughput_ratio", "size_ratio")},
+        "float32_same_weights_metric": float_value,
+        "metric_method": f"{form} on the eval set" if same_weights else (
+            f"float32 figure + ({form} - float32) on the same (later epoch's) weights"),
+        "latency_method": "float32 profile (end to end) with its network share scaled by "
+        f"the {form}/float32 network latency ratio measured side by side",
+        "memory_method": f"float32 profile + ({form} - float32) peak measured side by side",
+    })
+    return Candidate(
+        name=form_name(reference.name, form), metric=None if value is None else float(value),
+        latency_ms=scaled(reference.latency_ms, versus.get("latency_p50_ratio")),
+        memory_mb=memory, params=reference.params, error=error, figures=figures,
+        backbone=reference.backbone, adaptation=reference.adaptation, serving_form=form,
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
 # === One form ===
 
 
 def _open_form(path: Path, options: ProfileOptions) -> tuple[Callable[[Any], np.ndarray], dict]:
     """(batch -> outputs, timing and size figures) of the export at `path`."""
+    from tfhub_finetune.quantized_export import TFLITE_FILE
+
     if (path / TFLITE_FILE).exists():
         return _open_tflite(path / TFLITE_FILE, options)
     return _open_saved_model(path, options)
@@ -207,10 +417,10 @@ def _predict_eval_set(task: Any, predict: Callable[[Any], np.ndarray]) -> np.nda
     return np.concatenate(rows)
 
 
-def _outputs_report(task: Any, outputs: np.ndarray) -> dict:
+def _outputs_report(task: Any, outputs: np.ndarray, predictions_path: Path | None = None) -> dict:
     from tfhub_finetune.driver import outputs_report
 
-    return outputs_report(task, outputs)
+    return outputs_report(task, outputs, predictions_path)
 
 
 def _compare(row: dict, ref: dict, outputs: np.ndarray, ref_outputs: np.ndarray,
