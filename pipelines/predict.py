@@ -378,7 +378,7 @@ def _named(names: list[str], values) -> dict[str, float]:
 def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text_column: str = "0",
         has_header: str = "auto", text_key: str = "text", text_pair_column: str = "",
         intra_op_threads: int = -1, inter_op_threads: int = -1) -> dict:
-    """Predicts every input and writes JSON lines; returns `{count, errors, output}`.
+    """Predicts every input and writes JSON lines; returns `{count, errors, output, skipped_blank, threads}`.
 
     Thread pools are sized by `distribute.set_serving_threads` (one intra-op
     and one inter-op thread at batch size 1, unless given) before the model

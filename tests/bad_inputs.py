@@ -489,8 +489,6 @@ CASES: list[Case] = [
             ("adaptation_given", ("--adaptation=head",), ("adaptation", "--adaptations")),
             ("adaptation_learning_rates", ("--adaptation_learning_rates=head:1e-2",),
              ("adaptation_learning_rates", "ADAPTATION=LR")),
-            ("max_train_minutes", ("--max_train_minutes=0",), ("max_train_minutes",)),
-            ("max_train_memory_mb", ("--max_train_memory_mb=-1",), ("max_train_memory_mb",)),
         ]
     ],
     Case("select_no_train_data", SELECT, ("--candidates=scratch_text_encoder",

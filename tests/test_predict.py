@@ -79,7 +79,9 @@ def test_text_readers_keep_order_lines_and_odd_bytes(tmp_path):
 def test_image_folder_predictions_and_per_image_errors(tmp_path, image_export, image_folder):
     output = tmp_path / "predictions.jsonl"
     result = predict.run(str(image_export), str(image_folder), str(output), batch_size=4)
-    assert result == {"count": 5, "errors": 2, "output": str(output), "skipped_blank": 0}
+    # Batch 4 keeps TensorFlow's default thread pools (0); only batch 1 pins them to one thread.
+    assert result == {"count": 5, "errors": 2, "output": str(output), "skipped_blank": 0,
+                      "threads": {"intra_op": 0, "inter_op": 0}}
     rows = read_jsonl(output)
     assert [Path(r["path"]).name for r in rows] == [
         "a_ant.jpg", "b_ant.jpg", "d_not_an_image.jpg", "e_truncated.jpg", "c_bee.jpg"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,12 @@ def resolve_handle(handle: str) -> str:
     handle = str(handle).strip()
     if handle.startswith(_REMOTE_PREFIXES):
         # Imported here: tensorflow_hub pulls in tf_keras (seconds of import
-        # time) and only remote handles need its resolver and cache.
-        import tensorflow_hub as hub
+        # time) and only remote handles need its resolver and cache. Its import
+        # of pkg_resources warns under setuptools >= 80.9; that warning asks
+        # nothing of our users and would break one-line errors.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+            import tensorflow_hub as hub
 
         try:
             return hub.resolve(handle)
