@@ -96,15 +96,27 @@ def tasks(quick: bool, work_dir: Path) -> list[Task]:
         ]
         return [Task("sst2_tiny", flags, [{}, {"max_params": 8e6}])]
     shared = shared_dir()
+    sst2 = [f"--flagfile={configs / 'select_sst2.flags'}",
+            f"--train_data={shared / 'data/sst2/train.tsv'}",
+            f"--eval_data={shared / 'data/sst2/dev.tsv'}"]
+    hymenoptera = [f"--flagfile={configs / 'select_hymenoptera.flags'}",
+                   f"--train_data={shared / 'data/hymenoptera/train'}",
+                   f"--eval_data={shared / 'data/hymenoptera/val'}"]
+    # The grid tasks search backbone x adaptation (each modality's default adaptations). They
+    # share the backbone-only task's cache: its `full` trials are the grid's, continued, not redone.
     return [
-        Task("sst2", [f"--flagfile={configs / 'select_sst2.flags'}",
-                      f"--train_data={shared / 'data/sst2/train.tsv'}",
-                      f"--eval_data={shared / 'data/sst2/dev.tsv'}"],
+        Task("sst2", sst2,
              [{"max_latency_ms": 15, "max_params": 18e6}, {}, {"max_latency_ms": 10}]),
-        Task("hymenoptera", [f"--flagfile={configs / 'select_hymenoptera.flags'}",
-                             f"--train_data={shared / 'data/hymenoptera/train'}",
-                             f"--eval_data={shared / 'data/hymenoptera/val'}"],
+        Task("hymenoptera", hymenoptera,
              [{"max_latency_ms": 22}, {"max_latency_ms": 30}, {}, {"max_params": 5e6}]),
+        Task("sst2_grid", [*sst2, "--adaptations=full,lora:8,head",
+                           f"--cache_dir={work_dir / 'sst2' / 'cache'}"],
+             [{"max_latency_ms": 15, "max_params": 18e6}, {}, {"max_train_minutes": 5},
+              {"max_train_memory_mb": 2000}, {"max_latency_ms": 15, "max_train_minutes": 3}]),
+        Task("hymenoptera_grid", [*hymenoptera, "--adaptations=full,top:2,head",
+                                  f"--cache_dir={work_dir / 'hymenoptera' / 'cache'}"],
+             [{"max_latency_ms": 30}, {}, {"max_train_minutes": 1.5},
+              {"max_latency_ms": 30, "max_train_minutes": 1}]),
     ]
 
 
@@ -257,8 +269,10 @@ def compare(results: Mapping[str, Any], project: Path, constraints: Mapping[str,
     rungs = rung_epochs(settings["min_epochs"], settings["max_epochs"],
                         settings["reduction_factor"])
     limits = Constraints(**constraints)
+    # What profiling tells before any training; the training limits are the search's own to
+    # apply after the first rung (`plan_search`), so they do not pre-empt it here.
     hard = {k: v for k, v in limits.recommend_kwargs().items()
-            if v is not None and k != "min_metric"}
+            if v is not None and k != "min_metric" and k not in limits.training()}
     breaks = [c["name"] for c in records if violations(Candidate.from_dict(c), hard)]
     eligible = [key_of[c["name"]] for c in records if c["name"] not in breaks] if breaks else None
     chains = load_chains(project)
@@ -351,8 +365,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     path = Path(args.json or REPO / "benchmarks" / "results" /
                 ("selection_quick.json" if args.quick else "selection.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "load_average_1m": os.getloadavg()[0], "rows": rows},
+    # A run of some tasks keeps the other tasks' rows (and when they were made).
+    kept = []
+    if path.exists():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        ran = {row["task"] for row in rows}
+        kept = [{"created_utc": earlier.get("created_utc"), **row}
+                for row in earlier.get("rows", []) if row["task"] not in ran]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path.write_text(json.dumps({"created_utc": now, "load_average_1m": os.getloadavg()[0],
+                                "rows": kept + [{"created_utc": now, **row} for row in rows]},
                                indent=2) + "\n", encoding="utf-8")
     return rows
 

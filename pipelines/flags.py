@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import flags
 
-from tfhub_finetune.config import ExperimentConfig
+from tfhub_finetune.config import ExperimentConfig, ModelConfig
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import check_export_name, check_output_dir
 
@@ -152,14 +152,18 @@ def define_tag_flags() -> None:
     flags.DEFINE_integer("window_stride", 0, "Word pieces between window starts (0: half a window).")
 
 
-def config_from_flags() -> ExperimentConfig:
+def config_from_flags(model_task: str | None = None) -> ExperimentConfig:
     """Builds the validated config from parsed flags.
 
     Every config field is read from the flag of the same name when the
     pipeline defines one (a field without a flag keeps its default), so a
     new config field needs its flag and nothing else here.
+
+    Args:
+        model_task: str or None. The pipeline's own `ModelConfig.task`
+            (`token_classification`), where it has no `--task` flag.
     """
-    config = experiment_config_from_flags().validate()
+    config = experiment_config_from_flags(model_task).validate()
     f = FLAGS
     labels = Path(config.model_dir) / "labels.json"
     if config.mode == "eval" and not labels.exists():
@@ -184,9 +188,11 @@ def config_from_flags() -> ExperimentConfig:
     return config
 
 
-def experiment_config_from_flags() -> ExperimentConfig:
+def experiment_config_from_flags(model_task: str | None = None) -> ExperimentConfig:
     """`config_from_flags` without `validate()` (model selection fills in the trial fields first)."""
-    config = dataclass_from_flags(ExperimentConfig)
+    given = {} if model_task is None else {
+        "model": dataclass_from_flags(ModelConfig, task=model_task)}
+    config = dataclass_from_flags(ExperimentConfig, **given)
     if "freeze_backbone" in FLAGS and FLAGS.freeze_backbone:
         # The deprecated spelling of --adaptation=head, kept so old flag files still run.
         if config.model.adaptation.kind not in ("full", "head"):

@@ -14,7 +14,9 @@ Writes to --model_dir what the other pipelines write; metrics.json holds
 entity precision/recall/F1 (overall and per type, as seqeval computes them)
 and token accuracy; `--monitor=val_entity_f1` (the default) picks the best
 epoch on entity F1. `--export_dir` also writes the serving SavedModels
-(`token_export`). Bad input ends with one line on stderr and exit code 2.
+(`token_export`); `--export_quantized=int8` also the Keras int8 form beside them
+and serving.json (each form's entity F1, latency, throughput and size). Bad
+input ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -25,18 +27,14 @@ from pipelines import flags as pipeline_flags
 
 FLAGS = flags.FLAGS
 pipeline_flags.define_common_flags(default_monitor="val_entity_f1")
+pipeline_flags.define_serving_flags()
 pipeline_flags.define_token_flags()
 
 
 def main(argv):
     del argv
-    from tfhub_finetune.config import ExperimentConfig, ModelConfig
-
-    # Every field from its flag, as config_from_flags does; the task is this pipeline's.
-    config = pipeline_flags.dataclass_from_flags(
-        ExperimentConfig,
-        model=pipeline_flags.dataclass_from_flags(ModelConfig, task="token_classification"),
-    ).validate()
+    # Every field from its flag; the task is this pipeline's.
+    config = pipeline_flags.config_from_flags(model_task="token_classification")
     from tfhub_finetune.driver import run_experiment
     from tfhub_finetune.tasks.token_classification import TokenClassificationTask
 
@@ -50,6 +48,18 @@ def main(argv):
             model_name=FLAGS.model_name, model_dir=config.model_dir,
         )
         print(f"Exported SavedModel: {path}")
+        if config.export_quantized != "none":
+            from tfhub_finetune.quantized_export import export_quantized_token_classifier
+
+            variant = export_quantized_token_classifier(
+                result["model"], task.backbone, task.labels, FLAGS.export_dir,
+                mode=config.export_quantized, model_name=FLAGS.model_name,
+                model_dir=config.model_dir, quantized_from=path,
+            )
+            print(f"Exported {config.export_quantized} SavedModel: {variant}")
+            pipeline_flags.print_serving_forms(
+                task, {"float32": path, config.export_quantized: variant}, config.model_dir
+            )
     for kind, scores in (result.get("eval") or {}).get("per_type", {}).items():
         print(f"  {kind:<6} precision={scores['precision']:.4f}  recall={scores['recall']:.4f}  "
               f"f1={scores['f1']:.4f}  ({scores['support']} entities)")

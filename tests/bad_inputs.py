@@ -528,6 +528,12 @@ CASES: list[Case] = [
             ("missing_file", ("--train_data={dir}/nope.txt",), ("nope.txt",), {}),
             ("jsonl_tags_length", ("--train_data={dir}/t.jsonl",), ("t.jsonl", "line=1"),
              {"t.jsonl": b'{"tokens": ["a", "b"], "tags": ["O"]}\n'}),
+            ("export_quantized_typo", ("--train_data={dir}/t.txt", "--export_dir={export_dir}",
+                                       "--export_quantized=int4"),
+             ("export_quantized", "int4", "int8"), {"t.txt": CONLL}),
+            ("export_quantized_without_export_dir", ("--train_data={dir}/t.txt",
+                                                     "--export_quantized=int8"),
+             ("export_quantized", "export_dir"), {"t.txt": CONLL}),
         ]
     ],
 ]

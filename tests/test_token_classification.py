@@ -377,3 +377,48 @@ def test_flag_file_is_offline_minilm_l6(conll_dir):
     assert "--backbone=minilm_l6_h384" in flags and "../shared/data/conll2003/train.txt" in flags
     epochs = int(next(line for line in flags.splitlines() if line.startswith("--epochs=")).split("=")[1])
     assert epochs <= 3
+
+
+def test_int8_token_form_tags_words_as_float32_does_and_is_measured_by_entity_f1(
+        tmp_path, conll_dir, minilm_l3_dir):
+    """The Keras int8 NER export (sentences in, entities out, and its token-id twin), measured
+    beside float32 on the eval words: entity F1 for both, word agreement, a smaller folder."""
+    from tfhub_finetune.config import DataConfig, ExperimentConfig, ModelConfig
+    from tfhub_finetune.selection.serving_forms import export_forms, measure_serving_forms
+    from tfhub_finetune.selection.profile import ProfileOptions
+    from tfhub_finetune.tasks.token_classification import TokenClassificationTask
+
+    evaluation = head_sentences(conll_dir / "valid.txt", 60, tmp_path / "valid60.txt")
+    config = ExperimentConfig(
+        model_dir=str(tmp_path / "run"),
+        data=DataConfig(train_data=str(evaluation), eval_data=str(evaluation)),
+        model=ModelConfig(backbone=str(minilm_l3_dir), task="token_classification",
+                          sequence_length=32),
+    ).validate()
+    task = TokenClassificationTask(config)
+    task.prepare_train()
+    model = task.build_model()
+    head = model.get_layer("head_logits")
+    head.kernel.assign(np.random.default_rng(0).normal(0, 0.3, head.kernel.shape).astype("float32"))
+    paths = export_forms(task, model, ["float32", "int8"], tmp_path / "exports")
+    assert Path(paths["int8"]).parent.name == "model_int8"
+    card = json.loads((Path(paths["int8"]) / "assets.extra" / "model_card.json").read_text())
+    assert card["quantized_from"] == paths["float32"]
+    report = measure_serving_forms(task, paths, options=ProfileOptions(
+        serving_batch_size=8, warmup_runs=1, min_runs=3, min_seconds=0.1))
+    forms = report["forms"]
+    expected = task.report(model)
+    # The float32 twin is the Keras model; the int8 one tags nearly every word alike.
+    assert forms["float32"]["eval"]["entity_f1"] == pytest.approx(expected["entity_f1"], abs=2e-3)
+    assert forms["float32"]["vs_reference"]["agreement"] == 1.0
+    versus = forms["int8"]["vs_reference"]
+    assert versus["metric"] == "entity_f1" and versus["agreement"] >= 0.9, versus
+    assert versus["size_ratio"] < 0.6 and "int8" in forms["int8"]["variable_dtypes"]
+    # The raw-sentence int8 model answers a bare TensorFlow process with the same words' tags.
+    data = read_tagged_sentences(evaluation)
+    texts = [" ".join(words) for words in data.words[:20]]
+    served = run_bare(Path(paths["int8"]), texts, tmp_path)
+    reference = run_bare(Path(paths["float32"]), texts, tmp_path)
+    same = sum(a == b for s, r in zip(served, reference, strict=True)
+               for a, b in zip(s["tags"], r["tags"], strict=True))
+    assert same / sum(len(r["tags"]) for r in reference) >= 0.9

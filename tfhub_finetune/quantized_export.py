@@ -10,6 +10,9 @@ the float32 export by construction:
 <export_dir>/<model_name>_int8_token_ids/<version>/  token ids in
 ```
 
+Token classifiers (NER) get the same, through `token_export.export_token_classifier`
+(sentences in, entities out; and the token-id twin).
+
 What `quantize("int8")` changes in a keras-hub BERT-like encoder (measured on
 MiniLM-L6, Keras 3.15): every `Dense` and `EinsumDense` (query, key, value,
 attention output, both feed-forward layers, pooler, head) keeps its kernel as
@@ -142,9 +145,64 @@ def export_quantized_text_classifier(
         measure_latency=measure_latency,
     )
     if quantized_from is not None:
-        _record_source(path, quantized_from)
-        _record_source(Path(path).parent.parent / (name + export.TOKEN_IDS_SUFFIX) / Path(path).name,
-                       quantized_from)
+        _record_twin_sources(path, name, quantized_from)
+    return path
+
+
+def export_quantized_token_classifier(
+    model: keras.Model,
+    backbone: TextBackbone,
+    labels: LabelVocabulary | Sequence[str],
+    export_dir: str | os.PathLike,
+    *,
+    mode: str = "int8",
+    model_name: str | None = None,
+    model_dir: str | os.PathLike | None = None,
+    quantized_from: str | os.PathLike | None = None,
+    sequence_length: int | None = None,
+    stride: int | None = None,
+    measure_latency: bool = True,
+) -> str:
+    """Writes the int8 form of a token classifier (NER) as `<model_name>_int8` and its twin.
+
+    The quantized copy is exported by `token_export.export_token_classifier`
+    itself, so words, windows, entity decoding and signatures are the float32
+    export's by construction.
+
+    Args:
+        model: keras.Model. The trained float32 token classifier (not modified).
+        backbone: TextBackbone. What the model was built on (tokenizer).
+        labels: LabelVocabulary or list of str. IOB2 tag names in id order.
+        export_dir: str or path. Base folder, as for the float32 export.
+        mode: str. `"int8"`.
+        model_name: str or None. The float32 export's name (`_int8` appended).
+        model_dir: str, path or None. The training folder (params, metrics).
+        quantized_from: str, path or None. The float32 export's version folder.
+        sequence_length: int or None. As for `export_token_classifier`.
+        stride: int or None. As for `export_token_classifier`.
+        measure_latency: bool. As for `export_token_classifier`.
+
+    Returns:
+        The raw-sentence int8 SavedModel's version folder.
+
+    Example:
+
+    ```python
+    path = export_quantized_token_classifier(model, task.backbone, task.labels, "exports",
+                                             model_name="conll", quantized_from=float_path)
+    # exports/conll_int8/1 and exports/conll_int8_token_ids/1
+    ```
+    """
+    from tfhub_finetune.token_export import export_token_classifier
+
+    name = _variant_name(model_name, model_dir, model)
+    path = export_token_classifier(
+        quantized_copy(model, mode), backbone, labels, export_dir, model_name=name,
+        model_dir=model_dir, sequence_length=sequence_length, stride=stride,
+        measure_latency=measure_latency,
+    )
+    if quantized_from is not None:
+        _record_twin_sources(path, name, quantized_from)
     return path
 
 
@@ -227,6 +285,13 @@ def _check_mode(mode: str) -> None:
             "Invalid value for argument `mode`.", received={"mode": mode},
             fix=f"Expected one of: {', '.join(MODES)}.",
         )
+
+
+def _record_twin_sources(path: str, name: str, source: str | os.PathLike) -> None:
+    """`quantized_from` in the cards of a raw-input export and of its token-id twin."""
+    _record_source(path, source)
+    _record_source(Path(path).parent.parent / (name + export.TOKEN_IDS_SUFFIX) / Path(path).name,
+                   source)
 
 
 def _record_source(version_dir: str | os.PathLike, source: str | os.PathLike) -> None:

@@ -451,10 +451,6 @@ class SelectionConfig:
             _bad("serving_forms", ",".join(forms), f"List each serving form once, {REFERENCE_FORM} "
                  "included: the other forms are measured against it.",
                  f"E.g. --serving_forms={','.join(SERVING_FORMS)}.")
-        if len(forms) > 1 and s.modality == "tokens":
-            _bad("serving_forms", ",".join(forms), "int8 serving forms are exported for text, "
-                 "text-pair and image classification, not token classification.",
-                 f"Give --serving_forms={REFERENCE_FORM} for tokens.")
         if not self.profile_timeout_s > 0:
             _bad("profile_timeout_s", self.profile_timeout_s, "`profile_timeout_s` must be positive.")
         # The same rules `recommend` applies, checked before hours of work.

@@ -6,10 +6,11 @@ file (`quantized_export`). Each is measured as it is served, on the same
 inputs:
 
 - Quality: the task's eval set, run through the export's network-only
-  entry (the token-id twin for text, `predict_images` or the TFLite
-  interpreter for images), scored by the same report as training's
-  (`driver.outputs_report`), plus the share of examples whose predicted
-  class agrees with the reference form (float32).
+  entry (the token-id twin for text and tokens, `predict_images` or the
+  TFLite interpreter for images), scored by the same report as training's
+  (`driver.outputs_report`; the task's entity report for tokens, word by
+  word), plus the share of examples (words) whose predicted class (tag)
+  agrees with the reference form (float32).
 - Latency and throughput: the network alone (token ids at the trained
   sequence length, or pixels at the image size), so a SavedModel and a
   TFLite file are timed on the same work; batch-1 p50/p95 and throughput at
@@ -87,16 +88,17 @@ def measure_serving_forms(
     load_before = _load_average()
     measured: dict[str, dict[str, Any]] = {}
     outputs: dict[str, np.ndarray] = {}
+    classes: dict[str, np.ndarray | None] = {}
     for name, path in forms.items():
         predict, figures = _open_form(Path(path), options)
-        outputs[name] = _predict_eval_set(task, predict)
         saved = None if predictions_dir is None else Path(predictions_dir) / f"{name}.npz"
-        figures["eval"] = _scalars(_outputs_report(task, outputs[name], saved))
+        outputs[name], classes[name], report = _evaluate(task, predict, saved)
+        figures["eval"] = _scalars(report)
         measured[name] = {"path": str(path), **figures}
     if reference in measured:
         for name, row in measured.items():
             row["vs_reference"] = _compare(row, measured[reference], outputs[name],
-                                           outputs[reference], task.config.model.task)
+                                           outputs[reference], classes[name], classes[reference])
     return {
         "reference": reference,
         "device": cpu_description(),
@@ -129,7 +131,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     lines = [f"{'form':<16}{'runtime':<16}{'metric':>16}{'agree':>8}{'p50 ms':>9}{'p95 ms':>9}"
              f"{'ex/s':>9}{'MB':>8}  vs {report['reference']}"]
     for name, row in report["forms"].items():
-        metric = row["eval"].get("accuracy", row["eval"].get("macro_f1", row["eval"].get("rmse")))
+        metric = row["eval"].get(_headline_metric(row["eval"]))
         versus = row.get("vs_reference") or {}
         ratio = (f"metric {versus.get('metric_delta', 0):+.4f}, latency "
                  f"x{versus.get('latency_p50_ratio', float('nan')):.2f}, size "
@@ -150,34 +152,41 @@ def export_forms(task: Any, model: Any, forms: Sequence[str],
                  export_dir: str | os.PathLike) -> dict[str, str]:
     """Exports `model` in each serving form as its training pipeline would; form -> version folder.
 
-    Text: the float32 SavedModel and the Keras int8 one; images: the float32
-    SavedModel and the TFLite int8 file (`quantized_export`). Export-time
-    latency is not measured: `measure_serving_forms` times every form alike.
+    Text and tokens: the float32 SavedModel and the Keras int8 one; images:
+    the float32 SavedModel and the TFLite int8 file (`quantized_export`).
+    Export-time latency is not measured: `measure_serving_forms` times every
+    form alike.
     """
-    from tfhub_finetune import export, quantized_export
+    from tfhub_finetune import export, quantized_export, token_export
     from tfhub_finetune.tasks.image_classification import ImageClassificationTask
 
     image = isinstance(task, ImageClassificationTask)
-    crop = task.config.data.crop_to_aspect_ratio
-    if image:
-        path = export.export_image_classifier(model, task.labels, export_dir,
-                                              image_size=task.image_size, model_name="model",
-                                              crop_to_aspect_ratio=crop, measure_latency=False)
+    if task.config.model.task == "token_classification":
+        m = task.config.model
+        exporters = (token_export.export_token_classifier,
+                     quantized_export.export_quantized_token_classifier)
+        common = dict(backbone=task.backbone, labels=task.labels,
+                      sequence_length=m.sequence_length, stride=m.window_stride)
+    elif image:
+        exporters = (export.export_image_classifier,
+                     quantized_export.export_quantized_image_classifier)
+        common = dict(labels=task.labels, image_size=task.image_size,
+                      crop_to_aspect_ratio=task.config.data.crop_to_aspect_ratio)
     else:
-        path = export.export_text_classifier(model, task.backbone, task.labels, export_dir,
-                                             model_name="model", measure_latency=False)
+        exporters = (export.export_text_classifier,
+                     quantized_export.export_quantized_text_classifier)
+        common = dict(backbone=task.backbone, labels=task.labels)
+    float_export, quantized_export_of = exporters
+    path = float_export(model, export_dir=export_dir, model_name="model", measure_latency=False,
+                        **common)
     paths = {REFERENCE: path}
+    # The TFLite form times nothing at export; the SavedModel forms would, unasked.
+    untimed = {} if image else {"measure_latency": False}
     for form in forms:
-        if form == REFERENCE:
-            continue
-        if image:
-            paths[form] = quantized_export.export_quantized_image_classifier(
-                model, task.labels, export_dir, image_size=task.image_size, mode=form,
-                model_name="model", quantized_from=path, crop_to_aspect_ratio=crop)
-        else:
-            paths[form] = quantized_export.export_quantized_text_classifier(
-                model, task.backbone, task.labels, export_dir, mode=form, model_name="model",
-                quantized_from=path, measure_latency=False)
+        if form != REFERENCE:
+            paths[form] = quantized_export_of(model, export_dir=export_dir, mode=form,
+                                              model_name="model", quantized_from=path,
+                                              **common, **untimed)
     return paths
 
 
@@ -409,23 +418,49 @@ def _open_tflite(file: Path, options: ProfileOptions) -> tuple[Callable, dict]:
     }
 
 
-def _predict_eval_set(task: Any, predict: Callable[[Any], np.ndarray]) -> np.ndarray:
+class _OnBatch:
+    """An export's predict function behind Keras' `predict_on_batch`, as a task's report reads it."""
+
+    def __init__(self, predict: Callable[[Any], np.ndarray]):
+        self.predict_on_batch = predict
+
+
+def _evaluate(task: Any, predict: Callable[[Any], np.ndarray], predictions_path: Path | None
+              ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """One form on the eval set: (outputs, predicted class per example or None, eval report).
+
+    Token classifiers are scored per word, each read from its owner window,
+    by the task's own report (entity F1 as seqeval); their outputs are each
+    word's tag probability and their classes the words' tags.
+    """
+    if task.config.model.task == "token_classification":
+        tags, scores = task.predict_tags(_OnBatch(predict))
+        words = np.asarray([tag for sentence in tags for tag in sentence], dtype=object)
+        return np.asarray(scores), words, task.tags_report(tags)
+    from tfhub_finetune.driver import outputs_report
+
     rows = []
     for batch in task.eval_dataset():
         inputs = batch[0] if isinstance(batch, tuple) else batch
         rows.append(predict(inputs))
-    return np.concatenate(rows)
+    outputs = np.concatenate(rows)
+    kind = task.config.model.task
+    classes = (np.argmax(outputs, axis=-1) if kind == "single_label"
+               else outputs >= 0.5 if kind == "multi_label" else None)
+    return outputs, classes, outputs_report(task, outputs, predictions_path)
 
 
-def _outputs_report(task: Any, outputs: np.ndarray, predictions_path: Path | None = None) -> dict:
-    from tfhub_finetune.driver import outputs_report
+# The figure a form's row and its comparison lead with, the first of these its report has.
+_HEADLINE_METRICS = ("accuracy", "entity_f1", "macro_f1", "pearson", "rmse")
 
-    return outputs_report(task, outputs, predictions_path)
+
+def _headline_metric(report: Mapping[str, Any]) -> str | None:
+    return next((m for m in _HEADLINE_METRICS if m in report), next(iter(report), None))
 
 
 def _compare(row: dict, ref: dict, outputs: np.ndarray, ref_outputs: np.ndarray,
-             kind: str) -> dict[str, Any]:
-    metric = "accuracy" if "accuracy" in row["eval"] else next(iter(row["eval"]), None)
+             classes: np.ndarray | None, ref_classes: np.ndarray | None) -> dict[str, Any]:
+    metric = _headline_metric(row["eval"])
     versus: dict[str, Any] = {
         "metric": metric,
         "metric_delta": _round(row["eval"].get(metric, np.nan) - ref["eval"].get(metric, np.nan)),
@@ -436,11 +471,9 @@ def _compare(row: dict, ref: dict, outputs: np.ndarray, ref_outputs: np.ndarray,
         "max_abs_output_diff": _round(float(np.max(np.abs(outputs - ref_outputs)))
                                       if len(outputs) else 0.0),
     }
-    if kind == "single_label":
-        versus["agreement"] = _round(float(np.mean(
-            np.argmax(outputs, axis=-1) == np.argmax(ref_outputs, axis=-1))))
-    elif kind == "multi_label":
-        versus["agreement"] = _round(float(np.mean((outputs >= 0.5) == (ref_outputs >= 0.5))))
+    if classes is not None and ref_classes is not None:
+        # Examples (labels, for multi-label; words, for tokens) predicted alike.
+        versus["agreement"] = _round(float(np.mean(classes == ref_classes))) if len(classes) else None
     return versus
 
 

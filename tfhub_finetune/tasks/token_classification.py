@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -205,7 +207,11 @@ class TokenClassificationTask:
     # === Evaluation ===
 
     def predict_tags(self, model: keras.Model) -> tuple[list[list[str]], np.ndarray]:
-        """Per eval sentence, the predicted IOB2 tag of each word; and each word's probability."""
+        """Per eval sentence, the predicted IOB2 tag of each word; and each word's probability.
+
+        `model` is anything with Keras' `predict_on_batch` (windows in,
+        per-piece tag probabilities out).
+        """
         ids, scores = predict_words(model, self.eval_dataset(), self.eval_data)
         names = np.asarray(self.labels.names, dtype=object)
         splits = self.eval_data.sentence_splits
@@ -214,6 +220,10 @@ class TokenClassificationTask:
     def report(self, model: keras.Model) -> dict:
         """Entity precision/recall/F1 (overall and per type, as seqeval) and token accuracy."""
         predicted, _ = self.predict_tags(model)
+        return self.tags_report(predicted)
+
+    def tags_report(self, predicted: Sequence[Sequence[str]]) -> dict:
+        """`report`'s figures for IOB2 tags predicted any other way (an export, an int8 form)."""
         result = entity_report(self.eval_sentences.tags, predicted)
         result["num_examples"] = len(self.eval_sentences)
         return result
