@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import pytest
 
@@ -90,3 +92,27 @@ def test_settings_route_to_their_dataclass_and_unknown_ones_suggest(config):
     with pytest.raises(InputError, match=r"--validation_split must be in \[0.0, 0.9\]"):
         SelectionConfig.from_settings(["scratch_text_encoder"], "t.tsv", output_dir="o",
                                       validation_split=0.95).validate()
+
+
+def test_fingerprints_follow_content_not_copy_times(tmp_path, monkeypatch):
+    """Weights or data unpacked again (new times, another folder) keep their cached trials."""
+    source = tmp_path / "weights"
+    (source / "sub").mkdir(parents=True)
+    (source / "config.json").write_text('{"hidden": 8}', encoding="utf-8")
+    (source / "sub" / "model.bin").write_bytes(os.urandom(3000))
+    monkeypatch.setattr(cache, "_WHOLE_FILE_BYTES", 1000)  # model.bin is a "large" file:
+    monkeypatch.setattr(cache, "_SAMPLE_BYTES", 100)  # sampled at start, middle and end.
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    for file in copy.rglob("*"):
+        os.utime(file, (1e9, 1e9))
+    cache.path_fingerprint.cache_clear()
+    assert cache.path_fingerprint(str(copy)) == cache.path_fingerprint(str(source))
+    # A changed byte in a sampled region of the large file, or in a small file, changes it.
+    for file, offset in ((copy / "sub" / "model.bin", 1500), (copy / "config.json", 2)):
+        before = cache.path_fingerprint(str(copy))
+        data = bytearray(file.read_bytes())
+        data[offset] ^= 0xFF
+        file.write_bytes(bytes(data))
+        cache.path_fingerprint.cache_clear()
+        assert cache.path_fingerprint(str(copy)) != before

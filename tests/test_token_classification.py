@@ -384,8 +384,8 @@ def test_int8_token_form_tags_words_as_float32_does_and_is_measured_by_entity_f1
     """The Keras int8 NER export (sentences in, entities out, and its token-id twin), measured
     beside float32 on the eval words: entity F1 for both, word agreement, a smaller folder."""
     from tfhub_finetune.config import DataConfig, ExperimentConfig, ModelConfig
-    from tfhub_finetune.selection.serving_forms import export_forms, measure_serving_forms
     from tfhub_finetune.selection.profile import ProfileOptions
+    from tfhub_finetune.selection.serving_forms import export_forms, measure_serving_forms
     from tfhub_finetune.tasks.token_classification import TokenClassificationTask
 
     evaluation = head_sentences(conll_dir / "valid.txt", 60, tmp_path / "valid60.txt")

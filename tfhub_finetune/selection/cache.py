@@ -88,22 +88,47 @@ def write(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2))
 
 
+# Files up to this size are hashed whole; larger ones by their size and three samples.
+_WHOLE_FILE_BYTES = 64 * 1024 * 1024
+_SAMPLE_BYTES = 1024 * 1024
+# A folder with more files than this is fingerprinted by names and sizes alone (stat only).
+_CONTENT_FILES = 20_000
+
+
 @functools.cache
 def path_fingerprint(path: str) -> str:
-    """File contents (up to 64 MiB, else size and time), or a folder's listing."""
+    """What a file or folder holds, independent of where and when it was copied.
+
+    Content, never modification times: the same weights or data unpacked
+    again (a fresh checkout, a re-synced share, another machine's copy) keep
+    their fingerprint, so cached trials, profiles and scores stay reusable,
+    while changed bytes change it. A file up to 64 MiB is hashed whole; a
+    larger one by its size and 1 MiB from its start, middle and end (a
+    retrained checkpoint differs in all three). A folder is the listing of its
+    files' relative names and fingerprints; one of over 20,000 files (a large
+    image set) is listed by names and sizes only, to stay a stat pass.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         return f"missing:{path}"
     if p.is_file():
-        size = p.stat().st_size
-        if size <= 64 * 1024 * 1024:
-            return hashlib.sha256(p.read_bytes()).hexdigest()
-        return f"{size}:{p.stat().st_mtime_ns}"
-    listing = sorted(
-        (str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-        for f in p.rglob("*") if f.is_file()
-    )
-    return hash_json(listing)
+        return _file_fingerprint(p)
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    if len(files) > _CONTENT_FILES:
+        return hash_json([(str(f.relative_to(p)), f.stat().st_size) for f in files])
+    return hash_json([(str(f.relative_to(p)), _file_fingerprint(f)) for f in files])
+
+
+def _file_fingerprint(file: Path) -> str:
+    size = file.stat().st_size
+    if size <= _WHOLE_FILE_BYTES:
+        return hashlib.sha256(file.read_bytes()).hexdigest()
+    digest = hashlib.sha256(str(size).encode())
+    with file.open("rb") as f:
+        for offset in (0, size // 2, size - _SAMPLE_BYTES):
+            f.seek(offset)
+            digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def data_fingerprint(config: SelectionConfig) -> dict[str, str]:
@@ -113,7 +138,7 @@ def data_fingerprint(config: SelectionConfig) -> dict[str, str]:
 
 
 def weights_fingerprint(spec: Any) -> str:
-    """Spec plus the files behind it (sizes and times), so changed weights are not reused."""
+    """Spec plus the content of the files behind it, so changed weights are not reused."""
     from tfhub_finetune.paths import package_dir
 
     location = None

@@ -1355,12 +1355,23 @@ def _the_search_section(search: Mapping[str, Any]) -> list[str]:
     trials = search["trials"]
     factor = h["reduction_factor"]
     over = h["first_rung_only"]
+    over_training = h.get("over_training_limits") or {}
+    # A search over adaptations too: each has its own learning rates (a dict since the grid).
+    adaptations = t.get("adaptations")
+    grid = isinstance(adaptations, Mapping) and list(adaptations) != ["full"]
+    rates = (", ".join(f"{a} at {', '.join(f'{lr:g}' for lr in lrs)}"
+                       for a, lrs in adaptations.items()) if grid
+             else f"learning rates {', '.join(f'{lr:g}' for lr in t['learning_rates'])}")
+    unit = "configurations (backbone x adaptation)" if grid else "backbones"
     lines = [
         "## The search", "",
         f"- Data: {_data_sentence(search['data'])}",
         f"- Training: batch {t['batch_size']}, AdamW (weight decay {t['weight_decay']:g}), "
-        f"learning rates {', '.join(f'{lr:g}' for lr in t['learning_rates'])} (the "
-        f"from-scratch baseline {t['baseline_learning_rate']:g}), warm-up over "
+        + (f"adaptations {rates}" if grid else rates)
+        + f" (the from-scratch baseline, `full` only, at {t['baseline_learning_rate']:g}), "
+        + ("`head` trials fit the head on the frozen backbone's features, computed once and "
+           "cached, " if grid and any(a == "head" for a in adaptations) else "")
+        + "warm-up over "
         f"{t['warmup_ratio']:.0%} of the first epoch then constant (so trials continue "
         f"exactly), seed {t['seed']} and the same per-epoch data order for every candidate, "
         + (f"early stopping after {_epochs(t['early_stopping_patience'])} without improvement"
@@ -1368,15 +1379,17 @@ def _the_search_section(search: Mapping[str, Any]) -> list[str]:
         + f"; the metric is the best {t['objective']} so far.",
         f"- Successive halving: rungs at {', '.join(map(str, h['rungs']))} epochs. Every "
         f"candidate runs the first rung at its first learning rate; the best "
-        f"1/{factor} of the backbones that meet the hard constraints also "
+        f"1/{factor} of the {unit} that meet the hard constraints also "
         "try the other learning rates for the same epochs and continue from their checkpoints, "
         + (f"every rate for {h['lr_race_rungs']} more rung(s) (a lower rate starts slower), "
            "then the best one alone" if h.get("lr_race_rungs") else "with the best one")
-        + f"; each later rung keeps the best 1/{factor} (each backbone scored by its best "
-        "rate). "
+        + f"; each later rung keeps the best 1/{factor} (each scored by its best rate). "
         + ("Over a hard constraint from profiling, so first rung only: "
            + ", ".join(f"{name} ({', '.join(broken)})" for name, broken in over.items())
            + ". " if over else "")
+        + ("Over a training limit projected from the first rung, so not promoted: "
+           + ", ".join(f"{name} ({', '.join(broken)})" for name, broken in over_training.items())
+           + ". " if over_training else "")
         + f"Budget: {h['budget_epochs'] or 'no'} epoch limit, "
         f"{h['budget_minutes'] or 'no'} minute limit"
         + (f"; {h['budget_stop']}." if h["budget_stop"] else "."),

@@ -784,7 +784,8 @@ def _search_facts(config: SelectionConfig, modality: str, runs: Sequence[_Candid
         "training": {"batch_size": config.base.train.batch_size,
                      "weight_decay": config.base.train.weight_decay,
                      "learning_rates": list(s.learning_rates),
-                     "adaptations": [str(a) for a in s.adaptations_for(modality)],
+                     "adaptations": {str(a): list(s.learning_rates_for(a))
+                                     for a in s.adaptations_for(modality)},
                      "baseline_learning_rate": s.baseline_learning_rate,
                      "warmup_ratio": config.base.train.warmup_ratio,
                      "seed": config.base.train.seed,
