@@ -111,8 +111,10 @@ def tasks(quick: bool, work_dir: Path) -> list[Task]:
              [{"max_latency_ms": 22}, {"max_latency_ms": 30}, {}, {"max_params": 5e6}]),
         Task("sst2_grid", [*sst2, "--adaptations=full,lora:8,head",
                            f"--cache_dir={work_dir / 'sst2' / 'cache'}"],
-             [{"max_latency_ms": 15, "max_params": 18e6}, {}, {"max_train_minutes": 5},
-              {"max_train_memory_mb": 2000}, {"max_latency_ms": 15, "max_train_minutes": 3}]),
+             # The training limits are set where they bind: full fine-tuning of the larger
+             # encoders projects to 5-13 min here, LoRA to 2.4-5.3, a head to about one.
+             [{"max_latency_ms": 15, "max_params": 18e6}, {}, {"max_train_minutes": 4.5},
+              {"max_latency_ms": 15, "max_train_minutes": 3}]),
         Task("hymenoptera_grid", [*hymenoptera, "--adaptations=full,top:2,head",
                                   f"--cache_dir={work_dir / 'hymenoptera' / 'cache'}"],
              [{"max_latency_ms": 30}, {}, {"max_train_minutes": 1.5},
