@@ -402,6 +402,47 @@ def test_xla_serving_export_reloads_and_predicts_as_the_default_export(
     assert xla(text=tf.constant([], tf.string))["probabilities"].shape == (0, 2)
 
 
+def test_a_model_built_in_mixed_bfloat16_serves_bf16_and_says_so(
+        tmp_path, minilm_l3_dir, text_model, text_export, dev_texts):
+    """`--precision=auto` picks mixed_bfloat16 where bf16 pays: the export then serves bf16
+    matmuls (float32 variables and outputs), its card says so, and it predicts as float32 does."""
+    import keras
+
+    backbone, model = text_model
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        bf16_model = build_text_classifier(load_backbone(str(minilm_l3_dir)), len(LABELS),
+                                           pooling="mean")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    bf16_model.set_weights(model.get_weights())
+    raw = Path(export.export_text_classifier(
+        bf16_model, backbone, LabelVocabulary(LABELS), tmp_path, model_name="bf16",
+        sequence_length=SEQUENCE_LENGTH, measure_latency=False))
+    card = json.loads((raw / "assets.extra" / "model_card.json").read_text())
+    float_card = json.loads((text_export[0] / "assets.extra" / "model_card.json").read_text())
+    assert (card["compute_dtype"], float_card["compute_dtype"]) == ("bfloat16", "float32")
+    assert _graph_has_dtype(raw, tf.bfloat16) and not _graph_has_dtype(text_export[0], tf.bfloat16)
+    texts = dev_texts[:32]
+    served = tf.saved_model.load(str(raw)).signatures["serving_default"](text=tf.constant(texts))
+    assert served["probabilities"].dtype == tf.float32
+    expected = reference_probabilities(model, backbone, texts)
+    # bf16 keeps 8 bits of mantissa: the probabilities move by about 1e-2, the classes rarely.
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=0.05)
+
+
+def _graph_has_dtype(saved_model: Path, dtype: tf.DType) -> bool:
+    """Whether any op of the SavedModel's functions computes in `dtype`."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel.FromString((saved_model / "saved_model.pb").read_bytes())
+    wanted = dtype.as_datatype_enum
+    return any(attr.type == wanted for graph in proto.meta_graphs
+               for function in graph.graph_def.library.function
+               for node in function.node_def for attr in node.attr.values())
+
+
 def test_cls_pooled_exports_answer_an_empty_batch(tmp_path, text_model):
     # CLS pooling takes position 0, which a (0, 0) batch does not have; mean pooling
     # (the fixture's) divides by a mask and never failed. Both exports must answer.

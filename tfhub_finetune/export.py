@@ -1380,6 +1380,9 @@ def _model_card(
         "metrics": _card_metrics(metrics),
         "training": (params or {}).get("train"),
         "quantization": quantization_of(model),
+        # The served graph computes as the model was built: `mixed_bfloat16` (trained under
+        # `--precision=auto` where bf16 pays) runs bf16 matmuls, with float32 variables and outputs.
+        "compute_dtype": str(keras.backend.standardize_dtype(model.dtype_policy.compute_dtype)),
         "profile": {
             "params": int(model.count_params()),
             "latency_ms_batch1": latency or None,
