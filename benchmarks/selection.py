@@ -232,14 +232,19 @@ def replay(chains: Mapping[tuple[str, float], Chain], candidates: Sequence[str],
             ))
 
 
-def _candidate(record: Mapping[str, Any], chain: Chain | None, epochs: int) -> Candidate:
-    figures = {**record.get("figures", {}), "fine_tune_epochs": epochs}
+def _candidate(record: Mapping[str, Any], chain: Chain | None, epochs: int,
+               training: Mapping[str, float]) -> Candidate:
+    # The training figures are the replayed plan's (`plan_search` projects them), so the
+    # search and brute force judge --max_train_minutes on the same minutes.
+    figures = {**record.get("figures", {}), **training, "fine_tune_epochs": epochs}
     if chain is not None:
         figures["learning_rate"] = chain.learning_rate
         figures["seconds_per_epoch"] = sorted(chain.seconds)[len(chain.seconds) // 2]
     best = max(chain.scores[:epochs]) if chain else None
     return Candidate(record["name"], best, record.get("latency_ms"), record.get("memory_mb"),
-                     record.get("params"), figures=figures)
+                     record.get("params"), figures=figures, backbone=record.get("backbone"),
+                     adaptation=record.get("adaptation"),
+                     serving_form=record.get("serving_form"))
 
 
 def _predictions(chain: Chain | None, epochs: int) -> Any:
@@ -288,11 +293,13 @@ def compare(results: Mapping[str, Any], project: Path, constraints: Mapping[str,
         state = plan.halving_result(key)
         chain = chains.get((key, lr_key(state.learning_rate))) if state else None
         done = state is not None and state.status == "done"
-        search.append(_candidate(record, chain if done else None, state.epochs if done else 0))
+        training = plan.training.get(key, {})
+        search.append(_candidate(record, chain if done else None, state.epochs if done else 0,
+                                 training))
         search_preds[record["name"]] = _predictions(chain, state.epochs) if done else None
         full = [chains[(key, lr_key(lr))] for lr in lrs[key] if (key, lr_key(lr)) in chains]
         top = max(full, key=lambda c: max(c.scores[:rungs[-1]]), default=None)
-        brute.append(_candidate(record, top, rungs[-1]))
+        brute.append(_candidate(record, top, rungs[-1], training))
         brute_preds[record["name"]] = _predictions(top, rungs[-1])
     kwargs = dict({k: v for k, v in limits.recommend_kwargs().items() if v is not None},
                   metric_name=metric, tie_alpha=tie_alpha)
@@ -358,7 +365,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             continue
         out = work_dir / task.name
         results = run_brute_force(task, out)
-        project = out / "cache" / "tuner" / results["extra"]["project"]
+        # Where the run kept its trials: its --cache_dir, else `<output_dir>/cache`.
+        cache_dir = results["extra"]["settings"].get("cache_dir") or out / "cache"
+        project = Path(cache_dir) / "tuner" / results["extra"]["project"]
         for constraints in task.constraint_sets:
             for rule in RULES.values():
                 rows.append({"task": task.name,

@@ -110,6 +110,17 @@ def test_training_limits_stop_promotion_after_the_first_rung():
     assert len(brute.brute_force) == 4
 
 
+def test_the_projected_training_time_is_the_first_rates_and_stays_put():
+    """Racing a second rate (faster here: a quieter machine) must not move a configuration's
+    projection, or the search and brute force would judge `--max_train_minutes` on different
+    figures (the SST-2 grid once did: 5.2 min from 1e-4's first epoch, 2.5 from 3e-5's)."""
+    first = [_record("0", "a", 1e-4, [0.90], seconds=104.0)]
+    later = [*first, _record("1", "a", 3e-5, [0.88], seconds=49.0)]
+    for records in (first, later):
+        plan = plan_search(records, ["a"], [1e-4, 3e-5], [1, 3])
+        assert plan.training["a"]["train_minutes_projected"] == pytest.approx(104 * 3 / 60, abs=1e-3)
+
+
 def test_the_selection_benchmark_replays_configurations_from_brute_force_chains(tmp_path):
     from benchmarks.selection import Chain, replay
 

@@ -407,9 +407,14 @@ def plan_search(
         key: statistics.median(v for k, v in seconds.items() if k <= rungs[0])
         for key, seconds in epoch_seconds.items() if any(k <= rungs[0] for k in seconds)
     }
+    # A configuration's training cost is its first-tried rate's first rung (every
+    # configuration runs that rate first), so the projection does not move when the other
+    # rates are raced: the search and brute force project the same minutes.
     per_config: dict[str, float] = {}
-    for (config, _), seconds in sorted(per_epoch.items()):
-        per_config.setdefault(config, seconds)
+    for config, lrs in lrs_of.items():
+        tried = [per_epoch[(config, lr_key(lr))] for lr in lrs if (config, lr_key(lr)) in per_epoch]
+        if tried:
+            per_config[config] = tried[0]
     slowest = max(per_epoch.values(), default=0.0)
     training, training_breaks = _training_figures(
         chains, per_config, rungs[-1], max_train_minutes, max_train_memory_mb)
