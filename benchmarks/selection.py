@@ -63,6 +63,7 @@ from tfhub_finetune.selection.halving import (  # noqa: E402
 from tfhub_finetune.selection.recommend import (  # noqa: E402
     Candidate,
     is_fraction_metric,
+    majority_class_metric,
     paired_tester,
     recommend,
     violations,
@@ -302,7 +303,8 @@ def compare(results: Mapping[str, Any], project: Path, constraints: Mapping[str,
         brute.append(_candidate(record, top, rungs[-1], training))
         brute_preds[record["name"]] = _predictions(top, rungs[-1])
     kwargs = dict({k: v for k, v in limits.recommend_kwargs().items() if v is not None},
-                  metric_name=metric, tie_alpha=tie_alpha)
+                  metric_name=metric, tie_alpha=tie_alpha,
+                  chance_metric=majority_class_metric({**search_preds, **brute_preds}, metric))
     search_rec = recommend(search, **kwargs, paired_p_value=paired_tester(search_preds, metric))
     brute_rec = recommend(brute, **kwargs, paired_p_value=paired_tester(brute_preds, metric))
 

@@ -13,6 +13,7 @@ from tfhub_finetune.selection.profile import ProfileResult
 from tfhub_finetune.selection.recommend import (
     Candidate,
     ConstraintChange,
+    majority_class_metric,
     paired_tester,
     pareto_front,
     recommend,
@@ -300,3 +301,23 @@ def test_a_lower_fidelity_figure_is_never_called_the_best():
 def test_bad_tie_settings_raise_input_error(kwargs, match):
     with pytest.raises(InputError, match=match):
         recommend(RECORDS, **kwargs)
+
+
+def test_a_model_no_better_than_the_majority_class_is_never_the_answer():
+    """The hymenoptera grid at 22 ms: only the from-scratch CNN fitted, and it answered `ants`
+    for every photo (45.8%, below always answering `bees`, 54.2%). It must not be recommended;
+    the user is told which limit to move instead."""
+    y_true = np.array([0] * 70 + [1] * 83)
+    constant = EvalPredictions("classification", y_true, np.zeros(153, np.int64), 2)
+    chance = majority_class_metric({"scratch": constant, "missing": None}, "accuracy")
+    assert chance == pytest.approx(83 / 153)
+    assert majority_class_metric({"scratch": constant}, "macro_f1") is None
+    records = [{"name": "scratch", "metric": 70 / 153, "latency_ms": 18.8, "params": 1.2e6},
+               {"name": "mobilenet", "metric": 0.941, "latency_ms": 24.9, "params": 2.3e6}]
+    rec = recommend(records, max_latency_ms=22, chance_metric=chance)
+    assert rec.name is None
+    assert "most frequent class" in rec.excluded["scratch"] and "54.2%" in rec.excluded["scratch"]
+    assert "max_latency_ms" in rec.reason and "mobilenet" in rec.reason
+    # Without the floor the useless model would have been the answer.
+    assert recommend(records, max_latency_ms=22).name == "scratch"
+    assert recommend(records, chance_metric=chance).name == "mobilenet"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -431,6 +432,7 @@ def recommend(
     prefer: str = "latency",
     tie_alpha: float = DEFAULT_TIE_ALPHA,
     paired_p_value: Callable[[str, str], float | None] | None = None,
+    chance_metric: float | None = None,
 ) -> Recommendation:
     """Recommends the cheapest candidate that meets the constraints and ties the best.
 
@@ -474,6 +476,11 @@ def recommend(
         paired_p_value: callable or None. `(best, other) -> p` for two
             candidate names, or None where it is unknown (that candidate
             then does not tie); e.g. `paired_tester(predictions, metric)`.
+        chance_metric: float or None. The metric of a model that ignores its
+            input (`majority_class_metric(predictions, metric)`: the most
+            frequent class's share, for accuracy). A candidate at or below it has
+            learnt nothing and is excluded, so a tight budget that only a
+            useless model meets gets the relaxation advice, not that model.
 
     Returns:
         A `Recommendation`.
@@ -526,6 +533,10 @@ def recommend(
             excluded[c.name] = f"failed: {c.error}"
         elif not _finite(c.metric):
             excluded[c.name] = f"no {metric_name} recorded"
+        elif _finite(chance_metric) and c.metric <= chance_metric:
+            excluded[c.name] = (f"no better than predicting the most frequent class for every "
+                                f"example ({_format_metric(c.metric, metric_name)} vs "
+                                f"{_format_metric(chance_metric, metric_name)})")
         else:
             missing = [
                 CONSTRAINTS[k][0] for k in constraints if not _finite(c.value(CONSTRAINTS[k][0]))
@@ -578,6 +589,29 @@ def recommend(
     return Recommendation(chosen.name, reason, metric_name, constraints, ordered, pareto, excluded,
                           best=best.name, tied=[c.name for c in tied], p_values=p_values,
                           **settings)
+
+
+def majority_class_metric(predictions: Mapping[str, Any], metric_name: str) -> float | None:
+    """The `metric_name` of always predicting the most frequent class, or None.
+
+    Defined for accuracy on single-label classification: the largest class's
+    share of the evaluation examples (read from any candidate's predictions;
+    all share the same examples). Other metrics have no such floor here
+    (macro-F1's constant predictor scores below any real model anyway).
+
+    Example:
+
+    ```python
+    majority_class_metric({"a": preds_a}, "accuracy")  # 0.542: 83 of 153 images are bees
+    ```
+    """
+    if metric_name.removeprefix("val_") != "accuracy":
+        return None
+    for p in predictions.values():
+        if p is not None and p.kind == "classification" and len(p.y_true):
+            counts = Counter(int(y) for y in p.y_true)
+            return max(counts.values()) / len(p.y_true)
+    return None
 
 
 def paired_tester(

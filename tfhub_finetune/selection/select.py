@@ -86,6 +86,7 @@ from tfhub_finetune.selection.recommend import (
     Candidate,
     Recommendation,
     is_fraction_metric,
+    majority_class_metric,
     paired_tester,
     recommend,
     violations,
@@ -544,8 +545,10 @@ def _recommend_and_report(
     if s.brute_force and plan.finished:
         _add_serving_forms(brute_records, brute_evidence, slots, plan, config, project,
                            brute=True)
+    # A model no better than always answering the most frequent class is not recommended.
+    chance = majority_class_metric({**evidence, **brute_evidence}, metric)
     rec = recommend(records, **constraints, metric_name=metric, **s.tie_rule,
-                    paired_p_value=paired_tester(evidence, metric))
+                    paired_p_value=paired_tester(evidence, metric), chance_metric=chance)
 
     profile_seconds = sum((r.profile.profile_seconds or 0.0) for r in runs if r.profile)
     learning_rates = _learning_rates(config, shortlist)
@@ -570,7 +573,8 @@ def _recommend_and_report(
             for e in plan.brute_force if e.status == "done"
         )
         brute_rec = recommend(brute_records, **constraints, metric_name=metric, **s.tie_rule,
-                              paired_p_value=paired_tester(brute_evidence, metric))
+                              paired_p_value=paired_tester(brute_evidence, metric),
+                              chance_metric=chance)
     # With brute force measured, the report answers with its full-epoch figures.
     answer_records, answer_rec = (brute_records, brute_rec) if brute_rec else (records, rec)
     selection_seconds = time.perf_counter() - started
@@ -625,6 +629,8 @@ def _recommend_and_report(
                                              "best", "regret")},
         "search_recommendation": rec.to_dict(),
         "wall_seconds": round(selection_seconds, 2),
+        # The floor `recommend` applied: always answering the most frequent class.
+        "chance_metric": chance,
     }
     search = _search_facts(config, modality, runs, plan, rungs, correlations, brute,
                            stage_seconds, compute, selection_seconds, trials_run, trials_reused)
