@@ -340,6 +340,28 @@ class _MutedLoader(importlib.abc.Loader):
             os.close(saved)
 
 
+def write_quantized_form(task, model, float_path: str, config: ExperimentConfig, exporter,
+                         **inputs) -> None:
+    """`--export_quantized`: writes that form beside the float32 export, then measures both.
+
+    Args:
+        exporter: the modality's `quantized_export.export_quantized_*` function.
+        **inputs: what it needs besides the model (`backbone`, `labels`, `image_size`, ...).
+    """
+    if config.export_quantized == "none":
+        return
+    from tfhub_finetune.quantized_export import TFLITE_FILE
+
+    variant = exporter(model, export_dir=FLAGS.export_dir, mode=config.export_quantized,
+                       model_name=FLAGS.model_name, model_dir=config.model_dir,
+                       quantized_from=float_path, **inputs)
+    tflite = Path(variant) / TFLITE_FILE
+    print(f"Exported {config.export_quantized} "
+          + (f"TFLite: {tflite}" if tflite.exists() else f"SavedModel: {variant}"))
+    print_serving_forms(task, {"float32": float_path, config.export_quantized: variant},
+                        config.model_dir)
+
+
 def print_serving_forms(task, forms: dict, model_dir: str) -> None:
     """Measures the exported serving forms into `<model_dir>/serving.json` and prints the table."""
     from tfhub_finetune.selection.serving_forms import summary_lines, write_serving_forms_report

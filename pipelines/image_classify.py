@@ -54,19 +54,12 @@ def main(argv):
             crop_to_aspect_ratio=config.data.crop_to_aspect_ratio,
         )
         print(f"Exported SavedModel: {path}")
-        if config.export_quantized != "none":
-            from tfhub_finetune.quantized_export import export_quantized_image_classifier
+        from tfhub_finetune.quantized_export import export_quantized_image_classifier
 
-            variant = export_quantized_image_classifier(
-                result["model"], task.labels, FLAGS.export_dir, image_size=task.image_size,
-                mode=config.export_quantized, model_name=FLAGS.model_name,
-                model_dir=config.model_dir, quantized_from=path,
-                crop_to_aspect_ratio=config.data.crop_to_aspect_ratio,
-            )
-            print(f"Exported {config.export_quantized} TFLite: {variant}/model.tflite")
-            pipeline_flags.print_serving_forms(
-                task, {"float32": path, config.export_quantized: variant}, config.model_dir
-            )
+        pipeline_flags.write_quantized_form(
+            task, result["model"], path, config, export_quantized_image_classifier,
+            labels=task.labels, image_size=task.image_size,
+            crop_to_aspect_ratio=config.data.crop_to_aspect_ratio)
     pipeline_flags.print_summary(result, config.model_dir)
 
 

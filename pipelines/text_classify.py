@@ -46,18 +46,11 @@ def main(argv):
         print(f"Exported SavedModel: {path}"
               + (" (XLA; serve with --xla_cpu_compilation_enabled)"
                  if config.serving_jit_compile else ""))
-        if config.export_quantized != "none":
-            from tfhub_finetune.quantized_export import export_quantized_text_classifier
+        from tfhub_finetune.quantized_export import export_quantized_text_classifier
 
-            variant = export_quantized_text_classifier(
-                result["model"], task.backbone, task.labels, FLAGS.export_dir,
-                mode=config.export_quantized, model_name=FLAGS.model_name,
-                model_dir=config.model_dir, quantized_from=path,
-            )
-            print(f"Exported {config.export_quantized} SavedModel: {variant}")
-            pipeline_flags.print_serving_forms(
-                task, {"float32": path, config.export_quantized: variant}, config.model_dir
-            )
+        pipeline_flags.write_quantized_form(task, result["model"], path, config,
+                                            export_quantized_text_classifier,
+                                            backbone=task.backbone, labels=task.labels)
     pipeline_flags.print_summary(result, config.model_dir)
 
 

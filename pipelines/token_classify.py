@@ -48,18 +48,11 @@ def main(argv):
             model_name=FLAGS.model_name, model_dir=config.model_dir,
         )
         print(f"Exported SavedModel: {path}")
-        if config.export_quantized != "none":
-            from tfhub_finetune.quantized_export import export_quantized_token_classifier
+        from tfhub_finetune.quantized_export import export_quantized_token_classifier
 
-            variant = export_quantized_token_classifier(
-                result["model"], task.backbone, task.labels, FLAGS.export_dir,
-                mode=config.export_quantized, model_name=FLAGS.model_name,
-                model_dir=config.model_dir, quantized_from=path,
-            )
-            print(f"Exported {config.export_quantized} SavedModel: {variant}")
-            pipeline_flags.print_serving_forms(
-                task, {"float32": path, config.export_quantized: variant}, config.model_dir
-            )
+        pipeline_flags.write_quantized_form(task, result["model"], path, config,
+                                            export_quantized_token_classifier,
+                                            backbone=task.backbone, labels=task.labels)
     for kind, scores in (result.get("eval") or {}).get("per_type", {}).items():
         print(f"  {kind:<6} precision={scores['precision']:.4f}  recall={scores['recall']:.4f}  "
               f"f1={scores['f1']:.4f}  ({scores['support']} entities)")
