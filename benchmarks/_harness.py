@@ -388,8 +388,16 @@ def inference_protocol(predict: Callable[[list[str]], object], texts: list[str],
     `latency_calls` single-sentence calls, each timed on its own (p50/p95),
     then one pass over `texts` in batches of `infer_batch_size` (examples/s).
     Sentences keep their sampled order, so each batch pads to its own longest.
+    With `args["warmup_full_pass"]` the warm-up is instead every timed call
+    once (an XLA-compiled model compiles each new shape on first sight, as a
+    TF Serving warm-up file would make it do at load time).
     """
     bs = int(args["infer_batch_size"])
+    if args.get("warmup_full_pass"):
+        for start in range(0, len(texts), bs):
+            predict(texts[start : start + bs])
+        for text in texts[: int(args["latency_calls"])]:
+            predict([text])
     for i in range(3):
         predict(texts[:bs])
         predict([texts[i]])

@@ -47,6 +47,8 @@ DEFAULTS = {
     "infer_batch_size": 64,
     "saved_model": "",
     "export_dir": "",
+    "serving_jit_compile": False,
+    "serving_precision": "float32",
 }
 
 
@@ -181,9 +183,13 @@ def export(args: dict) -> dict:
         path = export_text_classifier(
             model, task.backbone, task.labels, export_dir, model_name="minilm_sst2",
             sequence_length=config.model.sequence_length, measure_latency=False,
+            serving_jit_compile=bool(args["serving_jit_compile"]),
+            serving_precision=args["serving_precision"],
         )
         clock.stop()
     return {**settings, "saved_model": str(path), "export_s": clock.wall_s,
+            "serving_jit_compile": bool(args["serving_jit_compile"]),
+            "serving_precision": args["serving_precision"],
             "exporter": "tfhub_finetune.export.export_text_classifier"}
 
 

@@ -10,16 +10,20 @@ global batch 32, max sequence length 128):
   (transformers, eager, dynamic padding, bf16 by `torch.autocast`; torch's
   default threads or one; `benchmarks/torch_hf.py`), `keras_hub` (stock
   `BertTextClassifier` + default preprocessor + `fit`;
-  `benchmarks/keras_hub_stock.py`), and the ablations `ours_stock_adamw` (ours
-  before `FusedAdamW`), `ours_keras_decay_norm` (`FusedAdamW` with Keras'
-  weight-decay and global-norm passes) and `ours_float32` (the default
-  precision, where `ours` runs `--precision=auto`): the library changes'
-  before/after in the same run.
+  `benchmarks/keras_hub_stock.py`), and the ablation `ours_float32` (the
+  default precision, where `ours` runs `--precision=auto`). By name in
+  `--systems`: `ours_stock_adamw` (ours before `FusedAdamW`) and
+  `ours_keras_decay_norm` (`FusedAdamW` with Keras' weight-decay and
+  global-norm passes), the optimizer changes' before/after.
 - **infer**: raw strings in, probabilities out. Batch 1: p50/p95 latency of
   single-sentence calls; batch 64: examples/s. Ours is the SavedModel
-  `tfhub_finetune.export.export_text_classifier` writes, loaded in a fresh
-  process with TensorFlow's default threads (`ours`) or one thread
-  (`ours_1thread`).
+  `tfhub_finetune.export.export_text_classifier` writes (computing in
+  float32, its default `serving_precision`, whatever the training policy),
+  loaded in a fresh process with TensorFlow's default threads (`ours`) or one
+  thread (`ours_1thread`); `ours_xla` is the opt-in XLA export
+  (`serving_jit_compile`, every timed shape compiled in its warm-up), and the
+  ablation `ours_serve_as_trained` the export computing in the training
+  policy (bf16 matmuls under `auto` on bf16 hardware).
 - **input**: tokenization + batching examples/s of our tf.data pipeline alone,
   over the whole training file, as a multiple of our training step's rate.
 - **peak memory**: each child's resident-set high-water mark (VmHWM: the
@@ -58,7 +62,7 @@ Usage:
 python -m benchmarks.run_all                       # the full run (15-30 min: load-dependent)
 python -m benchmarks.run_all --quick               # plumbing check: tiny sizes, 1 repetition
 python -m benchmarks.run_all --only=train --systems=ours,torch_fp32 --repeats=5
-python -m benchmarks.run_all --no-ablation         # without ours before the library change
+python -m benchmarks.run_all --no-ablation         # without the ablations of ours' defaults
 ```
 
 Writes `benchmarks/results/<kind>.json` (date, machine, load, versions, the
@@ -96,11 +100,15 @@ class System:
     # The library whose bfloat16 matmuls it needs ("torch"), or "" for none:
     # skipped where that library's bf16 probe finds no bf16 hardware.
     bf16: str = ""
+    # Ours' serving systems: `export_text_classifier` keywords of the SavedModel it
+    # serves (one export per distinct set, made before the repetitions).
+    export: dict = dataclasses.field(default_factory=dict)
 
 
-# Ours as a user gets its best on the machine at hand: `--precision=auto` trains (and the
-# export then serves) in mixed_bfloat16 where the calibration measures bf16 paying, float32
-# elsewhere (`calibration.py`). The calibration's cache is warmed by the export run.
+# Ours as a user gets its best on the machine at hand: `--precision=auto` trains in
+# mixed_bfloat16 where the calibration measures bf16 paying, float32 elsewhere
+# (`calibration.py`); the export computes in float32 either way (its default
+# `serving_precision`). The calibration's cache is warmed by the export run.
 OURS_FLAGS = ["--precision=auto"]
 SYSTEMS = (
     System("ours", "benchmarks.ours", {"flags": OURS_FLAGS},
@@ -112,6 +120,13 @@ SYSTEMS = (
     # small ops, where handing each op to a 2-thread pool costs more than it saves.
     System("ours_1thread", "benchmarks.ours", {"intra_op": 1, "inter_op": 1},
            "ours' SavedModel served with 1 intra-op + 1 inter-op thread", ("infer",)),
+    # The opt-in XLA export (`--serving_jit_compile`; TF Serving needs
+    # --xla_cpu_compilation_enabled). Its warm-up serves every timed call once, since
+    # each new (rows, width) shape compiles on first sight (at load time in TF
+    # Serving with a warm-up file).
+    System("ours_xla", "benchmarks.ours", {"warmup_full_pass": True},
+           "ours' SavedModel exported with --serving_jit_compile (XLA), shapes warmed up",
+           ("infer",), export={"serving_jit_compile": True}),
     System("torch_fp32", "benchmarks.torch_hf", {"dtype": "fp32"},
            "PyTorch+transformers eager fp32, dynamic padding"),
     # torch's default is one OpenMP thread per core; when other jobs hold a core, its
@@ -125,18 +140,26 @@ SYSTEMS = (
     System("keras_hub", "benchmarks.keras_hub_stock", {},
            "keras-hub BertTextClassifier stock fit/predict"),
 )
-# Ours as it was before the benchmark's library changes (`--ablation`, or by name in
-# `--systems`): Keras' AdamW, and FusedAdamW with Keras' weight-decay and global-norm passes.
+# What ours' defaults chose against the alternative, in the same run (`--ablation`).
 ABLATIONS = (
+    # What `auto` chose against the pipeline's default precision.
+    System("ours_float32", "benchmarks.ours", {"flags": ["--precision=float32"]},
+           "ours at --precision=float32 (the flag's default)", ("train",)),
+    # The export's float32 serving against serving the training policy (bf16 under auto).
+    System("ours_serve_as_trained", "benchmarks.ours", {},
+           "ours' SavedModel exported with --serving_precision=as_trained", ("infer",),
+           export={"serving_precision": "as_trained"}),
+)
+# Ours before the optimizer changes, by name in `--systems` (measured in BUILD_NOTES):
+# Keras' AdamW, and FusedAdamW with Keras' weight-decay and global-norm passes.
+BEFORE = (
     System("ours_stock_adamw", "benchmarks.ours", {"stock_adamw": True, "flags": OURS_FLAGS},
            "ours with Keras' AdamW (before FusedAdamW)", ("train",)),
     System("ours_keras_decay_norm", "benchmarks.ours",
            {"keras_decay_norm": True, "flags": OURS_FLAGS},
            "ours with FusedAdamW's update but Keras' weight decay and global norm", ("train",)),
-    # What `auto` chose against the pipeline's default precision, in the same run.
-    System("ours_float32", "benchmarks.ours", {"flags": ["--precision=float32"]},
-           "ours at --precision=float32 (the flag's default)", ("train",)),
 )
+ALL_SYSTEMS = (*SYSTEMS, *ABLATIONS, *BEFORE)
 TORCH = ("torch_fp32", "torch_fp32_1thread", "torch_bf16")
 
 # What each target asks, checked on the headline ratio by `check_targets`.
@@ -145,6 +168,8 @@ TARGETS = {
     "infer_batch": "inference examples/s at batch 64 >= 1.5x the best PyTorch configuration",
     "infer_latency": "batch-1 p50 latency <= the best PyTorch configuration's",
     "infer_latency_1thread": "the same, our SavedModel served with 1 thread (ours_1thread)",
+    "infer_batch_xla": "batch 64 as above, our opt-in XLA export (ours_xla)",
+    "infer_latency_xla": "batch-1 p50 as above, our opt-in XLA export (ours_xla)",
     "input": "input pipeline examples/s >= 10x the training step's",
 }
 
@@ -164,10 +189,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "(hundreds of ms), so fewer calls keep the run short.")
     parser.add_argument("--only", default=",".join(KINDS), help=f"Some of {','.join(KINDS)}.")
     parser.add_argument("--systems", default=",".join(s.name for s in SYSTEMS),
-                        help="Some of " + ",".join(s.name for s in (*SYSTEMS, *ABLATIONS)) + ".")
+                        help="Some of " + ",".join(s.name for s in ALL_SYSTEMS) + ".")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
-                        help="Also train " + ", ".join(f"`{s.name}` ({s.label})" for s in ABLATIONS)
-                        + ": the before/after ratios of the library changes, in the same run.")
+                        help="Also measure " + ", ".join(f"`{s.name}` ({s.label})" for s in ABLATIONS)
+                        + ": what ours' defaults chose against the alternative, in the same run.")
     parser.add_argument("--quick", action="store_true",
                         help="Tiny sizes and one repetition: checks the plumbing, not speed.")
     parser.add_argument("--name", default="",
@@ -228,7 +253,9 @@ def _one_line(result: dict) -> str:
         return (f"{result['tokenize_and_batch_examples_per_s']:.0f} ex/s tokenize+batch, "
                 f"{result['cached_epoch_examples_per_s']:.0f} ex/s cached epoch")
     if result["kind"] == "export":
-        return f"{result['saved_model']} in {result['export_s']:.0f}s ({result['precision']})"
+        return (f"{result['saved_model']} in {result['export_s']:.0f}s (trained {result['precision']}"
+                f", serving {result['serving_precision']}"
+                + (", XLA" if result.get("serving_jit_compile") else "") + ")")
     if result["kind"] == "gemm":
         peak = result["peak_gflops"]
         bf16 = f"{peak['bfloat16']:.0f} GFLOP/s" if peak.get("bfloat16") else "skipped"
@@ -241,7 +268,7 @@ def _one_line(result: dict) -> str:
 def report(path: Path) -> int:
     """Prints the table and targets again from a results file's runs, and updates the file."""
     record = json.loads(path.read_text(encoding="utf-8"))
-    by_name = {s.name: s for s in (*SYSTEMS, *ABLATIONS)}
+    by_name = {s.name: s for s in ALL_SYSTEMS}
     systems = [by_name[n] for n in record["systems"] if n in by_name]
     summary = summarise(record["runs"], [s.name for s in systems])
     targets = check_targets(summary)
@@ -259,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(Path(args.report))
     kinds = [k for k in KINDS if k in args.only.split(",")]
     wanted = args.systems.split(",")
-    systems = [s for s in (*SYSTEMS, *ABLATIONS)
+    systems = [s for s in ALL_SYSTEMS
                if s.name in wanted or (args.ablation and s in ABLATIONS)]
     machine = _harness.machine_summary()
     args.name = args.name or machine["kind"] + ("_quick" if args.quick else "")
@@ -289,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, reason in skipped.items():
             print(f"  SKIPPED {name}: {reason}", flush=True)
         systems = [s for s in systems if s.name not in skipped]
-        saved_model = ""
-        if "infer" in kinds and any(s.module == "benchmarks.ours" and "infer" in s.kinds
-                                    for s in systems):
-            export = runner.run("export", "ours", "benchmarks.ours", "export",
-                                {"export_dir": str(tmp_dir / "export"), "flags": OURS_FLAGS},
-                                -1, 0)
-            saved_model = export.get("saved_model", "")
+        saved_models = {}  # One export per distinct set of export keywords.
+        for system in systems:
+            key = json.dumps(system.export, sort_keys=True)
+            if ("infer" in kinds and system.module == "benchmarks.ours" and "infer" in system.kinds
+                    and key not in saved_models):
+                export = runner.run("export", system.name, "benchmarks.ours", "export",
+                                    {"export_dir": str(tmp_dir / f"export{len(saved_models)}"),
+                                     "flags": OURS_FLAGS, **system.export}, -1, 0)
+                saved_models[key] = export.get("saved_model", "")
         repeats_done, started = 0, time.perf_counter()
         for repeat in range(args.repeats):
             pace = (time.perf_counter() - started) / max(repeats_done, 1)
@@ -324,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
                     if system.name == "keras_hub":
                         child["latency_calls"] = args.keras_hub_latency_calls
                     if system.module == "benchmarks.ours":
-                        if not saved_model:
+                        child["saved_model"] = saved_models.get(
+                            json.dumps(system.export, sort_keys=True), "")
+                        if not child["saved_model"]:
                             continue
-                        child["saved_model"] = saved_model
                     runner.run("infer", system.name, system.module, "infer", child, repeat, position)
             repeats_done += 1
         total_min = (time.perf_counter() - runner.started) / 60
@@ -362,7 +392,7 @@ def _merged(path: Path, runs: list[dict], systems: list[System], kinds: list[str
     measured = set(kinds) | {"export", "probe"}
     kept = [{**r, "date": r.get("date", old.get("date"))} for r in old.get("runs", [])
             if r.get("kind") not in measured]
-    by_name = {s.name: s for s in (*SYSTEMS, *ABLATIONS)}
+    by_name = {s.name: s for s in ALL_SYSTEMS}
     names = [s.name for s in systems]
     extra = dict.fromkeys(r["system"] for r in kept if r["system"] in by_name and r["system"] not in names)
     return kept + runs, systems + [by_name[name] for name in extra]
@@ -510,7 +540,7 @@ def _vs_best_torch(runs: list[dict]) -> dict:
     out: dict = {}
     for metric in ("train_examples_per_s", "infer_batch_examples_per_s", "infer_batch1_p50_ms"):
         kind, value, _, higher = METRICS[metric]
-        for base in ("ours", "ours_1thread"):
+        for base in ("ours", "ours_1thread", "ours_xla"):
             per_repeat = []
             for repeat in sorted({r["repeat"] for r in runs if r["kind"] == kind}):
                 mine = [value(r) for r in _ok(runs, kind, base) if r["repeat"] == repeat]
@@ -551,6 +581,8 @@ def check_targets(summary: dict) -> dict:
     out["infer_batch"] = verdict("infer_batch_examples_per_s", 1.5)
     out["infer_latency"] = verdict("infer_batch1_p50_ms", 1.0)
     out["infer_latency_1thread"] = verdict("infer_batch1_p50_ms", 1.0, base="ours_1thread")
+    out["infer_batch_xla"] = verdict("infer_batch_examples_per_s", 1.5, base="ours_xla")
+    out["infer_latency_xla"] = verdict("infer_batch1_p50_ms", 1.0, base="ours_xla")
     multiple = summary.get("input", {}).get("multiple_of_train")
     out["input"] = (
         {"met": multiple >= 10, "ratio": multiple,

@@ -89,6 +89,13 @@ def define_serving_flags() -> None:
         "dynamic-range <model_name>_int8/<version>/model.tflite) and measure accuracy, "
         "latency, throughput and size of each into <model_dir>/serving.json.",
     )
+    flags.DEFINE_string(
+        "serving_precision", "float32",
+        "float32|as_trained. What the exported graph computes in: float32 whatever "
+        "--precision trained the model (bf16 casts cost more than they save at small "
+        "batches), or as_trained (bf16 matmuls for a mixed_bfloat16 model; throughput-bound "
+        "serving on bf16 hardware). See BUILD_NOTES.md 'Serving precision'.",
+    )
 
 
 def define_text_serving_flags() -> None:

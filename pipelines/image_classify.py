@@ -52,6 +52,7 @@ def main(argv):
             model_name=FLAGS.model_name,
             model_dir=config.model_dir,
             crop_to_aspect_ratio=config.data.crop_to_aspect_ratio,
+            serving_precision=config.serving_precision,
         )
         print(f"Exported SavedModel: {path}")
         from tfhub_finetune.quantized_export import export_quantized_image_classifier

@@ -42,6 +42,7 @@ def main(argv):
             result["model"], task.backbone, task.labels, FLAGS.export_dir,
             model_name=FLAGS.model_name, model_dir=config.model_dir,
             serving_jit_compile=config.serving_jit_compile,
+            serving_precision=config.serving_precision,
         )
         print(f"Exported SavedModel: {path}"
               + (" (XLA; serve with --xla_cpu_compilation_enabled)"

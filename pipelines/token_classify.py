@@ -46,6 +46,7 @@ def main(argv):
         path = export_token_classifier(
             result["model"], task.backbone, task.labels, FLAGS.export_dir,
             model_name=FLAGS.model_name, model_dir=config.model_dir,
+            serving_precision=config.serving_precision,
         )
         print(f"Exported SavedModel: {path}")
         from tfhub_finetune.quantized_export import export_quantized_token_classifier

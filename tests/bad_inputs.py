@@ -226,6 +226,9 @@ CASES: list[Case] = [
          ("export_quantized", "export_dir")),
     Case("text_serving_jit_compile_without_export_dir", TEXT, (*TD, "--serving_jit_compile"),
          ("serving_jit_compile", "export_dir")),
+    Case("text_serving_precision_typo", TEXT,
+         (*TD, "--export_dir={export_dir}", "--serving_precision=bfloat16"),
+         ("serving_precision", "bfloat16", "as_trained")),
     # --- text_classify: backbones and monitors (after TensorFlow loads, before data) ---
     Case("text_unknown_backbone", TEXT, ("--backbone=minilm_l7", "--model_dir={model_dir}",
                                          "--train_data={good_tsv}"), ("minilm_l7",)),
@@ -323,6 +326,10 @@ CASES: list[Case] = [
     Case("image_export_quantized_typo", IMAGE,
          ("--backbone=scratch_cnn", "--model_dir={model_dir}", "--train_data={good_images}",
           "--export_dir={export_dir}", "--export_quantized=unt8"), ("export_quantized", "int8")),
+    Case("image_serving_precision_typo", IMAGE,
+         ("--backbone=scratch_cnn", "--model_dir={model_dir}", "--train_data={good_images}",
+          "--export_dir={export_dir}", "--serving_precision=float"),
+         ("serving_precision", "float32")),
     Case("image_size_negative", IMAGE, ("--backbone=scratch_cnn", "--model_dir={model_dir}",
                                         "--train_data={good_images}", "--image_size=-3"),
          ("image_size",)),
@@ -534,6 +541,9 @@ CASES: list[Case] = [
             ("export_quantized_without_export_dir", ("--train_data={dir}/t.txt",
                                                      "--export_quantized=int8"),
              ("export_quantized", "export_dir"), {"t.txt": CONLL}),
+            ("serving_precision_typo", ("--train_data={dir}/t.txt", "--export_dir={export_dir}",
+                                        "--serving_precision=as-trained"),
+             ("serving_precision", "as_trained"), {"t.txt": CONLL}),
         ]
     ],
 ]

@@ -402,10 +402,12 @@ def test_xla_serving_export_reloads_and_predicts_as_the_default_export(
     assert xla(text=tf.constant([], tf.string))["probabilities"].shape == (0, 2)
 
 
-def test_a_model_built_in_mixed_bfloat16_serves_bf16_and_says_so(
+def test_a_mixed_bfloat16_model_serves_float32_unless_exported_as_trained(
         tmp_path, minilm_l3_dir, text_model, text_export, dev_texts):
-    """`--precision=auto` picks mixed_bfloat16 where bf16 pays: the export then serves bf16
-    matmuls (float32 variables and outputs), its card says so, and it predicts as float32 does."""
+    """`--precision=auto` picks mixed_bfloat16 where bf16 pays for training. The export
+    computes in float32 by default (bf16 casts cost more than they save at small batches):
+    no bf16 op in its graph, the float32 model's answers, the Keras model's own policy
+    untouched. `serving_precision="as_trained"` serves bf16 matmuls and its card says so."""
     import keras
 
     backbone, model = text_model
@@ -417,19 +419,36 @@ def test_a_model_built_in_mixed_bfloat16_serves_bf16_and_says_so(
     finally:
         keras.config.set_dtype_policy(previous)
     bf16_model.set_weights(model.get_weights())
-    raw = Path(export.export_text_classifier(
-        bf16_model, backbone, LabelVocabulary(LABELS), tmp_path, model_name="bf16",
-        sequence_length=SEQUENCE_LENGTH, measure_latency=False))
-    card = json.loads((raw / "assets.extra" / "model_card.json").read_text())
-    float_card = json.loads((text_export[0] / "assets.extra" / "model_card.json").read_text())
-    assert (card["compute_dtype"], float_card["compute_dtype"]) == ("bfloat16", "float32")
-    assert _graph_has_dtype(raw, tf.bfloat16) and not _graph_has_dtype(text_export[0], tf.bfloat16)
     texts = dev_texts[:32]
-    served = tf.saved_model.load(str(raw)).signatures["serving_default"](text=tf.constant(texts))
-    assert served["probabilities"].dtype == tf.float32
     expected = reference_probabilities(model, backbone, texts)
+    keras_bf16 = reference_probabilities(bf16_model, backbone, texts)
+    policies = [layer.dtype_policy.name for layer in bf16_model._flatten_layers()]
+    assert "mixed_bfloat16" in policies
+
+    def exported(**kwargs):
+        raw = Path(export.export_text_classifier(
+            bf16_model, backbone, LabelVocabulary(LABELS), tmp_path, sequence_length=SEQUENCE_LENGTH,
+            measure_latency=False, **kwargs))
+        card = json.loads((raw / "assets.extra" / "model_card.json").read_text())
+        served = tf.saved_model.load(str(raw)).signatures["serving_default"](text=tf.constant(texts))
+        assert served["probabilities"].dtype == tf.float32
+        return raw, card, served["probabilities"].numpy()
+
+    raw, card, probabilities = exported(model_name="default")
+    assert card["compute_dtype"] == "float32" and not _graph_has_dtype(raw, tf.bfloat16)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    # The export changed nothing of the model it was given.
+    assert [layer.dtype_policy.name for layer in bf16_model._flatten_layers()] == policies
+    np.testing.assert_array_equal(reference_probabilities(bf16_model, backbone, texts), keras_bf16)
+
+    raw, card, probabilities = exported(model_name="bf16", serving_precision="as_trained")
+    assert card["compute_dtype"] == "bfloat16" and _graph_has_dtype(raw, tf.bfloat16)
     # bf16 keeps 8 bits of mantissa: the probabilities move by about 1e-2, the classes rarely.
-    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=0.05)
+    np.testing.assert_allclose(probabilities, expected, atol=0.05)
+
+    with pytest.raises(InputError, match=r"serving_precision='bfloat16'.*as_trained"):
+        export.export_text_classifier(bf16_model, backbone, LabelVocabulary(LABELS), tmp_path,
+                                      serving_precision="bfloat16")
 
 
 def _graph_has_dtype(saved_model: Path, dtype: tf.DType) -> bool:

@@ -27,6 +27,8 @@ TAG_SCHEMES = ("iob2", "iob1", "bioes")
 POOLINGS = ("auto", "cls", "pooler", "mean")
 # Serving forms written beside the float32 export (`--export_quantized`).
 QUANTIZATIONS = ("none", "int8")
+# What an exported graph computes in (`export.serving_precision_scope`).
+SERVING_PRECISIONS = ("float32", "as_trained")
 ADAPTATIONS = ("full", "head", "top", "lora")
 _ADAPTATION_FORMS = ("full (every weight trains), head (backbone frozen), top:K (the last K "
                      "transformer blocks or CNN stages train) or lora:R (LoRA of rank R on the "
@@ -302,7 +304,10 @@ class ExperimentConfig:
     (`selection.serving_forms`). `serving_jit_compile` (text): compile the
     exported serving functions' model call with XLA
     (`export.export_text_classifier(serving_jit_compile=True)`); TF Serving
-    then needs `--xla_cpu_compilation_enabled`.
+    then needs `--xla_cpu_compilation_enabled`. `serving_precision`:
+    `float32` (default) exports a graph computing in float32 whatever
+    `runtime.precision` trained it; `as_trained` keeps the training policy
+    (`export.serving_precision_scope`).
 
     Example:
 
@@ -316,6 +321,7 @@ class ExperimentConfig:
     model_dir: str = ""
     export_quantized: str = "none"
     serving_jit_compile: bool = False
+    serving_precision: str = "float32"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -396,6 +402,7 @@ class ExperimentConfig:
         if self.export_quantized not in QUANTIZATIONS:
             _bad("export_quantized", self.export_quantized, "Unknown serving form for --export_quantized.",
                  did_you_mean(str(self.export_quantized), QUANTIZATIONS))
+        _one_of("serving_precision", self.serving_precision, SERVING_PRECISIONS)
         return self
 
     def to_dict(self) -> dict[str, Any]:

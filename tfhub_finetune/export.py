@@ -110,8 +110,10 @@ path = export_text_classifier(model, backbone, labels, "exports", model_name="ss
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
+import functools
 import json
 import logging
 import os
@@ -130,9 +132,10 @@ import tensorflow as tf
 from tfhub_finetune.adaptation import merge_lora
 from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.spec import BackboneSpec
+from tfhub_finetune.config import SERVING_PRECISIONS
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.data.text import bucket_boundaries, pack_inputs
-from tfhub_finetune.errors import InputError
+from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.io_utils import atomic_path, check_export_name, staging_dir
 
 FORMAT = "tfhub_finetune.export/1"
@@ -156,6 +159,75 @@ _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"B
 # === Text ===
 
 
+@contextlib.contextmanager
+def serving_precision_scope(model: keras.Model, serving_precision: str = "float32"):
+    """Makes `model` compute in float32 while it is exported; its policies are restored after.
+
+    A model trained under `mixed_bfloat16` (what `--precision=auto` picks
+    where bf16 GEMMs pay, e.g. an AMX Xeon) keeps float32 variables, so the
+    served graph can compute in either dtype. It computes in float32 by
+    default because serving is mostly small batches: every call casts each
+    kernel to bf16, and at one sentence those casts cost more than the bf16
+    matmuls save (MiniLM-L6 on the AMX Xeon: batch-1 p50 21 ms bf16 vs
+    9.5 ms float32; batch 64 about equal; BUILD_NOTES "Serving precision").
+    `"as_trained"` keeps the trained policy. Quantized layers keep their mode
+    and compute their float part in float32 (`int8_from_float32`).
+
+    Args:
+        model: keras.Model. Any built Keras model.
+        serving_precision: str. One of `SERVING_PRECISIONS`.
+
+    Yields:
+        The model, its layers computing in the serving precision.
+
+    Raises:
+        InputError: for an unknown `serving_precision`.
+
+    Example:
+
+    ```python
+    with serving_precision_scope(model) as served:
+        probabilities = served(inputs)  # float32 compute whatever the training policy
+    ```
+    """
+    if serving_precision not in SERVING_PRECISIONS:
+        raise InputError(
+            "Unknown serving precision.", received={"serving_precision": serving_precision},
+            fix=did_you_mean(str(serving_precision), SERVING_PRECISIONS),
+        )
+    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    saved = [layer.dtype_policy for layer in layers]
+    if serving_precision == "float32":
+        for layer, policy in zip(layers, saved, strict=True):
+            mode = policy.quantization_mode
+            target = f"{mode}_from_float32" if mode else "float32"
+            if policy.name != target:
+                layer.dtype_policy = target
+    try:
+        yield model
+    finally:
+        for layer, policy in zip(layers, saved, strict=True):
+            if layer.dtype_policy is not policy:
+                layer.dtype_policy = policy
+
+
+def exported_in_serving_precision(export: Callable[..., str]) -> Callable[..., str]:
+    """Runs an exporter under `serving_precision_scope(model, serving_precision)`.
+
+    One place for every exporter's `serving_precision` keyword (text, tokens,
+    images): the wrapped function receives it too, for its model card.
+    """
+
+    @functools.wraps(export)
+    def wrapper(model: keras.Model, *args: Any, serving_precision: str = "float32",
+                **kwargs: Any) -> str:
+        with serving_precision_scope(model, serving_precision):
+            return export(model, *args, serving_precision=serving_precision, **kwargs)
+
+    return wrapper
+
+
+@exported_in_serving_precision
 def export_text_classifier(
     model: keras.Model,
     backbone: TextBackbone,
@@ -169,6 +241,7 @@ def export_text_classifier(
     text_pair: bool | None = None,
     measure_latency: bool = True,
     serving_jit_compile: bool = False,
+    serving_precision: str = "float32",
 ) -> str:
     """Writes a text classifier as two TF Serving SavedModels: raw strings and token ids.
 
@@ -212,6 +285,11 @@ def export_text_classifier(
             every request fails ("bad Status on first compilation request").
             Opt-in: measured in BUILD_NOTES.md "Serving levers". Defaults to
             `False`.
+        serving_precision: str. `float32` (default): the served graph
+            computes in float32 whatever policy the model was trained under
+            (faster at small batches; see `serving_precision_scope`);
+            `as_trained`: as the model was built (bf16 matmuls for a
+            `mixed_bfloat16` model).
 
     Returns:
         The raw-string SavedModel's version folder.
@@ -243,6 +321,7 @@ def export_text_classifier(
             received={"model": model.name, "inputs": _input_names(model)},
             fix=f"Pass a model from build_text_classifier (inputs {', '.join(TEXT_INPUTS)}).",
         )
+    del serving_precision  # Applied by `exported_in_serving_precision`; the card's compute_dtype.
     # LoRA adapters (if any) merged into plain kernels: served as fast as a full fine-tune.
     model = merge_lora(model)
     names, task = _label_names_and_task(labels, model)
@@ -634,6 +713,7 @@ def _sequence_length(value: int | None, params: dict | None, backbone: TextBackb
 # === Images ===
 
 
+@exported_in_serving_precision
 def export_image_classifier(
     model: keras.Model,
     labels: LabelVocabulary | Sequence[str],
@@ -646,6 +726,7 @@ def export_image_classifier(
     backbone: BackboneSpec | str | None = None,
     crop_to_aspect_ratio: bool = True,
     measure_latency: bool = True,
+    serving_precision: str = "float32",
 ) -> str:
     """Writes an image classifier as a TF Serving SavedModel that takes encoded images.
 
@@ -672,6 +753,11 @@ def export_image_classifier(
             `True`.
         measure_latency: bool. Time batch-1 calls for the model card.
             Defaults to `True`.
+        serving_precision: str. `float32` (default): the served graph
+            computes in float32 whatever policy the model was trained under
+            (faster at small batches; see `serving_precision_scope`);
+            `as_trained`: as the model was built (bf16 matmuls for a
+            `mixed_bfloat16` model).
 
     Returns:
         The SavedModel's version folder.
@@ -689,6 +775,7 @@ def export_image_classifier(
                                    model_name="hymenoptera")
     ```
     """
+    del serving_precision  # Applied by `exported_in_serving_precision`; the card's compute_dtype.
     size = _check_image_model(model, image_size)
     names, task = _label_names_and_task(labels, model)
     base = _export_base(export_dir)
@@ -1380,8 +1467,8 @@ def _model_card(
         "metrics": _card_metrics(metrics),
         "training": (params or {}).get("train"),
         "quantization": quantization_of(model),
-        # The served graph computes as the model was built: `mixed_bfloat16` (trained under
-        # `--precision=auto` where bf16 pays) runs bf16 matmuls, with float32 variables and outputs.
+        # What the served graph computes in: float32 unless exported `as_trained` from a
+        # `mixed_bfloat16` model (bf16 matmuls, float32 variables and outputs).
         "compute_dtype": str(keras.backend.standardize_dtype(model.dtype_policy.compute_dtype)),
         "profile": {
             "params": int(model.count_params()),

@@ -63,6 +63,7 @@ from tfhub_finetune.export import (
     _model_name,
     _read_json,
     _sequence_length,
+    exported_in_serving_precision,
     publish_text_models,
 )
 
@@ -150,6 +151,7 @@ def decode_entities(
     }
 
 
+@exported_in_serving_precision
 def export_token_classifier(
     model: keras.Model,
     backbone: TextBackbone,
@@ -162,6 +164,7 @@ def export_token_classifier(
     sequence_length: int | None = None,
     stride: int | None = None,
     measure_latency: bool = True,
+    serving_precision: str = "float32",
 ) -> str:
     """Writes a token classifier as two TF Serving SavedModels: raw sentences and token ids.
 
@@ -181,6 +184,8 @@ def export_token_classifier(
         stride: int or None. Window stride; default from params.json (0: half
             a window).
         measure_latency: bool. Time batch-1 calls for the model card.
+        serving_precision: str. `float32` (default) or `as_trained`, as for
+            `export_text_classifier`.
 
     Returns:
         The raw-string SavedModel's version folder.
@@ -196,6 +201,7 @@ def export_token_classifier(
                                    model_dir="runs/conll2003")
     ```
     """
+    del serving_precision  # Applied by `exported_in_serving_precision`; the card's compute_dtype.
     if not isinstance(backbone, TextBackbone):
         raise InputError("The token export needs the TextBackbone the model was built on.",
                          received={"backbone": type(backbone).__name__})

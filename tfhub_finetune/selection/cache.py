@@ -30,7 +30,7 @@ CACHE_VERSION = 2
 # fingerprinted instead), how often backups are written, progress output, and how
 # the export is compiled for serving (trials never export).
 NOT_COMPUTED = ("data.train_data", "data.eval_data", "train.backup_every_steps", "runtime.verbose",
-                "serving_jit_compile")
+                "serving_jit_compile", "serving_precision")
 
 
 def hash_json(value: Any) -> str:
