@@ -451,6 +451,32 @@ def test_a_mixed_bfloat16_model_serves_float32_unless_exported_as_trained(
                                       serving_precision="bfloat16")
 
 
+def test_the_serving_scope_keeps_int8_layers_int8_and_puts_everything_back():
+    """A quantized layer computes its float part in float32 inside the scope, stays int8, and
+    every policy is the model's own again afterwards."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        inputs = keras.Input((8,))
+        model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Dense(16)(inputs)))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    with pytest.warns(UserWarning, match="InputLayer"):
+        model.quantize("int8")
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    x = np.random.default_rng(0).random((3, 8), dtype=np.float32)
+    trained = model(x).numpy()
+    with export.serving_precision_scope(model) as served:
+        assert [layer.dtype_policy.name for layer in dense] == ["int8_from_float32"] * 2
+        in_float32 = tf.function(served)(x).numpy()
+    assert [layer.dtype_policy.name for layer in dense] == ["int8_from_mixed_bfloat16"] * 2
+    np.testing.assert_array_equal(model(x).numpy(), trained)
+    # Only the float part's rounding differs (bf16 keeps 8 bits of mantissa).
+    assert 0 < np.abs(in_float32 - trained).max() < 0.05
+
+
 def _graph_has_dtype(saved_model: Path, dtype: tf.DType) -> bool:
     """Whether any op of the SavedModel's functions computes in `dtype`."""
     from tensorflow.core.protobuf import saved_model_pb2
