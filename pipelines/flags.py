@@ -189,6 +189,10 @@ def config_from_flags(model_task: str | None = None) -> ExperimentConfig:
         raise InputError("--serving_jit_compile needs --export_dir (it changes the export).",
                          received={"serving_jit_compile": True},
                          fix="Set --export_dir, or drop --serving_jit_compile.")
+    if config.serving_precision != "float32" and not export_dir:
+        raise InputError("--serving_precision needs --export_dir (it changes the export).",
+                         received={"serving_precision": config.serving_precision},
+                         fix="Set --export_dir, or drop --serving_precision.")
     if export_dir and config.mode != "eval":
         check_output_dir(export_dir, "export_dir")
         check_export_name(f.model_name or Path(config.model_dir).resolve().name)

@@ -226,6 +226,8 @@ CASES: list[Case] = [
          ("export_quantized", "export_dir")),
     Case("text_serving_jit_compile_without_export_dir", TEXT, (*TD, "--serving_jit_compile"),
          ("serving_jit_compile", "export_dir")),
+    Case("text_serving_precision_without_export_dir", TEXT,
+         (*TD, "--serving_precision=as_trained"), ("serving_precision", "export_dir")),
     Case("text_serving_precision_typo", TEXT,
          (*TD, "--export_dir={export_dir}", "--serving_precision=bfloat16"),
          ("serving_precision", "bfloat16", "as_trained")),

@@ -110,6 +110,18 @@ def test_decide_is_a_pure_function_of_the_figures():
     assert (fixed.precision, fixed.jit_compile) == ("float32", True)
 
 
+def test_batch1_threads_are_decided_from_measured_latencies():
+    # Recorded: the AVX-512 Xeon (one thread 7.5 vs 11.7 ms p50) and the AMX Xeon (13.5 vs 11.2).
+    threads, reason = calibration.decide_serving_threads(
+        {"threads=default": 0.0117, "threads=1": 0.0075})
+    assert threads == (1, 1) and "1.56x" in reason
+    assert calibration.decide_serving_threads(
+        {"threads=default": 0.0112, "threads=1": 0.0135})[0] == (0, 0)
+    # Within the margin, or a figure missing: TensorFlow's default pools.
+    assert calibration.decide_serving_threads({"threads=default": 0.012, "threads=1": 0.010})[0] == (0, 0)
+    assert calibration.decide_serving_threads({"threads=1": 0.001})[0] == (0, 0)
+
+
 def test_accelerators_are_decided_without_measuring():
     assert distribute.accelerator_precision(True, [])[0] == "mixed_bfloat16"
     assert distribute.accelerator_precision(False, [(8, 0), (7, 5)])[0] == "mixed_float16"

@@ -637,7 +637,11 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
     assert "falls back from FILE to DATA sharding" in outputs[0]
 
 
-def test_serving_threads_are_one_each_at_batch_1_and_tensorflows_default_otherwise():
+def test_serving_threads_at_batch_1_are_what_this_machine_measures(tmp_path):
+    """TensorFlow's default pools except at batch 1, where the calibration (measured on this
+    machine, cached) decides; explicit counts win; after the runtime starts nothing changes."""
+    from tfhub_finetune import calibration
+
     # A fresh process: thread pools are fixed once TensorFlow's runtime starts.
     script = (
         "import tensorflow as tf\n"
@@ -645,13 +649,21 @@ def test_serving_threads_are_one_each_at_batch_1_and_tensorflows_default_otherwi
         "pools = lambda: (tf.config.threading.get_intra_op_parallelism_threads(),"
         " tf.config.threading.get_inter_op_parallelism_threads())\n"
         "print(set_serving_threads(64), pools())\n"
-        "print(set_serving_threads(1), pools())\n"
+        "print(set_serving_threads(1, inter_op=2), pools())\n"
         "tf.constant(1.0) + 1.0\n"
-        "print(set_serving_threads(1, 2, 2))\n"  # Too late now: left as they are.
+        "print(set_serving_threads(1, 3, 3))\n"  # Too late now: left as they are.
     )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "XDG_CACHE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                          timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines() == ["(0, 0) (0, 0)", "(1, 1) (1, 1)", "(1, 1)"]
+    cached = calibration.serving_thread_calibration(cache_dir=tmp_path / "tfhub_finetune")
+    assert not cached.measured  # The child measured and cached it (child processes per setting).
+    assert set(cached.seconds) == set(calibration.SERVING_THREAD_CONFIGS)
+    assert all(0 < value < 1 for value in cached.seconds.values())
+    assert cached.key["workload"] == "serve_batch1_threads"
+    intra = calibration.decide_serving_threads(cached.seconds)[0][0]
+    assert done.stdout.strip().splitlines() == [
+        "(0, 0) (0, 0)", f"({intra}, 2) ({intra}, 2)", f"({intra}, 2)"]
     with pytest.raises(InputError, match="intra_op"):
         distribute.set_serving_threads(1, intra_op=-2)

@@ -41,7 +41,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tfhub_finetune.io_utils import atomic_write_text
@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 CALIBRATION_VERSION = 3
 RECALIBRATE_ENV = "TFHUB_FINETUNE_RECALIBRATE"
 CONFIGS = ("float32", "mixed_bfloat16", "float32+xla", "mixed_bfloat16+xla")
+# `serving_thread_calibration`'s settings: TensorFlow's default pools, one thread each.
+SERVING_THREAD_CONFIGS = ("threads=default", "threads=1")
 # bf16 or XLA is chosen only when the calibration step is at least this much
 # faster. The calibration times the precision-sensitive part of a step; the
 # optimizer update (float32 under either policy, ~20-35% of a MiniLM step on
@@ -194,20 +196,94 @@ def cpu_calibration(
     if unknown or not configs:
         raise ValueError(f"Unknown calibration configurations {unknown}; expected some of "
                          f"{list(CONFIGS)}.")
+    key = _machine_key(tf.__version__, hidden_size)
+    return _cached(key, list(dict.fromkeys(configs)), CONFIGS,
+                   lambda names: _measure(int(hidden_size), names), recalibrate, cache_dir)
+
+
+def serving_thread_calibration(
+    hidden_size: int = DEFAULT_HIDDEN_SIZE,
+    *,
+    recalibrate: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Calibration:
+    """Batch-1 latency with TensorFlow's default thread pools and with one thread each.
+
+    Thread pools are fixed when TensorFlow's runtime starts, so each setting
+    is measured in a child process of its own (`SERVING_THREAD_CONFIGS`;
+    ~10 s for both, once per machine: cached like `cpu_calibration`). The
+    workload is one encoder layer's forward pass on one sentence (1 x 32
+    tokens at `hidden_size`), a chain of small ops like a served encoder's
+    batch-1 call; each child reports the least, over rounds, of the median
+    wall time of its calls (latency is what a caller waits, so wall time).
+    Children alternate (default, one, one, default) so load drift falls on
+    both.
+
+    Args:
+        hidden_size: int. The model's hidden width.
+        recalibrate: bool or None. As for `cpu_calibration`.
+        cache_dir: str, path or None. As for `cpu_calibration`.
+
+    Returns:
+        A Calibration whose `seconds` maps `SERVING_THREAD_CONFIGS` to seconds
+        per call.
+
+    Example:
+
+    ```python
+    figures = serving_thread_calibration()
+    decide_serving_threads(figures.seconds)  # ((1, 1), 'one thread 1.56x ...') or ((0, 0), ...)
+    ```
+    """
+    import tensorflow as tf
+
+    key = {**_machine_key(tf.__version__, hidden_size), "workload": "serve_batch1_threads"}
+    return _cached(key, list(SERVING_THREAD_CONFIGS), SERVING_THREAD_CONFIGS,
+                   lambda names: _measure_serving_threads(int(hidden_size)), recalibrate,
+                   cache_dir)
+
+
+def decide_serving_threads(
+    seconds: Mapping[str, float], margin: float = MARGIN
+) -> tuple[tuple[int, int], str]:
+    """`(intra_op, inter_op)` for batch-1 serving from measured latencies: a pure function.
+
+    One thread each only when that is at least `margin` times faster than
+    TensorFlow's default pools (0, 0); a missing figure counts as not faster.
+
+    Example:
+
+    ```python
+    decide_serving_threads({"threads=default": 0.0117, "threads=1": 0.0075})[0]  # (1, 1)
+    ```
+    """
+    default, one = seconds.get("threads=default", 0.0), seconds.get("threads=1", 0.0)
+    ratio = default / one if default > 0 and one > 0 else 0.0
+    threads = (1, 1) if ratio >= margin else (0, 0)
+    return threads, (f"one intra-op and one inter-op thread {ratio:.2f}x TensorFlow's default "
+                     f"pools at batch 1 (choose one at >= {margin:.2f}x)")
+
+
+def _machine_key(tensorflow_version: str, hidden_size: int) -> dict:
+    model, flags = _cpu_identity()
+    return {"version": CALIBRATION_VERSION, "cpu": model, "isa": sorted(set(_ISA_FLAGS) & flags),
+            "tensorflow": tensorflow_version, "hidden_size": int(hidden_size)}
+
+
+def _cached(key: dict, configs: list[str], allowed: Sequence[str],
+            measure: Callable[[list[str]], dict[str, float]], recalibrate: bool | None,
+            cache_dir: str | os.PathLike | None) -> Calibration:
+    """The figures for `configs` under `key`: from the cache file, else measured and cached."""
     if recalibrate is None:
         recalibrate = os.environ.get(RECALIBRATE_ENV, "").strip().lower() in ("1", "true", "yes")
-    model, flags = _cpu_identity()
-    key = {"version": CALIBRATION_VERSION, "cpu": model, "isa": sorted(set(_ISA_FLAGS) & flags),
-           "tensorflow": tf.__version__, "hidden_size": int(hidden_size)}
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / _cache_name(key)
-    configs = list(dict.fromkeys(configs))
     group = "|".join(sorted(configs))
-    cached = _read_cache(path, key)
+    cached = _read_cache(path, key, allowed)
     if not recalibrate and cached is not None and group in cached:
         return Calibration(seconds=cached[group], key=key, path=path, measured=False)
     started = time.perf_counter()
-    seconds = _measure(int(hidden_size), configs)
+    seconds = measure(configs)
     # Figures are compared only within the rotation that measured them: one entry per set.
     record = {"key": key, "runs": {**(cached or {}), group: seconds},
               "measured_s": round(time.perf_counter() - started, 1),
@@ -262,7 +338,8 @@ def _cache_name(key: dict) -> str:
     return f"cpu-calibration-{slug}-{digest}.json"
 
 
-def _read_cache(path: Path, key: dict) -> dict[str, dict[str, float]] | None:
+def _read_cache(path: Path, key: dict,
+                allowed: Sequence[str] = CONFIGS) -> dict[str, dict[str, float]] | None:
     """The cached runs (`"float32|mixed_bfloat16"` -> seconds), or None to measure."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -270,7 +347,7 @@ def _read_cache(path: Path, key: dict) -> dict[str, dict[str, float]] | None:
                 for group, seconds in record["runs"].items()}
         if record["key"] != key:
             raise ValueError("made for another machine, TensorFlow or workload")
-        if any(group != "|".join(sorted(seconds)) or not set(seconds) <= set(CONFIGS)
+        if any(group != "|".join(sorted(seconds)) or not set(seconds) <= set(allowed)
                for group, seconds in runs.items()):
             raise ValueError("unknown configurations")
     except FileNotFoundError:
@@ -314,8 +391,9 @@ def _timed(step) -> float:
     return time.process_time() - started
 
 
-def _step(hidden: int, config: str):
-    """One encoder layer's forward + backward under `config`, as a no-argument callable."""
+def _step(hidden: int, config: str, *, batch: int = _BATCH, seq: int = _SEQ,
+          backward: bool = True):
+    """One encoder layer's forward (+ backward) under `config`, as a no-argument callable."""
     import tensorflow as tf
 
     policy, _, xla = config.partition("+")
@@ -328,7 +406,7 @@ def _step(hidden: int, config: str):
     norms = [tf.Variable(tf.ones([hidden])) for _ in range(2)] + [tf.Variable(tf.zeros([hidden]))
                                                                    for _ in range(2)]
     variables = weights + biases + norms
-    x = init((_BATCH, _SEQ, hidden), seed=(9, 9))
+    x = init((batch, seq, hidden), seed=(9, 9))
 
     def layer_norm(value, gain, bias):
         value = tf.cast(value, tf.float32)  # Keras computes LayerNorm in float32 under bf16.
@@ -342,16 +420,64 @@ def _step(hidden: int, config: str):
     def step():
         with tf.GradientTape() as tape:
             h = tf.cast(x, compute)
-            qkv = tf.reshape(dense(h, 0), [_BATCH, _SEQ, 3, heads, hidden // heads])
+            qkv = tf.reshape(dense(h, 0), [batch, seq, 3, heads, hidden // heads])
             q, k, v = tf.unstack(qkv, axis=2)
             scores = tf.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / (hidden // heads) ** 0.5)
             probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32)), compute)
-            attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", probs, v), [_BATCH, _SEQ, hidden])
+            attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", probs, v), [batch, seq, hidden])
             h = layer_norm(h + dense(attended, 1), norms[0], norms[2])
             ff = dense(tf.nn.gelu(dense(h, 2), approximate=False), 3)
             out = layer_norm(h + ff, norms[1], norms[3])
             loss = tf.reduce_mean(tf.square(tf.cast(out, tf.float32)))
+        if not backward:
+            return loss
         grads = tape.gradient(loss, variables)
         return tf.add_n([tf.reduce_sum(g) for g in grads])
 
     return lambda: step().numpy()
+
+
+def _measure_serving_threads(hidden: int) -> dict[str, float]:
+    """Seconds per batch-1 call with each of `SERVING_THREAD_CONFIGS`, one child process each."""
+    import subprocess
+    import sys
+
+    best: dict[str, float] = {}
+    for name in ("threads=default", "threads=1", "threads=1", "threads=default"):
+        threads = 0 if name == "threads=default" else 1
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys; from tfhub_finetune.calibration import "
+             "_serving_latency_child as child; child(int(sys.argv[1]), int(sys.argv[2]))",
+             str(hidden), str(threads)],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"The serving-thread calibration child failed: "
+                               f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        best[name] = min(best.get(name, float("inf")), float(lines[-1]))
+    return {name: round(value, 6) for name, value in best.items()}
+
+
+def _serving_latency_child(hidden: int, threads: int) -> None:
+    """Prints the least round median of batch-1 forward calls with `threads` per pool (0: TF's)."""
+    import statistics
+
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    call = _step(hidden, "float32", batch=1, seq=32, backward=False)
+    for _ in range(10):  # Tracing, oneDNN primitive creation.
+        call()
+    medians = []
+    for _ in range(5):
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+        medians.append(statistics.median(times))
+    print(min(medians), flush=True)

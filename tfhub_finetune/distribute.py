@@ -734,14 +734,14 @@ def resolve_jit_compile(
 
 # === Serving threads ===
 
-# TensorFlow's intra-op / inter-op pools for batch-1 serving: one each. A
-# batch-1 forward pass of a small encoder is a chain of small ops, where
-# handing each op to a pool costs more than the second thread gives back
-# (measured with `benchmarks/serving_levers.py --only=threads` on AVX-512 and
-# AMX Xeons; BUILD_NOTES.md "Serving levers"). TF Serving's flags:
+# TensorFlow's intra-op / inter-op pools for batch-1 serving are measured, not looked up: a
+# batch-1 forward pass of a small encoder is a chain of small ops, and whether handing each
+# to a two-thread pool costs more than the second thread gives back depends on the machine
+# (one thread each: 7.5 vs 11.7 ms p50 on an AVX-512 Xeon; no better on the AMX Xeon,
+# 13.5 vs 11.2 ms; BUILD_NOTES.md "Serving levers"). `calibration.serving_thread_calibration`
+# times both in child processes, once per machine (cached). TF Serving's flags for one thread:
 # `--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1`
 # (or `--tensorflow_session_parallelism=1` alone, which sets both).
-BATCH1_THREADS = (1, 1)
 
 
 def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1) -> tuple[int, int]:
@@ -754,7 +754,9 @@ def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1)
     Args:
         batch_size: int. Inputs per call.
         intra_op: int. Threads per op; 0 is TensorFlow's default (one per
-            core), -1 picks: 1 at batch 1 (`BATCH1_THREADS`), else 0.
+            core), -1 picks: at batch 1 one thread each where the machine's
+            calibration measures that at least `calibration.MARGIN` faster
+            (`calibration.serving_thread_calibration`, cached), else 0.
         inter_op: int. Ops run at once; same conventions.
 
     Returns:
@@ -766,21 +768,26 @@ def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1)
     Example:
 
     ```python
-    set_serving_threads(1)  # (1, 1): what TF Serving's thread flags should say at batch 1
+    set_serving_threads(1)  # (1, 1) or (0, 0), as measured here: what TF Serving's flags should say
     ```
     """
-    chosen = []
-    for name, value, batch1 in (("intra_op", intra_op, BATCH1_THREADS[0]),
-                                ("inter_op", inter_op, BATCH1_THREADS[1])):
+    for name, value in (("intra_op", intra_op), ("inter_op", inter_op)):
         if not isinstance(value, int) or value < -1:
             raise InputError(
                 f"Invalid thread count for `{name}`.",
                 received={name: value},
-                fix="Expected -1 (auto: 1 at batch size 1, else TensorFlow's default), 0 "
+                fix="Expected -1 (auto: measured at batch size 1, else TensorFlow's default), 0 "
                 "(TensorFlow's default) or a positive count.",
             )
-        chosen.append((batch1 if batch_size == 1 else 0) if value == -1 else value)
-    intra, inter = chosen
+    auto = (0, 0)
+    if batch_size == 1 and -1 in (intra_op, inter_op):
+        from tfhub_finetune import calibration
+
+        figures = calibration.serving_thread_calibration()
+        auto, reason = calibration.decide_serving_threads(figures.seconds)
+        logger.info("threads=auto at batch 1 -> intra-op %s, inter-op %s: %s; %s", auto[0],
+                    auto[1], reason, _calibration_source(figures))
+    intra, inter = (auto[i] if value == -1 else value for i, value in enumerate((intra_op, inter_op)))
     try:
         if intra:
             tf.config.threading.set_intra_op_parallelism_threads(intra)
