@@ -122,6 +122,23 @@ def test_batch1_threads_are_decided_from_measured_latencies():
     assert calibration.decide_serving_threads({"threads=1": 0.001})[0] == (0, 0)
 
 
+def test_a_thread_calibration_that_cannot_run_leaves_tensorflows_default_pools(
+        tmp_path, monkeypatch, caplog):
+    def broken(hidden):
+        raise RuntimeError("The serving-thread calibration child failed: no output")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(calibration, "_measure_serving_threads", broken)
+    with caplog.at_level("WARNING", logger="tfhub_finetune.distribute"):
+        threads = distribute.set_serving_threads(1)
+    assert "could not run" in caplog.text and "no output" in caplog.text
+    # This test process's runtime has started, so the pools are whatever they already were.
+    import tensorflow as tf
+
+    assert threads == (tf.config.threading.get_intra_op_parallelism_threads(),
+                       tf.config.threading.get_inter_op_parallelism_threads())
+
+
 def test_accelerators_are_decided_without_measuring():
     assert distribute.accelerator_precision(True, [])[0] == "mixed_bfloat16"
     assert distribute.accelerator_precision(False, [(8, 0), (7, 5)])[0] == "mixed_float16"

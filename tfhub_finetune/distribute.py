@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -783,10 +784,16 @@ def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1)
     if batch_size == 1 and -1 in (intra_op, inter_op):
         from tfhub_finetune import calibration
 
-        figures = calibration.serving_thread_calibration()
-        auto, reason = calibration.decide_serving_threads(figures.seconds)
-        logger.info("threads=auto at batch 1 -> intra-op %s, inter-op %s: %s; %s", auto[0],
-                    auto[1], reason, _calibration_source(figures))
+        try:
+            figures = calibration.serving_thread_calibration()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+            # No measurement, no pinning: TensorFlow's default pools serve correctly anywhere.
+            logger.warning("threads=auto at batch 1 -> TensorFlow's default pools: the thread "
+                           "calibration could not run (%s).", error)
+        else:
+            auto, reason = calibration.decide_serving_threads(figures.seconds)
+            logger.info("threads=auto at batch 1 -> intra-op %s, inter-op %s: %s; %s", auto[0],
+                        auto[1], reason, _calibration_source(figures))
     intra, inter = (auto[i] if value == -1 else value for i, value in enumerate((intra_op, inter_op)))
     try:
         if intra:
