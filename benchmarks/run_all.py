@@ -104,6 +104,11 @@ class System:
     # serves (one export per distinct set, made before the repetitions).
     export: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def export_key(self) -> str:
+        """Which export it serves: systems with equal keywords share one SavedModel."""
+        return json.dumps(self.export, sort_keys=True)
+
 
 # Ours as a user gets its best on the machine at hand: `--precision=auto` trains in
 # mixed_bfloat16 where the calibration measures bf16 paying, float32 elsewhere
@@ -318,13 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         systems = [s for s in systems if s.name not in skipped]
         saved_models = {}  # One export per distinct set of export keywords.
         for system in systems:
-            key = json.dumps(system.export, sort_keys=True)
             if ("infer" in kinds and system.module == "benchmarks.ours" and "infer" in system.kinds
-                    and key not in saved_models):
+                    and system.export_key not in saved_models):
                 export = runner.run("export", system.name, "benchmarks.ours", "export",
                                     {"export_dir": str(tmp_dir / f"export{len(saved_models)}"),
                                      "flags": OURS_FLAGS, **system.export}, -1, 0)
-                saved_models[key] = export.get("saved_model", "")
+                saved_models[system.export_key] = export.get("saved_model", "")
         repeats_done, started = 0, time.perf_counter()
         for repeat in range(args.repeats):
             pace = (time.perf_counter() - started) / max(repeats_done, 1)
@@ -353,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                     if system.name == "keras_hub":
                         child["latency_calls"] = args.keras_hub_latency_calls
                     if system.module == "benchmarks.ours":
-                        child["saved_model"] = saved_models.get(
-                            json.dumps(system.export, sort_keys=True), "")
+                        child["saved_model"] = saved_models.get(system.export_key, "")
                         if not child["saved_model"]:
                             continue
                     runner.run("infer", system.name, system.module, "infer", child, repeat, position)

@@ -159,6 +159,15 @@ def define_tag_flags() -> None:
     flags.DEFINE_integer("window_stride", 0, "Word pieces between window starts (0: half a window).")
 
 
+# `ExperimentConfig` fields that only shape the export: set away from their default without
+# --export_dir they would do nothing, so that is an error (and why, for its message).
+_EXPORT_ONLY_FIELDS = {
+    "export_quantized": "the variant is written beside the float32 export",
+    "serving_jit_compile": "it changes the export",
+    "serving_precision": "it changes the export",
+}
+
+
 def config_from_flags(model_task: str | None = None) -> ExperimentConfig:
     """Builds the validated config from parsed flags.
 
@@ -180,19 +189,12 @@ def config_from_flags(model_task: str | None = None) -> ExperimentConfig:
     # Before any data is read or model loaded: a bad output folder costs a second, not a run.
     check_output_dir(config.model_dir, "model_dir")  # Eval writes metrics.json there too.
     export_dir = f.export_dir if "export_dir" in f else None
-    if config.export_quantized != "none" and not export_dir:
-        raise InputError("--export_quantized needs --export_dir (the variant is written beside "
-                         "the float32 export).",
-                         received={"export_quantized": config.export_quantized},
-                         fix="Set --export_dir, or drop --export_quantized.")
-    if config.serving_jit_compile and not export_dir:
-        raise InputError("--serving_jit_compile needs --export_dir (it changes the export).",
-                         received={"serving_jit_compile": True},
-                         fix="Set --export_dir, or drop --serving_jit_compile.")
-    if config.serving_precision != "float32" and not export_dir:
-        raise InputError("--serving_precision needs --export_dir (it changes the export).",
-                         received={"serving_precision": config.serving_precision},
-                         fix="Set --export_dir, or drop --serving_precision.")
+    defaults = ExperimentConfig()
+    for name, why in _EXPORT_ONLY_FIELDS.items():
+        value = getattr(config, name)
+        if value != getattr(defaults, name) and not export_dir:
+            raise InputError(f"--{name} needs --export_dir ({why}).", received={name: value},
+                             fix=f"Set --export_dir, or drop --{name}.")
     if export_dir and config.mode != "eval":
         check_output_dir(export_dir, "export_dir")
         check_export_name(f.model_name or Path(config.model_dir).resolve().name)

@@ -14,6 +14,12 @@ load of shared cores falls on all alike, by process-CPU time (which other
 jobs on the cores disturb far less than wall time). `decide` turns the figures into a
 choice with a margin (`MARGIN`).
 
+`serving_thread_calibration` measures, the same way but in child processes
+(thread pools are fixed when TensorFlow's runtime starts), whether one
+intra-op and one inter-op thread serve a batch-1 call faster than
+TensorFlow's default pools; `decide_serving_threads` chooses with the same
+margin.
+
 The figures are cached per CPU model + matmul-relevant ISA flags +
 TensorFlow version + hidden size, as JSON under the user cache folder
 (`$XDG_CACHE_HOME/tfhub_finetune`, else `~/.cache/tfhub_finetune`), written
@@ -41,7 +47,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 from tfhub_finetune.io_utils import atomic_write_text
@@ -52,8 +58,8 @@ logger = logging.getLogger(__name__)
 CALIBRATION_VERSION = 3
 RECALIBRATE_ENV = "TFHUB_FINETUNE_RECALIBRATE"
 CONFIGS = ("float32", "mixed_bfloat16", "float32+xla", "mixed_bfloat16+xla")
-# `serving_thread_calibration`'s settings: TensorFlow's default pools, one thread each.
-SERVING_THREAD_CONFIGS = ("threads=default", "threads=1")
+# `serving_thread_calibration`'s settings -> threads per pool (0: TensorFlow's default pools).
+SERVING_THREAD_CONFIGS = {"threads=default": 0, "threads=1": 1}
 # bf16 or XLA is chosen only when the calibration step is at least this much
 # faster. The calibration times the precision-sensitive part of a step; the
 # optimizer update (float32 under either policy, ~20-35% of a MiniLM step on
@@ -211,7 +217,8 @@ def serving_thread_calibration(
 
     Thread pools are fixed when TensorFlow's runtime starts, so each setting
     is measured in a child process of its own (`SERVING_THREAD_CONFIGS`;
-    ~10 s for both, once per machine: cached like `cpu_calibration`). The
+    ~20 s for both on a quiet 2-core Xeon, once per machine: cached like
+    `cpu_calibration`). The
     workload is one encoder layer's forward pass on one sentence (1 x 32
     tokens at `hidden_size`), a chain of small ops like a served encoder's
     batch-1 call; each child reports the least, over rounds, of the median
@@ -270,7 +277,7 @@ def _machine_key(tensorflow_version: str, hidden_size: int) -> dict:
             "tensorflow": tensorflow_version, "hidden_size": int(hidden_size)}
 
 
-def _cached(key: dict, configs: list[str], allowed: Sequence[str],
+def _cached(key: dict, configs: list[str], allowed: Collection[str],
             measure: Callable[[list[str]], dict[str, float]], recalibrate: bool | None,
             cache_dir: str | os.PathLike | None) -> Calibration:
     """The figures for `configs` under `key`: from the cache file, else measured and cached."""
@@ -339,7 +346,7 @@ def _cache_name(key: dict) -> str:
 
 
 def _read_cache(path: Path, key: dict,
-                allowed: Sequence[str] = CONFIGS) -> dict[str, dict[str, float]] | None:
+                allowed: Collection[str] = CONFIGS) -> dict[str, dict[str, float]] | None:
     """The cached runs (`"float32|mixed_bfloat16"` -> seconds), or None to measure."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -443,8 +450,9 @@ def _measure_serving_threads(hidden: int) -> dict[str, float]:
     import sys
 
     best: dict[str, float] = {}
-    for name in ("threads=default", "threads=1", "threads=1", "threads=default"):
-        threads = 0 if name == "threads=default" else 1
+    names = list(SERVING_THREAD_CONFIGS)
+    for name in names + names[::-1]:  # In rotation, so load drift falls on both.
+        threads = SERVING_THREAD_CONFIGS[name]
         done = subprocess.run(
             [sys.executable, "-c", "import sys; from tfhub_finetune.calibration import "
              "_serving_latency_child as child; child(int(sys.argv[1]), int(sys.argv[2]))",

@@ -215,7 +215,10 @@ def exported_in_serving_precision(export: Callable[..., str]) -> Callable[..., s
     """Runs an exporter under `serving_precision_scope(model, serving_precision)`.
 
     One place for every exporter's `serving_precision` keyword (text, tokens,
-    images): the wrapped function receives it too, for its model card.
+    images). The wrapped function declares the keyword too, so its signature
+    and docstring (which `functools.wraps` makes the public ones) show it; it
+    only discards it, the scope having applied it (the card's
+    `compute_dtype` reports the result).
     """
 
     @functools.wraps(export)
