@@ -363,7 +363,7 @@ def write_quantized_form(task, model, float_path: str, config: ExperimentConfig,
     """
     if config.export_quantized == "none":
         return
-    from tfhub_finetune.quantized_export import TFLITE_FILE
+    from tfhub_finetune.quantized_export import TFLITE_FILE, tflite_form
 
     variant = exporter(model, export_dir=FLAGS.export_dir, mode=config.export_quantized,
                        model_name=FLAGS.model_name, model_dir=config.model_dir,
@@ -371,8 +371,13 @@ def write_quantized_form(task, model, float_path: str, config: ExperimentConfig,
     tflite = Path(variant) / TFLITE_FILE
     print(f"Exported {config.export_quantized} "
           + (f"TFLite: {tflite}" if tflite.exists() else f"SavedModel: {variant}"))
-    print_serving_forms(task, {"float32": float_path, config.export_quantized: variant},
-                        config.model_dir)
+    forms = {"float32": float_path, config.export_quantized: variant}
+    # Text also gets the same int8 network as a TFLite file (token ids in).
+    twin = tflite_form(variant)
+    if twin is not None:
+        print(f"Exported {config.export_quantized} TFLite (token ids in): {twin / TFLITE_FILE}")
+        forms[f"{config.export_quantized}_tflite"] = str(twin)
+    print_serving_forms(task, forms, config.model_dir)
 
 
 def print_serving_forms(task, forms: dict, model_dir: str) -> None:

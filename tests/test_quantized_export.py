@@ -1,4 +1,4 @@
-"""int8 serving forms: Keras int8 SavedModels for text, TFLite dynamic range for images."""
+"""int8 serving forms: Keras int8 SavedModels and a TFLite file for text, TFLite for images."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import tensorflow as tf
 from tests.conftest import require_shared_path, run_pipeline
 from tfhub_finetune import export, quantized_export
 from tfhub_finetune.backbones import load_backbone
+from tfhub_finetune.backbones.base import TEXT_INPUTS
 from tfhub_finetune.builders.image_classifier import build_image_classifier
 from tfhub_finetune.builders.text_classifier import build_text_classifier
 from tfhub_finetune.data.text import make_text_dataset, tokenize_texts
@@ -130,6 +131,52 @@ def test_int8_text_export_stores_int8_kernels_and_is_smaller(text_exports):
     assert tf.int8 not in set(dtypes(float_path).values())
     size = lambda p: sum(f.stat().st_size for f in (p / "variables").rglob("*"))  # noqa: E731
     assert size(int8_path) < 0.5 * size(float_path)
+
+
+def test_int8_text_tflite_form_answers_raw_strings_like_the_float32_model(
+    text_model, text_exports, sst2_dir
+):
+    from tfhub_finetune.tflite_text import TfliteTextClassifier
+
+    backbone, model = text_model
+    float_path, int8_path = text_exports
+    folder = quantized_export.tflite_form(int8_path)
+    assert folder == int8_path.parent.parent / "sst2_int8_tflite" / "1"
+    card = export.read_model_card(folder)
+    assert card["runtime"] == "tflite" and card["quantization"]["mode"] == "int8"
+    assert card["quantized_from"] == str(float_path)
+    file = folder / quantized_export.TFLITE_FILE
+    assert file.stat().st_size < 0.5 * sum(
+        f.stat().st_size for f in (float_path / "variables").rglob("*"))
+
+    rows = [line.split("\t") for line in
+            (sst2_dir / "dev.tsv").read_text("utf-8").splitlines()[1:81]]
+    # Real sentences of every length, an empty text and one past the trained length.
+    texts = [r[0] for r in rows] + ["", "good " * 100]
+    classifier = TfliteTextClassifier.from_folder(folder)
+    assert classifier.labels == LABELS
+    got = classifier.predict(texts)
+    data = tokenize_texts(texts, np.zeros(len(texts), np.int32), backbone.tokenizer,
+                          SEQUENCE_LENGTH)
+    inputs, _ = next(iter(make_text_dataset(data, backbone.tokenizer, batch_size=len(texts),
+                                            training=False)))
+    expected = model(inputs, training=False).numpy()
+    assert got.shape == expected.shape
+    agreement = np.mean(got.argmax(-1) == expected.argmax(-1))
+    assert agreement >= 0.9, (agreement, np.abs(got - expected).max())
+    assert np.abs(got - expected).max() < 0.2
+    # Length-sorted chunks come back in request order: each row alone gives the same answer.
+    for i in (0, 17, len(texts) - 2, len(texts) - 1):
+        np.testing.assert_allclose(classifier.predict([texts[i]])[0], got[i], atol=1e-5)
+    assert classifier.predict([]).shape == (0, len(LABELS))
+    # Timed as the token-id SavedModel is: the network alone at the trained length.
+    from tfhub_finetune.selection.profile import ProfileOptions, profile_tflite
+
+    timed = profile_tflite(file, input_shapes={n: [SEQUENCE_LENGTH] for n in TEXT_INPUTS},
+                           options=ProfileOptions(serving_batch_size=4, warmup_runs=1,
+                                                  min_runs=3, min_seconds=0.0))
+    assert timed.input_shapes == {n: [SEQUENCE_LENGTH] for n in TEXT_INPUTS}
+    assert timed.latency_p50_ms > 0 and timed.throughput_eps > 0
 
 
 def test_int8_image_tflite_runs_in_the_interpreter_and_agrees_with_keras(tmp_path):

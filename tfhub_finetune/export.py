@@ -121,7 +121,7 @@ import platform
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -988,37 +988,44 @@ def export_tflite(
     *,
     quantization: str = "none",
     tolerance: float | None = None,
-    num_check_images: int = 4,
+    num_check_inputs: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Converts an image classifier to TFLite and checks it against Keras.
+    """Converts an image or text classifier to TFLite and checks it against Keras.
 
-    The TFLite model takes the same raw 0..255 float pixels as the Keras model
-    (normalisation is inside); decoding and resizing stay with the app.
-    `quantization="int8"` is TFLite's dynamic-range quantization
-    (`tf.lite.Optimize.DEFAULT` without a representative dataset): weights
-    are stored as int8 with per-channel scales, activations stay float32,
-    and the interpreter's hybrid kernels quantize the activations of
-    convolutions and matmuls on the fly. No calibration data is needed.
+    An image model's TFLite file takes the same raw 0..255 float pixels as the
+    Keras model (normalisation is inside); decoding and resizing stay with the
+    app. A text model's takes its token-id inputs (`token_ids`,
+    `padding_mask`, `segment_ids`: int32 `(batch, length)`, any batch and
+    length), as the token-id SavedModel does; `tflite_text.TfliteTextClassifier`
+    tokenizes raw strings for it. `quantization="int8"` is TFLite's
+    dynamic-range quantization (`tf.lite.Optimize.DEFAULT` without a
+    representative dataset): weights are stored as int8 with per-channel
+    scales, activations stay float32, and the interpreter's hybrid kernels
+    quantize the activations of convolutions and matmuls on the fly. No
+    calibration data is needed.
 
     Args:
-        model: keras.Model. An image classifier on `(batch, size, size, 3)`.
+        model: keras.Model. An image classifier on `(batch, size, size, 3)`,
+            or a text model whose inputs are all integer `(batch, length)`.
         path: str or path. The `.tflite` file to write (atomically).
         quantization: str. `"none"` (float32) or `"int8"` (dynamic range).
             Defaults to `"none"`.
         tolerance: float or None. Largest accepted absolute difference
-            between TFLite and Keras outputs on random images. Defaults to
+            between TFLite and Keras outputs on random inputs. Defaults to
             `1e-4` for float32 and `0.25` for int8, whose accuracy is
             measured on real data instead (`selection.serving_forms`); the
             check only catches a broken conversion.
-        num_check_images: int. Random images compared. Defaults to `4`.
-        seed: int. Seed of the random images. Defaults to `0`.
+        num_check_inputs: int. Random images (or token rows) compared.
+            Defaults to `4`.
+        seed: int. Seed of the random inputs. Defaults to `0`.
 
     Returns:
-        A dict with `path`, `bytes` and `max_abs_diff`.
+        A dict with `path`, `bytes`, `max_abs_diff`, `quantization` and
+        `inputs` (name -> `dtype[shape]`, -1 for any size).
 
     Raises:
-        InputError: if the model does not take images.
+        InputError: if the model takes neither images nor token ids.
         RuntimeError: if TFLite's outputs differ by more than `tolerance`
             (nothing is written).
 
@@ -1027,6 +1034,7 @@ def export_tflite(
     ```python
     info = export_tflite(model, "exports/hymenoptera.tflite")
     info["max_abs_diff"]  # e.g. 3e-07
+    export_tflite(text_model, "exports/sst2.tflite", quantization="int8")
     ```
     """
     if quantization not in TFLITE_QUANTIZATIONS:
@@ -1036,22 +1044,19 @@ def export_tflite(
         )
     if tolerance is None:
         tolerance = 0.25 if quantization == "int8" else 1e-4
-    shape = tuple(model.inputs[0].shape) if len(model.inputs) == 1 else ()
-    if len(shape) != 4 or shape[-1] != 3 or shape[1] is None or shape[2] is None:
-        raise InputError(
-            "TFLite export needs an image model with a fixed input size.",
-            received={"model": model.name, "inputs": _input_names(model)},
-            fix="Pass a model from build_image_classifier.",
-        )
-    height, width = int(shape[1]), int(shape[2])
+    specs, check_inputs = _tflite_inputs(model, num_check_inputs, np.random.default_rng(seed))
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
 
-    function = tf.function(lambda images: model(images, training=False))
-    concrete = function.get_concrete_function(
-        tf.TensorSpec([1, height, width, 3], tf.float32, name="images")
-    )
+    names = list(specs)
+    text = "token_ids" in specs
+    if text:
+        function = tf.function(
+            lambda *args: model(dict(zip(names, args, strict=True)), training=False))
+    else:
+        function = tf.function(lambda images: model(images, training=False))
+    concrete = function.get_concrete_function(*specs.values())
     # Frozen first: given the live function, the TF 2.21 converter keeps Keras 3
     # variables as TFLite resource variables that nothing initialises, and the
     # interpreter then returns NaN.
@@ -1061,10 +1066,16 @@ def export_tflite(
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     flatbuffer = converter.convert()
 
-    images = np.random.default_rng(seed).uniform(0, 255, (num_check_images, height, width, 3))
-    images = images.astype(np.float32)
-    expected = np.asarray(model(images, training=False))
-    got = run_tflite(tflite_interpreter(model_content=flatbuffer), images)
+    interpreter = tflite_interpreter(model_content=flatbuffer)
+    if text:
+        expected = np.asarray(model(check_inputs, training=False))
+        # Each row alone, at its own length: padding must not change the answer.
+        got = np.concatenate([run_tflite(interpreter, _rows(check_inputs, i))
+                              for i in range(len(expected))])
+    else:
+        (images,) = check_inputs.values()
+        expected = np.asarray(model(images, training=False))
+        got = run_tflite(interpreter, images)
     diff = float(np.max(np.abs(got - expected)))
     if not diff <= tolerance:
         raise RuntimeError(
@@ -1075,7 +1086,47 @@ def export_tflite(
     with atomic_path(path) as tmp:
         tmp.write_bytes(flatbuffer)
     return {"path": str(path), "bytes": len(flatbuffer), "max_abs_diff": diff,
-            "quantization": quantization}
+            "quantization": quantization,
+            "inputs": {n: f"{s.dtype.name}{[-1 if d is None else d for d in s.shape]}"
+                       for n, s in specs.items()}}
+
+
+def _tflite_inputs(model: keras.Model, rows: int, rng: np.random.Generator
+                   ) -> tuple[dict[str, tf.TensorSpec], dict[str, np.ndarray]]:
+    """The TFLite function's input specs and random check inputs, from the model's inputs.
+
+    Images: one `(1, size, size, 3)` float input (the interpreter resizes the
+    batch). Token ids: every input `(None, None)` int32, checked on rows of
+    different lengths padded to the longest (what a client sends).
+    """
+    shape = tuple(model.inputs[0].shape) if len(model.inputs) == 1 else ()
+    if len(shape) == 4 and shape[-1] == 3 and shape[1] is not None and shape[2] is not None:
+        images = rng.uniform(0, 255, (rows, *shape[1:])).astype(np.float32)
+        name = _input_names(model)[0]
+        return ({name: tf.TensorSpec([1, *shape[1:]], tf.float32, name=name)}, {name: images})
+    names = _input_names(model)
+    if names and all(len(x.shape) == 2 and tf.as_dtype(x.dtype).is_integer
+                     for x in model.inputs) and "token_ids" in names:
+        length = 16
+        lengths = rng.integers(1, length + 1, rows)
+        lengths[0] = length
+        mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+        # Ids below 100 exist in every word-piece vocabulary (specials and bytes).
+        values = {"token_ids": rng.integers(1, 100, (rows, length)).astype(np.int32) * mask,
+                  "padding_mask": mask, "segment_ids": np.zeros_like(mask)}
+        return ({n: tf.TensorSpec([None, None], tf.int32, name=n) for n in names},
+                {n: values[n] for n in names})
+    raise InputError(
+        "TFLite export needs an image model with a fixed input size or a token-id text model.",
+        received={"model": model.name, "inputs": names},
+        fix="Pass a model from build_image_classifier or build_text_classifier.",
+    )
+
+
+def _rows(inputs: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """Row `i` of every input, trimmed to its real length (as a client would send it alone)."""
+    length = int(inputs["padding_mask"][i].sum()) if "padding_mask" in inputs else None
+    return {k: v[i : i + 1, :length] for k, v in inputs.items()}
 
 
 def tflite_interpreter(**kwargs: Any) -> Any:
@@ -1091,26 +1142,49 @@ def tflite_interpreter(**kwargs: Any) -> Any:
     return interpreter
 
 
-def run_tflite(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
-    """One batch through a TFLite interpreter: its first output for `inputs` (first input).
+def run_tflite(interpreter: Any, inputs: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+    """One batch through a TFLite interpreter: its first output.
 
-    The input tensor is resized to the batch when its shape differs (so
-    consecutive batches of one size allocate once).
+    `inputs` is the one input's array (images) or a mapping from input name
+    to array (a text model's `token_ids`, `padding_mask`, `segment_ids`;
+    names as `export_tflite` wrote them). Input tensors are resized when
+    their shape differs, so consecutive batches of one shape allocate once.
 
     Example:
 
     ```python
     probabilities = run_tflite(tflite_interpreter(model_path="model.tflite"), images)
+    probabilities = run_tflite(interpreter, client.encode(["a fine film"]))
     ```
     """
-    source = interpreter.get_input_details()[0]
-    inputs = np.asarray(inputs, dtype=source["dtype"])
-    if list(source["shape"]) != list(inputs.shape):
-        interpreter.resize_tensor_input(source["index"], list(inputs.shape))
+    details = interpreter.get_input_details()
+    if isinstance(inputs, Mapping):
+        arrays = [np.asarray(inputs[_tflite_input_name(d["name"], inputs)], dtype=d["dtype"])
+                  for d in details]
+    else:
+        arrays = [np.asarray(inputs, dtype=details[0]["dtype"])]
+    resized = False
+    for detail, array in zip(details, arrays, strict=True):
+        if list(detail["shape"]) != list(array.shape):
+            interpreter.resize_tensor_input(detail["index"], list(array.shape))
+            resized = True
+    if resized:
         interpreter.allocate_tensors()
-    interpreter.set_tensor(source["index"], inputs)
+    for detail, array in zip(details, arrays, strict=True):
+        interpreter.set_tensor(detail["index"], array)
     interpreter.invoke()
     return np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+
+
+def _tflite_input_name(tensor_name: str, inputs: Mapping[str, Any]) -> str:
+    """Which of `inputs` feeds the TFLite tensor `tensor_name` (e.g. `serving_token_ids:0`)."""
+    for key in sorted(inputs, key=len, reverse=True):
+        if tensor_name == key or tensor_name.split(":")[0].endswith(key):
+            return key
+    raise InputError(
+        "A TFLite input has no matching array.", received={"tensor": tensor_name},
+        fix=f"Pass one of the model's inputs; got: {', '.join(sorted(inputs))}.",
+    )
 
 
 # === Outputs shared by every modality ===

@@ -6,9 +6,19 @@ itself, so the signatures, tokenizer, checks and token-id twin are those of
 the float32 export by construction:
 
 ```
-<export_dir>/<model_name>_int8/<version>/            strings in (TF Serving)
-<export_dir>/<model_name>_int8_token_ids/<version>/  token ids in
+<export_dir>/<model_name>_int8/<version>/                   strings in (TF Serving)
+<export_dir>/<model_name>_int8_token_ids/<version>/         token ids in
+<export_dir>/<model_name>_int8_tflite/<version>/model.tflite  token ids in (TFLite)
 ```
+
+The third is the same trained network converted by TFLite with dynamic-range
+int8 weights (`export.export_tflite`), beside the token-id twin's vocabulary
+and card; `tflite_text.TfliteTextClassifier` serves it on raw strings in the
+application's process. TF Serving does not load it. Measured on MiniLM-L6,
+SST-2 (AMX Xeon, `make bench`, BUILD_NOTES): the Keras int8 SavedModel is
+slower than float32 (TensorFlow's CPU int8 matmul is no faster and every
+layer quantizes its input in separate ops), while the TFLite file runs
+XNNPACK's int8 kernels and is the fastest form at batch 1 and 64.
 
 Token classifiers (NER) get the same, through `token_export.export_token_classifier`
 (sentences in, entities out; and the token-id twin).
@@ -75,6 +85,8 @@ from tfhub_finetune.errors import InputError
 
 QUANTIZED_SUFFIX = "_int8"
 TFLITE_FILE = "model.tflite"
+# The text int8 form's TFLite folder: `<model_name>_int8_tflite/<version>/`.
+TFLITE_SUFFIX = "_tflite"
 MODES = ("int8",)
 
 
@@ -119,8 +131,13 @@ def export_quantized_text_classifier(
     model_dir: str | os.PathLike | None = None,
     quantized_from: str | os.PathLike | None = None,
     measure_latency: bool = True,
+    with_tflite: bool = True,
 ) -> str:
     """Writes the int8 form of a text classifier as `<model_name>_int8` (and its token-id twin).
+
+    With `with_tflite`, also `<model_name>_int8_tflite/<v>/model.tflite`: the
+    same network with TFLite dynamic-range int8 weights, token ids in
+    (`tflite_form` finds it; `tflite_text.TfliteTextClassifier` serves it).
 
     Args:
         model: keras.Model. The trained float32 model (not modified).
@@ -134,6 +151,8 @@ def export_quantized_text_classifier(
         quantized_from: str, path or None. The float32 export's version
             folder, recorded in the model card.
         measure_latency: bool. As for `export_text_classifier`.
+        with_tflite: bool. Also write the TFLite int8 file (~20 s and a few
+            GB of memory for the converter). Defaults to `True`.
 
     Returns:
         The raw-string int8 SavedModel's version folder.
@@ -144,9 +163,73 @@ def export_quantized_text_classifier(
         quantized, backbone, labels, export_dir, model_name=name, model_dir=model_dir,
         measure_latency=measure_latency,
     )
-    if quantized_from is not None:
-        _record_twin_sources(path, name, quantized_from)
+    twin = Path(path).parent.parent / (name + export.TOKEN_IDS_SUFFIX) / Path(path).name
+    fields = {} if quantized_from is None else {"quantized_from": str(quantized_from)}
+    if with_tflite:
+        tflite = _export_text_tflite(model, twin, export_dir, name + TFLITE_SUFFIX, mode,
+                                     quantized_from)
+        fields["tflite_form"] = f"{tflite.parent.name}/{tflite.name}"
+    if fields:
+        for folder in (path, twin):
+            _update_card(folder, **fields)
     return path
+
+
+def tflite_form(saved_model_dir: str | os.PathLike) -> Path | None:
+    """The TFLite int8 folder written with a text int8 export, from its card; None if absent.
+
+    Example:
+
+    ```python
+    tflite_form("exports/sst2_int8/1")  # Path("exports/sst2_int8_tflite/1")
+    ```
+    """
+    card = export.read_model_card(saved_model_dir) or {}
+    if not card.get("tflite_form"):
+        return None
+    return Path(saved_model_dir).parent.parent / card["tflite_form"]
+
+
+def _export_text_tflite(model: keras.Model, twin: Path, export_dir: str | os.PathLike,
+                        name: str, mode: str, quantized_from: str | os.PathLike | None) -> Path:
+    """`<name>/<v>/model.tflite` (dynamic-range int8, token ids in) with the twin's card and vocab.
+
+    The card and vocabulary are the int8 token-id twin's, so
+    `text_client.TextClient.from_saved_model` and `tflite_text.TfliteTextClassifier`
+    read the folder as they read a token-id SavedModel.
+    """
+    import json
+    import shutil
+
+    from tfhub_finetune.adaptation import merge_lora
+
+    card = export.read_model_card(twin) or {}
+    served = merge_lora(model)
+
+    def write(directory: str) -> None:
+        info = export.export_tflite(served, Path(directory) / TFLITE_FILE, quantization=mode)
+        shutil.copytree(twin / export.ASSETS_EXTRA, Path(directory) / export.ASSETS_EXTRA)
+        card.update({
+            "model_name": name,
+            "input": "token_ids",
+            "runtime": "tflite",
+            "signatures": {},
+            "profile": {},
+            "quantization": {"mode": mode, "method": "TFLite dynamic range (weights int8, "
+                             "activations float32, hybrid int8 kernels)"},
+            "quantized_from": str(quantized_from) if quantized_from is not None else None,
+            "tflite": {"file": TFLITE_FILE, "bytes": info["bytes"],
+                       "max_abs_diff_vs_keras": info["max_abs_diff"],
+                       "inputs": info["inputs"],
+                       "output": "float32[batch, classes] probabilities",
+                       "client": "tfhub_finetune.tflite_text.TfliteTextClassifier"},
+        })
+        (Path(directory) / export.ASSETS_EXTRA / export.MODEL_CARD_FILE).write_text(
+            json.dumps(card, indent=2), encoding="utf-8")
+
+    root = export._export_base(export_dir) / name
+    version = export._stage_and_publish([root], [write])
+    return root / str(version)
 
 
 def export_quantized_token_classifier(
@@ -202,7 +285,9 @@ def export_quantized_token_classifier(
         measure_latency=measure_latency,
     )
     if quantized_from is not None:
-        _record_twin_sources(path, name, quantized_from)
+        for folder in (path, Path(path).parent.parent / (name + export.TOKEN_IDS_SUFFIX)
+                       / Path(path).name):
+            _update_card(folder, quantized_from=str(quantized_from))
     return path
 
 
@@ -287,20 +372,13 @@ def _check_mode(mode: str) -> None:
         )
 
 
-def _record_twin_sources(path: str, name: str, source: str | os.PathLike) -> None:
-    """`quantized_from` in the cards of a raw-input export and of its token-id twin."""
-    _record_source(path, source)
-    _record_source(Path(path).parent.parent / (name + export.TOKEN_IDS_SUFFIX) / Path(path).name,
-                   source)
-
-
-def _record_source(version_dir: str | os.PathLike, source: str | os.PathLike) -> None:
-    """Adds `quantized_from` to a published card (atomically: the card is one file)."""
+def _update_card(version_dir: str | os.PathLike, **fields: str) -> None:
+    """Adds `fields` to a published card (atomically: the card is one file)."""
     import json
 
     from tfhub_finetune.io_utils import atomic_write_text
 
     file = Path(version_dir) / export.ASSETS_EXTRA / export.MODEL_CARD_FILE
     card = json.loads(file.read_text(encoding="utf-8"))
-    card["quantized_from"] = str(source)
+    card.update(fields)
     atomic_write_text(file, json.dumps(card, indent=2))

@@ -576,6 +576,7 @@ def profile_tflite(
     name: str | None = None,
     options: ProfileOptions | None = None,
     threads: int | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
 ) -> ProfileResult:
     """Measures inference of a `.tflite` file in the TFLite interpreter, as an app would run it.
 
@@ -590,6 +591,9 @@ def profile_tflite(
         options: ProfileOptions or None. Only the timing fields matter.
         threads: int or None. Interpreter threads; None: one per core
             (`os.cpu_count()`), as TF's own thread pools use.
+        input_shapes: dict or None. Input name -> per-example shape, for a
+            text model's file (`{"token_ids": [128], ...}`: its inputs are
+            any size); None: the file's own first input (images).
 
     Returns:
         A `ProfileResult` with latency, throughput, memory and size filled in.
@@ -610,17 +614,26 @@ def profile_tflite(
     meter = _PeakMemory()
     baseline = meter.current_mb()
     interpreter = tflite_interpreter(model_path=str(path), num_threads=threads or os.cpu_count())
-    source = interpreter.get_input_details()[0]
-    shape = [int(d) for d in source["shape"][1:]]
-    spec = tf.TensorSpec([None, *shape], tf.as_dtype(source["dtype"]), name="images")
+    if input_shapes:
+        # A text file's inputs are (-1, -1): the per-example shape comes from the caller.
+        spec = {name: tf.TensorSpec([None, *shape], tf.int32, name=name)
+                for name, shape in input_shapes.items()}
+    else:
+        source = interpreter.get_input_details()[0]
+        shape = [int(d) for d in source["shape"][1:]]
+        spec = tf.TensorSpec([None, *shape], tf.as_dtype(source["dtype"]), name="images")
 
     def forward(inputs: Any) -> Any:
         return run_tflite(interpreter, inputs)
 
+    def batch_of(rows: int) -> Any:
+        made = synthetic_inputs(spec, rows, seed=options.seed)
+        return {k: v.numpy() for k, v in made.items()} if isinstance(made, dict) else made.numpy()
+
     result = _new_result(name or Path(path).parent.name, spec, meter, baseline)
     _measure_inference(
         forward,
-        lambda batch: synthetic_inputs(spec, batch, seed=options.seed).numpy(),
+        batch_of,
         options, meter, baseline, result,
     )
     result.saved_model_mb = _round(Path(path).stat().st_size / _MIB)

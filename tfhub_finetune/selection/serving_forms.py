@@ -182,6 +182,9 @@ def export_forms(task: Any, model: Any, forms: Sequence[str],
     paths = {REFERENCE: path}
     # The TFLite form times nothing at export; the SavedModel forms would, unasked.
     untimed = {} if image else {"measure_latency": False}
+    if exporters[1] is quantized_export.export_quantized_text_classifier:
+        # Selection measures the Keras int8 SavedModel; the TFLite file is not a form here.
+        untimed["with_tflite"] = False
     for form in forms:
         if form != REFERENCE:
             paths[form] = quantized_export_of(model, export_dir=export_dir, mode=form,
@@ -400,15 +403,23 @@ def _open_saved_model(path: Path, options: ProfileOptions) -> tuple[Callable, di
 
 
 def _open_tflite(file: Path, options: ProfileOptions) -> tuple[Callable, dict]:
+    from tfhub_finetune.backbones.base import TEXT_INPUTS
     from tfhub_finetune.export import read_model_card, run_tflite, tflite_interpreter
 
     interpreter = tflite_interpreter(model_path=str(file), num_threads=os.cpu_count())
+    card = read_model_card(file.parent) or {}
+    pre = card.get("preprocessing") or {}
+    # A text file takes token ids of any length: timed at the trained length, as
+    # the token-id SavedModel is (`model_only_signature`).
+    shapes = ({name: [int(pre["sequence_length"])] for name in TEXT_INPUTS}
+              if pre.get("modality") == "text" else None)
 
     def predict(inputs: Any) -> np.ndarray:
+        if isinstance(inputs, Mapping):
+            return run_tflite(interpreter, {k: np.asarray(v) for k, v in inputs.items()})
         return run_tflite(interpreter, np.asarray(inputs))
 
-    profiled = profile_tflite(file, options=options)
-    card = read_model_card(file.parent) or {}
+    profiled = profile_tflite(file, options=options, input_shapes=shapes)
     return predict, {
         "runtime": "tflite",
         "quantization": (card.get("quantization") or {}).get("mode", "none"),
