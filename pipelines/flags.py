@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import flags
 
-from tfhub_finetune.config import ExperimentConfig, ModelConfig
+from tfhub_finetune.config import EXPORT_ONLY_FIELDS, ExperimentConfig, ModelConfig
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import check_export_name, check_output_dir
 
@@ -159,15 +159,6 @@ def define_tag_flags() -> None:
     flags.DEFINE_integer("window_stride", 0, "Word pieces between window starts (0: half a window).")
 
 
-# `ExperimentConfig` fields that only shape the export: set away from their default without
-# --export_dir they would do nothing, so that is an error (and why, for its message).
-_EXPORT_ONLY_FIELDS = {
-    "export_quantized": "the variant is written beside the float32 export",
-    "serving_jit_compile": "it changes the export",
-    "serving_precision": "it changes the export",
-}
-
-
 def config_from_flags(model_task: str | None = None) -> ExperimentConfig:
     """Builds the validated config from parsed flags.
 
@@ -190,7 +181,8 @@ def config_from_flags(model_task: str | None = None) -> ExperimentConfig:
     check_output_dir(config.model_dir, "model_dir")  # Eval writes metrics.json there too.
     export_dir = f.export_dir if "export_dir" in f else None
     defaults = ExperimentConfig()
-    for name, why in _EXPORT_ONLY_FIELDS.items():
+    # Set away from their default without --export_dir they would do nothing.
+    for name, why in EXPORT_ONLY_FIELDS.items():
         value = getattr(config, name)
         if value != getattr(defaults, name) and not export_dir:
             raise InputError(f"--{name} needs --export_dir ({why}).", received={name: value},

@@ -29,6 +29,14 @@ POOLINGS = ("auto", "cls", "pooler", "mean")
 QUANTIZATIONS = ("none", "int8")
 # What an exported graph computes in (`export.serving_precision_scope`).
 SERVING_PRECISIONS = ("float32", "as_trained")
+# `ExperimentConfig` fields that only shape the export, and what each changes there:
+# without an export they do nothing (a pipeline refuses them without --export_dir),
+# and they cannot change what training computes (selection's cache ignores them).
+EXPORT_ONLY_FIELDS = {
+    "export_quantized": "the variant is written beside the float32 export",
+    "serving_jit_compile": "it changes the export",
+    "serving_precision": "it changes the export",
+}
 ADAPTATIONS = ("full", "head", "top", "lora")
 _ADAPTATION_FORMS = ("full (every weight trains), head (backbone frozen), top:K (the last K "
                      "transformer blocks or CNN stages train) or lora:R (LoRA of rank R on the "

@@ -20,17 +20,20 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from tfhub_finetune.config import EXPORT_ONLY_FIELDS
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import atomic_write_text
 from tfhub_finetune.selection.config import TRIAL_FIELDS, SelectionConfig
 
 # Bumped when what a trial computes changes outside the config, so old caches are not reused.
-CACHE_VERSION = 2
+# 3: serving forms of bf16-trained trials are measured on a float32 export
+# (`serving_precision`); figures cached before measured a bf16 one.
+CACHE_VERSION = 3
 # Fields that cannot change a result: where the data lives (its content is
-# fingerprinted instead), how often backups are written, progress output, and how
-# the export is compiled for serving (trials never export).
+# fingerprinted instead), how often backups are written, progress output, and what
+# only shapes an export (trials never export).
 NOT_COMPUTED = ("data.train_data", "data.eval_data", "train.backup_every_steps", "runtime.verbose",
-                "serving_jit_compile", "serving_precision")
+                *EXPORT_ONLY_FIELDS)
 
 
 def hash_json(value: Any) -> str:
