@@ -14,7 +14,11 @@ callbacks, which are I/O at epoch ends and every 200 steps, not the step.
 
 Inference loads the SavedModel `tfhub_finetune.export.export_text_classifier`
 wrote (mode `export`, run once per benchmark) in a fresh process and calls its
-`serving_default` signature on raw strings, as TF Serving would.
+`serving_default` signature on raw strings, as TF Serving would. With
+`form=int8` it serves the Keras int8 SavedModel `--export_quantized=int8`
+writes the same way; with `form=int8_tflite` that export's TFLite file through
+`tfhub_finetune.tflite_text.TfliteTextClassifier` (raw strings in, tokenized in
+Python), as an application embedding the interpreter would.
 
 Run through `benchmarks.run_all`; by hand:
 `python -m benchmarks.ours --mode=train --args_json='{"train_examples": 256}'`.
@@ -49,6 +53,9 @@ DEFAULTS = {
     "export_dir": "",
     "serving_jit_compile": False,
     "serving_precision": "float32",
+    # Which serving form `export` returns: the float32 SavedModel, the Keras int8
+    # SavedModel (`--export_quantized=int8`) or that export's TFLite int8 file.
+    "form": "float32",
 }
 
 
@@ -186,8 +193,20 @@ def export(args: dict) -> dict:
             serving_jit_compile=bool(args["serving_jit_compile"]),
             serving_precision=args["serving_precision"],
         )
+        if args["form"] != "float32":
+            from tfhub_finetune.quantized_export import (
+                export_quantized_text_classifier,
+                tflite_form,
+            )
+
+            path = export_quantized_text_classifier(
+                model, task.backbone, task.labels, export_dir, model_name="minilm_sst2",
+                quantized_from=path, measure_latency=False,
+            )
+            if args["form"] == "int8_tflite":
+                path = tflite_form(path)
         clock.stop()
-    return {**settings, "saved_model": str(path), "export_s": clock.wall_s,
+    return {**settings, "saved_model": str(path), "export_s": clock.wall_s, "form": args["form"],
             "serving_jit_compile": bool(args["serving_jit_compile"]),
             "serving_precision": args["serving_precision"],
             "exporter": "tfhub_finetune.export.export_text_classifier"}
@@ -200,12 +219,20 @@ def infer(args: dict) -> dict:
     import tensorflow as tf
     import tensorflow_text  # noqa: F401 - registers the tokenizer's ops for the SavedModel
 
-    texts, _ = _harness.sample_sst2(args["infer_examples"], args["seed"] + 7)
-    loaded = tf.saved_model.load(args["saved_model"])
-    serve = loaded.signatures["serving_default"]
+    from tfhub_finetune.quantized_export import TFLITE_FILE
 
-    def predict(batch: list[str]):
-        return serve(text=tf.constant(batch))["probabilities"].numpy()
+    texts, _ = _harness.sample_sst2(args["infer_examples"], args["seed"] + 7)
+    if (Path(args["saved_model"]) / TFLITE_FILE).exists():
+        from tfhub_finetune.tflite_text import TfliteTextClassifier
+
+        # Tokenized in Python (text_client), length-sorted chunks, one interpreter.
+        predict = TfliteTextClassifier.from_folder(args["saved_model"],
+                                                   num_threads=args["intra_op"] or None).predict
+    else:
+        serve = tf.saved_model.load(args["saved_model"]).signatures["serving_default"]
+
+        def predict(batch: list[str]):
+            return serve(text=tf.constant(batch))["probabilities"].numpy()
 
     return _harness.inference_protocol(predict, texts, args) | {"saved_model": args["saved_model"]}
 

@@ -23,7 +23,13 @@ global batch 32, max sequence length 128):
   thread (`ours_1thread`); `ours_xla` is the opt-in XLA export
   (`serving_jit_compile`, every timed shape compiled in its warm-up), and the
   ablation `ours_serve_as_trained` the export computing in the training
-  policy (bf16 matmuls under `auto` on bf16 hardware).
+  policy (bf16 matmuls under `auto` on bf16 hardware). The int8 forms
+  `--export_quantized=int8` writes: `ours_tflite_int8` (its TFLite
+  dynamic-range file, raw strings tokenized in Python by
+  `tflite_text.TfliteTextClassifier`) and the ablation `ours_int8` (its Keras
+  int8 SavedModel, as TF Serving would run it), against `torch_int8`
+  (`quantize_dynamic` on every Linear). Float targets compare with the best
+  float PyTorch configuration; int8 targets with the best of all of them.
 - **input**: tokenization + batching examples/s of our tf.data pipeline alone,
   over the whole training file, as a multiple of our training step's rate.
 - **peak memory**: each child's resident-set high-water mark (VmHWM: the
@@ -132,6 +138,11 @@ SYSTEMS = (
     System("ours_xla", "benchmarks.ours", {"warmup_full_pass": True},
            "ours' SavedModel exported with --serving_jit_compile (XLA), shapes warmed up",
            ("infer",), export={"serving_jit_compile": True}),
+    # The int8 form `--export_quantized=int8` writes for text, as a TFLite file
+    # (XNNPACK's dynamically quantized int8 kernels) served in the application.
+    System("ours_tflite_int8", "benchmarks.ours", {},
+           "ours' --export_quantized=int8 TFLite file, TfliteTextClassifier (raw strings)",
+           ("infer",), export={"form": "int8_tflite"}),
     System("torch_fp32", "benchmarks.torch_hf", {"dtype": "fp32"},
            "PyTorch+transformers eager fp32, dynamic padding"),
     # torch's default is one OpenMP thread per core; when other jobs hold a core, its
@@ -142,6 +153,8 @@ SYSTEMS = (
            "PyTorch+transformers eager fp32, dynamic padding, torch.set_num_threads(1)"),
     System("torch_bf16", "benchmarks.torch_hf", {"dtype": "bf16"},
            "PyTorch+transformers eager, autocast bf16", bf16="torch"),
+    System("torch_int8", "benchmarks.torch_hf", {"dtype": "int8"},
+           "PyTorch+transformers eager, quantize_dynamic int8 Linear layers", ("infer",)),
     System("keras_hub", "benchmarks.keras_hub_stock", {},
            "keras-hub BertTextClassifier stock fit/predict"),
 )
@@ -154,6 +167,10 @@ ABLATIONS = (
     System("ours_serve_as_trained", "benchmarks.ours", {},
            "ours' SavedModel exported with --serving_precision=as_trained", ("infer",),
            export={"serving_precision": "as_trained"}),
+    # The same int8 export's Keras int8 SavedModel (what TF Serving can load).
+    System("ours_int8", "benchmarks.ours", {},
+           "ours' --export_quantized=int8 Keras int8 SavedModel", ("infer",),
+           export={"form": "int8"}),
 )
 # Ours before the optimizer changes, by name in `--systems` (measured in BUILD_NOTES):
 # Keras' AdamW, and FusedAdamW with Keras' weight-decay and global-norm passes.
@@ -166,6 +183,11 @@ BEFORE = (
 )
 ALL_SYSTEMS = (*SYSTEMS, *ABLATIONS, *BEFORE)
 TORCH = ("torch_fp32", "torch_fp32_1thread", "torch_bf16")
+TORCH_INT8 = ("torch_int8",)
+# Ours' systems with a target, and the PyTorch configurations each is held
+# against: float forms against float PyTorch, int8 forms against every one.
+TARGET_BASES = {"ours": TORCH, "ours_1thread": TORCH, "ours_xla": TORCH,
+                "ours_tflite_int8": TORCH + TORCH_INT8}
 
 # What each target asks, checked on the headline ratio by `check_targets`.
 TARGETS = {
@@ -175,6 +197,10 @@ TARGETS = {
     "infer_latency_1thread": "the same, our SavedModel served with 1 thread (ours_1thread)",
     "infer_batch_xla": "batch 64 as above, our opt-in XLA export (ours_xla)",
     "infer_latency_xla": "batch-1 p50 as above, our opt-in XLA export (ours_xla)",
+    "infer_batch_int8": "batch 64 as above, our int8 TFLite form (ours_tflite_int8) against "
+    "every PyTorch configuration, int8 included",
+    "infer_latency_int8": "batch-1 p50 as above, ours_tflite_int8 against every PyTorch "
+    "configuration, int8 included",
     "input": "input pipeline examples/s >= 10x the training step's",
 }
 
@@ -543,11 +569,11 @@ def _vs_best_torch(runs: list[dict]) -> dict:
     out: dict = {}
     for metric in ("train_examples_per_s", "infer_batch_examples_per_s", "infer_batch1_p50_ms"):
         kind, value, _, higher = METRICS[metric]
-        for base in ("ours", "ours_1thread", "ours_xla"):
+        for base, peers in TARGET_BASES.items():
             per_repeat = []
             for repeat in sorted({r["repeat"] for r in runs if r["kind"] == kind}):
                 mine = [value(r) for r in _ok(runs, kind, base) if r["repeat"] == repeat]
-                theirs = {t: value(r) for t in TORCH for r in _ok(runs, kind, t) if r["repeat"] == repeat}
+                theirs = {t: value(r) for t in peers for r in _ok(runs, kind, t) if r["repeat"] == repeat}
                 if not mine or not theirs:
                     continue
                 best = (max if higher else min)(theirs, key=theirs.get)
@@ -586,6 +612,8 @@ def check_targets(summary: dict) -> dict:
     out["infer_latency_1thread"] = verdict("infer_batch1_p50_ms", 1.0, base="ours_1thread")
     out["infer_batch_xla"] = verdict("infer_batch_examples_per_s", 1.5, base="ours_xla")
     out["infer_latency_xla"] = verdict("infer_batch1_p50_ms", 1.0, base="ours_xla")
+    out["infer_batch_int8"] = verdict("infer_batch_examples_per_s", 1.5, base="ours_tflite_int8")
+    out["infer_latency_int8"] = verdict("infer_batch1_p50_ms", 1.0, base="ours_tflite_int8")
     multiple = summary.get("input", {}).get("multiple_of_train")
     out["input"] = (
         {"met": multiple >= 10, "ratio": multiple,

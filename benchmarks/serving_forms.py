@@ -1,12 +1,13 @@
-"""Re-measure the serving forms of a trained run, with float32 TFLite beside them for images.
+"""Re-measure the serving forms of a trained run, with float32 TFLite beside them.
 
     python -m benchmarks.serving_forms --model_dir=runs/int8_hymenoptera \
         --export_dir=runs/exports [--rounds=2]
 
 Takes the latest `<name>/<v>` (float32) and `<name>_int8/<v>` exports of
-`--model_dir` (written by `--export_quantized=int8`), and for an image model
-also converts the trained weights to a float32 TFLite file, so the table tells
-the TFLite runtime's share of a speed-up from int8's. Each round measures
+`--model_dir` (written by `--export_quantized=int8`; for text also its
+`<name>_int8_tflite/<v>` file), and for an image or text model also converts
+the trained weights to a float32 TFLite file, so the table tells the TFLite
+runtime's share of a speed-up from int8's. Each round measures
 every form once, in order; figures are the medians over rounds and the
 machine's load average is recorded. Writes
 `<model_dir>/serving_forms_benchmark.json` and prints the table.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -46,13 +48,19 @@ def main() -> None:
         "float32": export.resolve_saved_model(Path(args.export_dir) / name),
         "int8": _latest(Path(args.export_dir) / (name + quantized_export.QUANTIZED_SUFFIX)),
     }
+    int8_tflite = quantized_export.tflite_form(forms["int8"])
     with tempfile.TemporaryDirectory() as tmp:
-        if getattr(task, "image_size", None):
+        if getattr(task, "image_size", None) or int8_tflite is not None:
             model = task.build_model()
             model.load_weights(str(model_dir / "best.weights.h5"))
             folder = Path(tmp) / "float32_tflite"
             export.export_tflite(model, folder / quantized_export.TFLITE_FILE)
+            if int8_tflite is not None:
+                # The card and vocabulary say how the file's token ids are made.
+                shutil.copytree(int8_tflite / export.ASSETS_EXTRA, folder / export.ASSETS_EXTRA)
             forms = {"float32": forms["float32"], "float32_tflite": folder, "int8": forms["int8"]}
+            if int8_tflite is not None:
+                forms["int8_tflite"] = int8_tflite
         reports = [measure_serving_forms(task, forms) for _ in range(args.rounds)]
     report = _median_report(reports)
     atomic_write_text(model_dir / "serving_forms_benchmark.json", json.dumps(report, indent=2))

@@ -1,4 +1,4 @@
-"""Peer: PyTorch + Hugging Face transformers, eager, dynamic padding, fp32 or bf16 autocast.
+"""Peer: PyTorch + Hugging Face transformers, eager, dynamic padding, fp32, bf16 autocast or int8.
 
 The recipe is the one the transformers docs teach for sequence classification
 on CPU, with our pipeline's hyperparameters so the work per step is the same:
@@ -11,6 +11,8 @@ collated inside the timed loop as a `DataLoader` would), `torch.optim.AdamW`
 warm-up and decay, gradient clipping at norm 1.0. `dtype=bf16` wraps the
 forward pass in `torch.autocast("cpu", dtype=torch.bfloat16)` (backward runs
 outside it, as the AMP docs prescribe); parameters and optimizer stay float32.
+`dtype=int8` (inference only) is `torch.ao.quantization.quantize_dynamic` on
+every `nn.Linear`, PyTorch's post-training int8 for transformers on CPU.
 
 Inference feeds raw strings: tokenization (padding each batch to its longest
 sentence) is inside the timed call, like our SavedModel's string signature.
@@ -55,9 +57,9 @@ def _setup(args: dict):
 def _autocast(torch, dtype: str):
     if dtype == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
-    if dtype == "fp32":
+    if dtype in ("fp32", "int8"):
         return contextlib.nullcontext()
-    raise ValueError(f"Unknown dtype. Received: dtype={dtype}. Expected fp32 or bf16.")
+    raise ValueError(f"Unknown dtype. Received: dtype={dtype}. Expected fp32, bf16 or int8.")
 
 
 def train(args: dict) -> dict:
@@ -160,6 +162,10 @@ def infer(args: dict) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     model.eval()
+    if args["dtype"] == "int8":
+        # PyTorch's counterpart of our int8 forms: dynamic quantization of every
+        # Linear (int8 weights, activations quantized on the fly at each call).
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
     def predict(batch: list[str]) -> np.ndarray:
         with torch.inference_mode(), _autocast(torch, args["dtype"]):
@@ -170,6 +176,7 @@ def infer(args: dict) -> dict:
 
     return _harness.inference_protocol(predict, texts, args) | {
         "threads": torch.get_num_threads(),
+        "quantized_engine": torch.backends.quantized.engine if args["dtype"] == "int8" else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
 
