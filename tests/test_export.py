@@ -441,6 +441,12 @@ def test_a_mixed_bfloat16_model_serves_float32_unless_exported_as_trained(
     assert [layer.dtype_policy.name for layer in bf16_model._flatten_layers()] == policies
     np.testing.assert_array_equal(reference_probabilities(bf16_model, backbone, texts), keras_bf16)
 
+    # Its TFLite file computes float32 too (TFLite has no bf16 kernels; the converter
+    # refuses a bf16 graph), and matches the float32 answers.
+    info = export.export_tflite(bf16_model, tmp_path / "bf16_trained.tflite")
+    assert info["max_abs_diff"] <= 1e-4
+    assert [layer.dtype_policy.name for layer in bf16_model._flatten_layers()] == policies
+
     raw, card, probabilities = exported(model_name="bf16", serving_precision="as_trained")
     assert card["compute_dtype"] == "bfloat16" and _graph_has_dtype(raw, tf.bfloat16)
     # bf16 keeps 8 bits of mantissa: the probabilities move by about 1e-2, the classes rarely.

@@ -1045,6 +1045,29 @@ def export_tflite(
     if tolerance is None:
         tolerance = 0.25 if quantization == "int8" else 1e-4
     specs, check_inputs = _tflite_inputs(model, num_check_inputs, np.random.default_rng(seed))
+    # TFLite's kernels are float32 (and int8): a model trained under mixed_bfloat16
+    # is traced computing in float32, as the SavedModel export does by default.
+    with serving_precision_scope(model):
+        flatbuffer, expected, got = _convert_and_run(model, specs, check_inputs, quantization)
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= tolerance:
+        raise RuntimeError(
+            f"TFLite outputs differ from Keras by {diff:.3g} (> tolerance {tolerance:g}); "
+            "the .tflite file was not written."
+        )
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(flatbuffer)
+    return {"path": str(path), "bytes": len(flatbuffer), "max_abs_diff": diff,
+            "quantization": quantization,
+            "inputs": {n: f"{s.dtype.name}{[-1 if d is None else d for d in s.shape]}"
+                       for n, s in specs.items()}}
+
+
+def _convert_and_run(model: keras.Model, specs: dict[str, tf.TensorSpec],
+                     check_inputs: dict[str, np.ndarray], quantization: str
+                     ) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(flatbuffer, Keras' outputs, the interpreter's outputs) on the check inputs."""
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
@@ -1076,19 +1099,7 @@ def export_tflite(
         (images,) = check_inputs.values()
         expected = np.asarray(model(images, training=False))
         got = run_tflite(interpreter, images)
-    diff = float(np.max(np.abs(got - expected)))
-    if not diff <= tolerance:
-        raise RuntimeError(
-            f"TFLite outputs differ from Keras by {diff:.3g} (> tolerance {tolerance:g}); "
-            "the .tflite file was not written."
-        )
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(flatbuffer)
-    return {"path": str(path), "bytes": len(flatbuffer), "max_abs_diff": diff,
-            "quantization": quantization,
-            "inputs": {n: f"{s.dtype.name}{[-1 if d is None else d for d in s.shape]}"
-                       for n, s in specs.items()}}
+    return flatbuffer, expected, got
 
 
 def _tflite_inputs(model: keras.Model, rows: int, rng: np.random.Generator
