@@ -1528,10 +1528,21 @@ def model_only_signature(
     folder, pre = Path(saved_model_dir), card["preprocessing"]
     if pre["modality"] in ("text", "tokens"):
         twin = folder.parent.parent / card["token_id_model"] / folder.name
-        length = [int(pre["sequence_length"])]
-        return twin, "serving_default", {name: length for name in TEXT_INPUTS}
+        return twin, "serving_default", model_only_shapes(card)
+    return folder, "predict_images", model_only_shapes(card)
+
+
+def model_only_shapes(card: dict[str, Any]) -> dict[str, list[int]]:
+    """Per-example input shapes of an export's network alone, from its model card.
+
+    Token ids at the trained sequence length (one window for tokens), or
+    pixels at the image size: what the profiler times every form on.
+    """
+    pre = card["preprocessing"]
+    if pre["modality"] in ("text", "tokens"):
+        return {name: [int(pre["sequence_length"])] for name in TEXT_INPUTS}
     size = int(pre["image_size"])
-    return folder, "predict_images", {"images": [size, size, 3]}
+    return {"images": [size, size, 3]}
 
 
 # === Model card ===

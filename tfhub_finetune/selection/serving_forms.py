@@ -403,16 +403,19 @@ def _open_saved_model(path: Path, options: ProfileOptions) -> tuple[Callable, di
 
 
 def _open_tflite(file: Path, options: ProfileOptions) -> tuple[Callable, dict]:
-    from tfhub_finetune.backbones.base import TEXT_INPUTS
-    from tfhub_finetune.export import read_model_card, run_tflite, tflite_interpreter
+    from tfhub_finetune.export import (
+        model_only_shapes,
+        read_model_card,
+        run_tflite,
+        tflite_interpreter,
+    )
 
     interpreter = tflite_interpreter(model_path=str(file), num_threads=os.cpu_count())
     card = read_model_card(file.parent) or {}
-    pre = card.get("preprocessing") or {}
-    # A text file takes token ids of any length: timed at the trained length, as
-    # the token-id SavedModel is (`model_only_signature`).
-    shapes = ({name: [int(pre["sequence_length"])] for name in TEXT_INPUTS}
-              if pre.get("modality") == "text" else None)
+    # A text file takes token ids of any length: timed as the token-id SavedModel is.
+    # An image file's input has its size.
+    text = (card.get("preprocessing") or {}).get("modality") == "text"
+    shapes = model_only_shapes(card) if text else None
 
     def predict(inputs: Any) -> np.ndarray:
         if isinstance(inputs, Mapping):
