@@ -114,6 +114,22 @@ def test_targets_and_peak_memory_are_summarised_per_repetition():
     assert memory == pytest.approx(1200 / 900)  # >1: ours uses less.
 
 
+def test_float_forms_meet_float_pytorch_and_int8_forms_every_pytorch_configuration():
+    """torch_int8 is faster than torch_fp32 here: it must be the bar of our int8 form,
+    and must not be the bar of our float32 SavedModel."""
+    throughput = {"ours": 150.0, "ours_tflite_int8": 600.0, "torch_fp32": 100.0,
+                  "torch_int8": 200.0}
+    runs = [{"kind": "infer", "system": system, "repeat": repeat,
+             "batch_examples_per_s": value, "batch_cpu_ms_per_example": 1000 / value,
+             "batch1": {"p50_ms": 1000 / value, "p95_ms": 1500 / value}}
+            for repeat in range(3) for system, value in throughput.items()]
+    targets = run_all.check_targets(run_all.summarise(runs, list(throughput)))
+    assert targets["infer_batch"]["ratio"] == pytest.approx(1.5)  # against torch_fp32
+    assert targets["infer_batch_int8"]["ratio"] == pytest.approx(3.0)  # against torch_int8
+    assert targets["infer_latency_int8"]["met"] is True
+    assert "vs torch_int8" in targets["infer_batch_int8"]["text"]
+
+
 def test_a_run_of_some_kinds_keeps_the_kind_files_other_rows(tmp_path):
     """`--only=train` after `--only=infer`: one file per machine kind holds both."""
     path = tmp_path / "kind.json"
