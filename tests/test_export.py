@@ -629,6 +629,10 @@ def test_user_mistakes_raise_input_error(tmp_path, text_model, image_model):
     backbone, model = text_model
     a_file = tmp_path / "file"
     a_file.write_text("x")
+    import keras
+
+    # Neither images nor token ids: TFLite export has no inputs to make for it.
+    vector_model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
     cases = [
         (lambda: export.export_text_classifier(model, backbone, ["a", "b", "c"], tmp_path),
          "does not match the model's outputs"),
@@ -641,7 +645,7 @@ def test_user_mistakes_raise_input_error(tmp_path, text_model, image_model):
          "needs a model on token ids"),
         (lambda: export.export_image_classifier(image_model, LABELS, tmp_path, image_size=64),
          "does not match the model's input"),
-        (lambda: export.export_tflite(model, tmp_path / "m.tflite"), "fixed input size"),
+        (lambda: export.export_tflite(vector_model, tmp_path / "m.tflite"), "fixed input size"),
         (lambda: export.resolve_saved_model(tmp_path), "No SavedModel in the folder"),
     ]
     for call, message in cases:

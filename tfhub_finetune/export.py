@@ -1116,8 +1116,10 @@ def _tflite_inputs(model: keras.Model, rows: int, rng: np.random.Generator
         name = _input_names(model)[0]
         return ({name: tf.TensorSpec([1, *shape[1:]], tf.float32, name=name)}, {name: images})
     names = _input_names(model)
+    # One answer per text: a per-token model's outputs differ in length row by row.
     if names and all(len(x.shape) == 2 and tf.as_dtype(x.dtype).is_integer
-                     for x in model.inputs) and "token_ids" in names:
+                     for x in model.inputs) and "token_ids" in names \
+            and len(model.outputs[0].shape) == 2:
         length = 16
         lengths = rng.integers(1, length + 1, rows)
         lengths[0] = length
@@ -1128,7 +1130,8 @@ def _tflite_inputs(model: keras.Model, rows: int, rng: np.random.Generator
         return ({n: tf.TensorSpec([None, None], tf.int32, name=n) for n in names},
                 {n: values[n] for n in names})
     raise InputError(
-        "TFLite export needs an image model with a fixed input size or a token-id text model.",
+        "TFLite export needs an image model with a fixed input size or a token-id text "
+        "classifier (one answer per text).",
         received={"model": model.name, "inputs": names},
         fix="Pass a model from build_image_classifier or build_text_classifier.",
     )

@@ -163,7 +163,7 @@ def export_quantized_text_classifier(
         quantized, backbone, labels, export_dir, model_name=name, model_dir=model_dir,
         measure_latency=measure_latency,
     )
-    twin = Path(path).parent.parent / (name + export.TOKEN_IDS_SUFFIX) / Path(path).name
+    twin = _token_id_twin(path, name)
     fields = {} if quantized_from is None else {"quantized_from": str(quantized_from)}
     if with_tflite:
         tflite = _export_text_tflite(model, twin, export_dir, name + TFLITE_SUFFIX, mode,
@@ -285,8 +285,7 @@ def export_quantized_token_classifier(
         measure_latency=measure_latency,
     )
     if quantized_from is not None:
-        for folder in (path, Path(path).parent.parent / (name + export.TOKEN_IDS_SUFFIX)
-                       / Path(path).name):
+        for folder in (path, _token_id_twin(path, name)):
             _update_card(folder, quantized_from=str(quantized_from))
     return path
 
@@ -370,6 +369,11 @@ def _check_mode(mode: str) -> None:
             "Invalid value for argument `mode`.", received={"mode": mode},
             fix=f"Expected one of: {', '.join(MODES)}.",
         )
+
+
+def _token_id_twin(path: str | os.PathLike, name: str) -> Path:
+    """The token-id twin's version folder of the raw-input export at `path` (same version)."""
+    return Path(path).parent.parent / (name + export.TOKEN_IDS_SUFFIX) / Path(path).name
 
 
 def _update_card(version_dir: str | os.PathLike, **fields: str) -> None:
