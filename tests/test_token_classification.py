@@ -379,6 +379,9 @@ def test_flag_file_is_offline_minilm_l6(conll_dir):
     assert epochs <= 3
 
 
+# ~65 s (two quantized exports and a form measurement); the int8 exporter and the
+# form measurement it shares with text stay in the default suite (test_quantized_export).
+@pytest.mark.slow
 def test_int8_token_form_tags_words_as_float32_does_and_is_measured_by_entity_f1(
         tmp_path, conll_dir, minilm_l3_dir):
     """The Keras int8 NER export (sentences in, entities out, and its token-id twin), measured
