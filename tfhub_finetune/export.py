@@ -1117,8 +1117,9 @@ def _tflite_inputs(model: keras.Model, rows: int, rng: np.random.Generator
         return ({name: tf.TensorSpec([1, *shape[1:]], tf.float32, name=name)}, {name: images})
     names = _input_names(model)
     # One answer per text: a per-token model's outputs differ in length row by row.
-    if names and all(len(x.shape) == 2 and tf.as_dtype(x.dtype).is_integer
-                     for x in model.inputs) and "token_ids" in names \
+    if "token_ids" in names and set(names) <= set(TEXT_INPUTS) \
+            and all(len(x.shape) == 2 and tf.as_dtype(x.dtype).is_integer
+                    for x in model.inputs) \
             and len(model.outputs[0].shape) == 2:
         length = 16
         lengths = rng.integers(1, length + 1, rows)
@@ -1191,7 +1192,7 @@ def run_tflite(interpreter: Any, inputs: np.ndarray | Mapping[str, np.ndarray]) 
 
 
 def _tflite_input_name(tensor_name: str, inputs: Mapping[str, Any]) -> str:
-    """Which of `inputs` feeds the TFLite tensor `tensor_name` (e.g. `serving_token_ids:0`)."""
+    """Which of `inputs` feeds the TFLite tensor `tensor_name` (e.g. `serving_default_token_ids:0`)."""
     for key in sorted(inputs, key=len, reverse=True):
         if tensor_name == key or tensor_name.split(":")[0].endswith(key):
             return key
