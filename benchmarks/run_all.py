@@ -214,14 +214,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train_examples", type=int, default=512,
                         help="Sentences every system trains on in the timed pass.")
-    parser.add_argument("--keras_hub_train_examples", type=int, default=384,
+    parser.add_argument("--keras_hub_train_examples", type=int, default=256,
                         help="keras-hub pads every sentence to 128, so its cost per example does "
                         "not depend on which sentences; fewer keep the run short.")
     parser.add_argument("--infer_examples", type=int, default=512)
     parser.add_argument("--latency_calls", type=int, default=100)
-    parser.add_argument("--keras_hub_latency_calls", type=int, default=20,
+    parser.add_argument("--keras_hub_infer_examples", type=int, default=256,
+                        help="keras-hub serves every sentence padded to 128 (see above).")
+    parser.add_argument("--keras_hub_latency_calls", type=int, default=10,
                         help="Stock `predict` rebuilds its tf.data pipeline on every call "
-                        "(hundreds of ms), so fewer calls keep the run short.")
+                        "(1-2 s on 2 cores), so fewer calls keep the run short.")
     parser.add_argument("--only", default=",".join(KINDS), help=f"Some of {','.join(KINDS)}.")
     parser.add_argument("--systems", default=",".join(s.name for s in SYSTEMS),
                         help="Some of " + ",".join(s.name for s in ALL_SYSTEMS) + ".")
@@ -246,6 +248,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.repeats, args.train_examples, args.keras_hub_train_examples = 1, 96, 64
         args.infer_examples, args.latency_calls, args.keras_hub_latency_calls = 128, 10, 5
+        args.keras_hub_infer_examples = 128
     unknown = set(args.only.split(",")) - set(KINDS)
     if unknown:
         parser.error(f"unknown --only {sorted(unknown)}; expected some of {KINDS}")
@@ -337,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
              if busy else ""))
     print(f"Protocol: {args.repeats} repetitions, alternating order; train on the same "
           f"{args.train_examples} SST-2 sentences (keras-hub: {args.keras_hub_train_examples}); "
-          f"infer on {args.infer_examples} sentences, {args.latency_calls} batch-1 calls.",
+          f"infer on {args.infer_examples} sentences, {args.latency_calls} batch-1 calls "
+          f"(keras-hub: {args.keras_hub_infer_examples}, {args.keras_hub_latency_calls}).",
           flush=True)
 
     common = {"train_examples": args.train_examples, "infer_examples": args.infer_examples,
@@ -352,13 +356,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  SKIPPED {name}: {reason}", flush=True)
         systems = [s for s in systems if s.name not in skipped]
         saved_models = {}  # One export per distinct set of export keywords.
-        for system in systems:
+        trained = ""  # The precision `OURS_FLAGS` resolved to, from the first export.
+        for system in list(systems):
             if ("infer" in kinds and system.module == "benchmarks.ours" and "infer" in system.kinds
                     and system.export_key not in saved_models):
+                if system.export.get("serving_precision") == "as_trained" and trained == "float32":
+                    # Serving the training policy is then the float32 default export again.
+                    skipped[system.name] = (
+                        "--precision=auto trained float32 on this machine, so serving as trained "
+                        "is the float32 export `ours` serves")
+                    print(f"  SKIPPED {system.name}: {skipped[system.name]}", flush=True)
+                    systems.remove(system)
+                    continue
                 export = runner.run("export", system.name, "benchmarks.ours", "export",
                                     {"export_dir": str(tmp_dir / f"export{len(saved_models)}"),
                                      "flags": OURS_FLAGS, **system.export}, -1, 0)
                 saved_models[system.export_key] = export.get("saved_model", "")
+                trained = trained or export.get("precision", "")
         repeats_done, started = 0, time.perf_counter()
         for repeat in range(args.repeats):
             pace = (time.perf_counter() - started) / max(repeats_done, 1)
@@ -386,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                     child = {**common, **system.args}
                     if system.name == "keras_hub":
                         child["latency_calls"] = args.keras_hub_latency_calls
+                        child["infer_examples"] = args.keras_hub_infer_examples
                     if system.module == "benchmarks.ours":
                         child["saved_model"] = saved_models.get(system.export_key, "")
                         if not child["saved_model"]:
