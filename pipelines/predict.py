@@ -74,9 +74,10 @@ def define_flags() -> None:
                         "second text in .tsv/.csv inputs (index or header name); in .jsonl "
                         "inputs, its key (default `text_pair`).")
     flags.DEFINE_integer("intra_op_threads", -1, "TensorFlow threads per op: -1 picks (at "
-                         "--batch_size=1 one thread where this machine measures it faster, a "
-                         "cached calibration; else TensorFlow's default), 0 is TensorFlow's "
-                         "default. TF Serving: --tensorflow_intra_op_parallelism.")
+                         "--batch_size=1 one thread where that serves this model faster on this "
+                         "machine, timed on the first inputs and cached; else TensorFlow's "
+                         "default), 0 is TensorFlow's default. TF Serving: "
+                         "--tensorflow_intra_op_parallelism.")
     flags.DEFINE_integer("inter_op_threads", -1, "TensorFlow ops run at once; as "
                          "--intra_op_threads. TF Serving: --tensorflow_inter_op_parallelism.")
 
@@ -383,7 +384,8 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
 
     Thread pools are sized by `distribute.set_serving_threads` before the
     model loads: at batch size 1, unless given, one intra-op and one inter-op
-    thread where this machine's calibration measures that faster.
+    thread where that serves this export faster on this machine (timed on
+    the first inputs in child processes, cached per model graph).
 
     Raises:
         InputError: for bad paths, unreadable inputs, or inputs that do not
@@ -424,7 +426,10 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
                                                       text_pair_column)
     from tfhub_finetune.distribute import set_serving_threads
 
-    threads = set_serving_threads(batch_size, intra_op_threads, inter_op_threads)
+    timed = {}
+    if batch_size == 1 and -1 in (intra_op_threads, inter_op_threads):
+        timed = _timing_requests(saved_model, source, records, bool(text_pair_column))
+    threads = set_serving_threads(batch_size, intra_op_threads, inter_op_threads, **timed)
     predictor = Predictor(saved_model)
     if predictor.modality == "image" and not source.is_dir():
         raise InputError("This is an image model; the input must be a folder of images.",
@@ -460,6 +465,34 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
     return {"count": len(records), "errors": errors, "output": str(target),
             "skipped_blank": getattr(records, "skipped_blank", 0),
             "threads": {"intra_op": threads[0], "inter_op": threads[1]}}
+
+
+def _timing_requests(saved_model: str, source: Path, records: list[dict] | None,
+                     pairs: bool) -> dict:
+    """`set_serving_threads`' `saved_model` and `requests`: the job's first inputs, one each.
+
+    Only for exports that take raw inputs of the kind the job has (strings
+    from a text file, encoded images from a folder); otherwise nothing, and
+    the calibration falls back to its proxy.
+    """
+    from tfhub_finetune.export import read_model_card, resolve_saved_model
+
+    try:
+        path = resolve_saved_model(saved_model)
+    except InputError:  # Reported when the model loads.
+        return {}
+    card = read_model_card(path) or {}
+    takes_pairs = "text_pair" in card.get("preprocessing", {}).get("text_inputs", [])
+    if card.get("input") == "strings" and records and takes_pairs == pairs:
+        return {"saved_model": path, "requests": [
+            {"text": [r["text"]], **({"text_pair": [r["text_pair"]]} if pairs else {})}
+            for r in records[:8]]}
+    if card.get("input") == "image_bytes" and source.is_dir():
+        images = find_images(source)[:8]
+        if images:
+            return {"saved_model": path,
+                    "requests": [{"image_bytes": [p.read_bytes()]} for p in images]}
+    return {}
 
 
 def _predict_batch(predictor: Predictor, batch: list[dict]) -> list[dict]:

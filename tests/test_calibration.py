@@ -122,9 +122,45 @@ def test_batch1_threads_are_decided_from_measured_latencies():
     assert calibration.decide_serving_threads({"threads=1": 0.001})[0] == (0, 0)
 
 
+def test_batch1_threads_are_timed_on_the_served_model_itself(tmp_path, monkeypatch):
+    """`set_serving_threads` with a SavedModel times its own signature in each thread setting's
+    child, on the given requests (strings, bytes and numbers travel to the children; a request
+    it refuses is left out), cached per model graph, not under the proxy layer's key."""
+    import tensorflow as tf
+
+    class Parse(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
+                                      tf.TensorSpec([None, 3], tf.int32)])
+        def serve(self, text, ids):
+            return {"value": tf.strings.to_number(text) + tf.cast(tf.reduce_sum(ids, 1), tf.float32)}
+
+    module = Parse()
+    path = tmp_path / "model" / "1"
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "tfhub_finetune"
+    requests = [{"text": ["12"], "ids": [[1, 2, 3]]}, {"text": [b"4.5"], "ids": [[0, 0, 1]]},
+                {"text": ["not a number"], "ids": [[0, 0, 0]]}]
+    distribute.set_serving_threads(1, saved_model=path, requests=requests)
+    figures = calibration.serving_thread_calibration(saved_model=path, requests=requests,
+                                                     cache_dir=cache)
+    assert not figures.measured  # set_serving_threads measured it, on the model.
+    assert set(figures.seconds) == set(calibration.SERVING_THREAD_CONFIGS)
+    assert all(0 < value < 1 for value in figures.seconds.values())
+    assert figures.key["workload"] == "serve_batch1_threads:saved_model"
+    assert len(figures.key["model"]) == 16
+    assert [p.name for p in cache.iterdir()] == [figures.path.name]  # The proxy never ran.
+
+    with pytest.raises(RuntimeError, match="answered none of the timing requests"):
+        calibration.serving_thread_calibration(saved_model=path, requests=requests[2:],
+                                               cache_dir=cache, recalibrate=True)
+    with pytest.raises(ValueError, match="needs at least one request"):
+        calibration.serving_thread_calibration(saved_model=path, cache_dir=cache)
+
+
 def test_a_thread_calibration_that_cannot_run_leaves_tensorflows_default_pools(
         tmp_path, monkeypatch, caplog):
-    def broken(hidden):
+    def broken(*args):
         raise RuntimeError("The serving-thread calibration child failed: no output")
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

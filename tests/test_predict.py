@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -98,16 +97,30 @@ def test_image_folder_predictions_and_per_image_errors(tmp_path, image_export, i
 
 def test_the_cli_writes_predictions_and_exits_0(tmp_path, image_export, image_folder):
     output = tmp_path / "out.jsonl"
+    # Threads given: nothing is measured (`_timing_requests` and test_calibration cover auto).
     proc = run_pipeline("pipelines.predict", f"--saved_model={image_export}/1",
-                        f"--input={image_folder}", f"--output={output}", "--batch_size=1")
+                        f"--input={image_folder}", f"--output={output}", "--batch_size=1",
+                        "--intra_op_threads=1", "--inter_op_threads=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Wrote 5 predictions" in proc.stdout and "2 could not be predicted" in proc.stdout
-    # Batch size 1: the threads this machine's calibration picks, and TF Serving's flags for them.
-    assert re.search(r"TensorFlow threads: intra-op (1|default), inter-op (1|default) \(TF Serving: "
-                     r"--tensorflow_intra_op_parallelism=(1|0) --tensorflow_inter_op_parallelism="
-                     r"(1|0)\)", proc.stdout)
+    assert ("TensorFlow threads: intra-op 1, inter-op 1 (TF Serving: "
+            "--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1)") in proc.stdout
     assert "Predicting" in proc.stderr  # The progress bar.
     assert len(read_jsonl(output)) == 5
+
+
+def test_batch1_threads_are_timed_on_the_jobs_first_inputs(tmp_path, image_export, image_folder):
+    """What `set_serving_threads` gets to time: the export's version folder and up to 8 of the
+    job's own inputs, one per request, where the export takes that kind of input; else nothing."""
+    timed = predict._timing_requests(str(image_export), image_folder, None, False)
+    assert timed["saved_model"] == image_export / "1"
+    files = predict.find_images(image_folder)
+    assert [r["image_bytes"] for r in timed["requests"]] == [[p.read_bytes()] for p in files[:8]]
+    text = tmp_path / "in.tsv"
+    text.write_text("a fine film\n")
+    records = predict.read_texts(text, "0", "false", "text")
+    assert predict._timing_requests(str(image_export), text, records, False) == {}
+    assert predict._timing_requests(str(tmp_path / "nowhere"), image_folder, None, False) == {}
 
 
 @pytest.mark.parametrize(

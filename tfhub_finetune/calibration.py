@@ -14,10 +14,11 @@ load of shared cores falls on all alike, by process-CPU time (which other
 jobs on the cores disturb far less than wall time). `decide` turns the figures into a
 choice with a margin (`MARGIN`).
 
-`serving_thread_calibration` measures, the same way but in child processes
-(thread pools are fixed when TensorFlow's runtime starts), whether one
-intra-op and one inter-op thread serve a batch-1 call faster than
-TensorFlow's default pools; `decide_serving_threads` chooses with the same
+`serving_thread_calibration` measures, in child processes (thread pools are
+fixed when TensorFlow's runtime starts), whether one intra-op and one
+inter-op thread serve a batch-1 call faster than TensorFlow's default pools,
+on the SavedModel to be served when there is one (else on one encoder
+layer, a weaker proxy); `decide_serving_threads` chooses with the same
 margin.
 
 The figures are cached per CPU model + matmul-relevant ISA flags +
@@ -40,6 +41,7 @@ calibration.decide(figures.seconds, precision="auto", jit_compile=False)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,6 +51,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tfhub_finetune.io_utils import atomic_write_text
 
@@ -210,24 +213,36 @@ def cpu_calibration(
 def serving_thread_calibration(
     hidden_size: int = DEFAULT_HIDDEN_SIZE,
     *,
+    saved_model: str | os.PathLike | None = None,
+    requests: Sequence[Mapping[str, Any]] = (),
     recalibrate: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Calibration:
     """Batch-1 latency with TensorFlow's default thread pools and with one thread each.
 
     Thread pools are fixed when TensorFlow's runtime starts, so each setting
-    is measured in a child process of its own (`SERVING_THREAD_CONFIGS`;
-    ~20 s for both on a quiet 2-core Xeon, once per machine: cached like
-    `cpu_calibration`). The
-    workload is one encoder layer's forward pass on one sentence (1 x 32
-    tokens at `hidden_size`), a chain of small ops like a served encoder's
-    batch-1 call; each child reports the least, over rounds, of the median
-    wall time of its calls (latency is what a caller waits, so wall time).
-    Children alternate (default, one, one, default) so load drift falls on
-    both.
+    is measured in a child process of its own (`SERVING_THREAD_CONFIGS`),
+    alternating (default, one, one, default) so load drift falls on both;
+    each child reports the least, over rounds, of the median wall time of
+    its calls (latency is what a caller waits, so wall time). Cached like
+    `cpu_calibration`.
+
+    With `saved_model` the workload is that SavedModel's own
+    `serving_default`, called with `requests` in turn (one example each):
+    what a batch-1 job of that model waits for, measured once per model
+    graph on this machine (~40 s for a MiniLM export on 2 cores). Without
+    it, one encoder layer's forward pass on one 32-token sentence (a few
+    seconds, once per machine): a proxy, and a weak one, since the
+    choice depends on the served graph's chain of ops (on the AVX-512 Xeon
+    the layer measured one thread 1.14x faster, the served MiniLM-L6
+    export 1.37x).
 
     Args:
-        hidden_size: int. The model's hidden width.
+        hidden_size: int. The model's hidden width (the proxy's).
+        saved_model: str, path or None. A SavedModel version folder to time.
+        requests: sequence of dict. With `saved_model`: `serving_default`'s
+            input name -> a one-example value (a list of one str or bytes,
+            or an int array), e.g. `[{"text": ["a fine film"]}]`.
         recalibrate: bool or None. As for `cpu_calibration`.
         cache_dir: str, path or None. As for `cpu_calibration`.
 
@@ -235,19 +250,33 @@ def serving_thread_calibration(
         A Calibration whose `seconds` maps `SERVING_THREAD_CONFIGS` to seconds
         per call.
 
+    Raises:
+        ValueError: for a `saved_model` without `requests`.
+
     Example:
 
     ```python
-    figures = serving_thread_calibration()
-    decide_serving_threads(figures.seconds)  # ((1, 1), 'one thread 1.56x ...') or ((0, 0), ...)
+    figures = serving_thread_calibration(saved_model="exports/sst2/1",
+                                         requests=[{"text": ["a fine film"]}])
+    decide_serving_threads(figures.seconds)  # ((1, 1), 'one thread 1.37x ...') or ((0, 0), ...)
     ```
     """
     import tensorflow as tf
 
     key = {**_machine_key(tf.__version__, hidden_size), "workload": "serve_batch1_threads"}
+    if saved_model is None:
+        child, stdin = ["_serving_latency_child", str(int(hidden_size))], ""
+    else:
+        if not requests:
+            raise ValueError("Timing a SavedModel's batch-1 calls needs at least one request.")
+        graph = Path(saved_model) / "saved_model.pb"
+        key = {**key, "workload": "serve_batch1_threads:saved_model",
+               "model": hashlib.sha256(graph.read_bytes()).hexdigest()[:16]}
+        child = ["_saved_model_latency_child", str(saved_model)]
+        stdin = json.dumps([{name: _encoded(value) for name, value in request.items()}
+                            for request in requests])
     return _cached(key, list(SERVING_THREAD_CONFIGS), SERVING_THREAD_CONFIGS,
-                   lambda names: _measure_serving_threads(int(hidden_size)), recalibrate,
-                   cache_dir)
+                   lambda names: _measure_serving_threads(child, stdin), recalibrate, cache_dir)
 
 
 def decide_serving_threads(
@@ -444,8 +473,12 @@ def _step(hidden: int, config: str, *, batch: int = _BATCH, seq: int = _SEQ,
     return lambda: step().numpy()
 
 
-def _measure_serving_threads(hidden: int) -> dict[str, float]:
-    """Seconds per batch-1 call with each of `SERVING_THREAD_CONFIGS`, one child process each."""
+def _measure_serving_threads(child: list[str], stdin: str = "") -> dict[str, float]:
+    """Seconds per batch-1 call with each of `SERVING_THREAD_CONFIGS`, one child process each.
+
+    `child` is this module's child function and its first argument; the
+    thread count is appended, `stdin` is given to it.
+    """
     import subprocess
     import sys
 
@@ -454,10 +487,9 @@ def _measure_serving_threads(hidden: int) -> dict[str, float]:
     for name in names + names[::-1]:  # In rotation, so load drift falls on both.
         threads = SERVING_THREAD_CONFIGS[name]
         done = subprocess.run(
-            [sys.executable, "-c", "import sys; from tfhub_finetune.calibration import "
-             "_serving_latency_child as child; child(int(sys.argv[1]), int(sys.argv[2]))",
-             str(hidden), str(threads)],
-            capture_output=True, text=True, timeout=600,
+            [sys.executable, "-c", f"import sys; from tfhub_finetune.calibration import "
+             f"{child[0]} as child; child(sys.argv[1], int(sys.argv[2]))", child[1], str(threads)],
+            input=stdin, capture_output=True, text=True, timeout=600,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         )
         lines = done.stdout.strip().splitlines()
@@ -468,24 +500,85 @@ def _measure_serving_threads(hidden: int) -> dict[str, float]:
     return {name: round(value, 6) for name, value in best.items()}
 
 
-def _serving_latency_child(hidden: int, threads: int) -> None:
-    """Prints the least round median of batch-1 forward calls with `threads` per pool (0: TF's)."""
+def _encoded(value: Any) -> dict:
+    """One request input as JSON: a list of str or bytes as base64, else a nested number list."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, bytes)) for v in value):
+        return {"dtype": "string", "b64": [
+            base64.b64encode(v.encode("utf-8") if isinstance(v, str) else v).decode("ascii")
+            for v in value]}
+    array = np.asarray(value)
+    return {"dtype": str(array.dtype), "values": array.tolist()}
+
+
+def _decoded(value: dict) -> Any:
+    import base64
+
+    import numpy as np
+
+    if value["dtype"] == "string":
+        return np.array([base64.b64decode(v) for v in value["b64"]], dtype=object)
+    return np.asarray(value["values"], dtype=value["dtype"])
+
+
+def _timed_calls(call: Callable[[int], Any], count: int) -> float:
+    """The least, over 5 rounds of 20 calls, of the median wall time; `call(i)` runs call i."""
     import statistics
 
+    for i in range(10):  # Tracing, oneDNN primitive creation.
+        call(i % count)
+    medians = []
+    for _ in range(5):
+        times = []
+        for i in range(20):
+            started = time.perf_counter()
+            call(i % count)
+            times.append(time.perf_counter() - started)
+        medians.append(statistics.median(times))
+    return min(medians)
+
+
+def _serving_latency_child(hidden: str, threads: int) -> None:
+    """Prints the proxy's batch-1 seconds per call with `threads` per pool (0: TF's)."""
     import tensorflow as tf
 
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-    call = _step(hidden, "float32", batch=1, seq=32, backward=False)
-    for _ in range(10):  # Tracing, oneDNN primitive creation.
-        call()
-    medians = []
-    for _ in range(5):
-        times = []
-        for _ in range(20):
-            started = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - started)
-        medians.append(statistics.median(times))
-    print(min(medians), flush=True)
+    call = _step(int(hidden), "float32", batch=1, seq=32, backward=False)
+    print(_timed_calls(lambda i: call(), 1), flush=True)
+
+
+def _saved_model_latency_child(path: str, threads: int) -> None:
+    """Prints a SavedModel's batch-1 seconds per call on the requests read from stdin."""
+    import sys
+
+    requests = [{name: _decoded(value) for name, value in request.items()}
+                for request in json.loads(sys.stdin.read())]
+    import tensorflow as tf
+
+    with contextlib.suppress(ImportError):  # The ops of exports that tokenize in the graph.
+        import tensorflow_text  # noqa: F401
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+
+    def served(inputs: dict) -> bool:
+        try:
+            for output in serve(**inputs).values():
+                output.numpy()
+        except tf.errors.InvalidArgumentError:  # E.g. a file in an image folder that is none.
+            return False
+        return True
+
+    specs = serve.structured_input_signature[1]  # Name -> TensorSpec: numbers take its dtype.
+    inputs = [{name: tf.constant(value, dtype=specs[name].dtype if name in specs else None)
+               for name, value in request.items()} for request in requests]
+    inputs = [request for request in inputs if served(request)]
+    if not inputs:
+        raise SystemExit("The SavedModel answered none of the timing requests.")
+    print(_timed_calls(lambda i: served(inputs[i]), len(inputs)), flush=True)

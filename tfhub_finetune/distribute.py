@@ -48,6 +48,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -739,13 +740,17 @@ def resolve_jit_compile(
 # batch-1 forward pass of a small encoder is a chain of small ops, and whether handing each
 # to a two-thread pool costs more than the second thread gives back depends on the machine
 # (one thread each: 7.5 vs 11.7 ms p50 on an AVX-512 Xeon; no better on the AMX Xeon,
-# 13.5 vs 11.2 ms; BUILD_NOTES.md "Serving levers"). `calibration.serving_thread_calibration`
-# times both in child processes, once per machine (cached). TF Serving's flags for one thread:
+# 13.5 vs 11.2 ms; BUILD_NOTES.md "Serving levers"), and on the served graph: a one-layer
+# proxy measured 1.14x on the AVX-512 Xeon where the MiniLM export served 1.37x faster with
+# one thread. `calibration.serving_thread_calibration` times both in child processes, on the
+# SavedModel itself when given one (cached per model graph and machine). TF Serving's flags for one thread:
 # `--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1`
 # (or `--tensorflow_session_parallelism=1` alone, which sets both).
 
 
-def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1) -> tuple[int, int]:
+def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1, *,
+                        saved_model: str | os.PathLike | None = None,
+                        requests: Sequence[Mapping[str, Any]] = ()) -> tuple[int, int]:
     """Sizes TensorFlow's thread pools for serving calls of `batch_size` inputs.
 
     Must run before TensorFlow's runtime starts (the first op, or loading a
@@ -759,6 +764,12 @@ def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1)
             calibration measures that at least `calibration.MARGIN` faster
             (`calibration.serving_thread_calibration`, cached), else 0.
         inter_op: int. Ops run at once; same conventions.
+        saved_model: str, path or None. The SavedModel version folder to be
+            served: with `requests`, the calibration times its own batch-1
+            calls (else a one-layer proxy that can mispredict; see
+            `serving_thread_calibration`).
+        requests: sequence of dict. One-example `serving_default` inputs,
+            e.g. the job's first rows: `[{"text": ["a fine film"]}]`.
 
     Returns:
         The `(intra_op, inter_op)` set, 0 meaning TensorFlow's default.
@@ -785,8 +796,9 @@ def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1)
         from tfhub_finetune import calibration
 
         try:
-            figures = calibration.serving_thread_calibration()
-        except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+            figures = calibration.serving_thread_calibration(
+                saved_model=saved_model if requests else None, requests=requests)
+        except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as error:
             # No measurement, no pinning: TensorFlow's default pools serve correctly anywhere.
             logger.warning("threads=auto at batch 1 -> TensorFlow's default pools: the thread "
                            "calibration could not run (%s).", error)
