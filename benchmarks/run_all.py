@@ -23,7 +23,8 @@ global batch 32, max sequence length 128):
   thread (`ours_1thread`); `ours_xla` is the opt-in XLA export
   (`serving_jit_compile`, every timed shape compiled in its warm-up), and the
   ablation `ours_serve_as_trained` the export computing in the training
-  policy (bf16 matmuls under `auto` on bf16 hardware). The int8 forms
+  policy (bf16 matmuls under `auto` on bf16 hardware; skipped, and said so,
+  where `auto` trained float32, since it is then `ours`' export). The int8 forms
   `--export_quantized=int8` writes: `ours_tflite_int8` (its TFLite
   dynamic-range file, raw strings tokenized in Python by
   `tflite_text.TfliteTextClassifier`) and, by name in `--systems`, `ours_int8`
