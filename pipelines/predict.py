@@ -216,6 +216,92 @@ def find_images(folder: Path) -> list[Path]:
 # === Model ===
 
 
+class ServedExport:
+    """An export's version folder and model card, read once and checked without TensorFlow.
+
+    What `Predictor` serves and what the batch-1 thread calibration times;
+    the checks that an input suits the model read it before any model loads.
+
+    Example:
+
+    ```python
+    export = ServedExport.read("exports/sst2")  # highest version, card read
+    export.modality, export.pairs  # ('text', False)
+    ```
+    """
+
+    def __init__(self, path: Path, card: dict):
+        self.path = path
+        self.card = card
+        self.kind = card.get("input")
+        self.task = card.get("task", "single_label")
+        self.labels = list(card.get("labels", []))
+        self.pairs = "text_pair" in card.get("preprocessing", {}).get("text_inputs", [])
+
+    @classmethod
+    def read(cls, saved_model: str | os.PathLike) -> ServedExport:
+        """Resolves the version folder and reads its card.
+
+        Raises:
+            InputError: if there is no SavedModel, it has no model card, or
+                it needs `tensorflow_text` and that is not installed.
+        """
+        from tfhub_finetune.export import read_model_card, resolve_saved_model
+
+        path = resolve_saved_model(saved_model)
+        card = read_model_card(path)
+        if card is None:
+            raise InputError(
+                "The SavedModel has no assets.extra/model_card.json; it was not written by "
+                "tfhub_finetune.export.",
+                received={"saved_model": str(path)},
+                fix="Export with export_text_classifier / export_image_classifier, or pass "
+                "--export_dir to the training pipeline.",
+            )
+        if "tensorflow_text" in card.get("requires", []):
+            try:
+                import tensorflow_text  # noqa: F401  Registers the tokenizer's ops.
+            except ImportError:
+                raise InputError(
+                    "This export tokenizes in the graph and needs tensorflow_text.",
+                    received={"saved_model": str(path)},
+                    fix=f"pip install tensorflow-text, or use the "
+                    f"{card.get('token_id_model', '<name>_token_ids')} export.",
+                ) from None
+        return cls(path, card)
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.kind == "image_bytes" else "text"
+
+    def text_client(self):
+        """The client-side tokenizer of a token-id export (`text_client.TextClient`)."""
+        from tfhub_finetune.text_client import TextClient
+
+        try:
+            return TextClient.from_saved_model(self.path)
+        except (OSError, ValueError) as err:
+            raise InputError("Cannot tokenize for this token-id export.",
+                             received={"saved_model": str(self.path)}, fix=str(err)) from None
+
+    def check_inputs(self, source: Path, text_pair_column: str) -> None:
+        """Raises InputError where the job's input does not suit this model."""
+        if self.modality == "image" and not source.is_dir():
+            raise InputError("This is an image model; the input must be a folder of images.",
+                             received={"input": str(source), "saved_model": str(self.path)})
+        if self.modality == "text" and source.is_dir():
+            raise InputError("This is a text model; the input must be a text file.",
+                             received={"input": str(source), "saved_model": str(self.path)})
+        if self.modality == "text" and self.pairs != bool(text_pair_column):
+            raise InputError(
+                "This model takes text pairs; give the second text's column." if self.pairs
+                else "This model takes single texts, not pairs.",
+                received={"saved_model": str(self.path), "text_pair_column": text_pair_column},
+                fix="Set --text_pair_column (e.g. sentence2)." if self.pairs
+                else "Leave --text_pair_column empty.",
+            )
+
+
 class Predictor:
     """Calls an export's `serving_default` with the input kind the model card names.
 
@@ -227,52 +313,17 @@ class Predictor:
     ```
     """
 
-    def __init__(self, saved_model: str | os.PathLike):
-        from tfhub_finetune.export import read_model_card, resolve_saved_model
-
-        self.path = resolve_saved_model(saved_model)
-        card = read_model_card(self.path)
-        if card is None:
-            raise InputError(
-                "The SavedModel has no assets.extra/model_card.json; it was not written by "
-                "tfhub_finetune.export.",
-                received={"saved_model": str(self.path)},
-                fix="Export with export_text_classifier / export_image_classifier, or pass "
-                "--export_dir to the training pipeline.",
-            )
-        self.card = card
-        self.kind = card.get("input")
-        self.task = card.get("task", "single_label")
-        self.labels = list(card.get("labels", []))
-        self.pairs = "text_pair" in card.get("preprocessing", {}).get("text_inputs", [])
-        self.client = None
-        if self.kind == "token_ids":
-            from tfhub_finetune.text_client import TextClient
-
-            try:
-                self.client = TextClient.from_saved_model(self.path)
-            except (OSError, ValueError) as err:
-                raise InputError("Cannot tokenize for this token-id export.",
-                                 received={"saved_model": str(self.path)},
-                                 fix=str(err)) from None
+    def __init__(self, saved_model: str | os.PathLike | ServedExport):
+        export = saved_model if isinstance(saved_model, ServedExport) else ServedExport.read(
+            saved_model)
+        self.path, self.card, self.kind = export.path, export.card, export.kind
+        self.task, self.labels, self.pairs = export.task, export.labels, export.pairs
+        self.modality = export.modality
+        self.client = export.text_client() if self.kind == "token_ids" else None
         import tensorflow as tf
 
-        if "tensorflow_text" in card.get("requires", []):
-            try:
-                import tensorflow_text  # noqa: F401  Registers the tokenizer's ops.
-            except ImportError:
-                raise InputError(
-                    "This export tokenizes in the graph and needs tensorflow_text.",
-                    received={"saved_model": str(self.path)},
-                    fix=f"pip install tensorflow-text, or use the "
-                    f"{card.get('token_id_model', '<name>_token_ids')} export.",
-                ) from None
         self._tf = tf
         self.signature = tf.saved_model.load(str(self.path)).signatures["serving_default"]
-
-    @property
-    def modality(self) -> str:
-        return "image" if self.kind == "image_bytes" else "text"
 
     def predict(self, inputs: list, pairs: list | None = None) -> list[dict]:
         """Predicts a batch of texts (str; `pairs`: their second texts) or encoded images (bytes)."""
@@ -424,27 +475,15 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
     # Read (and check) text inputs before the model loads: a bad row costs a second.
     records = None if source.is_dir() else read_texts(source, text_column, has_header, text_key,
                                                       text_pair_column)
+    served = ServedExport.read(saved_model)
+    served.check_inputs(source, text_pair_column)
     from tfhub_finetune.distribute import set_serving_threads
 
     timed = {}
     if batch_size == 1 and -1 in (intra_op_threads, inter_op_threads):
-        timed = _timing_requests(saved_model, source, records, bool(text_pair_column))
+        timed = _timing_requests(served, source, records)
     threads = set_serving_threads(batch_size, intra_op_threads, inter_op_threads, **timed)
-    predictor = Predictor(saved_model)
-    if predictor.modality == "image" and not source.is_dir():
-        raise InputError("This is an image model; the input must be a folder of images.",
-                         received={"input": input_path, "saved_model": str(predictor.path)})
-    if predictor.modality == "text" and source.is_dir():
-        raise InputError("This is a text model; the input must be a text file.",
-                         received={"input": input_path, "saved_model": str(predictor.path)})
-    if predictor.modality == "text" and predictor.pairs != bool(text_pair_column):
-        raise InputError(
-            "This model takes text pairs; give the second text's column." if predictor.pairs
-            else "This model takes single texts, not pairs.",
-            received={"saved_model": str(predictor.path), "text_pair_column": text_pair_column},
-            fix="Set --text_pair_column (e.g. sentence2)." if predictor.pairs
-            else "Leave --text_pair_column empty.",
-        )
+    predictor = Predictor(served)
     if source.is_dir():
         records = [{"path": str(p)} for p in find_images(source)]
 
@@ -467,31 +506,29 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
             "threads": {"intra_op": threads[0], "inter_op": threads[1]}}
 
 
-def _timing_requests(saved_model: str, source: Path, records: list[dict] | None,
-                     pairs: bool) -> dict:
+def _timing_requests(served: ServedExport, source: Path, records: list[dict] | None) -> dict:
     """`set_serving_threads`' `saved_model` and `requests`: the job's first inputs, one each.
 
-    Only for exports that take raw inputs of the kind the job has (strings
-    from a text file, encoded images from a folder); otherwise nothing, and
-    the calibration falls back to its proxy.
+    Raw strings and images as the job sends them; token ids as the client
+    encodes them (classifiers: NER windows are cut with TensorFlow ops, which
+    would start the runtime before its pools are sized, so those time the
+    calibration's proxy).
     """
-    from tfhub_finetune.export import read_model_card, resolve_saved_model
-
-    try:
-        path = resolve_saved_model(saved_model)
-    except InputError:  # Reported when the model loads.
+    if served.modality == "image":  # An empty folder is refused here, before anything runs.
+        return {"saved_model": served.path, "requests": [
+            {"image_bytes": [p.read_bytes()]} for p in find_images(source)[:8]]}
+    if not records:
         return {}
-    card = read_model_card(path) or {}
-    takes_pairs = "text_pair" in card.get("preprocessing", {}).get("text_inputs", [])
-    if card.get("input") == "strings" and records and takes_pairs == pairs:
-        return {"saved_model": path, "requests": [
-            {"text": [r["text"]], **({"text_pair": [r["text_pair"]]} if pairs else {})}
-            for r in records[:8]]}
-    if card.get("input") == "image_bytes" and source.is_dir():
-        images = find_images(source)[:8]
-        if images:
-            return {"saved_model": path,
-                    "requests": [{"image_bytes": [p.read_bytes()]} for p in images]}
+    first = records[:8]
+    if served.kind == "strings":
+        return {"saved_model": served.path, "requests": [
+            {"text": [r["text"]], **({"text_pair": [r["text_pair"]]} if served.pairs else {})}
+            for r in first]}
+    if served.kind == "token_ids" and served.task != "token_classification":
+        client = served.text_client()
+        return {"saved_model": served.path, "requests": [
+            client.encode([r["text"]], [r["text_pair"]] if served.pairs else None)
+            for r in first]}
     return {}
 
 

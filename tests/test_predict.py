@@ -111,16 +111,21 @@ def test_the_cli_writes_predictions_and_exits_0(tmp_path, image_export, image_fo
 
 def test_batch1_threads_are_timed_on_the_jobs_first_inputs(tmp_path, image_export, image_folder):
     """What `set_serving_threads` gets to time: the export's version folder and up to 8 of the
-    job's own inputs, one per request, where the export takes that kind of input; else nothing."""
-    timed = predict._timing_requests(str(image_export), image_folder, None, False)
+    job's own inputs, one per request; an input that does not suit the model is refused first,
+    before anything is timed."""
+    served = predict.ServedExport.read(image_export)
+    timed = predict._timing_requests(served, image_folder, None)
     assert timed["saved_model"] == image_export / "1"
     files = predict.find_images(image_folder)
     assert [r["image_bytes"] for r in timed["requests"]] == [[p.read_bytes()] for p in files[:8]]
+    with pytest.raises(InputError, match="No image files"):
+        predict._timing_requests(served, tmp_path, None)
     text = tmp_path / "in.tsv"
     text.write_text("a fine film\n")
-    records = predict.read_texts(text, "0", "false", "text")
-    assert predict._timing_requests(str(image_export), text, records, False) == {}
-    assert predict._timing_requests(str(tmp_path / "nowhere"), image_folder, None, False) == {}
+    with pytest.raises(InputError, match="image model"):
+        served.check_inputs(text, "")
+    with pytest.raises(InputError, match="SavedModel folder not found"):
+        predict.ServedExport.read(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize(
