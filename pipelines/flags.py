@@ -104,7 +104,8 @@ def define_text_serving_flags() -> None:
         "serving_jit_compile", False,
         "With --export_dir, compile the exported serving functions' model call with XLA, on "
         "length chunks padded to a few bucketed shapes. TF Serving must then run with "
-        "--xla_cpu_compilation_enabled, or every request fails. Opt-in: see BUILD_NOTES.md "
+        "--xla_cpu_compilation_enabled, or it refuses the model at load (its warm-up requests "
+        "compile every shape). Opt-in: see BUILD_NOTES.md "
         "'Serving levers' for what it measured.",
     )
 

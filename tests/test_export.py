@@ -25,7 +25,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import require_shared_path
-from tfhub_finetune import export
+from tfhub_finetune import export, serving_warmup
 from tfhub_finetune.backbones import load_backbone
 from tfhub_finetune.builders.image_classifier import build_image_classifier
 from tfhub_finetune.builders.text_classifier import build_text_classifier
@@ -383,6 +383,13 @@ def test_xla_serving_export_reloads_and_predicts_as_the_default_export(
     card = json.loads((raw / "assets.extra" / "model_card.json").read_text())
     assert card["preprocessing"]["jit_compile"] is True
     assert card["preprocessing"]["tf_serving_flags"] == ["--xla_cpu_compilation_enabled"]
+    # TF Serving compiles every chunk shape at load, replaying the warm-up file.
+    rows, widths = export.serving_shapes(SEQUENCE_LENGTH)
+    shapes = [[r, w] for w in widths for r in rows]
+    assert card["preprocessing"]["warmup_shapes"] == shapes
+    client = TextClient.from_saved_model(ids)
+    for path in (raw, ids):
+        assert [warmup_shape(r, client) for r in serving_warmup.read_warmup_requests(path)] == shapes
 
     texts = ["", LONG_TEXT, *dev_texts[:18], "a"]  # 21 rows: chunks of 16 and 5 (filled to 8).
     default = tf.saved_model.load(str(text_export[0])).signatures["serving_default"]
@@ -400,6 +407,39 @@ def test_xla_serving_export_reloads_and_predicts_as_the_default_export(
     np.testing.assert_allclose(xla_ids(**packed)["probabilities"].numpy(),
                                reference_probabilities(model, backbone, texts), atol=1e-5)
     assert xla(text=tf.constant([], tf.string))["probabilities"].shape == (0, 2)
+
+
+def warmup_shape(request: dict, client: TextClient) -> list[int]:
+    """`[rows, width]` a warm-up request runs at: token ids as given, texts as packed."""
+    if "token_ids" in request:
+        return list(request["token_ids"].shape)
+    encoded = client.encode([t.decode("utf-8") for t in request["text"]])
+    return [len(encoded["token_ids"]), len(encoded["token_ids"][0])]
+
+
+def test_tf_serving_replays_warmup_requests_each_export_answers(text_export, image_export):
+    """`assets.extra/tf_serving_warmup_requests`: TF Serving's PredictionLog records, which it
+    replays at load and refuses the model if one fails. Every request of the text models and
+    the image model parses with TF Serving's protos, runs at the shapes the card lists, and the
+    export answers it."""
+    raw, ids = text_export
+    card = export.read_model_card(raw)
+    assert card["preprocessing"]["warmup_shapes"] == [[1, 8], [1, SEQUENCE_LENGTH],
+                                                      [16, SEQUENCE_LENGTH]]
+    client = TextClient.from_saved_model(ids)
+    for path in (raw, ids, image_export):
+        requests = serving_warmup.read_warmup_requests(path)
+        serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+        if path != image_export:
+            assert [warmup_shape(r, client) for r in requests] == card["preprocessing"][
+                "warmup_shapes"]
+        else:
+            assert [len(r["image_bytes"]) for r in requests] == [1, 16]
+        for request in requests:
+            answer = serve(**{name: tf.constant(value) for name, value in request.items()})
+            assert answer["probabilities"].shape[0] == len(next(iter(request.values())))
+    with pytest.raises(ValueError, match="1 to 1000 warm-up requests"):
+        serving_warmup.write_warmup_requests(raw, [])
 
 
 def test_a_mixed_bfloat16_model_serves_float32_unless_exported_as_trained(
@@ -533,6 +573,28 @@ def test_text_client_tokenizes_like_the_training_tokenizer(text_model, text_expo
     assert batch["token_ids"][0][:5] == [101, 1037, 2986, 2143, 102]
     assert [len(row) for row in batch["token_ids"]] == [SEQUENCE_LENGTH, SEQUENCE_LENGTH]
     assert batch["padding_mask"][0] == [1] * 5 + [0] * (SEQUENCE_LENGTH - 5)
+
+
+def test_batch1_thread_timing_gets_each_exports_own_inputs(tmp_path, text_export):
+    """`pipelines.predict` at batch 1 times the served graph on the job's first rows: raw
+    strings for the raw-string export, the client's token ids for its twin (which serve)."""
+    from pipelines import predict
+
+    rows = tmp_path / "in.tsv"
+    rows.write_text("".join(f"sentence number {i}\n" for i in range(10)))
+    records = predict.read_texts(rows, "0", "false", "text")
+    raw = predict._timing_requests(predict.ServedExport.read(text_export[0]), rows, records)
+    assert raw["requests"] == [{"text": [f"sentence number {i}"]} for i in range(8)]
+    served = predict.ServedExport.read(text_export[1])
+    timed = predict._timing_requests(served, rows, records)
+    client = TextClient.from_saved_model(text_export[1])
+    assert timed["saved_model"] == text_export[1]
+    assert timed["requests"] == [client.encode([f"sentence number {i}"]) for i in range(8)]
+    serve = tf.saved_model.load(str(text_export[1])).signatures["serving_default"]
+    answer = serve(**{k: tf.constant(v, tf.int32) for k, v in timed["requests"][0].items()})
+    assert answer["probabilities"].shape == (1, len(LABELS))
+    with pytest.raises(InputError, match="takes single texts, not pairs"):
+        served.check_inputs(rows, "1")
 
 
 # === Layout, model card, versions ===

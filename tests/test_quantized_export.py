@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import require_shared_path, run_pipeline
-from tfhub_finetune import export, quantized_export
+from tfhub_finetune import export, quantized_export, serving_warmup
 from tfhub_finetune.backbones import load_backbone
 from tfhub_finetune.backbones.base import TEXT_INPUTS
 from tfhub_finetune.builders.image_classifier import build_image_classifier
@@ -145,6 +145,9 @@ def test_int8_text_tflite_form_answers_raw_strings_like_the_float32_model(
     card = export.read_model_card(folder)
     assert card["runtime"] == "tflite" and card["quantization"]["mode"] == "int8"
     assert card["quantized_from"] == str(float_path)
+    # Not a TF Serving model: its twin's warm-up requests are not copied with the card.
+    assert serving_warmup.read_warmup_requests(folder) == []
+    assert serving_warmup.read_warmup_requests(float_path)
     file = folder / quantized_export.TFLITE_FILE
     assert file.stat().st_size < 0.5 * sum(
         f.stat().st_size for f in (float_path / "variables").rglob("*"))

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tests.conftest import require_shared_path, run_pipeline
 from tests.test_export import BLOCKED, LONG_TEXT, TRICKY, run_child, strings
-from tfhub_finetune import export, hub_export
+from tfhub_finetune import export, hub_export, serving_warmup
 from tfhub_finetune.backbones import load_backbone
 from tfhub_finetune.builders.text_classifier import build_text_classifier
 from tfhub_finetune.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
@@ -155,6 +155,21 @@ def test_pair_export_in_bare_tensorflow(pair_setup, tmp_path):
     assert not {"keras", "keras_hub", "tfhub_finetune"} & set(answer["modules"])
     expected = model(training_inputs(backbone, FIRST, SECOND), training=False).numpy()
     np.testing.assert_allclose(np.array(answer["results"]["pair"]["scores"]), expected, atol=1e-5)
+    # TF Serving's warm-up requests: pairs at the listed widths ([CLS] a [SEP] b [SEP]), answered.
+    client = TextClient.from_saved_model(token_ids_dir)
+    for folder in (raw, token_ids_dir):
+        serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
+        shapes = []
+        for request in serving_warmup.read_warmup_requests(folder):
+            if "text" in request:
+                ids = client.encode([t.decode() for t in request["text"]],
+                                    [t.decode() for t in request["text_pair"]])["token_ids"]
+            else:
+                ids = request["token_ids"]
+            shapes.append([len(ids), len(ids[0])])
+            answer = serve(**{name: tf.constant(value) for name, value in request.items()})
+            assert len(answer["scores"]) == len(ids)
+        assert shapes == card["preprocessing"]["warmup_shapes"]
 
 
 # === Readers ===

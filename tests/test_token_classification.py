@@ -328,6 +328,9 @@ def test_export_tags_every_word_as_the_eval_path_does_windows_included(tmp_path,
                                                                         minilm_l3_dir):
     """Untrained model with a scaled random head (varied tags), 16-piece windows: the serving
     graph must split, window and decode exactly as training's eval path."""
+    import tensorflow as tf
+
+    from tfhub_finetune import serving_warmup
     from tfhub_finetune.config import DataConfig, ExperimentConfig, ModelConfig
     from tfhub_finetune.tasks.token_classification import TokenClassificationTask
     from tfhub_finetune.token_export import export_token_classifier
@@ -350,6 +353,14 @@ def test_export_tags_every_word_as_the_eval_path_does_windows_included(tmp_path,
     path = export_token_classifier(model, task.backbone, task.labels, tmp_path / "exports",
                                    model_name="ner", sequence_length=16, stride=5,
                                    measure_latency=False)
+    # TF Serving replays each model's warm-up requests at load: both answer every one.
+    for folder in (Path(path), tmp_path / "exports" / "ner_token_ids" / "1"):
+        serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
+        requests = serving_warmup.read_warmup_requests(folder)
+        assert len(requests) == 3
+        for request in requests:
+            answer = serve(**{name: tf.constant(value) for name, value in request.items()})
+            assert len(next(iter(answer.values()))) == len(next(iter(request.values())))
     data = read_tagged_sentences(evaluation)
     texts = [" ".join(words) for words in data.words]
     texts[0] = "  " + texts[0].replace(" ", " \t ") + " "  # Other whitespace, same words.

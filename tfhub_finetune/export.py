@@ -6,6 +6,7 @@ integer folder and ignores every other name):
 ```
 <export_dir>/<model_name>/<version>/            raw inputs: strings or encoded images
     saved_model.pb  variables/  assets.extra/model_card.json  (text: assets.extra/vocab.txt)
+    assets.extra/tf_serving_warmup_requests         replayed by TF Serving at load
 <export_dir>/<model_name>_token_ids/<version>/  text only: token ids in, core TF ops only
 ```
 
@@ -32,7 +33,8 @@ TF Text ops; the exact op list is in the model card under `custom_ops`):
   text models do this, so TF Serving gets it with no client change. With
   `serving_jit_compile=True` the model call is XLA-compiled on chunks padded
   to `serving_shapes` (opt-in: TF Serving must then be started with
-  `--xla_cpu_compilation_enabled`, or every request fails). A model trained on
+  `--xla_cpu_compilation_enabled`, or it refuses the model at load: its
+  warm-up requests, one per compiled shape, cannot run). A model trained on
   pairs takes `serving_default(text: string[batch], text_pair:
   string[batch])`, packed `[CLS] text [SEP] text_pair [SEP]` with segment
   ids 0/1, the longer text truncated first.
@@ -134,12 +136,13 @@ from tfhub_finetune.backbones.base import TEXT_INPUTS, TextBackbone
 from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.config import SERVING_PRECISIONS
 from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.data.packing import pack_ids
 from tfhub_finetune.data.text import bucket_boundaries, pack_inputs
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.io_utils import atomic_path, check_export_name, staging_dir
+from tfhub_finetune.serving_warmup import ASSETS_EXTRA, write_warmup_requests
 
 FORMAT = "tfhub_finetune.export/1"
-ASSETS_EXTRA = "assets.extra"
 MODEL_CARD_FILE = "model_card.json"
 VOCAB_FILE = "vocab.txt"
 TOKEN_IDS_SUFFIX = "_token_ids"
@@ -285,7 +288,8 @@ def export_text_classifier(
             serving functions with XLA (`jit_compile=True`), on chunks padded
             to `serving_shapes(sequence_length)` so compilation is bounded.
             TF Serving then needs `--xla_cpu_compilation_enabled`: without it
-            every request fails ("bad Status on first compilation request").
+            the model cannot run ("bad Status on first compilation request"),
+            so its warm-up requests fail and the server refuses it at load.
             Opt-in: measured in BUILD_NOTES.md "Serving levers". Defaults to
             `False`.
         serving_precision: str. `float32` (default): the served graph
@@ -420,6 +424,9 @@ def export_text_classifier(
         + "; outputs in request order",
         "jit_compile": bool(serving_jit_compile),
         "tf_serving_flags": ["--xla_cpu_compilation_enabled"] if serving_jit_compile else [],
+        # `assets.extra/tf_serving_warmup_requests`: TF Serving replays these at load.
+        "warmup_shapes": [list(shape) for shape in warmup_shapes(sequence_length,
+                                                                 serving_jit_compile)],
         "start_id": start_id,
         "end_id": end_id,
         "pad_id": pad_id,
@@ -446,6 +453,8 @@ def export_text_classifier(
         raw={"serve_text": serve_text, "serve_examples": serve_examples},
         raw_signatures=raw_signatures,
         token_ids={"serve_token_ids": serve_token_ids}, token_id_signatures=ids_signatures,
+        warmup=_text_warmup_requests(tokenizer, warmup_shapes(sequence_length, serving_jit_compile),
+                                     string_inputs, start_id=start_id, end_id=end_id),
     )
 
 
@@ -453,6 +462,7 @@ def publish_text_models(
     model: keras.Model, backbone: TextBackbone, base: Path, model_name: str,
     card: dict[str, Any], *, raw: dict[str, Any], raw_signatures: dict[str, Any],
     token_ids: dict[str, Any], token_id_signatures: dict[str, Any],
+    warmup: tuple[list[dict], list[dict]] | None = None,
 ) -> str:
     """Writes a text model's two SavedModels (strings in, token ids in) and publishes them.
 
@@ -473,6 +483,8 @@ def publish_text_models(
         raw_signatures: dict. Its signatures (`serving_default`, ...).
         token_ids: dict. Attribute name -> tf.function of the token-id model.
         token_id_signatures: dict. Its signatures.
+        warmup: (raw-string requests, token-id requests) or None. Written
+            as each model's TF Serving warm-up file (`serving_warmup`).
 
     Returns:
         The raw-string SavedModel's version folder.
@@ -499,6 +511,8 @@ def publish_text_models(
              "signatures": _describe_signatures(raw_signatures)},
             backbone.vocabulary,
         )
+        if warmup and warmup[0]:
+            write_warmup_requests(directory, warmup[0])
 
     def write_token_ids(directory: str) -> None:
         root = tf.Module()
@@ -519,6 +533,8 @@ def publish_text_models(
              "signatures": _describe_signatures(token_id_signatures)},
             backbone.vocabulary,
         )
+        if warmup and warmup[1]:
+            write_warmup_requests(directory, warmup[1])
 
     roots = [base / (model_name + TOKEN_IDS_SUFFIX), base / model_name]
     version = _stage_and_publish(roots, [write_token_ids, write_raw])
@@ -552,6 +568,57 @@ def serving_shapes(sequence_length: int) -> tuple[list[int], list[int]]:
     rows = [1 << i for i in range(SERVING_CHUNK_ROWS.bit_length()) if 1 << i < SERVING_CHUNK_ROWS]
     widths = [*bucket_boundaries(sequence_length)[:-1], sequence_length]
     return [*rows, SERVING_CHUNK_ROWS], widths
+
+
+def warmup_shapes(sequence_length: int, jit_compile: bool) -> list[tuple[int, int]]:
+    """The `(rows, width)` of the requests a text export's TF Serving warm-up file replays.
+
+    With XLA every chunk shape the serving function compiles
+    (`serving_shapes`), so all compilation happens when TF Serving loads the
+    model, before traffic, and a server without
+    `--xla_cpu_compilation_enabled` refuses the model at load. Without XLA,
+    one row at the shortest and at the longest width and a full chunk at the
+    longest: the first call's graph and oneDNN set-up.
+
+    Example:
+
+    ```python
+    warmup_shapes(128, jit_compile=False)  # [(1, 8), (1, 128), (16, 128)]
+    ```
+    """
+    rows, widths = serving_shapes(sequence_length)
+    if jit_compile:
+        return [(r, w) for w in widths for r in rows]
+    return [(1, widths[0]), (1, widths[-1]), (rows[-1], widths[-1])]
+
+
+def _text_warmup_requests(
+    tokenizer: Any, shapes: Sequence[tuple[int, int]], string_inputs: Sequence[str], *,
+    start_id: int, end_id: int,
+) -> tuple[list[dict], list[dict]]:
+    """Raw-string and token-id requests of `shapes`: rows of one-piece words packed to each width.
+
+    A pair's pieces are split between its two texts (`[CLS] a [SEP] b [SEP]`).
+    """
+    word, piece = None, None
+    for candidate in _SAMPLE_WORDS:
+        pieces = tokenizer.tokenize(tf.constant([candidate])).to_list()[0]
+        if piece is None:
+            piece = pieces[0]  # Token ids still warm up if no word below is one piece.
+        if candidate.isalpha() and len(pieces) == 1:
+            word, piece = candidate, pieces[0]
+            break
+    raw, ids = [], []
+    for rows, width in shapes:
+        free = width - 1 - len(string_inputs)  # [CLS] and one [SEP] per text.
+        counts = [(free + 1) // 2, free // 2] if len(string_inputs) == 2 else [free]
+        raw.append({name: [" ".join([word or ""] * n)] * rows
+                    for name, n in zip(string_inputs, counts, strict=True)})
+        token_ids, segment_ids = pack_ids(*([piece] * n for n in counts), sequence_length=width,
+                                          start_id=start_id, end_id=end_id)
+        ids.append({"token_ids": [token_ids] * rows, "padding_mask": [[1] * width] * rows,
+                    "segment_ids": [segment_ids] * rows})
+    return (raw if word else []), ids
 
 
 def _call_in_length_chunks(
@@ -887,6 +954,9 @@ def export_image_classifier(
              "requires": [], "signatures": _describe_signatures(signatures)},
             None,
         )
+        # One image and a batch: the first calls' graph and oneDNN set-up, at TF Serving's load.
+        write_warmup_requests(directory, [sample_request(card, rows)
+                                          for rows in (1, SERVING_CHUNK_ROWS)])
 
     root_dir = base / model_name
     version = _stage_and_publish([root_dir], [write])

@@ -78,7 +78,7 @@ from pathlib import Path
 
 import keras
 
-from tfhub_finetune import export
+from tfhub_finetune import export, serving_warmup
 from tfhub_finetune.backbones.base import TextBackbone
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.errors import InputError
@@ -208,7 +208,9 @@ def _export_text_tflite(model: keras.Model, twin: Path, export_dir: str | os.Pat
 
     def write(directory: str) -> None:
         info = export.export_tflite(served, Path(directory) / TFLITE_FILE, quantization=mode)
-        shutil.copytree(twin / export.ASSETS_EXTRA, Path(directory) / export.ASSETS_EXTRA)
+        # The card and vocabulary; not TF Serving's warm-up requests (TFLite is not served there).
+        shutil.copytree(twin / export.ASSETS_EXTRA, Path(directory) / export.ASSETS_EXTRA,
+                        ignore=shutil.ignore_patterns(serving_warmup.WARMUP_FILE))
         card.update({
             "model_name": name,
             "input": "token_ids",

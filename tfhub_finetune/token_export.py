@@ -63,8 +63,10 @@ from tfhub_finetune.export import (
     _model_name,
     _read_json,
     _sequence_length,
+    _text_warmup_requests,
     exported_in_serving_precision,
     publish_text_models,
+    warmup_shapes,
 )
 
 # Python's str.isspace() characters: words split exactly as `str.split()` splits.
@@ -318,6 +320,8 @@ def export_token_classifier(
         "lowercase": bool(backbone.lowercase),
         "invalid_utf8": "replaced by U+FFFD",
         "client_tokenizer": _client_tokenizer_settings(backbone),
+        # `assets.extra/tf_serving_warmup_requests`: TF Serving replays these at load.
+        "warmup_shapes": [list(shape) for shape in warmup_shapes(sequence_length, False)],
     }
     card = _model_card(
         model=model, model_name=model_name, names=names, task="token_classification",
@@ -330,4 +334,6 @@ def export_token_classifier(
         model, backbone, base, model_name, card,
         raw={"serve_text": serve_text}, raw_signatures=raw_signatures,
         token_ids={"serve_token_ids": serve_token_ids}, token_id_signatures=ids_signatures,
+        warmup=_text_warmup_requests(backbone.tokenizer, warmup_shapes(sequence_length, False),
+                                     ("text",), start_id=start_id, end_id=end_id),
     )
