@@ -356,7 +356,7 @@ def write_quantized_form(task, model, float_path: str, config: ExperimentConfig,
     """
     if config.export_quantized == "none":
         return
-    from tfhub_finetune.quantized_export import TFLITE_FILE, tflite_form
+    from tfhub_finetune.quantized_export import TFLITE_FILE, TFLITE_SUFFIX, tflite_form
 
     variant = exporter(model, export_dir=FLAGS.export_dir, mode=config.export_quantized,
                        model_name=FLAGS.model_name, model_dir=config.model_dir,
@@ -369,7 +369,7 @@ def write_quantized_form(task, model, float_path: str, config: ExperimentConfig,
     twin = tflite_form(variant)
     if twin is not None:
         print(f"Exported {config.export_quantized} TFLite (token ids in): {twin / TFLITE_FILE}")
-        forms[f"{config.export_quantized}_tflite"] = str(twin)
+        forms[config.export_quantized + TFLITE_SUFFIX] = str(twin)
     print_serving_forms(task, forms, config.model_dir)
 
 

@@ -123,9 +123,12 @@ flags.DEFINE_float("max_train_minutes", None, "Most minutes a full fine-tuning o
 flags.DEFINE_float("max_train_memory_mb", None, "Most peak training RSS (MB) of a configuration's "
                    "trials; configurations over it are not promoted.")
 flags.DEFINE_list("serving_forms", ["float32"], "Serving forms the recommendation may use: "
-                  "float32 (the export) and int8 (Keras int8 for text, TFLite dynamic range for "
-                  "images: one more export and eval-set pass per finalist, each its own "
-                  "candidate row with its own latency, memory and accuracy).")
+                  "float32 (the export), int8 (Keras int8 SavedModel for text and tokens, TFLite "
+                  "dynamic range for images) and int8_tflite (text classifiers: the int8 network "
+                  "as a TFLite file, served in the application's process by "
+                  "tflite_text.TfliteTextClassifier, not by TF Serving). Each is one more export "
+                  "and eval-set pass per finalist and its own candidate row with its own "
+                  "latency, memory and accuracy.")
 
 # === Profiling, output, cache ===
 flags.DEFINE_float("profile_min_seconds", 2.0, "Least time spent timing each latency figure.")

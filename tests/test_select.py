@@ -513,7 +513,7 @@ def test_rerun_reuses_finished_trials_without_training(tiny_run):
 
 def test_int8_forms_of_the_contenders_are_measured_candidates_and_cached(tiny_run):
     settings = dict(output_dir=str(tiny_run["out"] / "report"), max_latency_ms=1000.0,
-                    serving_forms=("float32", "int8"), **TINY_SETTINGS)
+                    serving_forms=("float32", "int8", "int8_tflite"), **TINY_SETTINGS)
     result = select_model(tiny_run["candidates"], tiny_run["data"]["train"],
                           tiny_run["data"]["dev"], **settings)
     assert result.trials_run == 0
@@ -540,6 +540,13 @@ def test_int8_forms_of_the_contenders_are_measured_candidates_and_cached(tiny_ru
     assert versus["size_ratio"] < 1 and row.latency_ms > 0 and row.memory_mb > 0
     # The form's quality change on the same weights carries over to the configuration's figure.
     assert row.metric == pytest.approx(reference.metric + versus["metric_delta"], abs=0.02)
+    # The same int8 network as a TFLite file (token ids in): a row of its own, measured too.
+    (tflite,) = [c for c in records.values() if c.serving_form == "int8_tflite"]
+    assert tflite.error is None, tflite.error
+    assert tflite.name == f"{reference.name} int8_tflite"
+    assert tflite.figures["weights_epoch"] == epoch
+    assert tflite.figures["serving_vs_float32"]["agreement"] >= 0.8
+    assert tflite.latency_ms > 0 and tflite.figures["serving_vs_float32"]["size_ratio"] < 1
     rec = result.recommendation
     if row.figures["scored_epoch"] == epoch:
         # The figure's own weights: the form's own interval and paired test.
@@ -550,9 +557,11 @@ def test_int8_forms_of_the_contenders_are_measured_candidates_and_cached(tiny_ru
         # The figure is an earlier epoch's: no paired test on predictions of other weights.
         assert "metric_interval" not in row.figures and row.name not in rec.p_values
     results = json.loads(Path(result.paths["results"]).read_text(encoding="utf-8"))
-    assert {c["serving_form"] for c in results["candidates"]} == {"float32", "int8"}
+    assert {c["serving_form"] for c in results["candidates"]} == {"float32", "int8",
+                                                                  "int8_tflite"}
     # Cached per trial: a rerun measures nothing and records the same figures.
-    assert {p.name for p in cached.iterdir()} == {"report.json", "float32.npz", "int8.npz"}
+    assert {p.name for p in cached.iterdir()} == {"report.json", "float32.npz", "int8.npz",
+                                                  "int8_tflite.npz"}
     stamp = (cached / "report.json").stat().st_mtime_ns
     again = select_model(tiny_run["candidates"], tiny_run["data"]["train"],
                          tiny_run["data"]["dev"], **settings)

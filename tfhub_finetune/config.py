@@ -27,6 +27,9 @@ TAG_SCHEMES = ("iob2", "iob1", "bioes")
 POOLINGS = ("auto", "cls", "pooler", "mean")
 # Serving forms written beside the float32 export (`--export_quantized`).
 QUANTIZATIONS = ("none", "int8")
+# A text classifier's int8 export also writes the network as a TFLite file: its folder
+# (`<name>_int8_tflite`) and its serving-form name (`int8_tflite`) end with this.
+TFLITE_SUFFIX = "_tflite"
 # What an exported graph computes in (`export.serving_precision_scope`).
 SERVING_PRECISIONS = ("float32", "as_trained")
 # `ExperimentConfig` fields that only shape the export, and what each changes there:

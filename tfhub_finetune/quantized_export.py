@@ -80,13 +80,13 @@ import keras
 
 from tfhub_finetune import export, serving_warmup
 from tfhub_finetune.backbones.base import TextBackbone
+from tfhub_finetune.config import TFLITE_SUFFIX
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.errors import InputError
 
 QUANTIZED_SUFFIX = "_int8"
 TFLITE_FILE = "model.tflite"
 # The text int8 form's TFLite folder: `<model_name>_int8_tflite/<version>/`.
-TFLITE_SUFFIX = "_tflite"
 MODES = ("int8",)
 
 

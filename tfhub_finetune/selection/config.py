@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tfhub_finetune.config import Adaptation, ExperimentConfig
+from tfhub_finetune.config import QUANTIZATIONS, TFLITE_SUFFIX, Adaptation, ExperimentConfig
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.selection.halving import lr_key, rung_epochs
 from tfhub_finetune.selection.profile import ProfileOptions
@@ -45,8 +45,15 @@ from tfhub_finetune.tasks import MODALITIES as TASK_MODALITIES
 MODALITIES = ("auto", *TASK_MODALITIES)
 METRICS = ("auto", *dict.fromkeys(m for ms in SELECTION_METRICS.values() for m in ms))
 ESTIMATORS = ("logme", "knn_accuracy", "linear_probe_accuracy")
-# What `--serving_forms` may list (`quantized_export.MODES` after the float32 export).
-SERVING_FORMS = (REFERENCE_FORM, "int8")
+# What `--serving_forms` may list: the float32 export, each `--export_quantized` mode, and
+# the text classifier's TFLite file of each (images' int8 form is TFLite already).
+TEXT_CLASSIFIER_FORMS = tuple(mode + TFLITE_SUFFIX for mode in QUANTIZATIONS[1:])
+SERVING_FORMS = (REFERENCE_FORM, *QUANTIZATIONS[1:], *TEXT_CLASSIFIER_FORMS)
+
+
+def export_mode(form: str) -> str:
+    """The `--export_quantized` mode that writes serving form `form` (`int8_tflite` -> `int8`)."""
+    return form.removesuffix(TFLITE_SUFFIX)
 
 # The base-config fields each trial sets (`trial()`); the cache key leaves them out.
 TRIAL_FIELDS = ("mode", "model_dir", "model.backbone", "model.adaptation", "train.learning_rate",
@@ -232,8 +239,11 @@ class SelectionConfig:
         progress: bool. Show a tqdm progress bar on stderr.
         profile_timeout_s: float. Limit per candidate's profile.
         serving_forms: tuple of str. Forms the recommendation may serve:
-            `float32` (the export, always) and `int8` (`quantized_export`:
-            measured for each contender, its own candidate row).
+            `float32` (the export, always), `int8` (`quantized_export`:
+            Keras int8 for text and tokens, TFLite for images) and, for text
+            classifiers, `int8_tflite` (the same int8 network as a TFLite
+            file, served by `tflite_text.TfliteTextClassifier`); each is
+            measured for each contender, its own candidate row.
     """
 
     base: ExperimentConfig
@@ -319,6 +329,17 @@ class SelectionConfig:
                                    search=dataclasses.replace(s, modality=modality, metric=metric))
 
     # === Derived values ===
+
+    def serving_forms_for(self, backbone_modality: str) -> tuple[str, ...]:
+        """The serving forms measured for a candidate whose backbone has `backbone_modality`.
+
+        Every form of `serving_forms` but the text classifier's own
+        (`int8_tflite`) for an image backbone or a token classifier, which
+        have none (a search over `auto` inputs may hold both kinds).
+        """
+        text_classifier = backbone_modality == "text" and self.search.modality != "tokens"
+        return tuple(f for f in self.serving_forms
+                     if text_classifier or f not in TEXT_CLASSIFIER_FORMS)
 
     @property
     def objective(self) -> str:
@@ -451,6 +472,10 @@ class SelectionConfig:
             _bad("serving_forms", ",".join(forms), f"List each serving form once, {REFERENCE_FORM} "
                  "included: the other forms are measured against it.",
                  f"E.g. --serving_forms={','.join(SERVING_FORMS)}.")
+        if s.modality in ("image", "tokens") and set(TEXT_CLASSIFIER_FORMS) & set(forms):
+            _bad("serving_forms", ",".join(forms), f"{', '.join(TEXT_CLASSIFIER_FORMS)} is a text "
+                 f"classifier's form; --modality={s.modality} has none (images' int8 form is "
+                 "TFLite already).", f"Drop it: e.g. --serving_forms={REFERENCE_FORM},int8.")
         if not self.profile_timeout_s > 0:
             _bad("profile_timeout_s", self.profile_timeout_s, "`profile_timeout_s` must be positive.")
         # The same rules `recommend` applies, checked before hours of work.

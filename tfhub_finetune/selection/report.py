@@ -37,6 +37,7 @@ from typing import Any
 
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
+from tfhub_finetune.selection.config import export_mode
 from tfhub_finetune.selection.ranking import (
     PRIORS,
     prior_verdicts,
@@ -1438,7 +1439,7 @@ def _next_step_section(search: Mapping[str, Any], pool: Sequence[Candidate],
     module = search["data"].get("pipeline") or (
         "text_classify" if modality == "text" else "image_classify")
     served = "" if chosen.serving_form == REFERENCE_FORM else (
-        f" --export_dir=... --export_quantized={chosen.serving_form}")
+        f" --export_dir=... --export_quantized={export_mode(chosen.serving_form)}")
     adapted = "" if chosen.adaptation == "full" else f" --adaptation={chosen.adaptation}"
     if importlib.util.find_spec(f"pipelines.{module}") is not None:
         how = (f"`python -m pipelines.{module} --backbone={backbone}{adapted} "

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from tfhub_finetune.config import TFLITE_SUFFIX
+from tfhub_finetune.selection.config import export_mode
 from tfhub_finetune.selection.profile import (
     ProfileOptions,
     _folder_mb,
@@ -152,8 +154,9 @@ def export_forms(task: Any, model: Any, forms: Sequence[str],
                  export_dir: str | os.PathLike) -> dict[str, str]:
     """Exports `model` in each serving form as its training pipeline would; form -> version folder.
 
-    Text and tokens: the float32 SavedModel and the Keras int8 one; images:
-    the float32 SavedModel and the TFLite int8 file (`quantized_export`).
+    Text and tokens: the float32 SavedModel and the Keras int8 one (text:
+    `int8_tflite`, the TFLite file of the same int8 network); images: the
+    float32 SavedModel and the TFLite int8 file (`quantized_export`).
     Export-time latency is not measured: `measure_serving_forms` times every
     form alike.
     """
@@ -182,14 +185,21 @@ def export_forms(task: Any, model: Any, forms: Sequence[str],
     paths = {REFERENCE: path}
     # The TFLite form times nothing at export; the SavedModel forms would, unasked.
     untimed = {} if image else {"measure_latency": False}
-    if exporters[1] is quantized_export.export_quantized_text_classifier:
-        # Selection measures the Keras int8 SavedModel; the TFLite file is not a form here.
-        untimed["with_tflite"] = False
-    for form in forms:
-        if form != REFERENCE:
-            paths[form] = quantized_export_of(model, export_dir=export_dir, mode=form,
-                                              model_name="model", quantized_from=path,
-                                              **common, **untimed)
+    text = exporters[1] is quantized_export.export_quantized_text_classifier
+    # `int8_tflite` is the TFLite file written with the text int8 export (`int8` is its
+    # Keras SavedModel): one export per quantization mode serves both.
+    for mode in dict.fromkeys(export_mode(f) for f in forms if f != REFERENCE):
+        tflite = mode + TFLITE_SUFFIX
+        if tflite in forms and not text:
+            raise ValueError(f"`{tflite}` is a text classifier's form. Received: "
+                             f"forms={list(forms)} for a {type(task).__name__}.")
+        variant = quantized_export_of(model, export_dir=export_dir, mode=mode, model_name="model",
+                                      quantized_from=path, **common, **untimed,
+                                      **({"with_tflite": tflite in forms} if text else {}))
+        if mode in forms:
+            paths[mode] = variant
+        if tflite in forms:
+            paths[tflite] = str(quantized_export.tflite_form(variant))
     return paths
 
 
