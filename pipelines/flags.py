@@ -239,6 +239,11 @@ def dataclass_from_flags(cls, **given):
     return cls(**values)
 
 
+# The settings that size a step's tensors, which a user can lower.
+_OUT_OF_MEMORY = ("Out of memory: the batch does not fit. Lower --batch_size (or --image_size / "
+                  "--sequence_length).")
+
+
 def _fail(message: str, code: int) -> None:
     """Prints `error: <message>` as one line on stderr and exits with `code`."""
     text = " ".join(str(message).split())
@@ -250,8 +255,39 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _check_flag_files(args: list[str], seen: frozenset = frozenset()) -> None:
+    """Refuses a flag file absl would misread: one starting with a UTF-8 byte-order mark.
+
+    absl takes the mark for part of the first line, which then is no flag and is
+    dropped without a word (the run goes on without, say, its --backbone). Files
+    named inside flag files are checked too; unreadable ones are left to absl.
+    """
+    for i, arg in enumerate(args):
+        name = arg.lstrip("-")
+        if name.startswith("flagfile="):
+            path = name[len("flagfile="):]
+        elif name == "flagfile" and arg.startswith("-") and i + 1 < len(args):
+            path = args[i + 1]
+        else:
+            continue
+        file = Path(path).expanduser()
+        if file in seen:
+            continue
+        try:
+            data = file.read_bytes()
+        except OSError:
+            continue
+        if data.startswith(b"\xef\xbb\xbf"):
+            _fail("The flag file starts with a UTF-8 byte-order mark, which absl reads as part "
+                  f"of its first flag (then ignored). Received: flagfile={path}. Save it as "
+                  "UTF-8 without the BOM.", 2)
+        nested = [line.strip() for line in data.decode("utf-8", "replace").splitlines()]
+        _check_flag_files([line for line in nested if line.startswith("-")], seen | {file})
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
     """absl flag parsing that reports bad flags in one line with exit code 2."""
+    _check_flag_files(argv[1:])
     try:
         return FLAGS(argv)
     except flags.Error as err:
@@ -277,6 +313,13 @@ def run_main(main_fn) -> None:
             return main_fn(argv)
         except InputError as err:
             _fail(str(err), 2)
+        except MemoryError:
+            _fail(_OUT_OF_MEMORY + " Received: MemoryError.", 2)
+        except Exception as err:
+            # TensorFlow's own (its allocator's message is pages of tensor shapes).
+            if type(err).__name__ != "ResourceExhaustedError" or "tensorflow" not in sys.modules:
+                raise
+            _fail(f"{_OUT_OF_MEMORY} Received: {str(err).splitlines()[0][:200]}", 2)
         except Preempted as stop:
             # The backup is committed and the callbacks' files closed (fit_resumable): end
             # now, without the interpreter's TensorFlow teardown (seconds, which a

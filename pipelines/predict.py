@@ -171,11 +171,9 @@ class Texts(list):
 
 
 def _json_text(path: Path, number: int, line: str, key: str, pair_key: str | None = None) -> dict:
-    try:
-        record = json.loads(line)
-    except ValueError as err:
-        raise InputError(f"Row {number} of {path} is not valid JSON ({err.msg}).",
-                         received={"input": str(path), "row": number}) from None
+    from tfhub_finetune.data.sources import json_row
+
+    record = json_row(line, path, number)
     if not isinstance(record, dict) or key not in record:
         raise InputError(f"Row {number} of {path} lacks the `{key}` key.",
                          received={"input": str(path), "row": number},
@@ -466,6 +464,10 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
         raise InputError("SavedModel folder not found.", received={"saved_model": saved_model},
                          fix="Give <export_dir>/<model_name> or one of its version folders.")
     target = Path(output).expanduser()
+    if target.exists() and target.resolve() == source.resolve():
+        raise InputError("The output is the input file; predictions would overwrite it.",
+                         received={"input": input_path, "output": output},
+                         fix="Give another --output, e.g. predictions.jsonl.")
     if target.exists() and target.is_dir():
         raise InputError("The output is a folder.", received={"output": output},
                          fix="Give a file path, e.g. predictions.jsonl.")

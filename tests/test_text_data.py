@@ -42,6 +42,15 @@ def test_csv_with_header_and_named_columns(tmp_path):
     assert LabelVocabulary.from_labels(ex.labels).encode(ex.labels).tolist() == [1, 0]
 
 
+def test_jsonl_counts_blank_lines_not_the_final_newline(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 1}\n')
+    ex = read_text_examples(str(path))
+    assert ex.texts == ["a", "b"] and ex.skipped_blank == 1
+    path.write_text('{"text": "a", "label": 0}\r\n{"text": "b", "label": 1}\r\n')
+    assert read_text_examples(str(path)).skipped_blank == 0
+
+
 def test_jsonl_and_multilabel(tmp_path):
     path = tmp_path / "d.jsonl"
     rows = [{"text": "a", "label": ["x", "y"]}, {"text": "b", "label": ["y"]}]

@@ -32,6 +32,9 @@ QUANTIZATIONS = ("none", "int8")
 TFLITE_SUFFIX = "_tflite"
 # What an exported graph computes in (`export.serving_precision_scope`).
 SERVING_PRECISIONS = ("float32", "as_trained")
+# Larger than any pretrained image backbone's input (keras-hub's largest presets take 1024);
+# beyond it a batch's pixels alone run to gigabytes.
+MAX_IMAGE_SIZE = 2048
 # `ExperimentConfig` fields that only shape the export, and what each changes there:
 # without an export they do nothing (a pipeline refuses them without --export_dir),
 # and they cannot change what training computes (selection's cache ignores them).
@@ -364,6 +367,12 @@ class ExperimentConfig:
         if not isinstance(self.data.crop_to_aspect_ratio, bool):
             _bad("crop_to_aspect_ratio", self.data.crop_to_aspect_ratio,
                  "--crop_to_aspect_ratio must be a boolean.", "Expected True or False.")
+        if (self.data.label_column == self.data.text_column
+                and self.model.task != "token_classification"):
+            # Each text would be its own class: a model that "trains" and learns nothing.
+            _bad("label_column", self.data.label_column,
+                 "The label column is the text column.",
+                 f"Give the column that holds the labels (--text_column={self.data.text_column}).")
         if self.data.text_pair_column and self.data.text_pair_column in (
             self.data.text_column, self.data.label_column
         ):
@@ -384,8 +393,9 @@ class ExperimentConfig:
             _bad("window_stride", self.model.window_stride,
                  "--window_stride must be in [0, sequence_length - 2].",
                  f"Windows hold {self.model.sequence_length - 2} word pieces; 0 means half that.")
-        if self.model.image_size < 0:
-            _bad("image_size", self.model.image_size, "Image size must be >= 0.")
+        if not 0 <= self.model.image_size <= MAX_IMAGE_SIZE:
+            _bad("image_size", self.model.image_size,
+                 f"Image size must be in [0, {MAX_IMAGE_SIZE}] (0: the backbone's own).")
         self.data.validate()
         if self.mode != "eval" and not self.data.eval_data and not self.data.validation_split > 0:
             _bad("validation_split", self.data.validation_split,

@@ -570,6 +570,12 @@ def _drop_unreadable(
             received={"folder": str(where / names[emptied[0]])},
             fix="Replace the corrupt files (see the warnings) or remove the folder.",
         )
+    if emptied:  # A CSV's class whose every file was skipped: a class the model never sees.
+        raise InputError(
+            f"No readable images of class `{names[emptied[0]]}` in {where}.",
+            received={"file": str(where), "label": names[emptied[0]]},
+            fix="Replace the missing or corrupt files (see the warnings) or remove their rows.",
+        )
     if not files:
         raise InputError("No readable images.", received={"path": str(where)})
     return files, labels, skipped

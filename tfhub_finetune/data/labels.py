@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,14 +173,21 @@ class LabelVocabulary:
         rows = list(rows) if rows is not None else list(range(1, len(labels) + 1))
         if self.task == "regression":
             out = np.empty(len(labels), np.float32)
+            largest = float(np.finfo(np.float32).max)
             for i, label in enumerate(labels):
                 try:
-                    out[i] = float(label)
-                except ValueError:
+                    value = float(label)
+                except (ValueError, OverflowError, TypeError):
+                    value = None
+                # NaN or infinite targets make every loss NaN: the run would "succeed" on nothing.
+                if value is None or not math.isfinite(value) or abs(value) > largest:
+                    what = "not a number" if value is None else "not a finite number"
                     raise InputError(
-                        f"Row {rows[i]} of {source}: regression label is not a number.",
+                        f"Row {rows[i]} of {source}: regression label is {what}.",
                         received={"file": source, "row": rows[i], "label": label},
-                    ) from None
+                        fix=f"Give a number of magnitude at most {largest:.3g} (float32).",
+                    )
+                out[i] = value
             return out
         index = {name: i for i, name in enumerate(self.names)}
         if self.task == "multi_label":
@@ -272,9 +280,10 @@ def _parse_ids(labels, source, rows) -> np.ndarray:
     rows = list(rows) if rows is not None else list(range(1, len(labels) + 1))
     out = np.empty(len(labels), np.int32)
     for i, label in enumerate(labels):
-        if not _is_int(label) or int(label) < 0:
+        if not _is_int(label) or not 0 <= int(label) <= np.iinfo(np.int32).max:
             raise InputError(
-                f"Row {rows[i]} of {source}: label is not a non-negative integer id.",
+                f"Row {rows[i]} of {source}: label is not a non-negative integer id "
+                "(at most 2**31 - 1).",
                 received={"file": source, "row": rows[i], "label": label},
                 fix="Use --label_type=name for class-name labels.",
             )

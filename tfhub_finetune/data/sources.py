@@ -168,10 +168,30 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
     return text[1:] if text.startswith("\ufeff") else text
 
 
+def json_row(line: str, source: str | os.PathLike, number: int, unit: str = "Row") -> object:
+    """One line of a `.jsonl` file, parsed; InputError naming the file and row if it cannot be.
+
+    Raises:
+        InputError: for invalid JSON, or JSON nested too deeply for Python's
+            parser (a `RecursionError` otherwise).
+    """
+    try:
+        return json.loads(line)
+    except ValueError as err:
+        problem = getattr(err, "msg", str(err))
+    except RecursionError:
+        problem = "nested too deeply to parse"
+    raise InputError(f"{unit} {number} of {source} is not valid JSON ({problem}).",
+                     received={"file": str(source), unit.lower(): number})
+
+
 def _decoded_lines(path: Path, encoding: str):
     text = read_text_file(path, encoding)
     # Lines as the file has them: str.splitlines would also split at \x0b, \x1c, U+2028...
-    for number, line in enumerate(text.split("\n"), start=1):
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # The newline that ends the last line, not a blank line after it.
+    for number, line in enumerate(lines, start=1):
         yield number, line.removesuffix("\r")
 
 
@@ -325,13 +345,7 @@ def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None
         if not line.strip():
             blank += 1
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise InputError(
-                f"Row {number} of {path} is not valid JSON ({err.msg}).",
-                received={"file": str(path), "row": number},
-            ) from None
+        record = json_row(line, path, number)
         if not isinstance(record, dict) or text_key not in record or label_key not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise InputError(

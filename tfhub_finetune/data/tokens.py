@@ -19,11 +19,11 @@ Every mistake is an `InputError` naming the file and line.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from tfhub_finetune.config import TAG_SCHEMES
+from tfhub_finetune.data.sources import json_row
 from tfhub_finetune.errors import InputError
 
 DOCSTART = "-DOCSTART-"
@@ -217,11 +217,7 @@ def _read_jsonl(lines: list[str], source: str, token_column, tag_column) -> Tagg
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise InputError(f"Line {number} of {source} is not valid JSON ({err.msg}).",
-                             received={"file": source, "line": number}) from None
+        record = json_row(line, source, number, unit="Line")
         if not isinstance(record, dict) or token_key not in record or tag_key not in record:
             raise InputError(
                 f"Line {number} of {source} lacks the `{token_key}` or `{tag_key}` key.",

@@ -105,6 +105,11 @@ class TokenClassificationTask:
             print(f"No --eval_data: holding out {len(evaluation)} of the training sentences.")
         self.labels = LabelVocabulary(names=tag_names(entity_types(train.tags)),
                                       task="token_classification")
+        if not entity_types(train.tags):
+            raise InputError(
+                f"No entity tags in {d.train_data}: every token is tagged O, so there is "
+                "nothing to learn.", received={"train_data": d.train_data},
+                fix="Check --tag_column (the IOB tag column) and the file's tags.")
         # Tags are checked (an eval type training never saw) before the backbone loads.
         train_ids, eval_ids = encode_tags(train, self.labels.names), encode_tags(evaluation, self.labels.names)
         self.train_data = self._window(train, train_ids)
