@@ -154,13 +154,21 @@ class TextClassificationTask:
                         "skipped_blank_rows": {"eval": evaluation.skipped_blank}}
 
     def count_classes(self) -> int:
-        """The label vocabulary's size, from the training labels alone (nothing tokenized)."""
+        """The label vocabulary's size, from the training labels (nothing tokenized).
+
+        The eval file's labels are checked against it too, so a label training
+        never saw fails selection here, before any candidate is profiled.
+        """
         d = self.config.data
         train = self._read(d.train_data, d.train_split)
-        return LabelVocabulary.from_labels(
+        vocabulary = LabelVocabulary.from_labels(
             train.labels, task=self.config.model.task, label_type=d.label_type,
             label_names=d.label_names or None, source=train.source, rows=train.rows,
-        ).num_classes
+        )
+        if d.eval_data:
+            evaluation = self._read(d.eval_data, d.eval_split)
+            vocabulary.encode(evaluation.labels, source=evaluation.source, rows=evaluation.rows)
+        return vocabulary.num_classes
 
     # === Model ===
 

@@ -145,9 +145,16 @@ class TokenClassificationTask:
         }
 
     def count_classes(self) -> int:
-        """The tag vocabulary's size, from the training file alone (nothing tokenized)."""
-        train = self._read(self.config.data.train_data)
-        return len(tag_names(entity_types(train.tags)))
+        """The tag vocabulary's size, from the training file (nothing tokenized).
+
+        The eval file's tags are checked against it too (`encode_tags`), so an
+        entity type training never saw fails selection before any profiling.
+        """
+        d = self.config.data
+        names = tag_names(entity_types(self._read(d.train_data).tags))
+        if d.eval_data:
+            encode_tags(self._read(d.eval_data), names)
+        return len(names)
 
     # === Model ===
 
