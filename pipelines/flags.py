@@ -178,6 +178,8 @@ def config_from_flags(model_task: str | None = None) -> ExperimentConfig:
         raise InputError("No trained model in the model directory (no labels.json).",
                          received={"model_dir": config.model_dir},
                          fix="Train first with --mode=train or --mode=train_and_eval.")
+    if config.mode == "eval":
+        _check_trained_like(config)
     # Before any data is read or model loaded: a bad output folder costs a second, not a run.
     check_output_dir(config.model_dir, "model_dir")  # Eval writes metrics.json there too.
     export_dir = f.export_dir if "export_dir" in f else None
@@ -283,6 +285,29 @@ def _check_flag_files(args: list[str], seen: frozenset = frozenset()) -> None:
                   "UTF-8 without the BOM.", 2)
         nested = [line.strip() for line in data.decode("utf-8", "replace").splitlines()]
         _check_flag_files([line for line in nested if line.startswith("-")], seen | {file})
+
+
+def _check_trained_like(config: ExperimentConfig) -> None:
+    """Eval rebuilds the model from the flags: they must name what `params.json` trained.
+
+    Otherwise another pipeline's or backbone's folder fails later with a
+    misleading error (an image model's labels "never seen" in a text file).
+    """
+    import json
+
+    params = Path(config.model_dir) / "params.json"
+    try:
+        trained = json.loads(params.read_text(encoding="utf-8")).get("model") or {}
+    except (OSError, ValueError):
+        return  # No (readable) record: the weights' own check decides.
+    for name in ("task", "backbone"):
+        value = getattr(config.model, name)
+        if name in trained and trained[name] != value:
+            raise InputError(
+                f"The model directory holds a model trained with another {name}.",
+                received={"model_dir": config.model_dir, name: value},
+                fix=f"It was trained with {name}={trained[name]} (params.json): evaluate it with "
+                "that pipeline and flag, or give the right --model_dir.")
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:

@@ -338,6 +338,16 @@ CASES: list[Case] = [
     Case("text_eval_without_model", TEXT,
          ("--mode=eval", "--model_dir={model_dir}", "--eval_data={good_tsv}", *T[:1]),
          ("model_dir", "labels.json")),
+    Case("text_eval_on_an_image_model", TEXT,
+         ("--mode=eval", "--backbone=scratch_text_encoder", "--model_dir={dir}/trained",
+          "--eval_data={good_tsv}"), ("model_dir", "backbone=scratch_cnn"),
+         files={"trained/labels.json": b"{}", "trained/params.json":
+                b'{"model": {"task": "single_label", "backbone": "scratch_cnn"}}'}),
+    Case("tokens_eval_on_a_text_model", TOKENS,
+         ("--mode=eval", "--backbone=scratch_text_encoder", "--model_dir={dir}/trained",
+          "--eval_data={dir}/t.txt"), ("model_dir", "task=single_label"),
+         files={"t.txt": CONLL, "trained/labels.json": b"{}", "trained/params.json":
+                b'{"model": {"task": "single_label", "backbone": "scratch_text_encoder"}}'}),
 
     # --- image_classify ---
     Case("image_augment_typo", IMAGE, ("--backbone=scratch_cnn", "--model_dir={model_dir}",
