@@ -41,6 +41,7 @@ code 2.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -194,15 +195,20 @@ def _json_text(path: Path, number: int, line: str, key: str, pair_key: str | Non
     return text
 
 
-def find_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted; hidden files and folders skipped."""
+def find_images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; hidden files and folders skipped.
+
+    `ignored`, when given, receives the other (visible) files: not images by their suffix.
+    """
     found = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).parts
-        if any(part.startswith(".") for part in relative):
+        if any(part.startswith(".") for part in relative) or not path.is_file():
             continue
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
             found.append(path)
+        elif ignored is not None:
+            ignored.append(path)
     if not found:
         raise InputError(
             "No image files in the input folder.", received={"input": str(folder)},
@@ -487,7 +493,11 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
     threads = set_serving_threads(batch_size, intra_op_threads, inter_op_threads, **timed)
     predictor = Predictor(served)
     if source.is_dir():
-        records = [{"path": str(p)} for p in find_images(source)]
+        ignored: list[Path] = []
+        records = [{"path": str(p)} for p in find_images(source, ignored)]
+        if ignored:  # E.g. .tiff, which the export does not decode: said, not silently dropped.
+            logging.warning("Not predicted: %d file(s) in %s without an image suffix (%s), e.g. "
+                            "%s.", len(ignored), source, " ".join(IMAGE_SUFFIXES), ignored[0])
 
     from tfhub_finetune.io_utils import atomic_path
 

@@ -76,9 +76,13 @@ def test_text_readers_keep_order_lines_and_odd_bytes(tmp_path):
 # === Images ===
 
 
-def test_image_folder_predictions_and_per_image_errors(tmp_path, image_export, image_folder):
+def test_image_folder_predictions_and_per_image_errors(tmp_path, image_export, image_folder,
+                                                        caplog):
     output = tmp_path / "predictions.jsonl"
-    result = predict.run(str(image_export), str(image_folder), str(output), batch_size=4)
+    with caplog.at_level("WARNING"):
+        result = predict.run(str(image_export), str(image_folder), str(output), batch_size=4)
+    # A file without an image suffix is said to be left out, not silently dropped.
+    assert "Not predicted: 1 file(s)" in caplog.text and "readme.txt" in caplog.text
     # Batch 4 keeps TensorFlow's default thread pools (0); only batch 1 pins them to one thread.
     assert result == {"count": 5, "errors": 2, "output": str(output), "skipped_blank": 0,
                       "threads": {"intra_op": 0, "inter_op": 0}}
