@@ -330,16 +330,20 @@ class SelectionConfig:
 
     # === Derived values ===
 
-    def serving_forms_for(self, backbone_modality: str) -> tuple[str, ...]:
-        """The serving forms measured for a candidate whose backbone has `backbone_modality`.
+    def check_serving_forms(self, modality: str) -> None:
+        """Refuses a text classifier's form (`int8_tflite`) for image or token inputs.
 
-        Every form of `serving_forms` but the text classifier's own
-        (`int8_tflite`) for an image backbone or a token classifier, which
-        have none (a search over `auto` inputs may hold both kinds).
+        `validate` calls it with `--modality`; `run_selection` again once the
+        candidates have decided an `auto` one.
+
+        Raises:
+            InputError: naming `serving_forms`.
         """
-        text_classifier = backbone_modality == "text" and self.search.modality != "tokens"
-        return tuple(f for f in self.serving_forms
-                     if text_classifier or f not in TEXT_CLASSIFIER_FORMS)
+        forms = self.serving_forms
+        if modality in ("image", "tokens") and set(TEXT_CLASSIFIER_FORMS) & set(forms):
+            _bad("serving_forms", ",".join(forms), f"{', '.join(TEXT_CLASSIFIER_FORMS)} is a text "
+                 f"classifier's form; {modality} inputs have none (images' int8 form is TFLite "
+                 "already).", f"Drop it: e.g. --serving_forms={REFERENCE_FORM},int8.")
 
     @property
     def objective(self) -> str:
@@ -472,10 +476,7 @@ class SelectionConfig:
             _bad("serving_forms", ",".join(forms), f"List each serving form once, {REFERENCE_FORM} "
                  "included: the other forms are measured against it.",
                  f"E.g. --serving_forms={','.join(SERVING_FORMS)}.")
-        if s.modality in ("image", "tokens") and set(TEXT_CLASSIFIER_FORMS) & set(forms):
-            _bad("serving_forms", ",".join(forms), f"{', '.join(TEXT_CLASSIFIER_FORMS)} is a text "
-                 f"classifier's form; --modality={s.modality} has none (images' int8 form is "
-                 "TFLite already).", f"Drop it: e.g. --serving_forms={REFERENCE_FORM},int8.")
+        self.check_serving_forms(s.modality)
         if not self.profile_timeout_s > 0:
             _bad("profile_timeout_s", self.profile_timeout_s, "`profile_timeout_s` must be positive.")
         # The same rules `recommend` applies, checked before hours of work.

@@ -37,7 +37,7 @@ from typing import Any
 
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
-from tfhub_finetune.selection.config import export_mode
+from tfhub_finetune.selection.config import SERVING_FORMS, TEXT_CLASSIFIER_FORMS, export_mode
 from tfhub_finetune.selection.ranking import (
     PRIORS,
     prior_verdicts,
@@ -610,7 +610,7 @@ def _markdown(
     lines += _tie_lines(rec)
     lines += [
         f"- Constraints: {constraints}",
-        *_serving_form_lines(pool, rec),
+        *_serving_form_lines(pool, rec, (search or {}).get("data", {}).get("modality")),
         f"- Metric: fine-tuned `{metric_name}` (higher is better)",
         f"- Device: {payload['device'] or 'not recorded'}",
         f"- Pareto front ({metric_name} up; latency, memory, params down): "
@@ -684,7 +684,8 @@ def _markdown(
     return "\n".join(lines)
 
 
-def _serving_form_lines(pool: Sequence[Candidate], rec: Recommendation) -> list[str]:
+def _serving_form_lines(pool: Sequence[Candidate], rec: Recommendation,
+                        modality: str | None = None) -> list[str]:
     """How the forms other than float32 were measured, or a hint when only float32 was."""
     forms = [c for c in pool if c.serving_form != REFERENCE_FORM and not c.error]
     if forms:
@@ -696,9 +697,12 @@ def _serving_form_lines(pool: Sequence[Candidate], rec: Recommendation) -> list[
                 "results.json)."]
     serving = {"max_latency_ms", "max_memory_mb"} & set(rec.constraints)
     if serving and rec.name is None:
+        # Text classifiers also have the int8 network as a TFLite file, the fastest form.
+        forms = ",".join(f for f in SERVING_FORMS
+                         if modality in ("text", "text_pair") or f not in TEXT_CLASSIFIER_FORMS)
         return ["- Serving forms: float32 only; an int8 form may meet "
                 + " and ".join(f"`{k}`" for k in sorted(serving))
-                + ": rerun with `--serving_forms=float32,int8` (the cache keeps the trials)."]
+                + f": rerun with `--serving_forms={forms}` (the cache keeps the trials)."]
     return []
 
 

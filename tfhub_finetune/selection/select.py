@@ -198,6 +198,7 @@ def run_selection(config: SelectionConfig) -> SelectionResult:
     role = trials.tuner_role()
     runs = _resolve_candidates(config)
     modality = _modality_of(config, runs)
+    config.check_serving_forms(modality)  # An `auto` modality is known from here on.
     runs = _add_baseline(runs, modality)
     project = cache.project_name(config, modality)
     usable = [r for r in runs if r.spec is not None]
@@ -683,18 +684,14 @@ def _add_serving_forms(records: list[Candidate], evidence: dict[str, Any],
     """
     from tfhub_finetune.selection.serving_forms import form_candidate, form_name
 
+    forms = [f for f in config.serving_forms if f != REFERENCE_FORM]
     # The deepest rung reached (a budget may stop the search before the planned last one).
     reached = [r for r in plan.rungs if any(e.status == "done" for e in r.entries)]
     last = {e.config for e in reached[-1].entries if e.status == "done"} if reached else set()
-    if len(config.serving_forms) == 1:
-        return
     for (run, key), record in list(zip(slots, records, strict=True)):
         state = None if key is None else _final_state(plan, key, brute)
-        if (record.metric is None or record.error or state is None or state.record is None
-                or not (brute or key in last)):
-            continue
-        forms = [f for f in config.serving_forms_for(run.spec.modality) if f != REFERENCE_FORM]
-        if not forms:
+        if (not forms or record.metric is None or record.error or state is None
+                or state.record is None or not (brute or key in last)):
             continue
         try:
             report, predictions = _measured_forms(config, project, run, key, state, forms)
