@@ -306,7 +306,7 @@ class ServedExport:
             )
 
 
-class Predictor:
+class Predictor(ServedExport):
     """Calls an export's `serving_default` with the input kind the model card names.
 
     Example:
@@ -320,10 +320,8 @@ class Predictor:
     def __init__(self, saved_model: str | os.PathLike | ServedExport):
         export = saved_model if isinstance(saved_model, ServedExport) else ServedExport.read(
             saved_model)
-        self.path, self.card, self.kind = export.path, export.card, export.kind
-        self.task, self.labels, self.pairs = export.task, export.labels, export.pairs
-        self.modality = export.modality
-        self.client = export.text_client() if self.kind == "token_ids" else None
+        super().__init__(export.path, export.card)
+        self.client = self.text_client() if self.kind == "token_ids" else None
         import tensorflow as tf
 
         self._tf = tf
@@ -485,19 +483,19 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
                                                       text_pair_column)
     served = ServedExport.read(saved_model)
     served.check_inputs(source, text_pair_column)
-    from tfhub_finetune.distribute import set_serving_threads
-
-    timed = {}
-    if batch_size == 1 and -1 in (intra_op_threads, inter_op_threads):
-        timed = _timing_requests(served, source, records)
-    threads = set_serving_threads(batch_size, intra_op_threads, inter_op_threads, **timed)
-    predictor = Predictor(served)
-    if source.is_dir():
+    if source.is_dir():  # An empty folder is refused here, before anything runs.
         ignored: list[Path] = []
         records = [{"path": str(p)} for p in find_images(source, ignored)]
         if ignored:  # E.g. .tiff, which the export does not decode: said, not silently dropped.
             logging.warning("Not predicted: %d file(s) in %s without an image suffix (%s), e.g. "
                             "%s.", len(ignored), source, " ".join(IMAGE_SUFFIXES), ignored[0])
+    from tfhub_finetune.distribute import set_serving_threads
+
+    timed = {}
+    if batch_size == 1 and -1 in (intra_op_threads, inter_op_threads):
+        timed = _timing_requests(served, records)
+    threads = set_serving_threads(batch_size, intra_op_threads, inter_op_threads, **timed)
+    predictor = Predictor(served)
 
     from tfhub_finetune.io_utils import atomic_path
 
@@ -518,7 +516,7 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
             "threads": {"intra_op": threads[0], "inter_op": threads[1]}}
 
 
-def _timing_requests(served: ServedExport, source: Path, records: list[dict] | None) -> dict:
+def _timing_requests(served: ServedExport, records: list[dict]) -> dict:
     """`set_serving_threads`' `saved_model` and `requests`: the job's first inputs, one each.
 
     Raw strings and images as the job sends them; token ids as the client
@@ -526,12 +524,12 @@ def _timing_requests(served: ServedExport, source: Path, records: list[dict] | N
     would start the runtime before its pools are sized, so those time the
     calibration's proxy).
     """
-    if served.modality == "image":  # An empty folder is refused here, before anything runs.
-        return {"saved_model": served.path, "requests": [
-            {"image_bytes": [p.read_bytes()]} for p in find_images(source)[:8]]}
     if not records:
         return {}
     first = records[:8]
+    if served.modality == "image":
+        return {"saved_model": served.path, "requests": [
+            {"image_bytes": [Path(r["path"]).read_bytes()]} for r in first]}
     if served.kind == "strings":
         return {"saved_model": served.path, "requests": [
             {"text": [r["text"]], **({"text_pair": [r["text_pair"]]} if served.pairs else {})}

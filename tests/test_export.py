@@ -583,10 +583,10 @@ def test_batch1_thread_timing_gets_each_exports_own_inputs(tmp_path, text_export
     rows = tmp_path / "in.tsv"
     rows.write_text("".join(f"sentence number {i}\n" for i in range(10)))
     records = predict.read_texts(rows, "0", "false", "text")
-    raw = predict._timing_requests(predict.ServedExport.read(text_export[0]), rows, records)
+    raw = predict._timing_requests(predict.ServedExport.read(text_export[0]), records)
     assert raw["requests"] == [{"text": [f"sentence number {i}"]} for i in range(8)]
     served = predict.ServedExport.read(text_export[1])
-    timed = predict._timing_requests(served, rows, records)
+    timed = predict._timing_requests(served, records)
     client = TextClient.from_saved_model(text_export[1])
     assert timed["saved_model"] == text_export[1]
     assert timed["requests"] == [client.encode([f"sentence number {i}"]) for i in range(8)]

@@ -118,12 +118,14 @@ def test_batch1_threads_are_timed_on_the_jobs_first_inputs(tmp_path, image_expor
     job's own inputs, one per request; an input that does not suit the model is refused first,
     before anything is timed."""
     served = predict.ServedExport.read(image_export)
-    timed = predict._timing_requests(served, image_folder, None)
-    assert timed["saved_model"] == image_export / "1"
     files = predict.find_images(image_folder)
+    timed = predict._timing_requests(served, [{"path": str(p)} for p in files])
+    assert timed["saved_model"] == image_export / "1"
     assert [r["image_bytes"] for r in timed["requests"]] == [[p.read_bytes()] for p in files[:8]]
-    with pytest.raises(InputError, match="No image files"):
-        predict._timing_requests(served, tmp_path, None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="No image files"):  # Before any thread is timed.
+        predict.run(str(image_export), str(empty), str(tmp_path / "out.jsonl"), batch_size=1)
     text = tmp_path / "in.tsv"
     text.write_text("a fine film\n")
     with pytest.raises(InputError, match="image model"):

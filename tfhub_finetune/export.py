@@ -345,6 +345,7 @@ def export_text_classifier(
     num_segments = getattr(backbone.encoder, "num_segments", None)
     names_tensor = tf.constant(names)
     rows, widths = serving_shapes(sequence_length) if serving_jit_compile else (None, None)
+    warm_shapes = warmup_shapes(sequence_length, serving_jit_compile)  # The card lists what is written.
     # One XLA function for both signatures; it compiles once per (rows, width) it meets.
     jitted = tf.function(lambda x: model(x, training=False), jit_compile=True) if widths else None
 
@@ -425,8 +426,7 @@ def export_text_classifier(
         "jit_compile": bool(serving_jit_compile),
         "tf_serving_flags": ["--xla_cpu_compilation_enabled"] if serving_jit_compile else [],
         # `assets.extra/tf_serving_warmup_requests`: TF Serving replays these at load.
-        "warmup_shapes": [list(shape) for shape in warmup_shapes(sequence_length,
-                                                                 serving_jit_compile)],
+        "warmup_shapes": [list(shape) for shape in warm_shapes],
         "start_id": start_id,
         "end_id": end_id,
         "pad_id": pad_id,
@@ -453,8 +453,8 @@ def export_text_classifier(
         raw={"serve_text": serve_text, "serve_examples": serve_examples},
         raw_signatures=raw_signatures,
         token_ids={"serve_token_ids": serve_token_ids}, token_id_signatures=ids_signatures,
-        warmup=_text_warmup_requests(tokenizer, warmup_shapes(sequence_length, serving_jit_compile),
-                                     string_inputs, start_id=start_id, end_id=end_id),
+        warmup=_text_warmup_requests(tokenizer, warm_shapes, string_inputs, start_id=start_id,
+                                     end_id=end_id),
     )
 
 

@@ -299,6 +299,7 @@ def export_token_classifier(
         latency["serving_default"] = _median_ms(
             raw_signatures["serving_default"],
             {"text": tf.constant(["George Washington went to Washington ."])})
+    warm_shapes = warmup_shapes(sequence_length, False)  # The card lists what is written.
     preprocessing = {
         "modality": "tokens",
         "text_inputs": ["text"],
@@ -321,7 +322,7 @@ def export_token_classifier(
         "invalid_utf8": "replaced by U+FFFD",
         "client_tokenizer": _client_tokenizer_settings(backbone),
         # `assets.extra/tf_serving_warmup_requests`: TF Serving replays these at load.
-        "warmup_shapes": [list(shape) for shape in warmup_shapes(sequence_length, False)],
+        "warmup_shapes": [list(shape) for shape in warm_shapes],
     }
     card = _model_card(
         model=model, model_name=model_name, names=names, task="token_classification",
@@ -334,6 +335,6 @@ def export_token_classifier(
         model, backbone, base, model_name, card,
         raw={"serve_text": serve_text}, raw_signatures=raw_signatures,
         token_ids={"serve_token_ids": serve_token_ids}, token_id_signatures=ids_signatures,
-        warmup=_text_warmup_requests(backbone.tokenizer, warmup_shapes(sequence_length, False),
-                                     ("text",), start_id=start_id, end_id=end_id),
+        warmup=_text_warmup_requests(backbone.tokenizer, warm_shapes, ("text",), start_id=start_id,
+                                     end_id=end_id),
     )

@@ -51,6 +51,16 @@ TEXT_CLASSIFIER_FORMS = tuple(mode + TFLITE_SUFFIX for mode in QUANTIZATIONS[1:]
 SERVING_FORMS = (REFERENCE_FORM, *QUANTIZATIONS[1:], *TEXT_CLASSIFIER_FORMS)
 
 
+def serving_forms_of(modality: str | None) -> tuple[str, ...]:
+    """The forms `--serving_forms` may list for `modality`: all, less the text classifier's own
+    (`int8_tflite`) for inputs known not to be text (image, tokens).
+
+    `auto` keeps them all (the candidates decide; `run_selection` checks again).
+    """
+    text = modality in ("auto", "text", "text_pair")
+    return tuple(f for f in SERVING_FORMS if text or f not in TEXT_CLASSIFIER_FORMS)
+
+
 def export_mode(form: str) -> str:
     """The `--export_quantized` mode that writes serving form `form` (`int8_tflite` -> `int8`)."""
     return form.removesuffix(TFLITE_SUFFIX)
@@ -340,7 +350,7 @@ class SelectionConfig:
             InputError: naming `serving_forms`.
         """
         forms = self.serving_forms
-        if modality in ("image", "tokens") and set(TEXT_CLASSIFIER_FORMS) & set(forms):
+        if set(forms) - set(serving_forms_of(modality)):
             _bad("serving_forms", ",".join(forms), f"{', '.join(TEXT_CLASSIFIER_FORMS)} is a text "
                  f"classifier's form; {modality} inputs have none (images' int8 form is TFLite "
                  "already).", f"Drop it: e.g. --serving_forms={REFERENCE_FORM},int8.")

@@ -37,7 +37,7 @@ from typing import Any
 
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import atomic_path, atomic_write_text
-from tfhub_finetune.selection.config import SERVING_FORMS, TEXT_CLASSIFIER_FORMS, export_mode
+from tfhub_finetune.selection.config import export_mode, serving_forms_of
 from tfhub_finetune.selection.ranking import (
     PRIORS,
     prior_verdicts,
@@ -698,8 +698,7 @@ def _serving_form_lines(pool: Sequence[Candidate], rec: Recommendation,
     serving = {"max_latency_ms", "max_memory_mb"} & set(rec.constraints)
     if serving and rec.name is None:
         # Text classifiers also have the int8 network as a TFLite file, the fastest form.
-        forms = ",".join(f for f in SERVING_FORMS
-                         if modality in ("text", "text_pair") or f not in TEXT_CLASSIFIER_FORMS)
+        forms = ",".join(serving_forms_of(modality))
         return ["- Serving forms: float32 only; an int8 form may meet "
                 + " and ".join(f"`{k}`" for k in sorted(serving))
                 + f": rerun with `--serving_forms={forms}` (the cache keeps the trials)."]

@@ -103,9 +103,9 @@ class TokenClassificationTask:
         else:
             train, evaluation = split_examples(train, d.validation_split, self.config.train.seed)
             print(f"No --eval_data: holding out {len(evaluation)} of the training sentences.")
-        self.labels = LabelVocabulary(names=tag_names(entity_types(train.tags)),
-                                      task="token_classification")
-        if not entity_types(train.tags):
+        types = entity_types(train.tags)
+        self.labels = LabelVocabulary(names=tag_names(types), task="token_classification")
+        if not types:
             raise InputError(
                 f"No entity tags in {d.train_data}: every token is tagged O, so there is "
                 "nothing to learn.", received={"train_data": d.train_data},
