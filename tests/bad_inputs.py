@@ -325,6 +325,14 @@ CASES: list[Case] = [
          ("t.jsonl", "Row 2", "nested"),
          files={"t.jsonl": b'{"text": "a", "label": 0}\n{"text": "b", "label": '
                 + b"[" * 100_000 + b"]" * 100_000 + b"}\n"}),
+    Case("text_jsonl_empty_list_single_label", TEXT, (*T, "--train_data={dir}/t.jsonl"),
+         ("t.jsonl", "Row 2", "empty label"),
+         files={"t.jsonl": b'{"text": "a", "label": 0}\n{"text": "b", "label": []}\n'
+                           b'{"text": "c", "label": 1}\n'}),
+    Case("text_multilabel_every_list_empty", TEXT,
+         (*T, "--train_data={dir}/t.jsonl", "--task=multi_label", "--monitor=val_auc"),
+         ("t.jsonl", "empty list"),
+         files={"t.jsonl": b'{"text": "a", "label": []}\n{"text": "b", "label": []}\n'}),
     Case("text_jsonl_not_object", TEXT, (*T, "--train_data={dir}/t.jsonl"), ("Row 1",),
          files={"t.jsonl": b'["a", 0]\n'}),
     # --- text readers: TFDS (offline: fails in seconds, naming the data set) ---

@@ -60,6 +60,19 @@ def test_jsonl_and_multilabel(tmp_path):
     assert vocab.encode(ex.labels).tolist() == [[1, 1], [0, 1]]
 
 
+def test_jsonl_empty_list_is_a_multilabel_row_with_no_labels(tmp_path):
+    # Most rows of a multi-label set (toxicity, tags) carry none of the labels.
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": "a", "label": ["x"]}, {"text": "b", "label": []}, {"text": "c", "label": ["y"]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ex = read_text_examples(str(path))
+    vocab = LabelVocabulary.from_labels(ex.labels, task="multi_label", source=ex.source)
+    assert vocab.names == ["x", "y"]
+    assert vocab.encode(ex.labels).tolist() == [[1, 0], [0, 0], [0, 1]]
+    with pytest.raises(InputError, match=r"Row 2 of .*d.jsonl has an empty label"):
+        LabelVocabulary.from_labels(ex.labels, source=ex.source, rows=ex.rows)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -75,6 +75,8 @@ class LabelVocabulary:
                 "Unknown label type.", received={"label_type": label_type},
                 fix=f"Expected one of: {', '.join(LABEL_TYPES)}.",
             )
+        if task != "multi_label":
+            _refuse_empty_labels(labels, source, rows, task)
         if task == "regression":
             vocab = cls(names=list(label_names or ["score"]), task=task, label_type="id")
             vocab.encode(labels, source=source, rows=rows)  # Validates numbers.
@@ -82,6 +84,12 @@ class LabelVocabulary:
         if task == "multi_label":
             found = sorted({p.strip() for label in labels for p in label.split(",") if p.strip()})
             names = list(label_names) if label_names else found
+            if not names:
+                raise InputError(
+                    f"No row of {source} has a label: every row is an empty list.",
+                    received={"file": source, "task": task},
+                    fix="Multi-label training needs rows that carry labels, or --label_names.",
+                )
             vocab = cls(names=names, task=task, label_type="name")
             vocab.encode(labels, source=source, rows=rows)
             return vocab
@@ -200,6 +208,7 @@ class LabelVocabulary:
                         raise self._unseen(source, rows[i], part)
                     out[i, index[part]] = 1.0
             return out
+        _refuse_empty_labels(labels, source, rows, self.task)
         if self.label_type == "id":
             ids = _parse_ids(labels, source, rows)
             bad = np.nonzero(ids >= len(self.names))[0]
@@ -258,6 +267,19 @@ def _infer_label_type(labels: Sequence[str], source: str, rows: list[int]) -> st
         received={"file": source, "row": rows[i], "label": labels[i]},
         fix="Fix the row, or set --label_type=id or --label_type=name to say which labels are.",
     )
+
+
+def _refuse_empty_labels(labels, source, rows, task) -> None:
+    # Readers pass an empty label through only for a JSON list (`[]`: a multi-label row with
+    # none of the labels); any other task needs a label on every row.
+    for i, label in enumerate(labels):
+        if label == "":
+            row = rows[i] if rows is not None else i + 1
+            raise InputError(
+                f"Row {row} of {source} has an empty label.",
+                received={"file": source, "row": row, "task": task},
+                fix="Fill in its label; an empty list `[]` is a label only for --task=multi_label.",
+            )
 
 
 def _outside_names(source, row, label, label_names) -> InputError:

@@ -316,14 +316,14 @@ def _pair_cell(path, number, text):
     return text
 
 
-def _check_cells(path, number, text, label):
+def _check_cells(path, number, text, label, *, label_may_be_empty=False):
     if not text:
         raise InputError(
             f"Row {number} of {path} has an empty text.",
             received={"file": str(path), "row": number},
             fix="Remove the row or fill in its text.",
         )
-    if label == "":
+    if label == "" and not label_may_be_empty:
         raise InputError(
             f"Row {number} of {path} has an empty label.",
             received={"file": str(path), "row": number},
@@ -377,8 +377,11 @@ def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None
                 fix="Give a class name, an integer id, a number (regression) or a list "
                 "(multi-label).",
             )
-        label = ",".join(map(str, label)) if isinstance(label, list) else str(label).strip()
-        _check_cells(path, number, text, label)
+        # A JSON list is a multi-label row, and `[]` says "none of the labels" (most rows of a
+        # toxicity set): kept as "", which `LabelVocabulary` refuses for the other tasks.
+        is_list = isinstance(label, list)
+        label = ",".join(map(str, label)) if is_list else str(label).strip()
+        _check_cells(path, number, text, label, label_may_be_empty=is_list)
         texts.append(text)
         labels.append(label)
         numbers.append(number)
