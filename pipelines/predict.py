@@ -50,6 +50,7 @@ from absl import flags
 
 from pipelines import flags as pipeline_flags
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.integers import is_index, parse_int
 
 FLAGS = flags.FLAGS
 
@@ -104,12 +105,12 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
         InputError: for an unreadable or empty file, a row without the
             column, a bad JSON line, or a header column that does not exist.
     """
-    from tfhub_finetune.data.sources import read_csv_rows, read_text_file
+    from tfhub_finetune.data.sources import column_in_header, read_csv_rows, read_text_file
 
     if path.suffix.lower() in (".jsonl", ".json"):
         pair_key = None
         if text_pair_column:
-            pair_key = "text_pair" if text_pair_column.lstrip("-").isdigit() else text_pair_column
+            pair_key = "text_pair" if is_index(text_pair_column) else text_pair_column
         lines = read_text_file(path, "utf-8", "input", errors="replace").split("\n")
         numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
         texts = Texts(_json_text(path, number, line, text_key, pair_key)
@@ -126,15 +127,15 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
     wanted = {"text_column": text_column}
     if text_pair_column:
         wanted["text_pair_column"] = text_pair_column
-    named = [c for c in wanted.values() if not c.lstrip("-").isdigit()]
+    named = [c for c in wanted.values() if not is_index(c)]
     header = has_header == "true" or (
         has_header == "auto" and (bool(set(named) & set(first))
                                   or bool({c.lower() for c in first} & _HEADER_WORDS))
     )
     columns = {}
     for flag, value in wanted.items():
-        if value.lstrip("-").isdigit():
-            columns[flag] = int(value)
+        if is_index(value):
+            columns[flag] = parse_int(value)
             continue
         if not header or value not in first:
             raise InputError(
@@ -143,7 +144,7 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
                 fix=f"Header cells: {', '.join(first)}." if header
                 else "Give the column as a 0-based index.",
             )
-        columns[flag] = first.index(value)
+        columns[flag] = column_in_header(first, value, source=str(path), flag=flag)
     if header and len(rows) == 1:
         raise InputError("Input file has a header row but no texts.",
                          received={"input": str(path), "header": ",".join(first)})
@@ -449,8 +450,8 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
     if batch_size < 1:
         raise InputError("Batch size must be at least 1.", received={"batch_size": batch_size})
     for flag, value in (("text_column", text_column), ("text_pair_column", text_pair_column)):
-        if value.lstrip("-").isdigit() and int(value) < 0 or (flag == "text_column"
-                                                                and not value.strip()):
+        index = parse_int(value)
+        if index is not None and index < 0 or (flag == "text_column" and not value.strip()):
             raise InputError(f"--{flag} must be a 0-based index (>= 0) or a header name.",
                              received={flag: value})
     if not text_key:

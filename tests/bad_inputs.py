@@ -264,6 +264,15 @@ CASES: list[Case] = [
     Case("text_column_name_not_in_header", TEXT,
          (*T, "--train_data={dir}/t.tsv", "--text_column=review"), ("review", "sentence"),
          files={"t.tsv": tsv(balanced(), "sentence\tlabel")}),
+    Case("text_header_repeats_column", TEXT,
+         (*T, "--train_data={dir}/t.tsv", "--text_column=sentence", "--label_column=label"),
+         ("t.tsv", "sentence", "2 times"),
+         files={"t.tsv": b"label\tsentence\tsentence\n" + b"".join(
+             b"%d\tIGNORED\tword %d\n" % (i % 2, i) for i in range(8))}),
+    Case("text_column_double_minus", TEXT, (*TD, "--text_column=--1"), ("text_column", "--1")),
+    Case("text_label_superscript_digit", TEXT, (*T, "--train_data={dir}/t.tsv"),
+         ("t.tsv", "Row 9", "integer"),
+         files={"t.tsv": tsv(balanced()[:8] + [("odd", "\u00b2")])}),
     # --- text labels: the label space ---
     Case("text_stray_id", TEXT, (*T, "--train_data={dir}/t.tsv"), ("t.tsv", "7", "row"),
          files={"t.tsv": tsv(balanced() + [("stray", "7")])}),

@@ -60,6 +60,33 @@ def test_jsonl_and_multilabel(tmp_path):
     assert vocab.encode(ex.labels).tolist() == [[1, 1], [0, 1]]
 
 
+def test_rows_end_at_newlines_only_and_a_lone_cr_stays_in_its_cell(tmp_path):
+    # csv's line reader (and str.splitlines) would end a row at the \r: a silent extra row.
+    path = tmp_path / "d.tsv"
+    path.write_bytes(b"a\rb\t1\r\nc\x0bd\t0\ne\x1cf\t1\n")
+    ex = read_text_examples(str(path))
+    assert ex.texts == ["a\rb", "c\x0bd", "e\x1cf"] and ex.labels == ["1", "0", "1"]
+    assert ex.rows == [1, 2, 3]
+    bad = tmp_path / "d.csv"
+    bad.write_bytes(b"a,1\nb\rc,0\n")
+    with pytest.raises(InputError, match=r"Row 2 of .*d.csv is not valid CSV"):
+        read_text_examples(str(bad))
+    quoted = tmp_path / "q.csv"
+    quoted.write_bytes(b'"b\rc",0\na,1\n')
+    assert read_text_examples(str(quoted)).texts == ["b\rc", "a"]
+
+
+def test_integers_are_ascii_digits(tmp_path):
+    from tfhub_finetune.integers import parse_int
+
+    assert [parse_int(v) for v in ("7", " -3 ", "²", "--1", "1.0", "", "٣", 4, True)] == [
+        7, -3, None, None, None, None, None, 4, None]
+    path = tmp_path / "d.tsv"
+    path.write_text("a\t0\nb\t1\nc\t²\n")
+    with pytest.raises(InputError, match=r"Row 3 of .*not an integer id"):
+        LabelVocabulary.from_labels(read_text_examples(str(path)).labels, source=str(path))
+
+
 def test_jsonl_empty_list_is_a_multilabel_row_with_no_labels(tmp_path):
     # Most rows of a multi-label set (toxicity, tags) carry none of the labels.
     path = tmp_path / "d.jsonl"

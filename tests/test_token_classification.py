@@ -97,6 +97,15 @@ def test_whitespace_only_lines_separate_sentences_and_docstarts_are_counted(tmp_
     assert data.lines == [[3, 4], [6, 7], [10]]
 
 
+def test_fields_split_at_spaces_and_tabs_only_and_a_bom_is_dropped(tmp_path):
+    # A token may hold a no-break space (U+00A0) or an ideographic space; str.split() cut them.
+    path = tmp_path / "a.txt"
+    path.write_bytes("\ufeffPar\u00a0is NNP B-LOC\n東京\u3000都\tNNP\tB-LOC\n".encode())
+    data = read_tagged_sentences(path)
+    assert data.words == [["Par\u00a0is", "東京\u3000都"]]
+    assert data.tags == [["B-LOC", "B-LOC"]]
+
+
 def test_jsonl_and_tag_column(tmp_path):
     path = write(tmp_path / "a.jsonl", json.dumps({"tokens": ["New", "York"],
                                                    "tags": ["B-LOC", "I-LOC"]}) + "\n\n")

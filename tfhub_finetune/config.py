@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tfhub_finetune.errors import InputError, did_you_mean
+from tfhub_finetune.integers import parse_int
 from tfhub_finetune.io_utils import atomic_write_text
 
 MODES = ("train", "eval", "train_and_eval")
@@ -94,7 +95,7 @@ class Adaptation:
             if number:
                 _bad("adaptation", text, f"`{kind}` takes no number.", f"Use --adaptation={kind}.")
             return cls(kind).validate()
-        if not number.strip().isdigit():
+        if parse_int(number) is None:
             what = "blocks" if kind == "top" else "rank"
             _bad("adaptation", text, f"`{kind}` needs a positive integer ({what}).",
                  f"E.g. --adaptation={kind}:{2 if kind == 'top' else 8}.")
@@ -187,7 +188,8 @@ class DataConfig:
             value = str(getattr(self, flag)).strip()
             if not value:
                 _bad(flag, value, f"--{flag} is empty.", "Give a 0-based index or a header name.")
-            if value.lstrip("-").isdigit() and int(value) < 0:
+            index = parse_int(value)
+            if index is not None and index < 0:
                 _bad(flag, value, f"--{flag} must be a 0-based index (>= 0) or a header name.")
         names = [str(n).strip() for n in self.label_names]
         if any(not n for n in names):

@@ -55,6 +55,7 @@ from typing import Any
 import tensorflow as tf
 
 from tfhub_finetune.errors import InputError, did_you_mean
+from tfhub_finetune.integers import parse_int
 
 logger = logging.getLogger(__name__)
 
@@ -952,7 +953,8 @@ def _is_address(address: Any) -> bool:
     if not isinstance(address, str) or ":" not in address:
         return False
     host, _, port = address.rpartition(":")
-    return bool(host) and port.isdigit()
+    number = parse_int(port)
+    return bool(host) and number is not None and 0 < number < 65536
 
 
 def _multi_worker_strategy(all_reduce: str) -> tf.distribute.Strategy:

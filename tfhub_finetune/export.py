@@ -139,6 +139,7 @@ from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.data.packing import pack_ids
 from tfhub_finetune.data.text import bucket_boundaries, pack_inputs
 from tfhub_finetune.errors import InputError, did_you_mean
+from tfhub_finetune.integers import parse_int
 from tfhub_finetune.io_utils import atomic_path, check_export_name, staging_dir
 from tfhub_finetune.serving_warmup import ASSETS_EXTRA, write_warmup_requests
 
@@ -1445,7 +1446,8 @@ def existing_versions(model_root: str | os.PathLike) -> list[int]:
     root = Path(model_root)
     if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+    versions = (parse_int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isascii())
+    return sorted(v for v in versions if v is not None and v >= 0)
 
 
 def _stage_and_publish(roots: list[Path], writers: list[Callable[[str], None]]) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.integers import parse_int
 from tfhub_finetune.io_utils import atomic_write_text
 
 LABEL_TYPES = ("auto", "id", "name")
@@ -21,7 +22,7 @@ TINY_CLASS_FRACTION = 0.01
 
 
 def _is_int(text: str) -> bool:
-    return text.lstrip("-").isdigit()
+    return parse_int(text) is not None
 
 
 @dataclasses.dataclass

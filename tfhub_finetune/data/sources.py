@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tfhub_finetune.errors import InputError, close_names
+from tfhub_finetune.integers import is_index, parse_int
 
 TFDS_PREFIX = "tfds:"
 _TEXT_KEYS = ("sentence", "text", "review", "content", "document", "question")
@@ -185,14 +186,22 @@ def json_row(line: str, source: str | os.PathLike, number: int, unit: str = "Row
                      received={"file": str(source), unit.lower(): number})
 
 
-def _decoded_lines(path: Path, encoding: str):
-    text = read_text_file(path, encoding)
-    # Lines as the file has them: str.splitlines would also split at \x0b, \x1c, U+2028...
+def file_lines(text: str):
+    """`(line number, line)` of a decoded file: split at `\n` only, a `\r` before it dropped.
+
+    Lines as the file has them: `str.splitlines` (and the csv module's line
+    reader) would also split at a lone `\r`, `\x0b`, `\x1c`, U+2028..., which
+    a text cell may hold.
+    """
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # The newline that ends the last line, not a blank line after it.
     for number, line in enumerate(lines, start=1):
         yield number, line.removesuffix("\r")
+
+
+def _decoded_lines(path: Path, encoding: str):
+    return file_lines(read_text_file(path, encoding))
 
 
 def read_csv_rows(
@@ -201,16 +210,26 @@ def read_csv_rows(
     """Rows of a delimited file as `(first line number, cells)`, and the blank-line count.
 
     `.csv` files are parsed as CSV (quoted fields may span lines); tab-separated
-    files split at tabs only (`QUOTE_NONE`: a quote is an ordinary character,
-    as in SST-2's sentences).
+    files split into lines at `\n` and into cells at tabs only (a quote is an
+    ordinary character, as in SST-2's sentences; so is a lone `\r`).
 
     Raises:
         InputError: undecodable bytes, or malformed CSV, naming the row.
     """
     text = read_text_file(path, encoding, flag, errors)
-    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting,
-                        strict=delimiter == ",")
+    if delimiter != ",":
+        rows, blank = [], 0
+        for number, line in file_lines(text):
+            cells = line.split(delimiter)
+            if any(cell.strip() for cell in cells):
+                rows.append((number, cells))
+            else:
+                blank += 1
+        return rows, blank
+    # newline="\n": records end at \n (or \r\n) only; a lone \r outside quotes is then
+    # malformed CSV, named by its row, instead of a silent row break.
+    reader = csv.reader(io.StringIO(text, newline="\n"), delimiter=delimiter,
+                        quoting=csv.QUOTE_MINIMAL, strict=True)
     rows, blank, start = [], 0, 1
     try:
         for cells in reader:
@@ -234,26 +253,46 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def _column_index(column: str | int, header: list[str] | None, path: Path, what: str) -> int:
-    if isinstance(column, int) or (isinstance(column, str) and column.lstrip("-").isdigit()):
-        if int(column) < 0:
+    index = parse_int(column)
+    if index is not None:
+        if index < 0:
             raise InputError(
                 f"The {what} column index must be >= 0.",
                 received={f"{what}_column": column}, fix="Columns count from 0.",
             )
-        return int(column)
+        return index
     if header is None:
         raise InputError(
             f"The {what} column is given by name but the file has no header.",
             received={"file": str(path), f"{what}_column": column},
             fix="Give the column as a 0-based index, or add a header row.",
         )
-    if column not in header:
+    return column_in_header(header, column, source=str(path), flag=f"{what}_column")
+
+
+def column_in_header(header: Sequence[str], name: str, *, source: str, flag: str) -> int:
+    """The index of column `name` in a header row, for `--<flag>`.
+
+    Raises:
+        InputError: the name is not in the header (the header is listed), or
+            the header holds it more than once (which one is meant is not
+            knowable: it names both positions).
+    """
+    if name not in header:
         raise InputError(
-            f"The {what} column is not in the header.",
-            received={"file": str(path), f"{what}_column": column},
+            f"The --{flag} column is not in the header row of {source}.",
+            received={"file": source, flag: name},
             fix=f"Header columns: {', '.join(header)}.",
         )
-    return header.index(column)
+    positions = [i for i, cell in enumerate(header) if cell == name]
+    if len(positions) > 1:
+        raise InputError(
+            f"The header row of {source} names column `{name}` {len(positions)} times.",
+            received={"file": source, flag: name},
+            fix=f"Rename the repeated columns (0-based positions {', '.join(map(str, positions))}), "
+            f"or give --{flag} as an index.",
+        )
+    return positions[0]
 
 
 def _read_delimited(path, delimiter, text_column, label_column, has_header, encoding,
@@ -266,7 +305,7 @@ def _read_delimited(path, delimiter, text_column, label_column, has_header, enco
     header = None
     first = [cell.strip() for cell in rows[0]]
     named = {c for c in (text_column, label_column, text_pair_column)
-             if isinstance(c, str) and not c.isdigit()}
+             if isinstance(c, str) and not is_index(c)}
     if has_header is True or (
         has_header == "auto"
         and (named & set(first) or {c.lower() for c in first} & _HEADER_WORDS)
@@ -332,12 +371,12 @@ def _check_cells(path, number, text, label, *, label_may_be_empty=False):
 
 
 def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None):
-    text_key = text_column if isinstance(text_column, str) and not text_column.isdigit() else "text"
+    text_key = text_column if isinstance(text_column, str) and not is_index(text_column) else "text"
     label_key = (
-        label_column if isinstance(label_column, str) and not label_column.isdigit() else "label"
+        label_column if isinstance(label_column, str) and not is_index(label_column) else "label"
     )
     pair_key = None if text_pair_column is None else (
-        text_pair_column if isinstance(text_pair_column, str) and not text_pair_column.isdigit()
+        text_pair_column if isinstance(text_pair_column, str) and not is_index(text_pair_column)
         else "text_pair")
     texts, labels, numbers, blank = [], [], [], 0
     pairs = None if pair_key is None else []
@@ -465,16 +504,16 @@ def _read_tfds(name, text_column, label_column, split, text_pair_column=None):
     source = f"{TFDS_PREFIX}{name}"
     dataset, info = load_tfds(name, split, source=source)
     features = info.features
-    text_key = text_column if isinstance(text_column, str) and not text_column.isdigit() else next(
+    text_key = text_column if isinstance(text_column, str) and not is_index(text_column) else next(
         (k for k in _TEXT_KEYS if k in features), None
     )
     label_key = (
-        label_column if isinstance(label_column, str) and not label_column.isdigit() else "label"
+        label_column if isinstance(label_column, str) and not is_index(label_column) else "label"
     )
     pair_key = None
     if text_pair_column is not None:
         pair_key = (text_pair_column if isinstance(text_pair_column, str)
-                    and not text_pair_column.isdigit() else "sentence2")
+                    and not is_index(text_pair_column) else "sentence2")
         if pair_key not in features:
             raise InputError(
                 "TFDS data set lacks the second-text feature.",

@@ -19,12 +19,14 @@ Every mistake is an `InputError` naming the file and line.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from tfhub_finetune.config import TAG_SCHEMES
 from tfhub_finetune.data.sources import json_row
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.integers import parse_int
 
 DOCSTART = "-DOCSTART-"
 OUTSIDE = "O"
@@ -122,7 +124,7 @@ def read_tagged_sentences(
                          fix="Set --encoding to the file's encoding.") from None
     except LookupError:
         raise InputError("Unknown encoding.", received={"encoding": encoding}) from None
-    lines = text.split("\n")
+    lines = text.removeprefix("\ufeff").split("\n")
     if path.suffix.lower() in _JSON_SUFFIXES:
         data = _read_jsonl(lines, source, token_column, tag_column)
     else:
@@ -143,7 +145,10 @@ def _index(value: str | int, default: int) -> int | None:
     text = str(value).strip()
     if not text:
         return default
-    return int(text) if text.lstrip("-").isdigit() else None
+    return parse_int(text)
+
+
+_FIELD_SEPARATORS = re.compile(r"[ \t]+")
 
 
 def _read_columns(lines: list[str], source: str, token_column, tag_column) -> TaggedSentences:
@@ -173,7 +178,8 @@ def _read_columns(lines: list[str], source: str, token_column, tag_column) -> Ta
             sentence_lines.clear()
 
     for number, line in enumerate(lines, start=1):
-        fields = line.split()
+        # Fields are separated by spaces and tabs only: a token may hold a no-break space.
+        fields = _FIELD_SEPARATORS.split(line.strip(" \t\r")) if line.strip(" \t\r") else []
         if not fields:
             end_sentence()
             continue

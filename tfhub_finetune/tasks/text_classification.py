@@ -27,11 +27,13 @@ from tfhub_finetune.data.sources import (
 )
 from tfhub_finetune.data.text import TokenizedTexts, make_text_dataset, tokenize_texts
 from tfhub_finetune.errors import InputError
+from tfhub_finetune.integers import parse_int
 from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size, load_text_backbone
 
 
 def _column(value: str) -> str | int:
-    return int(value) if value.lstrip("-").isdigit() else value
+    index = parse_int(value)
+    return value if index is None else index
 
 
 class TextClassificationTask:
