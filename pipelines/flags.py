@@ -297,9 +297,22 @@ def _check_trained_like(config: ExperimentConfig) -> None:
 
     params = Path(config.model_dir) / "params.json"
     try:
-        trained = json.loads(params.read_text(encoding="utf-8")).get("model") or {}
-    except (OSError, ValueError):
+        record = json.loads(params.read_text(encoding="utf-8"))
+        trained, data = record.get("model") or {}, record.get("data") or {}
+    except (OSError, ValueError, AttributeError):
         return  # No (readable) record: the weights' own check decides.
+    # A pair model fed single texts (or the reverse) runs, on the wrong inputs: its metrics
+    # would be computed and saved. The column may be named otherwise in the eval file.
+    pairs = data.get("text_pair_column") if isinstance(data, dict) else None
+    if pairs is not None and bool(pairs) != bool(config.data.text_pair_column):
+        raise InputError(
+            "The model directory holds a model trained on "
+            + ("text pairs; eval needs its second text." if pairs else
+               "single texts; eval got a second text."),
+            received={"model_dir": config.model_dir,
+                      "text_pair_column": config.data.text_pair_column},
+            fix=(f"Give --text_pair_column (training read `{pairs}`)." if pairs else
+                 "Drop --text_pair_column, or give the right --model_dir."))
     for name in ("task", "backbone"):
         value = getattr(config.model, name)
         if name in trained and trained[name] != value:

@@ -360,6 +360,12 @@ CASES: list[Case] = [
           "--eval_data={good_tsv}"), ("model_dir", "backbone=scratch_cnn"),
          files={"trained/labels.json": b"{}", "trained/params.json":
                 b'{"model": {"task": "single_label", "backbone": "scratch_cnn"}}'}),
+    Case("text_eval_pair_model_without_second_text", TEXT,
+         ("--mode=eval", "--backbone=scratch_text_encoder", "--model_dir={dir}/trained",
+          "--eval_data={good_tsv}"), ("model_dir", "text_pair_column", "sentence2"),
+         files={"trained/labels.json": b"{}", "trained/params.json":
+                b'{"model": {"task": "single_label", "backbone": "scratch_text_encoder"}, '
+                b'"data": {"text_pair_column": "sentence2"}}'}),
     Case("tokens_eval_on_a_text_model", TOKENS,
          ("--mode=eval", "--backbone=scratch_text_encoder", "--model_dir={dir}/trained",
           "--eval_data={dir}/t.txt"), ("model_dir", "task=single_label"),

@@ -72,11 +72,37 @@ def test_resuming_with_another_augmentation_is_refused(tmp_path):
         changed = dataclasses.replace(config, data=dataclasses.replace(config.data, **change))
         with pytest.raises(InputError) as info:
             _check_same_run(model_dir, changed)
-        assert str(info.value) == (
-            "The model directory holds a backup of a run with different settings. "
-            f"Received: model_dir='{model_dir}', changed='data'. "
-            "Use a new --model_dir, or delete its backup/ folder to start over."
-        )
+        (name, value), = change.items()
+        message = str(info.value)
+        assert message.startswith("The model directory holds a backup of a run with different "
+                                  f"settings; resuming it would continue the old run under the "
+                                  f"new ones. Received: model_dir='{model_dir}', changed=")
+        assert f"data.{name}: {getattr(config.data, name)!r} -> {value!r}" in message
+        assert message.endswith("Rerun with the old values, use a new --model_dir, or delete "
+                                "its backup/ folder to start over.")
+
+
+def test_resuming_with_other_training_settings_is_refused_naming_them(tmp_path):
+    # A finished or preempted run resumed under a new learning rate, seed or batch size would
+    # train nothing (or skip the wrong batches) and rewrite params.json with values never used.
+    from tfhub_finetune.driver import RESUMABLE_TRAIN_CHANGES, _check_same_run
+
+    config = _config(tmp_path)
+    model_dir = _backed_up_run(tmp_path, config.to_dict())
+    changed = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, learning_rate=0.5, batch_size=config.train.batch_size * 2))
+    with pytest.raises(InputError, match=r"train\.batch_size: .* train\.learning_rate: "):
+        _check_same_run(model_dir, changed)
+    for name in RESUMABLE_TRAIN_CHANGES:
+        same = dataclasses.replace(config, train=dataclasses.replace(
+            config.train, **{name: getattr(config.train, name) + 1}))
+        _check_same_run(model_dir, same)  # Backup cadence and patience may change.
+    faster = dataclasses.replace(config, runtime=dataclasses.replace(
+        config.runtime, precision="mixed_bfloat16"))
+    _check_same_run(model_dir, faster)  # A resumed job may land on other hardware.
+    (model_dir / "params.json").write_text("{truncated")
+    with pytest.raises(InputError, match="params.json is unreadable"):
+        _check_same_run(model_dir, config)
 
 
 def test_a_backup_from_before_the_image_fields_still_resumes(tmp_path):
@@ -88,5 +114,5 @@ def test_a_backup_from_before_the_image_fields_still_resumes(tmp_path):
     model_dir = _backed_up_run(tmp_path, old)
     _check_same_run(model_dir, config)  # Unrecorded fields are not compared...
     other = dataclasses.replace(config, data=dataclasses.replace(config.data, train_data="x"))
-    with pytest.raises(InputError, match="changed='data'"):  # ...recorded ones still are.
+    with pytest.raises(InputError, match="data.train_data: "):  # ...recorded ones still are.
         _check_same_run(model_dir, other)

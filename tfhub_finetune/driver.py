@@ -304,30 +304,57 @@ def _train_memory(meter: PeakMemory, rss_before: float) -> dict:
     return figures
 
 
+# Train fields a resumed run may change: how often it backs up and how patient its early stop
+# is do not change the steps it has taken or will take. Every other train field does (the
+# schedule's length, the data order, the update), so a backup from other values is refused.
+RESUMABLE_TRAIN_CHANGES = frozenset({"backup_every_steps", "early_stopping_patience"})
+
+
 def _check_same_run(model_dir: Path, config: ExperimentConfig) -> None:
-    """A model_dir with a backup from different settings would resume the wrong run."""
+    """A model_dir with a backup from different settings would resume the wrong run.
+
+    Compares the model, data and train sections of the saved `params.json`
+    (but `RESUMABLE_TRAIN_CHANGES`) with the new configuration. Runtime
+    settings (strategy, precision, threads) may change: a preempted job
+    resumes on whatever machine it lands on.
+    """
     params = model_dir / PARAMS_FILE
     if not params.exists() or not (model_dir / "backup" / training.BACKUP_STATE).exists():
         return
-    previous = json.loads(params.read_text(encoding="utf-8"))
+    from tfhub_finetune.errors import InputError
+
+    try:
+        previous = json.loads(params.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"The model directory's {PARAMS_FILE} is unreadable, so its backup cannot be "
+            "resumed safely.",
+            received={"file": str(params)},
+            fix=f"({type(err).__name__}) Use a new --model_dir, or delete its backup/ folder "
+            "to start over.",
+        ) from None
     current = json.loads(json.dumps(config.to_dict()))
     changed = []
-    for key in ("model", "data"):
+    for key in ("model", "data", "train"):
         before, now = previous.get(key) or {}, current.get(key) or {}
+        if not isinstance(before, dict):
+            before = {}
         # A field the older params.json does not record (one added to the
         # config since, e.g. data.augment) is unknown, not changed: compare
         # only what it recorded, so a run from before the field still resumes.
         # Likewise a field since removed (model.freeze_backbone, now adaptation) is not compared.
-        if ({name: value for name, value in before.items() if name in now}
-                != {name: value for name, value in now.items() if name in before}):
-            changed.append(key)
+        for name in sorted(set(before) & set(now)):
+            if key == "train" and name in RESUMABLE_TRAIN_CHANGES:
+                continue
+            if before[name] != now[name]:
+                changed.append(f"{key}.{name}: {before[name]!r} -> {now[name]!r}")
     if changed:
-        from tfhub_finetune.errors import InputError
-
         raise InputError(
-            "The model directory holds a backup of a run with different settings.",
-            received={"model_dir": config.model_dir, "changed": ",".join(changed)},
-            fix="Use a new --model_dir, or delete its backup/ folder to start over.",
+            "The model directory holds a backup of a run with different settings; resuming it "
+            "would continue the old run under the new ones.",
+            received={"model_dir": config.model_dir, "changed": "; ".join(changed)},
+            fix="Rerun with the old values, use a new --model_dir, or delete its backup/ folder "
+            "to start over.",
         )
 
 
