@@ -326,7 +326,15 @@ class Predictor(ServedExport):
         import tensorflow as tf
 
         self._tf = tf
-        self.signature = tf.saved_model.load(str(self.path)).signatures["serving_default"]
+        try:
+            self.signature = tf.saved_model.load(str(self.path)).signatures["serving_default"]
+        except (OSError, ValueError, IndexError, KeyError, tf.errors.OpError) as err:
+            # A truncated saved_model.pb or variables file, or one missing: loading fails
+            # in whichever of these the damaged part meets first.
+            detail = " ".join(str(err).split())[:160] or type(err).__name__
+            raise InputError("The SavedModel cannot be loaded: a file of it is damaged or missing.",
+                             received={"saved_model": str(self.path)},
+                             fix=f"Export it again. ({type(err).__name__}: {detail})") from None
 
     def predict(self, inputs: list, pairs: list | None = None) -> list[dict]:
         """Predicts a batch of texts (str; `pairs`: their second texts) or encoded images (bytes)."""

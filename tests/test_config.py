@@ -116,3 +116,28 @@ def test_a_backup_from_before_the_image_fields_still_resumes(tmp_path):
     other = dataclasses.replace(config, data=dataclasses.replace(config.data, train_data="x"))
     with pytest.raises(InputError, match="data.train_data: "):  # ...recorded ones still are.
         _check_same_run(model_dir, other)
+
+
+def test_damaged_files_of_a_model_dir_are_named(tmp_path):
+    # Everything in a model_dir is written atomically: damage comes from outside (a truncated
+    # copy). Resume and eval say which file, instead of an h5py or JSON traceback.
+    import keras
+
+    from tfhub_finetune import training
+    from tfhub_finetune.data.labels import LabelVocabulary
+
+    state = tmp_path / "backup" / training.BACKUP_STATE
+    state.parent.mkdir()
+    state.write_text('{"weights": "backup-5.wei')
+    with pytest.raises(InputError, match=r"backup_state.json is unreadable or damaged.*backup/"):
+        training.read_backup_state(state.parent)
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"names": ["a", "b"')
+    with pytest.raises(InputError, match="labels.json is unreadable or damaged"):
+        LabelVocabulary.load(labels)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    weights = tmp_path / "best.weights.h5"
+    model.save_weights(weights)
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(InputError, match=r"best.weights.h5 is damaged"):
+        training.load_weights_file(model, weights, fix="Train again.")

@@ -202,3 +202,23 @@ def test_predict_accuracy_equals_the_pipeline_eval_accuracy(tmp_path, sst2_dir, 
     print(f"eval accuracy {evaluation['accuracy']:.6f}; predict accuracy {accuracies}")
     assert accuracies["sst2_tiny"] == evaluation["accuracy"]
     assert accuracies["sst2_tiny_token_ids"] == evaluation["accuracy"]
+
+
+@pytest.mark.parametrize("damage", ["variables_data", "variables_index", "saved_model_pb", "card"])
+def test_a_damaged_export_is_one_line_naming_it(tmp_path, image_export, damage):
+    version = export.resolve_saved_model(image_export)
+    copy = tmp_path / "m" / "1"
+    shutil.copytree(version, copy)
+    target = {
+        "variables_data": next((copy / "variables").glob("variables.data-*")),
+        "variables_index": copy / "variables" / "variables.index",
+        "saved_model_pb": copy / "saved_model.pb",
+        "card": copy / "assets.extra" / "model_card.json",
+    }[damage]
+    if damage == "variables_index":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: max(1, target.stat().st_size // 3)])
+    with pytest.raises(InputError, match="damaged") as info:
+        predict.Predictor(copy)
+    assert str(copy) in str(info.value)

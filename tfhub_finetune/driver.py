@@ -263,7 +263,8 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
                 clock.steps * config.train.batch_size / max(clock.seconds, 1e-9), 2)
     best = model_dir / training.BEST_WEIGHTS
     if best.exists():
-        model.load_weights(str(best))
+        training.load_weights_file(model, best, fix="Train again (--mode=train) or point "
+                                   "--model_dir at an intact trained model.")
     elif config.mode == "eval":
         from tfhub_finetune.errors import InputError
 

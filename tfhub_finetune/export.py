@@ -140,7 +140,7 @@ from tfhub_finetune.data.packing import pack_ids
 from tfhub_finetune.data.text import bucket_boundaries, pack_inputs
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.integers import parse_int
-from tfhub_finetune.io_utils import atomic_path, check_export_name, staging_dir
+from tfhub_finetune.io_utils import atomic_path, check_export_name, read_json_file, staging_dir
 from tfhub_finetune.serving_warmup import ASSETS_EXTRA, write_warmup_requests
 
 FORMAT = "tfhub_finetune.export/1"
@@ -1529,7 +1529,11 @@ def read_model_card(saved_model_dir: str | os.PathLike) -> dict[str, Any] | None
     file = Path(saved_model_dir) / ASSETS_EXTRA / MODEL_CARD_FILE
     if not file.exists():
         return None
-    return json.loads(file.read_text(encoding="utf-8"))
+    card = read_json_file(file, fix="Export the model again (the card is written with it).")
+    if not isinstance(card, dict):
+        raise InputError(f"{file} is not a model card.", received={"file": str(file)},
+                         fix="Export the model again (the card is written with it).")
+    return card
 
 
 # Common English words: every word is at least one piece in any English vocabulary.

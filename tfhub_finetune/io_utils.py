@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # A staging folder from another host (shared file system), or one named
 # before names carried a process id, is stale once this old.
@@ -100,6 +101,27 @@ def check_export_name(name: str) -> str:
             fix="Use a plain folder name (no slashes, not starting with '.', not a number).",
         )
     return name
+
+
+def read_json_file(path: str | Path, *, fix: str) -> Any:
+    """A JSON file this package wrote (params, labels, backup state), parsed.
+
+    Files are written atomically, so a damaged one was damaged from outside (a
+    truncated copy, an edit): that is said in one line naming the file, with `fix`.
+
+    Raises:
+        InputError: the file cannot be read or is not valid JSON.
+    """
+    import json
+
+    from tfhub_finetune.errors import InputError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        problem = getattr(err, "strerror", None) or getattr(err, "msg", None) or type(err).__name__
+        raise InputError(f"{path} is unreadable or damaged ({problem}).",
+                         received={"file": str(path)}, fix=fix) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

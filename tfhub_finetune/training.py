@@ -42,8 +42,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfhub_finetune.adaptation import lora_state, restore_lora_state
-from tfhub_finetune.errors import Preempted
-from tfhub_finetune.io_utils import atomic_path, atomic_write_text
+from tfhub_finetune.errors import InputError, Preempted
+from tfhub_finetune.io_utils import atomic_path, atomic_write_text, read_json_file
 
 BACKUP_STATE = "backup_state.json"
 BACKUP_LOG = "backup_log.jsonl"
@@ -238,12 +238,33 @@ def optimizer_step(optimizer: keras.optimizers.Optimizer) -> int:
 # --------------------------------------------------------------------------- #
 
 
+_BACKUP_FIX = "Delete the model directory's backup/ folder to start the run over."
+
+
+def load_weights_file(model: keras.Model, path: str | Path, *, fix: str) -> None:
+    """`model.load_weights(path)`, with a damaged or foreign file said in one line.
+
+    Raises:
+        InputError: naming the file: truncated or not HDF5 (h5py's OSError),
+            or weights of another architecture (Keras' ValueError).
+    """
+    try:
+        model.load_weights(str(path))
+    except (OSError, ValueError, KeyError) as err:
+        detail = " ".join(str(err).split())[:160] or type(err).__name__
+        raise InputError(f"The weights file {path} is damaged or does not fit this model.",
+                         received={"file": str(path)}, fix=f"{fix} ({detail})") from None
+
+
 def read_backup_state(backup_dir: str | Path) -> dict | None:
     """The committed backup's `{"epoch", "step_in_epoch", "global_step", "weights"}`, or None."""
     path = Path(backup_dir) / BACKUP_STATE
     if not path.exists():
         return None
-    state = json.loads(path.read_text(encoding="utf-8"))
+    state = read_json_file(path, fix=_BACKUP_FIX)
+    if not isinstance(state, dict) or not isinstance(state.get("weights"), str):
+        raise InputError(f"{path} is not a backup state.", received={"file": str(path)},
+                         fix=_BACKUP_FIX)
     if not (Path(backup_dir) / state["weights"]).exists():
         logging.warning("Backup state points at a missing file; starting fresh.")
         return None
@@ -363,7 +384,7 @@ def restore_backup(model: keras.Model, backup_dir: str | Path) -> dict | None:
     with strategy.scope():
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(str(Path(backup_dir) / state["weights"]))
+        load_weights_file(model, Path(backup_dir) / state["weights"], fix=_BACKUP_FIX)
         if state.get("lora"):
             with np.load(Path(backup_dir) / state["lora"]) as adapters:
                 restore_lora_state(model, dict(adapters))
@@ -433,7 +454,9 @@ class BestCheckpoint(keras.callbacks.Callback):
     def _load_best(self) -> float | None:
         path = self.directory / BEST_STATE
         if path.exists() and (self.directory / BEST_WEIGHTS).exists():
-            return json.loads(path.read_text(encoding="utf-8")).get("value")
+            best = read_json_file(path, fix=f"Delete {path} and {BEST_WEIGHTS} to forget the "
+                                  "best checkpoint, or use a new --model_dir.")
+            return best.get("value") if isinstance(best, dict) else None
         return None
 
     def _better(self, value: float) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.integers import parse_int
-from tfhub_finetune.io_utils import atomic_write_text
+from tfhub_finetune.io_utils import atomic_write_text, read_json_file
 
 LABEL_TYPES = ("auto", "id", "name")
 # A class with fewer training rows than this fraction of the smallest other class is almost
@@ -244,7 +244,13 @@ class LabelVocabulary:
                 "Label file not found beside the model.", received={"file": str(path)},
                 fix="Train first (--mode=train) or point --model_dir at a trained model.",
             )
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+        fix = "Train again (--mode=train) or point --model_dir at an intact trained model."
+        record = read_json_file(path, fix=fix)
+        try:
+            return cls(**record)
+        except TypeError:
+            raise InputError(f"{path} is not a label file.", received={"file": str(path)},
+                             fix=fix) from None
 
 
 def _infer_label_type(labels: Sequence[str], source: str, rows: list[int]) -> str:
