@@ -335,7 +335,7 @@ CASES: list[Case] = [
          files={"t.jsonl": b'{"text": "a", "label": 0}\n{"text": "b", "label": '
                 + b"[" * 100_000 + b"]" * 100_000 + b"}\n"}),
     Case("text_jsonl_empty_list_single_label", TEXT, (*T, "--train_data={dir}/t.jsonl"),
-         ("t.jsonl", "Row 2", "empty label"),
+         ("t.jsonl", "Row 2", "list of labels"),
          files={"t.jsonl": b'{"text": "a", "label": 0}\n{"text": "b", "label": []}\n'
                            b'{"text": "c", "label": 1}\n'}),
     Case("text_multilabel_every_list_empty", TEXT,

@@ -96,8 +96,27 @@ def test_jsonl_empty_list_is_a_multilabel_row_with_no_labels(tmp_path):
     vocab = LabelVocabulary.from_labels(ex.labels, task="multi_label", source=ex.source)
     assert vocab.names == ["x", "y"]
     assert vocab.encode(ex.labels).tolist() == [[1, 0], [0, 0], [0, 1]]
-    with pytest.raises(InputError, match=r"Row 2 of .*d.jsonl has an empty label"):
+    with pytest.raises(InputError, match=r"Row 1 of .*d.jsonl has a list of labels"):
         LabelVocabulary.from_labels(ex.labels, source=ex.source, rows=ex.rows)
+
+
+def test_jsonl_list_labels_keep_commas_and_are_multilabel_only(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": "a", "label": ["New York, NY"]}, {"text": "b", "label": ["Paris"]},
+            {"text": "c", "label": "x"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ex = read_text_examples(str(path))
+    vocab = LabelVocabulary.from_labels(ex.labels[:2], task="multi_label", source=ex.source)
+    assert vocab.names == ["New York, NY", "Paris"]
+    with pytest.raises(InputError, match=r"Row 1 of .*d.jsonl has a list of labels; "
+                                         r"--task=single_label takes one label"):
+        LabelVocabulary.from_labels(ex.labels, source=ex.source, rows=ex.rows)
+    path.write_text(json.dumps({"text": "a", "label": [{"name": "x"}]}))
+    with pytest.raises(InputError, match="list of something other than label names"):
+        read_text_examples(str(path))
+    path.write_text(json.dumps({"text": "a", "text_pair": ["b"], "label": 0}))
+    with pytest.raises(InputError, match="`text_pair` is not a string"):
+        read_text_examples(str(path), text_pair_column="text_pair")
 
 
 @pytest.mark.parametrize(

@@ -77,13 +77,13 @@ class LabelVocabulary:
                 fix=f"Expected one of: {', '.join(LABEL_TYPES)}.",
             )
         if task != "multi_label":
-            _refuse_empty_labels(labels, source, rows, task)
+            _refuse_label_lists(labels, source, rows, task)
         if task == "regression":
             vocab = cls(names=list(label_names or ["score"]), task=task, label_type="id")
             vocab.encode(labels, source=source, rows=rows)  # Validates numbers.
             return vocab
         if task == "multi_label":
-            found = sorted({p.strip() for label in labels for p in label.split(",") if p.strip()})
+            found = sorted({part for label in labels for part in _label_parts(label)})
             names = list(label_names) if label_names else found
             if not names:
                 raise InputError(
@@ -202,14 +202,12 @@ class LabelVocabulary:
         if self.task == "multi_label":
             out = np.zeros((len(labels), len(self.names)), np.float32)
             for i, label in enumerate(labels):
-                for part in (p.strip() for p in label.split(",")):
-                    if not part:
-                        continue
+                for part in _label_parts(label):
                     if part not in index:
                         raise self._unseen(source, rows[i], part)
                     out[i, index[part]] = 1.0
             return out
-        _refuse_empty_labels(labels, source, rows, self.task)
+        _refuse_label_lists(labels, source, rows, self.task)
         if self.label_type == "id":
             ids = _parse_ids(labels, source, rows)
             bad = np.nonzero(ids >= len(self.names))[0]
@@ -276,16 +274,23 @@ def _infer_label_type(labels: Sequence[str], source: str, rows: list[int]) -> st
     )
 
 
-def _refuse_empty_labels(labels, source, rows, task) -> None:
-    # Readers pass an empty label through only for a JSON list (`[]`: a multi-label row with
-    # none of the labels); any other task needs a label on every row.
+def _label_parts(label: str | tuple[str, ...]) -> list[str]:
+    """A multi-label cell's names: a JSONL list as it is, a text cell split at commas."""
+    parts = label if isinstance(label, tuple) else label.split(",")
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _refuse_label_lists(labels, source, rows, task) -> None:
+    # Readers give a JSONL list label as a tuple (`[]`: a multi-label row with none of the
+    # labels); any other task needs one label per row.
     for i, label in enumerate(labels):
-        if label == "":
+        if isinstance(label, tuple):
             row = rows[i] if rows is not None else i + 1
             raise InputError(
-                f"Row {row} of {source} has an empty label.",
-                received={"file": source, "row": row, "task": task},
-                fix="Fill in its label; an empty list `[]` is a label only for --task=multi_label.",
+                f"Row {row} of {source} has a list of labels; --task={task} takes one label "
+                "per row.",
+                received={"file": source, "row": row, "label": list(label)},
+                fix="Give the row one label, or train with --task=multi_label.",
             )
 
 

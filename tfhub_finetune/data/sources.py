@@ -40,7 +40,8 @@ class TextExamples:
 
     Attributes:
         texts: list of str. One per example.
-        labels: list of str. Raw label cells (mapped to ids by `LabelVocabulary`).
+        labels: list of str, or of tuple of str. Raw label cells (mapped to
+            ids by `LabelVocabulary`); a JSONL list label is a tuple of names.
         source: str. Where they came from (file path or TFDS name).
         rows: list of int. 1-based row number of each example in the file
             (for error messages).
@@ -50,7 +51,7 @@ class TextExamples:
     """
 
     texts: list[str]
-    labels: list[str]
+    labels: list[str | tuple[str, ...]]
     source: str
     rows: list[int]
     skipped_blank: int = 0
@@ -392,21 +393,21 @@ def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None
                 received={"file": str(path), "row": number},
                 fix=f"Keys found: {keys}. Set --text_column/--label_column.",
             )
-        if pair_key is not None:
-            if record.get(pair_key) is None:
-                raise InputError(
-                    f"Row {number} of {path} has no second text (key `{pair_key}`).",
-                    received={"file": str(path), "row": number, "text_pair_column": pair_key},
-                    fix="Each row of a pair data set needs both texts; remove the row or fill it in.",
-                )
-            pairs.append(_pair_cell(path, number, str(record[pair_key]).strip()))
-        if not isinstance(record[text_key], str):
+        if pair_key is not None and record.get(pair_key) is None:
             raise InputError(
-                f"Row {number} of {path}: `{text_key}` is not a string.",
-                received={"file": str(path), "row": number,
-                          text_key: type(record[text_key]).__name__},
-                fix="Give each text as a JSON string.",
+                f"Row {number} of {path} has no second text (key `{pair_key}`).",
+                received={"file": str(path), "row": number, "text_pair_column": pair_key},
+                fix="Each row of a pair data set needs both texts; remove the row or fill it in.",
             )
+        for key in (text_key,) if pair_key is None else (text_key, pair_key):
+            if not isinstance(record[key], str):
+                raise InputError(
+                    f"Row {number} of {path}: `{key}` is not a string.",
+                    received={"file": str(path), "row": number, key: type(record[key]).__name__},
+                    fix="Give each text as a JSON string.",
+                )
+        if pair_key is not None:
+            pairs.append(_pair_cell(path, number, record[pair_key].strip()))
         text = record[text_key].strip()
         label = record[label_key]
         if isinstance(label, dict) or label is None:
@@ -416,11 +417,23 @@ def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None
                 fix="Give a class name, an integer id, a number (regression) or a list "
                 "(multi-label).",
             )
-        # A JSON list is a multi-label row, and `[]` says "none of the labels" (most rows of a
-        # toxicity set): kept as "", which `LabelVocabulary` refuses for the other tasks.
-        is_list = isinstance(label, list)
-        label = ",".join(map(str, label)) if is_list else str(label).strip()
-        _check_cells(path, number, text, label, label_may_be_empty=is_list)
+        # A JSON list is a multi-label row, kept as a tuple (a name may hold a comma: "New
+        # York, NY"); `[]` says "none of the labels" (most rows of a toxicity set).
+        # `LabelVocabulary` refuses a list for the other tasks, naming the row.
+        if isinstance(label, list):
+            if not all(isinstance(part, (str, int)) and not isinstance(part, bool)
+                       for part in label):
+                raise InputError(
+                    f"Row {number} of {path}: `{label_key}` is a list of something other "
+                    "than label names.",
+                    received={"file": str(path), "row": number, label_key: label},
+                    fix='Give a multi-label row as a list of names, e.g. ["sports", "news"].',
+                )
+            label = tuple(str(part).strip() for part in label if str(part).strip())
+            _check_cells(path, number, text, "", label_may_be_empty=True)
+        else:
+            label = str(label).strip()
+            _check_cells(path, number, text, label)
         texts.append(text)
         labels.append(label)
         numbers.append(number)
