@@ -170,6 +170,23 @@ def test_validation_split_is_disjoint_and_seeded(sst2_dir):
     assert len(a_train) + len(a_val) == len(ex)
 
 
+def test_stratified_hold_out_keeps_every_class_in_training():
+    # A class of one row held out whole would be a class training never sees.
+    from tfhub_finetune.data.sources import TextExamples
+
+    labels = ["a"] * 30 + ["b"] * 10 + ["c"]
+    ex = TextExamples([f"t{i}" for i in range(len(labels))], labels, "f.tsv",
+                      list(range(1, len(labels) + 1)))
+    for seed in range(20):
+        train, val = split_examples(ex, 0.25, seed, strata=labels)
+        assert set(train.labels) == {"a", "b", "c"}
+        assert sorted(val.labels).count("a") in (7, 8) and val.labels.count("b") in (2, 3)
+        assert sorted(train.rows + val.rows) == ex.rows
+    two = TextExamples(["x", "y"], ["a", "b"], "f.tsv", [1, 2])
+    with pytest.raises(InputError, match="every class has one row"):
+        split_examples(two, 0.25, 0, strata=two.labels)
+
+
 def test_bucketed_batches_pad_to_their_longest_and_count_exactly():
     rng = np.random.default_rng(0)
     texts = [" ".join(["w"] * int(n)) for n in rng.integers(1, 60, size=300)]

@@ -556,15 +556,48 @@ def _read_tfds(name, text_column, label_column, split, text_pair_column=None):
 
 
 def split_examples(
-    examples: TextExamples, fraction: float, seed: int
+    examples: TextExamples, fraction: float, seed: int, strata: Sequence | None = None
 ) -> tuple[TextExamples, TextExamples]:
-    """Splits off a shuffled validation fraction (when no dev file is given)."""
+    """Splits off a shuffled validation fraction (when no dev file is given).
+
+    With `strata` (one class id per example: single-label classification) the
+    split is stratified, and every class keeps at least one training row: a
+    rare class held out whole would be a class the model never sees in
+    training, though `check_training_counts` passed it on the whole file.
+
+    Raises:
+        InputError: a fraction outside (0, 1), or too few rows to hold any out
+            while every class keeps a training row.
+    """
     import numpy as np
 
     if not 0.0 < fraction < 1.0:
         raise InputError(
             "Validation fraction must be in (0, 1).", received={"validation_split": fraction}
         )
-    order = np.random.default_rng(seed).permutation(len(examples))
-    cut = max(1, int(round(len(examples) * fraction)))
-    return examples.take(order[cut:].tolist()), examples.take(order[:cut].tolist())
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        order = rng.permutation(len(examples))
+        cut = max(1, int(round(len(examples) * fraction)))
+        return examples.take(order[cut:].tolist()), examples.take(order[:cut].tolist())
+    groups: dict = {}
+    for index, key in enumerate(strata):
+        groups.setdefault(key, []).append(index)
+    held, kept = [], []
+    for key in sorted(groups, key=str):
+        members = rng.permutation(groups[key]).tolist()
+        cut = min(len(members) - 1, int(round(len(members) * fraction)))
+        held += members[:cut]
+        kept += members[cut:]
+    if not held:
+        largest = max(groups.values(), key=len)
+        if len(largest) < 2:
+            raise InputError(
+                "Too few training rows to hold out a validation part: every class has one row.",
+                received={"examples": len(examples), "validation_split": fraction},
+                fix="Give --eval_data, or more training rows.",
+            )
+        moved = kept.index(largest[int(rng.integers(len(largest)))])
+        held.append(kept.pop(moved))
+    return (examples.take(rng.permutation(kept).tolist()),
+            examples.take(rng.permutation(held).tolist()))

@@ -120,14 +120,15 @@ class TextClassificationTask:
             source=train.source,
             rows=train.rows,
         )
-        self.labels.check_training_counts(
-            self.labels.encode(train.labels, source=train.source, rows=train.rows),
-            source=train.source, rows=train.rows,
-        )
+        targets = self.labels.encode(train.labels, source=train.source, rows=train.rows)
+        self.labels.check_training_counts(targets, source=train.source, rows=train.rows)
         if d.eval_data:
             evaluation = self._read(d.eval_data, d.eval_split)
         else:
-            train, evaluation = split_examples(train, d.validation_split, self.config.train.seed)
+            # Stratified for single-label classes, so every class keeps a training row.
+            strata = targets.tolist() if self.config.model.task == "single_label" else None
+            train, evaluation = split_examples(train, d.validation_split, self.config.train.seed,
+                                               strata=strata)
             print(f"No --eval_data: holding out {len(evaluation)} of the training examples.")
         self._load_backbone()
         self.train_data = self._tokenize(train)
