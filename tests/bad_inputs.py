@@ -269,6 +269,9 @@ CASES: list[Case] = [
          ("t.tsv", "sentence", "2 times"),
          files={"t.tsv": b"label\tsentence\tsentence\n" + b"".join(
              b"%d\tIGNORED\tword %d\n" % (i % 2, i) for i in range(8))}),
+    Case("text_unrecognised_header_of_names", TEXT, (*T, "--train_data={dir}/t.tsv"),
+         ("t.tsv", "Row 1", "header", "has_header"),
+         files={"t.tsv": tsv(balanced(labels=("neg", "pos")), "tweet\tsentiment")}),
     Case("text_column_double_minus", TEXT, (*TD, "--text_column=--1"), ("text_column", "--1")),
     Case("text_label_superscript_digit", TEXT, (*T, "--train_data={dir}/t.tsv"),
          ("t.tsv", "Row 9", "integer"),

@@ -15,6 +15,7 @@ Policy for malformed input (documented in the README):
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import functools
@@ -296,6 +297,28 @@ def column_in_header(header: Sequence[str], name: str, *, source: str, flag: str
     return positions[0]
 
 
+def _refuse_unrecognised_header(path, numbers, labels) -> None:
+    # A header of words we do not know (`tweet  sentiment`) is read as an example whose label,
+    # `sentiment`, occurs in no other row: a class of one, learnt from the header. Integer
+    # labels are checked by type (a name among ids), numbers may all differ (regression).
+    counts = collections.Counter(labels)
+    first = labels[0]
+    # Only when every other label repeats: a file of one-row classes says nothing either way.
+    if len(labels) < 3 or counts[first] > 1 or min(counts[label] for label in labels[1:]) < 2:
+        return
+    try:
+        float(first)
+        return
+    except ValueError:
+        pass
+    raise InputError(
+        f"Row {numbers[0]} of {path} looks like a header: its label `{first}` occurs in no "
+        "other row.",
+        received={"file": str(path), "row": numbers[0], "has_header": "auto"},
+        fix="Set --has_header=true if it is a header, or --has_header=false if it is an example.",
+    )
+
+
 def _read_delimited(path, delimiter, text_column, label_column, has_header, encoding,
                     text_pair_column=None):
     numbered, blank = read_csv_rows(path, delimiter, encoding)
@@ -341,6 +364,8 @@ def _read_delimited(path, delimiter, text_column, label_column, has_header, enco
             pairs.append(_pair_cell(path, number, row[p_idx].strip()))
         texts.append(text)
         labels.append(label)
+    if header is None and has_header == "auto":
+        _refuse_unrecognised_header(path, numbers, labels)
     if blank:
         logging.warning("%s: skipped %d blank line(s).", path, blank)
     return TextExamples(texts, labels, str(path), numbers, skipped_blank=blank, pairs=pairs)
