@@ -72,6 +72,7 @@ def odd_images(tmp_path_factory) -> Path:
     (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff" + np.random.default_rng(1).bytes(400))
     (bad / "notes.txt").write_text("not an image\n")
     (bad / "empty.png").write_bytes(b"")
+    (bad / "moved.jpg").symlink_to(bad / "no-such-file.jpg")  # Dangling: named, not dropped.
     return root
 
 
@@ -95,10 +96,11 @@ def test_bad_files_are_skipped_by_name_and_odd_images_decode(odd_images, caplog)
         "corrupt.jpg": "corrupt or truncated image data",
         "notes.txt": "not a JPEG/PNG/GIF/BMP/WebP image",
         "empty.png": "empty file",
+        "moved.jpg": "file not found",
     }
     for name in reasons:
         assert name in caplog.text
-    assert "Skipped 4 of 15 inputs" in caplog.text
+    assert "Skipped 5 of 16 inputs" in caplog.text
     # good: 2 jpg + gray, rgba, 16-bit, gif, bmp, webp, 1x1, 10000x10000; bad: 1 jpg.
     assert data.num_examples == 11 and data.label_names == ["bad", "good"]
     for _ in range(2):  # Two epochs: nothing left in the data can fail mid-epoch.

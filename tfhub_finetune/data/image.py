@@ -507,7 +507,9 @@ def _class_folder_files(
         found = sorted(
             str(p)
             for p in folder.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+            # A dangling symlink is not is_file(): kept, so validation names it ("file not found").
+            if (p.is_file() or (p.is_symlink() and not p.exists()))
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         )
         if not found:
             raise InputError(
