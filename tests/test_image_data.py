@@ -309,3 +309,19 @@ def test_validate_false_drops_bad_images_in_flight(odd_images):
     data = load_image_dataset(odd_images, image_size=SIZE, batch_size=16, validate=False)
     assert not data.skipped
     assert len(_collect(data.dataset)[1]) == 11
+
+
+def test_hold_out_split_keeps_every_class_in_training(tmp_path):
+    # A class of one image held out whole would be a class training never sees.
+    for name, count in (("common", 12), ("rare", 1)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.fromarray(_noise(8, 8, i)).save(tmp_path / name / f"{i}.png")
+    data = load_image_dataset(tmp_path, image_size=8, batch_size=4)
+    assert data.labels.tolist() == [0] * 12 + [1]
+    for seed in range(10):
+        train, held = data.split(0.25, seed=seed)
+        assert sorted(train.labels.tolist()).count(1) == 1 and 1 not in held.labels.tolist()
+        assert held.num_examples == 3 and train.num_examples == 10
+        _, labels = _collect(train.batches(16))
+        assert sorted(labels.tolist()) == sorted(train.labels.tolist())

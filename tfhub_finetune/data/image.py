@@ -62,7 +62,7 @@ import tensorflow as tf
 
 from tfhub_finetune.config import AUGMENTATIONS
 from tfhub_finetune.data.labels import LabelVocabulary
-from tfhub_finetune.data.sources import load_tfds, read_csv_rows
+from tfhub_finetune.data.sources import load_tfds, read_csv_rows, stratified_holdout
 from tfhub_finetune.errors import InputError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,9 @@ class ImageDataset:
         dataset: tf.data.Dataset or None. Batches as `load_image_dataset`'s
             arguments asked for: float32 `(batch, size, size, 3)` in 0..255
             and int32 `(batch,)`.
+        labels: np.ndarray or None. The class id of each example in order,
+            where the source lists them (class folders, CSV); `split`
+            stratifies by them.
     """
 
     examples: tf.data.Dataset
@@ -114,6 +117,7 @@ class ImageDataset:
     skipped: list[SkippedFile]
     source: str
     dataset: tf.data.Dataset | None = None
+    labels: np.ndarray | None = None
 
     @property
     def label_names(self) -> list[str]:
@@ -200,7 +204,16 @@ class ImageDataset:
                 received={"source": self.source},
                 fix="Give evaluation data explicitly.",
             )
-        held = np.random.default_rng(seed).random(self.num_examples) < fraction
+        if not 0.0 < fraction < 1.0:
+            raise InputError("The validation split leaves one side empty.",
+                             received={"validation_split": fraction},
+                             fix="Give a fraction in (0, 1).")
+        rng = np.random.default_rng(seed)
+        if self.labels is not None and len(self.labels) == self.num_examples:
+            # Every class keeps a training image (a rare class held out whole is never learnt).
+            held = stratified_holdout(self.labels.tolist(), fraction, rng)
+        else:
+            held = rng.random(self.num_examples) < fraction
         if held.all() or not held.any():
             raise InputError(
                 "The validation split leaves one side empty.",
@@ -214,9 +227,10 @@ class ImageDataset:
                 .filter(lambda i, _, keep=keep: tf.gather(keep, i))
                 .map(lambda _, example: example)
             )
-            parts.append(
-                dataclasses.replace(self, examples=part, num_examples=int(mask.sum()), dataset=None)
-            )
+            parts.append(dataclasses.replace(
+                self, examples=part, num_examples=int(mask.sum()), dataset=None,
+                labels=None if self.labels is None or len(self.labels) != len(mask)
+                else self.labels[mask]))
         return parts[0], parts[1]
 
 
@@ -292,6 +306,7 @@ def load_image_dataset(
         )
     text = str(source)
     names = list(label_names) if label_names is not None else None
+    listed = False  # Class folders and CSVs list every example's label up front.
     if text.startswith("tfds:"):
         images, vocabulary, count = _tfds_images(text, split, training, names)
         skipped: list[SkippedFile] = []
@@ -337,7 +352,7 @@ def load_image_dataset(
             files, labels, skipped = _drop_unreadable(
                 files, labels, vocabulary.names, path, validate
             )
-            count = len(files)
+            count, listed = len(files), True
             encoded = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int32)))
             encoded = encoded.map(lambda f, y: (tf.io.read_file(f), y))
         images = encoded.map(
@@ -353,7 +368,9 @@ def load_image_dataset(
     if cache:
         images = images.cache(cache if isinstance(cache, str) else "")
     data = ImageDataset(
-        examples=images, vocabulary=vocabulary, num_examples=count, skipped=skipped, source=text
+        examples=images, vocabulary=vocabulary, num_examples=count, skipped=skipped, source=text,
+        # The listed order is the examples' order only when nothing is dropped while decoding.
+        labels=np.asarray(labels, np.int32) if listed and validate else None,
     )
     data.dataset = data.batches(
         batch_size, training=training, seed=seed, augment=augment, shuffle_buffer=shuffle_buffer

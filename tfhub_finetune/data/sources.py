@@ -26,9 +26,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tfhub_finetune.errors import InputError, close_names
 from tfhub_finetune.integers import is_index, parse_int
+
+if TYPE_CHECKING:
+    import numpy as np
 
 TFDS_PREFIX = "tfds:"
 _TEXT_KEYS = ("sentence", "text", "review", "content", "document", "question")
@@ -605,24 +609,41 @@ def split_examples(
         order = rng.permutation(len(examples))
         cut = max(1, int(round(len(examples) * fraction)))
         return examples.take(order[cut:].tolist()), examples.take(order[:cut].tolist())
+    held = stratified_holdout(strata, fraction, rng)
+    return (examples.take(rng.permutation(np.flatnonzero(~held)).tolist()),
+            examples.take(rng.permutation(np.flatnonzero(held)).tolist()))
+
+
+def stratified_holdout(strata: Sequence, fraction: float, rng) -> np.ndarray:
+    """Which examples to hold out: `fraction` of each class, every class keeping a training row.
+
+    Args:
+        strata: one class id (any hashable) per example.
+        fraction: float in (0, 1).
+        rng: `numpy.random.Generator` (seeded by the caller).
+
+    Returns:
+        A bool array, True for the held-out examples (at least one).
+
+    Raises:
+        InputError: every class has a single row, so none can be held out.
+    """
+    import numpy as np
+
     groups: dict = {}
     for index, key in enumerate(strata):
         groups.setdefault(key, []).append(index)
-    held, kept = [], []
+    held = np.zeros(len(strata), bool)
     for key in sorted(groups, key=str):
-        members = rng.permutation(groups[key]).tolist()
-        cut = min(len(members) - 1, int(round(len(members) * fraction)))
-        held += members[:cut]
-        kept += members[cut:]
-    if not held:
+        members = rng.permutation(groups[key])
+        held[members[:min(len(members) - 1, int(round(len(members) * fraction)))]] = True
+    if not held.any():
         largest = max(groups.values(), key=len)
         if len(largest) < 2:
             raise InputError(
                 "Too few training rows to hold out a validation part: every class has one row.",
-                received={"examples": len(examples), "validation_split": fraction},
+                received={"examples": len(strata), "validation_split": fraction},
                 fix="Give --eval_data, or more training rows.",
             )
-        moved = kept.index(largest[int(rng.integers(len(largest)))])
-        held.append(kept.pop(moved))
-    return (examples.take(rng.permutation(kept).tolist()),
-            examples.take(rng.permutation(held).tolist()))
+        held[largest[int(rng.integers(len(largest)))]] = True
+    return held
