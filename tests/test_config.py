@@ -101,7 +101,7 @@ def test_resuming_with_other_training_settings_is_refused_naming_them(tmp_path):
         config.runtime, precision="mixed_bfloat16"))
     _check_same_run(model_dir, faster)  # A resumed job may land on other hardware.
     (model_dir / "params.json").write_text("{truncated")
-    with pytest.raises(InputError, match="params.json is unreadable"):
+    with pytest.raises(InputError, match="params.json is unreadable or damaged.*backup"):
         _check_same_run(model_dir, config)
 
 

@@ -323,17 +323,12 @@ def _check_same_run(model_dir: Path, config: ExperimentConfig) -> None:
     if not params.exists() or not (model_dir / "backup" / training.BACKUP_STATE).exists():
         return
     from tfhub_finetune.errors import InputError
+    from tfhub_finetune.io_utils import read_json_file
 
-    try:
-        previous = json.loads(params.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise InputError(
-            f"The model directory's {PARAMS_FILE} is unreadable, so its backup cannot be "
-            "resumed safely.",
-            received={"file": str(params)},
-            fix=f"({type(err).__name__}) Use a new --model_dir, or delete its backup/ folder "
-            "to start over.",
-        ) from None
+    previous = read_json_file(params, fix="Its backup cannot be resumed safely: use a new "
+                              "--model_dir, or delete its backup/ folder to start over.")
+    if not isinstance(previous, dict):
+        previous = {}
     current = json.loads(json.dumps(config.to_dict()))
     changed = []
     for key in ("model", "data", "train"):
