@@ -385,14 +385,15 @@ def _pair_cell(path, number, text):
     return text
 
 
-def _check_cells(path, number, text, label, *, label_may_be_empty=False):
+def _check_cells(path, number, text, label: str | None):
+    # `label` None: a JSONL list label, whose emptiness (`[]`) is a multi-label row's right.
     if not text:
         raise InputError(
             f"Row {number} of {path} has an empty text.",
             received={"file": str(path), "row": number},
             fix="Remove the row or fill in its text.",
         )
-    if label == "" and not label_may_be_empty:
+    if label == "":
         raise InputError(
             f"Row {number} of {path} has an empty label.",
             received={"file": str(path), "row": number},
@@ -459,7 +460,7 @@ def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None
                     fix='Give a multi-label row as a list of names, e.g. ["sports", "news"].',
                 )
             label = tuple(str(part).strip() for part in label if str(part).strip())
-            _check_cells(path, number, text, "", label_may_be_empty=True)
+            _check_cells(path, number, text, None)
         else:
             label = str(label).strip()
             _check_cells(path, number, text, label)
