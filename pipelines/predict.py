@@ -31,9 +31,7 @@ regression: `scores`. Blank lines of text files are skipped (not inputs; the cou
 printed).
 Bytes that are not UTF-8 are replaced by U+FFFD, as the server does.
 An image the server cannot decode gets `{"index", "path", "error"}` instead
-(the batch is retried image by image), and a row whose text (or second text)
-is empty, which training refuses, `{"index", "line", ..., "error"}`; the
-count is printed at the end.
+(the batch is retried image by image); the count is printed at the end.
 
 Bad flags, a missing or non-SavedModel folder, an unreadable or empty input,
 or an input that does not suit the model end with one line on stderr and exit
@@ -553,25 +551,10 @@ def _timing_requests(served: ServedExport, records: list[dict]) -> dict:
     return {}
 
 
-def _empty_text(record: dict, pairs: bool) -> str | None:
-    """Why a text record cannot be predicted (training refuses the same rows), else None."""
-    if not record["text"].strip():
-        return "empty text"
-    if pairs and not record["text_pair"].strip():
-        return "empty second text"
-    return None
-
-
 def _predict_batch(predictor: Predictor, batch: list[dict]) -> list[dict]:
     if predictor.modality == "text":
-        # An empty text (or second text) is a row training would refuse: it gets an `error`
-        # field, as an undecodable image does, and the rest of the batch its predictions.
-        problems = [_empty_text(r, predictor.pairs) for r in batch]
-        good = [r for r, problem in zip(batch, problems, strict=True) if problem is None]
-        answers = iter(predictor.predict(
-            [r["text"] for r in good], [r["text_pair"] for r in good] if predictor.pairs else None)
-            if good else [])
-        return [{"error": problem} if problem else next(answers) for problem in problems]
+        pairs = [r["text_pair"] for r in batch] if predictor.pairs else None
+        return predictor.predict([r["text"] for r in batch], pairs)
     contents = [Path(r["path"]).read_bytes() for r in batch]
     import tensorflow as tf
 

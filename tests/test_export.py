@@ -597,22 +597,6 @@ def test_batch1_thread_timing_gets_each_exports_own_inputs(tmp_path, text_export
         served.check_inputs(rows, "1")
 
 
-def test_predict_answers_empty_rows_with_an_error_and_the_rest_as_one_batch(text_export):
-    """Rows training would refuse (an empty text) get an `error` field, not a prediction."""
-    from pipelines import predict
-
-    predictor = predict.Predictor(text_export[0])
-    batch = [{"line": 1, "text": "a fine film"}, {"line": 2, "text": "  "},
-             {"line": 3, "text": "dull"}]
-    rows = predict._predict_batch(predictor, batch)
-    assert rows[1] == {"error": "empty text"}
-    for row, text in ((rows[0], "a fine film"), (rows[2], "dull")):
-        alone = predictor.predict([text])[0]
-        assert row["label"] == alone["label"]
-        assert row["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-5)
-    assert predict._predict_batch(predictor, batch[1:2]) == [{"error": "empty text"}]
-
-
 # === Layout, model card, versions ===
 
 
