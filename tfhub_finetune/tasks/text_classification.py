@@ -168,6 +168,11 @@ class TextClassificationTask:
             train.labels, task=self.config.model.task, label_type=d.label_type,
             label_names=d.label_names or None, source=train.source, rows=train.rows,
         )
+        # The checks training makes (a single class, an id gap, a stray label), before any
+        # candidate is profiled: otherwise each candidate fails on the data in turn.
+        vocabulary.check_training_counts(
+            vocabulary.encode(train.labels, source=train.source, rows=train.rows),
+            source=train.source, rows=train.rows)
         if d.eval_data:
             evaluation = self._read(d.eval_data, d.eval_split)
             vocabulary.encode(evaluation.labels, source=evaluation.source, rows=evaluation.rows)
