@@ -134,15 +134,15 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
     )
     columns = {}
     for flag, value in wanted.items():
-        if is_index(value):
-            columns[flag] = parse_int(value)
+        index = parse_int(value)
+        if index is not None:
+            columns[flag] = index
             continue
-        if not header or value not in first:
+        if not header:
             raise InputError(
                 "The text column is not in the header row.",
                 received={"input": str(path), flag: value},
-                fix=f"Header cells: {', '.join(first)}." if header
-                else "Give the column as a 0-based index.",
+                fix="Give the column as a 0-based index.",
             )
         columns[flag] = column_in_header(first, value, source=str(path), flag=flag)
     if header and len(rows) == 1:

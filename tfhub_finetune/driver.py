@@ -20,7 +20,7 @@ from tfhub_finetune import distribute, training
 from tfhub_finetune.adaptation import count_trainable, merge_lora
 from tfhub_finetune.config import ExperimentConfig, keras_verbose
 from tfhub_finetune.data.labels import LabelVocabulary
-from tfhub_finetune.io_utils import atomic_path, atomic_write_text
+from tfhub_finetune.io_utils import atomic_path, atomic_write_text, read_json_file
 from tfhub_finetune.memory import PeakMemory
 from tfhub_finetune.metrics import (
     ValidationSpearman,
@@ -323,7 +323,6 @@ def _check_same_run(model_dir: Path, config: ExperimentConfig) -> None:
     if not params.exists() or not (model_dir / "backup" / training.BACKUP_STATE).exists():
         return
     from tfhub_finetune.errors import InputError
-    from tfhub_finetune.io_utils import read_json_file
 
     previous = read_json_file(params, fix="Its backup cannot be resumed safely: use a new "
                               "--model_dir, or delete its backup/ folder to start over.")

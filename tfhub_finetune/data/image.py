@@ -106,9 +106,9 @@ class ImageDataset:
         dataset: tf.data.Dataset or None. Batches as `load_image_dataset`'s
             arguments asked for: float32 `(batch, size, size, 3)` in 0..255
             and int32 `(batch,)`.
-        labels: np.ndarray or None. The class id of each example in order,
-            where the source lists them (class folders, CSV); `split`
-            stratifies by them.
+        labels: np.ndarray or None. The class id of each example in order
+            (one per example), where the source lists them (class folders,
+            CSV); `split` stratifies by them.
     """
 
     examples: tf.data.Dataset
@@ -209,7 +209,7 @@ class ImageDataset:
                              received={"validation_split": fraction},
                              fix="Give a fraction in (0, 1).")
         rng = np.random.default_rng(seed)
-        if self.labels is not None and len(self.labels) == self.num_examples:
+        if self.labels is not None:
             # Every class keeps a training image (a rare class held out whole is never learnt).
             held = stratified_holdout(self.labels.tolist(), fraction, rng)
         else:
@@ -229,8 +229,7 @@ class ImageDataset:
             )
             parts.append(dataclasses.replace(
                 self, examples=part, num_examples=int(mask.sum()), dataset=None,
-                labels=None if self.labels is None or len(self.labels) != len(mask)
-                else self.labels[mask]))
+                labels=None if self.labels is None else self.labels[mask]))
         return parts[0], parts[1]
 
 

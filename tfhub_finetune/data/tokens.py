@@ -179,7 +179,8 @@ def _read_columns(lines: list[str], source: str, token_column, tag_column) -> Ta
 
     for number, line in enumerate(lines, start=1):
         # Fields are separated by spaces and tabs only: a token may hold a no-break space.
-        fields = _FIELD_SEPARATORS.split(line.strip(" \t\r")) if line.strip(" \t\r") else []
+        stripped = line.strip(" \t\r")
+        fields = _FIELD_SEPARATORS.split(stripped) if stripped else []
         if not fields:
             end_sentence()
             continue

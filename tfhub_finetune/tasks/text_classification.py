@@ -105,23 +105,25 @@ class TextClassificationTask:
             pairs=examples.pairs,
         )
 
+    def _training_labels(self, train: TextExamples) -> tuple[LabelVocabulary, np.ndarray]:
+        """The label vocabulary of training examples and their targets, checked as training needs."""
+        d = self.config.data
+        vocabulary = LabelVocabulary.from_labels(
+            train.labels, task=self.config.model.task, label_type=d.label_type,
+            label_names=d.label_names or None, source=train.source, rows=train.rows,
+        )
+        targets = vocabulary.encode(train.labels, source=train.source, rows=train.rows)
+        vocabulary.check_training_counts(targets, source=train.source, rows=train.rows)
+        return vocabulary, targets
+
     def prepare_train(self) -> None:
         d = self.config.data
         train = self._read(d.train_data, d.train_split)
         if d.max_train_examples:
             train = train.take(range(min(d.max_train_examples, len(train))))
-        # The classes come from the whole training file (or --label_names), before any
-        # hold-out split, so a rare class cannot vanish into the validation part.
-        self.labels = LabelVocabulary.from_labels(
-            train.labels,
-            task=self.config.model.task,
-            label_type=d.label_type,
-            label_names=d.label_names or None,
-            source=train.source,
-            rows=train.rows,
-        )
-        targets = self.labels.encode(train.labels, source=train.source, rows=train.rows)
-        self.labels.check_training_counts(targets, source=train.source, rows=train.rows)
+        # The classes come from the whole training file (or --label_names), before the
+        # hold-out split, which is stratified so a rare class keeps a training row.
+        self.labels, targets = self._training_labels(train)
         if d.eval_data:
             evaluation = self._read(d.eval_data, d.eval_split)
         else:
@@ -163,16 +165,9 @@ class TextClassificationTask:
         never saw fails selection here, before any candidate is profiled.
         """
         d = self.config.data
-        train = self._read(d.train_data, d.train_split)
-        vocabulary = LabelVocabulary.from_labels(
-            train.labels, task=self.config.model.task, label_type=d.label_type,
-            label_names=d.label_names or None, source=train.source, rows=train.rows,
-        )
         # The checks training makes (a single class, an id gap, a stray label), before any
         # candidate is profiled: otherwise each candidate fails on the data in turn.
-        vocabulary.check_training_counts(
-            vocabulary.encode(train.labels, source=train.source, rows=train.rows),
-            source=train.source, rows=train.rows)
+        vocabulary, _ = self._training_labels(self._read(d.train_data, d.train_split))
         if d.eval_data:
             evaluation = self._read(d.eval_data, d.eval_split)
             vocabulary.encode(evaluation.labels, source=evaluation.source, rows=evaluation.rows)
