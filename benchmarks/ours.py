@@ -53,6 +53,7 @@ DEFAULTS = {
     "export_dir": "",
     "serving_jit_compile": False,
     "serving_precision": "float32",
+    "lean_serving_graph": True,
     # Which serving form `export` returns: the float32 SavedModel, the Keras int8
     # SavedModel (`--export_quantized=int8`) or that export's TFLite int8 file.
     "form": "float32",
@@ -192,6 +193,7 @@ def export(args: dict) -> dict:
             sequence_length=config.model.sequence_length, measure_latency=False,
             serving_jit_compile=bool(args["serving_jit_compile"]),
             serving_precision=args["serving_precision"],
+            lean_serving_graph=bool(args["lean_serving_graph"]),
         )
         if args["form"] != "float32":
             from tfhub_finetune.quantized_export import (
@@ -209,6 +211,7 @@ def export(args: dict) -> dict:
     return {**settings, "saved_model": str(path), "export_s": clock.wall_s, "form": args["form"],
             "serving_jit_compile": bool(args["serving_jit_compile"]),
             "serving_precision": args["serving_precision"],
+            "lean_serving_graph": bool(args["lean_serving_graph"]),
             "exporter": "tfhub_finetune.export.export_text_classifier"}
 
 

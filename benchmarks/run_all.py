@@ -168,6 +168,11 @@ ABLATIONS = (
     System("ours_serve_as_trained", "benchmarks.ours", {},
            "ours' SavedModel exported with --serving_precision=as_trained", ("infer",),
            export={"serving_precision": "as_trained"}),
+    # The export's lean BERT graph (`serving_graph.lower_text_model`) against
+    # serving the Keras call it lowers.
+    System("ours_keras_graph", "benchmarks.ours", {},
+           "ours' SavedModel exported with lean_serving_graph=False (the Keras call)",
+           ("infer",), export={"lean_serving_graph": False}),
 )
 # Ours before the optimizer changes, by name in `--systems` (measured in BUILD_NOTES):
 # Keras' AdamW, and FusedAdamW with Keras' weight-decay and global-norm passes.

@@ -141,6 +141,7 @@ from tfhub_finetune.data.text import bucket_boundaries, pack_inputs
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.integers import parse_int
 from tfhub_finetune.io_utils import atomic_path, check_export_name, read_json_file, staging_dir
+from tfhub_finetune.serving_graph import LoweredTextModel, lower_text_model
 from tfhub_finetune.serving_warmup import ASSETS_EXTRA, write_warmup_requests
 
 FORMAT = "tfhub_finetune.export/1"
@@ -249,6 +250,7 @@ def export_text_classifier(
     measure_latency: bool = True,
     serving_jit_compile: bool = False,
     serving_precision: str = "float32",
+    lean_serving_graph: bool = True,
 ) -> str:
     """Writes a text classifier as two TF Serving SavedModels: raw strings and token ids.
 
@@ -298,6 +300,11 @@ def export_text_classifier(
             (faster at small batches; see `serving_precision_scope`);
             `as_trained`: as the model was built (bf16 matmuls for a
             `mixed_bfloat16` model).
+        lean_serving_graph: bool. Serve a keras-hub BERT encoder through
+            `serving_graph.lower_text_model` (fused QKV, kernels stored in
+            the serving dtype; checked against the Keras call, which serves
+            instead where the check fails or the encoder is another kind).
+            Defaults to `True`.
 
     Returns:
         The raw-string SavedModel's version folder.
@@ -347,12 +354,14 @@ def export_text_classifier(
     names_tensor = tf.constant(names)
     rows, widths = serving_shapes(sequence_length) if serving_jit_compile else (None, None)
     warm_shapes = warmup_shapes(sequence_length, serving_jit_compile)  # The card lists what is written.
+    lowered = lower_text_model(model) if lean_serving_graph else None
+    served = lowered or functools.partial(model, training=False)
     # One XLA function for both signatures; it compiles once per (rows, width) it meets.
-    jitted = tf.function(lambda x: model(x, training=False), jit_compile=True) if widths else None
+    call = tf.function(served, jit_compile=True) if widths else served
 
     def call_model(inputs: dict[str, tf.Tensor]) -> tf.Tensor:
         return _call_in_length_chunks(model, inputs, pad_id=pad_id, widths=widths,
-                                      row_counts=rows, call=jitted)
+                                      row_counts=rows, call=call)
 
     # === Functions ===
 
@@ -425,6 +434,7 @@ def export_text_classifier(
            "(XLA: bounded shapes)" if widths else "padded to its longest row")
         + "; outputs in request order",
         "jit_compile": bool(serving_jit_compile),
+        "serving_graph": _serving_graph_card(lowered),
         "tf_serving_flags": ["--xla_cpu_compilation_enabled"] if serving_jit_compile else [],
         # `assets.extra/tf_serving_warmup_requests`: TF Serving replays these at load.
         "warmup_shapes": [list(shape) for shape in warm_shapes],
@@ -451,6 +461,7 @@ def export_text_classifier(
 
     return publish_text_models(
         model, backbone, base, model_name, card,
+        variables=lowered.served_variables if lowered else None,
         raw={"serve_text": serve_text, "serve_examples": serve_examples},
         raw_signatures=raw_signatures,
         token_ids={"serve_token_ids": serve_token_ids}, token_id_signatures=ids_signatures,
@@ -464,6 +475,7 @@ def publish_text_models(
     card: dict[str, Any], *, raw: dict[str, Any], raw_signatures: dict[str, Any],
     token_ids: dict[str, Any], token_id_signatures: dict[str, Any],
     warmup: tuple[list[dict], list[dict]] | None = None,
+    variables: list[Any] | None = None,
 ) -> str:
     """Writes a text model's two SavedModels (strings in, token ids in) and publishes them.
 
@@ -486,6 +498,8 @@ def publish_text_models(
         token_id_signatures: dict. Its signatures.
         warmup: (raw-string requests, token-id requests) or None. Written
             as each model's TF Serving warm-up file (`serving_warmup`).
+        variables: list or None. What the serving functions read, when not
+            `model.variables` (a `serving_graph.LoweredTextModel`'s copies).
 
     Returns:
         The raw-string SavedModel's version folder.
@@ -494,9 +508,11 @@ def publish_text_models(
         RuntimeError: when the token-id model would need non-core ops.
     """
 
+    served_variables = list(model.variables) if variables is None else list(variables)
+
     def write_raw(directory: str) -> None:
         root = tf.Module()
-        root.model_variables = list(model.variables)
+        root.model_variables = served_variables
         # Lookup tables or loaded preprocess models the tokenizer's graph
         # reads must be reachable from the root to be saved.
         root.tokenizer_state = _tokenizer_trackables(backbone.tokenizer)
@@ -517,7 +533,7 @@ def publish_text_models(
 
     def write_token_ids(directory: str) -> None:
         root = tf.Module()
-        root.model_variables = list(model.variables)
+        root.model_variables = served_variables
         for name, function in token_ids.items():
             setattr(root, name, function)
         _save(root, directory, token_id_signatures)
@@ -702,6 +718,14 @@ def _call_in_length_chunks(
         return tf.gather(results.concat(), tf.math.invert_permutation(order))
 
     return tf.cond(batch > 0, run, lambda: tf.zeros([0, out_width], tf.float32))
+
+
+def _serving_graph_card(lowered: LoweredTextModel | None) -> dict[str, Any]:
+    """The model card's account of what computes the encoder (`serving_graph`)."""
+    if lowered is None:
+        return {"kind": "keras"}
+    return {"kind": "lean_bert", "compute_dtype": lowered.compute_dtype,
+            "max_difference_from_keras": lowered.max_difference}
 
 
 def _checked_token_inputs(

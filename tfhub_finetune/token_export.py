@@ -42,6 +42,7 @@ path = export_token_classifier(model, backbone, labels, "exports", model_name="c
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -63,11 +64,13 @@ from tfhub_finetune.export import (
     _model_name,
     _read_json,
     _sequence_length,
+    _serving_graph_card,
     _text_warmup_requests,
     exported_in_serving_precision,
     publish_text_models,
     warmup_shapes,
 )
+from tfhub_finetune.serving_graph import lower_text_model
 
 # Python's str.isspace() characters: words split exactly as `str.split()` splits.
 _WHITESPACE = [c for c in range(sys.maxunicode + 1) if chr(c).isspace()]
@@ -167,6 +170,7 @@ def export_token_classifier(
     stride: int | None = None,
     measure_latency: bool = True,
     serving_precision: str = "float32",
+    lean_serving_graph: bool = True,
 ) -> str:
     """Writes a token classifier as two TF Serving SavedModels: raw sentences and token ids.
 
@@ -188,6 +192,9 @@ def export_token_classifier(
         measure_latency: bool. Time batch-1 calls for the model card.
         serving_precision: str. `float32` (default) or `as_trained`, as for
             `export_text_classifier`.
+        lean_serving_graph: bool. Serve a keras-hub BERT encoder through
+            `serving_graph.lower_text_model`, as for `export_text_classifier`.
+            Defaults to `True`.
 
     Returns:
         The raw-string SavedModel's version folder.
@@ -228,6 +235,8 @@ def export_token_classifier(
     start_id, end_id, pad_id = int(tokenizer.start_id), int(tokenizer.end_id), int(tokenizer.pad_id)
     unk = unknown_id(backbone)
     names_tensor = tf.constant(names)
+    lowered = lower_text_model(model) if lean_serving_graph else None
+    served = lowered or functools.partial(model, training=False)
 
     def tag_words(text: tf.Tensor) -> dict[str, tf.Tensor]:
         text = tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="replace",
@@ -240,7 +249,7 @@ def export_token_classifier(
         inputs = {"token_ids": ids.to_tensor(default_value=pad_id),
                   "padding_mask": tf.ones_like(ids).to_tensor(default_value=0)}
         inputs["segment_ids"] = tf.zeros_like(inputs["token_ids"])
-        probabilities = tf.cast(model(inputs, training=False), tf.float32)
+        probabilities = tf.cast(served(inputs), tf.float32)
         at = tf.stack([aligned["word_window"], aligned["word_position"]], axis=1)
         word_probabilities = tf.gather_nd(probabilities, at)
         return {**words, "text": text, "tag_ids": tf.argmax(word_probabilities, axis=1),
@@ -287,7 +296,7 @@ def export_token_classifier(
     @tf.function(input_signature=[token_spec])
     def serve_token_ids(inputs):
         checked = _checked_token_inputs(inputs, vocab_size, max_positions, num_segments)
-        probabilities = tf.cast(model(checked, training=False), tf.float32)
+        probabilities = tf.cast(served(checked), tf.float32)
         return {"probabilities": probabilities,
                 "tag_ids": tf.argmax(probabilities, axis=-1, output_type=tf.int32)}
 
@@ -323,6 +332,7 @@ def export_token_classifier(
         "client_tokenizer": _client_tokenizer_settings(backbone),
         # `assets.extra/tf_serving_warmup_requests`: TF Serving replays these at load.
         "warmup_shapes": [list(shape) for shape in warm_shapes],
+        "serving_graph": _serving_graph_card(lowered),
     }
     card = _model_card(
         model=model, model_name=model_name, names=names, task="token_classification",
@@ -333,6 +343,7 @@ def export_token_classifier(
 
     return publish_text_models(
         model, backbone, base, model_name, card,
+        variables=lowered.served_variables if lowered else None,
         raw={"serve_text": serve_text}, raw_signatures=raw_signatures,
         token_ids={"serve_token_ids": serve_token_ids}, token_id_signatures=ids_signatures,
         warmup=_text_warmup_requests(backbone.tokenizer, warm_shapes, ("text",), start_id=start_id,

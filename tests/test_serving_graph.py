@@ -1,0 +1,153 @@
+"""The export's lean BERT serving graph: the Keras call's answers, weights saved once, a safe fallback.
+
+Real MiniLM-L3 weights (`../shared/weights`), real SST-2 dev sentences. Speed is
+measured side by side in `benchmarks/` (`ours` against `ours_keras_graph`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfhub_finetune import export, serving_graph
+from tfhub_finetune.backbones import load_backbone
+from tfhub_finetune.builders.text_classifier import build_text_classifier
+from tfhub_finetune.builders.token_classifier import build_token_classifier
+from tfhub_finetune.data.labels import LabelVocabulary
+from tfhub_finetune.data.text import make_text_dataset, tokenize_texts
+
+SEQUENCE_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def backbone(minilm_l3_dir):
+    return load_backbone(str(minilm_l3_dir))
+
+
+@pytest.fixture(scope="module")
+def batch(backbone, sst2_dir) -> dict[str, tf.Tensor]:
+    """32 dev sentences of mixed lengths, padded to the longest, as serving sends them."""
+    lines = (sst2_dir / "dev.tsv").read_text("utf-8").splitlines()[1:33]
+    texts = [line.split("\t")[0] for line in lines]
+    data = tokenize_texts(texts, np.zeros(len(texts), np.int32), backbone.tokenizer,
+                          SEQUENCE_LENGTH)
+    inputs, _ = next(iter(make_text_dataset(data, backbone.tokenizer, batch_size=len(texts),
+                                            training=False)))
+    assert len(set(np.asarray(inputs["padding_mask"]).sum(axis=1))) > 5  # Mixed lengths.
+    return inputs
+
+
+def _with_policy(policy: str, build):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        return build()
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _trained_looking(model: keras.Model) -> keras.Model:
+    """The head's zero-initialised bias and small kernel would hide a wrong pooled input."""
+    rng = np.random.default_rng(1)
+    head = model.get_layer("head_logits")
+    head.kernel.assign(rng.normal(0, 1.0, head.kernel.shape).astype(np.float32))
+    head.bias.assign(rng.normal(0, 0.5, head.bias.shape).astype(np.float32))
+    return model
+
+
+@pytest.mark.parametrize("pooling,task", [("mean", "single_label"), ("cls", "multi_label"),
+                                          ("pooler", "regression")])
+def test_the_lowered_call_answers_as_the_keras_call(backbone, batch, pooling, task):
+    """Every pooling and head the builder makes, on real weights and sentences: float32
+    answers within 1e-5 of `model(...)`, from copies that leave the model as it was."""
+    model = _trained_looking(build_text_classifier(backbone, 3, pooling=pooling, task=task))
+    expected = model(batch, training=False).numpy()
+    lowered = serving_graph.lower_text_model(model)
+    assert lowered is not None and lowered.compute_dtype == "float32"
+    assert lowered.max_difference <= 1e-5
+    actual = tf.function(lowered)(batch).numpy()
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
+    assert np.ptp(actual, axis=0).max() > 1e-2  # The rows differ: a real answer, not a constant.
+    # The lowered weights are copies: training the model further does not reach them.
+    layer = backbone.encoder.transformer_layers[0]._feedforward_output_dense
+    kept = layer.kernel.numpy()
+    try:
+        layer.kernel.assign(kept * 0.0)
+        np.testing.assert_allclose(tf.function(lowered)(batch).numpy(), actual, atol=1e-6)
+    finally:
+        layer.kernel.assign(kept)
+
+
+def test_a_token_classifier_lowers_too(backbone, batch):
+    model = build_token_classifier(backbone, 5)
+    lowered = serving_graph.lower_text_model(model)
+    assert lowered is not None
+    np.testing.assert_allclose(tf.function(lowered)(batch).numpy(),
+                               model(batch, training=False).numpy(), atol=1e-5)
+
+
+def test_a_bf16_model_served_as_trained_stores_bf16_kernels_and_stays_close(
+        minilm_l3_dir, batch):
+    """Under `serving_precision="as_trained"` a mixed_bfloat16 model's lowering keeps its
+    kernels in bf16 (cast once, not per call) and answers as the Keras bf16 call does,
+    within bf16's rounding; exported in float32, the same model lowers to float32."""
+    model = _with_policy("mixed_bfloat16", lambda: _trained_looking(
+        build_text_classifier(load_backbone(str(minilm_l3_dir)), 2, pooling="mean")))
+    float32 = np.asarray(model(batch, training=False))
+    with export.serving_precision_scope(model, "as_trained"):
+        lowered = serving_graph.lower_text_model(model)
+    assert lowered is not None and lowered.compute_dtype == "bfloat16"
+    assert {v.dtype for v in lowered.variables} == {tf.float32, tf.bfloat16}
+    np.testing.assert_allclose(tf.function(lowered)(batch).numpy(), float32, atol=0.05)
+    with export.serving_precision_scope(model):
+        in_float32 = serving_graph.lower_text_model(model)
+        expected = model(batch, training=False).numpy()
+    assert in_float32.compute_dtype == "float32"
+    assert {v.dtype for v in in_float32.variables} == {tf.float32}
+    np.testing.assert_allclose(tf.function(in_float32)(batch).numpy(), expected, atol=1e-5)
+
+
+def test_models_it_does_not_know_serve_the_keras_call(minilm_l3_dir, backbone, batch,
+                                                    monkeypatch, caplog):
+    """Not recognised (LoRA adapters, a model on other inputs) or not matching on the
+    probe batch: None, and the export serves the Keras call."""
+    # LoRA changes the encoder in place: its own backbone, not the shared fixture.
+    lora = build_text_classifier(load_backbone(str(minilm_l3_dir)), 2, adaptation="lora:4")
+    assert serving_graph.lower_text_model(lora) is None
+    inputs = keras.Input((4,))
+    assert serving_graph.lower_text_model(keras.Model(inputs, keras.layers.Dense(2)(inputs))) \
+        is None
+
+    model = build_text_classifier(backbone, 2, pooling="mean")
+    monkeypatch.setitem(serving_graph.TOLERANCE, "float32", -1.0)  # Nothing can match.
+    with caplog.at_level("WARNING", logger="tfhub_finetune.serving_graph"):
+        assert serving_graph.lower_text_model(model) is None
+    assert "serving the Keras call instead" in caplog.text
+
+
+def test_the_export_saves_the_lowered_weights_once_and_says_which_graph_serves(
+        tmp_path, backbone, batch):
+    """The lean export predicts as the Keras-call export, reloaded in this process; it
+    saves the lowered copies instead of the model's variables (not both), and its card
+    names the graph."""
+    model = _trained_looking(build_text_classifier(backbone, 2, pooling="mean"))
+    labels = LabelVocabulary(["negative", "positive"])
+    served = {}
+    for lean in (True, False):
+        raw = Path(export.export_text_classifier(
+            model, backbone, labels, tmp_path / str(lean), model_name="m",
+            sequence_length=SEQUENCE_LENGTH, measure_latency=False, lean_serving_graph=lean))
+        card = json.loads((raw / "assets.extra" / "model_card.json").read_text())
+        ids = tmp_path / str(lean) / "m_token_ids" / "1"
+        size = sum(f.stat().st_size for f in (ids / "variables").iterdir())
+        answer = tf.saved_model.load(str(ids)).signatures["serving_default"](**batch)
+        served[lean] = (card["preprocessing"]["serving_graph"], size,
+                        answer["probabilities"].numpy())
+    assert served[True][0]["kind"] == "lean_bert" and served[False][0] == {"kind": "keras"}
+    np.testing.assert_allclose(served[True][2], served[False][2], atol=1e-5)
+    # Same float32 weights, saved once: within a few percent (the fused QKV is one tensor).
+    assert served[True][1] <= 1.05 * served[False][1]

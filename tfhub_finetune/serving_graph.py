@@ -1,0 +1,283 @@
+"""A BERT text model's serving call, lowered to a lean TensorFlow graph at export.
+
+Keras computes a keras-hub `BertBackbone` layer by layer as training needs
+it: separate query/key/value einsums with their own transposes, the query
+scaled after its projection, and, under `mixed_bfloat16`, every kernel cast
+from its float32 variable on every call. At serving batch sizes those extra
+ops cost more than the matmuls they feed (MiniLM-L6, one sentence, 2 threads:
+126 casts per call). `lower_text_model` rewrites the inference call once, at
+export, the way ONNX Runtime's transformer optimizer or PyTorch's
+BetterTransformer do: one fused QKV matmul per layer with the 1/sqrt(head
+size) folded into the query weights, one transpose in and out, bias adds
+oneDNN fuses into the matmul, LayerNorm from moments, and, when the model
+serves in bf16, kernels stored once in bf16 with softmax, LayerNorm and the
+residual stream kept in float32.
+
+It is a lowering, not a second model: every weight is read from the trained
+Keras layers when the export runs, the head after the encoder stays the
+model's own Keras layers, and `lower_text_model` checks the lowered call
+against `model(...)` on a probe batch before anything uses it. A structure
+it does not recognise, or outputs that differ beyond the tolerance of the
+compute dtype, gives `None` (and a warning for the latter): the export then
+serves the Keras call unchanged. Measured in BUILD_NOTES.md "Serving graph".
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import keras
+import keras_hub
+import numpy as np
+import tensorflow as tf
+
+from tfhub_finetune.backbones.base import TEXT_INPUTS
+
+logger = logging.getLogger(__name__)
+
+# Agreement `lower_text_model` requires between the lowered and the Keras call
+# on its probe batch: |lowered - keras| <= TOLERANCE * (1 + max|keras|).
+# float32 differs by summation order only (~1e-7 on MiniLM-L6); bf16 by where
+# the two round (kernels cast once vs per call; ~1e-3 measured).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+# Keras' masked softmax adds this to masked-out scores (`layers.Softmax`).
+_MASKED_SCORE = -1e9
+_PROBE_ROWS, _PROBE_LENGTH = 3, 13
+
+
+class LoweredTextModel(tf.Module):
+    """A text model on a keras-hub BERT encoder, its inference call as a lean graph.
+
+    Build it with `lower_text_model`; call it like the model in inference:
+    a dict of `token_ids`, `padding_mask`, `segment_ids` (int32, batch x
+    length) in, the model's output (float32) out. The weights are copies
+    made at construction; `served_variables` lists everything a SavedModel
+    of the lowered call must keep.
+
+    Example:
+
+    ```python
+    lowered = lower_text_model(model)  # None if the model is not lowerable
+    probabilities = lowered(inputs) if lowered else model(inputs, training=False)
+    ```
+    """
+
+    def __init__(self, encoder: keras_hub.models.BertBackbone, tail: keras.Function,
+                 compute_dtype: str):
+        super().__init__(name="lowered_text_model")
+        self.compute_dtype = compute_dtype
+        dtype = tf.as_dtype(compute_dtype)
+        self._num_heads = int(encoder.num_heads)
+        self._hidden = int(encoder.hidden_dim)
+
+        def constant(value: Any, as_dtype: tf.DType = tf.float32) -> tf.Variable:
+            return tf.Variable(tf.cast(np.asarray(value, np.float32), as_dtype), trainable=False)
+
+        def layer_norm(layer: keras.layers.LayerNormalization) -> dict[str, Any]:
+            return {"gamma": constant(layer.gamma.numpy()), "beta": constant(layer.beta.numpy()),
+                    "epsilon": float(layer.epsilon)}
+
+        self._token_embedding = constant(encoder.token_embedding.embeddings.numpy())
+        self._position_embedding = constant(
+            encoder.position_embedding.position_embeddings.numpy())
+        self._segment_embedding = constant(encoder.segment_embedding.embeddings.numpy())
+        self._embedding_norm = layer_norm(encoder.embeddings_layer_norm)
+        scale = 1.0 / math.sqrt(self._hidden // self._num_heads)
+        hidden = self._hidden
+        self._blocks = []
+        for block in encoder.transformer_layers:
+            attention = block._self_attention_layer
+            q, k, v = (attention._query_dense, attention._key_dense, attention._value_dense)
+            kernel = np.concatenate(
+                [q.kernel.numpy().reshape(hidden, hidden) * scale,
+                 k.kernel.numpy().reshape(hidden, hidden), v.kernel.numpy().reshape(hidden, hidden)],
+                axis=1)
+            bias = np.concatenate(
+                [q.bias.numpy().reshape(hidden) * scale, k.bias.numpy().reshape(hidden),
+                 v.bias.numpy().reshape(hidden)])
+            out = attention._output_dense
+            inner, outer = block._feedforward_intermediate_dense, block._feedforward_output_dense
+            self._blocks.append({
+                "qkv_kernel": constant(kernel, dtype), "qkv_bias": constant(bias, dtype),
+                "out_kernel": constant(out.kernel.numpy().reshape(hidden, hidden), dtype),
+                "out_bias": constant(out.bias.numpy(), dtype),
+                "attention_norm": layer_norm(block._self_attention_layer_norm),
+                "inner_kernel": constant(inner.kernel.numpy(), dtype),
+                "inner_bias": constant(inner.bias.numpy(), dtype),
+                "outer_kernel": constant(outer.kernel.numpy(), dtype),
+                "outer_bias": constant(outer.bias.numpy(), dtype),
+                "feedforward_norm": layer_norm(block._feedforward_layer_norm),
+            })
+        self._pooled_kernel = constant(encoder.pooled_dense.kernel.numpy(), dtype)
+        self._pooled_bias = constant(encoder.pooled_dense.bias.numpy(), dtype)
+        self._tail = tail
+        layers = [op for op in tail.operations if isinstance(op, keras.layers.Layer)]
+        # The head's own variables, read where they are (not copied: they are few).
+        self._tail_variables = list({id(v): v for layer in layers for v in layer.variables}.values())
+        # The head computes in the policies it had when lowered (export's serving scope),
+        # whenever this module is traced.
+        self._tail_policies = [(layer, layer.dtype_policy) for layer in layers]
+        self.max_difference: float | None = None
+
+    @property
+    def served_variables(self) -> list[Any]:
+        """The lowered weights and the head's Keras variables: what a SavedModel must keep."""
+        return [*self.variables, *self._tail_variables]
+
+    def __call__(self, inputs: dict[str, tf.Tensor]) -> tf.Tensor:
+        ids = tf.cast(inputs["token_ids"], tf.int32)
+        mask = tf.cast(inputs["padding_mask"], tf.float32)
+        length = tf.shape(ids)[1]
+        x = (tf.gather(self._token_embedding, ids)
+             + self._position_embedding[:length][None]
+             + tf.gather(self._segment_embedding, tf.cast(inputs["segment_ids"], tf.int32)))
+        x = self._layer_norm(x, self._embedding_norm)
+        # (batch, 1, 1, keys): masked keys get Keras' large negative score.
+        score_bias = ((1.0 - mask) * _MASKED_SCORE)[:, None, None, :]
+        for block in self._blocks:
+            x = self._block(x, block, score_bias)
+        pooled = tf.tanh(tf.nn.bias_add(tf.matmul(self._in_compute(x[:, 0]), self._pooled_kernel),
+                                        self._pooled_bias))
+        outputs = {"sequence_output": x, "pooled_output": tf.cast(pooled, tf.float32)}
+        current = [layer.dtype_policy for layer, _ in self._tail_policies]
+        try:
+            for layer, policy in self._tail_policies:
+                layer.dtype_policy = policy
+            return tf.cast(self._tail([outputs, inputs]), tf.float32)
+        finally:
+            for (layer, _), policy in zip(self._tail_policies, current, strict=True):
+                layer.dtype_policy = policy
+
+    def _in_compute(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.cast(x, self.compute_dtype) if self.compute_dtype != "float32" else x
+
+    def _dense(self, x: tf.Tensor, kernel: tf.Variable, bias: tf.Variable) -> tf.Tensor:
+        # A 2-D MatMul + BiasAdd: the pattern TensorFlow's remapper fuses for oneDNN.
+        return tf.nn.bias_add(tf.matmul(x, kernel), bias)
+
+    def _layer_norm(self, x: tf.Tensor, norm: dict[str, Any]) -> tf.Tensor:
+        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return (x - mean) * tf.math.rsqrt(variance + norm["epsilon"]) * norm["gamma"] + norm["beta"]
+
+    def _block(self, x: tf.Tensor, block: dict[str, Any], score_bias: tf.Tensor) -> tf.Tensor:
+        batch, length = tf.shape(x)[0], tf.shape(x)[1]
+        heads, size = self._num_heads, self._hidden // self._num_heads
+        flat = tf.reshape(x, [-1, self._hidden])  # The residual stream, float32.
+        qkv = self._dense(self._in_compute(flat), block["qkv_kernel"], block["qkv_bias"])
+        qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, heads, size]), [2, 0, 3, 1, 4])
+        query, key, value = qkv[0], qkv[1], qkv[2]
+        scores = tf.cast(tf.matmul(query, key, transpose_b=True), tf.float32) + score_bias
+        weights = self._in_compute(tf.nn.softmax(scores, axis=-1))
+        context = tf.reshape(tf.transpose(tf.matmul(weights, value), [0, 2, 1, 3]),
+                             [-1, self._hidden])
+        attended = self._dense(context, block["out_kernel"], block["out_bias"])
+        flat = self._layer_norm(tf.cast(attended, tf.float32) + flat, block["attention_norm"])
+        inner = tf.nn.gelu(self._dense(self._in_compute(flat), block["inner_kernel"],
+                                       block["inner_bias"]), approximate=True)
+        outer = self._dense(inner, block["outer_kernel"], block["outer_bias"])
+        flat = self._layer_norm(tf.cast(outer, tf.float32) + flat, block["feedforward_norm"])
+        return tf.reshape(flat, [batch, length, self._hidden])
+
+
+def lower_text_model(model: keras.Model) -> LoweredTextModel | None:
+    """Lowers a text model's inference call on a keras-hub BERT encoder, checked, or None.
+
+    Recognised: a functional model on `token_ids`, `padding_mask`,
+    `segment_ids` whose encoder is one `keras_hub.models.BertBackbone`
+    (post-LayerNorm blocks, approximate GELU, no quantized or LoRA layers)
+    called once on those inputs, followed by any Keras layers (the head).
+    The lowered graph computes in the encoder's compute dtype at the time of
+    the call (`export.serving_precision_scope` sets it) and is checked
+    against `model(...)` on a probe batch with padding and both segments.
+
+    Args:
+        model: keras.Model. From `build_text_classifier` or
+            `build_token_classifier`, with LoRA adapters merged.
+
+    Returns:
+        A `LoweredTextModel`, or None when the structure is not recognised or
+        the check fails (logged as a warning).
+
+    Example:
+
+    ```python
+    with serving_precision_scope(model):
+        lowered = lower_text_model(model)
+    ```
+    """
+    found = _bert_encoder(model)
+    if found is None:
+        return None
+    encoder, tail = found
+    compute_dtype = _compute_dtype(encoder)
+    if compute_dtype is None:
+        return None
+    lowered = LoweredTextModel(encoder, tail, compute_dtype)
+    probe = _probe_inputs(encoder)
+    expected = np.asarray(tf.cast(model(probe, training=False), tf.float32))
+    actual = np.asarray(tf.function(lowered)(probe))
+    difference = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    limit = TOLERANCE[compute_dtype] * (1.0 + float(np.max(np.abs(expected), initial=0.0)))
+    if not difference <= limit:  # NaN fails too.
+        logger.warning(
+            "The lean serving graph differs from the Keras model by %.3g (limit %.3g) on a probe "
+            "batch; serving the Keras call instead.", difference, limit)
+        return None
+    lowered.max_difference = difference
+    return lowered
+
+
+def _bert_encoder(model: keras.Model) -> tuple[keras_hub.models.BertBackbone, keras.Function] | None:
+    """The model's BertBackbone and the Keras model of what follows it, if recognisable."""
+    if not isinstance(getattr(model, "input", None), dict) or not set(TEXT_INPUTS) <= set(
+            model.input):
+        return None
+    encoders = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(encoders) != 1 or type(encoders[0]) is not keras_hub.models.BertBackbone:
+        return None
+    encoder = encoders[0]
+    if any(getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False)
+           for layer in encoder._flatten_layers(include_self=False, recursive=True)):
+        return None
+    for block in encoder.transformer_layers:
+        activation = getattr(block._feedforward_intermediate_dense.activation, "__name__", "")
+        if block.normalize_first or activation != "gelu_approximate":
+            return None
+    # The call in this model (a backbone shared by several models has one node per
+    # model): the one fed this model's own inputs.
+    own = {id(model.input[n]) for n in TEXT_INPUTS}
+    nodes = [node for node in encoder._inbound_nodes
+             if {id(t) for t in keras.tree.flatten(node.arguments.args)} == own]
+    if len(nodes) != 1:
+        return None
+    node = nodes[0]
+    outputs = keras.tree.pack_sequence_as(encoder.output, node.output_tensors)
+    # A `keras.Function`, not a `keras.Model`: a Model casts its inputs to the
+    # dtypes its input tensors were traced with (bf16 for a model built under
+    # mixed_bfloat16) even when the export serves in float32.
+    tail = keras.Function([outputs, dict(model.input)], model.outputs[0])
+    return encoder, tail
+
+
+def _compute_dtype(encoder: keras.Model) -> str | None:
+    dtypes = {layer.compute_dtype for layer in encoder._flatten_layers(include_self=False)
+              if layer.weights}
+    dtypes |= {block._feedforward_intermediate_dense.compute_dtype
+               for block in encoder.transformer_layers}
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in TOLERANCE else None
+
+
+def _probe_inputs(encoder: keras_hub.models.BertBackbone) -> dict[str, tf.Tensor]:
+    """Rows of random ids, the later ones padded, segments 0 then 1: what serving sends."""
+    rng = np.random.default_rng(0)
+    length = min(_PROBE_LENGTH, int(encoder.max_sequence_length))
+    ids = rng.integers(0, int(encoder.vocabulary_size), (_PROBE_ROWS, length))
+    real = np.array([[t < length - 4 * r for t in range(length)] for r in range(_PROBE_ROWS)])
+    segments = np.where(np.arange(length) >= length // 2, 1, 0) if encoder.num_segments > 1 else 0
+    return {
+        "token_ids": tf.constant(np.where(real, ids, 0), tf.int32),
+        "padding_mask": tf.constant(real, tf.int32),
+        "segment_ids": tf.constant(np.broadcast_to(segments, (_PROBE_ROWS, length)) * real,
+                                   tf.int32),
+    }
