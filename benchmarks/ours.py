@@ -26,6 +26,7 @@ Run through `benchmarks.run_all`; by hand:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -52,7 +53,9 @@ DEFAULTS = {
     "saved_model": "",
     "export_dir": "",
     "serving_jit_compile": False,
-    "serving_precision": "float32",
+    # As for training's `--precision=auto`: ours as a user gets its best on the
+    # machine at hand (`serving_graph.fastest_lowering` times float32 against bf16).
+    "serving_precision": "auto",
     "lean_serving_graph": True,
     # Which serving form `export` returns: the float32 SavedModel, the Keras int8
     # SavedModel (`--export_quantized=int8`) or that export's TFLite int8 file.
@@ -195,6 +198,7 @@ def export(args: dict) -> dict:
             serving_precision=args["serving_precision"],
             lean_serving_graph=bool(args["lean_serving_graph"]),
         )
+        card = json.loads((Path(path) / "assets.extra" / "model_card.json").read_text())
         if args["form"] != "float32":
             from tfhub_finetune.quantized_export import (
                 export_quantized_text_classifier,
@@ -212,6 +216,8 @@ def export(args: dict) -> dict:
             "serving_jit_compile": bool(args["serving_jit_compile"]),
             "serving_precision": args["serving_precision"],
             "lean_serving_graph": bool(args["lean_serving_graph"]),
+            "compute_dtype": card["compute_dtype"],
+            "serving_graph": card["preprocessing"]["serving_graph"],
             "exporter": "tfhub_finetune.export.export_text_classifier"}
 
 

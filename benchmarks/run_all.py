@@ -17,14 +17,15 @@ global batch 32, max sequence length 128):
   global-norm passes), the optimizer changes' before/after.
 - **infer**: raw strings in, probabilities out. Batch 1: p50/p95 latency of
   single-sentence calls; batch 64: examples/s. Ours is the SavedModel
-  `tfhub_finetune.export.export_text_classifier` writes (computing in
-  float32, its default `serving_precision`, whatever the training policy),
-  loaded in a fresh process with TensorFlow's default threads (`ours`) or one
-  thread (`ours_1thread`); `ours_xla` is the opt-in XLA export
-  (`serving_jit_compile`, every timed shape compiled in its warm-up), and the
-  ablation `ours_serve_as_trained` the export computing in the training
-  policy (bf16 matmuls under `auto` on bf16 hardware; skipped, and said so,
-  where `auto` trained float32, since it is then `ours`' export). The int8 forms
+  `tfhub_finetune.export.export_text_classifier` writes with
+  `serving_precision="auto"` (its lean BERT graph in float32 or bf16,
+  whichever it timed faster on this CPU at export;
+  `serving_graph.fastest_lowering`), loaded in a fresh process with
+  TensorFlow's default threads (`ours`) or one thread (`ours_1thread`);
+  `ours_xla` is the opt-in XLA export (`serving_jit_compile`, every timed
+  shape compiled in its warm-up). Ablations: `ours_serve_float32` (the
+  flag's default precision, float32) and `ours_keras_graph` (float32, the
+  Keras call the lean graph lowers: the export before it). The int8 forms
   `--export_quantized=int8` writes: `ours_tflite_int8` (its TFLite
   dynamic-range file, raw strings tokenized in Python by
   `tflite_text.TfliteTextClassifier`) and, by name in `--systems`, `ours_int8`
@@ -119,8 +120,9 @@ class System:
 
 # Ours as a user gets its best on the machine at hand: `--precision=auto` trains in
 # mixed_bfloat16 where the calibration measures bf16 paying, float32 elsewhere
-# (`calibration.py`); the export computes in float32 either way (its default
-# `serving_precision`). The calibration's cache is warmed by the export run.
+# (`calibration.py`); the export serves `--serving_precision=auto` (float32 or bf16,
+# timed at export: `benchmarks/ours.py` DEFAULTS). The calibration's cache is warmed by
+# the export run.
 OURS_FLAGS = ["--precision=auto"]
 SYSTEMS = (
     System("ours", "benchmarks.ours", {"flags": OURS_FLAGS},
@@ -164,15 +166,16 @@ ABLATIONS = (
     # What `auto` chose against the pipeline's default precision.
     System("ours_float32", "benchmarks.ours", {"flags": ["--precision=float32"]},
            "ours at --precision=float32 (the flag's default)", ("train",)),
-    # The export's float32 serving against serving the training policy (bf16 under auto).
-    System("ours_serve_as_trained", "benchmarks.ours", {},
-           "ours' SavedModel exported with --serving_precision=as_trained", ("infer",),
-           export={"serving_precision": "as_trained"}),
-    # The export's lean BERT graph (`serving_graph.lower_text_model`) against
-    # serving the Keras call it lowers.
+    # What `--serving_precision=auto` chose against the flag's default, float32 (the
+    # same lean graph: the same SavedModel where auto chose float32).
+    System("ours_serve_float32", "benchmarks.ours", {},
+           "ours' SavedModel exported with --serving_precision=float32 (the flag's default)",
+           ("infer",), export={"serving_precision": "float32"}),
+    # The lean BERT graph (`serving_graph.lower_text_model`) against the Keras call it
+    # lowers, both float32: the export before the lowering.
     System("ours_keras_graph", "benchmarks.ours", {},
-           "ours' SavedModel exported with lean_serving_graph=False (the Keras call)",
-           ("infer",), export={"lean_serving_graph": False}),
+           "ours' SavedModel exported float32 with lean_serving_graph=False (the Keras call)",
+           ("infer",), export={"serving_precision": "float32", "lean_serving_graph": False}),
 )
 # Ours before the optimizer changes, by name in `--systems` (measured in BUILD_NOTES):
 # Keras' AdamW, and FusedAdamW with Keras' weight-decay and global-norm passes.
@@ -299,6 +302,7 @@ def _one_line(result: dict) -> str:
     if result["kind"] == "export":
         return (f"{result['saved_model']} in {result['export_s']:.0f}s (trained {result['precision']}"
                 f", serving {result['serving_precision']}"
+                + (f" -> {result['compute_dtype']}" if result.get("compute_dtype") else "")
                 + (", XLA" if result.get("serving_jit_compile") else "") + ")")
     if result["kind"] == "gemm":
         peak = result["peak_gflops"]
@@ -362,23 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  SKIPPED {name}: {reason}", flush=True)
         systems = [s for s in systems if s.name not in skipped]
         saved_models = {}  # One export per distinct set of export keywords.
-        trained = ""  # The precision `OURS_FLAGS` resolved to, from the first export.
         for system in list(systems):
             if ("infer" in kinds and system.module == "benchmarks.ours" and "infer" in system.kinds
                     and system.export_key not in saved_models):
-                if system.export.get("serving_precision") == "as_trained" and trained == "float32":
-                    # Serving the training policy is then the float32 default export again.
-                    skipped[system.name] = (
-                        "--precision=auto trained float32 on this machine, so serving as trained "
-                        "is the float32 export `ours` serves")
-                    print(f"  SKIPPED {system.name}: {skipped[system.name]}", flush=True)
-                    systems.remove(system)
-                    continue
                 export = runner.run("export", system.name, "benchmarks.ours", "export",
                                     {"export_dir": str(tmp_dir / f"export{len(saved_models)}"),
                                      "flags": OURS_FLAGS, **system.export}, -1, 0)
                 saved_models[system.export_key] = export.get("saved_model", "")
-                trained = trained or export.get("precision", "")
         repeats_done, started = 0, time.perf_counter()
         for repeat in range(args.repeats):
             pace = (time.perf_counter() - started) / max(repeats_done, 1)

@@ -91,10 +91,11 @@ def define_serving_flags() -> None:
     )
     flags.DEFINE_string(
         "serving_precision", "float32",
-        "float32|as_trained. What the exported graph computes in: float32 whatever "
-        "--precision trained the model (bf16 casts cost more than they save at small "
-        "batches), or as_trained (bf16 matmuls for a mixed_bfloat16 model; throughput-bound "
-        "serving on bf16 hardware). See BUILD_NOTES.md 'Serving precision'.",
+        "float32|as_trained|auto. What the exported graph computes in: float32 whatever "
+        "--precision trained the model, as_trained (bf16 matmuls for a mixed_bfloat16 "
+        "model), or auto (text models on a keras-hub BERT encoder: bf16 kernels where both "
+        "were timed at export and bf16 was faster on this CPU, float32 elsewhere; export "
+        "again for a serving fleet of another CPU kind). See BUILD_NOTES.md 'Serving graph'.",
     )
 
 

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from benchmarks import _harness, run_all
+from benchmarks import ours as ours_bench
 
 AMX_XEON = """processor	: 0
 vendor_id	: GenuineIntel
@@ -97,28 +98,27 @@ def test_skipped_bf16_system_is_left_out_and_said_so(tmp_path, monkeypatch, caps
     assert "Targets per machine kind" in out
 
 
-@pytest.mark.parametrize("trained, exports", [("float32", 1), ("mixed_bfloat16", 2)])
-def test_serving_as_trained_is_measured_only_where_it_is_another_export(
-        tmp_path, monkeypatch, capsys, trained, exports):
-    """Where `--precision=auto` trained float32, `as_trained` is `ours`' export again."""
+def test_each_distinct_export_is_made_once_with_its_keywords(tmp_path, monkeypatch):
+    """`ours` serves `--serving_precision=auto` (its DEFAULTS); the ablations export float32
+    with the lean graph and with the Keras call; systems with equal keywords share one."""
     made = []
 
     def fake_child(module, mode, args, **kwargs):  # The child processes; their figures are made up.
         if mode == "export":
-            made.append(args.get("serving_precision", "float32"))
-            return {"precision": trained, "serving_precision": made[-1], "export_s": 1.0,
+            made.append({k: args[k] for k in ("serving_precision", "lean_serving_graph")
+                         if k in args})
+            return {"precision": "float32", "serving_precision": "auto", "export_s": 1.0,
                     "saved_model": str(tmp_path / f"m{len(made)}"), "loadavg_1m": 0.1}
         return {"error": "not run in this test", "loadavg_1m": 0.1}
 
     monkeypatch.setattr(_harness, "run_child", fake_child)
     monkeypatch.setattr(run_all, "RESULTS_DIR", tmp_path)
-    run_all.main(["--only=infer", "--systems=ours", "--repeats=1", "--ablation", "--name=unit"])
-    assert len(made) == exports
-    record = json.loads((tmp_path / "unit.json").read_text())
-    assert ("ours_serve_as_trained" in record["skipped"]) is (trained == "float32")
-    if trained == "float32":
-        assert "SKIPPED ours_serve_as_trained: --precision=auto trained float32" in (
-            capsys.readouterr().out)
+    run_all.main(["--only=infer", "--systems=ours,ours_1thread", "--repeats=1", "--ablation",
+                  "--name=unit"])
+    assert made == [{}, {"serving_precision": "float32"},
+                    {"serving_precision": "float32", "lean_serving_graph": False}]
+    assert ours_bench.DEFAULTS["serving_precision"] == "auto"
+    assert ours_bench.DEFAULTS["lean_serving_graph"]
 
 
 def test_targets_and_peak_memory_are_summarised_per_repetition():

@@ -151,3 +151,27 @@ def test_the_export_saves_the_lowered_weights_once_and_says_which_graph_serves(
     np.testing.assert_allclose(served[True][2], served[False][2], atol=1e-5)
     # Same float32 weights, saved once: within a few percent (the fused QKV is one tensor).
     assert served[True][1] <= 1.05 * served[False][1]
+
+
+def test_auto_serving_precision_serves_the_dtype_it_timed_faster(tmp_path, backbone, batch):
+    """`serving_precision="auto"` times both lowerings on this CPU (which one wins depends
+    on the CPU: bf16 hardware or not), serves the one its rule picks from the figures it
+    recorded, and the reloaded model answers within that dtype's tolerance."""
+    model = _trained_looking(build_text_classifier(backbone, 2, pooling="mean"))
+    expected = model(batch, training=False).numpy()
+    raw = Path(export.export_text_classifier(
+        model, backbone, LabelVocabulary(["negative", "positive"]), tmp_path, model_name="m",
+        sequence_length=SEQUENCE_LENGTH, measure_latency=False, serving_precision="auto"))
+    card = json.loads((raw / "assets.extra" / "model_card.json").read_text())
+    graph = card["preprocessing"]["serving_graph"]
+    ms = graph["timing"]["median_ms"]
+    assert all(ms[dtype][shape] > 0 for dtype in ("float32", "bfloat16")
+               for shape in ("one", "batch"))
+    bf16_faster = (ms["bfloat16"]["batch"] * serving_graph.BF16_MARGIN <= ms["float32"]["batch"]
+                   and ms["bfloat16"]["one"] <= ms["float32"]["one"] * serving_graph.BF16_ONE_SLACK)
+    chosen = "bfloat16" if bf16_faster else "float32"
+    assert graph["compute_dtype"] == card["compute_dtype"] == graph["timing"]["chosen"] == chosen
+    ids = tmp_path / "m_token_ids" / "1"
+    served = tf.saved_model.load(str(ids)).signatures["serving_default"](**batch)
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected,
+                               atol=0.05 if chosen == "bfloat16" else 1e-5)

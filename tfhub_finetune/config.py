@@ -32,7 +32,7 @@ QUANTIZATIONS = ("none", "int8")
 # (`<name>_int8_tflite`) and its serving-form name (`int8_tflite`) end with this.
 TFLITE_SUFFIX = "_tflite"
 # What an exported graph computes in (`export.serving_precision_scope`).
-SERVING_PRECISIONS = ("float32", "as_trained")
+SERVING_PRECISIONS = ("float32", "as_trained", "auto")
 # Larger than any pretrained image backbone's input (keras-hub's largest presets take 1024);
 # beyond it a batch's pixels alone run to gigabytes.
 MAX_IMAGE_SIZE = 2048
@@ -323,7 +323,9 @@ class ExperimentConfig:
     then needs `--xla_cpu_compilation_enabled`. `serving_precision`:
     `float32` (default) exports a graph computing in float32 whatever
     `runtime.precision` trained it; `as_trained` keeps the training policy
-    (`export.serving_precision_scope`).
+    (`export.serving_precision_scope`); `auto` (text, keras-hub BERT
+    encoders) serves bf16 where it measures faster on the exporting CPU
+    (`serving_graph.fastest_lowering`), float32 elsewhere.
 
     Example:
 

@@ -141,7 +141,7 @@ from tfhub_finetune.data.text import bucket_boundaries, pack_inputs
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.integers import parse_int
 from tfhub_finetune.io_utils import atomic_path, check_export_name, read_json_file, staging_dir
-from tfhub_finetune.serving_graph import LoweredTextModel, lower_text_model
+from tfhub_finetune.serving_graph import LoweredTextModel, fastest_lowering, lower_text_model
 from tfhub_finetune.serving_warmup import ASSETS_EXTRA, write_warmup_requests
 
 FORMAT = "tfhub_finetune.export/1"
@@ -175,8 +175,11 @@ def serving_precision_scope(model: keras.Model, serving_precision: str = "float3
     kernel to bf16, and at one sentence those casts cost more than the bf16
     matmuls save (MiniLM-L6 on the AMX Xeon: batch-1 p50 21 ms bf16 vs
     9.5 ms float32; batch 64 about equal; BUILD_NOTES "Serving precision").
-    `"as_trained"` keeps the trained policy. Quantized layers keep their mode
-    and compute their float part in float32 (`int8_from_float32`).
+    `"as_trained"` keeps the trained policy. `"auto"` computes the Keras
+    layers in float32 too: the text exporters' lean graph then chooses its
+    dtype by timing both (`serving_graph.fastest_lowering`). Quantized layers
+    keep their mode and compute their float part in float32
+    (`int8_from_float32`).
 
     Args:
         model: keras.Model. Any built Keras model.
@@ -202,7 +205,7 @@ def serving_precision_scope(model: keras.Model, serving_precision: str = "float3
         )
     layers = list(model._flatten_layers(include_self=True, recursive=True))
     saved = [layer.dtype_policy for layer in layers]
-    if serving_precision == "float32":
+    if serving_precision in ("float32", "auto"):
         for layer, policy in zip(layers, saved, strict=True):
             mode = policy.quantization_mode
             target = f"{mode}_from_float32" if mode else "float32"
@@ -299,7 +302,9 @@ def export_text_classifier(
             computes in float32 whatever policy the model was trained under
             (faster at small batches; see `serving_precision_scope`);
             `as_trained`: as the model was built (bf16 matmuls for a
-            `mixed_bfloat16` model).
+            `mixed_bfloat16` model); `auto`: bf16 kernels where the lean
+            graph timed faster in bf16 on this CPU, else float32
+            (`serving_graph.fastest_lowering`; the card has the figures).
         lean_serving_graph: bool. Serve a keras-hub BERT encoder through
             `serving_graph.lower_text_model` (fused QKV, kernels stored in
             the serving dtype; checked against the Keras call, which serves
@@ -336,7 +341,6 @@ def export_text_classifier(
             received={"model": model.name, "inputs": _input_names(model)},
             fix=f"Pass a model from build_text_classifier (inputs {', '.join(TEXT_INPUTS)}).",
         )
-    del serving_precision  # Applied by `exported_in_serving_precision`; the card's compute_dtype.
     # LoRA adapters (if any) merged into plain kernels: served as fast as a full fine-tune.
     model = merge_lora(model)
     names, task = _label_names_and_task(labels, model)
@@ -354,7 +358,7 @@ def export_text_classifier(
     names_tensor = tf.constant(names)
     rows, widths = serving_shapes(sequence_length) if serving_jit_compile else (None, None)
     warm_shapes = warmup_shapes(sequence_length, serving_jit_compile)  # The card lists what is written.
-    lowered = lower_text_model(model) if lean_serving_graph else None
+    lowered = serving_lowering(model, serving_precision, lean_serving_graph)
     served = lowered or functools.partial(model, training=False)
     # One XLA function for both signatures; it compiles once per (rows, width) it meets.
     call = tf.function(served, jit_compile=True) if widths else served
@@ -457,6 +461,7 @@ def export_text_classifier(
         metrics=metrics if metrics is not None else _read_json(model_dir, "metrics.json"),
         preprocessing=preprocessing,
         latency=latency,
+        compute_dtype=lowered.compute_dtype if lowered else None,
     )
 
     return publish_text_models(
@@ -720,12 +725,29 @@ def _call_in_length_chunks(
     return tf.cond(batch > 0, run, lambda: tf.zeros([0, out_width], tf.float32))
 
 
+def serving_lowering(model: keras.Model, serving_precision: str, lean_serving_graph: bool
+                     ) -> LoweredTextModel | None:
+    """The lean graph a text export serves (None: the Keras call), inside its serving scope.
+
+    `auto` times float32 against bf16 (`serving_graph.fastest_lowering`);
+    otherwise the lowering computes as the scope left the encoder.
+    """
+    if not lean_serving_graph:
+        return None
+    if serving_precision == "auto":
+        return fastest_lowering(model)
+    return lower_text_model(model)
+
+
 def _serving_graph_card(lowered: LoweredTextModel | None) -> dict[str, Any]:
     """The model card's account of what computes the encoder (`serving_graph`)."""
     if lowered is None:
         return {"kind": "keras"}
-    return {"kind": "lean_bert", "compute_dtype": lowered.compute_dtype,
+    card = {"kind": "lean_bert", "compute_dtype": lowered.compute_dtype,
             "max_difference_from_keras": lowered.max_difference}
+    if lowered.timing:
+        card["timing"] = lowered.timing
+    return card
 
 
 def _checked_token_inputs(
@@ -877,7 +899,9 @@ def export_image_classifier(
                                    model_name="hymenoptera")
     ```
     """
-    del serving_precision  # Applied by `exported_in_serving_precision`; the card's compute_dtype.
+    # Applied by `exported_in_serving_precision` (`auto` computes float32: images have
+    # no lean graph to time); the card's compute_dtype says which.
+    del serving_precision
     size = _check_image_model(model, image_size)
     names, task = _label_names_and_task(labels, model)
     base = _export_base(export_dir)
@@ -1663,6 +1687,7 @@ def _model_card(
     metrics: dict | None,
     preprocessing: dict[str, Any],
     latency: dict[str, float],
+    compute_dtype: str | None = None,
 ) -> dict[str, Any]:
     if isinstance(backbone_spec, BackboneSpec):
         backbone_spec = backbone_spec.to_dict()
@@ -1678,8 +1703,10 @@ def _model_card(
         "training": (params or {}).get("train"),
         "quantization": quantization_of(model),
         # What the served graph computes in: float32 unless exported `as_trained` from a
-        # `mixed_bfloat16` model (bf16 matmuls, float32 variables and outputs).
-        "compute_dtype": str(keras.backend.standardize_dtype(model.dtype_policy.compute_dtype)),
+        # `mixed_bfloat16` model (bf16 matmuls, float32 variables and outputs) or `auto`
+        # chose bf16 (`compute_dtype`: the lean graph's).
+        "compute_dtype": compute_dtype or str(
+            keras.backend.standardize_dtype(model.dtype_policy.compute_dtype)),
         "profile": {
             "params": int(model.count_params()),
             "latency_ms_batch1": latency or None,

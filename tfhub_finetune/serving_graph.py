@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import keras
@@ -44,6 +45,14 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # Keras' masked softmax adds this to masked-out scores (`layers.Softmax`).
 _MASKED_SCORE = -1e9
 _PROBE_ROWS, _PROBE_LENGTH = 3, 13
+# `fastest_lowering`: bf16 must be this much faster at BF16_BATCH rows (and no
+# slower, within BF16_ONE_SLACK, at one) to serve. Rows of _TIMED_LENGTH tokens: about
+# an SST-2 sentence's word pieces.
+BF16_MARGIN = 1.15
+BF16_BATCH = 16
+BF16_ONE_SLACK = 1.05
+_TIMED_LENGTH = 32
+_CALLS = {"one": 10, "batch": 3}
 
 
 class LoweredTextModel(tf.Module):
@@ -119,6 +128,7 @@ class LoweredTextModel(tf.Module):
         # whenever this module is traced.
         self._tail_policies = [(layer, layer.dtype_policy) for layer in layers]
         self.max_difference: float | None = None
+        self.timing: dict[str, Any] | None = None  # Set by `fastest_lowering`.
 
     @property
     def served_variables(self) -> list[Any]:
@@ -180,7 +190,8 @@ class LoweredTextModel(tf.Module):
         return tf.reshape(flat, [batch, length, self._hidden])
 
 
-def lower_text_model(model: keras.Model) -> LoweredTextModel | None:
+def lower_text_model(model: keras.Model, compute_dtype: str | None = None
+                     ) -> LoweredTextModel | None:
     """Lowers a text model's inference call on a keras-hub BERT encoder, checked, or None.
 
     Recognised: a functional model on `token_ids`, `padding_mask`,
@@ -194,6 +205,10 @@ def lower_text_model(model: keras.Model) -> LoweredTextModel | None:
     Args:
         model: keras.Model. From `build_text_classifier` or
             `build_token_classifier`, with LoRA adapters merged.
+        compute_dtype: str or None. `float32` or `bfloat16`; defaults to
+            the encoder's compute dtype. The check compares with
+            `model(...)` as it computes, with the tolerance of the lower
+            precision of the two.
 
     Returns:
         A `LoweredTextModel`, or None when the structure is not recognised or
@@ -210,15 +225,20 @@ def lower_text_model(model: keras.Model) -> LoweredTextModel | None:
     if found is None:
         return None
     encoder, tail = found
-    compute_dtype = _compute_dtype(encoder)
-    if compute_dtype is None:
+    keras_dtype = _compute_dtype(encoder)
+    if keras_dtype is None:
         return None
+    compute_dtype = compute_dtype or keras_dtype
+    if compute_dtype not in TOLERANCE:
+        raise ValueError(f"compute_dtype must be one of {sorted(TOLERANCE)}. "
+                         f"Received: compute_dtype={compute_dtype!r}")
     lowered = LoweredTextModel(encoder, tail, compute_dtype)
     probe = _probe_inputs(encoder)
     expected = np.asarray(tf.cast(model(probe, training=False), tf.float32))
     actual = np.asarray(tf.function(lowered)(probe))
     difference = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
-    limit = TOLERANCE[compute_dtype] * (1.0 + float(np.max(np.abs(expected), initial=0.0)))
+    tolerance = max(TOLERANCE[compute_dtype], TOLERANCE[keras_dtype])
+    limit = tolerance * (1.0 + float(np.max(np.abs(expected), initial=0.0)))
     if not difference <= limit:  # NaN fails too.
         logger.warning(
             "The lean serving graph differs from the Keras model by %.3g (limit %.3g) on a probe "
@@ -226,6 +246,94 @@ def lower_text_model(model: keras.Model) -> LoweredTextModel | None:
         return None
     lowered.max_difference = difference
     return lowered
+
+
+def fastest_lowering(model: keras.Model, rounds: int = 5) -> LoweredTextModel | None:
+    """`lower_text_model` in float32 and in bfloat16, timed side by side here; the faster.
+
+    What `serving_precision="auto"` serves. bf16 matmuls run ~4x float32 on
+    an AMX Xeon, ~1.3x on an AVX512_BF16 EPYC, ~0.5x on an AVX-512 Xeon
+    without bf16 hardware and are emulated on AVX2: so both lowerings are
+    timed on this CPU (a batch of 1 and one of `BF16_BATCH`, `rounds`
+    alternations, ~2 s), and bf16 serves only when it is at least
+    `BF16_MARGIN` faster at the batch and no slower at one sentence. The
+    figures go into the lowering's `timing` (the model card). They hold for
+    the CPU the export ran on: export again with `float32` for a fleet of
+    another kind.
+
+    Args:
+        model: keras.Model. As for `lower_text_model`, its layers computing
+            in float32 (`export.serving_precision_scope`).
+        rounds: int. Alternations of the two timings. Defaults to 5.
+
+    Returns:
+        The faster `LoweredTextModel` (float32 on a tie), or None when the
+        model cannot be lowered.
+
+    Example:
+
+    ```python
+    with serving_precision_scope(model):
+        lowered = fastest_lowering(model)
+    lowered.compute_dtype, lowered.timing  # 'bfloat16', {'float32': {...}, 'bfloat16': {...}}
+    ```
+    """
+    float32 = lower_text_model(model, "float32")
+    if float32 is None:
+        return None
+    try:
+        bfloat16 = lower_text_model(model, "bfloat16")
+    except (tf.errors.OpError, RuntimeError) as error:  # No bf16 kernel on this CPU.
+        logger.info("bf16 serving graph unavailable here (%s); serving float32.", error)
+        bfloat16 = None
+    if bfloat16 is None:
+        float32.timing = {"chosen": "float32", "reason": "no bf16 lowering on this CPU"}
+        return float32
+    encoder = _bert_encoder(model)[0]
+    ms = _time_side_by_side({"float32": float32, "bfloat16": bfloat16}, encoder, rounds)
+    faster = (ms["bfloat16"]["batch"] * BF16_MARGIN <= ms["float32"]["batch"]
+              and ms["bfloat16"]["one"] <= ms["float32"]["one"] * BF16_ONE_SLACK)
+    chosen = bfloat16 if faster else float32
+    chosen.timing = {
+        "chosen": chosen.compute_dtype,
+        "rule": f"bfloat16 when >= {BF16_MARGIN}x faster at batch {BF16_BATCH} and no slower "
+                f"(within {BF16_ONE_SLACK - 1:.0%}) at batch 1",
+        "median_ms": ms, "shapes": {"one": [1, _TIMED_LENGTH], "batch": [BF16_BATCH, _TIMED_LENGTH]},
+        "threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                    "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+    }
+    return chosen
+
+
+def _time_side_by_side(lowerings: dict[str, LoweredTextModel], encoder: keras.Model,
+                       rounds: int) -> dict[str, dict[str, float]]:
+    """Median ms per call of each lowering at batch 1 and `BF16_BATCH`, alternating."""
+    rng = np.random.default_rng(0)
+    shapes = {"one": 1, "batch": BF16_BATCH}
+    inputs = {}
+    for shape, rows in shapes.items():
+        ids = rng.integers(0, int(encoder.vocabulary_size), (rows, _TIMED_LENGTH))
+        inputs[shape] = {"token_ids": tf.constant(ids, tf.int32),
+                         "padding_mask": tf.ones((rows, _TIMED_LENGTH), tf.int32),
+                         "segment_ids": tf.zeros((rows, _TIMED_LENGTH), tf.int32)}
+    functions = {name: tf.function(lowered) for name, lowered in lowerings.items()}
+    for function in functions.values():
+        for x in inputs.values():
+            function(x)
+            function(x)
+    samples = {name: {shape: [] for shape in shapes} for name in functions}
+    for round_ in range(rounds):
+        names = list(functions) if round_ % 2 == 0 else list(functions)[::-1]
+        for name in names:
+            for shape, x in inputs.items():
+                calls = []
+                for _ in range(_CALLS[shape]):
+                    start = time.perf_counter()
+                    functions[name](x).numpy()
+                    calls.append(time.perf_counter() - start)
+                samples[name][shape].append(float(np.median(calls)) * 1e3)
+    return {name: {shape: round(float(np.median(v)), 3) for shape, v in per.items()}
+            for name, per in samples.items()}
 
 
 def _bert_encoder(model: keras.Model) -> tuple[keras_hub.models.BertBackbone, keras.Function] | None:

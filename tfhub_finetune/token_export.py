@@ -68,9 +68,9 @@ from tfhub_finetune.export import (
     _text_warmup_requests,
     exported_in_serving_precision,
     publish_text_models,
+    serving_lowering,
     warmup_shapes,
 )
-from tfhub_finetune.serving_graph import lower_text_model
 
 # Python's str.isspace() characters: words split exactly as `str.split()` splits.
 _WHITESPACE = [c for c in range(sys.maxunicode + 1) if chr(c).isspace()]
@@ -190,8 +190,8 @@ def export_token_classifier(
         stride: int or None. Window stride; default from params.json (0: half
             a window).
         measure_latency: bool. Time batch-1 calls for the model card.
-        serving_precision: str. `float32` (default) or `as_trained`, as for
-            `export_text_classifier`.
+        serving_precision: str. `float32` (default), `as_trained` or `auto`,
+            as for `export_text_classifier`.
         lean_serving_graph: bool. Serve a keras-hub BERT encoder through
             `serving_graph.lower_text_model`, as for `export_text_classifier`.
             Defaults to `True`.
@@ -210,7 +210,6 @@ def export_token_classifier(
                                    model_dir="runs/conll2003")
     ```
     """
-    del serving_precision  # Applied by `exported_in_serving_precision`; the card's compute_dtype.
     if not isinstance(backbone, TextBackbone):
         raise InputError("The token export needs the TextBackbone the model was built on.",
                          received={"backbone": type(backbone).__name__})
@@ -235,7 +234,7 @@ def export_token_classifier(
     start_id, end_id, pad_id = int(tokenizer.start_id), int(tokenizer.end_id), int(tokenizer.pad_id)
     unk = unknown_id(backbone)
     names_tensor = tf.constant(names)
-    lowered = lower_text_model(model) if lean_serving_graph else None
+    lowered = serving_lowering(model, serving_precision, lean_serving_graph)
     served = lowered or functools.partial(model, training=False)
 
     def tag_words(text: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -339,6 +338,7 @@ def export_token_classifier(
         backbone_spec=backbone.spec, params=params,
         metrics=metrics if metrics is not None else _read_json(model_dir, "metrics.json"),
         preprocessing=preprocessing, latency=latency,
+        compute_dtype=lowered.compute_dtype if lowered else None,
     )
 
     return publish_text_models(
