@@ -21,7 +21,8 @@ global batch 32, max sequence length 128):
   `serving_precision="auto"` (its lean BERT graph in float32 or bf16,
   whichever it timed faster on this CPU at export;
   `serving_graph.fastest_lowering`), loaded in a fresh process with
-  TensorFlow's default threads (`ours`) or one thread (`ours_1thread`);
+  TensorFlow's default threads (`ours`), one thread (`ours_1thread`) or one intra-op
+  thread and the default inter-op pool (`ours_intra1`);
   `ours_xla` is the opt-in XLA export (`serving_jit_compile`, every timed
   shape compiled in its warm-up). Ablations: `ours_serve_float32` (the
   flag's default precision, float32) and `ours_keras_graph` (float32, the
@@ -134,6 +135,12 @@ SYSTEMS = (
     # small ops, where handing each op to a 2-thread pool costs more than it saves.
     System("ours_1thread", "benchmarks.ours", {"intra_op": 1, "inter_op": 1},
            "ours' SavedModel served with 1 intra-op + 1 inter-op thread", ("infer",)),
+    # One intra-op thread but the default inter-op pool: each op on one core (no
+    # split-and-join of a batch-1 call's small ops) while the length chunks of a large
+    # batch still run in parallel on the inter-op threads (`SERVING_CHUNKS_IN_FLIGHT`).
+    System("ours_intra1", "benchmarks.ours", {"intra_op": 1},
+           "ours' SavedModel served with 1 intra-op thread, default inter-op threads",
+           ("infer",)),
     # The opt-in XLA export (`--serving_jit_compile`; TF Serving needs
     # --xla_cpu_compilation_enabled). Its warm-up serves every timed call once, since
     # each new (rows, width) shape compiles on first sight (at load time in TF

@@ -50,7 +50,7 @@ _PROBE_ROWS, _PROBE_LENGTH = 3, 13
 # an SST-2 sentence's word pieces.
 BF16_MARGIN = 1.15
 BF16_BATCH = 16
-BF16_ONE_SLACK = 1.05
+BF16_ONE_SLACK = 1.10
 _TIMED_LENGTH = 32
 _CALLS = {"one": 10, "batch": 3}
 
@@ -248,15 +248,17 @@ def lower_text_model(model: keras.Model, compute_dtype: str | None = None
     return lowered
 
 
-def fastest_lowering(model: keras.Model, rounds: int = 5) -> LoweredTextModel | None:
+def fastest_lowering(model: keras.Model, rounds: int = 7) -> LoweredTextModel | None:
     """`lower_text_model` in float32 and in bfloat16, timed side by side here; the faster.
 
     What `serving_precision="auto"` serves. bf16 matmuls run ~4x float32 on
     an AMX Xeon, ~1.3x on an AVX512_BF16 EPYC, ~0.5x on an AVX-512 Xeon
     without bf16 hardware and are emulated on AVX2: so both lowerings are
     timed on this CPU (a batch of 1 and one of `BF16_BATCH`, `rounds`
-    alternations, ~2 s), and bf16 serves only when it is at least
-    `BF16_MARGIN` faster at the batch and no slower at one sentence. The
+    alternations, ~3 s), and bf16 serves only when it is at least
+    `BF16_MARGIN` faster at the batch and no slower at one sentence (within
+    `BF16_ONE_SLACK`: on bf16 hardware the two are level there, to within
+    the noise of a shared machine; without it bf16 is 1.5x slower or worse). The
     figures go into the lowering's `timing` (the model card). They hold for
     the CPU the export ran on: export again with `float32` for a fleet of
     another kind.
@@ -264,7 +266,7 @@ def fastest_lowering(model: keras.Model, rounds: int = 5) -> LoweredTextModel | 
     Args:
         model: keras.Model. As for `lower_text_model`, its layers computing
             in float32 (`export.serving_precision_scope`).
-        rounds: int. Alternations of the two timings. Defaults to 5.
+        rounds: int. Alternations of the two timings. Defaults to 7.
 
     Returns:
         The faster `LoweredTextModel` (float32 on a tie), or None when the
