@@ -28,7 +28,9 @@ from tfhub_finetune.selection.config import TRIAL_FIELDS, SelectionConfig
 # Bumped when what a trial computes changes outside the config, so old caches are not reused.
 # 3: serving forms of bf16-trained trials are measured on a float32 export
 # (`serving_precision`); figures cached before measured a bf16 one.
-CACHE_VERSION = 3
+# 4: text exports serve the lean BERT graph (`serving_graph`); profiles cached before
+# timed the Keras call.
+CACHE_VERSION = 4
 # Fields that cannot change a result: where the data lives (its content is
 # fingerprinted instead), how often backups are written, progress output, and what
 # only shapes an export (trials never export).
