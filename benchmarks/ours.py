@@ -198,7 +198,11 @@ def export(args: dict) -> dict:
             serving_precision=args["serving_precision"],
             lean_serving_graph=bool(args["lean_serving_graph"]),
         )
+        # What the float export serves (the int8 forms below are other graphs).
         card = json.loads((Path(path) / "assets.extra" / "model_card.json").read_text())
+        served = ({"compute_dtype": card["compute_dtype"],
+                   "serving_graph": card["preprocessing"]["serving_graph"]}
+                  if args["form"] == "float32" else {})
         if args["form"] != "float32":
             from tfhub_finetune.quantized_export import (
                 export_quantized_text_classifier,
@@ -215,9 +219,7 @@ def export(args: dict) -> dict:
     return {**settings, "saved_model": str(path), "export_s": clock.wall_s, "form": args["form"],
             "serving_jit_compile": bool(args["serving_jit_compile"]),
             "serving_precision": args["serving_precision"],
-            "lean_serving_graph": bool(args["lean_serving_graph"]),
-            "compute_dtype": card["compute_dtype"],
-            "serving_graph": card["preprocessing"]["serving_graph"],
+            "lean_serving_graph": bool(args["lean_serving_graph"]), **served,
             "exporter": "tfhub_finetune.export.export_text_classifier"}
 
 
