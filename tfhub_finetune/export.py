@@ -743,7 +743,7 @@ def _serving_graph_card(lowered: LoweredTextModel | None) -> dict[str, Any]:
     """The model card's account of what computes the encoder (`serving_graph`)."""
     if lowered is None:
         return {"kind": "keras"}
-    card = {"kind": "lean_bert", "compute_dtype": lowered.compute_dtype,
+    card = {"kind": "lean_bert", "compute_dtype": lowered.compute_dtype, "slices": lowered.slices,
             "max_difference_from_keras": lowered.max_difference}
     if lowered.timing:
         card["timing"] = lowered.timing

@@ -7,11 +7,16 @@ from its float32 variable on every call. At serving batch sizes those extra
 ops cost more than the matmuls they feed (MiniLM-L6, one sentence, 2 threads:
 126 casts per call). `lower_text_model` rewrites the inference call once, at
 export, the way ONNX Runtime's transformer optimizer or PyTorch's
-BetterTransformer do: one fused QKV matmul per layer with the 1/sqrt(head
-size) folded into the query weights, one transpose in and out, bias adds
-oneDNN fuses into the matmul, LayerNorm from moments, and, when the model
+BetterTransformer do: one fused QKV matmul per block slice with the
+1/sqrt(head size) folded into the query weights, one transpose in and out, bias adds
+oneDNN fuses into the matmul, LayerNorm from moments, transposes and softmax
+on Eigen kernels (small work stays on one thread), and, when the model
 serves in bf16, kernels stored once in bf16 with softmax, LayerNorm and the
-residual stream kept in float32.
+residual stream kept in float32. Each block is cut into `SERVING_SLICES`
+independent parts, Megatron-style (attention by heads, the feed-forward by
+its inner units; the parts' outputs summed), so that at serving batch sizes
+TensorFlow's inter-op pool runs two small chains side by side instead of
+splitting every small op across the intra-op pool.
 
 It is a lowering, not a second model: every weight is read from the trained
 Keras layers when the export runs, the head after the encoder stays the
@@ -53,6 +58,11 @@ BF16_BATCH = 16
 BF16_ONE_SLACK = 1.10
 _TIMED_LENGTH = 32
 _CALLS = {"one": 10, "batch": 3}
+# Independent slices of every block (`LoweredTextModel`). Two: each slice's
+# matmuls at one sentence fit oneDNN's single-threaded size (TF's
+# `ExecuteSingleThreadedGemm`: operands within L2) and the two run on the
+# inter-op pool at once. Measured in BUILD_NOTES.md "Serving graph".
+SERVING_SLICES = 2
 
 
 class LoweredTextModel(tf.Module):
@@ -62,7 +72,10 @@ class LoweredTextModel(tf.Module):
     a dict of `token_ids`, `padding_mask`, `segment_ids` (int32, batch x
     length) in, the model's output (float32) out. The weights are copies
     made at construction; `served_variables` lists everything a SavedModel
-    of the lowered call must keep.
+    of the lowered call must keep. With `slices` > 1 each block computes as
+    that many independent parts (attention by groups of heads, the
+    feed-forward by groups of inner units) whose outputs are summed: the
+    same function, with the weights cut, not copied.
 
     Example:
 
@@ -73,7 +86,7 @@ class LoweredTextModel(tf.Module):
     """
 
     def __init__(self, encoder: keras_hub.models.BertBackbone, tail: keras.Function,
-                 compute_dtype: str):
+                 compute_dtype: str, slices: int = 1):
         super().__init__(name="lowered_text_model")
         self.compute_dtype = compute_dtype
         dtype = tf.as_dtype(compute_dtype)
@@ -94,27 +107,41 @@ class LoweredTextModel(tf.Module):
         self._embedding_norm = layer_norm(encoder.embeddings_layer_norm)
         scale = 1.0 / math.sqrt(self._hidden // self._num_heads)
         hidden = self._hidden
+        self._slices = slices
         self._blocks = []
         for block in encoder.transformer_layers:
             attention = block._self_attention_layer
             q, k, v = (attention._query_dense, attention._key_dense, attention._value_dense)
-            kernel = np.concatenate(
-                [q.kernel.numpy().reshape(hidden, hidden) * scale,
-                 k.kernel.numpy().reshape(hidden, hidden), v.kernel.numpy().reshape(hidden, hidden)],
-                axis=1)
-            bias = np.concatenate(
-                [q.bias.numpy().reshape(hidden) * scale, k.bias.numpy().reshape(hidden),
-                 v.bias.numpy().reshape(hidden)])
+            query = q.kernel.numpy().reshape(hidden, hidden) * scale
+            query_bias = q.bias.numpy().reshape(hidden) * scale
+            key, key_bias = k.kernel.numpy().reshape(hidden, hidden), k.bias.numpy().reshape(hidden)
+            value = v.kernel.numpy().reshape(hidden, hidden)
+            value_bias = v.bias.numpy().reshape(hidden)
             out = attention._output_dense
+            out_kernel = out.kernel.numpy().reshape(hidden, hidden)
             inner, outer = block._feedforward_intermediate_dense, block._feedforward_output_dense
+            inner_kernel, inner_bias = inner.kernel.numpy(), inner.bias.numpy()
+            outer_kernel = outer.kernel.numpy()
+            width = (self._num_heads // slices) * (hidden // self._num_heads)
+            intermediate = inner_kernel.shape[1] // slices
+            parts = []
+            for i in range(slices):
+                heads_ = slice(i * width, (i + 1) * width)
+                units = slice(i * intermediate, (i + 1) * intermediate)
+                parts.append({
+                    "qkv_kernel": constant(np.concatenate(
+                        [query[:, heads_], key[:, heads_], value[:, heads_]], axis=1), dtype),
+                    "qkv_bias": constant(np.concatenate(
+                        [query_bias[heads_], key_bias[heads_], value_bias[heads_]]), dtype),
+                    "out_kernel": constant(out_kernel[heads_], dtype),
+                    "inner_kernel": constant(inner_kernel[:, units], dtype),
+                    "inner_bias": constant(inner_bias[units], dtype),
+                    "outer_kernel": constant(outer_kernel[units], dtype),
+                })
             self._blocks.append({
-                "qkv_kernel": constant(kernel, dtype), "qkv_bias": constant(bias, dtype),
-                "out_kernel": constant(out.kernel.numpy().reshape(hidden, hidden), dtype),
+                "slices": parts,
                 "out_bias": constant(out.bias.numpy(), dtype),
                 "attention_norm": layer_norm(block._self_attention_layer_norm),
-                "inner_kernel": constant(inner.kernel.numpy(), dtype),
-                "inner_bias": constant(inner.bias.numpy(), dtype),
-                "outer_kernel": constant(outer.kernel.numpy(), dtype),
                 "outer_bias": constant(outer.bias.numpy(), dtype),
                 "feedforward_norm": layer_norm(block._feedforward_layer_norm),
             })
@@ -129,6 +156,11 @@ class LoweredTextModel(tf.Module):
         self._tail_policies = [(layer, layer.dtype_policy) for layer in layers]
         self.max_difference: float | None = None
         self.timing: dict[str, Any] | None = None  # Set by `fastest_lowering`.
+
+    @property
+    def slices(self) -> int:
+        """Independent parts each block computes in (heads and inner units split)."""
+        return self._slices
 
     @property
     def vocabulary_size(self) -> int:
@@ -177,26 +209,52 @@ class LoweredTextModel(tf.Module):
 
     def _block(self, x: tf.Tensor, block: dict[str, Any], score_bias: tf.Tensor) -> tf.Tensor:
         batch, length = tf.shape(x)[0], tf.shape(x)[1]
-        heads, size = self._num_heads, self._hidden // self._num_heads
+        heads, size = self._num_heads // self._slices, self._hidden // self._num_heads
         flat = tf.reshape(x, [-1, self._hidden])  # The residual stream, float32.
-        qkv = self._dense(self._in_compute(flat), block["qkv_kernel"], block["qkv_bias"])
-        qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, heads, size]), [2, 0, 3, 1, 4])
-        query, key, value = qkv[0], qkv[1], qkv[2]
-        scores = tf.cast(tf.matmul(query, key, transpose_b=True), tf.float32) + score_bias
-        weights = self._in_compute(tf.nn.softmax(scores, axis=-1))
-        context = tf.reshape(tf.transpose(tf.matmul(weights, value), [0, 2, 1, 3]),
-                             [-1, self._hidden])
-        attended = self._dense(context, block["out_kernel"], block["out_bias"])
+        inputs = self._in_compute(flat)
+        attended = []
+        for part in block["slices"]:
+            qkv = self._dense(inputs, part["qkv_kernel"], part["qkv_bias"])
+            qkv = _transpose(tf.reshape(qkv, [batch, length, 3, heads, size]), [2, 0, 3, 1, 4])
+            query, key, value = tf.unstack(qkv)
+            scores = tf.cast(tf.matmul(query, key, transpose_b=True), tf.float32) + score_bias
+            weights = self._in_compute(_softmax(scores))
+            context = tf.reshape(_transpose(tf.matmul(weights, value), [0, 2, 1, 3]),
+                                 [-1, heads * size])
+            attended.append(tf.matmul(context, part["out_kernel"]))
+        attended = tf.nn.bias_add(tf.add_n(attended), block["out_bias"])
         flat = self._layer_norm(tf.cast(attended, tf.float32) + flat, block["attention_norm"])
-        inner = tf.nn.gelu(self._dense(self._in_compute(flat), block["inner_kernel"],
-                                       block["inner_bias"]), approximate=True)
-        outer = self._dense(inner, block["outer_kernel"], block["outer_bias"])
+        inputs = self._in_compute(flat)
+        outer = []
+        for part in block["slices"]:
+            inner = tf.nn.gelu(self._dense(inputs, part["inner_kernel"], part["inner_bias"]),
+                               approximate=True)
+            outer.append(tf.matmul(inner, part["outer_kernel"]))
+        outer = tf.nn.bias_add(tf.add_n(outer), block["outer_bias"])
         flat = self._layer_norm(tf.cast(outer, tf.float32) + flat, block["feedforward_norm"])
         return tf.reshape(flat, [batch, length, self._hidden])
 
 
-def lower_text_model(model: keras.Model, compute_dtype: str | None = None
-                     ) -> LoweredTextModel | None:
+# Transposes and softmax run on TensorFlow's Eigen kernels rather than oneDNN's.
+# A oneDNN op hands its work to every intra-op thread whatever its size: on a
+# sentence's tensors that hand-off costs more than the work (MiniLM, one
+# sentence, 2 threads: a transpose ~80 us against ~12 us on one thread), where
+# Eigen's cost model keeps small work on the calling thread. Transposes go as
+# integers of the same width (oneDNN's kernel takes only float types).
+_SAME_WIDTH_INT = {tf.float32: tf.int32, tf.bfloat16: tf.int16}
+
+
+def _transpose(x: tf.Tensor, perm: list[int]) -> tf.Tensor:
+    return tf.bitcast(tf.transpose(tf.bitcast(x, _SAME_WIDTH_INT[x.dtype]), perm), x.dtype)
+
+
+def _softmax(scores: tf.Tensor) -> tf.Tensor:
+    exp = tf.exp(scores - tf.reduce_max(scores, axis=-1, keepdims=True))
+    return exp / tf.reduce_sum(exp, axis=-1, keepdims=True)
+
+
+def lower_text_model(model: keras.Model, compute_dtype: str | None = None,
+                     slices: int | None = None) -> LoweredTextModel | None:
     """Lowers a text model's inference call on a keras-hub BERT encoder, checked, or None.
 
     Recognised: a functional model on `token_ids`, `padding_mask`,
@@ -214,6 +272,9 @@ def lower_text_model(model: keras.Model, compute_dtype: str | None = None
             the encoder's compute dtype. The check compares with
             `model(...)` as it computes, with the tolerance of the lower
             precision of the two.
+        slices: int or None. Independent parts per block; the largest
+            count up to this that divides the heads and the inner units is
+            used. Defaults to `SERVING_SLICES`.
 
     Returns:
         A `LoweredTextModel`, or None when the structure is not recognised or
@@ -237,7 +298,7 @@ def lower_text_model(model: keras.Model, compute_dtype: str | None = None
     if compute_dtype not in TOLERANCE:
         raise ValueError(f"compute_dtype must be one of {sorted(TOLERANCE)}. "
                          f"Received: compute_dtype={compute_dtype!r}")
-    lowered = LoweredTextModel(encoder, tail, compute_dtype)
+    lowered = LoweredTextModel(encoder, tail, compute_dtype, _usable_slices(encoder, slices or SERVING_SLICES))
     probe = _probe_inputs(encoder)
     expected = np.asarray(tf.cast(model(probe, training=False), tf.float32))
     actual = np.asarray(tf.function(lowered)(probe))
@@ -373,6 +434,13 @@ def _bert_encoder(model: keras.Model) -> tuple[keras_hub.models.BertBackbone, ke
     # mixed_bfloat16) even when the export serves in float32.
     tail = keras.Function([outputs, dict(model.input)], model.outputs[0])
     return encoder, tail
+
+
+def _usable_slices(encoder: keras_hub.models.BertBackbone, slices: int) -> int:
+    """The largest count up to `slices` that divides both the heads and the inner units."""
+    inner = int(encoder.transformer_layers[0]._feedforward_intermediate_dense.units)
+    return max(s for s in range(1, max(1, int(slices)) + 1)
+               if encoder.num_heads % s == 0 and inner % s == 0)
 
 
 def _compute_dtype(encoder: keras.Model) -> str | None:
