@@ -445,9 +445,10 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
     """Predicts every input and writes JSON lines; returns `{count, errors, output, skipped_blank, threads}`.
 
     Thread pools are sized by `distribute.set_serving_threads` before the
-    model loads: at batch size 1, unless given, one intra-op and one inter-op
-    thread where that serves this export faster on this machine (timed on
-    the first inputs in child processes, cached per model graph).
+    model loads: at batch size 1, unless given, one intra-op thread (with one
+    inter-op thread or the default inter-op pool, whichever is faster) where
+    that serves this export faster on this machine (timed on the first inputs
+    in child processes, cached per model graph).
 
     Raises:
         InputError: for bad paths, unreadable inputs, or inputs that do not

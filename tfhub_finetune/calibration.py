@@ -15,8 +15,9 @@ jobs on the cores disturb far less than wall time). `decide` turns the figures i
 choice with a margin (`MARGIN`).
 
 `serving_thread_calibration` measures, in child processes (thread pools are
-fixed when TensorFlow's runtime starts), whether one intra-op and one
-inter-op thread serve a batch-1 call faster than TensorFlow's default pools,
+fixed when TensorFlow's runtime starts), whether one intra-op thread (with
+one inter-op thread, or TensorFlow's default inter-op pool) serves a batch-1
+call faster than TensorFlow's default pools,
 on the SavedModel to be served when there is one (else on one encoder
 layer, a weaker proxy); `decide_serving_threads` chooses with the same
 margin.
@@ -61,8 +62,10 @@ logger = logging.getLogger(__name__)
 CALIBRATION_VERSION = 3
 RECALIBRATE_ENV = "TFHUB_FINETUNE_RECALIBRATE"
 CONFIGS = ("float32", "mixed_bfloat16", "float32+xla", "mixed_bfloat16+xla")
-# `serving_thread_calibration`'s settings -> threads per pool (0: TensorFlow's default pools).
-SERVING_THREAD_CONFIGS = {"threads=default": 0, "threads=1": 1}
+# `serving_thread_calibration`'s settings -> (intra-op, inter-op) threads (0: TensorFlow's
+# default pool). `intra_op=1` keeps the inter-op pool, on which the lean serving graph's
+# two block slices run side by side (`serving_graph.SERVING_SLICES`).
+SERVING_THREAD_CONFIGS = {"threads=default": (0, 0), "threads=1": (1, 1), "intra_op=1": (1, 0)}
 # bf16 or XLA is chosen only when the calibration step is at least this much
 # faster. The calibration times the precision-sensitive part of a step; the
 # optimizer update (float32 under either policy, ~20-35% of a MiniLM step on
@@ -218,11 +221,12 @@ def serving_thread_calibration(
     recalibrate: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Calibration:
-    """Batch-1 latency with TensorFlow's default thread pools and with one thread each.
+    """Batch-1 latency with TensorFlow's default thread pools and with one intra-op thread.
 
     Thread pools are fixed when TensorFlow's runtime starts, so each setting
     is measured in a child process of its own (`SERVING_THREAD_CONFIGS`),
-    alternating (default, one, one, default) so load drift falls on both;
+    in rotation and back (default, one, intra-op one, and the reverse) so
+    load drift falls on all;
     each child reports the least, over rounds, of the median wall time of
     its calls (latency is what a caller waits, so wall time). Cached like
     `cpu_calibration`.
@@ -258,7 +262,7 @@ def serving_thread_calibration(
     ```python
     figures = serving_thread_calibration(saved_model="exports/sst2/1",
                                          requests=[{"text": ["a fine film"]}])
-    decide_serving_threads(figures.seconds)  # ((1, 1), 'one thread 1.37x ...') or ((0, 0), ...)
+    decide_serving_threads(figures.seconds)  # ((1, 0), 'intra_op=1 1.37x ...') or ((0, 0), ...)
     ```
     """
     import tensorflow as tf
@@ -284,8 +288,9 @@ def decide_serving_threads(
 ) -> tuple[tuple[int, int], str]:
     """`(intra_op, inter_op)` for batch-1 serving from measured latencies: a pure function.
 
-    One thread each only when that is at least `margin` times faster than
-    TensorFlow's default pools (0, 0); a missing figure counts as not faster.
+    The fastest of the other `SERVING_THREAD_CONFIGS` only when it is at
+    least `margin` times faster than TensorFlow's default pools (0, 0); a
+    missing figure counts as not faster.
 
     Example:
 
@@ -293,11 +298,16 @@ def decide_serving_threads(
     decide_serving_threads({"threads=default": 0.0117, "threads=1": 0.0075})[0]  # (1, 1)
     ```
     """
-    default, one = seconds.get("threads=default", 0.0), seconds.get("threads=1", 0.0)
-    ratio = default / one if default > 0 and one > 0 else 0.0
-    threads = (1, 1) if ratio >= margin else (0, 0)
-    return threads, (f"one intra-op and one inter-op thread {ratio:.2f}x TensorFlow's default "
-                     f"pools at batch 1 (choose one at >= {margin:.2f}x)")
+    default = seconds.get("threads=default", 0.0)
+    others = {name: value for name, value in seconds.items()
+              if name in SERVING_THREAD_CONFIGS and name != "threads=default" and value > 0}
+    if default <= 0 or not others:
+        return (0, 0), "no batch-1 figures to compare: TensorFlow's default pools"
+    fastest = min(others, key=others.get)
+    ratio = default / others[fastest]
+    threads = SERVING_THREAD_CONFIGS[fastest] if ratio >= margin else (0, 0)
+    return threads, (f"{fastest} {ratio:.2f}x TensorFlow's default pools at batch 1 "
+                     f"(the fastest setting is chosen at >= {margin:.2f}x)")
 
 
 def _machine_key(tensorflow_version: str, hidden_size: int) -> dict:
@@ -477,7 +487,7 @@ def _measure_serving_threads(child: list[str], stdin: str = "") -> dict[str, flo
     """Seconds per batch-1 call with each of `SERVING_THREAD_CONFIGS`, one child process each.
 
     `child` is this module's child function and its first argument; the
-    thread count is appended, `stdin` is given to it.
+    intra-op and inter-op counts are appended, `stdin` is given to it.
     """
     import subprocess
     import sys
@@ -485,10 +495,11 @@ def _measure_serving_threads(child: list[str], stdin: str = "") -> dict[str, flo
     best: dict[str, float] = {}
     names = list(SERVING_THREAD_CONFIGS)
     for name in names + names[::-1]:  # In rotation, so load drift falls on both.
-        threads = SERVING_THREAD_CONFIGS[name]
+        intra, inter = SERVING_THREAD_CONFIGS[name]
         done = subprocess.run(
             [sys.executable, "-c", f"import sys; from tfhub_finetune.calibration import "
-             f"{child[0]} as child; child(sys.argv[1], int(sys.argv[2]))", child[1], str(threads)],
+             f"{child[0]} as child; child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))",
+             child[1], str(intra), str(inter)],
             input=stdin, capture_output=True, text=True, timeout=600,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         )
@@ -541,18 +552,23 @@ def _timed_calls(call: Callable[[int], Any], count: int) -> float:
     return min(medians)
 
 
-def _serving_latency_child(hidden: str, threads: int) -> None:
-    """Prints the proxy's batch-1 seconds per call with `threads` per pool (0: TF's)."""
+def _set_pools(intra_op: int, inter_op: int) -> None:
     import tensorflow as tf
 
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
+def _serving_latency_child(hidden: str, intra_op: int, inter_op: int) -> None:
+    """Prints the proxy's batch-1 seconds per call with these pools (0: TF's default)."""
+    _set_pools(intra_op, inter_op)
     call = _step(int(hidden), "float32", batch=1, seq=32, backward=False)
     print(_timed_calls(lambda i: call(), 1), flush=True)
 
 
-def _saved_model_latency_child(path: str, threads: int) -> None:
+def _saved_model_latency_child(path: str, intra_op: int, inter_op: int) -> None:
     """Prints a SavedModel's batch-1 seconds per call on the requests read from stdin."""
     import sys
 
@@ -562,9 +578,7 @@ def _saved_model_latency_child(path: str, threads: int) -> None:
 
     with contextlib.suppress(ImportError):  # The ops of exports that tokenize in the graph.
         import tensorflow_text  # noqa: F401
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    _set_pools(intra_op, inter_op)
     serve = tf.saved_model.load(path).signatures["serving_default"]
 
     def served(inputs: dict) -> bool:

@@ -761,9 +761,10 @@ def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1,
     Args:
         batch_size: int. Inputs per call.
         intra_op: int. Threads per op; 0 is TensorFlow's default (one per
-            core), -1 picks: at batch 1 one thread each where the machine's
-            calibration measures that at least `calibration.MARGIN` faster
-            (`calibration.serving_thread_calibration`, cached), else 0.
+            core), -1 picks: at batch 1 the fastest of one thread each and
+            one intra-op thread beside the default inter-op pool where the
+            machine's calibration measures it at least `calibration.MARGIN`
+            faster (`calibration.serving_thread_calibration`, cached), else 0.
         inter_op: int. Ops run at once; same conventions.
         saved_model: str, path or None. The SavedModel version folder to be
             served: with `requests`, the calibration times its own batch-1
@@ -781,7 +782,7 @@ def set_serving_threads(batch_size: int, intra_op: int = -1, inter_op: int = -1,
     Example:
 
     ```python
-    set_serving_threads(1)  # (1, 1) or (0, 0), as measured here: what TF Serving's flags should say
+    set_serving_threads(1)  # (1, 0), (1, 1) or (0, 0), as measured here: TF Serving's flags
     ```
     """
     for name, value in (("intra_op", intra_op), ("inter_op", inter_op)):
