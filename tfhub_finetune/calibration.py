@@ -494,7 +494,7 @@ def _measure_serving_threads(child: list[str], stdin: str = "") -> dict[str, flo
 
     best: dict[str, float] = {}
     names = list(SERVING_THREAD_CONFIGS)
-    for name in names + names[::-1]:  # In rotation, so load drift falls on both.
+    for name in names + names[::-1]:  # In rotation and back, so load drift falls on all.
         intra, inter = SERVING_THREAD_CONFIGS[name]
         done = subprocess.run(
             [sys.executable, "-c", f"import sys; from tfhub_finetune.calibration import "
