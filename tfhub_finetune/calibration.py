@@ -234,7 +234,7 @@ def serving_thread_calibration(
     With `saved_model` the workload is that SavedModel's own
     `serving_default`, called with `requests` in turn (one example each):
     what a batch-1 job of that model waits for, measured once per model
-    graph on this machine (~40 s for a MiniLM export on 2 cores). Without
+    graph on this machine (~1 min for a MiniLM export on 2 cores). Without
     it, one encoder layer's forward pass on one 32-token sentence (a few
     seconds, once per machine): a proxy, and a weak one, since the
     choice depends on the served graph's chain of ops (on the AVX-512 Xeon
