@@ -108,6 +108,7 @@ class LoweredTextModel(tf.Module):
         scale = 1.0 / math.sqrt(self._hidden // self._num_heads)
         hidden = self._hidden
         self._slices = slices
+        self._heads_per_slice = self._num_heads // slices
         self._blocks = []
         for block in encoder.transformer_layers:
             attention = block._self_attention_layer
@@ -122,7 +123,7 @@ class LoweredTextModel(tf.Module):
             inner, outer = block._feedforward_intermediate_dense, block._feedforward_output_dense
             inner_kernel, inner_bias = inner.kernel.numpy(), inner.bias.numpy()
             outer_kernel = outer.kernel.numpy()
-            width = (self._num_heads // slices) * (hidden // self._num_heads)
+            width = self._heads_per_slice * (hidden // self._num_heads)
             intermediate = inner_kernel.shape[1] // slices
             parts = []
             for i in range(slices):
@@ -209,7 +210,7 @@ class LoweredTextModel(tf.Module):
 
     def _block(self, x: tf.Tensor, block: dict[str, Any], score_bias: tf.Tensor) -> tf.Tensor:
         batch, length = tf.shape(x)[0], tf.shape(x)[1]
-        heads, size = self._num_heads // self._slices, self._hidden // self._num_heads
+        heads, size = self._heads_per_slice, self._hidden // self._num_heads
         flat = tf.reshape(x, [-1, self._hidden])  # The residual stream, float32.
         inputs = self._in_compute(flat)
         attended = []
@@ -438,9 +439,8 @@ def _bert_encoder(model: keras.Model) -> tuple[keras_hub.models.BertBackbone, ke
 
 def _usable_slices(encoder: keras_hub.models.BertBackbone, slices: int) -> int:
     """The largest count up to `slices` that divides both the heads and the inner units."""
-    inner = int(encoder.transformer_layers[0]._feedforward_intermediate_dense.units)
     return max(s for s in range(1, max(1, int(slices)) + 1)
-               if encoder.num_heads % s == 0 and inner % s == 0)
+               if encoder.num_heads % s == 0 and encoder.intermediate_dim % s == 0)
 
 
 def _compute_dtype(encoder: keras.Model) -> str | None:
