@@ -57,14 +57,14 @@ def _serve_functions(variants: list[str]):
     from tfhub_finetune import export
     from tfhub_finetune.backbones.loader import load_backbone
     from tfhub_finetune.builders.text_classifier import build_text_classifier
-    from tfhub_finetune.data.text import bucket_boundaries, pack_inputs
+    from tfhub_finetune.data.text import bucket_widths, pack_inputs
 
     backbone = load_backbone(_harness.CATALOG_NAME)
     model = build_text_classifier(backbone, 2)
     tok = backbone.tokenizer
     ids = {"start_id": int(tok.start_id), "end_id": int(tok.end_id), "pad_id": int(tok.pad_id)}
     max_positions = int(backbone.max_sequence_length)
-    widths = [*bucket_boundaries(max_positions)[:-1], max_positions]
+    widths = bucket_widths(max_positions)
 
     def make(rows: int, bucket: bool, jit: bool):
         # The XLA variant is built as the export builds it (`serving_shapes`, one jit function).

@@ -119,7 +119,8 @@ def define_text_flags() -> None:
     flags.DEFINE_enum("has_header", "auto", ["auto", "true", "false"], "Whether files have a header row.")
     flags.DEFINE_integer("sequence_length", 128, "Max word pieces per text, [CLS]/[SEP] included.")
     flags.DEFINE_enum("pooling", "auto", ["auto", "cls", "pooler", "mean"], "Sentence pooling.")
-    flags.DEFINE_bool("bucketing", True, "Bucket training batches by length (much faster on CPU).")
+    flags.DEFINE_bool("bucketing", True, "Group training batches by length: shuffled windows, "
+                      "each sorted by length (much faster on CPU).")
 
 
 def define_image_flags() -> None:
@@ -144,7 +145,8 @@ def define_token_flags() -> None:
                         "key of JSONL (an index means `tokens`).")
     flags.DEFINE_integer("sequence_length", 128, "Word pieces per window, [CLS]/[SEP] included; "
                          "longer sentences are split into sliding windows.")
-    flags.DEFINE_bool("bucketing", True, "Bucket training batches by length (much faster on CPU).")
+    flags.DEFINE_bool("bucketing", True, "Group training batches by length: shuffled windows, "
+                      "each sorted by length (much faster on CPU).")
     define_tag_flags()
 
 

@@ -7,7 +7,7 @@ import tensorflow as tf
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.data.sources import read_text_examples, split_examples
 from tfhub_finetune.data.text import (
-    bucket_boundaries,
+    bucket_widths,
     count_batches,
     make_text_dataset,
     tokenize_texts,
@@ -187,23 +187,40 @@ def test_stratified_hold_out_keeps_every_class_in_training():
         split_examples(two, 0.25, 0, strata=two.labels)
 
 
-def test_bucketed_batches_pad_to_their_longest_and_count_exactly():
+def test_length_grouped_batches_are_full_near_uniform_and_padded_to_their_longest():
     rng = np.random.default_rng(0)
-    texts = [" ".join(["w"] * int(n)) for n in rng.integers(1, 60, size=300)]
-    data = tokenize_texts(texts, np.zeros(300, np.int32), WhitespaceTokenizer(), 64)
+    lengths = rng.integers(1, 60, size=300)
+    texts = [" ".join(["w"] * int(n)) for n in lengths]
+    data = tokenize_texts(texts, np.arange(300), WhitespaceTokenizer(), 64)
     ds = make_text_dataset(data, WhitespaceTokenizer(), batch_size=16, training=True, seed=1)
     batches = list(ds)
-    assert len(batches) == count_batches(data.lengths, 16, True, 64) == int(ds.cardinality())
-    edges = [0, *bucket_boundaries(64)]
-    total = 0
-    for x, _ in batches:
-        lengths = x["padding_mask"].numpy().sum(axis=1)
-        assert x["token_ids"].shape[1] == lengths.max()  # Padded to the longest only.
-        bucket = np.searchsorted(edges, lengths, side="right")
-        assert len(set(bucket)) == 1  # One length bucket per batch.
+    assert len(batches) == count_batches(300, 16) == int(ds.cardinality()) == 19
+    assert [len(y) for _, y in batches].count(16) == 18  # Every batch full but one.
+    seen, real, padded = [], 0, 0
+    for x, y in batches:
+        rows = x["padding_mask"].numpy().sum(axis=1)
+        assert x["token_ids"].shape[1] == rows.max()  # Padded to the longest only.
         assert (x["token_ids"].numpy()[:, 0] == 1).all()
-        total += len(lengths)
-    assert total == 300
+        np.testing.assert_array_equal(rows, data.lengths[y.numpy()])  # Mask and ids agree.
+        seen.extend(y.numpy().tolist())
+        real, padded = real + rows.sum(), padded + rows.size * rows.max()
+    assert sorted(seen) == list(range(300))
+    # All 300 rows fit in one sorted window: neighbours in length share a batch.
+    assert real / padded > 0.95
+    shuffled = list(make_text_dataset(data, WhitespaceTokenizer(), batch_size=16, training=True,
+                                      seed=1, bucketing=False))
+    shuffled_real = sum(x["padding_mask"].numpy().sum() for x, _ in shuffled)
+    shuffled_padded = sum(x["padding_mask"].numpy().size for x, _ in shuffled)
+    assert shuffled_real / shuffled_padded < 0.75
+
+
+def test_pad_to_bucket_boundary_pads_to_the_export_widths():
+    texts = [" ".join(["w"] * n) for n in (3, 9, 20, 30, 40)]
+    data = tokenize_texts(texts, np.zeros(5, np.int32), WhitespaceTokenizer(), 64)
+    ds = make_text_dataset(data, WhitespaceTokenizer(), batch_size=1, training=True, seed=0,
+                           pad_to_bucket_boundary=True)
+    widths = sorted(x["token_ids"].shape[1] for x, _ in ds)
+    assert widths == [8, 16, 24, 32, 48] == bucket_widths(64)[:5]
 
 
 def test_eval_batches_keep_file_order():

@@ -265,7 +265,9 @@ class TrainConfig:
             stopping (0 disables).
         backup_every_steps: int. Also back up every N steps, not only at
             epoch ends (0: epoch ends only).
-        bucketing: bool. Bucket training batches by length (text).
+        bucketing: bool. Group training batches by length: shuffled windows
+            of `data.text.LENGTH_GROUP_BATCHES` batches, each sorted by length
+            (`data.text.batch_examples`).
         lr_schedule: str. After the linear warm-up: `linear` decays to 0 at
             the last step (BERT's recipe); `constant` warms up over
             `warmup_ratio` of the first epoch and then stays at

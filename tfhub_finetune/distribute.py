@@ -646,9 +646,9 @@ def resolve_jit_compile(
       and without XLA at the dtype policy in force (call `set_precision`
       first) and turns XLA on only when it is at least `calibration.MARGIN`
       (1.3x) faster. The calibration's steady state leaves out XLA's
-      compile time, paid again for every batch shape (bucketed training:
-      a full and a remainder batch per bucket, 427 s of warm-up for 12
-      steps once on a loaded 2-core Xeon), which the margin must cover;
+      compile time, paid again for every batch shape (length-grouped
+      training: a shape per batch width; 427 s of warm-up for 12 steps
+      once on a loaded 2-core Xeon), which the margin must cover;
       measured so far on an AMX Xeon 1.08x at float32 and 0.57-0.59x at
       mixed_bfloat16 (off), ~1.05x in
       `benchmarks/precision_cpu.py` on an AVX-512 Xeon (off);

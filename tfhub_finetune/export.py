@@ -137,7 +137,7 @@ from tfhub_finetune.backbones.spec import BackboneSpec
 from tfhub_finetune.config import SERVING_PRECISIONS
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.data.packing import pack_ids
-from tfhub_finetune.data.text import bucket_boundaries, pack_inputs
+from tfhub_finetune.data.text import bucket_widths, pack_inputs
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.integers import parse_int
 from tfhub_finetune.io_utils import atomic_path, check_export_name, read_json_file, staging_dir
@@ -577,7 +577,7 @@ def serving_shapes(sequence_length: int) -> tuple[list[int], list[int]]:
     """The chunk shapes an XLA serving function compiles for: row counts and widths.
 
     Rows: powers of two up to `SERVING_CHUNK_ROWS` (a batch of 1 stays 1
-    row); widths: the training buckets' edges up to `sequence_length`. At
+    row); widths: `data.text.bucket_widths(sequence_length)`. At
     most `len(rows) * len(widths)` compilations (5 x 8 at length 128), each
     once per served model.
 
@@ -588,7 +588,7 @@ def serving_shapes(sequence_length: int) -> tuple[list[int], list[int]]:
     ```
     """
     rows = [1 << i for i in range(SERVING_CHUNK_ROWS.bit_length()) if 1 << i < SERVING_CHUNK_ROWS]
-    widths = [*bucket_boundaries(sequence_length)[:-1], sequence_length]
+    widths = bucket_widths(sequence_length)
     return [*rows, SERVING_CHUNK_ROWS], widths
 
 

@@ -78,7 +78,7 @@ class PearsonCorrelation(keras.metrics.Metric):
     against its target, so `val_pearson` is the correlation over the whole
     validation set, the number `regression_report` writes to metrics.json.
     Keras' own `PearsonCorrelation` averages per-batch correlations, which
-    differ from it on small or length-bucketed batches.
+    differ from it on small or length-grouped batches.
 
     Example:
 

@@ -1,13 +1,14 @@
-"""Text tf.data pipelines: tokenize and pack once, cache, bucket by length, prefetch.
+"""Text tf.data pipelines: tokenize and pack once, keep in memory, group by length, prefetch.
 
 Speed comes from three choices, measured on this CPU (see BUILD_NOTES.md):
 
 1. Tokenization and packing (`pack_inputs`: single texts or pairs) run once
    per data set, batched, inside a `tf.data` map with the backbone's own
-   tokenizer, and the packed ids are cached in memory.
-2. Training batches are bucketed by length and padded only to the longest
-   sequence in the batch, not to `sequence_length`: SST-2 sentences average
-   ~25 word pieces, so padding to 128 would make most of the compute padding.
+   tokenizer, and the packed ids are kept in memory as ragged tensors.
+2. Training batches group similar lengths (sorted windows, `batch_examples`)
+   and are padded only to the longest sequence in the batch, not to
+   `sequence_length`: SST-2 sentences average ~25 word pieces, so padding to
+   128 would make most of the compute padding.
 3. Evaluation keeps the file order (predictions line up with rows) and pads
    each batch to its own longest sequence.
 """
@@ -23,6 +24,9 @@ from tfhub_finetune.backbones.base import TextTokenizer
 from tfhub_finetune.data.packing import kept_lengths, special_tokens
 
 _BOUNDARIES = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Batches per sorted window when grouping by length: fastai's SortishSampler and Hugging
+# Face's LengthGroupedSampler both sort windows of 50 batches.
+LENGTH_GROUP_BATCHES = 50
 
 
 def pack_inputs(
@@ -191,19 +195,19 @@ def tokenize_texts(
                           sequence_length=sequence_length)
 
 
-def bucket_boundaries(sequence_length: int) -> list[int]:
-    """Length buckets up to `sequence_length` (exclusive upper edges)."""
-    return [b for b in _BOUNDARIES if b < sequence_length] + [sequence_length + 1]
+def bucket_widths(sequence_length: int) -> list[int]:
+    """The padded widths of bounded-shape batches: `_BOUNDARIES` below `sequence_length`, then it.
+
+    What `pad_to_bucket_boundary` pads training batches to and the XLA serving
+    export compiles for (`export.serving_shapes`): a few shapes, so compiled
+    code is reused.
+    """
+    return [b for b in _BOUNDARIES if b < sequence_length] + [sequence_length]
 
 
-def count_batches(lengths: np.ndarray, batch_size: int, bucketed: bool, sequence_length: int) -> int:
-    """Exact number of batches one epoch yields (for progress bars and LR schedules)."""
-    if not bucketed:
-        return int(np.ceil(len(lengths) / batch_size))
-    edges = bucket_boundaries(sequence_length)
-    which = np.searchsorted(edges, lengths, side="right")
-    counts = np.bincount(which, minlength=len(edges) + 1)
-    return int(sum(int(np.ceil(c / batch_size)) for c in counts if c))
+def count_batches(examples: int, batch_size: int) -> int:
+    """Batches one epoch yields: every batch full but the last (for progress bars and LR schedules)."""
+    return -(-int(examples) // int(batch_size))
 
 
 def make_text_dataset(
@@ -223,16 +227,18 @@ def make_text_dataset(
         data: TokenizedTexts. From `tokenize_texts`.
         tokenizer: TextTokenizer. Supplies the [PAD] id.
         batch_size: int. Examples per batch (the global batch under a strategy).
-        training: bool. Shuffle (seeded, reshuffled each epoch) and bucket by
+        training: bool. Shuffle (seeded, reshuffled each epoch) and group by
             length; otherwise keep order.
         seed: int. Shuffle seed (`fit_resumable` passes one per epoch). A tensor
             seed crashes tf.data's shuffle when the global seed is 0.
         reshuffle_each_iteration: bool. New order each pass. `fit_resumable`
             passes False and a per-epoch seed instead, so that epoch k's order
             is reproducible after a restart.
-        bucketing: bool. Group similar lengths when training.
-        pad_to_bucket_boundary: bool. Pad to the bucket edge instead of the
-            batch's longest sequence: fewer distinct shapes, for XLA.
+        bucketing: bool. Group similar lengths into batches when training
+            (`batch_examples`).
+        pad_to_bucket_boundary: bool. Pad each batch to the first of
+            `bucket_widths` covering its longest row instead of to that row:
+            fewer distinct shapes, for XLA.
 
     Returns:
         A `tf.data.Dataset` with known cardinality.
@@ -244,58 +250,99 @@ def make_text_dataset(
     model.fit(ds, epochs=3)
     ```
     """
-    pad = tokenizer.pad_id
-
-    def inputs(ids, segments, label):
-        return {"token_ids": ids, "padding_mask": tf.ones_like(ids), "segment_ids": segments}, label
-
-    ds = tf.data.Dataset.from_tensor_slices((data.ids, data.segment_ids, data.labels))
-    ds = ds.map(inputs, num_parallel_calls=tf.data.AUTOTUNE).cache()
-    padding_values = (
-        {"token_ids": pad, "padding_mask": 0, "segment_ids": 0},
-        tf.constant(0, dtype=tf.as_dtype(data.labels.dtype)),
-    )
     return batch_examples(
-        ds, data.lengths, data.sequence_length, padding_values, batch_size=batch_size,
+        {"token_ids": data.ids, "segment_ids": data.segment_ids},
+        {"token_ids": tokenizer.pad_id, "segment_ids": 0},
+        data.labels, data.lengths, data.sequence_length, batch_size=batch_size,
         training=training, seed=seed, reshuffle_each_iteration=reshuffle_each_iteration,
         bucketing=bucketing, pad_to_bucket_boundary=pad_to_bucket_boundary,
     )
 
 
 def batch_examples(
-    ds: tf.data.Dataset,
+    features: dict[str, tf.RaggedTensor],
+    padding_values: dict[str, int],
+    labels: np.ndarray | tf.RaggedTensor,
     lengths: np.ndarray,
     sequence_length: int,
-    padding_values,
     *,
+    label_padding: int = 0,
     batch_size: int,
     training: bool,
-    seed: int = 0,
+    seed: int | None = 0,
     reshuffle_each_iteration: bool = True,
     bucketing: bool = True,
     pad_to_bucket_boundary: bool = False,
 ) -> tf.data.Dataset:
-    """Shuffles (training), buckets by `token_ids` length or pads, and batches `ds`.
+    """The one batching rule for text and token data: rows in, padded `(inputs, labels)` batches out.
 
-    The one batching rule for text and token datasets: training shuffles
-    (seeded) and, with `bucketing`, groups similar lengths; evaluation keeps
-    order. The cardinality is asserted from `lengths`, so `fit` knows the
-    epoch's steps.
+    Evaluation keeps row order. Training shuffles (seeded) and, with
+    `bucketing`, groups similar lengths the way fastai's `SortishSampler` and
+    Hugging Face's `group_by_length` do: the shuffled rows are cut into windows
+    of `LENGTH_GROUP_BATCHES` batches, each window is sorted longest first and
+    cut into batches, and the epoch's batches are shuffled. Every batch but the
+    epoch's last is full, and padding is what separates neighbours in length
+    (~3% of the tokens on SST-2, where length buckets with edges at 8, 16,
+    24, 32, 48, 64 padded 16% and left a part-full batch per bucket). A batch
+    is padded to its longest row, `padding_mask` marks the real tokens.
+
+    Rows stay in memory as ragged tensors; each batch is gathered from them by
+    index, so nothing is copied per example.
+
+    Args:
+        features: dict of tf.RaggedTensor. `(rows, None)` per model input,
+            e.g. `token_ids`, `segment_ids`; every row of a column as long as
+            `lengths` says.
+        padding_values: dict of int. The pad value of each feature.
+        labels: np.ndarray or tf.RaggedTensor. One target per row, or one per
+            token (ragged, padded with `label_padding`).
+        lengths: np.ndarray. Each row's length (what grouping sorts by).
+        sequence_length: int. The longest a row may be (`bucket_widths`).
+        label_padding: int. Pad value of token-level labels.
+        batch_size: int. Rows per batch.
+        training: bool. Shuffle and group by length; otherwise keep order.
+        seed: int or None. Shuffle seed.
+        reshuffle_each_iteration: bool. New order each pass.
+        bucketing: bool. Group similar lengths when training.
+        pad_to_bucket_boundary: bool. Pad to the first of `bucket_widths`
+            covering the longest row.
+
+    Returns:
+        A `tf.data.Dataset` of `({**features, "padding_mask"}, labels)` with
+        known cardinality.
     """
-    bucketed = training and bucketing
+    n = len(lengths)
+    row_lengths = tf.constant(np.asarray(lengths, np.int64))
+    rows = tf.data.Dataset.range(n)
     if training:
-        ds = ds.shuffle(len(lengths), seed=seed, reshuffle_each_iteration=reshuffle_each_iteration)
-    if bucketed:
-        edges = bucket_boundaries(sequence_length)
-        ds = ds.bucket_by_sequence_length(
-            element_length_func=lambda x, _: tf.shape(x["token_ids"])[0],
-            bucket_boundaries=edges,
-            bucket_batch_sizes=[batch_size] * (len(edges) + 1),
-            padding_values=padding_values,
-            pad_to_bucket_boundary=pad_to_bucket_boundary,
-        )
-    else:
-        ds = ds.padded_batch(batch_size, padding_values=padding_values)
-    n = count_batches(lengths, batch_size, bucketed, sequence_length)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(n))
+        rows = rows.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=reshuffle_each_iteration)
+    if training and bucketing:
+        def longest_first(window):
+            order = tf.argsort(tf.gather(row_lengths, window), direction="DESCENDING", stable=True)
+            return tf.gather(window, order)
+
+        rows = rows.batch(batch_size * LENGTH_GROUP_BATCHES).map(longest_first).unbatch()
+    batches = rows.batch(batch_size)
+    if training and bucketing:
+        batches = batches.shuffle(max(count_batches(n, batch_size), 1),
+                                  seed=None if seed is None else seed + 1,
+                                  reshuffle_each_iteration=reshuffle_each_iteration)
+    widths = tf.constant(bucket_widths(sequence_length), tf.int64)
+    labels = labels if isinstance(labels, tf.RaggedTensor) else tf.constant(labels)
+
+    def gather(index):
+        longest = tf.reduce_max(tf.gather(row_lengths, index))
+        if pad_to_bucket_boundary:
+            longest = widths[tf.searchsorted(widths, [longest])[0]]
+        shape = tf.stack([tf.size(index, tf.int64), longest])
+        inputs = {name: tf.gather(column, index).to_tensor(padding_values[name], shape=shape)
+                  for name, column in features.items()}
+        inputs["padding_mask"] = tf.sequence_mask(tf.gather(row_lengths, index), longest, tf.int32)
+        targets = tf.gather(labels, index)
+        if isinstance(targets, tf.RaggedTensor):
+            targets = targets.to_tensor(label_padding, shape=shape)
+        return inputs, targets
+
+    ds = batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count_batches(n, batch_size)))
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -240,21 +240,17 @@ def make_token_dataset(
 ) -> tf.data.Dataset:
     """Batches windows into `({token_ids, padding_mask, segment_ids}, labels)`.
 
-    Training shuffles (seeded) and buckets by length like `data.text`;
-    evaluation keeps window order. Each batch is padded to its longest
-    window; padded labels are -1.
+    Training shuffles (seeded) and groups by length like `data.text`
+    (`batch_examples`); evaluation keeps window order. Each batch is padded to
+    its longest window; padded labels are -1.
     """
-
-    def inputs(ids, labels):
-        return {"token_ids": ids, "padding_mask": tf.ones_like(ids),
-                "segment_ids": tf.zeros_like(ids)}, labels
-
-    ds = tf.data.Dataset.from_tensor_slices((data.token_ids, data.labels))
-    ds = ds.map(inputs, num_parallel_calls=tf.data.AUTOTUNE).cache()
-    padding = ({"token_ids": pad_id, "padding_mask": 0, "segment_ids": 0}, IGNORE)
-    return batch_examples(ds, data.lengths, data.sequence_length, padding,
-                          batch_size=batch_size, training=training, seed=seed,
-                          reshuffle_each_iteration=reshuffle_each_iteration, bucketing=bucketing)
+    return batch_examples(
+        {"token_ids": data.token_ids, "segment_ids": tf.zeros_like(data.token_ids)},
+        {"token_ids": pad_id, "segment_ids": 0},
+        data.labels, data.lengths, data.sequence_length, label_padding=IGNORE,
+        batch_size=batch_size, training=training, seed=seed,
+        reshuffle_each_iteration=reshuffle_each_iteration, bucketing=bucketing,
+    )
 
 
 def predict_words(model, dataset: tf.data.Dataset, data: WindowedSentences) -> tuple[np.ndarray, np.ndarray]:

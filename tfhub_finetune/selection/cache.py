@@ -32,7 +32,9 @@ from tfhub_finetune.selection.config import TRIAL_FIELDS, SelectionConfig
 # timed the Keras call.
 # 5: the lean graph runs in two slices per block with Eigen transposes and softmax;
 # latencies cached before timed the single-chain graph.
-CACHE_VERSION = 5
+# 6: training batches group by length in sorted windows (`data.text.batch_examples`), not
+# length buckets: other batches, steps per epoch and so other trained weights.
+CACHE_VERSION = 6
 # Fields that cannot change a result: where the data lives (its content is
 # fingerprinted instead), how often backups are written, progress output, and what
 # only shapes an export (trials never export).

@@ -1,7 +1,7 @@
-"""Text classification task: files/TFDS -> tokenized, bucketed batches -> encoder + head.
+"""Text classification task: files/TFDS -> tokenized, length-grouped batches -> encoder + head.
 
 Single texts or pairs (`data.text_pair_column`): a pair is packed as
-`[CLS] a [SEP] b [SEP]` with segment ids 0/1 and bucketed by its packed length.
+`[CLS] a [SEP] b [SEP]` with segment ids 0/1 and grouped by its packed length.
 """
 
 from __future__ import annotations
@@ -231,8 +231,8 @@ class TextClassificationTask:
     def feature_dataset(self, batch_size: int = 64) -> tf.data.Dataset:
         """Training batches for frozen features (after `prepare_train`).
 
-        Shuffled with the run's seed but not bucketed: a uniform sample, not
-        the sentences whose length bucket happens to fill first.
+        Shuffled with the run's seed but not grouped by length: a uniform
+        sample in every batch, not neighbours in length.
         """
         return make_text_dataset(self.train_data, self.backbone.tokenizer, batch_size=batch_size,
                                  training=True, seed=self.config.train.seed, bucketing=False)

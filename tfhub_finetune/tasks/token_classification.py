@@ -205,7 +205,7 @@ class TokenClassificationTask:
         return self.eval_data.tag_ids
 
     def feature_dataset(self, batch_size: int = 64) -> tf.data.Dataset:
-        """Training windows for frozen features (after `prepare_train`), shuffled, not bucketed.
+        """Training windows for frozen features (after `prepare_train`), shuffled, not grouped by length.
 
         Labels are per word piece: each word's tag on its first piece, -1
         elsewhere, so `extract_features` keeps one feature per word (the
