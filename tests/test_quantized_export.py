@@ -49,7 +49,7 @@ def text_model(minilm_l3_dir, sst2_dir):
                           backbone.tokenizer, SEQUENCE_LENGTH)
     model.compile(keras_optimizer(), loss="sparse_categorical_crossentropy")
     model.fit(make_text_dataset(data, backbone.tokenizer, batch_size=32, training=False),
-              epochs=1, verbose=0)
+              epochs=1, verbose=0, shuffle=False)  # The dataset keeps its own order.
     return backbone, model
 
 
