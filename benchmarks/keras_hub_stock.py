@@ -8,7 +8,7 @@ preprocessor pads every sentence to that length), compiled by keras-hub's own
 `"auto"` defaults (Adam 5e-5, no XLA on a CPU-only machine), and `fit` /
 `predict` on raw strings, which map the preprocessor over a `tf.data`
 pipeline. Nothing is tuned: this is the baseline our pipeline's length
-bucketing, tokenize-once caching and optimizer work are measured against.
+length grouping, tokenize-once caching and optimizer work are measured against.
 
 Run through `benchmarks.run_all`; by hand:
 `python -m benchmarks.keras_hub_stock --mode=train --args_json='{"train_examples": 256}'`.

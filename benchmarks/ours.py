@@ -6,7 +6,7 @@ be: the flags of `pipelines/configs/demo_sst2.flags` (plus any overrides in
 `tfhub_finetune.driver.run_experiment` up to `fit` (seed, `set_precision`,
 strategy, `resolve_jit_compile`, `TextClassificationTask.prepare_train`,
 `build_model`, `driver.compile_model`), and `model.fit` on the task's own
-per-epoch datasets (tokenized once, cached, length-bucketed). The training
+per-epoch datasets (tokenized once, kept in memory, length-grouped). The training
 file is the benchmark's sentence sample written as a TSV, so every system
 trains on the same sentences. Left out, as for the peers: the per-epoch
 validation pass and the checkpoint/backup writes of `fit_resumable`'s
@@ -252,7 +252,7 @@ def input_pipeline(args: dict) -> dict:
     """Examples/s of tokenization + batching alone (the tf.data pipeline, no model).
 
     Over the whole SST-2 training file: `tokenize_texts` (the once-per-run
-    cost) plus one bucketed, shuffled pass of `make_text_dataset`, as the
+    cost) plus one length-grouped, shuffled pass of `make_text_dataset`, as the
     pipeline builds it; and, separately, one more pass over the cached ids
     (what every later epoch costs).
     """

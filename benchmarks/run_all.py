@@ -127,7 +127,7 @@ class System:
 OURS_FLAGS = ["--precision=auto"]
 SYSTEMS = (
     System("ours", "benchmarks.ours", {"flags": OURS_FLAGS},
-           "ours: pipelines.text_classify --precision=auto (tf.data buckets, FusedAdamW); "
+           "ours: pipelines.text_classify --precision=auto (length-grouped tf.data batches, FusedAdamW); "
            "export.py SavedModel, TF's default threads"),
     # The same SavedModel in a serving process with one intra-op and one inter-op
     # thread (TF Serving's --tensorflow_intra_op_parallelism=1
