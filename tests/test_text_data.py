@@ -242,3 +242,27 @@ def test_epoch_order_is_a_function_of_the_seed():
 
     assert order(5) == order(5)
     assert order(5) != order(6)
+
+
+def test_bounded_shapes_pad_a_tasks_training_batches_to_the_few_xla_widths(
+        tiny_sst2, minilm_l3_dir, tmp_path):
+    from tfhub_finetune.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+    from tfhub_finetune.tasks.text_classification import TextClassificationTask
+
+    config = ExperimentConfig(
+        model_dir=str(tmp_path / "run"),
+        data=DataConfig(train_data=tiny_sst2["train"], eval_data=tiny_sst2["dev"]),
+        model=ModelConfig(backbone=str(minilm_l3_dir), sequence_length=64),
+        train=TrainConfig(batch_size=16),
+    ).validate()
+    task = TextClassificationTask(config)
+    task.prepare_train()
+
+    def widths():
+        return sorted({int(x["token_ids"].shape[1]) for x, _ in task.train_epoch_dataset(0)})
+
+    free = widths()
+    assert not task.bounded_shapes and not set(free) <= set(bucket_widths(64))
+    task.bounded_shapes = True  # What the driver sets when XLA compiles the step.
+    bounded = widths()
+    assert set(bounded) <= set(bucket_widths(64)) and len(bounded) < len(free)

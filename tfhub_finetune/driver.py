@@ -226,6 +226,8 @@ def _run(config, task, strategy, model_dir: Path, chief: bool, jit, started: flo
             task.prepare_eval(labels)
         else:
             task.prepare_train()
+            # Under XLA every batch shape compiles: a few padded widths, not one per batch.
+            task.bounded_shapes = bool(jit)
             check_monitor(config.train.monitor, config.model.task, task.labels.num_classes)
             _check_same_run(model_dir, config)
         model = task.build_model()

@@ -237,12 +237,14 @@ def make_token_dataset(
     seed: int = 0,
     reshuffle_each_iteration: bool = True,
     bucketing: bool = True,
+    pad_to_bucket_boundary: bool = False,
 ) -> tf.data.Dataset:
     """Batches windows into `({token_ids, padding_mask, segment_ids}, labels)`.
 
     Training shuffles (seeded) and groups by length like `data.text`
     (`batch_examples`); evaluation keeps window order. Each batch is padded to
-    its longest window; padded labels are -1.
+    its longest window (with `pad_to_bucket_boundary`, to the first of
+    `data.text.bucket_widths` covering it); padded labels are -1.
     """
     return batch_examples(
         {"token_ids": data.token_ids, "segment_ids": tf.zeros_like(data.token_ids)},
@@ -250,6 +252,7 @@ def make_token_dataset(
         data.labels, data.lengths, data.sequence_length, label_padding=IGNORE,
         batch_size=batch_size, training=training, seed=seed,
         reshuffle_each_iteration=reshuffle_each_iteration, bucketing=bucketing,
+        pad_to_bucket_boundary=pad_to_bucket_boundary,
     )
 
 

@@ -29,12 +29,18 @@ class Task(Protocol):
     `val_entity_f1`, can be monitored, checkpointed and logged), and
     `report(model)` replaces the driver's classification/regression report
     in `metrics.json`.
+
+    `bounded_shapes` (False until the driver sets it, when XLA compiles the
+    training step): pad training batches to a few widths
+    (`data.text.bucket_widths`) so XLA compiles a few shapes, not one per
+    batch width. Image batches have one shape and ignore it.
     """
 
     config: ExperimentConfig
     labels: LabelVocabulary
     steps_per_epoch: int
     summary: dict
+    bounded_shapes: bool
 
     def prepare_train(self) -> None: ...
 

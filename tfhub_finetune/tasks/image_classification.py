@@ -50,6 +50,7 @@ class ImageClassificationTask:
 
     def __init__(self, config: ExperimentConfig, spec: BackboneSpec | None = None):
         self.config = config
+        self.bounded_shapes = False  # Images have one shape; kept for the Task interface.
         # The spec the pipeline resolved; resolved here when a caller passes none.
         self.spec = spec or resolve_backbone(config.model.backbone)
         if self.spec.modality != "image":

@@ -54,6 +54,7 @@ class TextClassificationTask:
                  spec: BackboneSpec | None = None):
         self.config = config
         self.tfds_fallback = tfds_fallback
+        self.bounded_shapes = False  # The driver sets it when XLA compiles the step.
         # The spec the pipeline resolved; resolved here when a caller passes none.
         self.spec = spec or resolve_backbone(config.model.backbone)
         if self.spec.modality != "text":
@@ -217,6 +218,7 @@ class TextClassificationTask:
             seed=epoch_seed(self.config, epoch),
             reshuffle_each_iteration=False,
             bucketing=t.bucketing,
+            pad_to_bucket_boundary=self.bounded_shapes,
         )
 
     def eval_dataset(self) -> tf.data.Dataset:

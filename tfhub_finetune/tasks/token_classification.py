@@ -56,6 +56,7 @@ class TokenClassificationTask:
 
     def __init__(self, config: ExperimentConfig, spec: BackboneSpec | None = None):
         self.config = config
+        self.bounded_shapes = False  # The driver sets it when XLA compiles the step.
         self.spec = spec or resolve_backbone(config.model.backbone)
         if self.spec.modality != "text":
             raise InputError(
@@ -189,7 +190,7 @@ class TokenClassificationTask:
         return make_token_dataset(
             self.train_data, pad_id=int(self.backbone.tokenizer.pad_id), batch_size=t.batch_size,
             training=True, seed=epoch_seed(self.config, epoch), reshuffle_each_iteration=False,
-            bucketing=t.bucketing,
+            bucketing=t.bucketing, pad_to_bucket_boundary=self.bounded_shapes,
         )
 
     def train_epoch_dataset(self, epoch: int) -> tf.data.Dataset:
