@@ -323,27 +323,29 @@ def batch_examples(
             return tf.gather(window, order)
 
         rows = rows.batch(batch_size * LENGTH_GROUP_BATCHES).map(longest_first).unbatch()
+    batch_count = count_batches(n, batch_size)
     batches = rows.batch(batch_size)
     if training and bucketing:
-        batches = batches.shuffle(max(count_batches(n, batch_size), 1),
+        batches = batches.shuffle(max(batch_count, 1),
                                   seed=None if seed is None else seed + 1,
                                   reshuffle_each_iteration=reshuffle_each_iteration)
     widths = tf.constant(bucket_widths(sequence_length), tf.int64)
     labels = labels if isinstance(labels, tf.RaggedTensor) else tf.constant(labels)
 
     def gather(index):
-        longest = tf.reduce_max(tf.gather(row_lengths, index))
+        lengths_here = tf.gather(row_lengths, index)
+        longest = tf.reduce_max(lengths_here)
         if pad_to_bucket_boundary:
             longest = widths[tf.searchsorted(widths, [longest])[0]]
         shape = tf.stack([tf.size(index, tf.int64), longest])
         inputs = {name: tf.gather(column, index).to_tensor(padding_values[name], shape=shape)
                   for name, column in features.items()}
-        inputs["padding_mask"] = tf.sequence_mask(tf.gather(row_lengths, index), longest, tf.int32)
+        inputs["padding_mask"] = tf.sequence_mask(lengths_here, longest, tf.int32)
         targets = tf.gather(labels, index)
         if isinstance(targets, tf.RaggedTensor):
             targets = targets.to_tensor(label_padding, shape=shape)
         return inputs, targets
 
     ds = batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(count_batches(n, batch_size)))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(batch_count))
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -25,7 +25,12 @@ from tfhub_finetune.data.sources import (
     read_text_examples,
     split_examples,
 )
-from tfhub_finetune.data.text import TokenizedTexts, make_text_dataset, tokenize_texts
+from tfhub_finetune.data.text import (
+    TokenizedTexts,
+    count_batches,
+    make_text_dataset,
+    tokenize_texts,
+)
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.integers import parse_int
 from tfhub_finetune.tasks.base import epoch_seed, eval_batch_size, load_text_backbone
@@ -136,12 +141,7 @@ class TextClassificationTask:
         self._load_backbone()
         self.train_data = self._tokenize(train)
         self.eval_data = self._tokenize(evaluation)
-        self.steps_per_epoch = int(
-            make_text_dataset(
-                self.train_data, self.backbone.tokenizer, batch_size=self.config.train.batch_size,
-                training=True, bucketing=self.config.train.bucketing,
-            ).cardinality()
-        )
+        self.steps_per_epoch = count_batches(len(self.train_data), self.config.train.batch_size)
         lengths = self.train_data.lengths
         self.summary = {
             "train_examples": len(self.train_data),

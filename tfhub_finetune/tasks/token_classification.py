@@ -16,6 +16,7 @@ from tfhub_finetune.builders.token_classifier import build_token_classifier
 from tfhub_finetune.config import ExperimentConfig
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.data.sources import split_examples
+from tfhub_finetune.data.text import count_batches
 from tfhub_finetune.data.token_windows import (
     WindowedSentences,
     make_token_dataset,
@@ -115,7 +116,7 @@ class TokenClassificationTask:
         train_ids, eval_ids = encode_tags(train, self.labels.names), encode_tags(evaluation, self.labels.names)
         self.train_data = self._window(train, train_ids)
         self._set_eval(evaluation, eval_ids)
-        self.steps_per_epoch = int(self._train_dataset(0).cardinality())
+        self.steps_per_epoch = count_batches(len(self.train_data), self.config.train.batch_size)
         self.summary = {
             "train_examples": len(self.train_data),  # Windows: what a batch counts.
             "train_sentences": len(train),
@@ -185,16 +186,13 @@ class TokenClassificationTask:
 
     # === Datasets ===
 
-    def _train_dataset(self, epoch: int) -> tf.data.Dataset:
+    def train_epoch_dataset(self, epoch: int) -> tf.data.Dataset:
         t = self.config.train
         return make_token_dataset(
             self.train_data, pad_id=int(self.backbone.tokenizer.pad_id), batch_size=t.batch_size,
             training=True, seed=epoch_seed(self.config, epoch), reshuffle_each_iteration=False,
             bucketing=t.bucketing, pad_to_bucket_boundary=self.bounded_shapes,
         )
-
-    def train_epoch_dataset(self, epoch: int) -> tf.data.Dataset:
-        return self._train_dataset(epoch)
 
     def eval_dataset(self) -> tf.data.Dataset:
         return make_token_dataset(
