@@ -341,13 +341,14 @@ def run_main(main_fn) -> None:
     An `InputError` prints its one line and exits 2; `Preempted` (SIGTERM, after the
     backup) prints "interrupted at step N ... rerun" and exits 143. TensorFlow's C++
     start-up logs (CUDA probing on a CPU machine, oneDNN notices) are kept off stderr
-    unless `TFHUB_FINETUNE_TF_LOGS=1` (see `quiet_tensorflow_startup`).
+    unless `TFHUB_FINETUNE_TF_LOGS=1`, and its CPU kernels are the ones measured faster
+    here (see `prepare_tensorflow_startup`).
     """
     from absl import app
 
     from tfhub_finetune.errors import PREEMPTED_EXIT_CODE, Preempted
 
-    quiet_tensorflow_startup()
+    prepare_tensorflow_startup()
 
     def wrapped(argv):
         try:
@@ -376,37 +377,50 @@ def run_main(main_fn) -> None:
 TF_LOGS_ENV = "TFHUB_FINETUNE_TF_LOGS"
 
 
-def quiet_tensorflow_startup() -> None:
-    """Keeps TensorFlow's C++ start-up logs off stderr, unless `$TFHUB_FINETUNE_TF_LOGS=1`.
+def prepare_tensorflow_startup() -> None:
+    """Settles, at the first `import tensorflow`, what TensorFlow reads only when it starts.
 
-    Two kinds of noise bury a pipeline's one-line message: lines TensorFlow's
-    libraries log while they load (`Could not find cuda drivers`, the oneDNN
-    notice), which absl's C++ logging writes to stderr before anything can set
-    its level, so `TF_CPP_MIN_LOG_LEVEL` does not stop them; and runtime
-    errors such as `failed call to cuInit` on a machine without GPUs, which
-    `TF_CPP_MIN_LOG_LEVEL=3` does. So the level defaults to 3 (a user's own
-    setting wins), and the first `import tensorflow` runs with file descriptor 2
-    pointed at /dev/null (Python's own errors are raised after it is restored;
-    only C++ writes during the import are dropped). TensorFlow stays unimported
-    until a pipeline needs it, so flag errors remain instant.
+    Two things, both just before TensorFlow loads (so after the flags are
+    checked: flag errors stay instant, and a pipeline that ends before
+    training pays for neither):
+
+    - Its CPU kernels: `tf_startup.choose_cpu_kernels` sets
+      `TF_ENABLE_ONEDNN_OPTS` to whichever of oneDNN and Eigen this machine
+      measured faster (cached; a user's own setting wins).
+    - Its C++ start-up logs, kept off stderr unless `$TFHUB_FINETUNE_TF_LOGS=1`.
+      Two kinds of noise bury a pipeline's one-line message: lines TensorFlow's
+      libraries log while they load (`Could not find cuda drivers`, the
+      oneDNN notice), which absl's C++ logging writes to stderr before
+      anything can set its level, so `TF_CPP_MIN_LOG_LEVEL` does not stop
+      them; and runtime errors such as `failed call to cuInit` on a machine
+      without GPUs, which `TF_CPP_MIN_LOG_LEVEL=3` does. So the level
+      defaults to 3 (a user's own setting wins), and the import runs with
+      file descriptor 2 pointed at /dev/null (Python's own errors are raised
+      after it is restored; only C++ writes during the import are dropped).
     """
-    if os.environ.get(TF_LOGS_ENV, "").lower() in ("1", "true", "yes"):
+    quiet = os.environ.get(TF_LOGS_ENV, "").lower() not in ("1", "true", "yes")
+    if quiet:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules or any(isinstance(f, _TensorflowStartup) for f in sys.meta_path):
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" in sys.modules or any(isinstance(f, _QuietImport) for f in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _QuietImport())
+    sys.meta_path.insert(0, _TensorflowStartup(quiet))
 
 
-class _QuietImport(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` as usual, but runs its module code with C-level stderr muted."""
+class _TensorflowStartup(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` as usual, after choosing its CPU kernels; loads it muted if `quiet`."""
+
+    def __init__(self, quiet: bool):
+        self._quiet = quiet
 
     def find_spec(self, name, path=None, target=None):
         if name != "tensorflow":
             return None
         sys.meta_path.remove(self)  # Once: later imports are dictionary look-ups anyway.
+        from tfhub_finetune.tf_startup import choose_cpu_kernels
+
+        choose_cpu_kernels()
         spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is not None and spec.loader is not None:
+        if self._quiet and spec is not None and spec.loader is not None:
             spec.loader = _MutedLoader(spec.loader)
         return spec
 

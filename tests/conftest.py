@@ -11,7 +11,11 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tfhub_finetune import tf_startup  # noqa: E402
 from tfhub_finetune.paths import shared_dir  # noqa: E402
+
+# In-process tests run on the CPU kernels a pipeline would (measured once per machine).
+tf_startup.choose_cpu_kernels()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,12 +2,16 @@
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import pytest
 
 from tfhub_finetune import calibration, distribute
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 # A narrow layer keeps each real measurement to a few seconds.
 HIDDEN = 64
 
@@ -196,3 +200,71 @@ def test_explicit_precision_and_jit_never_calibrate(tmp_path, monkeypatch, resto
     assert distribute.resolve_jit_compile(True, strategy) is True
     assert not any(tmp_path.rglob("*"))
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_onednn_is_decided_from_measured_steps():
+    off_faster = {"onednn=off": 0.20, "onednn=on": 0.30}
+    assert calibration.decide_onednn({"onednn=off": 0.34, "onednn=on": 0.16})[0] == "1"
+    assert calibration.decide_onednn(off_faster)[0] == "0"
+    assert calibration.decide_onednn({"onednn=off": 0.34, "onednn=on": 0.32})[0] is None
+    # A setting that did not take effect (0.0) or was not measured never wins.
+    assert calibration.decide_onednn({"onednn=off": 0.34, "onednn=on": 0.0})[0] is None
+    assert calibration.decide_onednn({"onednn=on": 0.1})[0] is None
+    assert "1.50x" in calibration.decide_onednn(off_faster)[1]
+
+
+def test_onednn_is_measured_in_a_child_per_setting_and_cached(tmp_path):
+    figures = calibration.onednn_calibration(HIDDEN, cache_dir=tmp_path)
+    assert figures.measured and set(figures.seconds) == set(calibration.ONEDNN_CONFIGS)
+    # Both settings ran (this TensorFlow has oneDNN kernels on x86) and took real time.
+    assert all(0 < seconds < 10 for seconds in figures.seconds.values()), figures.seconds
+    again = calibration.onednn_calibration(HIDDEN, cache_dir=tmp_path)
+    assert not again.measured and again.seconds == figures.seconds
+    # Each child left its precision figures, keyed by its kernels, for the process that trains.
+    child_keys = [json.loads(path.read_text())["key"] for path in tmp_path.glob("*.json")
+                  if path != figures.path]
+    assert sorted(key["onednn"] for key in child_keys) == [False, True]
+
+
+def test_choose_cpu_kernels_sets_the_variable_before_tensorflow_starts(tmp_path):
+    env_name = calibration.ONEDNN_ENV
+    _seed_onednn_cache(tmp_path, {"onednn=off": 0.34, "onednn=on": 0.16})  # An AVX2 EPYC's.
+    script = ("import os, sys; from tfhub_finetune import tf_startup; "
+              f"line = tf_startup.choose_cpu_kernels(cache_dir={str(tmp_path)!r}); "
+              f"print(line); print(os.environ.get({env_name!r}), 'tensorflow' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != env_name}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120, check=True)
+    line, state = done.stdout.strip().splitlines()
+    assert "oneDNN 2.12x Eigen" in line and "cached" in line
+    assert state == "1 False"  # Set, and TensorFlow still unimported: read from the cache.
+    # A user's own setting is kept, whatever was measured.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**env, env_name: "0"}, timeout=120, check=True)
+    assert done.stdout.strip().splitlines() == [f"{env_name}=0 from the environment: kept",
+                                                "0 False"]
+
+
+def _seed_onednn_cache(folder: Path, seconds: dict) -> None:
+    key = {**calibration._machine_key(calibration._installed_tensorflow_version(),
+                                      calibration.DEFAULT_HIDDEN_SIZE), "workload": "onednn"}
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"key": key, "runs": {"|".join(sorted(seconds)): seconds}}
+    (folder / calibration._cache_name(key)).write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("seconds,enabled", [
+    ({"onednn=off": 0.16, "onednn=on": 0.34}, "False"),
+    ({"onednn=off": 0.34, "onednn=on": 0.16}, "True"),
+])
+def test_pipelines_import_tensorflow_with_the_kernels_measured_faster(tmp_path, seconds, enabled):
+    # Both outcomes, so the test holds whichever TensorFlow's own default is on this CPU.
+    _seed_onednn_cache(tmp_path / "tfhub_finetune", seconds)
+    script = ("from pipelines import flags; flags.prepare_tensorflow_startup(); "
+              "import tensorflow; from tfhub_finetune import calibration; "
+              "print(calibration.onednn_enabled())")
+    env = {**{k: v for k, v in os.environ.items() if k != calibration.ONEDNN_ENV},
+           "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300, check=True, cwd=REPO_ROOT)
+    assert done.stdout.strip().splitlines()[-1] == enabled

@@ -14,6 +14,12 @@ load of shared cores falls on all alike, by process-CPU time (which other
 jobs on the cores disturb far less than wall time). `decide` turns the figures into a
 choice with a margin (`MARGIN`).
 
+`onednn_calibration` measures, in a child process per setting (TensorFlow
+reads `TF_ENABLE_ONEDNN_OPTS` once, when it starts), whether TensorFlow's
+oneDNN CPU kernels or its Eigen ones run that step faster, and
+`decide_onednn` chooses with `ONEDNN_MARGIN` (`tf_startup.choose_cpu_kernels`
+applies it before TensorFlow starts).
+
 `serving_thread_calibration` measures, in child processes (thread pools are
 fixed when TensorFlow's runtime starts), whether one intra-op thread (with
 one inter-op thread, or TensorFlow's default inter-op pool) serves a batch-1
@@ -59,9 +65,17 @@ from tfhub_finetune.io_utils import atomic_write_text
 logger = logging.getLogger(__name__)
 
 # Bumped when the workload changes, so figures of another workload are not reused.
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 RECALIBRATE_ENV = "TFHUB_FINETUNE_RECALIBRATE"
 CONFIGS = ("float32", "mixed_bfloat16", "float32+xla", "mixed_bfloat16+xla")
+# TensorFlow's switch between its oneDNN CPU kernels and its Eigen ones, read once at start.
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+# `onednn_calibration`'s settings -> that variable's value in the measuring child.
+ONEDNN_CONFIGS = {"onednn=off": "0", "onednn=on": "1"}
+# A kernel library other than TensorFlow's default is chosen only when its step is at least
+# this much faster. Unlike bf16 it changes no numerics beyond the order of sums, so the
+# margin only has to cover the measurement's run-to-run spread (~10% on shared cores).
+ONEDNN_MARGIN = 1.15
 # `serving_thread_calibration`'s settings -> (intra-op, inter-op) threads (0: TensorFlow's
 # default pool). `intra_op=1` keeps the inter-op pool, on which the lean serving graph's
 # two block slices run side by side (`serving_graph.SERVING_SLICES`).
@@ -208,7 +222,7 @@ def cpu_calibration(
     if unknown or not configs:
         raise ValueError(f"Unknown calibration configurations {unknown}; expected some of "
                          f"{list(CONFIGS)}.")
-    key = _machine_key(tf.__version__, hidden_size)
+    key = _machine_key(tf.__version__, hidden_size, onednn_enabled())
     return _cached(key, list(dict.fromkeys(configs)), CONFIGS,
                    lambda names: _measure(int(hidden_size), names), recalibrate, cache_dir)
 
@@ -267,7 +281,8 @@ def serving_thread_calibration(
     """
     import tensorflow as tf
 
-    key = {**_machine_key(tf.__version__, hidden_size), "workload": "serve_batch1_threads"}
+    key = {**_machine_key(tf.__version__, hidden_size, onednn_enabled()),
+           "workload": "serve_batch1_threads"}
     if saved_model is None:
         child, stdin = ["_serving_latency_child", str(int(hidden_size))], ""
     else:
@@ -310,10 +325,140 @@ def decide_serving_threads(
                      f"(the fastest setting is chosen at >= {margin:.2f}x)")
 
 
-def _machine_key(tensorflow_version: str, hidden_size: int) -> dict:
+def onednn_calibration(
+    hidden_size: int = DEFAULT_HIDDEN_SIZE,
+    *,
+    recalibrate: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Calibration:
+    """The calibration step with TensorFlow's oneDNN CPU kernels and with its Eigen ones.
+
+    TensorFlow turns oneDNN on by default only on CPUs with the features its
+    maintainers chose (AVX512-VNNI, AVX512-BF16, AMX); elsewhere it runs Eigen,
+    and which is faster is a property of the CPU (on an AVX2-only EPYC the
+    oneDNN step took 0.16 s against Eigen's 0.34 s, fine-tuning MiniLM-L6 ran
+    1.66x faster). The switch (`ONEDNN_ENV`) is read once when TensorFlow
+    starts, so each setting (`ONEDNN_CONFIGS`) is measured in a child process
+    of its own (~10 s each on 2 cores, once per machine): `cpu_calibration`'s
+    encoder layer at float32 and mixed_bfloat16, which the child caches under
+    its setting, so the process that then trains with it reads
+    `--precision=auto`'s figures instead of measuring them again. A
+    setting's figure is its faster precision (what `auto` would take there);
+    0.0 where TensorFlow reported the setting did not take effect (a build
+    without oneDNN). Needs no TensorFlow in this process.
+
+    Args:
+        hidden_size: int. As for `cpu_calibration`.
+        recalibrate: bool or None. As for `cpu_calibration`; the children
+            measure again too.
+        cache_dir: str, path or None. As for `cpu_calibration`.
+
+    Returns:
+        A Calibration whose `seconds` maps `ONEDNN_CONFIGS` to process-CPU
+        seconds per step.
+
+    Raises:
+        RuntimeError: when a measuring child fails.
+
+    Example:
+
+    ```python
+    figures = onednn_calibration()
+    decide_onednn(figures.seconds)  # ('1', 'onednn=on 2.07x onednn=off ...') on an AVX2 EPYC
+    ```
+    """
+    key = {**_machine_key(_installed_tensorflow_version(), hidden_size), "workload": "onednn"}
+    if recalibrate is None:
+        recalibrate = os.environ.get(RECALIBRATE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return _cached(key, list(ONEDNN_CONFIGS), ONEDNN_CONFIGS,
+                   lambda names: _measure_onednn(int(hidden_size), bool(recalibrate), cache_dir),
+                   recalibrate, cache_dir)
+
+
+def decide_onednn(
+    seconds: Mapping[str, float], margin: float = ONEDNN_MARGIN
+) -> tuple[str | None, str]:
+    """`TF_ENABLE_ONEDNN_OPTS` from measured step times: a pure function of the figures.
+
+    `"1"` (oneDNN) or `"0"` (Eigen) when that setting's step is at least
+    `margin` times faster than the other's; None (leave TensorFlow's own
+    default) when neither is, or a figure is missing.
+
+    Example:
+
+    ```python
+    decide_onednn({"onednn=off": 0.34, "onednn=on": 0.16})[0]  # '1'
+    ```
+    """
+    off, on = seconds.get("onednn=off", 0.0), seconds.get("onednn=on", 0.0)
+    if off <= 0 or on <= 0:
+        return None, "no figures for both of oneDNN and Eigen: TensorFlow's default kernels"
+    if off / on >= margin:
+        return ONEDNN_CONFIGS["onednn=on"], f"oneDNN {off / on:.2f}x Eigen (chosen at >= {margin:.2f}x)"
+    if on / off >= margin:
+        return ONEDNN_CONFIGS["onednn=off"], f"Eigen {on / off:.2f}x oneDNN (chosen at >= {margin:.2f}x)"
+    return None, (f"oneDNN {off / on:.2f}x Eigen, within {margin:.2f}x: TensorFlow's default "
+                  "kernels")
+
+
+def onednn_enabled() -> bool | None:
+    """Whether this process' TensorFlow runs its oneDNN kernels (None: TensorFlow cannot say)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # No public API says it.
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
+
+
+def _installed_tensorflow_version() -> str:
+    """TensorFlow's version from its distribution's metadata: without importing it."""
+    from importlib import metadata
+
+    for name in ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tf-nightly"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(name)
+    return "unknown"
+
+
+def _measure_onednn(hidden: int, recalibrate: bool,
+                    cache_dir: str | os.PathLike | None) -> dict[str, float]:
+    """Each `ONEDNN_CONFIGS` setting's faster-precision step, in a child process of its own."""
+    import subprocess
+    import sys
+
+    logger.info("Measuring whether TensorFlow's oneDNN or Eigen CPU kernels train faster here "
+                "(two child processes, ~10 s each; once per machine).")
+    seconds = {}
+    for name, value in ONEDNN_CONFIGS.items():
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys; from tfhub_finetune.calibration import "
+             "_onednn_child as child; child(int(sys.argv[1]), sys.argv[2], sys.argv[3] == '1')",
+             str(hidden), str(cache_dir or ""), "1" if recalibrate else "0"],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, ONEDNN_ENV: value, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"The oneDNN calibration child ({ONEDNN_ENV}={value}) failed: "
+                               f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        report = json.loads(lines[-1])
+        took_effect = report["onednn"] in (None, value == "1")
+        seconds[name] = round(min(report["seconds"].values()), 6) if took_effect else 0.0
+    return seconds
+
+
+def _onednn_child(hidden: int, cache_dir: str, recalibrate: bool) -> None:
+    """Prints this process' oneDNN state and its `cpu_calibration` figures, as JSON."""
+    figures = cpu_calibration(hidden, cache_dir=cache_dir or None, recalibrate=recalibrate)
+    print(json.dumps({"onednn": onednn_enabled(), "seconds": figures.seconds}), flush=True)
+
+
+def _machine_key(tensorflow_version: str, hidden_size: int, onednn: bool | None = None) -> dict:
+    """What figures depend on; `onednn` is the kernels of the process that measures them."""
     model, flags = _cpu_identity()
     return {"version": CALIBRATION_VERSION, "cpu": model, "isa": sorted(set(_ISA_FLAGS) & flags),
-            "tensorflow": tensorflow_version, "hidden_size": int(hidden_size)}
+            "tensorflow": tensorflow_version, "hidden_size": int(hidden_size), "onednn": onednn}
 
 
 def _cached(key: dict, configs: list[str], allowed: Collection[str],
