@@ -698,6 +698,7 @@ def _timed_calls(call: Callable[[int], Any], count: int) -> float:
 
 
 def _set_pools(intra_op: int, inter_op: int) -> None:
+    """Sizes this child's TensorFlow pools before its runtime starts (0: TensorFlow's default)."""
     import tensorflow as tf
 
     if intra_op:
