@@ -49,8 +49,16 @@ def _best_gflops(run: Callable[[], None], flops: float, trials: int, min_seconds
 
 
 def tf_peak(args: dict) -> dict:
-    """GFLOP/s of `tf.matmul` (oneDNN on x86) per dtype and shape."""
+    """GFLOP/s of `tf.matmul` per dtype and shape, on the CPU kernels ours trains with.
+
+    TensorFlow starts as the pipelines start it (`tf_startup.choose_cpu_kernels`:
+    oneDNN or Eigen, whichever this machine measured faster), so the peak is
+    TensorFlow's best here, not its CPU-feature default.
+    """
     args = {**DEFAULTS, **args}
+    from tfhub_finetune import tf_startup
+
+    tf_startup.choose_cpu_kernels()
     import tensorflow as tf
 
     results = {}
@@ -65,7 +73,10 @@ def tf_peak(args: dict) -> dict:
                 lambda f=matmul, a=a, b=b: f(a, b).numpy(), 2.0 * m * k * n, args["trials"],
                 args["min_seconds"],
             )
-    return _summary("tensorflow " + tf.__version__, results)
+    from tfhub_finetune.calibration import onednn_enabled
+
+    kernels = {True: "oneDNN", False: "Eigen", None: "kernels unknown"}[onednn_enabled()]
+    return _summary(f"tensorflow {tf.__version__} ({kernels})", results)
 
 
 def torch_peak(args: dict) -> dict:
