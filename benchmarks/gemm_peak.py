@@ -73,10 +73,9 @@ def tf_peak(args: dict) -> dict:
                 lambda f=matmul, a=a, b=b: f(a, b).numpy(), 2.0 * m * k * n, args["trials"],
                 args["min_seconds"],
             )
-    from tfhub_finetune.calibration import onednn_enabled
+    from tfhub_finetune.calibration import describe_cpu_kernels
 
-    kernels = {True: "oneDNN", False: "Eigen", None: "kernels unknown"}[onednn_enabled()]
-    return _summary(f"tensorflow {tf.__version__} ({kernels})", results)
+    return _summary(f"tensorflow {tf.__version__} ({describe_cpu_kernels()} kernels)", results)
 
 
 def torch_peak(args: dict) -> dict:

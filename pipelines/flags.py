@@ -351,6 +351,12 @@ def run_main(main_fn) -> None:
     prepare_tensorflow_startup()
 
     def wrapped(argv):
+        if not FLAGS["verbosity"].present:
+            # absl's default shows every library's INFO records (matplotlib's "generated new
+            # fontManager" on a fresh machine, ...) on stderr, where a failing pipeline's one
+            # line must stand alone: others' from WARNING up, ours from INFO (training notes).
+            logging.getLogger().setLevel(logging.WARNING)
+            logging.getLogger("tfhub_finetune").setLevel(logging.INFO)
         try:
             return main_fn(argv)
         except InputError as err:

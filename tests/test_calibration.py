@@ -268,3 +268,21 @@ def test_pipelines_import_tensorflow_with_the_kernels_measured_faster(tmp_path, 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=300, check=True, cwd=REPO_ROOT)
     assert done.stdout.strip().splitlines()[-1] == enabled
+
+
+def test_choosing_kernels_adds_no_line_to_a_failing_pipelines_stderr(tmp_path):
+    # The kernel choice runs at TensorFlow's import, before the data is read: a bad row found
+    # after it must still end with exactly one stderr line (the decision goes to debug logs).
+    _seed_onednn_cache(tmp_path / "cache" / "tfhub_finetune", {"onednn=off": 0.34, "onednn=on": 0.16})
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\nfine film\t1\ndull film\tnot-a-label\n", encoding="utf-8")
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in (calibration.ONEDNN_ENV, "TF_CPP_MIN_LOG_LEVEL")},
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.text_classify", "--backbone=minilm_l6_h384",
+         f"--train_data={data}", f"--model_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("error: Row 3 of ") and "CPU kernels: oneDNN" in done.stdout

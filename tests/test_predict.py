@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from pipelines import predict
 from tests.conftest import require_shared_path, run_pipeline
-from tfhub_finetune import export
+from tfhub_finetune import calibration, export
 from tfhub_finetune.builders.image_classifier import build_image_classifier
 from tfhub_finetune.errors import InputError
 
@@ -109,6 +110,10 @@ def test_the_cli_writes_predictions_and_exits_0(tmp_path, image_export, image_fo
     assert "Wrote 5 predictions" in proc.stdout and "2 could not be predicted" in proc.stdout
     assert ("TensorFlow threads: intra-op 1, inter-op 1 (TF Serving: "
             "--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=1)") in proc.stdout
+    # The kernels it ran, as TF Serving's environment should say: conftest's choice, when it made
+    # one (else TensorFlow's default, either value).
+    onednn = os.environ.get(calibration.ONEDNN_ENV, "")
+    assert f"(TF Serving's environment: TF_ENABLE_ONEDNN_OPTS={onednn}" in proc.stdout
     assert "Predicting" in proc.stderr  # The progress bar.
     assert len(read_jsonl(output)) == 5
 

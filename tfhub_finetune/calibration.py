@@ -364,7 +364,7 @@ def onednn_calibration(
 
     ```python
     figures = onednn_calibration()
-    decide_onednn(figures.seconds)  # ('1', 'onednn=on 2.07x onednn=off ...') on an AVX2 EPYC
+    decide_onednn(figures.seconds)  # ('1', 'oneDNN 2.07x Eigen (chosen at >= 1.15x)'), AVX2 EPYC
     ```
     """
     key = {**_machine_key(_installed_tensorflow_version(), hidden_size), "workload": "onednn"}
@@ -411,6 +411,11 @@ def onednn_enabled() -> bool | None:
         return None
 
 
+def describe_cpu_kernels() -> str:
+    """`oneDNN` or `Eigen`: the CPU kernels this process' TensorFlow runs, for a report line."""
+    return {True: "oneDNN", False: "Eigen", None: "unknown"}[onednn_enabled()]
+
+
 def _installed_tensorflow_version() -> str:
     """TensorFlow's version from its distribution's metadata: without importing it."""
     from importlib import metadata
@@ -427,7 +432,7 @@ def _measure_onednn(hidden: int, recalibrate: bool,
     import subprocess
     import sys
 
-    logger.info("Measuring whether TensorFlow's oneDNN or Eigen CPU kernels train faster here "
+    logger.debug("Measuring whether TensorFlow's oneDNN or Eigen CPU kernels train faster here "
                 "(two child processes, ~10 s each; once per machine).")
     seconds = {}
     for name, value in ONEDNN_CONFIGS.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfhub_finetune import distribute, training
+from tfhub_finetune import calibration, distribute, training
 from tfhub_finetune.adaptation import count_trainable, merge_lora
 from tfhub_finetune.config import ExperimentConfig, keras_verbose
 from tfhub_finetune.data.labels import LabelVocabulary
@@ -207,7 +207,8 @@ def run_experiment(config: ExperimentConfig, task: Task) -> dict:
     model_dir = Path(distribute.worker_model_dir(config.model_dir, strategy))
     chief = distribute.is_chief(strategy)
     print(
-        f"Strategy: {distribute.describe_strategy(strategy)}, precision: {precision}, XLA: {jit}.",
+        f"Strategy: {distribute.describe_strategy(strategy)}, precision: {precision}, XLA: {jit}, "
+        f"CPU kernels: {calibration.describe_cpu_kernels()}.",
         flush=True,
     )
     try:

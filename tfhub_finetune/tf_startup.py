@@ -73,7 +73,8 @@ def choose_cpu_kernels(
     try:
         figures = calibration.onednn_calibration(hidden_size, recalibrate=recalibrate,
                                                  cache_dir=cache_dir)
-    except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as error:
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError, AttributeError,
+            subprocess.SubprocessError) as error:
         logger.warning("CPU kernels: TensorFlow's default; the oneDNN calibration could not run "
                        "(%s).", error)
         return f"TensorFlow's default CPU kernels (calibration failed: {error})"
@@ -84,5 +85,7 @@ def choose_cpu_kernels(
     else:
         os.environ[env] = value
         line = f"{env}={value}: {reason}; {source}"
-    logger.info("CPU kernels: %s", line)
+    # Debug, not info: a pipeline's stderr is one line when it fails (the driver prints the
+    # kernels in use on stdout).
+    logger.debug("CPU kernels: %s", line)
     return line
