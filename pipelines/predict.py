@@ -49,7 +49,7 @@ from pathlib import Path
 from absl import flags
 
 from pipelines import flags as pipeline_flags
-from tfhub_finetune.calibration import describe_cpu_kernels, onednn_enabled
+from tfhub_finetune.calibration import ONEDNN_ENV, describe_cpu_kernels, onednn_enabled
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.integers import is_index, parse_int
 
@@ -604,9 +604,10 @@ def main(argv):
     print(f"TensorFlow threads: intra-op {intra or 'default'}, inter-op {inter or 'default'} "
           f"(TF Serving: --tensorflow_intra_op_parallelism={intra} "
           f"--tensorflow_inter_op_parallelism={inter}).")
-    if onednn_enabled() is not None:  # TF Serving reads the same variable when it starts.
+    onednn = onednn_enabled()
+    if onednn is not None:  # TF Serving reads the same variable when it starts.
         print(f"TensorFlow CPU kernels: {describe_cpu_kernels()} (TF Serving's environment: "
-              f"TF_ENABLE_ONEDNN_OPTS={int(onednn_enabled())}).")
+              f"{ONEDNN_ENV}={int(onednn)}).")
 
 
 def cli() -> None:

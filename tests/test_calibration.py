@@ -246,8 +246,7 @@ def test_choose_cpu_kernels_sets_the_variable_before_tensorflow_starts(tmp_path)
 
 
 def _seed_onednn_cache(folder: Path, seconds: dict) -> None:
-    key = {**calibration._machine_key(calibration._installed_tensorflow_version(),
-                                      calibration.DEFAULT_HIDDEN_SIZE), "workload": "onednn"}
+    key = calibration._onednn_key(calibration.DEFAULT_HIDDEN_SIZE)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"key": key, "runs": {"|".join(sorted(seconds)): seconds}}
     (folder / calibration._cache_name(key)).write_text(json.dumps(record))

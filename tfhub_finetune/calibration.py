@@ -367,11 +367,10 @@ def onednn_calibration(
     decide_onednn(figures.seconds)  # ('1', 'oneDNN 2.07x Eigen (chosen at >= 1.15x)'), AVX2 EPYC
     ```
     """
-    key = {**_machine_key(_installed_tensorflow_version(), hidden_size), "workload": "onednn"}
-    if recalibrate is None:
-        recalibrate = os.environ.get(RECALIBRATE_ENV, "").strip().lower() in ("1", "true", "yes")
+    key = _onednn_key(hidden_size)
+    recalibrate = _recalibrate_requested(recalibrate)
     return _cached(key, list(ONEDNN_CONFIGS), ONEDNN_CONFIGS,
-                   lambda names: _measure_onednn(int(hidden_size), bool(recalibrate), cache_dir),
+                   lambda names: _measure_onednn(int(hidden_size), recalibrate, cache_dir),
                    recalibrate, cache_dir)
 
 
@@ -459,6 +458,18 @@ def _onednn_child(hidden: int, cache_dir: str, recalibrate: bool) -> None:
     print(json.dumps({"onednn": onednn_enabled(), "seconds": figures.seconds}), flush=True)
 
 
+def _onednn_key(hidden_size: int) -> dict:
+    """`onednn_calibration`'s cache key: read without importing TensorFlow."""
+    return {**_machine_key(_installed_tensorflow_version(), hidden_size), "workload": "onednn"}
+
+
+def _recalibrate_requested(recalibrate: bool | None) -> bool:
+    """`recalibrate` as given, else whether `TFHUB_FINETUNE_RECALIBRATE` asks for it."""
+    if recalibrate is not None:
+        return bool(recalibrate)
+    return os.environ.get(RECALIBRATE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def _machine_key(tensorflow_version: str, hidden_size: int, onednn: bool | None = None) -> dict:
     """What figures depend on; `onednn` is the kernels of the process that measures them."""
     model, flags = _cpu_identity()
@@ -470,8 +481,7 @@ def _cached(key: dict, configs: list[str], allowed: Collection[str],
             measure: Callable[[list[str]], dict[str, float]], recalibrate: bool | None,
             cache_dir: str | os.PathLike | None) -> Calibration:
     """The figures for `configs` under `key`: from the cache file, else measured and cached."""
-    if recalibrate is None:
-        recalibrate = os.environ.get(RECALIBRATE_ENV, "").strip().lower() in ("1", "true", "yes")
+    recalibrate = _recalibrate_requested(recalibrate)
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / _cache_name(key)
     group = "|".join(sorted(configs))
