@@ -11,7 +11,8 @@ global batch 32, max sequence length 128):
   default threads or one; `benchmarks/torch_hf.py`), `keras_hub` (stock
   `BertTextClassifier` + default preprocessor + `fit`;
   `benchmarks/keras_hub_stock.py`), and the ablation `ours_float32` (the
-  default precision, where `ours` runs `--precision=auto`). By name in
+  default precision, where `ours` runs `--precision=auto`; skipped where
+  `auto` resolved to float32, being then ours itself). By name in
   `--systems`: `ours_stock_adamw` (ours before `FusedAdamW`) and
   `ours_keras_decay_norm` (`FusedAdamW` with Keras' weight-decay and
   global-norm passes), the optimizer changes' before/after.
@@ -25,7 +26,8 @@ global batch 32, max sequence length 128):
   thread and the default inter-op pool (`ours_intra1`);
   `ours_xla` is the opt-in XLA export (`serving_jit_compile`, every timed
   shape compiled in its warm-up). Ablations: `ours_serve_float32` (the
-  flag's default precision, float32) and `ours_keras_graph` (float32, the
+  flag's default precision, float32; skipped where `auto` served float32) and
+  `ours_keras_graph` (float32, the
   Keras call the lean graph lowers: the export before it). The int8 forms
   `--export_quantized=int8` writes: `ours_tflite_int8` (its TFLite
   dynamic-range file, raw strings tokenized in Python by
@@ -112,6 +114,10 @@ class System:
     # Ours' serving systems: `export_text_classifier` keywords of the SavedModel it
     # serves (one export per distinct set, made before the repetitions).
     export: dict = dataclasses.field(default_factory=dict)
+    # An ablation that pins one of ours' `auto` choices: (kind, field of ours' result of
+    # that kind, the pinned value). Where ours resolved to the same value on this machine,
+    # the ablation is ours' own configuration, so it is skipped (and the output says so).
+    pins: tuple[str, str, str] | tuple = ()
 
     @property
     def export_key(self) -> str:
@@ -172,12 +178,14 @@ SYSTEMS = (
 ABLATIONS = (
     # What `auto` chose against the pipeline's default precision.
     System("ours_float32", "benchmarks.ours", {"flags": ["--precision=float32"]},
-           "ours at --precision=float32 (the flag's default)", ("train",)),
+           "ours at --precision=float32 (the flag's default)", ("train",),
+           pins=("train", "precision", "float32")),
     # What `--serving_precision=auto` chose against the flag's default, float32 (the
     # same lean graph: the same SavedModel where auto chose float32).
     System("ours_serve_float32", "benchmarks.ours", {},
            "ours' SavedModel exported with --serving_precision=float32 (the flag's default)",
-           ("infer",), export={"serving_precision": "float32"}),
+           ("infer",), export={"serving_precision": "float32"},
+           pins=("export", "compute_dtype", "float32")),
     # The lean BERT graph (`serving_graph.lower_text_model`) against the Keras call it
     # lowers, both float32: the export before the lowering.
     System("ours_keras_graph", "benchmarks.ours", {},
@@ -230,14 +238,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train_examples", type=int, default=512,
                         help="Sentences every system trains on in the timed pass.")
-    parser.add_argument("--keras_hub_train_examples", type=int, default=256,
+    parser.add_argument("--keras_hub_train_examples", type=int, default=128,
                         help="keras-hub pads every sentence to 128, so its cost per example does "
                         "not depend on which sentences; fewer keep the run short.")
     parser.add_argument("--infer_examples", type=int, default=512)
     parser.add_argument("--latency_calls", type=int, default=100)
-    parser.add_argument("--keras_hub_infer_examples", type=int, default=256,
+    parser.add_argument("--keras_hub_infer_examples", type=int, default=128,
                         help="keras-hub serves every sentence padded to 128 (see above).")
-    parser.add_argument("--keras_hub_latency_calls", type=int, default=10,
+    parser.add_argument("--keras_hub_latency_calls", type=int, default=6,
                         help="Stock `predict` rebuilds its tf.data pipeline on every call "
                         "(1-2 s on 2 cores), so fewer calls keep the run short.")
     parser.add_argument("--only", default=",".join(KINDS), help=f"Some of {','.join(KINDS)}.")
@@ -372,8 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, reason in skipped.items():
             print(f"  SKIPPED {name}: {reason}", flush=True)
         systems = [s for s in systems if s.name not in skipped]
+        def skip_if_same_as_ours(system: System) -> bool:
+            reason = _same_as_ours(system, runner.runs)
+            if reason and system.name not in skipped:
+                skipped[system.name] = reason
+                print(f"  SKIPPED {system.name}: {reason}", flush=True)
+            return bool(reason)
+
         saved_models = {}  # One export per distinct set of export keywords.
         for system in list(systems):
+            if skip_if_same_as_ours(system):
+                continue
             if ("infer" in kinds and system.module == "benchmarks.ours" and "infer" in system.kinds
                     and system.export_key not in saved_models):
                 export = runner.run("export", system.name, "benchmarks.ours", "export",
@@ -398,12 +415,16 @@ def main(argv: list[str] | None = None) -> int:
                 runner.run("input", "ours", "benchmarks.ours", "input", {}, repeat, 0)
             if "train" in kinds:
                 for position, system in enumerate(s for s in order if "train" in s.kinds):
+                    if skip_if_same_as_ours(system):
+                        continue
                     child = {**common, **system.args}
                     if system.name == "keras_hub":
                         child["train_examples"] = args.keras_hub_train_examples
                     runner.run("train", system.name, system.module, "train", child, repeat, position)
             if "infer" in kinds:
                 for position, system in enumerate(s for s in order if "infer" in s.kinds):
+                    if skip_if_same_as_ours(system):
+                        continue
                     child = {**common, **system.args}
                     if system.name == "keras_hub":
                         child["latency_calls"] = args.keras_hub_latency_calls
@@ -415,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                     runner.run("infer", system.name, system.module, "infer", child, repeat, position)
             repeats_done += 1
         total_min = (time.perf_counter() - runner.started) / 60
+        systems = [s for s in systems if s.name not in skipped]
 
     runs, systems = _merged(RESULTS_DIR / f"{args.name}.json", runner.runs, systems, kinds, args)
     summary = summarise(runs, [s.name for s in systems])
@@ -451,6 +473,23 @@ def _merged(path: Path, runs: list[dict], systems: list[System], kinds: list[str
     names = [s.name for s in systems]
     extra = dict.fromkeys(r["system"] for r in kept if r["system"] in by_name and r["system"] not in names)
     return kept + runs, systems + [by_name[name] for name in extra]
+
+
+def _same_as_ours(system: System, runs: list[dict]) -> str:
+    """Why `system` (an ablation pinning an `auto` choice) is ours' own configuration here.
+
+    "" where it is not: it pins nothing, ours has not run its `pins` kind yet,
+    or ours resolved that choice to something else on this machine.
+    """
+    if not system.pins:
+        return ""
+    kind, field, value = system.pins
+    resolved = {r.get(field) for r in runs
+                if r["kind"] == kind and r["system"] == "ours" and not r.get("error")}
+    if resolved != {value}:
+        return ""
+    return (f"ours' `auto` resolved {field}={value} on this machine, so it is ours' own "
+            "configuration (measured once, as ours)")
 
 
 def probe_bf16(runner: Runner, systems: list[System], kinds: list[str]) -> dict:

@@ -98,9 +98,11 @@ def test_skipped_bf16_system_is_left_out_and_said_so(tmp_path, monkeypatch, caps
     assert "Targets per machine kind" in out
 
 
-def test_each_distinct_export_is_made_once_with_its_keywords(tmp_path, monkeypatch):
+@pytest.mark.parametrize("served", ["bfloat16", "float32"])
+def test_each_distinct_export_is_made_once_with_its_keywords(tmp_path, monkeypatch, served):
     """`ours` serves `--serving_precision=auto` (its DEFAULTS); the ablations export float32
-    with the lean graph and with the Keras call; systems with equal keywords share one."""
+    with the lean graph and with the Keras call; systems with equal keywords share one.
+    Where `auto` served float32, the float32 ablation is ours itself: not exported again."""
     made = []
 
     def fake_child(module, mode, args, **kwargs):  # The child processes; their figures are made up.
@@ -108,6 +110,7 @@ def test_each_distinct_export_is_made_once_with_its_keywords(tmp_path, monkeypat
             made.append({k: args[k] for k in ("serving_precision", "lean_serving_graph")
                          if k in args})
             return {"precision": "float32", "serving_precision": "auto", "export_s": 1.0,
+                    "compute_dtype": served if len(made) == 1 else "float32",
                     "saved_model": str(tmp_path / f"m{len(made)}"), "loadavg_1m": 0.1}
         return {"error": "not run in this test", "loadavg_1m": 0.1}
 
@@ -115,10 +118,35 @@ def test_each_distinct_export_is_made_once_with_its_keywords(tmp_path, monkeypat
     monkeypatch.setattr(run_all, "RESULTS_DIR", tmp_path)
     run_all.main(["--only=infer", "--systems=ours,ours_1thread", "--repeats=1", "--ablation",
                   "--name=unit"])
-    assert made == [{}, {"serving_precision": "float32"},
-                    {"serving_precision": "float32", "lean_serving_graph": False}]
+    keras_graph = {"serving_precision": "float32", "lean_serving_graph": False}
+    if served == "float32":
+        assert made == [{}, keras_graph]
+        record = json.loads((tmp_path / "unit.json").read_text())
+        assert "compute_dtype=float32" in record["skipped"]["ours_serve_float32"]
+        assert "ours_serve_float32" not in record["systems"]
+    else:
+        assert made == [{}, {"serving_precision": "float32"}, keras_graph]
     assert ours_bench.DEFAULTS["serving_precision"] == "auto"
     assert ours_bench.DEFAULTS["lean_serving_graph"]
+
+
+@pytest.mark.parametrize("resolved", ["mixed_bfloat16", "float32"])
+def test_training_ablation_is_skipped_where_auto_chose_it(tmp_path, monkeypatch, resolved):
+    started = []
+
+    def fake_child(module, mode, args, **kwargs):  # The child processes; their figures are made up.
+        started.append(args.get("flags"))
+        if mode == "train" and args.get("flags") == run_all.OURS_FLAGS:
+            return {"precision": resolved, "examples_per_s": 10.0, "cpu_ms_per_example": 100.0,
+                    "warmup_s": 1.0, "examples": 8, "timed_s": 1.0, "loadavg_1m": 0.1}
+        return {"error": "not run in this test", "loadavg_1m": 0.1}
+
+    monkeypatch.setattr(_harness, "run_child", fake_child)
+    monkeypatch.setattr(run_all, "RESULTS_DIR", tmp_path)
+    run_all.main(["--only=train", "--systems=ours", "--repeats=2", "--ablation", "--name=unit"])
+    float32_runs = started.count(["--precision=float32"])
+    assert float32_runs == (0 if resolved == "float32" else 2)
+    assert started.count(run_all.OURS_FLAGS) == 2
 
 
 def test_targets_and_peak_memory_are_summarised_per_repetition():
