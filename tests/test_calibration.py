@@ -29,7 +29,7 @@ def measured(tmp_path_factory):
     return calibration.cpu_calibration(HIDDEN, cache_dir=cache, recalibrate=False)
 
 
-def test_calibration_is_measured_once_then_read_from_the_cache(measured):
+def test_calibration_is_measured_once_then_read_from_the_cache(measured, capsys):
     assert measured.measured
     assert set(measured.seconds) == {"float32", "mixed_bfloat16"}
     assert all(value > 0 for value in measured.seconds.values())
@@ -38,14 +38,20 @@ def test_calibration_is_measured_once_then_read_from_the_cache(measured):
     assert record["key"]["hidden_size"] == HIDDEN
     assert record["runs"] == {"float32|mixed_bfloat16": measured.seconds}
 
+    capsys.readouterr()
     again = calibration.cpu_calibration(HIDDEN, cache_dir=measured.path.parent)
     assert not again.measured and again.seconds == measured.seconds
+    assert capsys.readouterr().out == ""  # A cached read is silent.
     # Not re-measured: the file was neither rewritten nor touched.
     assert measured.path.stat().st_mtime_ns == stamp and measured.path.read_text() == text
     # Another set (XLA) is measured in its own rotation and kept beside the first in the file.
     xla = calibration.cpu_calibration(HIDDEN, ("float32", "float32+xla"),
                                       cache_dir=measured.path.parent)
     assert xla.measured and xla.path == measured.path
+    # A measurement says what it measures, and where it keeps it, before it starts.
+    assert capsys.readouterr().out == (
+        "Measuring a training step's time per precision on this CPU (float32, float32+xla); "
+        f"once, then cached in {xla.path}.\n")
     assert set(xla.seconds) == {"float32", "float32+xla"}
     assert json.loads(xla.path.read_text())["runs"] == {
         "float32|mixed_bfloat16": measured.seconds, "float32|float32+xla": xla.seconds}

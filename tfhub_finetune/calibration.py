@@ -224,7 +224,8 @@ def cpu_calibration(
                          f"{list(CONFIGS)}.")
     key = _machine_key(tf.__version__, hidden_size, onednn_enabled())
     return _cached(key, list(dict.fromkeys(configs)), CONFIGS,
-                   lambda names: _measure(int(hidden_size), names), recalibrate, cache_dir)
+                   lambda names: _measure(int(hidden_size), names), recalibrate, cache_dir,
+                   what="a training step's time per precision")
 
 
 def serving_thread_calibration(
@@ -295,7 +296,9 @@ def serving_thread_calibration(
         stdin = json.dumps([{name: _encoded(value) for name, value in request.items()}
                             for request in requests])
     return _cached(key, list(SERVING_THREAD_CONFIGS), SERVING_THREAD_CONFIGS,
-                   lambda names: _measure_serving_threads(child, stdin), recalibrate, cache_dir)
+                   lambda names: _measure_serving_threads(child, stdin), recalibrate, cache_dir,
+                   what="batch-1 latency per thread setting"
+                   + (f" of {saved_model}" if saved_model is not None else ""))
 
 
 def decide_serving_threads(
@@ -371,7 +374,7 @@ def onednn_calibration(
     recalibrate = _recalibrate_requested(recalibrate)
     return _cached(key, list(ONEDNN_CONFIGS), ONEDNN_CONFIGS,
                    lambda names: _measure_onednn(int(hidden_size), recalibrate, cache_dir),
-                   recalibrate, cache_dir)
+                   recalibrate, cache_dir, what="a training step's time under oneDNN and Eigen")
 
 
 def decide_onednn(
@@ -431,8 +434,6 @@ def _measure_onednn(hidden: int, recalibrate: bool,
     import subprocess
     import sys
 
-    logger.debug("Measuring whether TensorFlow's oneDNN or Eigen CPU kernels train faster here "
-                "(two child processes, ~10 s each; once per machine).")
     seconds = {}
     for name, value in ONEDNN_CONFIGS.items():
         done = subprocess.run(
@@ -479,8 +480,12 @@ def _machine_key(tensorflow_version: str, hidden_size: int, onednn: bool | None 
 
 def _cached(key: dict, configs: list[str], allowed: Collection[str],
             measure: Callable[[list[str]], dict[str, float]], recalibrate: bool | None,
-            cache_dir: str | os.PathLike | None) -> Calibration:
-    """The figures for `configs` under `key`: from the cache file, else measured and cached."""
+            cache_dir: str | os.PathLike | None, what: str) -> Calibration:
+    """The figures for `configs` under `key`: from the cache file, else measured and cached.
+
+    A measurement takes seconds to a minute, so it says so on stdout first (`what` names it);
+    stderr stays for errors, and a child's last stdout line stays its report.
+    """
     recalibrate = _recalibrate_requested(recalibrate)
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / _cache_name(key)
@@ -488,6 +493,8 @@ def _cached(key: dict, configs: list[str], allowed: Collection[str],
     cached = _read_cache(path, key, allowed)
     if not recalibrate and cached is not None and group in cached:
         return Calibration(seconds=cached[group], key=key, path=path, measured=False)
+    print(f"Measuring {what} on this CPU ({', '.join(configs)}); once, then cached in "
+          f"{path}.", flush=True)
     started = time.perf_counter()
     seconds = measure(configs)
     # Figures are compared only within the rotation that measured them: one entry per set.
