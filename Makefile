@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The default suite in two worker processes, whole files each (module fixtures train once);
+# `make test PYTEST_WORKERS=0` runs it in this process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test test-slow bench bench-selection lint clean
 
@@ -22,7 +25,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check tfhub_finetune pipelines tests benchmarks
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

@@ -11,13 +11,16 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The suite's CPU calibrations are measured beside the other worker's tests, so they live in the
+# suite's own cache (kept between runs), never in the one a user's pipelines read and trust.
+os.environ["XDG_CACHE_HOME"] = str(REPO_ROOT / ".pytest_cache" / "xdg")
+
 from tfhub_finetune import tf_startup  # noqa: E402
 from tfhub_finetune.paths import shared_dir  # noqa: E402
 
-# In-process tests run on the CPU kernels a pipeline would (measured once per machine).
+# In-process tests run on the CPU kernels a pipeline would (measured once into that cache).
 tf_startup.choose_cpu_kernels()
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def require_shared_path(relative: str) -> Path:
