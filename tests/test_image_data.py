@@ -199,6 +199,22 @@ def test_csv_source_relative_paths_missing_file_and_unknown_label(tmp_path, capl
         load_image_dataset(tmp_path / "bad.csv", image_size=SIZE)
 
 
+
+def test_csv_header_of_unknown_names_is_refused_naming_the_row(tmp_path):
+    _write_good(tmp_path / "imgs", 4)
+    rows = "imgs/img0.jpg,cat\nimgs/img1.jpg,cat\nimgs/img2.jpg,dog\nimgs/img3.jpg,dog\n"
+    (tmp_path / "train.csv").write_text("img,class\n" + rows)
+    with pytest.raises(InputError, match=r"Row 1 of .*train\.csv looks like a header: there is "
+                       r"no file `img`, and its label `class` occurs in no other row") as info:
+        load_image_dataset(tmp_path / "train.csv", image_size=SIZE)
+    assert "filename" in str(info.value)  # The fix names the headers that are read as one.
+    # A real first image with a class of its own is an example, not a header.
+    (tmp_path / "odd.csv").write_text("imgs/img0.jpg,bird\n" + rows)
+    odd = load_image_dataset(tmp_path / "odd.csv", image_size=SIZE)
+    assert odd.label_names == ["bird", "cat", "dog"]
+    assert _collect(odd.dataset)[1].tolist() == [0, 1, 1, 2, 2]
+
+
 def _example(encoded: bytes, label: int | None) -> bytes:
     feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
     if label is not None:
@@ -228,6 +244,25 @@ def test_tfrecord_source_skips_undecodable_records_by_file_and_index(tmp_path):
     with pytest.raises(InputError, match="image/class/label"):
         load_image_dataset(str(missing), image_size=SIZE)
 
+
+
+def test_tfrecord_hold_out_keeps_every_class_in_training(tmp_path):
+    # TFRecords list their labels too, so a rare class is never held out whole.
+    records = tmp_path / "train.tfrecord"
+    with tf.io.TFRecordWriter(str(records)) as writer:
+        writer.write(_example(b"\xff\xd8\xffbroken", 1))  # Skipped: the labels must follow.
+        for i in range(12):
+            writer.write(_example(_jpeg_bytes(_noise(8, 8, i)), 0))
+        writer.write(_example(_jpeg_bytes(_noise(8, 8, 99)), 1))
+    data = load_image_dataset(str(records), image_size=8, batch_size=4)
+    assert data.labels.tolist() == [0] * 12 + [1]
+    for seed in range(10):
+        train, held = data.split(0.25, seed=seed)
+        assert train.labels.tolist().count(1) == 1 and 1 not in held.labels.tolist()
+        assert sorted(_collect(train.batches(16))[1].tolist()) == sorted(train.labels.tolist())
+    first = load_image_dataset(str(records), image_size=8, max_examples=5)
+    assert first.labels.tolist() == [0] * 5 and len(_collect(first.dataset)[1]) == 5
+    assert load_image_dataset(str(records), image_size=8, validate=False).labels is None
 
 def test_tfds_source_with_mock_data():
     with tfds.testing.mock_data(num_examples=6):

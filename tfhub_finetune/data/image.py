@@ -62,7 +62,12 @@ import tensorflow as tf
 
 from tfhub_finetune.config import AUGMENTATIONS
 from tfhub_finetune.data.labels import LabelVocabulary
-from tfhub_finetune.data.sources import load_tfds, read_csv_rows, stratified_holdout
+from tfhub_finetune.data.sources import (
+    first_label_is_a_header_word,
+    load_tfds,
+    read_csv_rows,
+    stratified_holdout,
+)
 from tfhub_finetune.errors import InputError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -108,7 +113,8 @@ class ImageDataset:
             and int32 `(batch,)`.
         labels: np.ndarray or None. The class id of each example in order
             (one per example), where the source lists them (class folders,
-            CSV); `split` stratifies by them.
+            CSV, TFRecord; not TFDS, nor with `validate=False`, which drops
+            undecodable images in flight); `split` stratifies by them.
     """
 
     examples: tf.data.Dataset
@@ -305,7 +311,7 @@ def load_image_dataset(
         )
     text = str(source)
     names = list(label_names) if label_names is not None else None
-    listed = False  # Class folders and CSVs list every example's label up front.
+    listed = False  # Folders, CSVs and TFRecords list every example's label up front.
     if text.startswith("tfds:"):
         images, vocabulary, count = _tfds_images(text, split, training, names)
         skipped: list[SkippedFile] = []
@@ -318,9 +324,10 @@ def load_image_dataset(
         )
     else:
         if any(ch in text for ch in "*?[") or text.lower().endswith(TFRECORD_SUFFIXES):
-            encoded, vocabulary, count, skipped = _tfrecord_examples(text, names, validate)
+            encoded, vocabulary, labels, skipped = _tfrecord_examples(text, names, validate)
             if max_examples:
-                encoded, count = encoded.take(max_examples), min(count, max_examples)
+                encoded, labels = encoded.take(max_examples), labels[:max_examples]
+            count, listed = len(labels), True
         else:
             path = Path(text).expanduser()
             if not path.exists():
@@ -557,6 +564,14 @@ def _csv_files(
         files.append(str(file if file.is_absolute() else path.parent / file))
         raw_labels.append(row[1].strip())
         lines.append(line)
+    if first_label_is_a_header_word(raw_labels) and not Path(files[0]).exists():
+        first = rows[0][1]
+        raise InputError(
+            f"Row {lines[0]} of {path} looks like a header: there is no file `{first[0].strip()}`, "
+            f"and its label `{raw_labels[0]}` occurs in no other row.",
+            received={"file": str(path), "row": lines[0]},
+            fix=f"Name its path column one of {', '.join(_CSV_PATH_HEADERS)}, or remove the row.",
+        )
     vocabulary = LabelVocabulary.from_labels(
         raw_labels, label_names=label_names, source=str(path), rows=lines
     )
@@ -656,7 +671,8 @@ def _report_skipped(skipped: list[SkippedFile], source: str, kept: int | None) -
 
 def _tfrecord_examples(
     pattern: str, label_names: list[str] | None, validate: bool
-) -> tuple[tf.data.Dataset, LabelVocabulary, int, list[SkippedFile]]:
+) -> tuple[tf.data.Dataset, LabelVocabulary, np.ndarray, list[SkippedFile]]:
+    """The `(encoded, label)` examples, their vocabulary, their labels in order, what was skipped."""
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise InputError(
@@ -704,7 +720,7 @@ def _tfrecord_examples(
     vocabulary = LabelVocabulary(names=list(label_names), label_type="id")
     examples = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
     if not validate:
-        return examples, vocabulary, int(labels.size), []
+        return examples, vocabulary, labels, []
     good = _decodable_indices(examples.map(lambda data, _: data))
     skipped = []
     if len(good) < labels.size:
@@ -727,7 +743,7 @@ def _tfrecord_examples(
         )
     if not good:
         raise InputError("No readable images in the TFRecord files.", received={"path": pattern})
-    return examples, vocabulary, len(good), skipped
+    return examples, vocabulary, labels[sorted(good)], skipped
 
 
 def _tf_message(err: tf.errors.OpError) -> str:

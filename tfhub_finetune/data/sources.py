@@ -301,14 +301,22 @@ def column_in_header(header: Sequence[str], name: str, *, source: str, flag: str
     return positions[0]
 
 
-def _refuse_unrecognised_header(path, numbers, labels) -> None:
-    # A header of words we do not know (`tweet  sentiment`) is read as an example whose label,
-    # `sentiment`, occurs in no other row: a class of one, learnt from the header. Integer
-    # labels are checked by type (a name among ids), numbers may all differ (regression).
+def first_label_is_a_header_word(labels: Sequence[str]) -> bool:
+    """Whether `labels[0]` occurs in no other row while every other label repeats.
+
+    A header of words no reader knows (`tweet  sentiment`, `img,class`) reads as
+    an example whose label (`sentiment`) is a class of one, learnt from the
+    header. A file of one-row classes says nothing either way, so it is False there.
+    """
     counts = collections.Counter(labels)
+    return (len(labels) >= 3 and counts[labels[0]] == 1
+            and min(counts[label] for label in labels[1:]) >= 2)
+
+
+def _refuse_unrecognised_header(path, numbers, labels) -> None:
+    # Integer labels are checked by type (a name among ids), numbers may all differ (regression).
     first = labels[0]
-    # Only when every other label repeats: a file of one-row classes says nothing either way.
-    if len(labels) < 3 or counts[first] > 1 or min(counts[label] for label in labels[1:]) < 2:
+    if not first_label_is_a_header_word(labels):
         return
     try:
         float(first)
