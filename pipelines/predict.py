@@ -174,13 +174,10 @@ class Texts(list):
 
 
 def _json_text(path: Path, number: int, line: str, key: str, pair_key: str | None = None) -> dict:
-    from tfhub_finetune.data.sources import json_row
+    from tfhub_finetune.data.sources import json_object_row
 
-    record = json_row(line, path, number)
-    if not isinstance(record, dict) or key not in record:
-        raise InputError(f"Row {number} of {path} lacks the `{key}` key.",
-                         received={"input": str(path), "row": number},
-                         fix="Set --text_key to the key that holds the text.")
+    record = json_object_row(line, path, number, [key], received_as="input",
+                             fix="Set --text_key to the key that holds the text.")
     if pair_key is not None and record.get(pair_key) is None:
         raise InputError(f"Row {number} of {path} lacks the second text (`{pair_key}` key).",
                          received={"input": str(path), "row": number},

@@ -66,8 +66,12 @@ def test_text_readers_keep_order_lines_and_odd_bytes(tmp_path):
 
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "one"}\n{"txt": "two"}\n')
-    with pytest.raises(InputError, match="Row 2 of .* lacks the `text` key"):
+    with pytest.raises(InputError, match=r"Row 2 of .* lacks the `text` key \(keys: `txt`\)"):
         predict.read_texts(bad_json, "0", "auto", "text")
+    bad_json.write_text('{"text": "one"}\n["two"]\n')
+    with pytest.raises(InputError, match="Row 2 of .* is a JSON array, not an object") as info:
+        predict.read_texts(bad_json, "0", "auto", "text")
+    assert "input=" in str(info.value) and "--text_key" in str(info.value)
     with pytest.raises(InputError, match="not in the header row"):
         predict.read_texts(csv_file, "sentence", "auto", "text")
     with pytest.raises(InputError, match="Row 1 of .* has 2 column"):

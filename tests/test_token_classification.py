@@ -110,6 +110,9 @@ def test_jsonl_and_tag_column(tmp_path):
     path = write(tmp_path / "a.jsonl", json.dumps({"tokens": ["New", "York"],
                                                    "tags": ["B-LOC", "I-LOC"]}) + "\n\n")
     assert read_tagged_sentences(path).tags == [["B-LOC", "I-LOC"]]
+    flat = write(tmp_path / "flat.jsonl", '{"tokens": ["New"], "tags": ["B-LOC"]}\n[["York"]]\n')
+    with pytest.raises(InputError, match=r"Line 2 of .*flat\.jsonl is a JSON array, not an object"):
+        read_tagged_sentences(flat)
     path = write(tmp_path / "b.txt", "New B-LOC NNP\nYork I-LOC NNP\n")
     assert read_tagged_sentences(path, tag_column=1).tags == [["B-LOC", "I-LOC"]]
 

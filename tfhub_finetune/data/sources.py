@@ -192,6 +192,38 @@ def json_row(line: str, source: str | os.PathLike, number: int, unit: str = "Row
                      received={"file": str(source), unit.lower(): number})
 
 
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def json_object_row(line: str, source: str | os.PathLike, number: int, keys: Sequence[str], *,
+                    fix: str, unit: str = "Row", received_as: str = "file") -> dict:
+    """One `.jsonl` line that must be an object holding `keys`; else one InputError naming it.
+
+    The error says which keys are missing and which the row has, or that the
+    row is not an object at all (`[1, 2]`, `"text"`), so a file of another
+    layout is recognisable from the message.
+
+    Example:
+
+    ```python
+    json_object_row('{"text": "a fine film"}', "in.jsonl", 1, ["text"], fix="Set --text_key.")
+    ```
+    """
+    record = json_row(line, source, number, unit)
+    if not isinstance(record, dict):
+        problem = f"is a JSON {_JSON_TYPES.get(type(record), type(record).__name__)}, not an object"
+    else:
+        missing = [key for key in keys if key not in record]
+        if not missing:
+            return record
+        names = " and ".join(f"`{key}`" for key in missing)
+        found = ", ".join(f"`{key}`" for key in record) or "none"
+        problem = f"lacks the {names} key{'s' if len(missing) > 1 else ''} (keys: {found})"
+    raise InputError(f"{unit} {number} of {source} {problem}.",
+                     received={received_as: str(source), unit.lower(): number}, fix=fix)
+
+
 def file_lines(text: str):
     """`(line number, line)` of a decoded file: split at `\n` only, a `\r` before it dropped.
 
@@ -423,14 +455,8 @@ def _read_jsonl(path, text_column, label_column, encoding, text_pair_column=None
         if not line.strip():
             blank += 1
             continue
-        record = json_row(line, path, number)
-        if not isinstance(record, dict) or text_key not in record or label_key not in record:
-            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise InputError(
-                f"Row {number} of {path} lacks the `{text_key}` or `{label_key}` key.",
-                received={"file": str(path), "row": number},
-                fix=f"Keys found: {keys}. Set --text_column/--label_column.",
-            )
+        record = json_object_row(line, path, number, [text_key, label_key],
+                                 fix="Set --text_column/--label_column to its keys.")
         if pair_key is not None and record.get(pair_key) is None:
             raise InputError(
                 f"Row {number} of {path} has no second text (key `{pair_key}`).",

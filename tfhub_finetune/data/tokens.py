@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tfhub_finetune.config import TAG_SCHEMES
-from tfhub_finetune.data.sources import json_row
+from tfhub_finetune.data.sources import json_object_row
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.integers import parse_int
 
@@ -224,14 +224,10 @@ def _read_jsonl(lines: list[str], source: str, token_column, tag_column) -> Tagg
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        record = json_row(line, source, number, unit="Line")
-        if not isinstance(record, dict) or token_key not in record or tag_key not in record:
-            raise InputError(
-                f"Line {number} of {source} lacks the `{token_key}` or `{tag_key}` key.",
-                received={"file": source, "line": number},
-                fix='Expected {"tokens": [...], "tags": [...]} (or set --text_column/--tag_column '
-                "to the keys).",
-            )
+        record = json_object_row(
+            line, source, number, [token_key, tag_key], unit="Line",
+            fix='Expected {"tokens": [...], "tags": [...]} (or set --text_column/--tag_column '
+            "to the keys).")
         sentence, labels = record[token_key], record[tag_key]
         if (not isinstance(sentence, list) or not isinstance(labels, list)
                 or not all(isinstance(x, str) for x in sentence + labels)):
