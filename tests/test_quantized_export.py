@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -183,6 +184,7 @@ def test_int8_text_tflite_form_answers_raw_strings_like_the_float32_model(
 
 
 def test_int8_image_tflite_runs_in_the_interpreter_and_agrees_with_keras(tmp_path):
+    keras.utils.set_random_seed(0)
     model = build_image_classifier("scratch_cnn", 2, image_size=IMAGE_SIZE)
     path = Path(quantized_export.export_quantized_image_classifier(
         model, ["ants", "bees"], tmp_path, image_size=IMAGE_SIZE, model_name="hymenoptera"))
@@ -197,8 +199,11 @@ def test_int8_image_tflite_runs_in_the_interpreter_and_agrees_with_keras(tmp_pat
     got = np.concatenate([export.run_tflite(interpreter, images[:8]),
                           export.run_tflite(interpreter, images[8:])])
     expected = model(images, training=False).numpy()
-    assert np.abs(got - expected).max() < 0.1
-    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.9
+    # Within 0.02 of the float model everywhere (~1e-4 measured). Not argmax agreement: this
+    # untrained network answers every noise image within ~0.03 of 0.5, so which class wins is a
+    # coin toss per row (an unseeded clean-clone run failed at 0.5 agreement, outputs 1e-4
+    # apart); the text test checks agreement on a fine-tuned model and real sentences.
+    assert np.abs(got - expected).max() < 0.02
     card = export.read_model_card(path)
     assert card["quantization"]["mode"] == "int8" and card["runtime"] == "tflite"
 
