@@ -17,14 +17,19 @@ from pathlib import Path
 
 from absl import flags
 
-from tfhub_finetune.config import EXPORT_ONLY_FIELDS, ExperimentConfig, ModelConfig
+from tfhub_finetune.config import (
+    DEFAULT_MONITORS,
+    EXPORT_ONLY_FIELDS,
+    ExperimentConfig,
+    ModelConfig,
+)
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.io_utils import check_export_name, check_output_dir
 
 FLAGS = flags.FLAGS
 
 
-def define_common_flags(default_monitor: str = "val_accuracy") -> None:
+def define_common_flags() -> None:
     """Defines the flags every training pipeline takes."""
     flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"],
                       "train: fit and save; eval: evaluate the saved best model; train_and_eval: both.")
@@ -58,7 +63,9 @@ def define_common_flags(default_monitor: str = "val_accuracy") -> None:
     flags.DEFINE_float("weight_decay", 0.01, "AdamW decoupled weight decay.")
     flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clip (0 disables).")
     flags.DEFINE_integer("seed", 42, "Random seed (initialisation, shuffling, dropout).")
-    flags.DEFINE_string("monitor", default_monitor, "Validation metric that picks the best checkpoint.")
+    flags.DEFINE_string("monitor", "auto", "Validation metric that picks the best checkpoint; auto: "
+                        + ", ".join(f"{metric} ({task})" for task, metric in DEFAULT_MONITORS.items())
+                        + ".")
     flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "After warm-up: linear "
                       "decay to 0, or constant (warm-up over the first epoch only).")
     flags.DEFINE_integer("early_stopping_patience", 0, "Stop after N epochs without improvement (0: off).")

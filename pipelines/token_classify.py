@@ -26,7 +26,7 @@ from absl import flags
 from pipelines import flags as pipeline_flags
 
 FLAGS = flags.FLAGS
-pipeline_flags.define_common_flags(default_monitor="val_entity_f1")
+pipeline_flags.define_common_flags()
 pipeline_flags.define_serving_flags()
 pipeline_flags.define_token_flags()
 

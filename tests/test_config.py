@@ -141,3 +141,21 @@ def test_damaged_files_of_a_model_dir_are_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:500])
     with pytest.raises(InputError, match=r"best.weights.h5 is damaged"):
         training.load_weights_file(model, weights, fix="Train again.")
+
+
+@pytest.mark.parametrize("task, monitor", [
+    ("single_label", "val_accuracy"), ("multi_label", "val_accuracy"),
+    ("regression", "val_pearson"), ("token_classification", "val_entity_f1"),
+])
+def test_the_default_monitor_is_a_metric_the_task_logs(tmp_path, task, monitor):
+    from tfhub_finetune.metrics import check_monitor
+
+    config = ExperimentConfig(model_dir=str(tmp_path / "m"), data=DataConfig(train_data="train"),
+                              model=ModelConfig(backbone="minilm_l6_h384", task=task)).validate()
+    assert config.train.monitor == monitor
+    check_monitor(config.train.monitor, task)  # What the driver asks before training.
+    # Saved as the metric itself, and a config given one keeps it.
+    config.save(tmp_path / "params.json")
+    assert json.loads((tmp_path / "params.json").read_text())["train"]["monitor"] == monitor
+    chosen = dataclasses.replace(config, train=dataclasses.replace(config.train, monitor="val_loss"))
+    assert chosen.train.monitor == "val_loss"

@@ -24,6 +24,9 @@ LR_SCHEDULES = ("linear", "constant")
 VERBOSITIES = ("auto", "0", "1", "2")
 AUGMENTATIONS = ("basic", "randaugment", "none")
 TASKS = ("single_label", "multi_label", "regression", "token_classification")
+# What `monitor="auto"` (the default) watches for each task: a metric every run of it logs.
+DEFAULT_MONITORS = {"single_label": "val_accuracy", "multi_label": "val_accuracy",
+                    "regression": "val_pearson", "token_classification": "val_entity_f1"}
 TAG_SCHEMES = ("iob2", "iob1", "bioes")
 POOLINGS = ("auto", "cls", "pooler", "mean")
 # Serving forms written beside the float32 export (`--export_quantized`).
@@ -260,7 +263,9 @@ class TrainConfig:
         weight_decay: float. AdamW decoupled weight decay.
         clip_norm: float. Global gradient-norm clip (0 disables).
         seed: int. Seeds initialisation, shuffling and dropout.
-        monitor: str. Validation metric for the best checkpoint and early stop.
+        monitor: str. Validation metric for the best checkpoint and early
+            stop; `auto` (the default): the task's `DEFAULT_MONITORS` entry,
+            filled in when the `ExperimentConfig` is made.
         early_stopping_patience: int. Epochs without improvement before
             stopping (0 disables).
         backup_every_steps: int. Also back up every N steps, not only at
@@ -282,7 +287,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     seed: int = 42
-    monitor: str = "val_accuracy"
+    monitor: str = "auto"
     early_stopping_patience: int = 0
     backup_every_steps: int = 200
     bucketing: bool = True
@@ -346,6 +351,13 @@ class ExperimentConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    def __post_init__(self):
+        # Resolved once, here, so params.json, the resume check and the callbacks all see the
+        # metric itself (a regression run must not watch val_accuracy because it was the default).
+        if self.train.monitor == "auto" and self.model.task in DEFAULT_MONITORS:
+            object.__setattr__(self, "train", dataclasses.replace(
+                self.train, monitor=DEFAULT_MONITORS[self.model.task]))
 
     def validate(self) -> ExperimentConfig:
         """Checks every value; raises InputError naming the flag at fault."""
