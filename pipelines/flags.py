@@ -500,8 +500,8 @@ def print_summary(result: dict, model_dir: str) -> None:
     """Prints the figures a person looks for after a run."""
     evaluation = result.get("eval") or {}
     lines = []
-    for key in ("accuracy", "macro_f1", "auc", "exact_match", "mae", "rmse",
-                "entity_f1", "entity_precision", "entity_recall", "token_accuracy"):
+    for key in ("accuracy", "macro_f1", "auc", "exact_match", "mae", "rmse", "pearson",
+                "spearman", "entity_f1", "entity_precision", "entity_recall", "token_accuracy"):
         if evaluation.get(key) is not None:
             lines.append(f"{key}={evaluation[key]:.4f}")
     if lines:

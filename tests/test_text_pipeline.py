@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_pipeline
+from tests.conftest import require_shared_path, run_pipeline
 from tfhub_finetune.stats import EvalPredictions
 
 
@@ -121,3 +121,21 @@ def test_bad_rows_and_labels_name_the_file_and_row(tmp_path, sst2_dir):
         )
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_regression_needs_only_task_and_prints_its_correlations(tmp_path, minilm_l3_dir):
+    # STS-B pairs scored 0-5: `--task=regression` alone picks a monitor the task logs.
+    stsb = require_shared_path("data/stsb")
+    proc = run_pipeline(
+        "pipelines.text_classify", f"--backbone={minilm_l3_dir}",
+        f"--train_data={stsb / 'train.tsv'}", f"--eval_data={stsb / 'dev.tsv'}",
+        f"--model_dir={tmp_path / 'run'}", "--task=regression", "--text_column=sentence1",
+        "--text_pair_column=sentence2", "--label_column=score", "--max_train_examples=64",
+        "--epochs=1", "--sequence_length=32", "--verbose=0", timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params = json.loads((tmp_path / "run" / "params.json").read_text())
+    assert params["train"]["monitor"] == "val_pearson"
+    evaluation = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("Eval ("))
+    assert f"pearson={evaluation['pearson']:.4f}" in line and "spearman=" in line
