@@ -319,7 +319,8 @@ def _resolve_candidates(config: SelectionConfig) -> list[_Candidate]:
             run.spec = resolve_backbone(given)
             run.weights_id = cache.weights_fingerprint(run.spec)
         except InputError as err:
-            # Reported as a failed candidate; the others go on.
+            # Names were checked by SelectionConfig.validate; what is left here (unreadable
+            # weights to fingerprint) is reported as a failed candidate; the others go on.
             run.fail("resolve", str(err))
         runs.append(run)
     _set_display_names(runs)
