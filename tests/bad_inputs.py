@@ -57,9 +57,6 @@ class Case:
         files: dict. File name (under the case folder) -> bytes, or a
             callable `f(path)` that writes it.
         subprocess: bool. Also run as its own `python -m` process.
-        writes: tuple of str. Files the pipeline may add to `{model_dir}` as it
-            fails (select_model's report of a run where every candidate failed);
-            nothing there may change or disappear either way.
     """
 
     name: str
@@ -68,7 +65,6 @@ class Case:
     expect: tuple[str, ...]
     files: dict[str, bytes | Callable[[Path], None]] = dataclasses.field(default_factory=dict)
     subprocess: bool = False
-    writes: tuple[str, ...] = ()
 
 
 # === Generated inputs ===
@@ -586,9 +582,10 @@ CASES: list[Case] = [
          ("--candidates=scratch_text_encoder", "--train_data={dir}/t.tsv",
           "--output_dir={model_dir}"), ("t.tsv", "single class"),
          files={"t.tsv": tsv([(f"row {i}", "1.0") for i in range(20)])}),
+    # Refused before any work: nothing profiled, trained or reported.
     Case("select_unknown_candidate", SELECT,
-         ("--candidates=minilm_l7", "--train_data={good_tsv}", "--output_dir={model_dir}"),
-         ("minilm_l7", "report.md"), writes=("report.md", "results.json", "pareto.png")),
+         ("--candidates=scratch_text_encoder,minilm_l7", "--train_data={good_tsv}",
+          "--output_dir={model_dir}"), ("candidates='minilm_l7'", "Did you mean: minilm_l6_h384")),
 
     # --- text pairs (text_classify --text_pair_column) ---
     Case("pair_missing_second_text", TEXT,

@@ -115,9 +115,7 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(corpus, case: Case):
             assert text in lines[0], f"{how}: {text!r} not named in: {lines[0]}"
     case_dir = root / case.name
     model, export = _snapshot(case_dir / "model"), _snapshot(case_dir / "export")
-    added = {name: model.pop(name) for name in case.writes if name in model}
     assert (model, export) == before[case.name], "the model or export folder changed"
-    assert all(content for content in added.values())
 
 
 def test_every_pipeline_and_reader_is_covered():
