@@ -148,7 +148,10 @@ def test_damaged_files_of_a_model_dir_are_named(tmp_path):
     ("regression", "val_pearson"), ("token_classification", "val_entity_f1"),
 ])
 def test_the_default_monitor_is_a_metric_the_task_logs(tmp_path, task, monitor):
+    from tfhub_finetune.config import DEFAULT_MONITORS, TASKS
     from tfhub_finetune.metrics import check_monitor
+
+    assert set(DEFAULT_MONITORS) == set(TASKS)  # A new task needs its default here too.
 
     config = ExperimentConfig(model_dir=str(tmp_path / "m"), data=DataConfig(train_data="train"),
                               model=ModelConfig(backbone="minilm_l6_h384", task=task)).validate()
