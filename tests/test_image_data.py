@@ -199,7 +199,6 @@ def test_csv_source_relative_paths_missing_file_and_unknown_label(tmp_path, capl
         load_image_dataset(tmp_path / "bad.csv", image_size=SIZE)
 
 
-
 def test_csv_header_of_unknown_names_is_refused_naming_the_row(tmp_path):
     _write_good(tmp_path / "imgs", 4)
     rows = "imgs/img0.jpg,cat\nimgs/img1.jpg,cat\nimgs/img2.jpg,dog\nimgs/img3.jpg,dog\n"
@@ -245,7 +244,6 @@ def test_tfrecord_source_skips_undecodable_records_by_file_and_index(tmp_path):
         load_image_dataset(str(missing), image_size=SIZE)
 
 
-
 def test_tfrecord_hold_out_keeps_every_class_in_training(tmp_path):
     # TFRecords list their labels too, so a rare class is never held out whole.
     records = tmp_path / "train.tfrecord"
@@ -263,6 +261,7 @@ def test_tfrecord_hold_out_keeps_every_class_in_training(tmp_path):
     first = load_image_dataset(str(records), image_size=8, max_examples=5)
     assert first.labels.tolist() == [0] * 5 and len(_collect(first.dataset)[1]) == 5
     assert load_image_dataset(str(records), image_size=8, validate=False).labels is None
+
 
 def test_tfds_source_with_mock_data():
     with tfds.testing.mock_data(num_examples=6):

@@ -51,7 +51,6 @@ def test_jsonl_counts_blank_lines_not_the_final_newline(tmp_path):
     assert read_text_examples(str(path)).skipped_blank == 0
 
 
-
 @pytest.mark.parametrize("row,problem", [
     ('{"txt": "b", "label": 1}', r"lacks the `text` key \(keys: `txt`, `label`\)"),
     ('{"sentence": "b"}', r"lacks the `text` and `label` keys \(keys: `sentence`\)"),
@@ -64,6 +63,7 @@ def test_jsonl_row_of_another_layout_is_named_with_what_it_holds(tmp_path, row, 
     with pytest.raises(InputError, match=r"Row 2 of .*d\.jsonl " + problem) as info:
         read_text_examples(str(path))
     assert "--text_column/--label_column" in str(info.value)
+
 
 def test_jsonl_and_multilabel(tmp_path):
     path = tmp_path / "d.jsonl"
