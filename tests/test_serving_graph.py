@@ -99,6 +99,33 @@ def test_slices_compute_the_same_function_from_the_same_weights(backbone, batch)
     assert serving_graph.lower_text_model(model).slices == serving_graph.SERVING_SLICES
 
 
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_one_row_float64_attention_answers_as_the_keras_call(backbone, batch, compute_dtype):
+    """The one-row graph (attention products in float64) answers each sentence alone as
+    the Keras call does, padded rows and rows past its length limit included; a batch of
+    several rows is the compute-dtype graph's answer, unchanged."""
+    model = _trained_looking(build_text_classifier(backbone, 3, pooling="mean"))
+    expected = model(batch, training=False).numpy()
+    lowered = serving_graph.lower_text_model(model, compute_dtype)
+    tolerance = 1e-5 if compute_dtype == "float32" else 0.05
+    lengths = np.asarray(batch["padding_mask"]).sum(axis=1)
+    up_to = int(np.median(lengths))  # Rows on both sides of the limit.
+    call = tf.function(lowered.call)
+    for row in [*np.argsort(lengths)[[0, len(lengths) // 2, -1]]]:
+        # Sliced to the row's own length, as the serving chunks send it, and padded.
+        for width in (int(lengths[row]), batch["token_ids"].shape[1]):
+            one = {name: value[row:row + 1, :width] for name, value in batch.items()}
+            np.testing.assert_allclose(call(one, up_to).numpy()[0], expected[row],
+                                       atol=tolerance)
+    row = int(np.argmin(lengths))
+    shortest = {name: value[row:row + 1, :int(lengths[row])] for name, value in batch.items()}
+    # It is another graph (float64 rounds otherwise), and only for one row.
+    assert not np.array_equal(call(shortest, up_to).numpy(), call(shortest, 0).numpy())
+    np.testing.assert_array_equal(call(batch, up_to).numpy(), call(batch, 0).numpy())
+    lowered.float64_attention_up_to = up_to  # What `__call__` (the export) serves.
+    np.testing.assert_array_equal(tf.function(lowered)(batch).numpy(), call(batch, 0).numpy())
+
+
 def test_a_token_classifier_lowers_too(backbone, batch):
     model = build_token_classifier(backbone, 5)
     lowered = serving_graph.lower_text_model(model)
@@ -188,6 +215,15 @@ def test_auto_serving_precision_serves_the_dtype_it_timed_faster(tmp_path, backb
                    and ms["bfloat16"]["one"] <= ms["float32"]["one"] * serving_graph.BF16_ONE_SLACK)
     chosen = "bfloat16" if bf16_faster else "float32"
     assert graph["compute_dtype"] == card["compute_dtype"] == graph["timing"]["chosen"] == chosen
+    # The one-row float64 form serves up to the longest length at which it, and every
+    # shorter one, timed faster.
+    one_row = graph["timing"]["float64_attention"]["median_ms"]
+    up_to = 0
+    for length in serving_graph.ONE_ROW_LENGTHS:
+        if one_row["float64"][str(length)] >= one_row["compute"][str(length)]:
+            break
+        up_to = length
+    assert graph["float64_attention_up_to"] == up_to
     ids = tmp_path / "m_token_ids" / "1"
     served = tf.saved_model.load(str(ids)).signatures["serving_default"](**batch)
     np.testing.assert_allclose(served["probabilities"].numpy(), expected,

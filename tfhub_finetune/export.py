@@ -358,7 +358,7 @@ def export_text_classifier(
     names_tensor = tf.constant(names)
     rows, widths = serving_shapes(sequence_length) if serving_jit_compile else (None, None)
     warm_shapes = warmup_shapes(sequence_length, serving_jit_compile)  # The card lists what is written.
-    lowered = serving_lowering(model, serving_precision, lean_serving_graph)
+    lowered = serving_lowering(model, serving_precision, lean_serving_graph, serving_jit_compile)
     served = lowered or functools.partial(model, training=False)
     # One XLA function for both signatures; it compiles once per (rows, width) it meets.
     call = tf.function(served, jit_compile=True) if widths else served
@@ -725,17 +725,18 @@ def _call_in_length_chunks(
     return tf.cond(batch > 0, run, lambda: tf.zeros([0, out_width], tf.float32))
 
 
-def serving_lowering(model: keras.Model, serving_precision: str, lean_serving_graph: bool
-                     ) -> LoweredTextModel | None:
+def serving_lowering(model: keras.Model, serving_precision: str, lean_serving_graph: bool,
+                     jit_compile: bool = False) -> LoweredTextModel | None:
     """The lean graph a text export serves (None: the Keras call), inside its serving scope.
 
-    `auto` times float32 against bf16 (`serving_graph.fastest_lowering`);
+    `auto` times float32 against bf16, then the one-row float64 attention
+    form unless the export compiles with XLA (`serving_graph.fastest_lowering`);
     otherwise the lowering computes as the scope left the encoder.
     """
     if not lean_serving_graph:
         return None
     if serving_precision == "auto":
-        return fastest_lowering(model)
+        return fastest_lowering(model, float64_attention=not jit_compile)
     return lower_text_model(model)
 
 
@@ -744,6 +745,7 @@ def _serving_graph_card(lowered: LoweredTextModel | None) -> dict[str, Any]:
     if lowered is None:
         return {"kind": "keras"}
     card = {"kind": "lean_bert", "compute_dtype": lowered.compute_dtype, "slices": lowered.slices,
+            "float64_attention_up_to": lowered.float64_attention_up_to,
             "max_difference_from_keras": lowered.max_difference}
     if lowered.timing:
         card["timing"] = lowered.timing

@@ -16,7 +16,10 @@ residual stream kept in float32. Each block is cut into `SERVING_SLICES`
 independent parts, Megatron-style (attention by heads, the feed-forward by
 its inner units; the parts' outputs summed), so that at serving batch sizes
 TensorFlow's inter-op pool runs two small chains side by side instead of
-splitting every small op across the intra-op pool.
+splitting every small op across the intra-op pool. Where it times faster on
+the exporting CPU (`fastest_lowering`), a one-row batch of a short sentence
+computes its attention products in float64 on Eigen, which keeps that work
+on one thread, instead of on oneDNN, which hands every batch matmul to all.
 
 It is a lowering, not a second model: every weight is read from the trained
 Keras layers when the export runs, the head after the encoder stays the
@@ -31,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -57,7 +61,13 @@ BF16_MARGIN = 1.15
 BF16_BATCH = 16
 BF16_ONE_SLACK = 1.10
 _TIMED_LENGTH = 32
-_CALLS = {"one": 10, "batch": 3}
+# `fastest_lowering`: a one-row batch computes its attention products in float64
+# (Eigen) up to the longest of ONE_ROW_LENGTHS at which that, and every shorter
+# one, timed faster than the compute dtype. Float64 work grows with the square of
+# the length, oneDNN's hand-off does not: on MiniLM-L6 (AVX-512 EPYC, bf16)
+# float64 won at 16-32 tokens and lost at 64 (BUILD_NOTES "One-row attention").
+ONE_ROW_LENGTHS = (16, 24, 32, 48, 64)
+_ONE_ROW_CALLS, _BATCH_CALLS = 10, 3  # Calls per timed round.
 # Independent slices of every block (`LoweredTextModel`). Two: each slice's
 # matmuls at one sentence fit oneDNN's single-threaded size (TF's
 # `ExecuteSingleThreadedGemm`: operands within L2) and the two run on the
@@ -75,7 +85,13 @@ class LoweredTextModel(tf.Module):
     of the lowered call must keep. With `slices` > 1 each block computes as
     that many independent parts (attention by groups of heads, the
     feed-forward by groups of inner units) whose outputs are summed: the
-    same function, with the weights cut, not copied.
+    same function, with the weights cut, not copied. A batch of one row of
+    up to `float64_attention_up_to` tokens computes its attention products
+    (scores and context: a few thousand multiply-adds a head) in float64,
+    on TensorFlow's Eigen kernels: oneDNN takes float32 and bf16 batch
+    matmuls and hands each to every intra-op thread, which on a sentence
+    costs more than the work. `fastest_lowering` sets it from timings; 0
+    (the default) computes every batch in the compute dtype.
 
     Example:
 
@@ -155,6 +171,7 @@ class LoweredTextModel(tf.Module):
         # The head computes in the policies it had when lowered (export's serving scope),
         # whenever this module is traced.
         self._tail_policies = [(layer, layer.dtype_policy) for layer in layers]
+        self.float64_attention_up_to = 0  # Tokens; 0: no separate one-row graph.
         self.max_difference: float | None = None
         self.timing: dict[str, Any] | None = None  # Set by `fastest_lowering`.
 
@@ -174,6 +191,10 @@ class LoweredTextModel(tf.Module):
         return [*self.variables, *self._tail_variables]
 
     def __call__(self, inputs: dict[str, tf.Tensor]) -> tf.Tensor:
+        return self.call(inputs, self.float64_attention_up_to)
+
+    def call(self, inputs: dict[str, tf.Tensor], float64_attention_up_to: int) -> tf.Tensor:
+        """The lowered call; one row of up to `float64_attention_up_to` tokens: float64 products."""
         ids = tf.cast(inputs["token_ids"], tf.int32)
         mask = tf.cast(inputs["padding_mask"], tf.float32)
         length = tf.shape(ids)[1]
@@ -183,8 +204,20 @@ class LoweredTextModel(tf.Module):
         x = self._layer_norm(x, self._embedding_norm)
         # (batch, 1, 1, keys): masked keys get Keras' large negative score.
         score_bias = ((1.0 - mask) * _MASKED_SCORE)[:, None, None, :]
-        for block in self._blocks:
-            x = self._block(x, block, score_bias)
+
+        def encode(x: tf.Tensor, products: tf.DType) -> tf.Tensor:
+            bias = tf.cast(score_bias, products) if products == tf.float64 else score_bias
+            for block in self._blocks:
+                x = self._block(x, block, bias, products)
+            return x
+
+        compute = tf.as_dtype(self.compute_dtype)
+        if not float64_attention_up_to:
+            x = encode(x, compute)
+        else:
+            one_row = tf.logical_and(tf.equal(tf.shape(ids)[0], 1),
+                                     length <= float64_attention_up_to)
+            x = tf.cond(one_row, lambda: encode(x, tf.float64), lambda: encode(x, compute))
         pooled = tf.tanh(tf.nn.bias_add(tf.matmul(self._in_compute(x[:, 0]), self._pooled_kernel),
                                         self._pooled_bias))
         outputs = {"sequence_output": x, "pooled_output": tf.cast(pooled, tf.float32)}
@@ -208,21 +241,24 @@ class LoweredTextModel(tf.Module):
         mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
         return (x - mean) * tf.math.rsqrt(variance + norm["epsilon"]) * norm["gamma"] + norm["beta"]
 
-    def _block(self, x: tf.Tensor, block: dict[str, Any], score_bias: tf.Tensor) -> tf.Tensor:
+    def _block(self, x: tf.Tensor, block: dict[str, Any], score_bias: tf.Tensor,
+               products: tf.DType) -> tf.Tensor:
         batch, length = tf.shape(x)[0], tf.shape(x)[1]
         heads, size = self._heads_per_slice, self._hidden // self._num_heads
         flat = tf.reshape(x, [-1, self._hidden])  # The residual stream, float32.
         inputs = self._in_compute(flat)
+        # Softmax in float32, or in float64 when the products are (no casts between).
+        scores_dtype = tf.float64 if products == tf.float64 else tf.float32
         attended = []
         for part in block["slices"]:
             qkv = self._dense(inputs, part["qkv_kernel"], part["qkv_bias"])
             qkv = _transpose(tf.reshape(qkv, [batch, length, 3, heads, size]), [2, 0, 3, 1, 4])
-            query, key, value = tf.unstack(qkv)
-            scores = tf.cast(tf.matmul(query, key, transpose_b=True), tf.float32) + score_bias
-            weights = self._in_compute(_softmax(scores))
+            query, key, value = tf.unstack(tf.cast(qkv, products))
+            scores = tf.cast(tf.matmul(query, key, transpose_b=True), scores_dtype) + score_bias
+            weights = tf.cast(_softmax(scores), products)
             context = tf.reshape(_transpose(tf.matmul(weights, value), [0, 2, 1, 3]),
                                  [-1, heads * size])
-            attended.append(tf.matmul(context, part["out_kernel"]))
+            attended.append(tf.matmul(tf.cast(context, inputs.dtype), part["out_kernel"]))
         attended = tf.nn.bias_add(tf.add_n(attended), block["out_bias"])
         flat = self._layer_norm(tf.cast(attended, tf.float32) + flat, block["attention_norm"])
         inputs = self._in_compute(flat)
@@ -242,7 +278,7 @@ class LoweredTextModel(tf.Module):
 # sentence, 2 threads: a transpose ~80 us against ~12 us on one thread), where
 # Eigen's cost model keeps small work on the calling thread. Transposes go as
 # integers of the same width (oneDNN's kernel takes only float types).
-_SAME_WIDTH_INT = {tf.float32: tf.int32, tf.bfloat16: tf.int16}
+_SAME_WIDTH_INT = {tf.float64: tf.int64, tf.float32: tf.int32, tf.bfloat16: tf.int16}
 
 
 def _transpose(x: tf.Tensor, perm: list[int]) -> tf.Tensor:
@@ -300,22 +336,36 @@ def lower_text_model(model: keras.Model, compute_dtype: str | None = None,
         raise ValueError(f"compute_dtype must be one of {sorted(TOLERANCE)}. "
                          f"Received: compute_dtype={compute_dtype!r}")
     lowered = LoweredTextModel(encoder, tail, compute_dtype, _usable_slices(encoder, slices or SERVING_SLICES))
-    probe = _probe_inputs(encoder)
-    expected = np.asarray(tf.cast(model(probe, training=False), tf.float32))
-    actual = np.asarray(tf.function(lowered)(probe))
-    difference = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
-    tolerance = max(TOLERANCE[compute_dtype], TOLERANCE[keras_dtype])
-    limit = tolerance * (1.0 + float(np.max(np.abs(expected), initial=0.0)))
-    if not difference <= limit:  # NaN fails too.
-        logger.warning(
-            "The lean serving graph differs from the Keras model by %.3g (limit %.3g) on a probe "
-            "batch; serving the Keras call instead.", difference, limit)
+    difference = _difference_from_keras(lowered, model, [_probe_inputs(encoder)], 0, keras_dtype)
+    if difference is None:
         return None
     lowered.max_difference = difference
     return lowered
 
 
-def fastest_lowering(model: keras.Model, rounds: int = 7) -> LoweredTextModel | None:
+def _difference_from_keras(lowered: LoweredTextModel, model: keras.Model,
+                           probes: list[dict[str, tf.Tensor]], float64_attention_up_to: int,
+                           keras_dtype: str) -> float | None:
+    """Max |lowered - keras| over `probes`; None (warned) past the tolerance of the two dtypes."""
+    call = tf.function(lowered.call)
+    tolerance = max(TOLERANCE[lowered.compute_dtype], TOLERANCE[keras_dtype])
+    largest = 0.0
+    for probe in probes:
+        expected = np.asarray(tf.cast(model(probe, training=False), tf.float32))
+        actual = np.asarray(call(probe, float64_attention_up_to))
+        difference = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+        limit = tolerance * (1.0 + float(np.max(np.abs(expected), initial=0.0)))
+        if not difference <= limit:  # NaN fails too.
+            logger.warning(
+                "The lean serving graph differs from the Keras model by %.3g (limit %.3g) on a "
+                "probe batch; serving the Keras call instead.", difference, limit)
+            return None
+        largest = max(largest, difference)
+    return largest
+
+
+def fastest_lowering(model: keras.Model, rounds: int = 7, float64_attention: bool = True
+                     ) -> LoweredTextModel | None:
     """`lower_text_model` in float32 and in bfloat16, timed side by side here; the faster.
 
     What `serving_precision="auto"` serves. bf16 matmuls run ~4x float32 on
@@ -325,15 +375,19 @@ def fastest_lowering(model: keras.Model, rounds: int = 7) -> LoweredTextModel | 
     alternations, ~3 s), and bf16 serves only when it is at least
     `BF16_MARGIN` faster at the batch and no slower at one sentence (within
     `BF16_ONE_SLACK`: on bf16 hardware the two are level there, to within
-    the noise of a shared machine; without it bf16 is 1.5x slower or worse). The
-    figures go into the lowering's `timing` (the model card). They hold for
-    the CPU the export ran on: export again with `float32` for a fleet of
-    another kind.
+    the noise of a shared machine; without it bf16 is 1.5x slower or worse).
+    Then the chosen lowering's one-row form (`float64_attention_up_to`) is
+    timed the same way (~3 s). The figures go into the lowering's `timing`
+    (the model card). They hold for the CPU the export ran on: export again
+    with `float32` for a fleet of another kind.
 
     Args:
         model: keras.Model. As for `lower_text_model`, its layers computing
             in float32 (`export.serving_precision_scope`).
         rounds: int. Alternations of the two timings. Defaults to 7.
+        float64_attention: bool. Also time and choose the one-row float64
+            form; False keeps every batch in the compute dtype (an XLA
+            export, whose kernels these timings do not measure).
 
     Returns:
         The faster `LoweredTextModel` (float32 on a tie), or None when the
@@ -358,7 +412,8 @@ def fastest_lowering(model: keras.Model, rounds: int = 7) -> LoweredTextModel | 
     if bfloat16 is None:
         float32.timing = {"chosen": "float32", "reason": "no bf16 lowering on this CPU"}
         return float32
-    ms = _time_side_by_side({"float32": float32, "bfloat16": bfloat16}, rounds)
+    ms = _time_side_by_side({"float32": float32, "bfloat16": bfloat16}, float32.vocabulary_size,
+                            rounds)
     faster = (ms["bfloat16"]["batch"] * BF16_MARGIN <= ms["float32"]["batch"]
               and ms["bfloat16"]["one"] <= ms["float32"]["one"] * BF16_ONE_SLACK)
     chosen = bfloat16 if faster else float32
@@ -370,22 +425,62 @@ def fastest_lowering(model: keras.Model, rounds: int = 7) -> LoweredTextModel | 
         "threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                     "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
     }
+    if float64_attention:
+        _choose_float64_attention(chosen, model, rounds)
     return chosen
 
 
-def _time_side_by_side(lowerings: dict[str, LoweredTextModel], rounds: int
+def _choose_float64_attention(lowered: LoweredTextModel, model: keras.Model, rounds: int) -> None:
+    """Sets `lowered.float64_attention_up_to` from one-row timings of both forms here.
+
+    One row of each of `ONE_ROW_LENGTHS` tokens, in rotation: float64 serves
+    up to the longest length at which it, and at every shorter one, was
+    faster (a wrong call near the crossover costs a few percent; the gain
+    at short sentences is 10-20%), if it also agrees with the Keras call on
+    one-row probes. Figures in `lowered.timing["float64_attention"]`.
+    """
+    calls = {"compute": lambda inputs: lowered.call(inputs, 0),
+             "float64": lambda inputs: lowered.call(inputs, max(ONE_ROW_LENGTHS))}
+    shapes = {str(length): (1, length) for length in ONE_ROW_LENGTHS}
+    ms = _time_side_by_side(calls, lowered.vocabulary_size, rounds, shapes)
+    up_to = 0
+    for length in ONE_ROW_LENGTHS:
+        if ms["float64"][str(length)] >= ms["compute"][str(length)]:
+            break
+        up_to = length
+    if up_to:
+        encoder, _ = _bert_encoder(model)
+        probe = _probe_inputs(encoder)
+        rows = [{name: value[r:r + 1] for name, value in probe.items()} for r in range(_PROBE_ROWS)]
+        difference = _difference_from_keras(lowered, model, rows, up_to, _compute_dtype(encoder))
+        if difference is not None:
+            lowered.float64_attention_up_to = up_to
+            lowered.max_difference = max(lowered.max_difference, difference)
+    lowered.timing["float64_attention"] = {
+        "rule": f"a one-row batch computes its attention products in float64 up to the longest "
+                f"timed length at which that, and every shorter one, was faster than "
+                f"{lowered.compute_dtype}",
+        "median_ms": ms, "shapes": {name: list(shape) for name, shape in shapes.items()},
+    }
+
+
+def _time_side_by_side(calls: dict[str, Callable[[dict[str, tf.Tensor]], tf.Tensor]],
+                       vocabulary_size: int, rounds: int,
+                       shapes: dict[str, tuple[int, int]] | None = None,
                        ) -> dict[str, dict[str, float]]:
-    """Median ms per call of each lowering at batch 1 and `BF16_BATCH`, alternating."""
+    """Median ms per call of each call at each `(rows, length)` shape, alternating.
+
+    `shapes` defaults to one row and `BF16_BATCH` rows of `_TIMED_LENGTH`.
+    """
     rng = np.random.default_rng(0)
-    shapes = {"one": 1, "batch": BF16_BATCH}
-    vocabulary_size = min(int(lowered.vocabulary_size) for lowered in lowerings.values())
+    shapes = shapes or {"one": (1, _TIMED_LENGTH), "batch": (BF16_BATCH, _TIMED_LENGTH)}
     inputs = {}
-    for shape, rows in shapes.items():
-        ids = rng.integers(0, vocabulary_size, (rows, _TIMED_LENGTH))
+    for shape, (rows, length) in shapes.items():
+        ids = rng.integers(0, vocabulary_size, (rows, length))
         inputs[shape] = {"token_ids": tf.constant(ids, tf.int32),
-                         "padding_mask": tf.ones((rows, _TIMED_LENGTH), tf.int32),
-                         "segment_ids": tf.zeros((rows, _TIMED_LENGTH), tf.int32)}
-    functions = {name: tf.function(lowered) for name, lowered in lowerings.items()}
+                         "padding_mask": tf.ones((rows, length), tf.int32),
+                         "segment_ids": tf.zeros((rows, length), tf.int32)}
+    functions = {name: tf.function(call) for name, call in calls.items()}
     for function in functions.values():
         for x in inputs.values():
             function(x)
@@ -396,7 +491,7 @@ def _time_side_by_side(lowerings: dict[str, LoweredTextModel], rounds: int
         for name in names:
             for shape, x in inputs.items():
                 calls = []
-                for _ in range(_CALLS[shape]):
+                for _ in range(_ONE_ROW_CALLS if shapes[shape][0] == 1 else _BATCH_CALLS):
                     start = time.perf_counter()
                     functions[name](x).numpy()
                     calls.append(time.perf_counter() - start)
