@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -410,7 +410,6 @@ class SelectionConfig:
         if duplicates:
             _bad("candidates", ",".join(duplicates), "A candidate is listed twice.",
                  "List each backbone once.")
-        _check_candidates_resolve(s.candidates)
         if not self.output_dir:
             _bad("output_dir", "", "An output directory is required.", "Set --output_dir.")
         _one_of("modality", s.modality, MODALITIES)
@@ -547,23 +546,6 @@ def _rate(value: Any) -> bool:
 
 def _bad(name: str, value: Any, problem: str, fix: str | None = None) -> None:
     raise InputError(problem, received={name: value}, fix=fix)
-
-
-def _check_candidates_resolve(candidates: Sequence[str]) -> None:
-    """Refuses a candidate name or path that names no backbone, before any work.
-
-    A typo is bad input, said at once with close names; a candidate that
-    resolves but fails to load or profile is the run's to report (the others
-    go on).
-    """
-    from tfhub_finetune.backbones.catalog import resolve_backbone
-
-    for given in candidates:
-        try:
-            resolve_backbone(given)
-        except InputError as err:
-            raise InputError(f"Candidate `{given}`: {err.problem[:1].lower()}{err.problem[1:]}",
-                             received={"candidates": given}, fix=err.fix) from None
 
 
 def _one_of(name: str, value: Any, choices) -> None:

@@ -310,6 +310,12 @@ class _Candidate:
 
 
 def _resolve_candidates(config: SelectionConfig) -> list[_Candidate]:
+    """Each candidate string resolved, once, to its `BackboneSpec`, before any work.
+
+    A name or path that names no backbone (a typo, a missing folder) is
+    refused here with close names; one that resolves but whose weights
+    cannot be read to fingerprint is the run's to report (the others go on).
+    """
     from tfhub_finetune.backbones.catalog import resolve_backbone
 
     runs = []
@@ -317,10 +323,12 @@ def _resolve_candidates(config: SelectionConfig) -> list[_Candidate]:
         run = _Candidate(backbone=given, name=given)
         try:
             run.spec = resolve_backbone(given)
+        except InputError as err:
+            raise InputError(f"Candidate `{given}`: {err.problem[:1].lower()}{err.problem[1:]}",
+                             received={"candidates": given}, fix=err.fix) from None
+        try:
             run.weights_id = cache.weights_fingerprint(run.spec)
         except InputError as err:
-            # Names were checked by SelectionConfig.validate; what is left here (unreadable
-            # weights to fingerprint) is reported as a failed candidate; the others go on.
             run.fail("resolve", str(err))
         runs.append(run)
     _set_display_names(runs)
