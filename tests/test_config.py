@@ -144,7 +144,7 @@ def test_damaged_files_of_a_model_dir_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("task, monitor", [
-    ("single_label", "val_accuracy"), ("multi_label", "val_accuracy"),
+    ("single_label", "val_accuracy"), ("multi_label", "val_macro_f1"),
     ("regression", "val_pearson"), ("token_classification", "val_entity_f1"),
 ])
 def test_the_default_monitor_is_a_metric_the_task_logs(tmp_path, task, monitor):

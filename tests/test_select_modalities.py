@@ -74,6 +74,8 @@ def test_modality_and_metric_follow_the_data_settings(tmp_path):
     pairs = config(text_pair_column="2", metric="f1")
     assert (pairs.search.modality, pairs.search.metric) == ("text_pair", "f1")
     assert config().search.metric == "accuracy"  # Text or image: the candidates decide.
+    # Multi-label: what its training watches, macro-F1 (binary accuracy rewards "no" labels).
+    assert config(task="multi_label").search.metric == "macro_f1"
     assert config(modality="tokens").resolved() == tokens  # Resolving twice changes nothing.
 
 

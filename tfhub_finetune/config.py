@@ -25,7 +25,10 @@ VERBOSITIES = ("auto", "0", "1", "2")
 AUGMENTATIONS = ("basic", "randaugment", "none")
 TASKS = ("single_label", "multi_label", "regression", "token_classification")
 # What `monitor="auto"` (the default) watches for each task: a metric every run of it logs.
-DEFAULT_MONITORS = {"single_label": "val_accuracy", "multi_label": "val_accuracy",
+# Multi-label: macro-F1, not binary accuracy, which the many negatives of each row
+# dominate (a model that answers "no" to every label scores high). Model selection's
+# `metric="auto"` is the same entry without `val_`.
+DEFAULT_MONITORS = {"single_label": "val_accuracy", "multi_label": "val_macro_f1",
                     "regression": "val_pearson", "token_classification": "val_entity_f1"}
 TAG_SCHEMES = ("iob2", "iob1", "bioes")
 POOLINGS = ("auto", "cls", "pooler", "mean")

@@ -29,7 +29,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tfhub_finetune.config import QUANTIZATIONS, TFLITE_SUFFIX, Adaptation, ExperimentConfig
+from tfhub_finetune.config import (
+    DEFAULT_MONITORS,
+    QUANTIZATIONS,
+    TFLITE_SUFFIX,
+    Adaptation,
+    ExperimentConfig,
+)
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.selection.halving import lr_key, rung_epochs
 from tfhub_finetune.selection.profile import ProfileOptions
@@ -39,8 +45,8 @@ from tfhub_finetune.selection.recommend import (
     REFERENCE_FORM,
     validate_constraints,
 )
-from tfhub_finetune.tasks import DEFAULT_METRIC, SELECTION_METRICS, data_modality
 from tfhub_finetune.tasks import MODALITIES as TASK_MODALITIES
+from tfhub_finetune.tasks import SELECTION_METRICS, data_modality
 
 MODALITIES = ("auto", *TASK_MODALITIES)
 METRICS = ("auto", *dict.fromkeys(m for ms in SELECTION_METRICS.values() for m in ms))
@@ -308,8 +314,9 @@ class SelectionConfig:
         becomes `token_classification`); `task="token_classification"` or a
         `text_pair_column` under `modality="auto"` make `tokens` or
         `text_pair`; otherwise `auto` stays for the candidates to decide (text
-        or image). An `auto` metric becomes the modality's default
-        (`entity_f1` for tokens, else `accuracy`). Idempotent.
+        or image). An `auto` metric becomes what the base task's
+        `monitor="auto"` watches (`config.DEFAULT_MONITORS`: `entity_f1` for
+        tokens, `accuracy` for labels). Idempotent.
 
         Raises:
             InputError: for an unknown modality or metric, or a modality the
@@ -334,7 +341,9 @@ class SelectionConfig:
                      "text_pair": "--text_pair_column (the second text's column)"}[modality]
             _bad("modality", modality, f"--modality={modality} needs {needs}.",
                  "Fix the data flags, or give --modality=auto.")
-        metric = DEFAULT_METRIC.get(modality, "accuracy") if s.metric == "auto" else s.metric
+        metric = s.metric
+        if metric == "auto":  # What the base task's `--monitor=auto` watches, as a selection metric.
+            metric = DEFAULT_MONITORS.get(base.model.task, "val_accuracy").removeprefix("val_")
         return dataclasses.replace(self, base=base,
                                    search=dataclasses.replace(s, modality=modality, metric=metric))
 

@@ -10,8 +10,6 @@ PIPELINES = {"text": "text_classify", "text_pair": "text_classify",
 MODALITIES = tuple(PIPELINES)
 # The backbone modality each input modality needs (`BackboneSpec.modality`).
 BACKBONE_MODALITY = {"text": "text", "text_pair": "text", "tokens": "text", "image": "image"}
-# The metric model selection maximises by default: entity F1 (seqeval's) for NER.
-DEFAULT_METRIC = {"tokens": "entity_f1"}
 # The metrics each modality's trials log (`val_<metric>`) that selection can maximise.
 SELECTION_METRICS = {
     "text": ("accuracy", "macro_f1", "f1"), "text_pair": ("accuracy", "macro_f1", "f1"),
