@@ -214,7 +214,7 @@ def test_auto_serving_precision_serves_the_dtype_it_timed_faster(tmp_path, backb
     bf16_faster = (ms["bfloat16"]["batch"] * serving_graph.BF16_MARGIN <= ms["float32"]["batch"]
                    and ms["bfloat16"]["one"] <= ms["float32"]["one"] * serving_graph.BF16_ONE_SLACK)
     chosen = "bfloat16" if bf16_faster else "float32"
-    assert graph["compute_dtype"] == card["compute_dtype"] == graph["timing"]["chosen"] == chosen
+    assert card["compute_dtype"] == chosen and "compute_dtype" not in graph  # Said once.
     # The one-row float64 form serves up to the longest length at which it, and every
     # shorter one, timed faster.
     one_row = graph["timing"]["float64_attention"]["median_ms"]

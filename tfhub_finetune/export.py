@@ -744,7 +744,8 @@ def _serving_graph_card(lowered: LoweredTextModel | None) -> dict[str, Any]:
     """The model card's account of what computes the encoder (`serving_graph`)."""
     if lowered is None:
         return {"kind": "keras"}
-    card = {"kind": "lean_bert", "compute_dtype": lowered.compute_dtype, "slices": lowered.slices,
+    # The dtype it computes in is the card's own `compute_dtype`, said once.
+    card = {"kind": "lean_bert", "slices": lowered.slices,
             "float64_attention_up_to": lowered.float64_attention_up_to,
             "max_difference_from_keras": lowered.max_difference}
     if lowered.timing:

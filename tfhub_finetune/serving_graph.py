@@ -398,7 +398,7 @@ def fastest_lowering(model: keras.Model, rounds: int = 7, float64_attention: boo
     ```python
     with serving_precision_scope(model):
         lowered = fastest_lowering(model)
-    lowered.compute_dtype, lowered.timing  # 'bfloat16', {'float32': {...}, 'bfloat16': {...}}
+    lowered.compute_dtype, lowered.timing  # 'bfloat16', {'median_ms': {...}, ...}
     ```
     """
     float32 = lower_text_model(model, "float32")
@@ -410,21 +410,22 @@ def fastest_lowering(model: keras.Model, rounds: int = 7, float64_attention: boo
         logger.info("bf16 serving graph unavailable here (%s); serving float32.", error)
         bfloat16 = None
     if bfloat16 is None:
-        float32.timing = {"chosen": "float32", "reason": "no bf16 lowering on this CPU"}
-        return float32
-    ms = _time_side_by_side({"float32": float32, "bfloat16": bfloat16}, float32.vocabulary_size,
-                            rounds)
-    faster = (ms["bfloat16"]["batch"] * BF16_MARGIN <= ms["float32"]["batch"]
-              and ms["bfloat16"]["one"] <= ms["float32"]["one"] * BF16_ONE_SLACK)
-    chosen = bfloat16 if faster else float32
-    chosen.timing = {
-        "chosen": chosen.compute_dtype,
-        "rule": f"bfloat16 when >= {BF16_MARGIN}x faster at batch {BF16_BATCH} and no slower "
-                f"(within {BF16_ONE_SLACK - 1:.0%}) at batch 1",
-        "median_ms": ms, "shapes": {"one": [1, _TIMED_LENGTH], "batch": [BF16_BATCH, _TIMED_LENGTH]},
-        "threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-                    "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
-    }
+        chosen = float32
+        chosen.timing = {"reason": "no bf16 lowering on this CPU"}
+    else:
+        ms = _time_side_by_side({"float32": float32, "bfloat16": bfloat16},
+                                float32.vocabulary_size, rounds)
+        faster = (ms["bfloat16"]["batch"] * BF16_MARGIN <= ms["float32"]["batch"]
+                  and ms["bfloat16"]["one"] <= ms["float32"]["one"] * BF16_ONE_SLACK)
+        chosen = bfloat16 if faster else float32
+        chosen.timing = {
+            "rule": f"bfloat16 when >= {BF16_MARGIN}x faster at batch {BF16_BATCH} and no slower "
+                    f"(within {BF16_ONE_SLACK - 1:.0%}) at batch 1",
+            "median_ms": ms,
+            "shapes": {"one": [1, _TIMED_LENGTH], "batch": [BF16_BATCH, _TIMED_LENGTH]},
+        }
+    chosen.timing["threads"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                                "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
     if float64_attention:
         _choose_float64_attention(chosen, model, rounds)
     return chosen
