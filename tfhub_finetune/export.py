@@ -141,6 +141,7 @@ from tfhub_finetune.data.text import bucket_widths, pack_inputs
 from tfhub_finetune.errors import InputError, did_you_mean
 from tfhub_finetune.integers import parse_int
 from tfhub_finetune.io_utils import atomic_path, check_export_name, read_json_file, staging_dir
+from tfhub_finetune.layer_policies import layer_policies
 from tfhub_finetune.serving_graph import LoweredTextModel, fastest_lowering, lower_text_model
 from tfhub_finetune.serving_warmup import ASSETS_EXTRA, write_warmup_requests
 
@@ -203,20 +204,15 @@ def serving_precision_scope(model: keras.Model, serving_precision: str = "float3
             "Unknown serving precision.", received={"serving_precision": serving_precision},
             fix=did_you_mean(str(serving_precision), SERVING_PRECISIONS),
         )
-    layers = list(model._flatten_layers(include_self=True, recursive=True))
-    saved = [layer.dtype_policy for layer in layers]
-    if serving_precision in ("float32", "auto"):
-        for layer, policy in zip(layers, saved, strict=True):
+    policies = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        policy = layer.dtype_policy  # `as_trained` keeps it (and gets it back after).
+        if serving_precision in ("float32", "auto"):
             mode = policy.quantization_mode
-            target = f"{mode}_from_float32" if mode else "float32"
-            if policy.name != target:
-                layer.dtype_policy = target
-    try:
+            policy = f"{mode}_from_float32" if mode else "float32"
+        policies.append((layer, policy))
+    with layer_policies(policies):
         yield model
-    finally:
-        for layer, policy in zip(layers, saved, strict=True):
-            if layer.dtype_policy is not policy:
-                layer.dtype_policy = policy
 
 
 def exported_in_serving_precision(export: Callable[..., str]) -> Callable[..., str]:

@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhub_finetune.backbones.base import TEXT_INPUTS
+from tfhub_finetune.layer_policies import layer_policies
 
 logger = logging.getLogger(__name__)
 
@@ -221,14 +222,8 @@ class LoweredTextModel(tf.Module):
         pooled = tf.tanh(tf.nn.bias_add(tf.matmul(self._in_compute(x[:, 0]), self._pooled_kernel),
                                         self._pooled_bias))
         outputs = {"sequence_output": x, "pooled_output": tf.cast(pooled, tf.float32)}
-        current = [layer.dtype_policy for layer, _ in self._tail_policies]
-        try:
-            for layer, policy in self._tail_policies:
-                layer.dtype_policy = policy
+        with layer_policies(self._tail_policies):
             return tf.cast(self._tail([outputs, inputs]), tf.float32)
-        finally:
-            for (layer, _), policy in zip(self._tail_policies, current, strict=True):
-                layer.dtype_policy = policy
 
     def _in_compute(self, x: tf.Tensor) -> tf.Tensor:
         return tf.cast(x, self.compute_dtype) if self.compute_dtype != "float32" else x
