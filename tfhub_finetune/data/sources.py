@@ -147,8 +147,8 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
     instead of raising.
 
     Raises:
-        InputError: unreadable file, unknown encoding, or bytes not valid in
-            `encoding` (naming the row and byte).
+        InputError: unreadable file, unknown encoding, bytes not valid in
+            `encoding` (naming the row and byte), or lines ended by a lone `\r`.
     """
     try:
         raw = path.read_bytes()
@@ -172,6 +172,14 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
             fix="Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) "
             "or pass --encoding.",
         ) from None
+    if "\r" in text and "\n" not in text:
+        # Classic Mac OS line ends. Read at `\n` only (a lone `\r` may sit in a text
+        # cell), the whole file would be one row, refused later for the wrong reason.
+        raise InputError(
+            f"{path} ends its lines with a lone carriage return (\\r), not a newline (\\n).",
+            received={flag: str(path)},
+            fix="Convert its line ends to \\n, e.g. `tr '\\r' '\\n' < in.tsv > out.tsv`.",
+        )
     return text[1:] if text.startswith("\ufeff") else text
 
 
