@@ -320,6 +320,13 @@ def test_split_holds_out_a_seeded_disjoint_fraction(tmp_path):
     rows = {x.tobytes() for part in images for x in part}
     assert len(rows) == 20  # Disjoint: every image lands on exactly one side.
     assert kept.label_names == held.label_names == ["a", "b"]
+    # Each side's batches know their count (a filtered split has none of its own): what
+    # Keras' `fit` reads instead of warning "Your input ran out of data" at epoch ends.
+    for part in (kept, held):
+        for training in (False, True):
+            batches = part.batches(4, training=training, augment="none")
+            count = int(tf.data.experimental.cardinality(batches))
+            assert count == -(-part.num_examples // 4) == sum(1 for _ in batches)
     with pytest.raises(InputError, match="leaves one side empty"):
         data.split(0.0)
     subset = load_image_dataset(tmp_path, image_size=8, training=True, max_examples=5, seed=2)

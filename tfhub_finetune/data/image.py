@@ -186,6 +186,12 @@ class ImageDataset:
             batches = batches.map(
                 lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
             )
+        if self.labels is not None:
+            # Listed and validated, so the count is exact: Keras reads it for the step
+            # count (a filtered hold-out split has none, and `fit` then warned "Your input
+            # ran out of data" at every epoch's end).
+            batches = batches.apply(tf.data.experimental.assert_cardinality(
+                -(-len(self.labels) // batch_size)))
         return batches.prefetch(tf.data.AUTOTUNE)
 
     def split(self, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
