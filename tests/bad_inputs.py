@@ -300,6 +300,10 @@ CASES: list[Case] = [
     Case("text_regression_not_number", TEXT,
          (*T, "--train_data={dir}/t.tsv", "--task=regression", "--monitor=val_mae"),
          ("Row 2", "not a number"), files={"t.tsv": b"a\t0.5\nb\thigh\nc\t1.0\n"}),
+    # Regression scores (STS-B's 0..5) trained without --task=regression: each value a class.
+    Case("text_scores_as_classes", TEXT, (*T, "--train_data={dir}/t.tsv"),
+         ("t.tsv", "look like scores", "--task=regression"),
+         files={"t.tsv": tsv([(f"pair {i}", f"{i * 5 / 39:.3f}") for i in range(40)])}),
     Case("text_id_too_large", TEXT, (*T, "--train_data={dir}/t.tsv"), ("t.tsv", "Row 2"),
          files={"t.tsv": b"a\t0\nb\t99999999999999999999999\nc\t1\n"}),
     Case("text_regression_nan", TEXT,

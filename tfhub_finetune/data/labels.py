@@ -97,6 +97,8 @@ class LabelVocabulary:
         rows = list(rows) if rows is not None else list(range(1, len(labels) + 1))
         if label_type == "auto":
             label_type = _infer_label_type(labels, source, rows)
+            if label_type == "name" and not label_names:
+                _refuse_scores_as_classes(labels, source, task)
         if label_type == "id":
             ids = _parse_ids(labels, source, rows)
             if label_names:
@@ -271,6 +273,34 @@ def _infer_label_type(labels: Sequence[str], source: str, rows: list[int]) -> st
         f"Row {rows[i]} of {source} has a label that {problem}{hint}.",
         received={"file": source, "row": rows[i], "label": labels[i]},
         fix="Fix the row, or set --label_type=id or --label_type=name to say which labels are.",
+    )
+
+
+# More distinct fractional numbers than this, as class names, are scores (STS-B's 0..5
+# similarities, ratings): half-star ratings, 0.5..5.0, are ten.
+_MAX_NUMERIC_CLASSES = 10
+
+
+def _refuse_scores_as_classes(labels: Sequence[str], source: str, task: str) -> None:
+    """Refuses labels that are many distinct decimal numbers: a regression target read as classes."""
+    values = set()
+    for label in set(labels):
+        try:
+            value = float(label)
+        except ValueError:
+            return
+        if not math.isfinite(value):
+            return
+        values.add(value)
+    if len(values) <= _MAX_NUMERIC_CLASSES or all(v.is_integer() for v in values):
+        return
+    examples = ", ".join(sorted(set(labels), key=float)[:: max(1, len(values) // 4)][:4])
+    raise InputError(
+        f"The labels of {source} look like scores, not classes: {len(values)} distinct numbers "
+        f"(e.g. {examples}), each of which --task={task} would learn as its own class.",
+        received={"file": source, "task": task},
+        fix="Pass --task=regression to fit the score, or --label_type=name to keep them as "
+            "classes.",
     )
 
 
