@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import importlib
 import json
 import os
@@ -255,6 +256,9 @@ CASES: list[Case] = [
          files={"t.tsv": b"a\t0\nb\t1\ncaf\xe9\t0\nd\t1\n"}),
     Case("text_utf16_as_utf8", TEXT, (*T, "--train_data={dir}/t.tsv"), ("t.tsv", "utf-8"),
          files={"t.tsv": GOOD_TSV.decode().encode("utf-16")}),
+    Case("text_gzip_compressed", TEXT, (*T, "--train_data={dir}/t.tsv.gz"),
+         ("t.tsv.gz", "gzip-compressed", "gunzip"),
+         files={"t.tsv.gz": gzip.compress(GOOD_TSV)}),
     Case("text_lone_cr_line_ends", TEXT, (*T, "--train_data={dir}/t.tsv"),
          ("t.tsv", "lone carriage return"),
          files={"t.tsv": GOOD_TSV.replace(b"\n", b"\r")}),

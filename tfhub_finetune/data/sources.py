@@ -147,8 +147,9 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
     instead of raising.
 
     Raises:
-        InputError: unreadable file, unknown encoding, bytes not valid in
-            `encoding` (naming the row and byte), or lines ended by a lone `\r`.
+        InputError: unreadable file, a compressed or binary file (named by
+            its kind), unknown encoding, bytes not valid in `encoding`
+            (naming the row and byte), or lines ended by a lone `\r`.
     """
     try:
         raw = path.read_bytes()
@@ -157,6 +158,12 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
             "Data file is unreadable.", received={flag: str(path)},
             fix=f"({err.strerror or err})",
         ) from None
+    kind = _binary_kind(raw)
+    if kind:
+        raise InputError(
+            f"{path} is {kind}, not a text file.", received={flag: str(path)},
+            fix=_BINARY_FIX.get(kind, "Give the data as a text file (TSV, CSV, JSONL or CoNLL columns)."),
+        )
     try:
         text = raw.decode(encoding, errors=errors)
     except LookupError:
@@ -181,6 +188,32 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
             fix="Convert its line ends to \\n, e.g. `tr '\\r' '\\n' < in.tsv > out.tsv`.",
         )
     return text[1:] if text.startswith("\ufeff") else text
+
+
+# Leading bytes of files that are not text, for a message better than "not valid utf-8".
+# None of these can start a UTF-8 text file (each holds a byte UTF-8 does not start with,
+# or a control character no data file begins with).
+_BINARY_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed"), (b"BZh", "bzip2-compressed"),
+    (b"\xfd7zXZ\x00", "xz-compressed"), (b"PK\x03\x04", "a zip archive"),
+    (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+)
+_BINARY_FIX = {
+    "gzip-compressed": "Decompress it first (`gunzip -k <file>`).",
+    "bzip2-compressed": "Decompress it first (`bunzip2 -k <file>`).",
+    "xz-compressed": "Decompress it first (`unxz -k <file>`).",
+    "a zip archive": "Extract the data file from it (`unzip <file>`).",
+}
+
+
+def _binary_kind(raw: bytes) -> str | None:
+    for magic, kind in _BINARY_MAGIC:
+        # bzip2's "BZh" is followed by a block-size digit and the block magic: text may
+        # start with "BZh", it does not continue "1AY&SY".
+        if raw.startswith(magic) and (magic != b"BZh" or raw[4:10] == b"1AY&SY"):
+            return kind
+    return None
 
 
 def json_row(line: str, source: str | os.PathLike, number: int, unit: str = "Row") -> object:
