@@ -26,6 +26,7 @@ A new pipeline adds rows to `CASES` (and, if its flags differ, nothing else):
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import dataclasses
 import gzip
@@ -624,6 +625,13 @@ CASES: list[Case] = [
             ("monitor_typo", ("--train_data={dir}/t.txt", "--monitor=val_f1"),
              ("monitor", "val_entity_f1"), {"t.txt": CONLL}),
             ("missing_file", ("--train_data={dir}/nope.txt",), ("nope.txt",), {}),
+            # The text readers' file checks (one `read_text_file`) hold for CoNLL files too.
+            ("bzip2_compressed", ("--train_data={dir}/t.txt.bz2",), ("t.txt.bz2", "bunzip2"),
+             {"t.txt.bz2": bz2.compress(CONLL)}),
+            ("lone_cr_line_ends", ("--train_data={dir}/t.txt",), ("t.txt", "carriage return"),
+             {"t.txt": CONLL.replace(b"\n", b"\r")}),
+            ("latin1_bytes", ("--train_data={dir}/t.txt",), ("t.txt", "Line 3", "not valid utf-8"),
+             {"t.txt": CONLL.replace(b"went", b"w\xe9nt", 1)}),
             ("all_tags_o", ("--train_data={dir}/t.txt",), ("t.txt", "every token is tagged O"),
              {"t.txt": b"EU O\nrejects O\n\nPeter O\nwent O\n"}),
             ("jsonl_tags_length", ("--train_data={dir}/t.jsonl",), ("t.jsonl", "line=1"),

@@ -140,11 +140,13 @@ def read_text_examples(
                            text_pair_column)
 
 
-def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = "strict") -> str:
+def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = "strict",
+                   unit: str = "Row") -> str:
     """The decoded text of `path` (a leading byte-order mark dropped).
 
     `errors="replace"` puts U+FFFD for undecodable bytes (what a server does)
-    instead of raising.
+    instead of raising. `unit` names a line in errors (`Line` for CoNLL files,
+    whose rows are words).
 
     Raises:
         InputError: unreadable file, a compressed or binary file (named by
@@ -173,9 +175,9 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
         number = raw.count(b"\n", 0, err.start) + 1
         line_start = raw.rfind(b"\n", 0, err.start) + 1
         raise InputError(
-            f"Row {number} of {path} is not valid {encoding} (byte {err.start - line_start}: "
+            f"{unit} {number} of {path} is not valid {encoding} (byte {err.start - line_start}: "
             f"{raw[err.start:err.start + 1]!r}).",
-            received={flag: str(path), "row": number},
+            received={flag: str(path), unit.lower(): number},
             fix="Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) "
             "or pass --encoding.",
         ) from None

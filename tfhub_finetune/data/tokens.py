@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tfhub_finetune.config import TAG_SCHEMES
-from tfhub_finetune.data.sources import json_object_row
+from tfhub_finetune.data.sources import json_object_row, read_text_file
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.integers import parse_int
 
@@ -110,21 +110,7 @@ def read_tagged_sentences(
                          fix=f"Expected one of: {', '.join(TAG_SCHEMES)}.")
     path = Path(path).expanduser()
     source = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise InputError("Data file is unreadable.", received={"file": source},
-                         fix=f"({err.strerror or err})") from None
-    try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise InputError(f"Line {line} of {source} is not valid {encoding}.",
-                         received={"file": source, "line": line},
-                         fix="Set --encoding to the file's encoding.") from None
-    except LookupError:
-        raise InputError("Unknown encoding.", received={"encoding": encoding}) from None
-    lines = text.removeprefix("\ufeff").split("\n")
+    lines = read_text_file(path, encoding, unit="Line").split("\n")
     if path.suffix.lower() in _JSON_SUFFIXES:
         data = _read_jsonl(lines, source, token_column, tag_column)
     else:
