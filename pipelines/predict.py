@@ -106,9 +106,14 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
         InputError: for an unreadable or empty file, a row without the
             column, a bad JSON line, or a header column that does not exist.
     """
-    from tfhub_finetune.data.sources import column_in_header, read_csv_rows, read_text_file
+    from tfhub_finetune.data.sources import (
+        column_in_header,
+        data_suffix,
+        read_csv_rows,
+        read_text_file,
+    )
 
-    if path.suffix.lower() in (".jsonl", ".json"):
+    if data_suffix(path) in (".jsonl", ".json"):
         pair_key = None
         if text_pair_column:
             pair_key = "text_pair" if is_index(text_pair_column) else text_pair_column
@@ -120,7 +125,7 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
         if not texts:
             raise InputError("Input file has no rows.", received={"input": str(path)})
         return texts
-    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    delimiter = "," if data_suffix(path) == ".csv" else "\t"
     rows, blank = read_csv_rows(path, delimiter, "utf-8", "input", errors="replace")
     if not rows:
         raise InputError("Input file has no rows.", received={"input": str(path)})
@@ -468,9 +473,12 @@ def run(saved_model: str, input_path: str, output: str, batch_size: int, *, text
     if not source.exists():
         raise InputError("Input not found.", received={"input": input_path},
                          fix="Give a .tsv/.csv/.jsonl file or a folder of images.")
-    if source.is_file() and source.suffix.lower() not in (".tsv", ".txt", ".csv", ".jsonl", ".json"):
+    from tfhub_finetune.data.sources import data_suffix
+
+    if source.is_file() and data_suffix(source) not in (".tsv", ".txt", ".csv", ".jsonl", ".json"):
         raise InputError("Unsupported input file.", received={"input": input_path},
-                         fix="Use .tsv, .txt, .csv or .jsonl, or a folder of images.")
+                         fix="Use .tsv, .txt, .csv or .jsonl (also gzip, bzip2 or xz "
+                             "compressed), or a folder of images.")
     if not Path(saved_model).expanduser().exists():
         # Checked before TensorFlow is imported, so this mistake is reported at once.
         raise InputError("SavedModel folder not found.", received={"saved_model": saved_model},

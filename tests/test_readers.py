@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import json
 import logging
+import lzma
 
 import pytest
 
 from pipelines.predict import read_texts
 from tfhub_finetune.data.labels import LabelVocabulary
-from tfhub_finetune.data.sources import read_text_examples
+from tfhub_finetune.data.sources import data_suffix, read_text_examples
+from tfhub_finetune.data.tokens import read_tagged_sentences
 from tfhub_finetune.errors import InputError
 
 
@@ -35,6 +40,38 @@ def test_a_utf8_bom_is_not_part_of_the_first_cell(tmp_path):
     plain.write_bytes("\ufeffgood\t1\nbad\t0\n".encode())
     assert read_text_examples(str(plain)).texts[0] == "good"
     assert read_texts(plain, "0", "false", "text")[0]["text"] == "good"
+
+
+@pytest.mark.parametrize("name, compress", [
+    ("t.tsv.gz", gzip.compress), ("t.csv.bz2", bz2.compress), ("t.jsonl.xz", lzma.compress),
+    ("t.tsv", gzip.compress),  # Told by its bytes, not its name.
+])
+def test_compressed_files_read_as_the_text_they_hold(tmp_path, name, compress):
+    """gzip, bzip2 and xz files are read as pandas and HF datasets read them; the format
+    (TSV, CSV, JSONL) is the suffix before the compression one. Damaged: one-line error."""
+    rows = [("a fine, quiet film", "1"), ('dull "at best"', "0"), ("émouvant", "1")]
+    plain = {".tsv": "".join(f"{t}\t{y}\n" for t, y in rows),
+             ".csv": "".join('"{}",{}\n'.format(t.replace('"', '""'), y) for t, y in rows),
+             ".jsonl": "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows)}
+    path = tmp_path / name
+    path.write_bytes(compress(plain[data_suffix(path)].encode()))
+    examples = read_text_examples(str(path), text_column="text" if name.endswith(".xz") else 0,
+                                  label_column="label" if name.endswith(".xz") else 1)
+    assert examples.texts == [t for t, _ in rows] and examples.labels == [y for _, y in rows]
+    assert [r["text"] for r in read_texts(path, "text" if name.endswith(".xz") else "0",
+                                          "false", "text")] == examples.texts
+    path.write_bytes(path.read_bytes()[:-12])
+    with pytest.raises(InputError, match="cannot be decompressed"):
+        read_text_examples(str(path))
+
+
+def test_a_compressed_conll_file_reads_as_the_plain_one(tmp_path):
+    conll = "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\nwent VBD B-VP O\n"
+    (tmp_path / "t.txt").write_text(conll, encoding="utf-8")
+    (tmp_path / "t.txt.gz").write_bytes(gzip.compress(conll.encode()))
+    plain, packed = (read_tagged_sentences(tmp_path / name) for name in ("t.txt", "t.txt.gz"))
+    assert packed.words == plain.words == [["EU", "rejects"], ["Peter", "went"]]
+    assert packed.tags == plain.tags
 
 
 def test_predict_counts_the_blank_lines_it_skips(tmp_path):

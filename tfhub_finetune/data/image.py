@@ -63,6 +63,7 @@ import tensorflow as tf
 from tfhub_finetune.config import AUGMENTATIONS
 from tfhub_finetune.data.labels import LabelVocabulary
 from tfhub_finetune.data.sources import (
+    data_suffix,
     first_label_is_a_header_word,
     load_tfds,
     read_csv_rows,
@@ -345,7 +346,7 @@ def load_image_dataset(
                 )
             if path.is_dir():
                 files, labels, vocabulary = _class_folder_files(path, names)
-            elif path.suffix.lower() == ".csv":
+            elif data_suffix(path) == ".csv":
                 files, labels, vocabulary = _csv_files(path, names)
             else:
                 raise InputError(

@@ -15,13 +15,16 @@ Policy for malformed input (documented in the README):
 
 from __future__ import annotations
 
+import bz2
 import collections
 import csv
 import dataclasses
 import functools
+import gzip
 import io
 import json
 import logging
+import lzma
 import os
 import sys
 from collections.abc import Sequence
@@ -132,7 +135,7 @@ def read_text_examples(
             "Text data must be a file, not a directory.", received={"file": source},
             fix="Give a .csv, .tsv or .jsonl file.",
         )
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path, text_column, label_column, encoding, text_pair_column)
     delimiter = "," if suffix == ".csv" else "\t"
@@ -144,14 +147,18 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
                    unit: str = "Row") -> str:
     """The decoded text of `path` (a leading byte-order mark dropped).
 
-    `errors="replace"` puts U+FFFD for undecodable bytes (what a server does)
-    instead of raising. `unit` names a line in errors (`Line` for CoNLL files,
-    whose rows are words).
+    A gzip, bzip2 or xz file (told by its leading bytes, whatever its name)
+    is decompressed first, as pandas and Hugging Face datasets read
+    `train.tsv.gz`; `data_suffix` names its format without the compression
+    suffix. `errors="replace"` puts U+FFFD for undecodable bytes (what a
+    server does) instead of raising. `unit` names a line in errors (`Line`
+    for CoNLL files, whose rows are words).
 
     Raises:
-        InputError: unreadable file, a compressed or binary file (named by
-            its kind), unknown encoding, bytes not valid in `encoding`
-            (naming the row and byte), or lines ended by a lone `\r`.
+        InputError: unreadable file, a damaged compressed file, a binary one
+            (an archive or an image, named by its kind), unknown encoding,
+            bytes not valid in `encoding` (naming the row and byte), or lines
+            ended by a lone `\r`.
     """
     try:
         raw = path.read_bytes()
@@ -161,6 +168,15 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
             fix=f"({err.strerror or err})",
         ) from None
     kind = _binary_kind(raw)
+    if kind in _DECOMPRESS:
+        try:
+            raw = _DECOMPRESS[kind](raw)
+        except (OSError, EOFError, ValueError, lzma.LZMAError) as err:
+            raise InputError(
+                f"{path} is {kind} but cannot be decompressed ({err}).",
+                received={flag: str(path)}, fix="The file is damaged or truncated: copy it again.",
+            ) from None
+        kind = _binary_kind(raw)
     if kind:
         raise InputError(
             f"{path} is {kind}, not a text file.", received={flag: str(path)},
@@ -192,6 +208,26 @@ def read_text_file(path: Path, encoding: str, flag: str = "file", errors: str = 
     return text[1:] if text.startswith("\ufeff") else text
 
 
+def data_suffix(path: str | os.PathLike) -> str:
+    """A data file's format suffix, lower case, a compression suffix skipped: `.tsv` of `t.TSV.gz`.
+
+    The one place readers tell TSV from CSV from JSONL by name
+    (`read_text_file` decompresses what the skipped suffix names).
+
+    Example:
+
+    ```python
+    data_suffix("data/train.csv.gz")  # '.csv'
+    ```
+    """
+    path = Path(path)
+    if path.suffix.lower() in COMPRESSION_SUFFIXES:
+        path = path.with_suffix("")
+    return path.suffix.lower()
+
+
+# Compressed text `read_text_file` reads (by leading bytes; these are the usual names).
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
 # Leading bytes of files that are not text, for a message better than "not valid utf-8".
 # None of these can start a UTF-8 text file (each holds a byte UTF-8 does not start with,
 # or a control character no data file begins with).
@@ -201,12 +237,9 @@ _BINARY_MAGIC = (
     (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG image"),
     (b"SQLite format 3\x00", "an SQLite database"),
 )
-_BINARY_FIX = {
-    "gzip-compressed": "Decompress it first (`gunzip -k <file>`).",
-    "bzip2-compressed": "Decompress it first (`bunzip2 -k <file>`).",
-    "xz-compressed": "Decompress it first (`unxz -k <file>`).",
-    "a zip archive": "Extract the data file from it (`unzip <file>`).",
-}
+_DECOMPRESS = {"gzip-compressed": gzip.decompress, "bzip2-compressed": bz2.decompress,
+               "xz-compressed": lzma.decompress}
+_BINARY_FIX = {"a zip archive": "Extract the data file from it (`unzip <file>`)."}
 
 
 def _binary_kind(raw: bytes) -> str | None:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tfhub_finetune.config import TAG_SCHEMES
-from tfhub_finetune.data.sources import json_object_row, read_text_file
+from tfhub_finetune.data.sources import data_suffix, json_object_row, read_text_file
 from tfhub_finetune.errors import InputError
 from tfhub_finetune.integers import parse_int
 
@@ -111,7 +111,7 @@ def read_tagged_sentences(
     path = Path(path).expanduser()
     source = str(path)
     lines = read_text_file(path, encoding, unit="Line").split("\n")
-    if path.suffix.lower() in _JSON_SUFFIXES:
+    if data_suffix(path) in _JSON_SUFFIXES:
         data = _read_jsonl(lines, source, token_column, tag_column)
     else:
         data = _read_columns(lines, source, token_column, tag_column)
