@@ -121,6 +121,7 @@ def test_bad_rows_and_labels_name_the_file_and_row(tmp_path, sst2_dir):
         )
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "m").exists()  # Refused before writing: no empty folder left.
 
 
 def test_regression_needs_only_task_and_prints_its_correlations(tmp_path, minilm_l3_dir):

@@ -8,6 +8,7 @@ final `model.keras`. Modalities plug in through `tasks.base.Task`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -204,6 +205,7 @@ def run_experiment(config: ExperimentConfig, task: Task) -> dict:
     jit = distribute.resolve_jit_compile(rt.jit_compile, strategy)
     distribute.per_replica_batch(config.train.batch_size, strategy)  # Global batch must divide.
     # Only the chief writes into model_dir; other workers write to a temp dir removed at the end.
+    created = not Path(config.model_dir).exists()
     model_dir = Path(distribute.worker_model_dir(config.model_dir, strategy))
     chief = distribute.is_chief(strategy)
     print(
@@ -213,6 +215,12 @@ def run_experiment(config: ExperimentConfig, task: Task) -> dict:
     )
     try:
         return _run(config, task, strategy, model_dir, chief, jit, started)
+    except BaseException:
+        if created and chief:
+            # A run refused before it wrote anything (bad data) leaves no empty folder.
+            with contextlib.suppress(OSError):  # Not empty: what was written stays.
+                model_dir.rmdir()
+        raise
     finally:
         distribute.cleanup_worker_model_dir(model_dir, config.model_dir)
 
