@@ -113,7 +113,8 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
         read_text_file,
     )
 
-    if data_suffix(path) in (".jsonl", ".json"):
+    suffix = data_suffix(path)
+    if suffix in (".jsonl", ".json"):
         pair_key = None
         if text_pair_column:
             pair_key = "text_pair" if is_index(text_pair_column) else text_pair_column
@@ -125,7 +126,7 @@ def read_texts(path: Path, text_column: str, has_header: str, text_key: str,
         if not texts:
             raise InputError("Input file has no rows.", received={"input": str(path)})
         return texts
-    delimiter = "," if data_suffix(path) == ".csv" else "\t"
+    delimiter = "," if suffix == ".csv" else "\t"
     rows, blank = read_csv_rows(path, delimiter, "utf-8", "input", errors="replace")
     if not rows:
         raise InputError("Input file has no rows.", received={"input": str(path)})

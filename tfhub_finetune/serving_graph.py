@@ -242,14 +242,13 @@ class LoweredTextModel(tf.Module):
         heads, size = self._heads_per_slice, self._hidden // self._num_heads
         flat = tf.reshape(x, [-1, self._hidden])  # The residual stream, float32.
         inputs = self._in_compute(flat)
-        # Softmax in float32, or in float64 when the products are (no casts between).
-        scores_dtype = tf.float64 if products == tf.float64 else tf.float32
         attended = []
         for part in block["slices"]:
             qkv = self._dense(inputs, part["qkv_kernel"], part["qkv_bias"])
             qkv = _transpose(tf.reshape(qkv, [batch, length, 3, heads, size]), [2, 0, 3, 1, 4])
             query, key, value = tf.unstack(tf.cast(qkv, products))
-            scores = tf.cast(tf.matmul(query, key, transpose_b=True), scores_dtype) + score_bias
+            # Softmax in the score bias's dtype: float32, or float64 with float64 products.
+            scores = tf.cast(tf.matmul(query, key, transpose_b=True), score_bias.dtype) + score_bias
             weights = tf.cast(_softmax(scores), products)
             context = tf.reshape(_transpose(tf.matmul(weights, value), [0, 2, 1, 3]),
                                  [-1, heads * size])
